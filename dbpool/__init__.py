@@ -1,0 +1,31 @@
+"""dbpool: a synchronous, thread-safe connection pool for any DB-API 2.0 driver."""
+
+from . import dialects
+from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .lease import Connection, Cursor
+from .pool import Pool, PoolStats
+
+__all__ = [
+    "Pool",
+    "PoolStats",
+    "Connection",
+    "Cursor",
+    "create_pool",
+    "dialects",
+    "PoolError",
+    "PoolTimeout",
+    "PoolClosed",
+    "TooManyWaiters",
+    "LeaseReleased",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # create_pool lives with the URL parser, imported on first use.
+    if name == "create_pool":
+        from .url import create_pool
+
+        return create_pool
+    raise AttributeError(f"module 'dbpool' has no attribute {name!r}")

@@ -1,0 +1,21 @@
+"""pymssql (SQL Server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Dialect, TxState
+
+
+class PymssqlDialect(Dialect):
+    """pymssql has no local transaction flag: the lease's record of statements decides."""
+
+    name = "pymssql"
+
+    def transaction_state(self, conn: Any) -> TxState:
+        return TxState.UNKNOWN if conn._conn.connected else TxState.BROKEN
+
+    def detach_after_fork(self, conn: Any) -> None:
+        # FreeTDS has no file descriptor to reach from Python; the pool keeps the inherited
+        # connection referenced forever in the child so its finalizer never runs.
+        pass

@@ -1,0 +1,41 @@
+"""The exceptions dbpool raises.  Driver errors are never wrapped: they pass through unchanged."""
+
+from __future__ import annotations
+
+__all__ = [
+    "PoolError",
+    "PoolTimeout",
+    "PoolClosed",
+    "TooManyWaiters",
+    "LeaseReleased",
+]
+
+
+class PoolError(Exception):
+    """Base class of every error raised by the pool itself."""
+
+    __module__ = "dbpool"
+
+
+class PoolTimeout(PoolError, TimeoutError):
+    """No connection could be handed out before the acquire deadline."""
+
+    __module__ = "dbpool"
+
+
+class PoolClosed(PoolError):
+    """The pool is closed (or closing) and hands out no more connections."""
+
+    __module__ = "dbpool"
+
+
+class TooManyWaiters(PoolError):
+    """The wait queue is full (``max_waiting``): the caller is refused at once."""
+
+    __module__ = "dbpool"
+
+
+class LeaseReleased(PoolError):
+    """A lease, or a cursor made from it, was used after it went back to the pool."""
+
+    __module__ = "dbpool"

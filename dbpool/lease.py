@@ -1,0 +1,274 @@
+"""Leases: what ``pool.connection()`` and ``pool.connect()`` hand out.
+
+A :class:`Connection` is a PEP 249 connection that borrows a driver connection from the pool
+until it is closed.  It records what the borrower did that the pool must undo on return
+(statements run since the last commit or rollback, a call interrupted half-way, cursors left
+open, attributes set on the driver connection), so that the return path needs a round trip only
+when there is something to roll back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Generic, Iterator
+
+from ._types import C
+from .errors import LeaseReleased
+
+if TYPE_CHECKING:
+    from .pool import Pool, _Slot
+
+__all__ = ["Connection", "Cursor"]
+
+
+def _released(what: str) -> LeaseReleased:
+    return LeaseReleased(
+        f"this {what} belongs to a connection that went back to the pool; "
+        "take a new one with pool.connection()"
+    )
+
+
+class Connection(Generic[C]):
+    """A leased DB-API connection.  ``close()`` (or leaving ``with``) returns it to the pool.
+
+    A transaction still open on return is rolled back, never committed.  Attributes and methods
+    the lease does not define are those of the driver's connection, :attr:`raw`; attributes set
+    through the lease are restored to their previous value on return.
+    """
+
+    __slots__ = ("_pool", "_slot", "__weakref__")
+
+    _pool: Pool[C]
+    _slot: _Slot | None
+
+    def __init__(self, pool: Pool[C], slot: _Slot) -> None:
+        slot.dirty = False
+        slot.busy = False
+        slot.cursors = None
+        slot.restore = None
+        object.__setattr__(self, "_pool", pool)
+        object.__setattr__(self, "_slot", slot)
+
+    # -- the lease itself ---------------------------------------------------------------------
+
+    @property
+    def raw(self) -> C:
+        """The driver's connection.  Statements run on it directly are assumed to leave a
+        transaction open, so the pool rolls back on return when it cannot read the state."""
+        slot = self._live("connection")
+        slot.dirty = True
+        return slot.raw  # type: ignore[no-any-return]
+
+    @property
+    def pool(self) -> Pool[C]:
+        """The pool this connection was leased from."""
+        return self._pool
+
+    @property
+    def released(self) -> bool:
+        """Whether the lease went back to the pool."""
+        return self._slot is None
+
+    def close(self) -> None:
+        """Return the connection to the pool.  Calling it again does nothing."""
+        self._pool._release(self)
+
+    def __enter__(self) -> Connection[C]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool._release(self)
+
+    def _live(self, what: str) -> _Slot:
+        slot = self._slot
+        if slot is None:
+            raise _released(what)
+        return slot
+
+    # -- PEP 249 ------------------------------------------------------------------------------
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
+        slot = self._live("connection")
+        cursor = Cursor(self, slot.raw.cursor(*args, **kwargs))
+        if slot.cursors is None:
+            slot.cursors = [cursor]
+        else:
+            slot.cursors.append(cursor)
+        return cursor
+
+    def commit(self) -> None:
+        slot = self._live("connection")
+        slot.busy = True
+        try:
+            slot.raw.commit()
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        slot.dirty = False
+
+    def rollback(self) -> None:
+        slot = self._live("connection")
+        slot.busy = True
+        try:
+            slot.raw.rollback()
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        slot.dirty = False
+
+    # -- pass-through to the driver's connection ---------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Connection.__slots__:  # not yet set: __init__ did not finish
+            raise AttributeError(name)
+        slot = self._live("connection")
+        value = getattr(slot.raw, name)
+        if callable(value):  # a driver method may run a statement the lease cannot see
+            slot.dirty = True
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        slot = self._live("connection")
+        raw = slot.raw
+        if slot.restore is None:
+            slot.restore = {}
+        if name not in slot.restore:
+            slot.restore[name] = getattr(raw, name)
+        setattr(raw, name, value)
+
+    def __repr__(self) -> str:
+        slot = self._slot
+        if slot is None:
+            return f"<dbpool.Connection released, pool {self._pool.name!r}>"
+        driver = type(slot.raw)
+        return (
+            f"<dbpool.Connection leased from pool {self._pool.name!r}: "
+            f"{driver.__module__}.{driver.__qualname__}>"
+        )
+
+    def __del__(self) -> None:
+        slot = getattr(self, "_slot", None)
+        if slot is None:
+            return
+        warnings.warn(
+            f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
+            "being released; use 'with pool.connection() as conn' or call conn.close()",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        self._pool._adopt_orphan(slot)
+
+
+class Cursor(Generic[C]):
+    """A driver cursor that refuses to run once its lease has gone back to the pool."""
+
+    __slots__ = ("_lease", "_raw", "_open")
+
+    _lease: Connection[C]
+    _raw: Any
+    _open: bool
+
+    def __init__(self, lease: Connection[C], raw: Any) -> None:
+        object.__setattr__(self, "_lease", lease)
+        object.__setattr__(self, "_raw", raw)
+        object.__setattr__(self, "_open", True)
+
+    @property
+    def raw(self) -> Any:
+        """The driver's cursor."""
+        return self._raw
+
+    def _slot(self) -> _Slot:
+        slot = self._lease._slot
+        if slot is None:
+            raise _released("cursor")
+        return slot
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        slot = self._slot()
+        slot.dirty = slot.busy = True
+        try:
+            result = self._raw.execute(*args, **kwargs)
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        return self if result is self._raw else result
+
+    def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        slot = self._slot()
+        slot.dirty = slot.busy = True
+        try:
+            result = self._raw.executemany(*args, **kwargs)
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        return self if result is self._raw else result
+
+    def fetchone(self) -> Any:
+        slot = self._slot()
+        slot.busy = True
+        try:
+            row = self._raw.fetchone()
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        return row
+
+    def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
+        slot = self._slot()
+        slot.busy = True
+        try:
+            rows = self._raw.fetchmany(*args, **kwargs)
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        return rows
+
+    def fetchall(self) -> Any:
+        slot = self._slot()
+        slot.busy = True
+        try:
+            rows = self._raw.fetchall()
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        self._slot()
+        return iter(self._raw)
+
+    def close(self) -> None:
+        if self._open:
+            object.__setattr__(self, "_open", False)
+            self._raw.close()
+
+    def __enter__(self) -> Cursor[C]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Cursor.__slots__:
+            raise AttributeError(name)
+        slot = self._slot()
+        value = getattr(self._raw, name)
+        if callable(value):  # callproc, nextset, scroll...: may run a statement
+            slot.dirty = True
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._slot()
+        setattr(self._raw, name, value)
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<dbpool.Cursor {state} on {self._lease!r}>"

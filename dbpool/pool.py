@@ -1,0 +1,853 @@
+"""The pool: one lock, an idle stack, a FIFO of waiters, and the accounting between them.
+
+Every decision is taken under the lock; every driver call (connect, ping, rollback, close) runs
+outside it, so one slow server round trip never stalls another thread's checkout.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import threading
+import warnings
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Callable, Generic
+
+from . import _fork, reaper
+from ._types import C
+from .dialects import Dialect, TxState
+from .dialects import for_connection as _detect_dialect
+from .dialects import get as _dialect_named
+from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .lease import Connection
+
+__all__ = ["Pool", "PoolStats"]
+
+logger = logging.getLogger("dbpool")
+
+_pool_numbers = itertools.count(1)
+_NEVER = math.inf
+_LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.0)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A consistent snapshot of a pool's gauges and counters."""
+
+    name: str
+    min_size: int
+    max_size: int
+    #: connections open or being opened: ``idle + in_use + opening``
+    size: int
+    idle: int
+    in_use: int
+    opening: int
+    waiting: int
+    #: connections opened since the pool was made
+    created: int
+    #: connections closed, for any reason
+    closed: int
+    #: connections thrown away as broken, dirty, interrupted or failing validation
+    discarded: int
+    acquired: int
+    timeouts: int
+    connect_errors: int
+
+
+class _Slot:
+    """One driver connection and the pool's record of it.
+
+    The lease fields (``dirty`` ... ``restore``) are reset by each new lease and written only
+    by the thread that holds it.
+    """
+
+    __slots__ = (
+        "raw",
+        "dialect",
+        "created_at",
+        "expires_at",
+        "used_at",
+        "generation",
+        "dirty",
+        "busy",
+        "cursors",
+        "restore",
+    )
+
+    def __init__(self, generation: int) -> None:
+        self.raw: Any = None  # None while the connection is being opened
+        self.dialect: Dialect
+        self.created_at = self.expires_at = self.used_at = 0.0
+        self.generation = generation
+        self.dirty = False  # a statement ran since the last commit or rollback
+        self.busy = False  # a driver call was interrupted half-way
+        self.cursors: list[Any] | None = None
+        self.restore: dict[str, Any] | None = None
+
+
+class _Waiter:
+    """A caller queued for a connection.  ``wakeup`` is held until the caller is served."""
+
+    __slots__ = ("wakeup", "grant", "slot")
+
+    def __init__(self) -> None:
+        self.wakeup = threading.Lock()
+        self.wakeup.acquire()
+        self.grant: object = None  # _HANDED, _OPEN or _CLOSED once served
+        self.slot: _Slot | None = None
+
+
+# What a waiter is granted.
+_HANDED = "a live connection"
+_OPEN = "a reserved slot to open a connection in"
+_CLOSED = "the pool closed"
+
+
+def _check_number(name: str, value: object, *, allow_none: bool, positive: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number of seconds or None" if allow_none else "a number of seconds"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    ok = value > 0 if positive else value >= 0
+    if not ok:  # also catches NaN
+        bound = "greater than 0" if positive else "0 or more"
+        hint = " (or None to disable it)" if allow_none else ""
+        raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
+
+
+def _check_count(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, got {value}")
+    return value
+
+
+class Pool(Generic[C]):
+    """A thread-safe pool of DB-API 2.0 connections made by ``connect()``.
+
+    :param connect: called with no arguments for every new connection; returns a DB-API
+        connection of any driver.
+    :param min_size: connections kept open, opened in the background from the start.
+    :param max_size: hard cap on connections open or being opened.
+    :param acquire_timeout: seconds a caller may wait for a connection.
+    :param idle_timeout: seconds after which an idle connection above ``min_size`` is closed
+        (``None``: never).
+    :param max_lifetime: seconds after which a connection is retired, minus up to 5 % jitter so
+        that connections made together do not expire together (``None``: never).
+    :param max_waiting: how many callers may queue; ``0`` for no limit.
+    :param validate_after: a connection idle for longer than this many seconds is pinged before
+        it is handed out (``0``: always; ``None``: never).
+    :param reconnect_delay: first delay after a failed connect; it doubles with each failure.
+    :param reconnect_max_delay: cap of that delay.
+    :param dialect: a :class:`dbpool.dialects.Dialect` or its name; by default detected from
+        the driver of the first connection.
+    :param name: shown in logs, errors and ``repr``; default ``pool-1``, ``pool-2``, ...
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], C],
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        acquire_timeout: float = 30.0,
+        idle_timeout: float | None = 600.0,
+        max_lifetime: float | None = 3600.0,
+        max_waiting: int = 0,
+        validate_after: float | None = 1.0,
+        reconnect_delay: float = 0.1,
+        reconnect_max_delay: float = 5.0,
+        dialect: Dialect | str | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not callable(connect):
+            raise TypeError(
+                "connect must be a callable taking no arguments that returns a DB-API "
+                f"connection (for example lambda: psycopg.connect(dsn)), got {type(connect)!r}"
+            )
+        _check_count("min_size", min_size, minimum=0)
+        _check_count("max_size", max_size, minimum=1)
+        if min_size > max_size:
+            raise ValueError(
+                f"min_size ({min_size}) must not exceed max_size ({max_size}): "
+                "raise max_size or lower min_size"
+            )
+        _check_number("acquire_timeout", acquire_timeout, allow_none=False, positive=False)
+        _check_number("idle_timeout", idle_timeout, allow_none=True, positive=True)
+        _check_number("max_lifetime", max_lifetime, allow_none=True, positive=True)
+        _check_count("max_waiting", max_waiting, minimum=0)
+        _check_number("validate_after", validate_after, allow_none=True, positive=False)
+        _check_number("reconnect_delay", reconnect_delay, allow_none=False, positive=True)
+        _check_number("reconnect_max_delay", reconnect_max_delay, allow_none=False, positive=True)
+        if reconnect_max_delay < reconnect_delay:
+            raise ValueError(
+                f"reconnect_max_delay ({reconnect_max_delay}) must not be below "
+                f"reconnect_delay ({reconnect_delay})"
+            )
+        if isinstance(dialect, str):
+            dialect = _dialect_named(dialect)
+        elif dialect is not None and not isinstance(dialect, Dialect):
+            raise TypeError(
+                f"dialect must be a dbpool.dialects.Dialect, a dialect name or None, got {dialect!r}"
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {name!r}")
+
+        self._connect = connect
+        self._name = name if name is not None else f"pool-{next(_pool_numbers)}"
+        self._min_size = min_size
+        self._max_size = max_size
+        self._acquire_timeout = float(acquire_timeout)
+        self._idle_timeout = _NEVER if idle_timeout is None else float(idle_timeout)
+        self._max_lifetime = _NEVER if max_lifetime is None else float(max_lifetime)
+        self._max_waiting = max_waiting
+        self._validate_after = _NEVER if validate_after is None else float(validate_after)
+        self._reconnect_delay = float(reconnect_delay)
+        self._reconnect_max_delay = float(reconnect_max_delay)
+        self._dialect: Dialect | None = dialect
+
+        # Leases dropped without release are queued here by their finalizer, which may run in
+        # any thread at any moment and so must not take the lock; the reaper and the next
+        # acquire return them.
+        self._orphans: deque[_Slot] = deque()
+        self._setup_state()
+        _fork.register(self)
+        self._start_reaper()
+
+    def _setup_state(self) -> None:
+        """The state the lock guards, made afresh in ``__init__`` and in a forked child."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # wait() and close() wait on it
+        # --- guarded by self._lock --------------------------------------------------------
+        # Invariants, true whenever the lock is free:
+        #   size == len(idle) + in_use + opening <= max_size
+        #   idle and waiters are never both non-empty: a free connection goes to the oldest
+        #     waiter first, and a waiter is granted a slot to open as soon as there is room
+        #     and connects are not backing off
+        #   every connection the pool owns is in `everyone`: idle, leased, or being validated
+        self._idle: deque[_Slot] = deque()  # most recently returned on the right
+        self._waiters: deque[_Waiter] = deque()  # oldest on the left
+        self._everyone: set[_Slot] = set()
+        self._size = 0
+        self._in_use = 0
+        self._opening = 0
+        self._closed = getattr(self, "_closed", False)
+        self._generation = getattr(self, "_generation", -1) + 1
+        # Reconnect backoff: while connects fail, one attempt per delay, by whoever comes first.
+        self._connect_failures = 0
+        self._next_connect_at = 0.0
+        self._last_connect_error: BaseException | None = None
+        # Connections last returned before a broken one was found are pinged at checkout.
+        self._broken_at = -_NEVER
+        # Counters.
+        self._created = self._closed_count = self._discarded = 0
+        self._acquired = self._timeouts = self._connect_errors = 0
+        # --- end of guarded state ---------------------------------------------------------
+        self._reaper_wakeup = threading.Event()
+        self._reaper_thread: threading.Thread | None = None
+
+    def _start_reaper(self) -> None:
+        if self._closed:
+            return
+        self._reaper_thread = reaper.start(self, self._reaper_wakeup)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def min_size(self) -> int:
+        return self._min_size
+
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def connection(self, *, timeout: float | None = None) -> Connection[C]:
+        """Lease a connection, for use as ``with pool.connection() as conn:``.
+
+        Waits up to ``timeout`` seconds (default ``acquire_timeout``) in strict FIFO order;
+        raises :class:`PoolTimeout`, :class:`TooManyWaiters`, :class:`PoolClosed`, or the
+        driver's own error when this caller had to connect and the connect failed.
+        """
+        slot = self._acquire(timeout)
+        try:
+            return Connection(self, slot)
+        except BaseException:
+            self._give_back(slot)
+            raise
+
+    def connect(self, *, timeout: float | None = None) -> Connection[C]:
+        """Lease a connection as a drop-in PEP 249 source: ``conn.close()`` returns it."""
+        return self.connection(timeout=timeout)
+
+    def release(self, conn: Connection[C]) -> None:
+        """Return a leased connection; the same as ``conn.close()``."""
+        if not isinstance(conn, Connection):
+            raise TypeError(f"release() takes a dbpool.Connection, got {type(conn)!r}")
+        self._release(conn)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        """Block until ``min_size`` connections are open.
+
+        Raises :class:`PoolTimeout`, chained to the last connect error if connects are
+        failing, or :class:`PoolClosed`.
+        """
+        _check_number("timeout", timeout, allow_none=False, positive=False)
+        deadline = monotonic() + timeout
+        with self._lock:
+            while len(self._idle) + self._in_use < self._min_size:
+                if self._closed:
+                    raise PoolClosed(f"pool {self._name!r} is closed")
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    opened = len(self._idle) + self._in_use
+                    error = self._last_connect_error
+                    message = (
+                        f"pool {self._name!r}: {opened} of min_size={self._min_size} "
+                        f"connections open after {timeout:g} s"
+                    )
+                    if error is not None:
+                        message += f"; connects are failing: {_describe(error)}"
+                    raise PoolTimeout(message) from error
+                self._cond.wait(remaining)
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of the pool's gauges and counters."""
+        with self._lock:
+            return self._stats_locked()
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Close the pool.  Idempotent.
+
+        Waiters get :class:`PoolClosed` at once, idle connections are closed, and leased ones
+        are closed as they come back; those still out after ``timeout`` seconds are closed
+        under their borrowers (``None``: wait for them as long as it takes).
+        """
+        if timeout is not None:
+            _check_number("timeout", timeout, allow_none=True, positive=False)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._forget_locked(idle)
+            while self._waiters:
+                self._serve_locked(self._waiters.popleft(), _CLOSED)
+            self._cond.notify_all()
+        self._reaper_wakeup.set()
+        logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
+        for slot in idle:
+            self._close_raw(slot, "pool closed")
+        thread = self._reaper_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
+        with self._lock:
+            ended = self._cond.wait_for(lambda: self._in_use + self._opening == 0, timeout)
+            leased = [] if ended else list(self._everyone)
+            self._in_use -= len(leased)
+            self._forget_locked(leased)
+        for slot in leased:
+            logger.warning("pool %r closed: closing a connection still leased", self._name)
+            self._close_raw(slot, "pool closed with the connection still leased")
+        logger.info("pool %r closed", self._name)
+
+    def __enter__(self) -> Pool[C]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<Pool {self._name!r} {state} size={self._size} idle={len(self._idle)} "
+            f"in_use={self._in_use} waiting={len(self._waiters)}>"
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(
+            f"pool {self._name!r} was garbage-collected while open; call pool.close() or use "
+            "'with Pool(...) as pool'",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        self._closed = True
+        self._reaper_wakeup.set()
+        for slot in list(self._idle):
+            self._close_raw(slot, "pool garbage-collected")
+
+    # -- acquire ------------------------------------------------------------------------------
+
+    def _acquire(self, timeout: float | None) -> _Slot:
+        if timeout is None:
+            timeout = self._acquire_timeout
+        else:
+            _check_number("timeout", timeout, allow_none=False, positive=False)
+        deadline = monotonic() + timeout
+        while True:
+            if self._orphans:
+                self._return_orphans()
+            slot = self._take(deadline, timeout)
+            if slot.raw is None:
+                self._open(slot)
+                return slot
+            if self._fit_for_use(slot):
+                return slot
+
+    def _take(self, deadline: float, timeout: float) -> _Slot:
+        """A connection the caller now owns, or an empty slot reserved for it to open."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self._name!r} is closed")
+            if self._idle:  # then nobody is waiting
+                slot = self._idle.pop()
+                self._in_use += 1
+                self._acquired += 1
+                return slot
+            if (
+                not self._waiters
+                and self._size < self._max_size
+                and self._may_connect_locked(monotonic())
+            ):
+                return self._reserve_locked()
+            if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                raise TooManyWaiters(
+                    f"pool {self._name!r}: {len(self._waiters)} callers are already waiting "
+                    f"(max_waiting={self._max_waiting}); raise max_waiting or max_size, or "
+                    "shed load"
+                )
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        try:
+            waiter.wakeup.acquire(timeout=max(deadline - monotonic(), 0.0))
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        with self._lock:
+            grant = waiter.grant
+            if grant is None:  # timed out, and nothing was handed over in the meantime
+                self._waiters.remove(waiter)
+                self._timeouts += 1
+                error = self._timeout_error_locked(timeout)
+        if grant is None:
+            logger.warning("%s", error)
+            raise error from self._last_connect_error
+        if grant is _CLOSED:
+            raise PoolClosed(f"pool {self._name!r} was closed while waiting for a connection")
+        assert waiter.slot is not None
+        return waiter.slot
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Undo a wait interrupted by an exception, whatever was granted meanwhile."""
+        with self._lock:
+            grant = waiter.grant
+            if grant is None:
+                self._waiters.remove(waiter)
+            elif grant is _HANDED:
+                assert waiter.slot is not None
+                self._in_use -= 1
+                self._acquired -= 1
+                self._free_locked(waiter.slot)
+            elif grant is _OPEN:
+                self._unreserve_locked()
+
+    def _fit_for_use(self, slot: _Slot) -> bool:
+        """Check an idle connection the caller took; discard it and say so if it is not fit."""
+        now = monotonic()
+        if now >= slot.expires_at:
+            self._discard(slot, "reached max_lifetime", broken=False)
+            return False
+        if now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at:
+            return True
+        try:
+            slot.dialect.ping(slot.raw)
+            fit = slot.dialect.transaction_state(slot.raw) in (TxState.IDLE, TxState.UNKNOWN)
+        except Exception as exc:
+            logger.info("pool %r: idle connection failed validation: %s", self._name, _describe(exc))
+            fit = False
+        except BaseException:
+            self._discard(slot, "validation interrupted", broken=True)
+            raise
+        if not fit:
+            self._discard(slot, "failed validation", broken=True)
+        return fit
+
+    # -- opening connections ------------------------------------------------------------------
+
+    def _may_connect_locked(self, now: float) -> bool:
+        """Whether a new connect may start now.  While connects fail, allow one per delay."""
+        if not self._connect_failures:
+            return True
+        if now < self._next_connect_at:
+            return False
+        self._next_connect_at = now + self._backoff_delay()
+        return True
+
+    def _backoff_delay(self) -> float:
+        exponent = min(self._connect_failures - 1, 30)
+        delay = min(self._reconnect_max_delay, self._reconnect_delay * 2**exponent)
+        return delay * (0.5 + random.random() / 2)  # jitter: spread reconnects out
+
+    def _reserve_locked(self) -> _Slot:
+        self._size += 1
+        self._opening += 1
+        return _Slot(self._generation)
+
+    def _unreserve_locked(self) -> None:
+        self._size -= 1
+        self._opening -= 1
+        self._grant_room_locked()
+
+    def _open(self, slot: _Slot) -> None:
+        """Connect into a reserved slot, for the calling thread, which then holds it.
+
+        The driver's error is raised to the caller, and the slot given back.
+        """
+        raw = self._new_connection(slot)
+        with self._lock:
+            self._opening -= 1
+            if self._closed:
+                self._size -= 1
+                self._cond.notify_all()
+            else:
+                self._in_use += 1
+                self._acquired += 1
+                self._everyone.add(slot)
+                return
+        self._close_raw(slot, "pool closed while connecting")
+        raise PoolClosed(f"pool {self._name!r} was closed while connecting")
+
+    def _open_idle(self, slot: _Slot) -> None:
+        """Connect into a reserved slot on the pool's behalf (refill, or a queued caller)."""
+        try:
+            self._new_connection(slot)
+        except Exception:
+            return  # already counted and logged
+        with self._lock:
+            self._opening -= 1
+            if not self._closed:
+                self._everyone.add(slot)
+                self._free_locked(slot)
+                self._cond.notify_all()
+                return
+            self._size -= 1
+            self._cond.notify_all()
+        self._close_raw(slot, "pool closed while connecting")
+
+    def _new_connection(self, slot: _Slot) -> Any:
+        """Run the connect callable for a reserved slot.  On failure, give the slot back."""
+        raw = None
+        try:
+            raw = self._connect()
+            dialect = self._dialect
+            if dialect is None:
+                dialect = self._dialect = _detect_dialect(raw)
+            dialect.check_new(raw)
+        except BaseException as exc:
+            if raw is not None:
+                _close_quietly(_dialect_of(self, raw), raw)
+            with self._lock:
+                if isinstance(exc, Exception):
+                    self._note_connect_failure_locked(exc)
+                self._unreserve_locked()
+            if isinstance(exc, Exception):
+                logger.warning(
+                    "pool %r: connect failed (%d in a row): %s",
+                    self._name,
+                    self._connect_failures,
+                    _describe(exc),
+                )
+            raise
+        now = monotonic()
+        slot.raw = raw
+        slot.dialect = dialect
+        slot.created_at = slot.used_at = now
+        slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+        with self._lock:
+            self._created += 1
+            if self._connect_failures:
+                logger.info("pool %r: connecting works again", self._name)
+                self._connect_failures = 0
+                self._last_connect_error = None
+                self._grant_room_locked()  # queued callers may connect again
+        logger.debug("pool %r: opened a connection", self._name)
+        return raw
+
+    def _note_connect_failure_locked(self, exc: Exception) -> None:
+        self._connect_errors += 1
+        self._connect_failures += 1
+        self._last_connect_error = exc
+        self._next_connect_at = monotonic() + self._backoff_delay()
+        if self._waiters or self._size - 1 < self._min_size:
+            self._reaper_wakeup.set()  # it retries when the delay is up
+
+    # -- release ------------------------------------------------------------------------------
+
+    def _release(self, lease: Connection[C]) -> None:
+        if lease._pool is not self:
+            raise PoolError(
+                f"this connection was leased from pool {lease._pool.name!r}, not from "
+                f"pool {self._name!r}: return it to the pool it came from"
+            )
+        slot = lease._slot
+        if slot is None:
+            return  # released already
+        object.__setattr__(lease, "_slot", None)
+        self._give_back(slot)
+
+    def _adopt_orphan(self, slot: _Slot) -> None:
+        """Called from a lease's finalizer: queue its connection for return, without locking."""
+        self._orphans.append(slot)
+
+    def _return_orphans(self) -> None:
+        while True:
+            try:
+                slot = self._orphans.popleft()
+            except IndexError:
+                return
+            self._give_back(slot)
+
+    def _give_back(self, slot: _Slot) -> None:
+        """Take back a connection from its borrower: clean it, then reuse or discard it."""
+        if slot.generation != self._generation:
+            return  # inherited across fork(): the child must not touch it
+        try:
+            problem = self._clean(slot)
+        except BaseException:
+            self._discard(slot, "reset interrupted", broken=True)
+            raise
+        now = monotonic()
+        if problem is None and now >= slot.expires_at:
+            problem = "reached max_lifetime"
+        if problem is not None:
+            self._discard(slot, problem, broken=_is_broken(slot))
+            return
+        slot.used_at = now
+        with self._lock:
+            self._in_use -= 1
+            if not self._closed:
+                self._free_locked(slot)
+                return
+            self._forget_locked([slot])
+        self._close_raw(slot, "pool closed")
+
+    def _clean(self, slot: _Slot) -> str | None:
+        """Make a returned connection fit for the next borrower, with no round trip when the
+        state says it is clean.  Returns why it must be discarded instead, or ``None``."""
+        if slot.busy:
+            return "returned with a driver call interrupted"
+        raw = slot.raw
+        dialect = slot.dialect
+        try:
+            if slot.cursors:
+                for cursor in slot.cursors:
+                    cursor.close()
+            state = dialect.transaction_state(raw)
+            if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
+                dialect.rollback(raw)
+                state = dialect.transaction_state(raw)
+                if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                    return f"still {state.value} after rollback"
+            elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                return f"returned {state.value}"
+            if slot.restore:
+                for name, value in slot.restore.items():
+                    setattr(raw, name, value)
+        except Exception as exc:
+            return f"reset failed: {_describe(exc)}"
+        return None
+
+    def _discard(self, slot: _Slot, reason: str, *, broken: bool) -> None:
+        """Drop a connection the caller holds (leased or under validation) and close it."""
+        with self._lock:
+            self._in_use -= 1
+            self._discarded += 1
+            if broken:
+                self._broken_at = monotonic()
+            self._forget_locked([slot])
+        self._close_raw(slot, reason)
+
+    # -- hand-off (all under the lock) ---------------------------------------------------------
+
+    def _free_locked(self, slot: _Slot) -> None:
+        """A connection is free: the oldest waiter gets it, else it goes idle."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.slot = slot
+            self._in_use += 1
+            self._acquired += 1
+            self._serve_locked(waiter, _HANDED)
+        else:
+            self._idle.append(slot)
+
+    def _grant_room_locked(self) -> None:
+        """Room was made under max_size: let waiters open connections in it."""
+        if self._closed:
+            self._cond.notify_all()
+            return
+        while (
+            self._waiters
+            and self._size < self._max_size
+            and self._may_connect_locked(monotonic())
+        ):
+            waiter = self._waiters.popleft()
+            waiter.slot = self._reserve_locked()
+            self._serve_locked(waiter, _OPEN)
+
+    def _serve_locked(self, waiter: _Waiter, grant: object) -> None:
+        waiter.grant = grant
+        waiter.wakeup.release()
+
+    def _forget_locked(self, slots: list[_Slot]) -> None:
+        """Stop counting connections about to be closed (idle ones already out of the stack)."""
+        for slot in slots:
+            self._everyone.discard(slot)
+            slot.generation = -1  # a lease still holding it returns nothing
+        self._size -= len(slots)
+        self._closed_count += len(slots)
+        self._grant_room_locked()
+
+    def _close_raw(self, slot: _Slot, reason: str) -> None:
+        logger.debug("pool %r: closing a connection: %s", self._name, reason)
+        _close_quietly(slot.dialect, slot.raw)
+
+    # -- maintenance (run by the reaper thread) ------------------------------------------------
+
+    def _maintain(self) -> float | None:
+        """Close idle connections past their time, refill to min_size, serve queued callers
+        while connects back off.  Returns seconds until the next run, or None once closed."""
+        if self._orphans:
+            self._return_orphans()
+        now = monotonic()
+        with self._lock:
+            if self._closed:
+                return None
+            retired = self._pick_retired_locked(now)
+            self._forget_locked(retired)
+        for slot in retired:
+            self._close_raw(slot, "idle or past max_lifetime")
+        if retired:
+            logger.debug("pool %r: reaped %d connections", self._name, len(retired))
+        while True:
+            with self._lock:
+                if self._closed:
+                    return None
+                wanted = self._size < self._min_size or self._waiters
+                if not (wanted and self._size < self._max_size):
+                    break
+                if not self._may_connect_locked(monotonic()):
+                    return max(self._next_connect_at - monotonic(), 0.001)
+                slot = self._reserve_locked()
+            self._open_idle(slot)
+            if self._connect_failures:
+                break
+        return self._tick()
+
+    def _pick_retired_locked(self, now: float) -> list[_Slot]:
+        retired = []
+        keep: deque[_Slot] = deque()
+        surplus = self._size - self._min_size
+        for slot in self._idle:  # least recently used first
+            if now >= slot.expires_at:
+                retired.append(slot)
+            elif surplus > 0 and now - slot.used_at > self._idle_timeout:
+                retired.append(slot)
+                surplus -= 1
+            else:
+                keep.append(slot)
+        if retired:
+            self._idle = keep
+        return retired
+
+    def _tick(self) -> float:
+        tick = min(1.0, self._idle_timeout / 2, self._max_lifetime / 2)
+        if self._connect_failures and (self._waiters or self._size < self._min_size):
+            tick = min(tick, self._next_connect_at - monotonic())
+        return max(tick, 0.005)
+
+    # -- fork -----------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """Drop every inherited connection without closing it and start afresh."""
+        inherited = list(self._everyone) + list(self._orphans)
+        self._orphans.clear()
+        self._setup_state()
+        for slot in inherited:
+            slot.generation = -1
+            if slot.raw is not None:
+                _fork.keep_forever(slot.dialect, slot.raw)
+        self._start_reaper()
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _stats_locked(self) -> PoolStats:
+        return PoolStats(
+            name=self._name,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            size=self._size,
+            idle=len(self._idle),
+            in_use=self._in_use,
+            opening=self._opening,
+            waiting=len(self._waiters),
+            created=self._created,
+            closed=self._closed_count,
+            discarded=self._discarded,
+            acquired=self._acquired,
+            timeouts=self._timeouts,
+            connect_errors=self._connect_errors,
+        )
+
+    def _timeout_error_locked(self, timeout: float) -> PoolTimeout:
+        s = self._stats_locked()
+        message = (
+            f"pool {self._name!r}: no connection available within {timeout:g} s "
+            f"(size={s.size}/{s.max_size} in_use={s.in_use} idle={s.idle} "
+            f"opening={s.opening} waiting={s.waiting})"
+        )
+        error = self._last_connect_error
+        if error is not None:
+            message += f"; connects to the database are failing: {_describe(error)}"
+        else:
+            message += "; every connection is in use: raise max_size or return connections sooner"
+        return PoolTimeout(message)
+
+
+def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:
+    return pool._dialect if pool._dialect is not None else _detect_dialect(raw)
+
+
+def _is_broken(slot: _Slot) -> bool:
+    try:
+        return slot.dialect.transaction_state(slot.raw) is TxState.BROKEN
+    except Exception:
+        return True
+
+
+def _close_quietly(dialect: Dialect, raw: Any) -> None:
+    try:
+        dialect.close(raw)
+    except Exception as exc:
+        logger.debug("closing a connection failed: %s", _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
