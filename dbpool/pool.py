@@ -353,6 +353,7 @@ class Pool(Generic[C]):
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
         for slot in idle:
             self._close_raw(slot, "pool closed")
+        self._return_orphans()
         thread = self._reaper_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
@@ -435,6 +436,8 @@ class Pool(Generic[C]):
                 )
             waiter = _Waiter()
             self._waiters.append(waiter)
+            if self._connect_failures:
+                self._reaper_wakeup.set()  # it serves queued callers when the delay is up
         try:
             waiter.wakeup.acquire(timeout=max(deadline - monotonic(), 0.0))
         except BaseException:
@@ -460,13 +463,21 @@ class Pool(Generic[C]):
             grant = waiter.grant
             if grant is None:
                 self._waiters.remove(waiter)
-            elif grant is _HANDED:
-                assert waiter.slot is not None
-                self._in_use -= 1
-                self._acquired -= 1
-                self._free_locked(waiter.slot)
-            elif grant is _OPEN:
+                return
+            if grant is _OPEN:
                 self._unreserve_locked()
+                return
+            if grant is not _HANDED:
+                return
+            slot = waiter.slot
+            assert slot is not None
+            self._in_use -= 1
+            self._acquired -= 1
+            if not self._closed:
+                self._free_locked(slot)
+                return
+            self._forget_locked([slot])
+        self._close_raw(slot, "pool closed")
 
     def _fit_for_use(self, slot: _Slot) -> bool:
         """Check an idle connection the caller took; discard it and say so if it is not fit."""
@@ -530,6 +541,7 @@ class Pool(Generic[C]):
                 self._in_use += 1
                 self._acquired += 1
                 self._everyone.add(slot)
+                self._cond.notify_all()  # wait() counts it
                 return
         self._close_raw(slot, "pool closed while connecting")
         raise PoolClosed(f"pool {self._name!r} was closed while connecting")
@@ -657,7 +669,8 @@ class Pool(Generic[C]):
         dialect = slot.dialect
         try:
             if slot.cursors:
-                for cursor in slot.cursors:
+                cursors, slot.cursors = slot.cursors, None
+                for cursor in cursors:
                     cursor.close()
             state = dialect.transaction_state(raw)
             if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
@@ -668,7 +681,8 @@ class Pool(Generic[C]):
             elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
                 return f"returned {state.value}"
             if slot.restore:
-                for name, value in slot.restore.items():
+                restore, slot.restore = slot.restore, None
+                for name, value in restore.items():
                     setattr(raw, name, value)
         except Exception as exc:
             return f"reset failed: {_describe(exc)}"
