@@ -77,6 +77,7 @@ class _Slot:
         "busy",
         "cursors",
         "restore",
+        "settings",
     )
 
     def __init__(self, generation: int) -> None:
@@ -88,6 +89,7 @@ class _Slot:
         self.busy = False  # a driver call was interrupted half-way
         self.cursors: list[Any] | None = None
         self.restore: dict[str, Any] | None = None
+        self.settings: object = None  # the dialect's client settings as first connected
 
 
 class _Waiter:
@@ -590,6 +592,7 @@ class Pool(Generic[C]):
         now = monotonic()
         slot.raw = raw
         slot.dialect = dialect
+        slot.settings = dialect.client_settings(raw)
         slot.created_at = slot.used_at = now
         slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
         with self._lock:
@@ -684,6 +687,8 @@ class Pool(Generic[C]):
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
                     setattr(raw, name, value)
+            if dialect.client_settings(raw) != slot.settings:
+                dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
             return f"reset failed: {_describe(exc)}"
         return None

@@ -52,6 +52,14 @@ class Dialect:
             cursor.close()
         conn.rollback()
 
+    def client_settings(self, conn: Any) -> object:
+        """The driver-side session settings a borrower could change (autocommit, isolation
+        level...), read locally.  The pool restores them on return when they differ."""
+        return None
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        """Put back what :meth:`client_settings` returned; called with no transaction open."""
+
     def rollback(self, conn: Any) -> None:
         conn.rollback()
 

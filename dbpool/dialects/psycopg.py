@@ -25,6 +25,12 @@ class PsycopgDialect(Dialect):
             return TxState.BUSY
         return TxState.BROKEN
 
+    def client_settings(self, conn: Any) -> object:
+        return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings
+
     def ping(self, conn: Any) -> None:
         # An empty query is one round trip; in autocommit mode it opens no transaction.
         if conn.autocommit:

@@ -24,6 +24,12 @@ class Psycopg2Dialect(Dialect):
             return TxState.BUSY
         return TxState.BROKEN
 
+    def client_settings(self, conn: Any) -> object:
+        return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable = settings
+
     def ping(self, conn: Any) -> None:
         # psycopg2 sends BEGIN before the first statement unless in autocommit mode;
         # the autocommit switch itself is local.

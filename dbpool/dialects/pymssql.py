@@ -13,7 +13,17 @@ class PymssqlDialect(Dialect):
     name = "pymssql"
 
     def transaction_state(self, conn: Any) -> TxState:
-        return TxState.UNKNOWN if conn._conn.connected else TxState.BROKEN
+        try:
+            connected = conn._conn.connected
+        except Exception:  # pymssql refuses to reach a closed connection's socket
+            return TxState.BROKEN
+        return TxState.UNKNOWN if connected else TxState.BROKEN
+
+    def client_settings(self, conn: Any) -> object:
+        return conn.autocommit_state
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.autocommit(settings)
 
     def detach_after_fork(self, conn: Any) -> None:
         # FreeTDS has no file descriptor to reach from Python; the pool keeps the inherited

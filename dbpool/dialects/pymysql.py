@@ -28,6 +28,12 @@ class PyMySQLDialect(Dialect):
         # report in the status flags: only the lease's record of statements can tell.
         return TxState.UNKNOWN
 
+    def client_settings(self, conn: Any) -> object:
+        return bool((conn.server_status or 0) & _AUTOCOMMIT)
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.autocommit(settings)
+
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
 
@@ -39,6 +45,12 @@ class MySQLdbDialect(Dialect):
 
     def transaction_state(self, conn: Any) -> TxState:
         return TxState.UNKNOWN if conn.open else TxState.BROKEN
+
+    def client_settings(self, conn: Any) -> object:
+        return conn.get_autocommit()
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.autocommit(settings)
 
     def ping(self, conn: Any) -> None:
         conn.ping()

@@ -19,7 +19,7 @@ class SQLiteDialect(Dialect):
 
         def touch() -> None:
             try:
-                conn.total_changes
+                conn.cursor().close()  # attribute reads are not checked; methods are
             except sqlite3.ProgrammingError as exc:
                 refused.append(exc)
 
@@ -38,6 +38,12 @@ class SQLiteDialect(Dialect):
         except sqlite3.ProgrammingError:  # closed
             return TxState.BROKEN
         return TxState.IN_TRANSACTION if in_transaction else TxState.IDLE
+
+    def client_settings(self, conn: Any) -> object:
+        return conn.isolation_level
+
+    def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        conn.isolation_level = settings
 
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.

@@ -1,0 +1,640 @@
+"""Database URLs: parse them, keep their password out of sight, and make a pool from one.
+
+::
+
+    pool = dbpool.create_pool("postgresql://app:s3cret@db.example:5432/app?sslmode=require",
+                              max_size=20)
+
+Supported forms (user, password, host and database name are percent-decoded, so a password
+containing ``@ / ? # %`` is written ``%40 %2F %3F %23 %25``)::
+
+    postgresql://user:password@host:port/dbname?param=value     psycopg (3)
+    postgres://...                                              the same
+    mysql://user:password@host:port/database?param=value        PyMySQL
+    mssql://user:password@host:port/database?param=value        pymssql
+    sqlite:///relative/path.sqlite3?param=value                 sqlite3
+    sqlite:////absolute/path.sqlite3?param=value
+
+Query parameters go to the driver's ``connect()`` as keyword arguments: libpq connection
+parameters for PostgreSQL (``sslmode``, ``connect_timeout``, ``application_name``, ...,
+plus psycopg's ``autocommit`` and ``prepare_threshold``), and the ``connect()`` keywords of
+PyMySQL, pymssql and sqlite3 (``timeout``, ``isolation_level``, ...).  Values that the driver
+wants as numbers or booleans are converted.  A parameter that names a part of the URL (``host``,
+``port``, ``user``, ``password``, the database) fills that part when the URL leaves it empty,
+as in ``postgresql:///app?host=/run/postgresql``.
+
+The driver module is imported by :func:`create_pool`, not when dbpool is imported.  The password
+never appears in a repr, a ``str``, or an error raised here, and it is scrubbed from the errors a
+driver raises while connecting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from urllib.parse import quote, unquote
+
+from dbpool.pool import Pool
+
+__all__ = ["DatabaseURL", "parse_url", "create_pool"]
+
+MASK = "***"
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_SECRET_KEY_RE = re.compile(r"pass|secret|token|scram_", re.IGNORECASE)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+# --- converting query values ------------------------------------------------------------------
+
+
+def _to_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("true or false (also 1/0, yes/no, on/off)")
+
+
+def _to_int(value: str) -> int:
+    if not _INT_RE.fullmatch(value.strip()):
+        raise ValueError("a whole number")
+    return int(value)
+
+
+def _to_number(value: str) -> float:
+    """A number of seconds: an int when the value is whole (some drivers insist), else a float."""
+    text = value.strip()
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("a number") from None
+
+
+def _to_optional_int(value: str) -> Optional[int]:
+    if value.strip().lower() in ("", "none", "null"):
+        return None
+    return _to_int(value)
+
+
+def _to_optional_str(value: str) -> Optional[str]:
+    return None if value.strip().lower() == "none" else value
+
+
+def _to_false(value: str) -> bool:
+    if _to_bool(value):
+        raise ValueError("false (a pool hands each connection to many threads)")
+    return False
+
+
+# --- what each scheme means --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    """How one URL scheme maps onto a driver's ``connect()`` keywords."""
+
+    name: str
+    module: str  # the driver module to import
+    extra: str  # the dbpool extra that installs it ("" for the standard library)
+    # URL part -> the connect() keyword it becomes ("" = not accepted in this scheme)
+    host_kw: str
+    database_kw: str
+    # query keys that name a URL part: key -> "host" | "port" | "user" | "password" | "database"
+    part_keys: Mapping[str, str]
+    converters: Mapping[str, Callable[[str], Any]]
+    # the query keys the driver accepts; None = let the driver check them at connect time
+    allowed_keys: Optional[frozenset[str]] = None
+
+
+_PG_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
+    "autocommit": _to_bool,
+    "prepare_threshold": _to_optional_int,
+}
+
+_MYSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
+    "connect_timeout": _to_number,
+    "read_timeout": _to_number,
+    "write_timeout": _to_number,
+    "client_flag": _to_int,
+    "max_allowed_packet": _to_int,
+    "autocommit": _to_bool,
+    "local_infile": _to_bool,
+    "binary_prefix": _to_bool,
+    "compress": _to_bool,
+    "ssl_disabled": _to_bool,
+    "ssl_verify_cert": _to_bool,
+    "ssl_verify_identity": _to_bool,
+    "use_unicode": _to_bool,
+}
+
+_MSSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
+    "timeout": _to_int,
+    "login_timeout": _to_int,
+    "autocommit": _to_bool,
+    "as_dict": _to_bool,
+    "read_only": _to_bool,
+    "use_datetime2": _to_bool,
+}
+
+_SQLITE_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
+    "timeout": _to_number,
+    "detect_types": _to_int,
+    "cached_statements": _to_int,
+    "uri": _to_bool,
+    "autocommit": _to_bool,
+    "isolation_level": _to_optional_str,
+    "check_same_thread": _to_false,
+}
+
+_COMMON_PART_KEYS = {"host": "host", "port": "port", "user": "user", "password": "password"}
+
+_SCHEMES: Mapping[str, _Scheme] = {
+    "postgresql": _Scheme(
+        name="postgresql",
+        module="psycopg",
+        extra="postgresql",
+        host_kw="host",
+        database_kw="dbname",
+        part_keys={**_COMMON_PART_KEYS, "dbname": "database"},
+        converters=_PG_CONVERTERS,
+    ),
+    "mysql": _Scheme(
+        name="mysql",
+        module="pymysql",
+        extra="mysql",
+        host_kw="host",
+        database_kw="database",
+        part_keys={**_COMMON_PART_KEYS, "passwd": "password", "database": "database", "db": "database"},
+        converters=_MYSQL_CONVERTERS,
+    ),
+    "mssql": _Scheme(
+        name="mssql",
+        module="pymssql",
+        extra="mssql",
+        host_kw="server",
+        database_kw="database",
+        part_keys={**_COMMON_PART_KEYS, "server": "host", "database": "database"},
+        converters=_MSSQL_CONVERTERS,
+    ),
+    "sqlite": _Scheme(
+        name="sqlite",
+        module="sqlite3",
+        extra="",
+        host_kw="",
+        database_kw="database",
+        part_keys={},
+        converters=_SQLITE_CONVERTERS,
+        allowed_keys=frozenset(_SQLITE_CONVERTERS),
+    ),
+}
+
+_ALIASES = {"postgres": "postgresql"}
+
+_SUPPORTED = "postgresql://, postgres://, mysql://, mssql:// or sqlite:///"
+
+
+def _is_secret_key(key: str) -> bool:
+    """Query parameters whose values are masked like the password (sslpassword, ...)."""
+    return bool(_SECRET_KEY_RE.search(key))
+
+
+# --- the parsed URL ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatabaseURL:
+    """A parsed database URL.  Its ``repr`` and ``str`` show the password as ``***``.
+
+    ``database`` is the database name, or the file path for ``sqlite``.  ``query`` holds the
+    remaining query parameters, percent-decoded and in their original order.
+    """
+
+    scheme: str
+    host: Optional[str] = None
+    port: Optional[int] = None
+    user: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+    database: Optional[str] = None
+    query: Tuple[Tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.scheme not in _SCHEMES:
+            raise ValueError(f"unsupported scheme {self.scheme!r}: use one of {', '.join(_SCHEMES)}")
+
+    @property
+    def driver(self) -> str:
+        """The name of the driver module this URL connects with (``"psycopg"``, ...)."""
+        return _SCHEMES[self.scheme].module
+
+    @property
+    def masked(self) -> str:
+        """The URL with the password (and secret query values) shown as ``***``."""
+        query = "&".join(
+            f"{quote(key, safe='')}={MASK if _is_secret_key(key) else quote(value, safe='/:,')}"
+            for key, value in self.query
+        )
+        tail = f"?{query}" if query else ""
+        if self.scheme == "sqlite":
+            return f"sqlite:///{quote(self.database or '', safe='/:')}{tail}"
+        netloc = ""
+        if self.user is not None or self.password is not None:
+            netloc = quote(self.user or "", safe="")
+            if self.password is not None:
+                netloc += ":" + MASK
+            netloc += "@"
+        if self.host is not None:
+            if ":" in self.host and not self.host.startswith("/"):
+                netloc += f"[{self.host}]"
+            else:
+                netloc += quote(self.host, safe="")
+        if self.port is not None:
+            netloc += f":{self.port}"
+        path = f"/{quote(self.database, safe='')}" if self.database is not None else ""
+        return f"{self.scheme}://{netloc}{path}{tail}"
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"DatabaseURL({self.masked!r})"
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for the driver's ``connect()``, password included."""
+        scheme = _SCHEMES[self.scheme]
+        kwargs: dict[str, Any] = {}
+        if self.scheme == "sqlite":
+            kwargs["database"] = self.database
+        else:
+            parts: Iterable[tuple[str, Any]] = (
+                (scheme.host_kw, self.host),
+                # pymssql takes the port as a string
+                ("port", str(self.port) if self.scheme == "mssql" and self.port else self.port),
+                ("user", self.user),
+                ("password", self.password),
+                (scheme.database_kw, self.database),
+            )
+            kwargs.update((key, value) for key, value in parts if value is not None)
+        for key, value in self.query:
+            convert = scheme.converters.get(key)
+            kwargs[key] = convert(value) if convert is not None else value
+        if self.scheme == "sqlite":
+            kwargs["check_same_thread"] = False
+        return kwargs
+
+    def redact(self, text: str) -> str:
+        """``text`` with this URL's password and secret query values replaced by ``***``."""
+        return _scrub_value(text, self._secrets())
+
+    def _secrets(self) -> tuple[str, ...]:
+        found = set()
+        values = [self.password] if self.password else []
+        values += [value for key, value in self.query if value and _is_secret_key(key)]
+        for value in values:
+            # as given, and as it may have been written in the URL
+            found.update((value, quote(value, safe=""), quote(value)))
+        # longest first, so that no shorter secret splits a longer one before it is replaced
+        return tuple(sorted(found, key=len, reverse=True))
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def parse_url(url: str) -> DatabaseURL:
+    """Parse a database URL; ``ValueError`` saying what to change if it is not one.
+
+    No error message quotes the password or any part of the URL that might hold it.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"a database URL must be a str, not {type(url).__name__}")
+    text = url.strip()
+    scheme_text, sep, rest = text.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme_text):
+        raise ValueError(
+            f"not a database URL: it must start with {_SUPPORTED} "
+            "(for example postgresql://user:password@host:5432/dbname)"
+        )
+    name = _ALIASES.get(scheme_text.lower(), scheme_text.lower())
+    scheme = _SCHEMES.get(name)
+    if scheme is None:
+        raise ValueError(f"unsupported URL scheme {scheme_text + '://'!r}: use {_SUPPORTED}")
+    if "#" in rest:
+        raise ValueError(
+            "a database URL has no #fragment: if '#' is part of the password or another value, "
+            "write it as %23"
+        )
+
+    # RFC 3986: the authority ends at the first '/' or '?'.
+    end = len(rest)
+    for stop in "/?":
+        index = rest.find(stop)
+        if index != -1:
+            end = min(end, index)
+    authority, remainder = rest[:end], rest[end:]
+    path, _, query_text = remainder.partition("?")
+    if scheme.name == "sqlite":
+        return _sqlite_url(authority, path, _parse_query(query_text))
+    _refuse_misplaced_userinfo(authority, path, query_text)
+    query = _parse_query(query_text)
+
+    parts: dict[str, Any] = {"host": None, "port": None, "user": None, "password": None}
+    if "@" in authority:
+        # the host cannot hold '@', so the last one ends the user-info
+        userinfo, _, hostport = authority.rpartition("@")
+        user, has_password, password = userinfo.partition(":")
+        parts["user"] = unquote(user) if user else None
+        parts["password"] = unquote(password) if has_password else None
+    else:
+        hostport = authority
+    parts["host"], parts["port"] = _parse_hostport(hostport)
+
+    if path in ("", "/"):
+        parts["database"] = None
+    else:
+        database = path[1:]
+        if "/" in database:
+            raise ValueError(
+                "the URL's path must be just the database name: write a '/' inside it as %2F"
+            )
+        parts["database"] = unquote(database)
+
+    remaining = []
+    for key, value in query:
+        part = scheme.part_keys.get(key)
+        if part is None:
+            remaining.append((key, value))
+            continue
+        if parts[part] is not None:
+            raise ValueError(
+                f"the URL gives the {part} twice, in the URL and as the query parameter "
+                f"{key!r}: keep one"
+            )
+        parts[part] = _parse_port(value) if part == "port" else value
+
+    for key, value in remaining:
+        _check_value(scheme, key, value)
+    return DatabaseURL(scheme=scheme.name, query=tuple(remaining), **parts)
+
+
+def _refuse_misplaced_userinfo(authority: str, path: str, query_text: str) -> None:
+    """Catch a '/' or '?' left unescaped in a user name or password.
+
+    It would end the host part early and put the rest of the password into the path or the
+    query, where an error message or the masked URL could show it.
+    """
+    if "@" in authority:
+        return
+    _, colon, after_colon = authority.rpartition(":")
+    port_is_odd = bool(colon) and not after_colon.isdigit() and not authority.endswith("]")
+    if "@" in path or (port_is_odd and "@" in query_text):
+        raise ValueError(
+            "the URL cannot be split into user, password and host: percent-encode "
+            "'/', '?', '#' and '@' in the user name, password or database name "
+            "(as %2F, %3F, %23 and %40)"
+        )
+
+
+def _parse_hostport(hostport: str) -> tuple[Optional[str], Optional[int]]:
+    if hostport.startswith("["):
+        close = hostport.find("]")
+        if close == -1:
+            raise ValueError("the URL's IPv6 host has no closing ']'")
+        host = hostport[1:close]
+        after = hostport[close + 1 :]
+        if after and not after.startswith(":"):
+            raise ValueError("after an IPv6 host in [brackets] only ':port' may follow")
+        port_text = after[1:]
+    else:
+        host, _, port_text = hostport.partition(":")
+        if "," in hostport:
+            raise ValueError(
+                "the URL names several hosts: a URL takes one host; for several, build the "
+                "pool from a connect function: Pool(lambda: driver.connect(...))"
+            )
+        host = unquote(host)
+    return (host or None), (_parse_port(port_text) if port_text else None)
+
+
+def _parse_port(text: str) -> int:
+    # never quoted in the message: with an unescaped '/' in the password, the "port" is
+    # the start of the password
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(
+            "the URL's port must be a number from 1 to 65535 "
+            "(a password goes before the host: user:password@host:port)"
+        )
+    return int(text)
+
+
+def _parse_query(text: str) -> list[tuple[str, str]]:
+    """``a=1&b=2`` percent-decoded; '+' stays '+' (as in libpq's URIs, unlike HTML forms)."""
+    pairs: list[tuple[str, str]] = []
+    seen = set()
+    for item in text.split("&"):
+        if not item:
+            continue
+        raw_key, has_value, raw_value = item.partition("=")
+        key = unquote(raw_key)
+        if not key or not has_value:
+            raise ValueError(
+                "each query parameter of the URL must read name=value, joined by '&'"
+            )
+        if key in seen:
+            raise ValueError(f"the query parameter {key!r} is given twice: keep one")
+        seen.add(key)
+        pairs.append((key, unquote(raw_value)))
+    return pairs
+
+
+def _check_value(scheme: _Scheme, key: str, value: str) -> None:
+    if scheme.allowed_keys is not None and key not in scheme.allowed_keys:
+        raise ValueError(
+            f"unknown {scheme.name} URL parameter {key!r}: use "
+            f"{', '.join(sorted(scheme.allowed_keys))}"
+        )
+    convert = scheme.converters.get(key)
+    if convert is None:
+        return
+    try:
+        convert(value)
+    except ValueError as exc:
+        shown = "" if _is_secret_key(key) else f", not {value!r}"
+        raise ValueError(f"the URL parameter {key!r} must be {exc}{shown}") from None
+
+
+def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> DatabaseURL:
+    if authority:
+        raise ValueError(
+            "a sqlite URL has no host: write sqlite:///relative/path.sqlite3 or "
+            "sqlite:////absolute/path.sqlite3 (three or four slashes)"
+        )
+    database = unquote(path[1:])
+    if not database:
+        raise ValueError(
+            "the sqlite URL names no file: write sqlite:///relative/path.sqlite3 or "
+            "sqlite:////absolute/path.sqlite3"
+        )
+    if database == ":memory:":
+        raise ValueError(
+            "each sqlite3 connection to ':memory:' is a separate, empty database, so a pool of "
+            "them would lose data: use a file, e.g. sqlite:///app.sqlite3"
+        )
+    scheme = _SCHEMES["sqlite"]
+    for key, value in query:
+        _check_value(scheme, key, value)
+    return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
+
+
+# --- connecting --------------------------------------------------------------------------------
+
+
+def load_driver(url: DatabaseURL) -> ModuleType:
+    """Import the driver module for ``url``; ``ValueError`` naming what to install if missing."""
+    scheme = _SCHEMES[url.scheme]
+    try:
+        return importlib.import_module(scheme.module)
+    except ImportError as exc:
+        if scheme.extra:
+            hint = f"install it with: pip install 'dbpool[{scheme.extra}]'"
+        else:
+            hint = "this Python was built without it: use a Python that has the sqlite3 module"
+        raise ValueError(
+            f"{url.scheme}:// URLs need the {scheme.module} driver, which cannot be imported "
+            f"({exc.__class__.__name__}: {exc}); {hint}"
+        ) from exc
+
+
+class URLConnector:
+    """The connect callable :func:`create_pool` gives the pool: takes no arguments.
+
+    Errors the driver raises pass through with their class unchanged, the password scrubbed
+    from their message first.
+    """
+
+    __slots__ = ("_url", "_connect", "_kwargs", "_secrets")
+
+    def __init__(self, url: DatabaseURL, driver: ModuleType) -> None:
+        self._url = url
+        self._connect: Callable[..., Any] = driver.connect
+        self._kwargs = url.connect_kwargs()
+        self._secrets = url._secrets()
+
+    @property
+    def url(self) -> DatabaseURL:
+        return self._url
+
+    def __call__(self) -> Any:
+        try:
+            return self._connect(**self._kwargs)
+        except Exception as exc:
+            if self._secrets:
+                _scrub_exception(exc, self._secrets)
+            raise
+
+    def __repr__(self) -> str:
+        return f"<URLConnector {self._url.masked}>"
+
+
+def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool:
+    """A :class:`~dbpool.Pool` connecting to ``url``; ``pool_options`` go to ``Pool()``.
+
+    ``ValueError`` if the URL is malformed, its scheme unknown, or its driver not installed.
+    The pool's name is ``name=`` if given, else the pool's default.
+    """
+    parsed = url if isinstance(url, DatabaseURL) else parse_url(url)
+    driver = load_driver(parsed)
+    _check_driver_keys(parsed, driver)
+    return Pool(URLConnector(parsed, driver), **pool_options)
+
+
+def _check_driver_keys(url: DatabaseURL, driver: ModuleType) -> None:
+    """Refuse query parameters the driver would refuse, now rather than at every connect."""
+    allowed = _driver_keys(url.scheme, driver)
+    if allowed is None:
+        return
+    unknown = [key for key, _ in url.query if key not in allowed]
+    if unknown:
+        raise ValueError(
+            f"the {url.driver} driver takes no connection parameter "
+            f"{', '.join(repr(key) for key in unknown)}: remove it from the URL's query"
+        )
+
+
+def _driver_keys(scheme: str, driver: ModuleType) -> Optional[frozenset[str]]:
+    if scheme == "postgresql":
+        try:
+            defaults = driver.pq.Conninfo.get_defaults()
+        except Exception:  # an older psycopg: let it check the names at connect time
+            return None
+        return frozenset(o.keyword.decode() for o in defaults) | frozenset(_PG_CONVERTERS)
+    if scheme == "mysql":
+        import inspect
+
+        try:
+            parameters = inspect.signature(driver.connect).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return None
+        return frozenset(p.name for p in parameters)
+    return None
+
+
+# --- keeping secrets out of errors ---------------------------------------------------------------
+
+
+def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them."""
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        for secret in secrets:
+            if secret:
+                value = value.replace(secret.encode("utf-8", "replace"), MASK.encode())
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_scrub_value(item, secrets) for item in value)
+    return value
+
+
+def _scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
+    """Scrub ``exc`` and the exceptions chained to it in place, keeping their classes."""
+    seen = set()
+    pending: list[Optional[BaseException]] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        try:
+            current.args = _scrub_value(current.args, secrets)
+        except (AttributeError, TypeError):
+            pass
+        if isinstance(current, OSError):
+            for attr in ("strerror", "filename", "filename2"):
+                _scrub_attribute(current, attr, secrets)
+        for attr in list(getattr(current, "__dict__", {})):
+            _scrub_attribute(current, attr, secrets)
+        pending.extend((current.__cause__, current.__context__))
+
+
+def _scrub_attribute(obj: object, attr: str, secrets: tuple[str, ...]) -> None:
+    try:
+        value = getattr(obj, attr)
+        scrubbed = _scrub_value(value, secrets)
+        if scrubbed is not value and scrubbed != value:
+            setattr(obj, attr, scrubbed)
+    except Exception:  # a read-only or computed attribute: nothing to do about it
+        pass

@@ -1,0 +1,138 @@
+"""Dialect choice and the driver verbs, including pymssql through the fake driver
+(no SQL Server runs here: its integration tests need DBPOOL_TEST_MSSQL_DSN)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+import dbpool
+from dbpool import dialects
+from dbpool.dialects import TxState
+from tests import fakedb
+
+
+@pytest.fixture
+def pools():
+    made = []
+    yield made
+    for pool in made:
+        pool.close(timeout=1)
+
+
+def test_dialect_is_detected_from_the_driver_package(fake_server):
+    assert dialects.for_connection(sqlite3.connect(":memory:")).name == "sqlite3"
+    assert dialects.for_connection(fake_server.connect()).name == "generic"
+    assert dialects.for_connection(fake_server.connect_mssql()).name == "pymssql"
+
+
+def test_subclass_of_a_driver_connection_keeps_its_dialect(tmp_path):
+    class Audited(sqlite3.Connection):
+        pass
+
+    conn = sqlite3.connect(tmp_path / "a.db", factory=Audited, check_same_thread=False)
+    assert type(conn).__module__ == __name__
+    assert dialects.for_connection(conn).name == "sqlite3"
+
+
+def test_dialect_can_be_forced_by_name_or_instance(fake_server, pools):
+    class Quiet(dialects.Dialect):
+        name = "quiet"
+
+        def transaction_state(self, conn):
+            return TxState.IDLE
+
+    by_name = dbpool.Pool(fake_server.connect, min_size=0, dialect="generic")
+    by_instance = dbpool.Pool(fake_server.connect, min_size=0, dialect=Quiet())
+    pools += [by_name, by_instance]
+    with by_instance.connection() as conn:
+        conn.cursor().execute("update t set v = 1")  # Quiet says idle: no rollback
+    assert fake_server.count("rollback") == 0
+    with by_name.connection() as conn:
+        conn.cursor().execute("update t set v = 1")
+    assert fake_server.count("rollback") == 1
+
+
+def test_unknown_dialect_name_lists_the_choices():
+    with pytest.raises(ValueError) as info:
+        dialects.get("db2")
+    for name in ("psycopg", "pymysql", "pymssql", "sqlite3", "generic"):
+        assert name in str(info.value)
+
+
+@pytest.fixture
+def mssql_pool(fake_server, pools):
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1)
+    pools.append(pool)
+    return pool
+
+
+def test_pymssql_clean_return_needs_no_round_trip(mssql_pool, fake_server):
+    with mssql_pool.connection() as conn:
+        conn.cursor().execute("update t set v = 1")
+        conn.commit()
+    with mssql_pool.connection():
+        pass
+    assert fake_server.count("rollback") == 0
+
+
+def test_pymssql_pending_work_is_rolled_back(mssql_pool, fake_server):
+    with mssql_pool.connection() as conn:
+        conn.cursor().execute("update t set v = 1")
+        raw = conn.raw
+    assert fake_server.count("rollback") == 1
+    assert not fake_server.in_transaction(raw)
+
+
+def test_pymssql_autocommit_is_restored_for_the_next_borrower(mssql_pool, fake_server):
+    with mssql_pool.connection() as conn:
+        conn.raw.autocommit(True)
+    with mssql_pool.connection() as conn:
+        assert conn.raw.autocommit_state is False
+
+
+def test_pymssql_dead_connection_is_discarded(mssql_pool, fake_server):
+    with pytest.raises(fakedb.OperationalError):
+        with mssql_pool.connection() as conn:
+            fake_server.kill(conn.raw)
+            conn.cursor().execute("select 2")
+    s = mssql_pool.stats()
+    assert (s.size, s.discarded) == (0, 1)
+    with mssql_pool.connection() as conn:
+        conn.cursor().execute("select 2")
+
+
+def test_pymssql_killed_idle_connection_fails_validation(fake_server, pools):
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, validate_after=0)
+    pools.append(pool)
+    with pool.connection():
+        pass
+    fake_server.kill_all()
+    with pool.connection() as conn:
+        conn.cursor().execute("select 2")
+    assert pool.stats().discarded == 1
+
+
+def test_generic_dialect_rolls_back_only_after_statements(fake_server, pools):
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    pools.append(pool)
+    with pool.connection():
+        pass
+    with pool.connection() as conn:
+        cur = conn.cursor()
+        cur.execute("select 2")
+        conn.rollback()
+        cur.rowcount  # reading an attribute runs nothing
+    assert fake_server.count("rollback") == 1  # only the caller's own
+    with pool.connection() as conn:
+        conn.raw.cursor().execute("update t set v = 1")  # behind the lease's back
+    assert fake_server.count("rollback") == 2
+
+
+def test_sqlite_without_check_same_thread_is_refused(tmp_path, pools):
+    pool = dbpool.Pool(lambda: sqlite3.connect(tmp_path / "x.db"), min_size=0)
+    pools.append(pool)
+    with pytest.raises(TypeError, match="check_same_thread=False"):
+        pool.connection()
+    assert pool.stats().size == 0
