@@ -12,7 +12,6 @@ import math
 import random
 import threading
 import warnings
-import weakref
 from collections import deque
 from dataclasses import dataclass
 from time import monotonic
@@ -515,7 +514,7 @@ class Pool(Generic[C]):
 
     def _backoff_delay(self) -> float:
         exponent = min(self._connect_failures - 1, 30)
-        delay = min(self._reconnect_max_delay, self._reconnect_delay * 2**exponent)
+        delay = min(self._reconnect_max_delay, self._reconnect_delay * 2.0**exponent)
         return delay * (0.5 + random.random() / 2)  # jitter: spread reconnects out
 
     def _reserve_locked(self) -> _Slot:
@@ -533,7 +532,7 @@ class Pool(Generic[C]):
 
         The driver's error is raised to the caller, and the slot given back.
         """
-        raw = self._new_connection(slot)
+        self._new_connection(slot)
         with self._lock:
             self._opening -= 1
             if self._closed:

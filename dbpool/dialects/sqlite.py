@@ -47,7 +47,7 @@ class SQLiteDialect(Dialect):
 
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.
-        conn.total_changes
+        _ = conn.total_changes  # raises ProgrammingError once closed
 
     def detach_after_fork(self, conn: Any) -> None:
         pass
