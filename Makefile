@@ -1,0 +1,67 @@
+# Everyday commands for dbpool.  Needs only make and python3 on PATH.
+#
+#   make demo    create .venv, install dbpool, run the bench on a SQLite file here
+#   make test    install the test extras into .venv and run the whole test suite
+#   make docs    install the docs extra and build the HTML docs (warnings are errors)
+#   make clean   remove build output, caches and the demo's SQLite files
+#
+# Extra arguments: make test PYTEST_ARGS="-x -k fifo"
+#                  make demo DEMO_ARGS="--threads 8 --seconds 3"
+
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+SPHINXOPTS ?= -W --keep-going
+
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip --disable-pip-version-check --no-input
+PIP_INSTALL := $(PIP) install --progress-bar off
+
+# Each stamp records that an extra was installed from the current pyproject.toml;
+# editing pyproject.toml makes the next run reinstall.
+TEST_STAMP := $(VENV)/.installed-test
+DOCS_STAMP := $(VENV)/.installed-docs
+
+.DELETE_ON_ERROR:
+.PHONY: help venv demo test docs clean distclean
+
+help:
+	@echo "make demo       run 'python -m dbpool bench' on a SQLite file in this directory"
+	@echo "make test       run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
+	@echo "make docs       build the HTML documentation into docs/_build/html"
+	@echo "make venv       create $(VENV) and install dbpool with its test extras"
+	@echo "make clean      remove build output, caches and the demo's SQLite files"
+	@echo "make distclean  clean, and remove $(VENV) too"
+
+venv: $(TEST_STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(TEST_STAMP): pyproject.toml | $(VPY)
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+$(DOCS_STAMP): pyproject.toml | $(VPY)
+	$(PIP_INSTALL) -e '.[docs]'
+	touch $@
+
+demo: venv
+	$(VPY) -m dbpool bench $(DEMO_ARGS)
+
+test: venv
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build $(SPHINXOPTS) -b html docs docs/_build/html
+
+clean:
+	rm -rf docs/_build .pytest_cache .hypothesis .tox build dist ./*.egg-info
+	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
+		-type d -name __pycache__ -prune -exec rm -rf {} +
+	rm -f ./*.sqlite3 ./*.sqlite3-journal ./*.sqlite3-wal ./*.sqlite3-shm \
+		./*.db ./*.db-journal ./*.db-wal ./*.db-shm
+
+distclean: clean
+	rm -rf $(VENV)
