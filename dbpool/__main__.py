@@ -13,6 +13,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -135,7 +136,7 @@ def with_timeout(url: DatabaseURL, seconds: float) -> DatabaseURL:
 
 def describe(exc: BaseException, url: DatabaseURL) -> str:
     """One line about a failure, the root cause included, with the URL's secrets masked."""
-    cause = exc.__cause__ if exc.__cause__ is not None else None
+    cause = exc.__cause__
     text = f"{type(exc).__name__}: {exc}"
     if cause is not None and str(cause) not in str(exc):
         text += f" (caused by {type(cause).__name__}: {cause})"
@@ -178,6 +179,11 @@ def _driver_version(driver: ModuleType) -> str:
 
 def check(url: DatabaseURL, *, timeout: float, out: IO[str], err: IO[str]) -> int:
     driver = load_driver(url)
+    if url.scheme == "sqlite" and not url.connect_kwargs().get("uri"):
+        # sqlite3 would create an empty database, and the check would pass on a typo
+        if not os.path.exists(url.database or ""):
+            print(f"dbpool: cannot connect to {url.masked}: no such file", file=err)
+            return EXIT_FAILED
     with create_pool(
         with_timeout(url, timeout), min_size=0, max_size=1, acquire_timeout=timeout, name="check"
     ) as pool:
@@ -297,16 +303,27 @@ def bench(
     paramstyle = driver.paramstyle
     # One connection first, through a pool of one: a server that is down shows its own error
     # at once, instead of a pool timeout later.
-    try:
-        with create_pool(url, min_size=0, max_size=1, acquire_timeout=timeout) as setup:
-            with setup.connection() as conn:
+    with create_pool(
+        url, min_size=0, max_size=1, acquire_timeout=timeout, name="bench-setup"
+    ) as setup:
+        try:
+            conn = setup.connection()
+        except Exception as exc:
+            print(f"dbpool: cannot connect to {given.masked}: {describe(exc, url)}", file=err)
+            return EXIT_FAILED
+        with conn:
+            try:
                 _prepare(url, paramstyle, conn)
-        pool = create_pool(
-            url, min_size=max_size, max_size=max_size, acquire_timeout=timeout, name="bench"
-        )
-    except Exception as exc:
-        print(f"dbpool: cannot connect to {given.masked}: {describe(exc, url)}", file=err)
-        return EXIT_FAILED
+            except Exception as exc:
+                print(
+                    f"dbpool: cannot prepare the table {BENCH_TABLE} in {given.masked}: "
+                    f"{describe(exc, url)}",
+                    file=err,
+                )
+                return EXIT_FAILED
+    pool = create_pool(
+        url, min_size=max_size, max_size=max_size, acquire_timeout=timeout, name="bench"
+    )
     try:
         try:
             pool.wait(timeout)
@@ -456,7 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=10.0, help="seconds to connect (default 10)"
     )
 
-    bench_cmd = commands.add_parser("bench", help="run a concurrent short-transaction workload")
+    bench_cmd = commands.add_parser(
+        "bench",
+        help="run a concurrent short-transaction workload",
+        description=f"Run short transactions (update one row, read it, commit) from --threads "
+        f"threads through one pool of --max-size connections, on a table {BENCH_TABLE} of "
+        f"{BENCH_ROWS} rows that is created if missing.",
+    )
     bench_cmd.add_argument(
         "url", metavar="URL", nargs="?", default=DEFAULT_BENCH_URL,
         help=f"database URL (default {DEFAULT_BENCH_URL}, in the working directory)",

@@ -39,7 +39,7 @@ from urllib.parse import quote, unquote
 
 from dbpool.pool import Pool
 
-__all__ = ["DatabaseURL", "parse_url", "create_pool"]
+__all__ = ["DatabaseURL", "URLConnector", "create_pool", "load_driver", "parse_url"]
 
 MASK = "***"
 
@@ -293,10 +293,10 @@ class DatabaseURL:
 
     def redact(self, text: str) -> str:
         """``text`` with this URL's password and secret query values replaced by ``***``."""
-        return _scrub_value(text, self._secrets())
+        return _scrub_text(text, self._secrets())
 
     def _secrets(self) -> tuple[str, ...]:
-        found = set()
+        found: set[str] = set()
         values = [self.password] if self.password else []
         values += [value for key, value in self.query if value and _is_secret_key(key)]
         for value in values:
@@ -544,7 +544,7 @@ class URLConnector:
         return f"<URLConnector {self._url.masked}>"
 
 
-def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool:
+def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool[Any]:
     """A :class:`~dbpool.Pool` connecting to ``url``; ``pool_options`` go to ``Pool()``.
 
     ``ValueError`` if the URL is malformed, its scheme unknown, or its driver not installed.
@@ -592,13 +592,17 @@ def _driver_keys(scheme: str, driver: ModuleType) -> Optional[frozenset[str]]:
 # --- keeping secrets out of errors ---------------------------------------------------------------
 
 
+def _scrub_text(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
 def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
     """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them."""
     if isinstance(value, str):
-        for secret in secrets:
-            if secret:
-                value = value.replace(secret, MASK)
-        return value
+        return _scrub_text(value, secrets)
     if isinstance(value, (bytes, bytearray)):
         for secret in secrets:
             if secret:

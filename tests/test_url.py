@@ -1,0 +1,581 @@
+"""dbpool.url: parsing database URLs, masking their secrets, and create_pool()."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sqlite3
+import subprocess
+import sys
+import threading
+import traceback
+import types
+from typing import Any, Iterator
+
+import pytest
+
+import dbpool
+from dbpool.url import DatabaseURL, URLConnector, create_pool, parse_url
+from tests import _urls
+
+CANARY = "canary-Pw-7f3a9c"
+# a canary that needs percent-encoding in a URL: @ / ? # % : and a space
+ODD_CANARY = "c@n/ary?#%: 9"
+ODD_CANARY_ENCODED = "c%40n%2Fary%3F%23%25%3A%209"
+
+
+def text_of(exc: BaseException) -> str:
+    """Everything a user could see of an exception: repr, str and the whole traceback."""
+    formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"{exc!r}\n{exc}\n{formatted}"
+
+
+def assert_no_secret(text: str, *secrets: str) -> None:
+    for secret in secrets or (CANARY, ODD_CANARY, ODD_CANARY_ENCODED):
+        assert secret not in text
+
+
+@pytest.fixture
+def pg_url(postgresql_dsn: str) -> str:
+    return _urls.postgresql_url(postgresql_dsn, password=CANARY)
+
+
+@pytest.fixture
+def mysql_canary_url(mysql_params: dict[str, Any]) -> str:
+    return _urls.mysql_url(mysql_params, password=CANARY)
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "fields", "kwargs"),
+    [
+        (
+            "postgresql://app:pw@db.example:5433/appdb?sslmode=require&application_name=web",
+            dict(scheme="postgresql", host="db.example", port=5433, user="app", password="pw",
+                 database="appdb", query=(("sslmode", "require"), ("application_name", "web"))),
+            dict(host="db.example", port=5433, user="app", password="pw", dbname="appdb",
+                 sslmode="require", application_name="web"),
+        ),
+        (
+            "postgres://u@127.0.0.1/test",
+            dict(scheme="postgresql", host="127.0.0.1", port=None, user="u", password=None,
+                 database="test", query=()),
+            dict(host="127.0.0.1", user="u", dbname="test"),
+        ),
+        (
+            "POSTGRESQL://[::1]:5432/test?autocommit=true&prepare_threshold=none",
+            dict(scheme="postgresql", host="::1", port=5432, user=None, database="test"),
+            dict(host="::1", port=5432, dbname="test", autocommit=True, prepare_threshold=None),
+        ),
+        (
+            "postgresql:///test?host=/var/run/postgresql&port=5433",
+            dict(host="/var/run/postgresql", port=5433, database="test", query=()),
+            dict(host="/var/run/postgresql", port=5433, dbname="test"),
+        ),
+        (
+            "postgresql://",
+            dict(scheme="postgresql", host=None, port=None, user=None, database=None, query=()),
+            dict(),
+        ),
+        (
+            "mysql://root:pw@127.0.0.1:3306/test?connect_timeout=5&read_timeout=2.5"
+            "&autocommit=on&charset=utf8mb4",
+            dict(scheme="mysql", host="127.0.0.1", port=3306, user="root", password="pw",
+                 database="test"),
+            dict(host="127.0.0.1", port=3306, user="root", password="pw", database="test",
+                 connect_timeout=5, read_timeout=2.5, autocommit=True, charset="utf8mb4"),
+        ),
+        (
+            "mysql://localhost?db=shop&passwd=pw&user=me",
+            dict(host="localhost", user="me", password="pw", database="shop", query=()),
+            dict(host="localhost", user="me", password="pw", database="shop"),
+        ),
+        (
+            "mssql://sa:pw@sql.example:1433/master?login_timeout=5&tds_version=7.4",
+            dict(scheme="mssql", host="sql.example", port=1433, user="sa", database="master"),
+            dict(server="sql.example", port="1433", user="sa", password="pw",
+                 database="master", login_timeout=5, tds_version="7.4"),
+        ),
+        (
+            "sqlite:///relative/app.sqlite3",
+            dict(scheme="sqlite", host=None, database="relative/app.sqlite3", query=()),
+            dict(database="relative/app.sqlite3", check_same_thread=False),
+        ),
+        (
+            "sqlite:////var/lib/app.sqlite3?timeout=2.5&isolation_level=none&detect_types=1",
+            dict(scheme="sqlite", database="/var/lib/app.sqlite3"),
+            dict(database="/var/lib/app.sqlite3", check_same_thread=False, timeout=2.5,
+                 isolation_level=None, detect_types=1),
+        ),
+        (
+            "sqlite:///app.sqlite3?check_same_thread=false",
+            dict(database="app.sqlite3"),
+            dict(database="app.sqlite3", check_same_thread=False),
+        ),
+    ],
+)
+def test_parse(url: str, fields: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    parsed = parse_url(url)
+    for name, value in fields.items():
+        assert getattr(parsed, name) == value, name
+    assert parsed.connect_kwargs() == kwargs
+
+
+def test_percent_decoding() -> None:
+    parsed = parse_url(
+        f"postgresql://us%40er%3Ax:{ODD_CANARY_ENCODED}@%2Frun%2Fpostgresql/my%2Fdb%20x"
+        "?options=-c%20search_path%3Dapp&application_name=a+b"
+    )
+    assert parsed.user == "us@er:x"
+    assert parsed.password == ODD_CANARY
+    assert parsed.host == "/run/postgresql"
+    assert parsed.database == "my/db x"
+    # '+' is a plus, as in libpq URIs; only %20 is a space
+    assert parsed.query == (("options", "-c search_path=app"), ("application_name", "a+b"))
+    assert parse_url("sqlite:///data/my%20db%23.sqlite3").database == "data/my db#.sqlite3"
+
+
+def test_password_with_unescaped_at_and_colon() -> None:
+    # the host cannot contain '@' and the first ':' ends the user: no ambiguity
+    parsed = parse_url("mysql://me:p@ss:w@rd@db:3306/x")
+    assert (parsed.user, parsed.password, parsed.host, parsed.port) == ("me", "p@ss:w@rd", "db", 3306)
+
+
+def test_empty_password_is_a_password() -> None:
+    parsed = parse_url("postgresql://me:@db/x")
+    assert parsed.password == ""
+    assert parsed.connect_kwargs()["password"] == ""
+
+
+def test_query_values_that_name_url_parts_fill_them() -> None:
+    parsed = parse_url(f"postgresql://db/x?user=me&password={CANARY}")
+    assert (parsed.user, parsed.password, parsed.query) == ("me", CANARY, ())
+    assert CANARY not in repr(parsed)
+
+
+# -- bad URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("", "must start with"),
+        ("db.example:5432/x", "must start with"),
+        (f"postgresql:/me:{CANARY}@db/x", "must start with"),
+        (f"oracle://me:{CANARY}@db/x", "unsupported URL scheme 'oracle://'"),
+        (f"postgresql://me:{CANARY}", "port must be a number"),
+        (f"postgresql://me:{CANARY}/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}/x@db/x", "percent-encode"),
+        (f"postgresql://me:{CANARY}@db:5432/x/y", "just the database name"),
+        ("postgresql://me:can/ary-Pw-7f3a9c@db/x", "percent-encode"),
+        ("postgresql://me:can?ary-Pw-7f3a9c@db/x", "percent-encode"),
+        ("postgresql://me:can#ary-Pw-7f3a9c@db/x", "%23"),
+        (f"postgresql://me:{CANARY}@db:99999/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}@db:0/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}@db:54x/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}@[::1/x", "closing ']'"),
+        (f"postgresql://me:{CANARY}@h1:5432,h2:5432/x", "several hosts"),
+        (f"postgresql://me:{CANARY}@db/x?sslmode", "name=value"),
+        (f"postgresql://me:{CANARY}@db/x?a=1&a=2", "given twice"),
+        (f"postgresql://me:{CANARY}@db/x?password=other", "password twice"),
+        (f"postgresql://me:{CANARY}@db:5432/x?port=5433", "port twice"),
+        (f"postgresql://me:{CANARY}@db/x?autocommit=maybe", "'autocommit' must be true or false"),
+        (f"mysql://me:{CANARY}@db/x?connect_timeout=soon", "'connect_timeout' must be a number"),
+        (f"mysql://me:{CANARY}@db/x?db=y", "database twice"),
+        (f"mssql://me:{CANARY}@db/x?login_timeout=1.5", "whole number"),
+        (f"sqlite://me:{CANARY}@host/x.sqlite3", "no host"),
+        ("sqlite://", "names no file"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:///:memory:", "separate, empty database"),
+        ("sqlite:///x.sqlite3?check_same_thread=true", "must be false"),
+        ("sqlite:///x.sqlite3?mode=ro", "unknown sqlite URL parameter 'mode'"),
+    ],
+)
+def test_bad_url_says_what_to_change_without_the_password(url: str, says: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_url(url)
+    assert says in str(info.value)
+    assert_no_secret(text_of(info.value), CANARY, "can/ary", "can?ary", "can#ary")
+
+
+def test_a_secret_query_value_is_not_quoted_in_errors() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_url(f"mysql://db/x?ssl_key_password={CANARY}&ssl_key_password=again")
+    assert_no_secret(text_of(info.value), CANARY)
+
+
+def test_not_a_string() -> None:
+    with pytest.raises(TypeError, match="must be a str"):
+        parse_url(b"sqlite:///x.sqlite3")  # type: ignore[arg-type]
+
+
+# -- masking ---------------------------------------------------------------------------------------
+
+
+def test_repr_and_str_mask_the_password() -> None:
+    parsed = parse_url(f"postgresql://user:{ODD_CANARY_ENCODED}@host:5432/test?sslmode=require")
+    assert parsed.masked == "postgresql://user:***@host:5432/test?sslmode=require"
+    assert str(parsed) == parsed.masked
+    assert repr(parsed) == "DatabaseURL('postgresql://user:***@host:5432/test?sslmode=require')"
+    assert parsed.password == ODD_CANARY
+    for shown in (repr(parsed), str(parsed), f"{parsed}", f"{parsed!r}", repr([parsed])):
+        assert_no_secret(shown)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgres://u@h/d", "postgresql://u@h/d"),
+        ("postgresql://u:@h/d", "postgresql://u:***@h/d"),
+        ("postgresql://[::1]:5432/d", "postgresql://[::1]:5432/d"),
+        ("postgresql://%2Frun%2Fpg/d", "postgresql://%2Frun%2Fpg/d"),
+        ("mysql://root@127.0.0.1:3306/test?connect_timeout=5", "mysql://root@127.0.0.1:3306/test?connect_timeout=5"),
+        ("sqlite:///rel/x.sqlite3", "sqlite:///rel/x.sqlite3"),
+        ("sqlite:////abs/my%20x.sqlite3?timeout=3", "sqlite:////abs/my%20x.sqlite3?timeout=3"),
+        (f"postgresql://h/d?sslpassword={CANARY}&sslmode=verify-full",
+         "postgresql://h/d?sslpassword=***&sslmode=verify-full"),
+    ],
+)
+def test_masked_form(url: str, masked: str) -> None:
+    assert parse_url(url).masked == masked
+
+
+def test_masked_form_parses_back_to_the_same_url_but_the_password() -> None:
+    parsed = parse_url(f"mysql://me:{CANARY}@db.example:3307/shop?charset=utf8mb4&autocommit=1")
+    again = parse_url(parsed.masked)
+    assert again.password == "***"
+    assert (again.user, again.host, again.port, again.database, again.query) == (
+        parsed.user, parsed.host, parsed.port, parsed.database, parsed.query,
+    )
+
+
+def test_redact_replaces_every_form_of_the_secrets() -> None:
+    parsed = parse_url(f"postgresql://u:{ODD_CANARY_ENCODED}@h/d?sslpassword={CANARY}")
+    text = f"a {ODD_CANARY} b {ODD_CANARY_ENCODED} c {CANARY} d"
+    assert parsed.redact(text) == "a *** b *** c *** d"
+
+
+def test_parsed_url_is_frozen_and_picklable() -> None:
+    parsed = parse_url(f"postgresql://u:{CANARY}@h/d")
+    with pytest.raises(AttributeError):
+        parsed.password = "other"  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(parsed)) == parsed
+    assert hash(parsed) == hash(parse_url(f"postgresql://u:{CANARY}@h/d"))
+
+
+def test_unknown_scheme_in_constructor() -> None:
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        DatabaseURL(scheme="oracle")
+
+
+# -- drivers -----------------------------------------------------------------------------------------
+
+
+class FakeDriverError(Exception):
+    pass
+
+
+class FakeConnection:
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.closed = False
+
+    def cursor(self) -> Any:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_driver(connect: Any) -> types.ModuleType:
+    module = types.ModuleType("pymssql")
+    module.connect = connect  # type: ignore[attr-defined]
+    module.paramstyle = "pyformat"  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture
+def fake_mssql(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """A fake ``pymssql`` whose connect records its arguments and returns a FakeConnection."""
+    calls: list[dict[str, Any]] = []
+
+    def connect(**kwargs: Any) -> FakeConnection:
+        calls.append(kwargs)
+        return FakeConnection(**kwargs)
+
+    monkeypatch.setitem(sys.modules, "pymssql", fake_driver(connect))
+    yield calls
+
+
+def test_importing_dbpool_imports_no_driver() -> None:
+    code = (
+        "import sys, dbpool, dbpool.url, dbpool.__main__\n"
+        "loaded = [m for m in ('psycopg', 'pymysql', 'pymssql', 'psycopg2', 'MySQLdb') "
+        "if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_create_pool_imports_the_driver_and_passes_options(fake_mssql: list[dict[str, Any]]) -> None:
+    url = f"mssql://sa:{CANARY}@sql.example:1433/master?login_timeout=5"
+    with create_pool(url, min_size=0, max_size=3, name="orders", acquire_timeout=2) as pool:
+        assert (pool.name, pool.min_size, pool.max_size) == ("orders", 0, 3)
+        with pool.connection() as conn:
+            assert isinstance(conn.raw, FakeConnection)
+        assert_no_secret(repr(pool) + str(pool) + repr(pool.stats()))
+    assert fake_mssql == [
+        dict(server="sql.example", port="1433", user="sa", password=CANARY, database="master",
+             login_timeout=5)
+    ]
+
+
+def test_create_pool_default_name_is_the_pools(fake_mssql: list[dict[str, Any]]) -> None:
+    with create_pool("mssql://db/x", min_size=0) as pool:
+        assert pool.name.startswith("pool-")
+
+
+def test_create_pool_is_public() -> None:
+    assert dbpool.create_pool is create_pool
+
+
+def test_create_pool_accepts_a_parsed_url(fake_mssql: list[dict[str, Any]]) -> None:
+    with create_pool(parse_url("mssql://db/x"), min_size=0) as pool:
+        pool.connection().close()
+    assert fake_mssql == [dict(server="db", database="x")]
+
+
+def test_bad_pool_options_are_the_pools_errors(fake_mssql: list[dict[str, Any]]) -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        create_pool("mssql://db/x", min_size=5, max_size=2)
+    with pytest.raises(TypeError):
+        create_pool("mssql://db/x", no_such_option=1)
+    assert fake_mssql == []
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pymssql", None)  # makes `import pymssql` fail
+    with pytest.raises(ValueError) as info:
+        create_pool(f"mssql://sa:{CANARY}@db/x")
+    message = str(info.value)
+    assert "pymssql" in message and "pip install 'dbpool[mssql]'" in message
+    assert isinstance(info.value.__cause__, ImportError)
+    assert_no_secret(text_of(info.value))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "module", "extra"),
+    [("postgresql", "psycopg", "postgresql"), ("mysql", "pymysql", "mysql")],
+)
+def test_missing_driver_extras(
+    monkeypatch: pytest.MonkeyPatch, scheme: str, module: str, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=rf"pip install 'dbpool\[{extra}\]'"):
+        create_pool(f"{scheme}://u:{CANARY}@db/x")
+
+
+def test_connector_takes_no_arguments_and_hides_the_password() -> None:
+    calls = []
+    connector = URLConnector(
+        parse_url(f"mssql://sa:{CANARY}@db/x"), fake_driver(lambda **kw: calls.append(kw) or "conn")
+    )
+    assert connector() == "conn"
+    assert calls == [dict(server="db", user="sa", password=CANARY, database="x")]
+    with pytest.raises(TypeError):
+        connector("extra")  # type: ignore[call-arg]
+    assert repr(connector) == "<URLConnector mssql://sa:***@db/x>"
+
+
+def test_unknown_driver_parameter_is_refused_at_create_pool() -> None:
+    with pytest.raises(ValueError, match="'no_such_option'") as info:
+        create_pool(f"postgresql://u:{CANARY}@127.0.0.1:1/x?no_such_option=1")
+    assert_no_secret(text_of(info.value))
+    with pytest.raises(ValueError, match="'no_such_option'"):
+        create_pool(f"mysql://u:{CANARY}@127.0.0.1:1/x?no_such_option=1")
+
+
+# -- a driver error that quotes the password -----------------------------------------------------
+
+
+def raising_driver(make_error: Any) -> types.ModuleType:
+    def connect(**kwargs: Any) -> Any:
+        raise make_error(kwargs["password"])
+
+    return fake_driver(connect)
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        pytest.param(lambda pw: FakeDriverError(f"login failed: password {pw!r} rejected"), id="str"),
+        pytest.param(lambda pw: FakeDriverError(18456, f"bad {pw}".encode()), id="bytes-args"),
+        pytest.param(lambda pw: FakeDriverError(("nested", [f"pw={pw}"])), id="nested"),
+        pytest.param(lambda pw: OSError(13, f"denied for {pw}", f"/tmp/{pw}"), id="oserror"),
+    ],
+)
+def test_driver_error_is_scrubbed_and_keeps_its_class(make_error: Any) -> None:
+    connector = URLConnector(parse_url(f"mssql://sa:{ODD_CANARY_ENCODED}@db/x"), raising_driver(make_error))
+    with pytest.raises(type(make_error("x"))) as info:
+        connector()
+    assert "***" in repr(info.value.args) + str(info.value)
+    assert_no_secret(text_of(info.value) + repr(info.value.args))
+
+
+def test_chained_driver_errors_and_attributes_are_scrubbed() -> None:
+    class DetailedError(Exception):
+        def __init__(self, message: str, detail: str) -> None:
+            super().__init__(message)
+            self.detail = detail
+
+    def make_error(pw: str) -> Exception:
+        try:
+            raise ConnectionRefusedError(f"socket for {pw}")
+        except ConnectionRefusedError as inner:
+            error = DetailedError(f"cannot log in with {pw}", detail=f"tried {pw}")
+            error.__cause__ = inner
+            return error
+
+    connector = URLConnector(parse_url(f"mssql://sa:{CANARY}@db/x"), raising_driver(make_error))
+    with pytest.raises(DetailedError) as info:
+        connector()
+    assert info.value.detail == "tried ***"
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert_no_secret(text_of(info.value), CANARY)
+
+
+def test_pool_logs_and_raises_the_scrubbed_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    monkeypatch.setitem(
+        sys.modules, "pymssql", raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong"))
+    )
+    with create_pool(f"mssql://sa:{CANARY}@db/x", min_size=0, max_size=1) as pool:
+        with pytest.raises(FakeDriverError) as info:
+            pool.connection(timeout=1)
+        assert "password *** is wrong" in str(info.value)
+        texts = [text_of(info.value), repr(pool), str(pool), repr(pool.stats())]
+    texts += [caplog.text] + [r.getMessage() for r in caplog.records]
+    assert caplog.records, "the failed connect is logged"
+    assert_no_secret("\n".join(texts), CANARY)
+
+
+def test_pool_timeout_chains_the_scrubbed_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    monkeypatch.setitem(
+        sys.modules, "pymssql", raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong"))
+    )
+    with create_pool(f"mssql://sa:{CANARY}@db/x", min_size=1, max_size=1) as pool:
+        with pytest.raises(dbpool.PoolTimeout) as info:
+            pool.wait(timeout=0.5)
+        assert isinstance(info.value.__cause__, FakeDriverError)
+        texts = [text_of(info.value), repr(pool), str(pool)]
+    texts += [caplog.text] + [r.getMessage() for r in caplog.records]
+    assert "password *** is wrong" in texts[0]
+    assert_no_secret("\n".join(texts), CANARY)
+
+
+# -- real databases --------------------------------------------------------------------------------
+
+
+def test_sqlite_pool(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    path = tmp_path / "my db.sqlite3"
+    url = f"sqlite:///{str(path).replace(' ', '%20')}?timeout=5"
+    assert url.startswith("sqlite:////")
+    with create_pool(url, min_size=1, max_size=2, name="lite") as pool:
+        with pool.connection() as conn:
+            assert isinstance(conn.raw, sqlite3.Connection)
+            conn.execute("create table t (x integer)")
+            conn.execute("insert into t values (1)")
+            conn.commit()
+        # usable from another thread: the pool connects with check_same_thread=False
+        seen: list[Any] = []
+
+        def other_thread() -> None:
+            with pool.connection() as c:
+                seen.append(c.execute("select x from t").fetchall())
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+        assert seen == [[(1,)]]
+        assert pool.name == "lite"
+    assert path.exists()
+
+
+def test_postgresql_with_a_canary_password(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Trust authentication ignores the password; if it is checked, the failure must not show it."""
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    texts = []
+    with create_pool(pg_url, min_size=1, max_size=2, acquire_timeout=10) as pool:
+        texts += [repr(pool), str(pool)]
+        try:
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute("select 1")
+                assert cur.fetchone() == (1,)
+        except Exception as exc:  # the server checks passwords: the error is what we inspect
+            texts.append(text_of(exc))
+        texts += [repr(pool), str(pool), repr(pool.stats())]
+    texts += [caplog.text] + [r.getMessage() for r in caplog.records]
+    assert_no_secret("\n".join(texts), CANARY)
+
+
+def test_postgresql_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    psycopg = pytest.importorskip("psycopg")
+    url = f"postgresql://u:{CANARY}@127.0.0.1:1/x?connect_timeout=5"
+    with create_pool(url, min_size=0, max_size=1) as pool:
+        with pytest.raises(psycopg.OperationalError) as info:
+            pool.connection(timeout=5)
+        texts = [text_of(info.value), repr(pool), str(pool)]
+    texts += [caplog.text] + [r.getMessage() for r in caplog.records]
+    assert_no_secret("\n".join(texts), CANARY)
+
+
+def test_mysql_with_a_canary_password(mysql_canary_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """MariaDB checks the password: the access-denied error, logs and repr must not show it."""
+    pymysql = pytest.importorskip("pymysql")
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    texts = []
+    with create_pool(mysql_canary_url, min_size=0, max_size=1) as pool:
+        try:
+            with pool.connection(timeout=10) as conn:  # only if the account has no password check
+                conn.cursor().execute("select 1")
+        except pymysql.err.OperationalError as exc:
+            texts.append(text_of(exc))
+        texts += [repr(pool), str(pool), repr(pool.stats())]
+    texts += [caplog.text] + [r.getMessage() for r in caplog.records]
+    assert_no_secret("\n".join(texts), CANARY)
+
+
+def test_mysql_pool(mysql_params: dict[str, Any]) -> None:
+    url = _urls.mysql_url(mysql_params)
+    with create_pool(url, min_size=1, max_size=2) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("select database()")
+            assert cur.fetchone() == (mysql_params.get("database"),)
+        assert pool.stats().created >= 1
+
+
+def test_postgresql_query_parameters_reach_the_server(postgresql_dsn: str) -> None:
+    url = _urls.postgresql_url(postgresql_dsn)
+    url += ("&" if "?" in url else "?") + "application_name=dbpool%20url%20test"
+    with create_pool(url, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("select current_setting('application_name')")
+            assert cur.fetchone() == ("dbpool url test",)
