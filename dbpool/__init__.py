@@ -1,5 +1,7 @@
 """dbpool: a synchronous, thread-safe connection pool for any DB-API 2.0 driver."""
 
+import logging
+
 from . import dialects
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .lease import Connection, Cursor
@@ -20,6 +22,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+logging.getLogger("dbpool").addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:

@@ -177,7 +177,9 @@ class Cursor(Generic[C]):
 
     @property
     def raw(self) -> Any:
-        """The driver's cursor."""
+        """The driver's cursor.  Statements run on it directly are assumed to leave a
+        transaction open, as with :attr:`Connection.raw`."""
+        self._slot().dirty = True
         return self._raw
 
     def _slot(self) -> _Slot:

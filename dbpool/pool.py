@@ -51,7 +51,8 @@ class PoolStats:
     created: int
     #: connections closed, for any reason
     closed: int
-    #: connections thrown away as broken, dirty, interrupted or failing validation
+    #: connections closed while leased or at checkout: broken, dirty, interrupted, failing
+    #: validation, or past max_lifetime
     discarded: int
     acquired: int
     timeouts: int
@@ -144,7 +145,8 @@ class Pool(Generic[C]):
         that connections made together do not expire together (``None``: never).
     :param max_waiting: how many callers may queue; ``0`` for no limit.
     :param validate_after: a connection idle for longer than this many seconds is pinged before
-        it is handed out (``0``: always; ``None``: never).
+        it is handed out (``0``: always; ``None``: only after a broken connection was found,
+        for the connections returned before that).
     :param reconnect_delay: first delay after a failed connect; it doubles with each failure.
     :param reconnect_max_delay: cap of that delay.
     :param dialect: a :class:`dbpool.dialects.Dialect` or its name; by default detected from

@@ -136,3 +136,13 @@ def test_sqlite_without_check_same_thread_is_refused(tmp_path, pools):
     with pytest.raises(TypeError, match="check_same_thread=False"):
         pool.connection()
     assert pool.stats().size == 0
+
+
+def test_statements_on_the_raw_cursor_are_rolled_back(fake_server, pools):
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    pools.append(pool)
+    with pool.connection() as conn:
+        conn.cursor().raw.execute("update t set v = 1")
+        raw = conn.raw
+    assert fake_server.count("rollback") == 1
+    assert not fake_server.in_transaction(raw)
