@@ -89,12 +89,14 @@ class Connection(Generic[C]):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
         slot = self._live("connection")
-        cursor = Cursor(self, slot.raw.cursor(*args, **kwargs))
+        raw = slot.raw.cursor(*args, **kwargs)
+        # The slot keeps the driver's cursor, never the wrapper: the wrapper refers to this
+        # lease, which must stay collectable so a dropped lease finds its way back.
         if slot.cursors is None:
-            slot.cursors = [cursor]
+            slot.cursors = [raw]
         else:
-            slot.cursors.append(cursor)
-        return cursor
+            slot.cursors.append(raw)
+        return Cursor(self, raw)
 
     def commit(self) -> None:
         slot = self._live("connection")

@@ -87,7 +87,7 @@ class _Slot:
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
         self.busy = False  # a driver call was interrupted half-way
-        self.cursors: list[Any] | None = None
+        self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
 
