@@ -1,0 +1,156 @@
+"""psycopg2 and mysqlclient (MySQLdb) against the real servers, and pymssql against a real
+SQL Server when DBPOOL_TEST_MSSQL_DSN is set (none runs in our own test environment)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import dbpool
+from dbpool.dialects import for_connection
+from tests.conftest import Connector, unavailable
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def psycopg2_connect(postgresql_dsn: str) -> Iterator[Connector]:
+    try:
+        import psycopg2
+    except ImportError as exc:
+        unavailable(f"psycopg2 is not installed: {exc}")
+    connector = Connector(lambda: psycopg2.connect(postgresql_dsn, connect_timeout=5))
+    yield connector
+    connector.close_all()
+
+
+@pytest.fixture
+def mysqlclient_connect(mysql_params: dict[str, Any]) -> Iterator[Connector]:
+    try:
+        import MySQLdb
+    except ImportError as exc:
+        unavailable(f"mysqlclient is not installed: {exc}")
+    params = {**mysql_params, "connect_timeout": 5}
+    connector = Connector(lambda: MySQLdb.connect(**params))
+    yield connector
+    connector.close_all()
+
+
+@pytest.fixture(params=["psycopg2", "mysqlclient", "pymssql"])
+def driver(request: pytest.FixtureRequest) -> tuple[str, Callable[[], Any]]:
+    name = request.param
+    fixture = {"psycopg2": "psycopg2_connect", "mysqlclient": "mysqlclient_connect",
+               "pymssql": "mssql_connect"}[name]
+    return name, request.getfixturevalue(fixture)
+
+
+@pytest.fixture
+def pool(driver: tuple[str, Callable[[], Any]]) -> Iterator[dbpool.Pool[Any]]:
+    with dbpool.Pool(driver[1], min_size=0, max_size=1, acquire_timeout=5) as pool:
+        yield pool
+
+
+def run(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    cur = conn.cursor()
+    try:
+        cur.execute(sql)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    finally:
+        cur.close()
+
+
+def backend_id(name: str, conn: Any) -> Any:
+    sql = {"psycopg2": "select pg_backend_pid()", "mysqlclient": "select connection_id()",
+           "pymssql": "select @@spid"}[name]
+    return run(conn, sql)[0][0]
+
+
+def kill(name: str, connect: Callable[[], Any], session: Any) -> None:
+    sql = {"psycopg2": f"select pg_terminate_backend({int(session)})",
+           "mysqlclient": f"kill connection {int(session)}", "pymssql": f"kill {int(session)}"}[name]
+    admin = connect()
+    try:
+        if name == "psycopg2":
+            admin.autocommit = True
+        run(admin, sql)
+    finally:
+        admin.close()
+
+
+def test_dialect_is_detected(driver, pool):
+    with pool.connection() as conn:
+        assert for_connection(conn.raw).name == driver[0]
+
+
+ROLLBACKS: list[int] = []
+
+
+def counting(name: str, connect_kwargs: Any) -> Callable[[], Any]:
+    """A connect callable whose connections count their rollback() calls in ROLLBACKS."""
+    if name == "psycopg2":
+        import psycopg2.extensions
+
+        class Counted(psycopg2.extensions.connection):
+            def rollback(self) -> None:
+                ROLLBACKS.append(1)
+                super().rollback()
+
+        return lambda: psycopg2.connect(connect_kwargs, connection_factory=Counted)
+    import MySQLdb.connections
+
+    class CountedMy(MySQLdb.connections.Connection):
+        def rollback(self) -> None:
+            ROLLBACKS.append(1)
+            super().rollback()
+
+    return lambda: CountedMy(**connect_kwargs)
+
+
+@pytest.mark.parametrize("name", ["psycopg2", "mysqlclient"])
+def test_clean_return_is_free_and_pending_work_is_rolled_back(name, request):
+    fixture = "psycopg2_connect" if name == "psycopg2" else "mysqlclient_connect"
+    request.getfixturevalue(fixture)  # skips, or fails, when the driver or server is missing
+    kwargs = request.getfixturevalue("postgresql_dsn" if name == "psycopg2" else "mysql_params")
+    ROLLBACKS.clear()
+    with dbpool.Pool(counting(name, kwargs), min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            assert for_connection(conn.raw).name == name
+            session = backend_id(name, conn)
+            conn.commit()
+        with pool.connection() as conn:
+            run(conn, "select 1")
+            conn.commit()
+        assert ROLLBACKS == []  # nothing pending on return: no round trip
+        with pool.connection() as conn:
+            run(conn, "select 1")
+        assert ROLLBACKS == [1]
+        with pool.connection() as conn:
+            assert backend_id(name, conn) == session
+        assert pool.stats().discarded == 0
+
+
+def test_autocommit_changed_on_the_driver_is_restored(driver, pool):
+    name = driver[0]
+    with pool.connection() as conn:
+        if name == "psycopg2":
+            conn.raw.autocommit = True
+        else:
+            conn.raw.autocommit(True)
+    with pool.connection() as conn:
+        raw = conn.raw
+        on = raw.autocommit if name == "psycopg2" else (
+            raw.get_autocommit() if name == "mysqlclient" else raw.autocommit_state)
+        assert on is False
+
+
+def test_killed_idle_connection_is_replaced(driver):
+    name, connect = driver
+    with dbpool.Pool(connect, min_size=0, max_size=1, validate_after=0) as pool:
+        with pool.connection() as conn:
+            session = backend_id(name, conn)
+            conn.commit()
+        kill(name, connect, session)
+        with pool.connection() as conn:
+            assert backend_id(name, conn) != session
+        assert pool.stats().discarded == 1
