@@ -23,8 +23,8 @@ __all__ = ["Connection", "Cursor"]
 
 def _released(what: str) -> LeaseReleased:
     return LeaseReleased(
-        f"this {what} belongs to a connection that went back to the pool; "
-        "take a new one with pool.connection()"
+        f"this {what} belongs to a connection that went back to the pool (or that the pool "
+        "closed, or that was inherited across fork()); take a new one with pool.connection()"
     )
 
 
@@ -48,6 +48,7 @@ class Connection(Generic[C]):
         slot.restore = None
         object.__setattr__(self, "_pool", pool)
         object.__setattr__(self, "_slot", slot)
+        slot.claim.release()  # from now on the first close() returns it
 
     # -- the lease itself ---------------------------------------------------------------------
 
@@ -81,7 +82,7 @@ class Connection(Generic[C]):
 
     def _live(self, what: str) -> _Slot:
         slot = self._slot
-        if slot is None:
+        if slot is None or slot.generation < 0:
             raise _released(what)
         return slot
 
@@ -152,7 +153,7 @@ class Connection(Generic[C]):
 
     def __del__(self) -> None:
         slot = getattr(self, "_slot", None)
-        if slot is None:
+        if slot is None or not slot.claim.acquire(False):
             return
         warnings.warn(
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
@@ -186,7 +187,7 @@ class Cursor(Generic[C]):
 
     def _slot(self) -> _Slot:
         slot = self._lease._slot
-        if slot is None:
+        if slot is None or slot.generation < 0:
             raise _released("cursor")
         return slot
 

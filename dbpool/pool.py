@@ -32,6 +32,10 @@ logger = logging.getLogger("dbpool")
 _pool_numbers = itertools.count(1)
 _NEVER = math.inf
 _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.0)
+_CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
+# Slot generations below 0: the pool no longer counts the connection.
+_FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
+_INHERITED = -2  # inherited across fork(): must never be touched
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class _Slot:
         "cursors",
         "restore",
         "settings",
+        "claim",
     )
 
     def __init__(self, generation: int) -> None:
@@ -90,6 +95,10 @@ class _Slot:
         self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
+        # Held while no lease owns the slot; the lease that acquires it first returns it, so
+        # two threads closing one lease return it once.
+        self.claim = threading.Lock()
+        self.claim.acquire()
 
 
 class _Waiter:
@@ -110,7 +119,9 @@ _OPEN = "a reserved slot to open a connection in"
 _CLOSED = "the pool closed"
 
 
-def _check_number(name: str, value: object, *, allow_none: bool, positive: bool) -> None:
+def _check_number(
+    name: str, value: object, *, allow_none: bool, positive: bool, finite: bool = False
+) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -121,6 +132,13 @@ def _check_number(name: str, value: object, *, allow_none: bool, positive: bool)
         bound = "greater than 0" if positive else "0 or more"
         hint = " (or None to disable it)" if allow_none else ""
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
+    if finite and not value <= threading.TIMEOUT_MAX:
+        raise ValueError(f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value!r}")
+
+
+def _bounded(seconds: float) -> float:
+    """A wait of ``seconds``, clamped to what the threading primitives accept."""
+    return min(max(seconds, 0.0), threading.TIMEOUT_MAX)
 
 
 def _check_count(name: str, value: object, *, minimum: int) -> int:
@@ -187,8 +205,10 @@ class Pool(Generic[C]):
         _check_number("max_lifetime", max_lifetime, allow_none=True, positive=True)
         _check_count("max_waiting", max_waiting, minimum=0)
         _check_number("validate_after", validate_after, allow_none=True, positive=False)
-        _check_number("reconnect_delay", reconnect_delay, allow_none=False, positive=True)
-        _check_number("reconnect_max_delay", reconnect_max_delay, allow_none=False, positive=True)
+        _check_number("reconnect_delay", reconnect_delay, allow_none=False, positive=True, finite=True)
+        _check_number(
+            "reconnect_max_delay", reconnect_max_delay, allow_none=False, positive=True, finite=True
+        )
         if reconnect_max_delay < reconnect_delay:
             raise ValueError(
                 f"reconnect_max_delay ({reconnect_max_delay}) must not be below "
@@ -290,6 +310,7 @@ class Pool(Generic[C]):
         try:
             return Connection(self, slot)
         except BaseException:
+            slot.claim.acquire(False)
             self._give_back(slot)
             raise
 
@@ -326,7 +347,7 @@ class Pool(Generic[C]):
                     if error is not None:
                         message += f"; connects are failing: {_describe(error)}"
                     raise PoolTimeout(message) from error
-                self._cond.wait(remaining)
+                self._cond.wait(_bounded(remaining))
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of the pool's gauges and counters."""
@@ -356,15 +377,24 @@ class Pool(Generic[C]):
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
         for slot in idle:
             self._close_raw(slot, "pool closed")
-        self._return_orphans()
         thread = self._reaper_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
-        with self._lock:
-            ended = self._cond.wait_for(lambda: self._in_use + self._opening == 0, timeout)
-            leased = [] if ended else list(self._everyone)
-            self._in_use -= len(leased)
-            self._forget_locked(leased)
+        deadline = _NEVER if timeout is None else monotonic() + timeout
+        while True:
+            self._return_orphans()  # leases garbage-collected meanwhile come back this way
+            with self._lock:
+                if self._in_use + self._opening == 0:
+                    leased = []
+                    break
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    # Everything still counted is leased (or being returned or validated).
+                    leased = list(self._everyone)
+                    self._in_use -= len(leased)
+                    self._forget_locked(leased)
+                    break
+                self._cond.wait(min(remaining, _CLOSE_POLL))
         for slot in leased:
             logger.warning("pool %r closed: closing a connection still leased", self._name)
             self._close_raw(slot, "pool closed with the connection still leased")
@@ -410,7 +440,7 @@ class Pool(Generic[C]):
                 self._return_orphans()
             slot = self._take(deadline, timeout)
             if slot.raw is None:
-                self._open(slot)
+                self._open(slot, for_caller=True)
                 return slot
             if self._fit_for_use(slot):
                 return slot
@@ -442,16 +472,19 @@ class Pool(Generic[C]):
             if self._connect_failures:
                 self._reaper_wakeup.set()  # it serves queued callers when the delay is up
         try:
-            waiter.wakeup.acquire(timeout=max(deadline - monotonic(), 0.0))
-        except BaseException:
+            waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
+            self._lock.acquire()
+        except BaseException:  # e.g. KeyboardInterrupt: undo whatever was granted meanwhile
             self._abandon(waiter)
             raise
-        with self._lock:
+        try:
             grant = waiter.grant
             if grant is None:  # timed out, and nothing was handed over in the meantime
                 self._waiters.remove(waiter)
                 self._timeouts += 1
                 error = self._timeout_error_locked(timeout)
+        finally:
+            self._lock.release()
         if grant is None:
             logger.warning("%s", error)
             raise error from self._last_connect_error
@@ -465,15 +498,15 @@ class Pool(Generic[C]):
         with self._lock:
             grant = waiter.grant
             if grant is None:
-                self._waiters.remove(waiter)
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
                 return
             if grant is _OPEN:
                 self._unreserve_locked()
                 return
-            if grant is not _HANDED:
-                return
             slot = waiter.slot
-            assert slot is not None
+            if grant is not _HANDED or slot is None or slot.generation != self._generation:
+                return  # nothing granted, or close() already took the connection back
             self._in_use -= 1
             self._acquired -= 1
             if not self._closed:
@@ -529,45 +562,14 @@ class Pool(Generic[C]):
         self._opening -= 1
         self._grant_room_locked()
 
-    def _open(self, slot: _Slot) -> None:
-        """Connect into a reserved slot, for the calling thread, which then holds it.
+    def _open(self, slot: _Slot, *, for_caller: bool) -> None:
+        """Connect into a reserved slot.
 
-        The driver's error is raised to the caller, and the slot given back.
+        For a caller (``for_caller``), the caller then holds the connection and gets the
+        driver's own error if connecting fails.  For the pool (refill, or callers queued while
+        connects back off), the connection goes to the oldest waiter or the idle stack, and a
+        failure is only counted and logged.
         """
-        self._new_connection(slot)
-        with self._lock:
-            self._opening -= 1
-            if self._closed:
-                self._size -= 1
-                self._cond.notify_all()
-            else:
-                self._in_use += 1
-                self._acquired += 1
-                self._everyone.add(slot)
-                self._cond.notify_all()  # wait() counts it
-                return
-        self._close_raw(slot, "pool closed while connecting")
-        raise PoolClosed(f"pool {self._name!r} was closed while connecting")
-
-    def _open_idle(self, slot: _Slot) -> None:
-        """Connect into a reserved slot on the pool's behalf (refill, or a queued caller)."""
-        try:
-            self._new_connection(slot)
-        except Exception:
-            return  # already counted and logged
-        with self._lock:
-            self._opening -= 1
-            if not self._closed:
-                self._everyone.add(slot)
-                self._free_locked(slot)
-                self._cond.notify_all()
-                return
-            self._size -= 1
-            self._cond.notify_all()
-        self._close_raw(slot, "pool closed while connecting")
-
-    def _new_connection(self, slot: _Slot) -> Any:
-        """Run the connect callable for a reserved slot.  On failure, give the slot back."""
         raw = None
         try:
             raw = self._connect()
@@ -575,36 +577,60 @@ class Pool(Generic[C]):
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
             dialect.check_new(raw)
-        except BaseException as exc:
+            now = monotonic()
+            slot.raw = raw
+            slot.dialect = dialect
+            slot.settings = dialect.client_settings(raw)
+            slot.created_at = slot.used_at = now
+            slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+            self._lock.acquire()
+        except BaseException as exc:  # nothing counted yet: give the reservation back
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
+            failed = isinstance(exc, Exception)
             with self._lock:
                 if isinstance(exc, Exception):
                     self._note_connect_failure_locked(exc)
                 self._unreserve_locked()
-            if isinstance(exc, Exception):
-                logger.warning(
-                    "pool %r: connect failed (%d in a row): %s",
-                    self._name,
-                    self._connect_failures,
-                    _describe(exc),
-                )
-            raise
-        now = monotonic()
-        slot.raw = raw
-        slot.dialect = dialect
-        slot.settings = dialect.client_settings(raw)
-        slot.created_at = slot.used_at = now
-        slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
-        with self._lock:
+            if not failed:
+                raise
+            logger.warning(
+                "pool %r: connect failed (%d in a row): %s",
+                self._name,
+                self._connect_failures,
+                _describe(exc),
+            )
+            if for_caller:
+                raise
+            return
+        try:
+            recovered = self._connect_failures > 0
+            self._connect_failures = 0
+            self._last_connect_error = None
+            self._opening -= 1
             self._created += 1
-            if self._connect_failures:
-                logger.info("pool %r: connecting works again", self._name)
-                self._connect_failures = 0
-                self._last_connect_error = None
-                self._grant_room_locked()  # queued callers may connect again
+            closed = self._closed
+            if closed:
+                self._size -= 1
+            else:
+                self._everyone.add(slot)
+                if for_caller:
+                    self._in_use += 1
+                    self._acquired += 1
+                else:
+                    self._free_locked(slot)
+                if recovered:
+                    self._grant_room_locked()  # queued callers may connect again
+            self._cond.notify_all()  # wait() and close() count connections
+        finally:
+            self._lock.release()
+        if recovered:
+            logger.info("pool %r: connecting works again", self._name)
         logger.debug("pool %r: opened a connection", self._name)
-        return raw
+        if closed:
+            self._close_raw(slot, "pool closed while connecting")
+            if for_caller:
+                raise PoolClosed(f"pool {self._name!r} was closed while connecting")
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
         self._connect_errors += 1
@@ -623,8 +649,8 @@ class Pool(Generic[C]):
                 f"pool {self._name!r}: return it to the pool it came from"
             )
         slot = lease._slot
-        if slot is None:
-            return  # released already
+        if slot is None or not slot.claim.acquire(False):
+            return  # released already, or being released by another thread
         object.__setattr__(lease, "_slot", None)
         self._give_back(slot)
 
@@ -643,7 +669,7 @@ class Pool(Generic[C]):
     def _give_back(self, slot: _Slot) -> None:
         """Take back a connection from its borrower: clean it, then reuse or discard it."""
         if slot.generation != self._generation:
-            return  # inherited across fork(): the child must not touch it
+            return  # inherited across fork(), or closed by close(): not ours to count
         try:
             problem = self._clean(slot)
         except BaseException:
@@ -656,12 +682,21 @@ class Pool(Generic[C]):
             self._discard(slot, problem, broken=_is_broken(slot))
             return
         slot.used_at = now
-        with self._lock:
+        try:
+            self._lock.acquire()
+        except BaseException:  # interrupted before anything was counted
+            self._discard(slot, "return interrupted", broken=False)
+            raise
+        try:
+            if slot.generation != self._generation:
+                return  # close() took it back while it was being cleaned
             self._in_use -= 1
             if not self._closed:
                 self._free_locked(slot)
                 return
             self._forget_locked([slot])
+        finally:
+            self._lock.release()
         self._close_raw(slot, "pool closed")
 
     def _clean(self, slot: _Slot) -> str | None:
@@ -697,6 +732,8 @@ class Pool(Generic[C]):
     def _discard(self, slot: _Slot, reason: str, *, broken: bool) -> None:
         """Drop a connection the caller holds (leased or under validation) and close it."""
         with self._lock:
+            if slot.generation != self._generation:
+                return  # close() took it back and closes it
             self._in_use -= 1
             self._discarded += 1
             if broken:
@@ -739,7 +776,7 @@ class Pool(Generic[C]):
         """Stop counting connections about to be closed (idle ones already out of the stack)."""
         for slot in slots:
             self._everyone.discard(slot)
-            slot.generation = -1  # a lease still holding it returns nothing
+            slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
         self._size -= len(slots)
         self._closed_count += len(slots)
         self._grant_room_locked()
@@ -775,7 +812,7 @@ class Pool(Generic[C]):
                 if not self._may_connect_locked(monotonic()):
                     return max(self._next_connect_at - monotonic(), 0.001)
                 slot = self._reserve_locked()
-            self._open_idle(slot)
+            self._open(slot, for_caller=False)
             if self._connect_failures:
                 break
         return self._tick()
@@ -810,7 +847,7 @@ class Pool(Generic[C]):
         self._orphans.clear()
         self._setup_state()
         for slot in inherited:
-            slot.generation = -1
+            slot.generation = _INHERITED
             if slot.raw is not None:
                 _fork.keep_forever(slot.dialect, slot.raw)
         self._start_reaper()

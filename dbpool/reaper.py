@@ -45,5 +45,5 @@ def _run(pool_ref: weakref.ref[Pool[Any]], wakeup: threading.Event, name: str) -
         del pool  # hold no reference while asleep, so the pool can be collected
         if delay is None:
             return
-        wakeup.wait(delay)
+        wakeup.wait(min(delay, threading.TIMEOUT_MAX))
         wakeup.clear()
