@@ -3,9 +3,19 @@
 import logging
 
 from . import dialects
-from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .errors import (
+    CommitOutcomeUnknown,
+    LeaseReleased,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    TooManyWaiters,
+    TransactionTimeout,
+)
+from .isolation import Isolation
 from .lease import Connection, Cursor
 from .pool import Pool, PoolStats
+from .transaction import Transaction
 
 __all__ = [
     "Pool",
@@ -19,6 +29,10 @@ __all__ = [
     "PoolClosed",
     "TooManyWaiters",
     "LeaseReleased",
+    "TransactionTimeout",
+    "CommitOutcomeUnknown",
+    "Isolation",
+    "Transaction",
 ]
 
 __version__ = "0.1.0"

@@ -8,6 +8,8 @@ __all__ = [
     "PoolClosed",
     "TooManyWaiters",
     "LeaseReleased",
+    "TransactionTimeout",
+    "CommitOutcomeUnknown",
 ]
 
 
@@ -37,5 +39,19 @@ class TooManyWaiters(PoolError):
 
 class LeaseReleased(PoolError):
     """A lease, or a cursor made from it, was used after it went back to the pool."""
+
+    __module__ = "dbpool"
+
+
+class TransactionTimeout(PoolError, TimeoutError):
+    """A transaction ran past its deadline: its statement was cancelled and it was rolled
+    back."""
+
+    __module__ = "dbpool"
+
+
+class CommitOutcomeUnknown(PoolError):
+    """The connection was lost while COMMIT was in flight: the transaction may or may not have
+    been committed.  Check before doing the work again; it is never retried automatically."""
 
     __module__ = "dbpool"

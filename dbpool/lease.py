@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Generic, Iterator
 
 from ._types import C
 from .errors import LeaseReleased
+from .isolation import Isolation
+from .transaction import Transaction
 
 if TYPE_CHECKING:
     from .pool import Pool, _Slot
@@ -44,6 +46,8 @@ class Connection(Generic[C]):
     def __init__(self, pool: Pool[C], slot: _Slot) -> None:
         slot.dirty = False
         slot.busy = False
+        slot.doomed = False
+        slot.in_transaction_block = False
         slot.cursors = None
         slot.restore = None
         object.__setattr__(self, "_pool", pool)
@@ -85,6 +89,19 @@ class Connection(Generic[C]):
         if slot is None or slot.generation < 0:
             raise _released(what)
         return slot
+
+    def transaction(
+        self,
+        *,
+        isolation: Isolation | str | None = None,
+        timeout: float | None = None,
+        readonly: bool = False,
+    ) -> Transaction[C]:
+        """A transaction on this connection: ``with conn.transaction(isolation=...) as tx:``.
+
+        See :meth:`Pool.transaction`; the lease stays with the caller afterwards.
+        """
+        return Transaction(self, isolation=isolation, timeout=timeout, readonly=readonly)
 
     # -- PEP 249 ------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Callable, Generic
+from typing import Any, Callable, Generic, TypeVar
 
 from . import _fork, reaper
 from ._types import C
@@ -23,7 +23,11 @@ from .dialects import Dialect, TxState
 from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .isolation import Isolation
 from .lease import Connection
+from .transaction import Transaction, run_transaction
+
+T = TypeVar("T")
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -83,6 +87,8 @@ class _Slot:
         "restore",
         "settings",
         "claim",
+        "doomed",
+        "in_transaction_block",
     )
 
     def __init__(self, generation: int) -> None:
@@ -91,7 +97,9 @@ class _Slot:
         self.created_at = self.expires_at = self.used_at = 0.0
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
-        self.busy = False  # a driver call was interrupted half-way
+        self.busy = False  # a driver call is running, or was interrupted half-way
+        self.doomed = False  # a cancel, rollback or reset failed: never reuse it
+        self.in_transaction_block = False  # inside a `with ...transaction()` block
         self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
@@ -317,6 +325,45 @@ class Pool(Generic[C]):
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
         """Lease a connection as a drop-in PEP 249 source: ``conn.close()`` returns it."""
         return self.connection(timeout=timeout)
+
+    def transaction(
+        self,
+        *,
+        isolation: Isolation | str | None = None,
+        timeout: float | None = None,
+        readonly: bool = False,
+    ) -> Transaction[C]:
+        """A transaction on a connection of its own: ``with pool.transaction() as tx:``.
+
+        :param isolation: one of the four ANSI levels (a :class:`dbpool.Isolation` or its name
+            in any case, with spaces or underscores); ``None`` keeps the server's default.
+            A level the driver or server cannot honour raises ``ValueError``.
+        :param timeout: seconds from BEGIN; past them the running statement is cancelled,
+            the transaction rolled back and :class:`dbpool.TransactionTimeout` raised.
+        :param readonly: start a read-only transaction where the server has them.
+
+        Normal exit commits; an exception rolls back and propagates; the lease is released in
+        any case.  Bad arguments raise before any connection is taken.
+        """
+        return Transaction(self, isolation=isolation, timeout=timeout, readonly=readonly)
+
+    def run_transaction(
+        self,
+        fn: Callable[[Transaction[C]], T],
+        *,
+        isolation: Isolation | str | None = None,
+        readonly: bool = False,
+        retries: int = 5,
+        timeout: float | None = None,
+    ) -> T:
+        """Return ``fn(tx)`` run in a transaction, re-run on a fresh transaction, after a
+        jittered exponential backoff, when the database reports a serialization failure or a
+        deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205, SQLite busy, SQL Server 1205),
+        at most ``retries`` times, all within ``timeout`` seconds.  Never re-run after
+        :class:`dbpool.CommitOutcomeUnknown`."""
+        return run_transaction(
+            self, fn, isolation=isolation, readonly=readonly, retries=retries, timeout=timeout
+        )
 
     def release(self, conn: Connection[C]) -> None:
         """Return a leased connection; the same as ``conn.close()``."""
@@ -704,6 +751,8 @@ class Pool(Generic[C]):
         state says it is clean.  Returns why it must be discarded instead, or ``None``."""
         if slot.busy:
             return "returned with a driver call interrupted"
+        if slot.doomed:
+            return "its transaction could not be cancelled, rolled back or reset"
         raw = slot.raw
         dialect = slot.dialect
         try:

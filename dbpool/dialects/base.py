@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Any
+from typing import Any, Callable
+
+from ..isolation import Isolation
 
 
 class TxState(enum.Enum):
@@ -66,6 +68,53 @@ class Dialect:
     def close(self, conn: Any) -> None:
         conn.close()
 
+    # -- transactions (dbpool.transaction) --------------------------------------------------
+    # Every SQL text below is fixed or built from dbpool.Isolation values and numbers the pool
+    # computed itself: nothing a caller passes is ever interpolated.
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        """Start a transaction.  Returns what :meth:`end` needs to undo session changes.
+
+        Raise ``ValueError`` before any I/O for what the driver or server cannot honour.
+        """
+        if isolation is not None or readonly:
+            raise ValueError(
+                f"the {self.name} dialect cannot set an isolation level or read-only mode: "
+                "pass dialect= with a dialect that knows this driver"
+            )
+        return None  # PEP 249: the transaction starts with the first statement
+
+    def end(self, conn: Any, token: Any) -> None:
+        """Undo what :meth:`begin` changed in the session; called after COMMIT or ROLLBACK."""
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        """Have the server itself stop the transaction's statements after ``seconds``.
+        Returns what :meth:`unlimit_time` needs."""
+        return None
+
+    def unlimit_time(self, conn: Any, token: Any) -> None:
+        """Undo :meth:`limit_time`; called after COMMIT or ROLLBACK."""
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        """Stop the statement running on ``conn``, from another thread.  The fallback, for
+        drivers with no cancel, closes the connection: the statement fails, the pool
+        discards it."""
+        conn.close()
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` reports a serialization failure or deadlock: the transaction was
+        rolled back and may succeed if run again."""
+        return False
+
+    def savepoint(self, conn: Any, name: str) -> None:
+        _execute(conn, f"SAVEPOINT {name}")
+
+    def release_savepoint(self, conn: Any, name: str) -> None:
+        _execute(conn, f"RELEASE SAVEPOINT {name}")
+
+    def rollback_to_savepoint(self, conn: Any, name: str) -> None:
+        _execute(conn, f"ROLLBACK TO SAVEPOINT {name}")
+
     def detach_after_fork(self, conn: Any) -> None:
         """Make a connection inherited across ``fork()`` harmless in the child, without I/O.
 
@@ -79,6 +128,19 @@ class Dialect:
 
     def __repr__(self) -> str:
         return f"<dbpool dialect {self.name!r}>"
+
+
+def _execute(conn: Any, sql: str, params: Any = None) -> list[Any]:
+    """Run one statement on a driver connection; its rows, if it returned any."""
+    cursor = conn.cursor()
+    try:
+        if params is None:
+            cursor.execute(sql)
+        else:
+            cursor.execute(sql, params)
+        return list(cursor.fetchall()) if cursor.description else []
+    finally:
+        cursor.close()
 
 
 def _blind_fd(fd: int) -> None:

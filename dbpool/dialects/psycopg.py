@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from ..isolation import Isolation
 from .base import Dialect, TxState
+
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+_LIMIT_TIME_SQL = (
+    "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
+    "set_config('idle_in_transaction_session_timeout', %s, true)"
+)
+
+
+def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:
+    sql = "BEGIN"
+    if isolation is not None:
+        sql += f" ISOLATION LEVEL {isolation.value}"
+    return sql + " READ ONLY" if readonly else sql
 
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
@@ -41,6 +55,36 @@ class PsycopgDialect(Dialect):
             conn.execute("")
         finally:
             conn.autocommit = False
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        if conn.autocommit:
+            conn.execute(_begin_sql(isolation, readonly))
+            return None
+        # psycopg sends BEGIN itself before the next statement, with these settings in it.
+        from psycopg import IsolationLevel
+
+        token = (conn.isolation_level, conn.read_only)
+        if isolation is not None:
+            conn.isolation_level = IsolationLevel[isolation.name]
+        if readonly:
+            conn.read_only = True
+        return token
+
+    def end(self, conn: Any, token: Any) -> None:
+        if token is not None:
+            conn.isolation_level, conn.read_only = token
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        ms = str(max(1, int(seconds * 1000)))
+        conn.execute(_LIMIT_TIME_SQL, (ms, ms, ms))  # SET LOCAL: ends with the transaction
+        return None
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        cancel = getattr(conn, "cancel_safe", None) or conn.cancel
+        cancel()
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
     def detach_after_fork(self, conn: Any) -> None:
         # psycopg's finalizer skips PQfinish in a process other than the one that connected.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from .base import Dialect, TxState
+from ..isolation import Isolation
+from .base import Dialect, TxState, _execute
+from .psycopg import _LIMIT_TIME_SQL, _RETRYABLE_SQLSTATES, _begin_sql
 
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
@@ -40,3 +42,30 @@ class Psycopg2Dialect(Dialect):
                 cursor.execute("SELECT 1")
         finally:
             conn.autocommit = autocommit
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        if conn.autocommit:
+            _execute(conn, _begin_sql(isolation, readonly))
+            return None
+        token = (conn.isolation_level, conn.readonly)
+        conn.set_session(
+            isolation_level=isolation.value if isolation is not None else token[0],
+            readonly=True if readonly else token[1],
+        )
+        return token
+
+    def end(self, conn: Any, token: Any) -> None:
+        if token is not None:
+            isolation_level, readonly = token
+            conn.set_session(isolation_level=isolation_level, readonly=readonly)
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        ms = str(max(1, int(seconds * 1000)))
+        _execute(conn, _LIMIT_TIME_SQL, (ms, ms, ms))
+        return None
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        conn.cancel()
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Dialect, TxState
+from ..isolation import Isolation
+from .base import Dialect, TxState, _execute
+
+_DEADLOCK_VICTIM = 1205
 
 
 class PymssqlDialect(Dialect):
@@ -24,6 +27,43 @@ class PymssqlDialect(Dialect):
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit(settings)
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        if readonly:
+            raise ValueError(
+                "SQL Server has no read-only transactions: run without readonly=True, or "
+                "connect with ApplicationIntent=ReadOnly to a readable secondary"
+            )
+        # pymssql keeps a transaction open at all times; the level is session-scoped, so
+        # end() puts back the server default.
+        if isolation is None:
+            return None
+        _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
+        return True
+
+    def end(self, conn: Any, token: Any) -> None:
+        if token:
+            _execute(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        _execute(conn, f"SET LOCK_TIMEOUT {max(1, int(seconds * 1000))}")
+        return None
+
+    def unlimit_time(self, conn: Any, token: Any) -> None:
+        _execute(conn, "SET LOCK_TIMEOUT -1")
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        code = exc.args[0] if exc.args else None
+        return code == _DEADLOCK_VICTIM
+
+    def savepoint(self, conn: Any, name: str) -> None:
+        _execute(conn, f"SAVE TRANSACTION {name}")
+
+    def release_savepoint(self, conn: Any, name: str) -> None:
+        pass  # SQL Server has no RELEASE: the savepoint ends with the transaction
+
+    def rollback_to_savepoint(self, conn: Any, name: str) -> None:
+        _execute(conn, f"ROLLBACK TRANSACTION {name}")
 
     def detach_after_fork(self, conn: Any) -> None:
         # FreeTDS has no file descriptor to reach from Python; the pool keeps the inherited

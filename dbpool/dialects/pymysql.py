@@ -2,15 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
-from .base import Dialect, TxState
+from ..isolation import Isolation
+from .base import Dialect, TxState, _execute
+
+_RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+
+
+class _MySQLTransactions:
+    """Transaction verbs shared by the MySQL drivers (PyMySQL and mysqlclient)."""
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        if isolation is not None:  # without SESSION: for the next transaction only
+            _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
+        _execute(conn, "START TRANSACTION READ ONLY" if readonly else "START TRANSACTION")
+        return None
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        # MariaDB bounds every statement (max_statement_time, seconds); MySQL only SELECTs
+        # (max_execution_time, milliseconds).  Lock waits: whole seconds, at least 1.
+        if "MariaDB" in conn.get_server_info():
+            variable, value = "max_statement_time", max(seconds, 0.001)
+        else:
+            variable, value = "max_execution_time", max(1, int(seconds * 1000))
+        [previous] = _execute(
+            conn, f"SELECT @@session.innodb_lock_wait_timeout, @@session.{variable}"
+        )
+        _execute(
+            conn,
+            f"SET SESSION innodb_lock_wait_timeout = %s, {variable} = %s",
+            (max(1, math.ceil(seconds)), value),
+        )
+        return variable, previous
+
+    def unlimit_time(self, conn: Any, token: Any) -> None:
+        variable, (lock_wait, statement) = token
+        _execute(
+            conn,
+            f"SET SESSION innodb_lock_wait_timeout = %s, {variable} = %s",
+            (lock_wait, statement),
+        )
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        # KILL QUERY stops the statement and leaves the session usable.
+        side = side_connect()
+        try:
+            _execute(side, "KILL QUERY %s", (conn.thread_id(),))
+        finally:
+            side.close()
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        code = exc.args[0] if exc.args else None
+        return code in _RETRYABLE_ERRORS
 
 _IN_TRANS = 0x0001  # SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = 0x0002  # SERVER_STATUS_AUTOCOMMIT
 
 
-class PyMySQLDialect(Dialect):
+class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
 
     def transaction_state(self, conn: Any) -> TxState:
@@ -38,7 +89,7 @@ class PyMySQLDialect(Dialect):
         conn.ping(reconnect=False)
 
 
-class MySQLdbDialect(Dialect):
+class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
     name = "mysqlclient"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from typing import Any
+from typing import Any, Callable
 
+from ..isolation import Isolation
 from .base import Dialect, TxState
+
+_BUSY_OR_LOCKED = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 
 
 class SQLiteDialect(Dialect):
@@ -48,6 +51,30 @@ class SQLiteDialect(Dialect):
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.
         _ = conn.total_changes  # raises ProgrammingError once closed
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        # SQLite transactions are serializable; BEGIN IMMEDIATE takes the write lock at once,
+        # so that two writers cannot both read and then fail to upgrade.  Weaker levels do not
+        # exist here (READ UNCOMMITTED only with a shared cache), and are refused.
+        if isolation not in (None, Isolation.SERIALIZABLE):
+            raise ValueError(
+                f"sqlite3 cannot run a transaction at {isolation.value}: it offers SERIALIZABLE "
+                "(BEGIN IMMEDIATE), or no isolation argument for a plain BEGIN"
+            )
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+        conn.execute("BEGIN IMMEDIATE" if isolation is not None else "BEGIN")
+        return readonly
+
+    def end(self, conn: Any, token: Any) -> None:
+        if token:
+            conn.execute("PRAGMA query_only = OFF")
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        conn.interrupt()
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlite_errorcode", None) in _BUSY_OR_LOCKED
 
     def detach_after_fork(self, conn: Any) -> None:
         pass

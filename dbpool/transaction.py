@@ -1,0 +1,339 @@
+"""Transactions: an isolation level, read-only mode, a deadline and savepoints, on one
+connection, leaving nothing behind for the next borrower.
+
+``pool.transaction()`` leases a connection of its own for the block; ``conn.transaction()`` runs
+on a lease the caller already holds.  The deadline runs from BEGIN.  It is enforced by the server
+where it can be (statement and lock timeouts sized to it) and by the shared watchdog thread,
+which cancels the running statement when it passes; the block then ends in a rollback and
+:class:`TransactionTimeout`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+
+from ._types import C
+from .dialects import TxState
+from .errors import CommitOutcomeUnknown, PoolError, TransactionTimeout
+from .isolation import Isolation
+from .watchdog import watchdog
+
+if TYPE_CHECKING:
+    from .lease import Connection, Cursor
+    from .pool import Pool, _Slot
+
+__all__ = ["Transaction", "Isolation", "run_transaction"]
+
+logger = logging.getLogger("dbpool")
+
+T = TypeVar("T")
+
+_CANCEL_AGAIN = 0.05  # seconds between cancels while a statement still runs past the deadline
+_RETRY_FIRST_DELAY = 0.01
+_RETRY_MAX_DELAY = 1.0
+
+
+def check_options(
+    isolation: Isolation | str | None, timeout: float | None, readonly: bool
+) -> Isolation | None:
+    """Validate what a caller passes, before any connection is touched."""
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
+    if not isinstance(readonly, bool):
+        raise TypeError(f"readonly must be True or False, got {readonly!r}")
+    return None if isolation is None else Isolation.parse(isolation)
+
+
+class Transaction(Generic[C]):
+    """A transaction on one connection; use it as a context manager.
+
+    Normal exit commits; an exception rolls back and propagates.  Past its deadline the running
+    statement is cancelled, the transaction rolled back and :class:`TransactionTimeout` raised.
+    If the connection is lost while COMMIT is in flight, :class:`CommitOutcomeUnknown` is
+    raised and the connection discarded.
+    """
+
+    def __init__(
+        self,
+        source: Pool[C] | Connection[C],
+        *,
+        isolation: Isolation | str | None = None,
+        timeout: float | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self._isolation = check_options(isolation, timeout, readonly)
+        self._timeout = timeout
+        self._readonly = readonly
+        self._source = source
+        self._lease: Connection[C] | None = None
+        self._owns_lease = False
+        self._slot: _Slot | None = None
+        self._deadline = math.inf
+        self._expired = False
+        self._open = False
+        self._begin_token: Any = None
+        self._time_token: Any = None
+        self._watch: Any = None
+        self._savepoints = itertools.count(1)
+
+    # -- the block ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Transaction[C]:
+        from .lease import Connection
+
+        if isinstance(self._source, Connection):
+            lease = self._source
+        else:
+            lease = self._source.connection()
+            self._owns_lease = True
+        try:
+            self._begin(lease)
+        except BaseException:
+            if self._owns_lease:
+                lease.close()
+            raise
+        return self
+
+    def _begin(self, lease: Connection[C]) -> None:
+        slot = lease._live("connection")
+        if slot.in_transaction_block:
+            raise PoolError("a transaction is already open on this connection: use tx.savepoint()")
+        dialect, raw = slot.dialect, slot.raw
+        state = dialect.transaction_state(raw)
+        if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
+            raise PoolError(
+                "this connection has work pending: commit or roll back before starting a "
+                "transaction on it"
+            )
+        self._lease, self._slot = lease, slot
+        started = monotonic()
+        slot.busy = slot.dirty = True  # from here on, a failure leaves work to roll back
+        try:
+            self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
+            slot.in_transaction_block = self._open = True
+            if self._timeout is not None:
+                self._deadline = started + self._timeout
+                self._watch = watchdog.watch(self._deadline, self._on_deadline)
+                self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # interrupted mid-call: never reuse it
+                self._open = slot.in_transaction_block = False
+                raise
+            slot.busy = False
+            if self._open:  # BEGIN went through: end it, and put the session back
+                self._open = slot.in_transaction_block = False
+                if self._watch is not None:
+                    watchdog.unwatch(self._watch)
+                self._rollback(slot)
+                self._restore(slot)
+            raise
+        slot.busy = False
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            self._finish(exc)
+        finally:
+            if self._owns_lease and self._lease is not None:
+                self._lease.close()
+
+    def _finish(self, exc: BaseException | None) -> None:
+        """Commit or roll back; the block's own exception, if any, propagates after this."""
+        if not self._open:
+            return
+        slot = self._slot
+        assert slot is not None
+        if self._watch is not None:
+            watchdog.unwatch(self._watch)
+        expired = self._expired or monotonic() >= self._deadline
+        try:
+            if exc is None and not expired:
+                self._commit(slot)
+                return
+            self._rollback(slot)
+        finally:
+            self._open = False
+            slot.in_transaction_block = False
+            self._restore(slot)
+        if expired and not isinstance(exc, TransactionTimeout):
+            raise self._timeout_error() from exc
+
+    def _commit(self, slot: _Slot) -> None:
+        dialect, raw = slot.dialect, slot.raw
+        slot.busy = True
+        try:
+            raw.commit()
+        except Exception as exc:
+            slot.busy = False
+            if dialect.transaction_state(raw) is TxState.BROKEN:
+                slot.doomed = True
+                raise CommitOutcomeUnknown(
+                    "the connection was lost while COMMIT was in flight: the transaction may "
+                    "or may not have been committed; check before doing the work again"
+                ) from exc
+            raise  # a definite failure: the server rolled back (for example 40001)
+        slot.busy = False
+        slot.dirty = False
+
+    def _rollback(self, slot: _Slot) -> None:
+        try:
+            slot.dialect.rollback(slot.raw)
+            slot.dirty = False
+        except Exception as exc:
+            logger.info("rollback at the end of a transaction failed: %s", exc)
+            slot.doomed = True
+
+    def _restore(self, slot: _Slot) -> None:
+        """Undo the session changes made at BEGIN; if that fails, the connection is not reused."""
+        if slot.doomed:
+            return
+        dialect, raw = slot.dialect, slot.raw
+        try:
+            if self._time_token is not None:
+                dialect.unlimit_time(raw, self._time_token)
+            dialect.end(raw, self._begin_token)
+        except Exception as exc:
+            logger.info("restoring session settings after a transaction failed: %s", exc)
+            slot.doomed = True
+
+    def _timeout_error(self) -> TransactionTimeout:
+        return TransactionTimeout(
+            f"transaction ran past its {self._timeout:g} s deadline and was rolled back"
+        )
+
+    # -- the deadline (runs in the watchdog thread) ---------------------------------------------
+
+    def _on_deadline(self) -> float | None:
+        slot = self._slot
+        if not self._open or slot is None:
+            return None
+        self._expired = True
+        if not slot.busy:
+            return _CANCEL_AGAIN  # nothing running; cancel whatever starts before the block ends
+        try:
+            slot.dialect.cancel(slot.raw, self._side_connect())
+        except Exception as exc:
+            logger.warning("cancelling a statement past its deadline failed: %s", exc)
+            slot.doomed = True
+            try:
+                slot.dialect.close(slot.raw)  # the statement fails; the pool discards it
+            except Exception:
+                pass
+            return None
+        return _CANCEL_AGAIN
+
+    def _side_connect(self) -> Callable[[], Any]:
+        assert self._lease is not None
+        return self._lease.pool._connect
+
+    # -- inside the block ---------------------------------------------------------------------
+
+    @property
+    def connection(self) -> Connection[C]:
+        """The lease the transaction runs on."""
+        if self._lease is None:
+            raise PoolError("the transaction has not started: use it in a with block")
+        return self._lease
+
+    @property
+    def deadline(self) -> float | None:
+        """The deadline, as a :func:`time.monotonic` value, or None."""
+        return None if self._deadline == math.inf else self._deadline
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise PoolError("the transaction is over: start a new one")
+        if self._expired or monotonic() >= self._deadline:
+            self._expired = True
+            raise self._timeout_error()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
+        """A DB-API cursor on the transaction's connection."""
+        self._check_open()
+        return self.connection.cursor(*args, **kwargs)
+
+    def execute(self, sql: Any, params: Any = None) -> Cursor[C]:
+        """Run one statement and return its cursor, to fetch from.  Raises at once, without
+        running it, once the deadline has passed."""
+        self._check_open()
+        cursor = self.connection.cursor()
+        if params is None:
+            cursor.execute(sql)
+        else:
+            cursor.execute(sql, params)
+        return cursor
+
+    def savepoint(self) -> _Savepoint[C]:
+        """A nested unit: ``with tx.savepoint():`` rolls back to it on exception (and
+        re-raises), releases it otherwise; the outer transaction stays usable either way."""
+        self._check_open()
+        return _Savepoint(self, f"dbpool_sp_{next(self._savepoints)}")
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "not open"
+        level = self._isolation.value if self._isolation else "default isolation"
+        return f"<dbpool.Transaction {state}, {level}>"
+
+
+class _Savepoint(Generic[C]):
+    def __init__(self, tx: Transaction[C], name: str) -> None:
+        self._tx = tx
+        self._name = name  # generated: never caller input
+
+    def __enter__(self) -> _Savepoint[C]:
+        slot = self._tx._slot
+        assert slot is not None
+        slot.dialect.savepoint(slot.raw, self._name)
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        slot = self._tx._slot
+        assert slot is not None
+        if exc is None:
+            slot.dialect.release_savepoint(slot.raw, self._name)
+        else:
+            slot.dialect.rollback_to_savepoint(slot.raw, self._name)
+
+
+def run_transaction(
+    pool: Pool[C],
+    fn: Callable[[Transaction[C]], T],
+    *,
+    isolation: Isolation | str | None,
+    readonly: bool,
+    retries: int,
+    timeout: float | None,
+) -> T:
+    """Call ``fn(tx)`` in a transaction, again on a fresh one when the database reports a
+    serialization failure or deadlock, up to ``retries`` times within ``timeout`` overall."""
+    check_options(isolation, timeout, readonly)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int, 0 or more, got {retries!r}")
+    deadline = math.inf if timeout is None else monotonic() + timeout
+    for attempt in itertools.count():
+        remaining = None if timeout is None else deadline - monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TransactionTimeout(f"run_transaction used up its {timeout:g} s")
+        try:
+            with Transaction(pool, isolation=isolation, timeout=remaining, readonly=readonly) as tx:
+                return fn(tx)
+        except (CommitOutcomeUnknown, TransactionTimeout):
+            raise  # never retried: the work may have happened, or there is no time left
+        except Exception as exc:
+            dialect = pool._dialect
+            if attempt >= retries or dialect is None or not dialect.is_retryable(exc):
+                raise
+            delay = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2.0**attempt) * random.random()
+            if monotonic() + delay >= deadline:
+                raise
+            logger.info("retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

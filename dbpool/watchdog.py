@@ -1,0 +1,90 @@
+"""One thread for every transaction deadline in the process.
+
+Transactions register a deadline and a callback; the thread sleeps until the earliest one and
+runs its callback, which may ask to run again a little later (to cancel a statement that started
+after the first cancel).  A transaction that ends in time removes its entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+from time import monotonic
+from typing import Callable, Optional
+
+logger = logging.getLogger("dbpool")
+
+#: A callback returns None when done, or seconds after which to call it again.
+Callback = Callable[[], Optional[float]]
+
+
+class _Entry:
+    __slots__ = ("when", "order", "callback", "active")
+
+    def __init__(self, when: float, order: int, callback: Callback) -> None:
+        self.when = when
+        self.order = order
+        self.callback = callback
+        self.active = True
+
+    def __lt__(self, other: _Entry) -> bool:
+        return (self.when, self.order) < (other.when, other.order)
+
+
+class Watchdog:
+    def __init__(self) -> None:
+        self._setup()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._setup)
+
+    def _setup(self) -> None:
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        # --- guarded by self._lock: a heap of entries, earliest first; the thread, started on
+        # the first watch() and never stopped (it sleeps while nothing is due).
+        self._heap: list[_Entry] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, when: float, callback: Callback) -> _Entry:
+        """Call ``callback`` in the watchdog thread at monotonic time ``when``."""
+        with self._lock:
+            entry = _Entry(when, next(self._order), callback)
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
+                self._thread.start()
+            if self._heap[0] is entry:
+                self._wakeup.notify()
+        return entry
+
+    def unwatch(self, entry: _Entry) -> None:
+        """Forget ``entry``; its callback is not called again (it may be running now)."""
+        entry.active = False  # left in the heap, dropped when it comes up
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    while self._heap and not self._heap[0].active:
+                        heapq.heappop(self._heap)
+                    if self._heap and self._heap[0].when <= monotonic():
+                        entry = heapq.heappop(self._heap)
+                        break
+                    wait = self._heap[0].when - monotonic() if self._heap else None
+                    self._wakeup.wait(None if wait is None else min(wait, threading.TIMEOUT_MAX))
+            try:
+                again = entry.callback()
+            except Exception:
+                logger.exception("transaction deadline handler failed")
+                again = None
+            if again is not None and entry.active:
+                with self._lock:
+                    entry.when = monotonic() + again
+                    heapq.heappush(self._heap, entry)
+
+
+watchdog = Watchdog()
