@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import random
+import threading
 import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
@@ -35,6 +36,7 @@ logger = logging.getLogger("dbpool")
 T = TypeVar("T")
 
 _CANCEL_AGAIN = 0.05  # seconds between cancels while a statement still runs past the deadline
+_NOT_LIMITED = object()  # limit_time() was not called, or did not get through
 _RETRY_FIRST_DELAY = 0.01
 _RETRY_MAX_DELAY = 1.0
 
@@ -79,9 +81,14 @@ class Transaction(Generic[C]):
         self._slot: _Slot | None = None
         self._deadline = math.inf
         self._expired = False
+        # _active: from BEGIN until the block ends; the watchdog cancels only while it is set,
+        # and sets/reads it under _cancel_lock, so no cancel can start once the block ended
+        # (it would hit the next borrower's statement).  _open: BEGIN went through.
+        self._cancel_lock = threading.Lock()
+        self._active = False
         self._open = False
         self._begin_token: Any = None
-        self._time_token: Any = None
+        self._time_token: Any = _NOT_LIMITED
         self._watch: Any = None
         self._savepoints = itertools.count(1)
 
@@ -115,28 +122,40 @@ class Transaction(Generic[C]):
                 "transaction on it"
             )
         self._lease, self._slot = lease, slot
-        started = monotonic()
         slot.busy = slot.dirty = True  # from here on, a failure leaves work to roll back
+        self._active = True
+        if self._timeout is not None:  # the deadline runs from BEGIN, and covers it
+            self._deadline = monotonic() + self._timeout
+            self._watch = watchdog.watch(self._deadline, self._on_deadline)
+        limit_inside = dialect.limit_time_inside_transaction
         try:
+            if self._timeout is not None and not limit_inside:
+                self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
             slot.in_transaction_block = self._open = True
-            if self._timeout is not None:
-                self._deadline = started + self._timeout
-                self._watch = watchdog.watch(self._deadline, self._on_deadline)
+            if self._timeout is not None and limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
         except BaseException as exc:
+            self._stop_watching()
             if not isinstance(exc, Exception):  # interrupted mid-call: never reuse it
                 self._open = slot.in_transaction_block = False
                 raise
             slot.busy = False
-            if self._open:  # BEGIN went through: end it, and put the session back
+            if self._open:  # BEGIN went through: end it
                 self._open = slot.in_transaction_block = False
-                if self._watch is not None:
-                    watchdog.unwatch(self._watch)
                 self._rollback(slot)
-                self._restore(slot)
+            self._restore(slot)  # and put the session back
+            if self._expired or monotonic() >= self._deadline:
+                raise self._timeout_error() from exc
             raise
         slot.busy = False
+
+    def _stop_watching(self) -> None:
+        """After this, the watchdog cancels nothing more for this transaction."""
+        with self._cancel_lock:  # waits for a cancel in progress to finish
+            self._active = False
+        if self._watch is not None:
+            watchdog.unwatch(self._watch)
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -151,8 +170,7 @@ class Transaction(Generic[C]):
             return
         slot = self._slot
         assert slot is not None
-        if self._watch is not None:
-            watchdog.unwatch(self._watch)
+        self._stop_watching()
         expired = self._expired or monotonic() >= self._deadline
         try:
             if exc is None and not expired:
@@ -170,7 +188,7 @@ class Transaction(Generic[C]):
         dialect, raw = slot.dialect, slot.raw
         slot.busy = True
         try:
-            raw.commit()
+            dialect.commit(raw)
         except Exception as exc:
             slot.busy = False
             if dialect.transaction_state(raw) is TxState.BROKEN:
@@ -197,7 +215,7 @@ class Transaction(Generic[C]):
             return
         dialect, raw = slot.dialect, slot.raw
         try:
-            if self._time_token is not None:
+            if self._time_token is not _NOT_LIMITED:
                 dialect.unlimit_time(raw, self._time_token)
             dialect.end(raw, self._begin_token)
         except Exception as exc:
@@ -213,21 +231,22 @@ class Transaction(Generic[C]):
 
     def _on_deadline(self) -> float | None:
         slot = self._slot
-        if not self._open or slot is None:
-            return None
-        self._expired = True
-        if not slot.busy:
-            return _CANCEL_AGAIN  # nothing running; cancel whatever starts before the block ends
-        try:
-            slot.dialect.cancel(slot.raw, self._side_connect())
-        except Exception as exc:
-            logger.warning("cancelling a statement past its deadline failed: %s", exc)
-            slot.doomed = True
+        with self._cancel_lock:
+            if not self._active or slot is None:
+                return None
+            self._expired = True
+            if not slot.busy:
+                return _CANCEL_AGAIN  # nothing running: cancel what starts before the block ends
             try:
-                slot.dialect.close(slot.raw)  # the statement fails; the pool discards it
-            except Exception:
-                pass
-            return None
+                slot.dialect.cancel(slot.raw, self._side_connect())
+            except Exception as exc:
+                logger.warning("cancelling a statement past its deadline failed: %s", exc)
+                slot.doomed = True
+                try:
+                    slot.dialect.close(slot.raw)  # the statement fails; the pool discards it
+                except Exception:
+                    pass
+                return None
         return _CANCEL_AGAIN
 
     def _side_connect(self) -> Callable[[], Any]:

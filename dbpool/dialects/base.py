@@ -84,8 +84,16 @@ class Dialect:
             )
         return None  # PEP 249: the transaction starts with the first statement
 
+    def commit(self, conn: Any) -> None:
+        """Commit the transaction :meth:`begin` started."""
+        conn.commit()
+
     def end(self, conn: Any, token: Any) -> None:
         """Undo what :meth:`begin` changed in the session; called after COMMIT or ROLLBACK."""
+
+    #: Whether :meth:`limit_time` must run inside the transaction (PostgreSQL's SET LOCAL);
+    #: otherwise it runs before BEGIN, so that the limit covers BEGIN too.
+    limit_time_inside_transaction = False
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         """Have the server itself stop the transaction's statements after ``seconds``.

@@ -26,6 +26,7 @@ _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
 class PsycopgDialect(Dialect):
     name = "psycopg"
+    limit_time_inside_transaction = True
 
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed or conn.broken:

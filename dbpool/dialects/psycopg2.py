@@ -13,6 +13,7 @@ _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
 class Psycopg2Dialect(Dialect):
     name = "psycopg2"
+    limit_time_inside_transaction = True
 
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed:
@@ -55,9 +56,22 @@ class Psycopg2Dialect(Dialect):
         return token
 
     def end(self, conn: Any, token: Any) -> None:
-        if token is not None:
-            isolation_level, readonly = token
-            conn.set_session(isolation_level=isolation_level, readonly=readonly)
+        if token is not None:  # None in these attributes means the server default
+            conn.isolation_level, conn.readonly = token
+
+    # In autocommit mode psycopg2's commit() and rollback() do nothing, so a transaction
+    # opened with an explicit BEGIN must be ended with SQL.
+    def commit(self, conn: Any) -> None:
+        if conn.autocommit:
+            _execute(conn, "COMMIT")
+        else:
+            conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        if conn.autocommit and conn.info.transaction_status != _IDLE:
+            _execute(conn, "ROLLBACK")
+        else:
+            conn.rollback()
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(max(1, int(seconds * 1000)))

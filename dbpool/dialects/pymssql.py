@@ -14,6 +14,7 @@ class PymssqlDialect(Dialect):
     """pymssql has no local transaction flag: the lease's record of statements decides."""
 
     name = "pymssql"
+    limit_time_inside_transaction = True  # pymssql always has a transaction open anyway
 
     def transaction_state(self, conn: Any) -> TxState:
         try:

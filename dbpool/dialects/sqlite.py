@@ -61,14 +61,30 @@ class SQLiteDialect(Dialect):
                 f"sqlite3 cannot run a transaction at {isolation.value}: it offers SERIALIZABLE "
                 "(BEGIN IMMEDIATE), or no isolation argument for a plain BEGIN"
             )
+        # A read-only transaction takes no write lock: a plain BEGIN is serializable already.
+        begin = "BEGIN IMMEDIATE" if isolation is not None and not readonly else "BEGIN"
         if readonly:
             conn.execute("PRAGMA query_only = ON")
-        conn.execute("BEGIN IMMEDIATE" if isolation is not None else "BEGIN")
+        try:
+            conn.execute(begin)
+        except BaseException:
+            if readonly:
+                conn.execute("PRAGMA query_only = OFF")
+            raise
         return readonly
 
     def end(self, conn: Any, token: Any) -> None:
         if token:
             conn.execute("PRAGMA query_only = OFF")
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        # interrupt() cannot stop a wait for another connection's lock: bound that wait
+        [(previous,)] = conn.execute("PRAGMA busy_timeout").fetchall()
+        conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+        return int(previous)
+
+    def unlimit_time(self, conn: Any, token: Any) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(token)}")
 
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         conn.interrupt()
