@@ -21,8 +21,8 @@ class Isolation(enum.Enum):
         underscores (``"repeatable read"``, ``"REPEATABLE_READ"``); ``ValueError`` otherwise."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            key = "_".join(value.replace("_", " ").replace("-", " ").split()).upper()
+        if isinstance(value, str) and value.isascii():  # upper() would map "ſ" to "S"
+            key = "_".join(value.replace("_", " ").split()).upper()
             member = cls.__members__.get(key)
             if member is not None:
                 return member
