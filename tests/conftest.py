@@ -230,6 +230,29 @@ def mysql_connect(mysql_params: dict[str, Any]) -> Iterator[Connector]:
 
 
 @pytest.fixture
+def psycopg2_connect(postgresql_dsn: str) -> Iterator[Connector]:
+    try:
+        import psycopg2
+    except ImportError as exc:
+        unavailable(f"psycopg2 is not installed: {exc}")
+    connector = Connector(lambda: psycopg2.connect(postgresql_dsn, connect_timeout=CONNECT_TIMEOUT))
+    yield connector
+    connector.close_all()
+
+
+@pytest.fixture
+def mysqlclient_connect(mysql_params: dict[str, Any]) -> Iterator[Connector]:
+    try:
+        import MySQLdb
+    except ImportError as exc:
+        unavailable(f"mysqlclient is not installed: {exc}")
+    params = dict(mysql_params)  # the same arguments as PyMySQL's
+    connector = Connector(lambda: MySQLdb.connect(**params))
+    yield connector
+    connector.close_all()
+
+
+@pytest.fixture
 def mssql_connect(mssql_params: dict[str, Any]) -> Iterator[Connector]:
     import pymssql
 

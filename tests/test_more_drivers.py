@@ -9,32 +9,8 @@ import pytest
 
 import dbpool
 from dbpool.dialects import for_connection
-from tests.conftest import Connector, unavailable
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def psycopg2_connect(postgresql_dsn: str) -> Iterator[Connector]:
-    try:
-        import psycopg2
-    except ImportError as exc:
-        unavailable(f"psycopg2 is not installed: {exc}")
-    connector = Connector(lambda: psycopg2.connect(postgresql_dsn, connect_timeout=5))
-    yield connector
-    connector.close_all()
-
-
-@pytest.fixture
-def mysqlclient_connect(mysql_params: dict[str, Any]) -> Iterator[Connector]:
-    try:
-        import MySQLdb
-    except ImportError as exc:
-        unavailable(f"mysqlclient is not installed: {exc}")
-    params = {**mysql_params, "connect_timeout": 5}
-    connector = Connector(lambda: MySQLdb.connect(**params))
-    yield connector
-    connector.close_all()
 
 
 @pytest.fixture(params=["psycopg2", "mysqlclient", "pymssql"])

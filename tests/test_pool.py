@@ -6,7 +6,6 @@ import gc
 import logging
 import signal
 import threading
-import time
 
 import pytest
 

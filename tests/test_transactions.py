@@ -27,7 +27,7 @@ import dbpool
 from dbpool import Isolation, PoolError, TransactionTimeout
 from dbpool.dialects import PsycopgDialect, PyMySQLDialect
 from tests import fakedb
-from tests.conftest import Backend, Connector, unavailable, wait_until
+from tests.conftest import Backend, Connector, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -250,29 +250,6 @@ def my(mysql_connect: Connector) -> Iterator[Backend]:
 def server(request: pytest.FixtureRequest) -> Backend:
     """PostgreSQL (psycopg 3) or MariaDB (PyMySQL)."""
     return request.getfixturevalue("pg" if request.param == "postgresql" else "my")
-
-
-@pytest.fixture
-def psycopg2_connect(postgresql_dsn: str) -> Iterator[Connector]:
-    try:
-        import psycopg2
-    except ImportError as exc:
-        unavailable(f"psycopg2 is not installed: {exc}")
-    connector = Connector(lambda: psycopg2.connect(postgresql_dsn, connect_timeout=10))
-    yield connector
-    connector.close_all()
-
-
-@pytest.fixture
-def mysqlclient_connect(mysql_params: dict[str, Any]) -> Iterator[Connector]:
-    try:
-        import MySQLdb
-    except ImportError as exc:
-        unavailable(f"mysqlclient is not installed: {exc}")
-    params = dict(mysql_params)
-    connector = Connector(lambda: MySQLdb.connect(**params))
-    yield connector
-    connector.close_all()
 
 
 @pytest.fixture
