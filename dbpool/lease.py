@@ -47,7 +47,7 @@ class Connection(Generic[C]):
         slot.dirty = False
         slot.busy = False
         slot.doomed = False
-        slot.in_transaction_block = False
+        slot.transaction = None
         slot.cursors = None
         slot.restore = None
         object.__setattr__(self, "_pool", pool)
@@ -210,6 +210,8 @@ class Cursor(Generic[C]):
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         slot = self._slot()
+        if slot.transaction is not None:
+            slot.transaction._check_open()  # past its deadline: raise without running it
         slot.dirty = slot.busy = True
         try:
             result = self._raw.execute(*args, **kwargs)
@@ -221,6 +223,8 @@ class Cursor(Generic[C]):
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
         slot = self._slot()
+        if slot.transaction is not None:
+            slot.transaction._check_open()  # past its deadline: raise without running it
         slot.dirty = slot.busy = True
         try:
             result = self._raw.executemany(*args, **kwargs)

@@ -88,7 +88,7 @@ class _Slot:
         "settings",
         "claim",
         "doomed",
-        "in_transaction_block",
+        "transaction",
     )
 
     def __init__(self, generation: int) -> None:
@@ -99,7 +99,7 @@ class _Slot:
         self.dirty = False  # a statement ran since the last commit or rollback
         self.busy = False  # a driver call is running, or was interrupted half-way
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
-        self.in_transaction_block = False  # inside a `with ...transaction()` block
+        self.transaction: Any = None  # the Transaction whose block is running on it
         self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
@@ -753,6 +753,8 @@ class Pool(Generic[C]):
             return "returned with a driver call interrupted"
         if slot.doomed:
             return "its transaction could not be cancelled, rolled back or reset"
+        if slot.transaction is not None:
+            return "returned inside its transaction block"
         raw = slot.raw
         dialect = slot.dialect
         try:

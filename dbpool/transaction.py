@@ -112,9 +112,10 @@ class Transaction(Generic[C]):
 
     def _begin(self, lease: Connection[C]) -> None:
         slot = lease._live("connection")
-        if slot.in_transaction_block:
+        if slot.transaction is not None:
             raise PoolError("a transaction is already open on this connection: use tx.savepoint()")
         dialect, raw = slot.dialect, slot.raw
+        dialect.check_begin(self._isolation, self._readonly)  # ValueError, before any I/O
         state = dialect.transaction_state(raw)
         if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
             raise PoolError(
@@ -132,19 +133,19 @@ class Transaction(Generic[C]):
             if self._timeout is not None and not limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
-            slot.in_transaction_block = self._open = True
+            self._open = True
+            slot.transaction = self
             if self._timeout is not None and limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
         except BaseException as exc:
             self._stop_watching()
-            if not isinstance(exc, Exception):  # interrupted mid-call: never reuse it
-                self._open = slot.in_transaction_block = False
-                raise
+            if self._open:
+                self._open = False
+                slot.transaction = None
+            if not isinstance(exc, Exception):
+                raise  # interrupted mid-call: busy stays set, the pool discards the connection
             slot.busy = False
-            if self._open:  # BEGIN went through: end it
-                self._open = slot.in_transaction_block = False
-                self._rollback(slot)
-            self._restore(slot)  # and put the session back
+            self._end_quietly(slot)  # roll back what began, put the session back
             if self._expired or monotonic() >= self._deadline:
                 raise self._timeout_error() from exc
             raise
@@ -156,6 +157,13 @@ class Transaction(Generic[C]):
             self._active = False
         if self._watch is not None:
             watchdog.unwatch(self._watch)
+
+    def _owns_connection(self) -> bool:
+        """Whether the lease still holds the connection the transaction began on.  A lease
+        closed inside its own block loses it (the pool discards such a connection), and from
+        then on nothing here may touch it: it could be another borrower's."""
+        lease, slot = self._lease, self._slot
+        return lease is not None and slot is not None and lease._slot is slot and slot.generation >= 0
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -171,16 +179,23 @@ class Transaction(Generic[C]):
         slot = self._slot
         assert slot is not None
         self._stop_watching()
+        self._open = False
         expired = self._expired or monotonic() >= self._deadline
-        try:
-            if exc is None and not expired:
+        if not self._owns_connection():
+            raise PoolError(
+                "the connection went back to the pool inside its transaction block; the pool "
+                "discarded it and its work was not committed"
+            ) from exc
+        slot.transaction = None
+        if slot.busy:
+            return  # a driver call was interrupted half-way: the pool discards the connection
+        if exc is None and not expired:
+            try:
                 self._commit(slot)
-                return
-            self._rollback(slot)
-        finally:
-            self._open = False
-            slot.in_transaction_block = False
-            self._restore(slot)
+            finally:
+                self._end_quietly(slot, rollback=False)
+            return
+        self._end_quietly(slot)
         if expired and not isinstance(exc, TransactionTimeout):
             raise self._timeout_error() from exc
 
@@ -191,7 +206,7 @@ class Transaction(Generic[C]):
             dialect.commit(raw)
         except Exception as exc:
             slot.busy = False
-            if dialect.transaction_state(raw) is TxState.BROKEN:
+            if dialect.transaction_state(raw) is TxState.BROKEN or dialect.is_disconnect(exc):
                 slot.doomed = True
                 raise CommitOutcomeUnknown(
                     "the connection was lost while COMMIT was in flight: the transaction may "
@@ -201,38 +216,37 @@ class Transaction(Generic[C]):
         slot.busy = False
         slot.dirty = False
 
-    def _rollback(self, slot: _Slot) -> None:
-        try:
-            slot.dialect.rollback(slot.raw)
-            slot.dirty = False
-        except Exception as exc:
-            logger.info("rollback at the end of a transaction failed: %s", exc)
-            slot.doomed = True
-
-    def _restore(self, slot: _Slot) -> None:
-        """Undo the session changes made at BEGIN; if that fails, the connection is not reused."""
+    def _end_quietly(self, slot: _Slot, *, rollback: bool = True) -> None:
+        """Roll back (unless committed) and undo the session changes made at BEGIN.  A failure
+        dooms the connection instead of raising; an interrupt leaves it busy, so either way
+        the pool will not reuse it."""
         if slot.doomed:
             return
         dialect, raw = slot.dialect, slot.raw
+        slot.busy = True
         try:
+            if rollback:
+                dialect.rollback(raw)
+                slot.dirty = False
             if self._time_token is not _NOT_LIMITED:
                 dialect.unlimit_time(raw, self._time_token)
             dialect.end(raw, self._begin_token)
         except Exception as exc:
-            logger.info("restoring session settings after a transaction failed: %s", exc)
+            logger.info("ending a transaction failed, the connection will be discarded: %s", exc)
             slot.doomed = True
+        slot.busy = False
 
     def _timeout_error(self) -> TransactionTimeout:
         return TransactionTimeout(
             f"transaction ran past its {self._timeout:g} s deadline and was rolled back"
         )
 
-    # -- the deadline (runs in the watchdog thread) ---------------------------------------------
+    # -- the deadline (runs in a watchdog worker thread) --------------------------------------
 
     def _on_deadline(self) -> float | None:
         slot = self._slot
         with self._cancel_lock:
-            if not self._active or slot is None:
+            if not self._active or slot is None or not self._owns_connection():
                 return None
             self._expired = True
             if not slot.busy:
@@ -307,19 +321,37 @@ class _Savepoint(Generic[C]):
         self._tx = tx
         self._name = name  # generated: never caller input
 
-    def __enter__(self) -> _Savepoint[C]:
+    def _slot(self) -> _Slot:
+        self._tx._check_open()
         slot = self._tx._slot
-        assert slot is not None
+        if slot is None or not self._tx._owns_connection():
+            raise PoolError("the transaction's connection went back to the pool")
+        return slot
+
+    def __enter__(self) -> _Savepoint[C]:
+        slot = self._slot()
+        slot.busy = True
         slot.dialect.savepoint(slot.raw, self._name)
+        slot.busy = False
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        slot = self._tx._slot
-        assert slot is not None
+        tx = self._tx
+        slot = tx._slot
+        if not tx._open or slot is None or not tx._owns_connection():
+            return  # the transaction is over: nothing to release or roll back to
+        slot.busy = True
         if exc is None:
             slot.dialect.release_savepoint(slot.raw, self._name)
-        else:
+            slot.busy = False
+            return
+        try:
             slot.dialect.rollback_to_savepoint(slot.raw, self._name)
+        except Exception as undo:
+            # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
+            # the block's own exception is the one that tells what happened.
+            logger.info("rolling back to a savepoint failed: %s", undo)
+        slot.busy = False
 
 
 def run_transaction(
@@ -341,18 +373,31 @@ def run_transaction(
         remaining = None if timeout is None else deadline - monotonic()
         if remaining is not None and remaining <= 0:
             raise TransactionTimeout(f"run_transaction used up its {timeout:g} s")
+        acquire = None if remaining is None else min(remaining, pool._acquire_timeout)
         try:
-            with Transaction(pool, isolation=isolation, timeout=remaining, readonly=readonly) as tx:
-                return fn(tx)
+            with pool.connection(timeout=acquire) as lease:
+                with Transaction(
+                    lease, isolation=isolation, timeout=deadline_left(deadline, timeout),
+                    readonly=readonly,
+                ) as tx:
+                    return fn(tx)
         except (CommitOutcomeUnknown, TransactionTimeout):
             raise  # never retried: the work may have happened, or there is no time left
         except Exception as exc:
             dialect = pool._dialect
             if attempt >= retries or dialect is None or not dialect.is_retryable(exc):
                 raise
-            delay = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2.0**attempt) * random.random()
+            delay = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2.0 ** min(attempt, 30))
+            delay *= random.random()  # full jitter
             if monotonic() + delay >= deadline:
                 raise
             logger.info("retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def deadline_left(deadline: float, timeout: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a transaction timeout), or None without one."""
+    if timeout is None:
+        return None
+    return max(deadline - monotonic(), 1e-3)

@@ -1,8 +1,10 @@
 """One thread for every transaction deadline in the process.
 
-Transactions register a deadline and a callback; the thread sleeps until the earliest one and
-runs its callback, which may ask to run again a little later (to cancel a statement that started
-after the first cancel).  A transaction that ends in time removes its entry.
+Transactions register a deadline and a callback; the thread sleeps until the earliest one is due
+and hands its callback to a short-lived worker thread (a cancel does I/O and may hang: it must not
+hold up the other deadlines).  The callback may ask to run again a little later, to cancel a
+statement that started after the first cancel.  A transaction that ends in time unwatches its
+entry, which then holds nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class _Entry:
     def __init__(self, when: float, order: int, callback: Callback) -> None:
         self.when = when
         self.order = order
-        self.callback = callback
+        self.callback: Callback | None = callback
         self.active = True
 
     def __lt__(self, other: _Entry) -> bool:
@@ -46,6 +48,7 @@ class Watchdog:
         # --- guarded by self._lock: a heap of entries, earliest first; the thread, started on
         # the first watch() and never stopped (it sleeps while nothing is due).
         self._heap: list[_Entry] = []
+        self._dead = 0  # unwatched entries still in the heap
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -63,7 +66,16 @@ class Watchdog:
 
     def unwatch(self, entry: _Entry) -> None:
         """Forget ``entry``; its callback is not called again (it may be running now)."""
-        entry.active = False  # left in the heap, dropped when it comes up
+        with self._lock:
+            if not entry.active:
+                return
+            entry.active = False
+            entry.callback = None  # let the transaction go now, not at its deadline
+            self._dead += 1
+            if self._dead > 64 and self._dead * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if e.active]
+                heapq.heapify(self._heap)
+                self._dead = 0
 
     def _run(self) -> None:
         while True:
@@ -71,20 +83,33 @@ class Watchdog:
                 while True:
                     while self._heap and not self._heap[0].active:
                         heapq.heappop(self._heap)
+                        self._dead -= 1
                     if self._heap and self._heap[0].when <= monotonic():
                         entry = heapq.heappop(self._heap)
                         break
                     wait = self._heap[0].when - monotonic() if self._heap else None
                     self._wakeup.wait(None if wait is None else min(wait, threading.TIMEOUT_MAX))
-            try:
-                again = entry.callback()
-            except Exception:
-                logger.exception("transaction deadline handler failed")
-                again = None
-            if again is not None and entry.active:
-                with self._lock:
-                    entry.when = monotonic() + again
-                    heapq.heappush(self._heap, entry)
+            worker = threading.Thread(
+                target=self._fire, args=(entry,), name="dbpool-watchdog-cancel", daemon=True
+            )
+            worker.start()
+
+    def _fire(self, entry: _Entry) -> None:
+        callback = entry.callback
+        if callback is None:
+            return
+        try:
+            again = callback()
+        except BaseException:  # a worker's failure must not go unnoticed, nor go further
+            logger.exception("transaction deadline handler failed")
+            again = None
+        with self._lock:
+            if again is None or not entry.active:
+                return
+            entry.when = monotonic() + again
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._wakeup.notify()
 
 
 watchdog = Watchdog()

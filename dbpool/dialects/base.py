@@ -72,21 +72,26 @@ class Dialect:
     # Every SQL text below is fixed or built from dbpool.Isolation values and numbers the pool
     # computed itself: nothing a caller passes is ever interpolated.
 
-    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
-        """Start a transaction.  Returns what :meth:`end` needs to undo session changes.
-
-        Raise ``ValueError`` before any I/O for what the driver or server cannot honour.
-        """
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
+        """Raise ``ValueError`` for what the driver or server cannot honour.  No I/O."""
         if isolation is not None or readonly:
             raise ValueError(
                 f"the {self.name} dialect cannot set an isolation level or read-only mode: "
                 "pass dialect= with a dialect that knows this driver"
             )
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        """Start a transaction (after :meth:`check_begin` accepted the arguments).  Returns
+        what :meth:`end` needs to undo session changes."""
         return None  # PEP 249: the transaction starts with the first statement
 
     def commit(self, conn: Any) -> None:
         """Commit the transaction :meth:`begin` started."""
         conn.commit()
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the connection was lost, for drivers whose state does not."""
+        return False
 
     def end(self, conn: Any, token: Any) -> None:
         """Undo what :meth:`begin` changed in the session; called after COMMIT or ROLLBACK."""
@@ -136,6 +141,21 @@ class Dialect:
 
     def __repr__(self) -> str:
         return f"<dbpool dialect {self.name!r}>"
+
+
+#: The most milliseconds the servers' timeout settings take (a signed 32-bit int).
+MAX_MS = 2**31 - 1
+
+
+def milliseconds(seconds: float) -> int:
+    """``seconds`` as a server timeout in milliseconds: at least 1, at most :data:`MAX_MS`."""
+    return min(MAX_MS, max(1, int(seconds * 1000)))
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a driver's PEP 249 ``DatabaseError``: error codes in its args mean
+    something only then (an application's ``KeyError(1205)`` is no deadlock)."""
+    return any(klass.__name__ == "DatabaseError" for klass in type(exc).__mro__)
 
 
 def _execute(conn: Any, sql: str, params: Any = None) -> list[Any]:

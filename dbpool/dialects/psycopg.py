@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState
+from .base import Dialect, TxState, milliseconds
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 _LIMIT_TIME_SQL = (
@@ -57,6 +57,9 @@ class PsycopgDialect(Dialect):
         finally:
             conn.autocommit = False
 
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
+        pass  # every level, and read-only
+
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
         if conn.autocommit:
             conn.execute(_begin_sql(isolation, readonly))
@@ -76,7 +79,7 @@ class PsycopgDialect(Dialect):
             conn.isolation_level, conn.read_only = token
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        ms = str(max(1, int(seconds * 1000)))
+        ms = str(milliseconds(seconds))
         conn.execute(_LIMIT_TIME_SQL, (ms, ms, ms))  # SET LOCAL: ends with the transaction
         return None
 

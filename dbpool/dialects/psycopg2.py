@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute
+from .base import Dialect, TxState, _execute, milliseconds
 from .psycopg import _LIMIT_TIME_SQL, _RETRYABLE_SQLSTATES, _begin_sql
 
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
@@ -44,6 +44,9 @@ class Psycopg2Dialect(Dialect):
         finally:
             conn.autocommit = autocommit
 
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
+        pass  # every level, and read-only
+
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
         if conn.autocommit:
             _execute(conn, _begin_sql(isolation, readonly))
@@ -74,7 +77,7 @@ class Psycopg2Dialect(Dialect):
             conn.rollback()
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        ms = str(max(1, int(seconds * 1000)))
+        ms = str(milliseconds(seconds))
         _execute(conn, _LIMIT_TIME_SQL, (ms, ms, ms))
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute
+from .base import Dialect, TxState, _execute, is_database_error, milliseconds
 
 _DEADLOCK_VICTIM = 1205
 
@@ -29,13 +29,15 @@ class PymssqlDialect(Dialect):
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit(settings)
 
-    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
         if readonly:
             raise ValueError(
                 "SQL Server has no read-only transactions: run without readonly=True, or "
                 "connect with ApplicationIntent=ReadOnly to a readable secondary"
             )
-        # pymssql keeps a transaction open at all times; the level is session-scoped, so
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        # every level; pymssql keeps a transaction open at all times; the level is session-scoped, so
         # end() puts back the server default.
         if isolation is None:
             return None
@@ -47,15 +49,14 @@ class PymssqlDialect(Dialect):
             _execute(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        _execute(conn, f"SET LOCK_TIMEOUT {max(1, int(seconds * 1000))}")
+        _execute(conn, f"SET LOCK_TIMEOUT {milliseconds(seconds)}")
         return None
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         _execute(conn, "SET LOCK_TIMEOUT -1")
 
     def is_retryable(self, exc: BaseException) -> bool:
-        code = exc.args[0] if exc.args else None
-        return code == _DEADLOCK_VICTIM
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] == _DEADLOCK_VICTIM
 
     def savepoint(self, conn: Any, name: str) -> None:
         _execute(conn, f"SAVE TRANSACTION {name}")

@@ -6,18 +6,28 @@ import math
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute
+from .base import Dialect, TxState, _execute, is_database_error
 
 _RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+# CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
+_DISCONNECT_ERRORS = frozenset({2006, 2013, 2055})
 
 
 class _MySQLTransactions:
     """Transaction verbs shared by the MySQL drivers (PyMySQL and mysqlclient)."""
 
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
+        pass  # every level, and read-only
+
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
         if isolation is not None:  # without SESSION: for the next transaction only
             _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
-        _execute(conn, "START TRANSACTION READ ONLY" if readonly else "START TRANSACTION")
+        try:
+            _execute(conn, "START TRANSACTION READ ONLY" if readonly else "START TRANSACTION")
+        except Exception:
+            if isolation is not None:  # the one-time level would apply to the next one
+                conn.rollback()
+            raise
         return None
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
@@ -54,8 +64,11 @@ class _MySQLTransactions:
             side.close()
 
     def is_retryable(self, exc: BaseException) -> bool:
-        code = exc.args[0] if exc.args else None
-        return code in _RETRYABLE_ERRORS
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] in _RETRYABLE_ERRORS
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        # mysqlclient keeps `open` true after a lost connection: its error code says it
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] in _DISCONNECT_ERRORS
 
 _IN_TRANS = 0x0001  # SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = 0x0002  # SERVER_STATUS_AUTOCOMMIT

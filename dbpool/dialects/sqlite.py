@@ -7,7 +7,7 @@ import threading
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState
+from .base import Dialect, TxState, _execute, milliseconds
 
 _BUSY_OR_LOCKED = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 
@@ -52,15 +52,18 @@ class SQLiteDialect(Dialect):
         # The database is in-process: a usable handle is all there is to check.
         _ = conn.total_changes  # raises ProgrammingError once closed
 
-    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
-        # SQLite transactions are serializable; BEGIN IMMEDIATE takes the write lock at once,
-        # so that two writers cannot both read and then fail to upgrade.  Weaker levels do not
-        # exist here (READ UNCOMMITTED only with a shared cache), and are refused.
+    def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
+        # SQLite transactions are serializable; weaker levels do not exist here (READ
+        # UNCOMMITTED only with a shared cache), and are refused rather than upgraded.
         if isolation not in (None, Isolation.SERIALIZABLE):
             raise ValueError(
                 f"sqlite3 cannot run a transaction at {isolation.value}: it offers SERIALIZABLE "
                 "(BEGIN IMMEDIATE), or no isolation argument for a plain BEGIN"
             )
+
+    def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        # BEGIN IMMEDIATE takes the write lock at once, so that two writers cannot both read
+        # and then fail to upgrade.
         # A read-only transaction takes no write lock: a plain BEGIN is serializable already.
         begin = "BEGIN IMMEDIATE" if isolation is not None and not readonly else "BEGIN"
         if readonly:
@@ -80,11 +83,25 @@ class SQLiteDialect(Dialect):
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # interrupt() cannot stop a wait for another connection's lock: bound that wait
         [(previous,)] = conn.execute("PRAGMA busy_timeout").fetchall()
-        conn.execute(f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}")
+        conn.execute(f"PRAGMA busy_timeout = {milliseconds(seconds)}")
         return int(previous)
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(token)}")
+
+    # With the autocommit attribute of Python 3.12+ set to True, commit() and rollback() do
+    # nothing: the explicit BEGIN must be ended with SQL.
+    def commit(self, conn: Any) -> None:
+        if getattr(conn, "autocommit", None) is True:
+            _execute(conn, "COMMIT")
+        else:
+            conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        if getattr(conn, "autocommit", None) is True and conn.in_transaction:
+            _execute(conn, "ROLLBACK")
+        else:
+            conn.rollback()
 
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         conn.interrupt()
