@@ -1,16 +1,8 @@
-"""Structural types for what the pool handles: DB-API 2.0 connections and connect callables."""
+"""Structural types for what the pool handles: DB-API 2.0 connections."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, TypeVar
-
-
-class DBAPICursor(Protocol):
-    """The part of a PEP 249 cursor the pool relies on."""
-
-    def execute(self, operation: Any, *args: Any, **kwargs: Any) -> Any: ...
-
-    def close(self) -> Any: ...
+from typing import Any, Protocol, TypeVar
 
 
 class DBAPIConnection(Protocol):
@@ -25,9 +17,5 @@ class DBAPIConnection(Protocol):
     def close(self) -> Any: ...
 
 
+#: The driver's connection type, which a Pool and its leases are generic over.
 C = TypeVar("C", bound=DBAPIConnection)
-C_co = TypeVar("C_co", bound=DBAPIConnection, covariant=True)
-
-ConnectFn = Callable[[], C]
-
-Params = Sequence[Any]

@@ -77,7 +77,6 @@ class _Slot:
     __slots__ = (
         "raw",
         "dialect",
-        "created_at",
         "expires_at",
         "used_at",
         "generation",
@@ -94,7 +93,7 @@ class _Slot:
     def __init__(self, generation: int) -> None:
         self.raw: Any = None  # None while the connection is being opened
         self.dialect: Dialect
-        self.created_at = self.expires_at = self.used_at = 0.0
+        self.expires_at = self.used_at = 0.0
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
         self.busy = False  # a driver call is running, or was interrupted half-way
@@ -628,7 +627,7 @@ class Pool(Generic[C]):
             slot.raw = raw
             slot.dialect = dialect
             slot.settings = dialect.client_settings(raw)
-            slot.created_at = slot.used_at = now
+            slot.used_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             self._lock.acquire()
         except BaseException as exc:  # nothing counted yet: give the reservation back
