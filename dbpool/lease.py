@@ -10,6 +10,7 @@ when there is something to roll back.
 from __future__ import annotations
 
 import warnings
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, Iterator
 
 from ._types import C
@@ -50,6 +51,8 @@ class Connection(Generic[C]):
         slot.transaction = None
         slot.cursors = None
         slot.restore = None
+        slot.used = False
+        slot.owner = get_ident()
         object.__setattr__(self, "_pool", pool)
         object.__setattr__(self, "_slot", slot)
         slot.claim.release()  # from now on the first close() returns it
@@ -61,7 +64,7 @@ class Connection(Generic[C]):
         """The driver's connection.  Statements run on it directly are assumed to leave a
         transaction open, so the pool rolls back on return when it cannot read the state."""
         slot = self._live("connection")
-        slot.dirty = True
+        slot.dirty = slot.used = True
         return slot.raw  # type: ignore[no-any-return]
 
     @property
@@ -107,6 +110,7 @@ class Connection(Generic[C]):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
         slot = self._live("connection")
+        slot.used = True
         raw = slot.raw.cursor(*args, **kwargs)
         # The slot keeps the driver's cursor, never the wrapper: the wrapper refers to this
         # lease, which must stay collectable so a dropped lease finds its way back.
@@ -146,7 +150,7 @@ class Connection(Generic[C]):
         slot = self._live("connection")
         value = getattr(slot.raw, name)
         if callable(value):  # a driver method may run a statement the lease cannot see
-            slot.dirty = True
+            slot.dirty = slot.used = True
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -6,11 +6,14 @@ outside it, so one slow server round trip never stalls another thread's checkout
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import math
+import os
 import random
 import threading
+import traceback
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -22,10 +25,11 @@ from ._types import C
 from .dialects import Dialect, TxState
 from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .isolation import Isolation
 from .lease import Connection
 from .transaction import Transaction, run_transaction
+from .watchdog import Overdue
 
 T = TypeVar("T")
 
@@ -37,9 +41,12 @@ _pool_numbers = itertools.count(1)
 _NEVER = math.inf
 _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.0)
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
+_MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
 _INHERITED = -2  # inherited across fork(): must never be touched
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SESSION_RESETS = (None, "discard", "reconnect")
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,10 @@ class PoolStats:
     acquired: int
     timeouts: int
     connect_errors: int
+    #: leases reported as held longer than ``leak_timeout``
+    leak_warnings: int
+    #: leases garbage-collected without being released (their connection was returned)
+    leaked: int
 
 
 class _Slot:
@@ -88,6 +99,9 @@ class _Slot:
         "claim",
         "doomed",
         "transaction",
+        "owner",
+        "used",
+        "borrowed",
     )
 
     def __init__(self, generation: int) -> None:
@@ -99,6 +113,11 @@ class _Slot:
         self.busy = False  # a driver call is running, or was interrupted half-way
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
         self.transaction: Any = None  # the Transaction whose block is running on it
+        self.owner = 0  # threading.get_ident() of the thread that leased it
+        self.used = False  # the lease ran something: a session reset policy applies
+        # With leak_timeout: (monotonic time, stack, thread name) of the checkout, and whether
+        # the lease was reported as held too long.
+        self.borrowed: _Borrowed | None = None
         self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
@@ -108,21 +127,44 @@ class _Slot:
         self.claim.acquire()
 
 
-class _Waiter:
-    """A caller queued for a connection.  ``wakeup`` is held until the caller is served."""
+class _Borrowed:
+    """Where and when a lease was taken, recorded when leak detection is on."""
 
-    __slots__ = ("wakeup", "grant", "slot")
+    __slots__ = ("at", "stack", "thread", "reported")
+
+    def __init__(self) -> None:
+        self.at = monotonic()
+        # The borrower's frames only: the pool's own would hide the line that matters.
+        frames = traceback.extract_stack()
+        self.stack = [f for f in frames if not f.filename.startswith(_PACKAGE_DIR)]
+        self.thread = threading.current_thread().name
+        self.reported = False
+
+    def where(self) -> str:
+        return "".join(traceback.format_list(self.stack)).rstrip()
+
+
+class _Waiter:
+    """A caller waiting for a connection: queued for a free one, or for the connect made on its
+    behalf.  ``wakeup`` is held until the caller is served."""
+
+    __slots__ = ("wakeup", "grant", "slot", "error", "abandoned")
 
     def __init__(self) -> None:
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
-        self.grant: object = None  # _HANDED, _OPEN or _CLOSED once served
+        self.grant: object = None  # _HANDED, _OPEN, _FAILED or _CLOSED once served
         self.slot: _Slot | None = None
+        self.error: BaseException | None = None  # why the connect failed, with _FAILED
+        # The caller gave up (timed out or was interrupted): what it waited for goes to the
+        # pool instead.  Written and read under the pool lock.
+        self.abandoned = False
 
 
 # What a waiter is granted.
 _HANDED = "a live connection"
 _OPEN = "a reserved slot to open a connection in"
+_FAILED = "the connect made for it failed"
 _CLOSED = "the pool closed"
 
 
@@ -174,6 +216,16 @@ class Pool(Generic[C]):
         for the connections returned before that).
     :param reconnect_delay: first delay after a failed connect; it doubles with each failure.
     :param reconnect_max_delay: cap of that delay.
+    :param session_reset: what undoes server-side session state (``SET`` / ``SET ROLE``,
+        temporary tables, user variables, prepared statements) before the next borrower:
+        ``None`` (default) nothing beyond the rollback and the driver settings;
+        ``"discard"`` the server's own reset (``DISCARD ALL`` on PostgreSQL, a connection
+        reset on MySQL/MariaDB with PyMySQL), one round trip after each lease that ran
+        something, or a reconnect where the driver has no reset; ``"reconnect"`` closes every
+        connection a lease ran something on.
+    :param leak_timeout: a lease held longer than this many seconds is logged as a warning
+        with the stack of the code that took it (``None``: off; costs a stack capture per
+        checkout when on).
     :param dialect: a :class:`dbpool.dialects.Dialect` or its name; by default detected from
         the driver of the first connection.
     :param name: shown in logs, errors and ``repr``; default ``pool-1``, ``pool-2``, ...
@@ -192,6 +244,8 @@ class Pool(Generic[C]):
         validate_after: float | None = 1.0,
         reconnect_delay: float = 0.1,
         reconnect_max_delay: float = 5.0,
+        session_reset: str | None = None,
+        leak_timeout: float | None = None,
         dialect: Dialect | str | None = None,
         name: str | None = None,
     ) -> None:
@@ -221,6 +275,12 @@ class Pool(Generic[C]):
                 f"reconnect_max_delay ({reconnect_max_delay}) must not be below "
                 f"reconnect_delay ({reconnect_delay})"
             )
+        if session_reset not in _SESSION_RESETS:
+            raise ValueError(
+                "session_reset must be None, 'discard' or 'reconnect', "
+                f"got {session_reset!r}"
+            )
+        _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)
         if isinstance(dialect, str):
             dialect = _dialect_named(dialect)
         elif dialect is not None and not isinstance(dialect, Dialect):
@@ -241,6 +301,8 @@ class Pool(Generic[C]):
         self._validate_after = _NEVER if validate_after is None else float(validate_after)
         self._reconnect_delay = float(reconnect_delay)
         self._reconnect_max_delay = float(reconnect_max_delay)
+        self._session_reset = session_reset
+        self._leak_timeout = leak_timeout
         self._dialect: Dialect | None = dialect
 
         # Leases dropped without release are queued here by their finalizer, which may run in
@@ -279,7 +341,9 @@ class Pool(Generic[C]):
         # Counters.
         self._created = self._closed_count = self._discarded = 0
         self._acquired = self._timeouts = self._connect_errors = 0
+        self._leak_warnings = self._leaked = 0
         # --- end of guarded state ---------------------------------------------------------
+        self._refilling = False  # a refill thread is running (guarded by the lock)
         self._reaper_wakeup = threading.Event()
         self._reaper_thread: threading.Thread | None = None
 
@@ -315,6 +379,8 @@ class Pool(Generic[C]):
         """
         slot = self._acquire(timeout)
         try:
+            if self._leak_timeout is not None:
+                slot.borrowed = _Borrowed()
             return Connection(self, slot)
         except BaseException:
             slot.claim.acquire(False)
@@ -368,6 +434,11 @@ class Pool(Generic[C]):
         """Return a leased connection; the same as ``conn.close()``."""
         if not isinstance(conn, Connection):
             raise TypeError(f"release() takes a dbpool.Connection, got {type(conn)!r}")
+        if conn._pool is self and conn._slot is None:
+            raise LeaseReleased(
+                "this connection was already returned to the pool: release it once "
+                "(conn.close() and leaving 'with' may be repeated, release() may not)"
+            )
         self._release(conn)
 
     def wait(self, timeout: float = 30.0) -> None:
@@ -443,6 +514,11 @@ class Pool(Generic[C]):
                 self._cond.wait(min(remaining, _CLOSE_POLL))
         for slot in leased:
             logger.warning("pool %r closed: closing a connection still leased", self._name)
+            if slot.raw is not None:
+                try:  # a borrower blocked on the connection gets an error now, not never
+                    slot.dialect.sever(slot.raw)
+                except Exception as exc:
+                    logger.debug("cutting off a leased connection failed: %s", _describe(exc))
             self._close_raw(slot, "pool closed with the connection still leased")
         logger.info("pool %r closed", self._name)
 
@@ -486,9 +562,8 @@ class Pool(Generic[C]):
                 self._return_orphans()
             slot = self._take(deadline, timeout)
             if slot.raw is None:
-                self._open(slot, for_caller=True)
-                return slot
-            if self._fit_for_use(slot):
+                return self._connect_for_caller(slot, deadline, timeout)
+            if self._fit_for_use(slot, deadline):
                 return slot
 
     def _take(self, deadline: float, timeout: float) -> _Slot:
@@ -544,6 +619,7 @@ class Pool(Generic[C]):
         with self._lock:
             grant = waiter.grant
             if grant is None:
+                waiter.abandoned = True
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 return
@@ -561,17 +637,27 @@ class Pool(Generic[C]):
             self._forget_locked([slot])
         self._close_raw(slot, "pool closed")
 
-    def _fit_for_use(self, slot: _Slot) -> bool:
-        """Check an idle connection the caller took; discard it and say so if it is not fit."""
+    def _fit_for_use(self, slot: _Slot, deadline: float) -> bool:
+        """Check an idle connection the caller took; discard it and say so if it is not fit.
+
+        The ping is bounded by the caller's deadline (at least ``_MIN_PING_TIME``): past it,
+        the connection's socket is shut down, so a blackholed connection fails at once.
+        """
         now = monotonic()
         if now >= slot.expires_at:
             self._discard(slot, "reached max_lifetime", broken=False)
             return False
         if now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at:
             return True
+        dialect, raw = slot.dialect, slot.raw
+        guard = Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw))
         try:
-            slot.dialect.ping(slot.raw)
-            fit = slot.dialect.transaction_state(slot.raw) in (TxState.IDLE, TxState.UNKNOWN)
+            with guard:
+                dialect.ping(raw)
+            fit = not guard.fired and dialect.transaction_state(raw) in (
+                TxState.IDLE,
+                TxState.UNKNOWN,
+            )
         except Exception as exc:
             logger.info("pool %r: idle connection failed validation: %s", self._name, _describe(exc))
             fit = False
@@ -608,13 +694,62 @@ class Pool(Generic[C]):
         self._opening -= 1
         self._grant_room_locked()
 
-    def _open(self, slot: _Slot, *, for_caller: bool) -> None:
-        """Connect into a reserved slot.
+    def _connect_for_caller(self, slot: _Slot, deadline: float, timeout: float) -> _Slot:
+        """Open a connection in a slot reserved for the caller and hand it over.
 
-        For a caller (``for_caller``), the caller then holds the connection and gets the
-        driver's own error if connecting fails.  For the pool (refill, or callers queued while
-        connects back off), the connection goes to the oldest waiter or the idle stack, and a
-        failure is only counted and logged.
+        The connect runs in a thread of its own, so that the caller's deadline holds even when
+        connecting hangs (a blackholed network): a caller that gives up leaves the connection,
+        once made, to the pool.  A failed connect raises the driver's own error.
+        """
+        waiter = _Waiter()
+        self._start_connect(slot, waiter)
+        try:
+            waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
+            self._lock.acquire()
+        except BaseException:  # e.g. KeyboardInterrupt: whatever the connect gives, the pool keeps
+            self._abandon(waiter)
+            raise
+        try:
+            grant = waiter.grant
+            if grant is None:
+                waiter.abandoned = True
+                self._timeouts += 1
+                error = self._connect_timeout_error_locked(timeout)
+        finally:
+            self._lock.release()
+        if grant is None:
+            logger.warning("%s", error)
+            raise error from self._last_connect_error
+        if grant is _FAILED:
+            failure, waiter.error = waiter.error, None
+            assert failure is not None
+            raise failure
+        if grant is _CLOSED:
+            raise PoolClosed(f"pool {self._name!r} was closed while connecting")
+        return slot
+
+    def _start_connect(self, slot: _Slot, waiter: _Waiter) -> None:
+        # The caller's context variables go along, for connect callables that read them.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run,
+            args=(self._open, slot, waiter),
+            name=f"dbpool-connect-{self._name}",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._unreserve_locked()
+            raise
+
+    def _open(self, slot: _Slot, waiter: _Waiter | None) -> bool:
+        """Connect into a reserved slot (in a connect thread, or the refill thread).
+
+        The connection goes to ``waiter``, the caller it was opened for, unless that caller
+        gave up; otherwise to the oldest queued caller or the idle stack.  A failure is counted,
+        logged and handed to ``waiter``; nothing is raised here.  Returns whether it connected.
         """
         raw = None
         try:
@@ -633,22 +768,20 @@ class Pool(Generic[C]):
         except BaseException as exc:  # nothing counted yet: give the reservation back
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
-            failed = isinstance(exc, Exception)
             with self._lock:
                 if isinstance(exc, Exception):
                     self._note_connect_failure_locked(exc)
                 self._unreserve_locked()
-            if not failed:
-                raise
+                if waiter is not None and not waiter.abandoned:
+                    waiter.error = exc
+                    self._serve_locked(waiter, _FAILED)
             logger.warning(
                 "pool %r: connect failed (%d in a row): %s",
                 self._name,
                 self._connect_failures,
                 _describe(exc),
             )
-            if for_caller:
-                raise
-            return
+            return False
         try:
             recovered = self._connect_failures > 0
             self._connect_failures = 0
@@ -656,13 +789,18 @@ class Pool(Generic[C]):
             self._opening -= 1
             self._created += 1
             closed = self._closed
+            caller = waiter if waiter is not None and not waiter.abandoned else None
             if closed:
                 self._size -= 1
+                if caller is not None:
+                    self._serve_locked(caller, _CLOSED)
             else:
                 self._everyone.add(slot)
-                if for_caller:
+                if caller is not None:
                     self._in_use += 1
                     self._acquired += 1
+                    caller.slot = slot
+                    self._serve_locked(caller, _HANDED)
                 else:
                     self._free_locked(slot)
                 if recovered:
@@ -675,8 +813,7 @@ class Pool(Generic[C]):
         logger.debug("pool %r: opened a connection", self._name)
         if closed:
             self._close_raw(slot, "pool closed while connecting")
-            if for_caller:
-                raise PoolClosed(f"pool {self._name!r} was closed while connecting")
+        return True
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
         self._connect_errors += 1
@@ -710,12 +847,21 @@ class Pool(Generic[C]):
                 slot = self._orphans.popleft()
             except IndexError:
                 return
+            with self._lock:
+                self._leaked += 1
             self._give_back(slot)
 
     def _give_back(self, slot: _Slot) -> None:
         """Take back a connection from its borrower: clean it, then reuse or discard it."""
         if slot.generation != self._generation:
             return  # inherited across fork(), or closed by close(): not ours to count
+        borrowed, slot.borrowed = slot.borrowed, None
+        if borrowed is not None and borrowed.reported:
+            logger.warning(
+                "pool %r: the connection reported as held too long came back after %.1f s",
+                self._name,
+                monotonic() - borrowed.at,
+            )
         try:
             problem = self._clean(slot)
         except BaseException:
@@ -773,6 +919,10 @@ class Pool(Generic[C]):
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
                     setattr(raw, name, value)
+            if self._session_reset is not None and slot.used:
+                if self._session_reset == "reconnect" or not dialect.can_reset_session:
+                    return "session_reset: a used connection is not reused"
+                dialect.reset_session(raw)
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
@@ -852,20 +1002,76 @@ class Pool(Generic[C]):
             self._close_raw(slot, "idle or past max_lifetime")
         if retired:
             logger.debug("pool %r: reaped %d connections", self._name, len(retired))
-        while True:
-            with self._lock:
-                if self._closed:
-                    return None
-                wanted = self._size < self._min_size or self._waiters
-                if not (wanted and self._size < self._max_size):
-                    break
-                if not self._may_connect_locked(monotonic()):
-                    return max(self._next_connect_at - monotonic(), 0.001)
-                slot = self._reserve_locked()
-            self._open(slot, for_caller=False)
-            if self._connect_failures:
-                break
+        if self._leak_timeout is not None:
+            self._report_leaks(now)
+        with self._lock:
+            if self._closed:
+                return None
+            refill = (
+                not self._refilling
+                and self._refill_wanted_locked()
+                and (not self._connect_failures or monotonic() >= self._next_connect_at)
+            )
+            if refill:
+                self._refilling = True
+        if refill:
+            self._start_refill()
         return self._tick()
+
+    def _refill_wanted_locked(self) -> bool:
+        wanted = self._size < self._min_size or bool(self._waiters)
+        return wanted and self._size < self._max_size
+
+    def _start_refill(self) -> None:
+        thread = threading.Thread(target=self._refill, name=f"dbpool-refill-{self._name}", daemon=True)
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._refilling = False
+            raise
+
+    def _refill(self) -> None:
+        """Open connections one at a time while some are wanted (below ``min_size``, or callers
+        queued while connects back off); stop at the first failure, after which the reaper
+        starts this again when the backoff delay is up.  Runs in a thread of its own, so the
+        reaper never waits on a connect that hangs."""
+        try:
+            while True:
+                with self._lock:
+                    if (
+                        self._closed
+                        or not self._refill_wanted_locked()
+                        or not self._may_connect_locked(monotonic())
+                    ):
+                        return
+                    slot = self._reserve_locked()
+                if not self._open(slot, None):
+                    return
+        finally:
+            with self._lock:
+                self._refilling = False
+
+    def _report_leaks(self, now: float) -> None:
+        assert self._leak_timeout is not None
+        overdue = []
+        with self._lock:
+            for slot in self._everyone:
+                borrowed = slot.borrowed
+                if borrowed and not borrowed.reported and now - borrowed.at > self._leak_timeout:
+                    borrowed.reported = True
+                    overdue.append(borrowed)
+            self._leak_warnings += len(overdue)
+        for borrowed in overdue:
+            logger.warning(
+                "pool %r: a connection has been leased for %.1f s, longer than leak_timeout=%g s, "
+                "by thread %r; it was acquired at:\n%s",
+                self._name,
+                now - borrowed.at,
+                self._leak_timeout,
+                borrowed.thread,
+                borrowed.where(),
+            )
 
     def _pick_retired_locked(self, now: float) -> list[_Slot]:
         retired = []
@@ -885,6 +1091,8 @@ class Pool(Generic[C]):
 
     def _tick(self) -> float:
         tick = min(1.0, self._idle_timeout / 2, self._max_lifetime / 2)
+        if self._leak_timeout is not None:
+            tick = min(tick, self._leak_timeout / 2)
         if self._connect_failures and (self._waiters or self._size < self._min_size):
             tick = min(tick, self._next_connect_at - monotonic())
         return max(tick, 0.005)
@@ -920,6 +1128,8 @@ class Pool(Generic[C]):
             acquired=self._acquired,
             timeouts=self._timeouts,
             connect_errors=self._connect_errors,
+            leak_warnings=self._leak_warnings,
+            leaked=self._leaked,
         )
 
     def _timeout_error_locked(self, timeout: float) -> PoolTimeout:
@@ -934,7 +1144,28 @@ class Pool(Generic[C]):
             message += f"; connects to the database are failing: {_describe(error)}"
         else:
             message += "; every connection is in use: raise max_size or return connections sooner"
+            held = self._held_by_this_thread_locked()
+            if held:
+                message += (
+                    f"; this thread itself holds {held} of them: a nested acquire needs a pool "
+                    "larger than the nesting depth, or pass the connection down instead"
+                )
         return PoolTimeout(message)
+
+    def _connect_timeout_error_locked(self, timeout: float) -> PoolTimeout:
+        message = (
+            f"pool {self._name!r}: connecting to the database took longer than the {timeout:g} s "
+            "acquire timeout; the connection joins the pool if the connect succeeds"
+        )
+        error = self._last_connect_error
+        if error is not None:
+            message += f"; connects are failing: {_describe(error)}"
+        return PoolTimeout(message)
+
+    def _held_by_this_thread_locked(self) -> int:
+        me = threading.get_ident()
+        leased = self._everyone.difference(self._idle)
+        return sum(1 for slot in leased if slot.owner == me)
 
 
 def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:

@@ -5,7 +5,9 @@ connection, leaving nothing behind for the next borrower.
 on a lease the caller already holds.  The deadline runs from BEGIN.  It is enforced by the server
 where it can be (statement and lock timeouts sized to it) and by the shared watchdog thread,
 which cancels the running statement when it passes; the block then ends in a rollback and
-:class:`TransactionTimeout`.
+:class:`TransactionTimeout`.  A driver call still running ``_SEVER_GRACE`` seconds after the
+deadline (the cancel never reached the server: a blackholed network) has its connection's socket
+shut down, and the pool discards the connection.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ logger = logging.getLogger("dbpool")
 T = TypeVar("T")
 
 _CANCEL_AGAIN = 0.05  # seconds between cancels while a statement still runs past the deadline
+_SEVER_GRACE = 1.0  # seconds past the deadline before a call still running is cut off
 _NOT_LIMITED = object()  # limit_time() was not called, or did not get through
 _RETRY_FIRST_DELAY = 0.01
 _RETRY_MAX_DELAY = 1.0
@@ -90,6 +93,11 @@ class Transaction(Generic[C]):
         self._begin_token: Any = None
         self._time_token: Any = _NOT_LIMITED
         self._watch: Any = None
+        # _guarded: from BEGIN until COMMIT/ROLLBACK and the session undo are over; the
+        # watchdog severs the connection only while it is set (under _sever_lock).
+        self._sever_lock = threading.Lock()
+        self._guarded = False
+        self._sever_watch: Any = None
         self._savepoints = itertools.count(1)
 
     # -- the block ----------------------------------------------------------------------------
@@ -128,6 +136,8 @@ class Transaction(Generic[C]):
         if self._timeout is not None:  # the deadline runs from BEGIN, and covers it
             self._deadline = monotonic() + self._timeout
             self._watch = watchdog.watch(self._deadline, self._on_deadline)
+            self._guarded = True
+            self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
         limit_inside = dialect.limit_time_inside_transaction
         try:
             if self._timeout is not None and not limit_inside:
@@ -146,6 +156,7 @@ class Transaction(Generic[C]):
                 raise  # interrupted mid-call: busy stays set, the pool discards the connection
             slot.busy = False
             self._end_quietly(slot)  # roll back what began, put the session back
+            self._unguard()
             if self._expired or monotonic() >= self._deadline:
                 raise self._timeout_error() from exc
             raise
@@ -153,10 +164,25 @@ class Transaction(Generic[C]):
 
     def _stop_watching(self) -> None:
         """After this, the watchdog cancels nothing more for this transaction."""
-        with self._cancel_lock:  # waits for a cancel in progress to finish
+        # Wait for a cancel in progress, but not forever: a cancel whose own connection hangs
+        # must not hang the block.  The connection is then doomed, so that the late cancel can
+        # only reach a connection nobody will use again.
+        if self._cancel_lock.acquire(timeout=_SEVER_GRACE):
             self._active = False
+            self._cancel_lock.release()
+        else:
+            self._active = False
+            if self._slot is not None:
+                self._slot.doomed = True
         if self._watch is not None:
             watchdog.unwatch(self._watch)
+
+    def _unguard(self) -> None:
+        """After this, the watchdog severs nothing for this transaction."""
+        with self._sever_lock:
+            self._guarded = False
+        if self._sever_watch is not None:
+            watchdog.unwatch(self._sever_watch)
 
     def _owns_connection(self) -> bool:
         """Whether the lease still holds the connection the transaction began on.  A lease
@@ -176,6 +202,12 @@ class Transaction(Generic[C]):
         """Commit or roll back; the block's own exception, if any, propagates after this."""
         if not self._open:
             return
+        try:
+            self._commit_or_roll_back(exc)
+        finally:
+            self._unguard()
+
+    def _commit_or_roll_back(self, exc: BaseException | None) -> None:
         slot = self._slot
         assert slot is not None
         self._stop_watching()
@@ -262,6 +294,25 @@ class Transaction(Generic[C]):
                     pass
                 return None
         return _CANCEL_AGAIN
+
+    def _on_overdue(self) -> float | None:
+        slot = self._slot
+        with self._sever_lock:
+            if not self._guarded or slot is None or not self._owns_connection():
+                return None
+            if not slot.busy:
+                return _CANCEL_AGAIN  # cut off the next call that starts this late
+            logger.warning(
+                "a transaction's statement still runs %g s past its deadline: the cancel did "
+                "not stop it, closing its connection's socket",
+                _SEVER_GRACE,
+            )
+            slot.doomed = True
+            try:
+                slot.dialect.sever(slot.raw)
+            except Exception as exc:
+                logger.info("cutting off a connection failed: %s", exc)
+        return None
 
     def _side_connect(self) -> Callable[[], Any]:
         assert self._lease is not None

@@ -1,4 +1,5 @@
-"""One thread for every transaction deadline in the process.
+"""One thread for every deadline in the process: transactions, and driver calls that must not
+outlive a caller's deadline.
 
 Transactions register a deadline and a callback; the thread sleeps until the earliest one is due
 and hands its callback to a short-lived worker thread (a cancel does I/O and may hang: it must not
@@ -12,9 +13,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 from time import monotonic
+from types import TracebackType
 from typing import Callable, Optional
 
 logger = logging.getLogger("dbpool")
@@ -101,7 +104,7 @@ class Watchdog:
         try:
             again = callback()
         except BaseException:  # a worker's failure must not go unnoticed, nor go further
-            logger.exception("transaction deadline handler failed")
+            logger.exception("deadline handler failed")
             again = None
         with self._lock:
             if again is None or not entry.active:
@@ -113,3 +116,44 @@ class Watchdog:
 
 
 watchdog = Watchdog()
+
+
+class Overdue:
+    """Calls ``interrupt`` from the watchdog if the block it guards is still running at
+    ``when``: ``with Overdue(deadline, lambda: dialect.sever(raw)) as guard: ...``.
+
+    ``interrupt`` must not block (shutting a socket down, ``sqlite3.interrupt``).  It runs at
+    most once, and never after the block ended; ``fired`` tells whether it ran.
+    """
+
+    __slots__ = ("_lock", "_running", "_interrupt", "_entry", "fired")
+
+    def __init__(self, when: float, interrupt: Callable[[], object]) -> None:
+        self._lock = threading.Lock()
+        self._running = True
+        self._interrupt = interrupt
+        self.fired = False
+        self._entry = None if when == math.inf else watchdog.watch(when, self._fire)
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._running:
+                self.fired = True
+                try:
+                    self._interrupt()
+                except Exception as exc:
+                    logger.info("interrupting a call past its deadline failed: %s", exc)
+
+    def __enter__(self) -> Overdue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with self._lock:
+            self._running = False
+        if self._entry is not None:
+            watchdog.unwatch(self._entry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import socket
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -67,6 +68,24 @@ class Dialect:
 
     def close(self, conn: Any) -> None:
         conn.close()
+
+    def sever(self, conn: Any) -> None:
+        """Make a call blocked on ``conn`` in another thread fail at once, without I/O: shut
+        its socket down.  The connection is unusable afterwards.  A driver with no socket to
+        reach is left alone: its own timeouts must bound a hung call."""
+        fileno = getattr(conn, "fileno", None)
+        if callable(fileno):
+            shutdown_socket(fileno())
+
+    #: Whether :meth:`reset_session` exists for this driver; without it, the ``"discard"``
+    #: session reset policy reconnects instead.
+    can_reset_session = False
+
+    def reset_session(self, conn: Any) -> None:
+        """Undo server-side session state (settings, roles, temporary tables, variables,
+        prepared statements) with the server's own reset; called with no transaction open.
+        Leaves the driver's client settings as they were."""
+        raise NotImplementedError(f"the {self.name} dialect has no session reset")
 
     # -- transactions (dbpool.transaction) --------------------------------------------------
     # Every SQL text below is fixed or built from dbpool.Isolation values and numbers the pool
@@ -169,6 +188,24 @@ def _execute(conn: Any, sql: str, params: Any = None) -> list[Any]:
         return list(cursor.fetchall()) if cursor.description else []
     finally:
         cursor.close()
+
+
+def shutdown_socket(fd: int) -> None:
+    """Shut down the socket behind ``fd`` for both directions; anything else is left alone."""
+    if fd < 0:
+        return
+    duplicate = os.dup(fd)  # a socket object of our own, so that closing it leaves fd open
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:  # not a socket
+        os.close(duplicate)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more
+    finally:
+        sock.close()
 
 
 def _blind_fd(fd: int) -> None:

@@ -87,6 +87,20 @@ class PsycopgDialect(Dialect):
         cancel = getattr(conn, "cancel_safe", None) or conn.cancel
         cancel()
 
+    can_reset_session = True
+
+    def reset_session(self, conn: Any) -> None:
+        # DISCARD ALL refuses to run inside a transaction block; psycopg drops its cache of
+        # prepared statements when it sees the command go through.
+        if conn.autocommit:
+            conn.execute("DISCARD ALL")
+            return
+        conn.autocommit = True
+        try:
+            conn.execute("DISCARD ALL")
+        finally:
+            conn.autocommit = False
+
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
 

@@ -44,6 +44,17 @@ class Psycopg2Dialect(Dialect):
         finally:
             conn.autocommit = autocommit
 
+    can_reset_session = True
+
+    def reset_session(self, conn: Any) -> None:
+        autocommit = conn.autocommit  # DISCARD ALL refuses to run inside a transaction block
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("DISCARD ALL")
+        finally:
+            conn.autocommit = autocommit
+
     def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
         pass  # every level, and read-only
 

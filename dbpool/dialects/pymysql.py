@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import socket
+
 from ..isolation import Isolation
 from .base import Dialect, TxState, _execute, is_database_error
 
@@ -72,6 +74,7 @@ class _MySQLTransactions:
 
 _IN_TRANS = 0x0001  # SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = 0x0002  # SERVER_STATUS_AUTOCOMMIT
+_COM_RESET_CONNECTION = 0x1F  # MySQL 5.7.3+, MariaDB 10.2.4+
 
 
 class PyMySQLDialect(_MySQLTransactions, Dialect):
@@ -100,6 +103,30 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
 
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
+
+    def sever(self, conn: Any) -> None:
+        sock = conn._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected any more
+
+    can_reset_session = True
+
+    def reset_session(self, conn: Any) -> None:
+        # COM_RESET_CONNECTION: the session as if new, without authenticating again.  It also
+        # resets the character set, sql_mode and autocommit to the server's defaults, so what
+        # PyMySQL set up when it connected is applied again, as it did then.
+        conn._execute_command(_COM_RESET_CONNECTION, b"")
+        conn._read_ok_packet()
+        conn.set_character_set(conn.charset, conn.collation)
+        if conn.sql_mode is not None:
+            _execute(conn, "SET sql_mode=%s", (conn.sql_mode,))
+        if conn.init_command is not None:
+            _execute(conn, conn.init_command)
+        if conn.autocommit_mode is not None:
+            conn.autocommit(conn.autocommit_mode)
 
 
 class MySQLdbDialect(_MySQLTransactions, Dialect):

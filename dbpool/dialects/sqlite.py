@@ -106,6 +106,9 @@ class SQLiteDialect(Dialect):
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         conn.interrupt()
 
+    def sever(self, conn: Any) -> None:
+        conn.interrupt()  # no socket: stopping the statement is all there is to do
+
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlite_errorcode", None) in _BUSY_OR_LOCKED
 

@@ -1,0 +1,182 @@
+"""A blackholed network (a stall: bytes go out, nothing comes back) between the pool and a real
+server, with psycopg 3 and PyMySQL through :class:`tests.faultproxy.FaultProxy`.
+
+The drivers' own timeouts are left at "never" where they allow it, so that every bound seen here
+is the pool's: the acquire deadline holds across a hung validation ping and a hung connect; a
+transaction's deadline holds across a statement whose cancel cannot reach the server; close()
+returns while a borrower is stuck in a query; and the pool's own threads (reaper, refill) stay
+responsive meanwhile.  Each test then heals the network and shows the pool recovers by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import dbpool
+from tests.conftest import wait_until
+from tests.faultproxy import FaultProxy, Mode
+
+pytestmark = pytest.mark.timeout(60)
+
+#: How far past a deadline a bounded call may return: the ping's floor, the sever grace and
+#: thread scheduling on a loaded machine.  A hang is unbounded, so this still tells them apart.
+SLACK = 3.0
+
+
+class Link:
+    """A server behind a proxy, and a connect callable that goes through it."""
+
+    def __init__(self, name: str, proxy: FaultProxy, connect: Callable[[], Any], lost: tuple[type, ...]) -> None:
+        self.name = name
+        self.proxy = proxy
+        self.connect = connect
+        self.lost = lost  # what the driver raises on a connection cut under it
+
+
+def _pg_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(request.getfixturevalue("postgresql_dsn"))
+    params.update(host="127.0.0.1", port=proxy.port, sslmode="disable")
+    params.pop("hostaddr", None)
+    params.pop("connect_timeout", None)  # no driver timeout: the pool's bounds are on trial
+    return Link("postgresql", proxy, lambda: psycopg.connect(**params), (psycopg.OperationalError,))
+
+
+def _mysql_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
+    import pymysql
+
+    params = dict(request.getfixturevalue("mysql_params"))
+    params.update(host="127.0.0.1", port=proxy.port)
+    params.pop("read_timeout", None)
+    params.pop("write_timeout", None)
+    lost = (pymysql.OperationalError, pymysql.InterfaceError)
+    return Link("mysql", proxy, lambda: pymysql.connect(**params), lost)
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def link(request: pytest.FixtureRequest) -> Iterator[Link]:
+    upstream_port = 5432 if request.param == "postgresql" else 3306
+    if request.param == "postgresql":
+        from psycopg.conninfo import conninfo_to_dict
+
+        upstream_port = int(conninfo_to_dict(request.getfixturevalue("postgresql_dsn")).get("port", 5432))
+    else:
+        upstream_port = int(request.getfixturevalue("mysql_params").get("port", 3306))
+    with FaultProxy(upstream=("127.0.0.1", upstream_port)) as proxy:
+        make = _pg_link if request.param == "postgresql" else _mysql_link
+        yield make(request, proxy)
+        proxy.set_mode(Mode.PASS)
+        proxy.drop_all()  # hung connects and queries fail now, and their threads end
+
+
+def heal(link: Link) -> None:
+    link.proxy.set_mode(Mode.PASS)
+    link.proxy.drop_all()
+
+
+def timed(call: Callable[[], Any]) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_hung_validation_ping_is_bounded_by_the_acquire_deadline(link: Link) -> None:
+    with dbpool.Pool(link.connect, min_size=0, max_size=1, validate_after=0) as pool:
+        with pool.connection():
+            pass
+        link.proxy.set_mode(Mode.BLACKHOLE)
+        elapsed, error = timed(lambda: pool.connection(timeout=0.5).close())
+        assert isinstance(error, dbpool.PoolTimeout), error
+        assert elapsed < 0.5 + SLACK, f"acquire(timeout=0.5) took {elapsed:.1f} s"
+        s = pool.stats()
+        assert s.discarded == 1, "the blackholed connection was handed out or kept"
+        assert s.in_use == 0 and s.size <= 1
+        heal(link)
+        with pool.connection(timeout=10) as conn:
+            conn.cursor().execute("SELECT 1")
+
+
+def test_hung_connect_is_bounded_by_the_acquire_deadline(link: Link) -> None:
+    with dbpool.Pool(link.connect, min_size=0, max_size=2) as pool:
+        link.proxy.set_mode(Mode.BLACKHOLE)
+        elapsed, error = timed(lambda: pool.connection(timeout=0.5).close())
+        assert isinstance(error, dbpool.PoolTimeout), error
+        assert "connecting to the database took longer" in str(error)
+        assert elapsed < 0.5 + SLACK, f"acquire(timeout=0.5) took {elapsed:.1f} s"
+        s = pool.stats()
+        assert (s.opening, s.in_use, s.timeouts) == (1, 0, 1), s
+        heal(link)  # the hung connect fails now; the next one succeeds
+        with pool.connection(timeout=10) as conn:
+            conn.cursor().execute("SELECT 1")
+        wait_until(lambda: pool.stats().opening == 0)
+        s = pool.stats()
+        assert s.size == s.idle + s.in_use + s.opening <= 2, s
+
+
+def test_transaction_deadline_holds_when_the_cancel_cannot_reach_the_server(link: Link) -> None:
+    with dbpool.Pool(link.connect, min_size=0, max_size=1) as pool:
+        def block() -> None:
+            with pool.transaction(timeout=0.5) as tx:
+                link.proxy.set_mode(Mode.BLACKHOLE)
+                tx.execute("SELECT 1")
+
+        elapsed, error = timed(block)
+        assert isinstance(error, dbpool.TransactionTimeout), error
+        assert elapsed < 0.5 + SLACK, f"a 0.5 s transaction ran {elapsed:.1f} s"
+        s = pool.stats()
+        assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
+        heal(link)
+        with pool.transaction(timeout=5) as tx:
+            tx.execute("SELECT 1")
+
+
+def test_close_returns_while_a_borrower_is_stuck_in_a_query(link: Link) -> None:
+    pool = dbpool.Pool(link.connect, min_size=0, max_size=1)
+    lease = pool.connection()
+    outcome: list[BaseException | None] = []
+
+    def stuck() -> None:
+        try:
+            lease.cursor().execute("SELECT 1")
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    link.proxy.set_mode(Mode.BLACKHOLE)
+    borrower = threading.Thread(target=stuck, daemon=True)
+    borrower.start()
+    wait_until(lambda: link.proxy.stats().bytes_held > 0)  # the query is in the blackhole
+    elapsed, error = timed(lambda: pool.close(timeout=0.5))
+    assert error is None and elapsed < 0.5 + SLACK, (elapsed, error)
+    borrower.join(SLACK)
+    assert not borrower.is_alive(), "the borrower is still stuck after close() cut its connection"
+    assert outcome and isinstance(outcome[0], link.lost + (dbpool.LeaseReleased,)), outcome
+
+
+def test_the_pool_threads_stay_responsive(link: Link, caplog: pytest.LogCaptureFixture) -> None:
+    # The blackholed idle connection fails its ping and is discarded; the connect made to
+    # replace it hangs.  Meanwhile the reaper still reports the lease held too long, and the
+    # caller gets its answer in time.
+    caplog.set_level(logging.WARNING, logger="dbpool")
+    with dbpool.Pool(link.connect, min_size=2, max_size=3, validate_after=0, leak_timeout=0.5) as pool:
+        pool.wait(timeout=10)
+        lease = pool.connection()
+        link.proxy.set_mode(Mode.BLACKHOLE)
+        elapsed, error = timed(lambda: pool.connection(timeout=0.3).close())
+        assert isinstance(error, dbpool.PoolTimeout) and elapsed < 0.3 + SLACK, (elapsed, error)
+        assert pool.stats().opening == 1  # hung, and counted against max_size
+        wait_until(lambda: pool.stats().leak_warnings == 1, timeout=SLACK)
+        assert any("longer than leak_timeout" in r.getMessage() for r in caplog.records)
+        lease.close()
+        heal(link)
+        wait_until(lambda: pool.stats().idle >= 2, timeout=15)
