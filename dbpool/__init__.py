@@ -1,6 +1,7 @@
 """dbpool: a synchronous, thread-safe connection pool for any DB-API 2.0 driver."""
 
 import logging
+from typing import TYPE_CHECKING
 
 from . import dialects
 from .errors import (
@@ -16,6 +17,9 @@ from .isolation import Isolation
 from .lease import Connection, Cursor
 from .pool import Pool, PoolStats
 from .transaction import Transaction
+
+if TYPE_CHECKING:
+    from .url import create_pool
 
 __all__ = [
     "Pool",

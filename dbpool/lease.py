@@ -25,9 +25,10 @@ __all__ = ["Connection", "Cursor"]
 
 
 def _released(what: str) -> LeaseReleased:
+    subject = "this connection" if what == "connection" else f"this {what}'s connection"
     return LeaseReleased(
-        f"this {what} belongs to a connection that went back to the pool (or that the pool "
-        "closed, or that was inherited across fork()); take a new one with pool.connection()"
+        f"{subject} went back to the pool (or the pool closed it, or it was inherited across "
+        "fork()); take a new one with pool.connection()"
     )
 
 

@@ -42,6 +42,7 @@ _NEVER = math.inf
 _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.0)
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
 _MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
+_SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together (see above)
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
 _INHERITED = -2  # inherited across fork(): must never be touched
@@ -273,7 +274,8 @@ class Pool(Generic[C]):
         if reconnect_max_delay < reconnect_delay:
             raise ValueError(
                 f"reconnect_max_delay ({reconnect_max_delay}) must not be below "
-                f"reconnect_delay ({reconnect_delay})"
+                f"reconnect_delay ({reconnect_delay}): raise reconnect_max_delay or lower "
+                "reconnect_delay"
             )
         if session_reset not in _SESSION_RESETS:
             raise ValueError(
@@ -336,8 +338,9 @@ class Pool(Generic[C]):
         self._connect_failures = 0
         self._next_connect_at = 0.0
         self._last_connect_error: BaseException | None = None
-        # Connections last returned before a broken one was found are pinged at checkout.
-        self._broken_at = -_NEVER
+        # Connections last returned before a broken one was found are pinged at checkout, and
+        # by the reaper, once per broken one found (_swept_at: the last it swept for).
+        self._broken_at = self._swept_at = -_NEVER
         # Counters.
         self._created = self._closed_count = self._discarded = 0
         self._acquired = self._timeouts = self._connect_errors = 0
@@ -368,7 +371,7 @@ class Pool(Generic[C]):
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return getattr(self, "_closed", True)  # True too if the constructor raised
 
     def connection(self, *, timeout: float | None = None) -> Connection[C]:
         """Lease a connection, for use as ``with pool.connection() as conn:``.
@@ -433,7 +436,10 @@ class Pool(Generic[C]):
     def release(self, conn: Connection[C]) -> None:
         """Return a leased connection; the same as ``conn.close()``."""
         if not isinstance(conn, Connection):
-            raise TypeError(f"release() takes a dbpool.Connection, got {type(conn)!r}")
+            raise TypeError(
+                f"release() takes the dbpool.Connection that pool.connection() returned "
+                f"(not the driver's connection, conn.raw), got {type(conn)!r}"
+            )
         if conn._pool is self and conn._slot is None:
             raise LeaseReleased(
                 "this connection was already returned to the pool: release it once "
@@ -450,9 +456,11 @@ class Pool(Generic[C]):
         _check_number("timeout", timeout, allow_none=False, positive=False)
         deadline = monotonic() + timeout
         with self._lock:
+            if self._closed:
+                raise PoolClosed(self._closed_message())
             while len(self._idle) + self._in_use < self._min_size:
                 if self._closed:
-                    raise PoolClosed(f"pool {self._name!r} is closed")
+                    raise PoolClosed(self._closed_message())
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     opened = len(self._idle) + self._in_use
@@ -529,6 +537,8 @@ class Pool(Generic[C]):
         self.close()
 
     def __repr__(self) -> str:
+        if "_lock" not in self.__dict__:
+            return "<Pool not initialised: its constructor raised>"
         state = "closed" if self._closed else "open"
         return (
             f"<Pool {self._name!r} {state} size={self._size} idle={len(self._idle)} "
@@ -565,12 +575,19 @@ class Pool(Generic[C]):
                 return self._connect_for_caller(slot, deadline, timeout)
             if self._fit_for_use(slot, deadline):
                 return slot
+            if monotonic() >= deadline:  # the validation took the time that was left
+                with self._lock:
+                    self._timeouts += 1
+                raise PoolTimeout(
+                    f"pool {self._name!r}: no connection within {timeout:g} s: an idle "
+                    "connection failed its validation ping, which used up the time left"
+                ) from self._last_connect_error
 
     def _take(self, deadline: float, timeout: float) -> _Slot:
         """A connection the caller now owns, or an empty slot reserved for it to open."""
         with self._lock:
             if self._closed:
-                raise PoolClosed(f"pool {self._name!r} is closed")
+                raise PoolClosed(self._closed_message())
             if self._idle:  # then nobody is waiting
                 slot = self._idle.pop()
                 self._in_use += 1
@@ -873,6 +890,10 @@ class Pool(Generic[C]):
         if problem is not None:
             self._discard(slot, problem, broken=_is_broken(slot))
             return
+        self._put_back(slot, now)
+
+    def _put_back(self, slot: _Slot, now: float) -> None:
+        """A connection the caller holds is fit for reuse: hand it on or make it idle."""
         slot.used_at = now
         try:
             self._lock.acquire()
@@ -926,6 +947,7 @@ class Pool(Generic[C]):
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
+            slot.doomed = True
             return f"reset failed: {_describe(exc)}"
         return None
 
@@ -1004,6 +1026,8 @@ class Pool(Generic[C]):
             logger.debug("pool %r: reaped %d connections", self._name, len(retired))
         if self._leak_timeout is not None:
             self._report_leaks(now)
+        if self._broken_at > self._swept_at:
+            self._sweep_suspects()
         with self._lock:
             if self._closed:
                 return None
@@ -1051,6 +1075,32 @@ class Pool(Generic[C]):
         finally:
             with self._lock:
                 self._refilling = False
+
+    def _sweep_suspects(self) -> None:
+        """A broken connection was found: ping every idle connection returned before it now,
+        so that after a server restart the dead ones are retired together, not one checkout
+        at a time.  They count as in use meanwhile."""
+        with self._lock:
+            broken_at = self._swept_at = self._broken_at
+            suspects = [slot for slot in self._idle if slot.used_at <= broken_at]
+            if not suspects:
+                return
+            self._idle = deque(slot for slot in self._idle if slot.used_at > broken_at)
+            self._in_use += len(suspects)
+        deadline = monotonic() + _SWEEP_TIME
+        dead = 0
+        for slot in suspects:
+            if self._fit_for_use(slot, deadline):
+                self._put_back(slot, monotonic())
+            else:
+                dead += 1
+        logger.info(
+            "pool %r: a broken connection was found; %d of %d idle connections older than it "
+            "were dead too",
+            self._name,
+            dead,
+            len(suspects),
+        )
 
     def _report_leaks(self, now: float) -> None:
         assert self._leak_timeout is not None
@@ -1132,6 +1182,9 @@ class Pool(Generic[C]):
             leaked=self._leaked,
         )
 
+    def _closed_message(self) -> str:
+        return f"pool {self._name!r} is closed and hands out no more connections: make a new Pool"
+
     def _timeout_error_locked(self, timeout: float) -> PoolTimeout:
         s = self._stats_locked()
         message = (
@@ -1173,6 +1226,10 @@ def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:
 
 
 def _is_broken(slot: _Slot) -> bool:
+    """Whether a discarded connection suggests the server went away (the others are then
+    suspect): its driver says so, or a cancel, rollback or reset on it failed."""
+    if slot.doomed:
+        return True
     try:
         return slot.dialect.transaction_state(slot.raw) is TxState.BROKEN
     except Exception:

@@ -416,9 +416,13 @@ def run_transaction(
 ) -> T:
     """Call ``fn(tx)`` in a transaction, again on a fresh one when the database reports a
     serialization failure or deadlock, up to ``retries`` times within ``timeout`` overall."""
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking the transaction, got {fn!r}")
     check_options(isolation, timeout, readonly)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ValueError(f"retries must be an int, 0 or more, got {retries!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, got {retries!r}")
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries!r}")
     deadline = math.inf if timeout is None else monotonic() + timeout
     for attempt in itertools.count():
         remaining = None if timeout is None else deadline - monotonic()

@@ -613,6 +613,14 @@ def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
     return value
 
 
+def _shows_secret(text: str, secrets: Iterable[str]) -> bool:
+    """Whether ``text`` (a repr) shows a secret, as text or as escaped bytes."""
+    return any(
+        secret and (secret in text or repr(secret.encode("utf-8", "replace"))[2:-1] in text)
+        for secret in secrets
+    )
+
+
 def _scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
     """Scrub ``exc`` and the exceptions chained to it in place, keeping their classes."""
     seen = set()
@@ -640,5 +648,9 @@ def _scrub_attribute(obj: object, attr: str, secrets: tuple[str, ...]) -> None:
         scrubbed = _scrub_value(value, secrets)
         if scrubbed is not value and scrubbed != value:
             setattr(obj, attr, scrubbed)
+        elif _shows_secret(repr(value), secrets):
+            # An object that holds the secret and cannot be scrubbed (psycopg's pgconn keeps
+            # the connection parameters): drop it rather than let a debugger show it.
+            setattr(obj, attr, None)
     except Exception:  # a read-only or computed attribute: nothing to do about it
         pass

@@ -174,7 +174,7 @@ def test_interrupt_while_returning_keeps_accounting(make_pool: Any) -> None:
             lock.acquire()
             held.set()
             try:
-                interrupt_main_at_pool_lock(send, {"_give_back"})
+                interrupt_main_at_pool_lock(send, {"_give_back", "_put_back"})
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
             finally:
