@@ -3,15 +3,18 @@
 #   make demo    create .venv, install dbpool, run the bench on a SQLite file here
 #   make test    install the test extras into .venv and run the whole test suite
 #   make docs    install the docs extra and build the HTML docs (warnings are errors)
+#   make bench   install the bench extra and compare dbpool with its peers (docs/benchmarks/)
 #   make clean   remove build output, caches and the demo's SQLite files
 #
 # Extra arguments: make test PYTEST_ARGS="-x -k fifo"
 #                  make demo DEMO_ARGS="--threads 8 --seconds 3"
+#                  make bench BENCH_ARGS="--quick --scenarios cycle,storm"
 
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 SPHINXOPTS ?= -W --keep-going
 
 VPY := $(VENV)/bin/python
@@ -22,14 +25,16 @@ PIP_INSTALL := $(PIP) install --progress-bar off
 # editing pyproject.toml makes the next run reinstall.
 TEST_STAMP := $(VENV)/.installed-test
 DOCS_STAMP := $(VENV)/.installed-docs
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .DELETE_ON_ERROR:
-.PHONY: help venv demo test docs clean distclean
+.PHONY: help venv demo test docs bench clean distclean
 
 help:
 	@echo "make demo       run 'python -m dbpool bench' on a SQLite file in this directory"
 	@echo "make test       run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
 	@echo "make docs       build the HTML documentation into docs/_build/html"
+	@echo "make bench      compare dbpool with its peers into docs/benchmarks (BENCH_ARGS=...)"
 	@echo "make venv       create $(VENV) and install dbpool with its test extras"
 	@echo "make clean      remove build output, caches and the demo's SQLite files"
 	@echo "make distclean  clean, and remove $(VENV) too"
@@ -47,6 +52,10 @@ $(DOCS_STAMP): pyproject.toml | $(VPY)
 	$(PIP_INSTALL) -e '.[docs]'
 	touch $@
 
+$(BENCH_STAMP): pyproject.toml | $(VPY)
+	$(PIP_INSTALL) -e '.[bench]'
+	touch $@
+
 demo: venv
 	$(VPY) -m dbpool bench $(DEMO_ARGS)
 
@@ -55,6 +64,9 @@ test: venv
 
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/sphinx-build $(SPHINXOPTS) -b html docs docs/_build/html
+
+bench: $(BENCH_STAMP)
+	$(VPY) benchmarks/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf docs/_build .pytest_cache .hypothesis .tox build dist ./*.egg-info

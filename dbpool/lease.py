@@ -45,18 +45,8 @@ class Connection(Generic[C]):
     _pool: Pool[C]
     _slot: _Slot | None
 
-    def __init__(self, pool: Pool[C], slot: _Slot) -> None:
-        slot.dirty = False
-        slot.busy = False
-        slot.doomed = False
-        slot.transaction = None
-        slot.cursors = None
-        slot.restore = None
-        slot.used = False
-        slot.owner = get_ident()
-        object.__setattr__(self, "_pool", pool)
-        object.__setattr__(self, "_slot", slot)
-        slot.claim.release()  # from now on the first close() returns it
+    def __init__(self) -> None:
+        raise TypeError("a dbpool.Connection is not made directly: use pool.connection()")
 
     # -- the lease itself ---------------------------------------------------------------------
 
@@ -65,7 +55,7 @@ class Connection(Generic[C]):
         """The driver's connection.  Statements run on it directly are assumed to leave a
         transaction open, so the pool rolls back on return when it cannot read the state."""
         slot = self._live("connection")
-        slot.dirty = slot.used = True
+        slot.dirty = True
         return slot.raw  # type: ignore[no-any-return]
 
     @property
@@ -80,18 +70,25 @@ class Connection(Generic[C]):
 
     def close(self) -> None:
         """Return the connection to the pool.  Calling it again does nothing."""
-        self._pool._release(self)
+        slot = self._slot
+        if slot is not None and slot.claim.acquire(False):  # else released already
+            object.__setattr__(self, "_slot", None)
+            self._pool._give_back(slot)
 
     def __enter__(self) -> Connection[C]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._pool._release(self)
+        slot = self._slot
+        if slot is not None and slot.claim.acquire(False):  # else released already
+            object.__setattr__(self, "_slot", None)
+            self._pool._give_back(slot)
 
     def _live(self, what: str) -> _Slot:
         slot = self._slot
         if slot is None or slot.generation < 0:
             raise _released(what)
+        slot.used = True  # whatever the caller does next, the return path must look
         return slot
 
     def transaction(
@@ -111,7 +108,6 @@ class Connection(Generic[C]):
 
     def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
         slot = self._live("connection")
-        slot.used = True
         raw = slot.raw.cursor(*args, **kwargs)
         # The slot keeps the driver's cursor, never the wrapper: the wrapper refers to this
         # lease, which must stay collectable so a dropped lease finds its way back.
@@ -151,7 +147,7 @@ class Connection(Generic[C]):
         slot = self._live("connection")
         value = getattr(slot.raw, name)
         if callable(value):  # a driver method may run a statement the lease cannot see
-            slot.dirty = slot.used = True
+            slot.dirty = True
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -174,7 +170,10 @@ class Connection(Generic[C]):
         )
 
     def __del__(self) -> None:
-        slot = getattr(self, "_slot", None)
+        try:
+            slot = self._slot
+        except AttributeError:  # __init__ did not finish
+            return
         if slot is None or not slot.claim.acquire(False):
             return
         warnings.warn(
@@ -184,6 +183,23 @@ class Connection(Generic[C]):
             stacklevel=2,
         )
         self._pool._adopt_orphan(slot)
+
+
+_new = object.__new__
+_set_pool = Connection._pool.__set__  # type: ignore[attr-defined]
+_set_slot = Connection._slot.__set__  # type: ignore[attr-defined]
+
+
+def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
+    """A new lease of ``slot``'s connection, for the pool's checkout path (which runs this for
+    every lease: hence no class call, and no ``__setattr__`` lookup)."""
+    conn: Connection[C] = _new(Connection)
+    _set_pool(conn, pool)
+    _set_slot(conn, slot)
+    # The slot's lease fields are at their defaults: the return path saw to it.
+    slot.owner = get_ident()
+    slot.claim.release()  # from now on the first close() returns it
+    return conn
 
 
 class Cursor(Generic[C]):

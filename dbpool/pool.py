@@ -27,7 +27,7 @@ from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .isolation import Isolation
-from .lease import Connection
+from .lease import Connection, lease
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
 
@@ -82,8 +82,10 @@ class PoolStats:
 class _Slot:
     """One driver connection and the pool's record of it.
 
-    The lease fields (``dirty`` ... ``restore``) are reset by each new lease and written only
-    by the thread that holds it.
+    The lease fields (``dirty`` ... ``restore``, ``used``) are written by the thread that holds
+    the lease.  Every lease sets ``used`` before it touches the connection; the return path
+    then puts them back to their defaults, or discards the connection: so an idle connection
+    has them all at their defaults, and a lease that did nothing needs no cleaning.
     """
 
     __slots__ = (
@@ -115,7 +117,7 @@ class _Slot:
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
         self.transaction: Any = None  # the Transaction whose block is running on it
         self.owner = 0  # threading.get_ident() of the thread that leased it
-        self.used = False  # the lease ran something: a session reset policy applies
+        self.used = False  # the lease touched the connection: the return path must clean it
         # With leak_timeout: (monotonic time, stack, thread name) of the checkout, and whether
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
@@ -380,11 +382,37 @@ class Pool(Generic[C]):
         raises :class:`PoolTimeout`, :class:`TooManyWaiters`, :class:`PoolClosed`, or the
         driver's own error when this caller had to connect and the connect failed.
         """
-        slot = self._acquire(timeout)
+        if timeout is not None:
+            _check_number("timeout", timeout, allow_none=False, positive=False)
+        # The common case, inline: an idle connection that needs no round trip.
+        slot = None
+        if not self._orphans:
+            self._lock.acquire()
+            try:
+                if self._idle:  # then nobody is waiting, and the pool is open
+                    slot = self._idle.pop()
+                    self._in_use += 1
+                    self._acquired += 1
+            finally:
+                self._lock.release()
+        deadline = None
+        if slot is not None:
+            now = monotonic()
+            used_at = slot.used_at
+            if not (
+                now - used_at <= self._validate_after
+                and used_at > self._broken_at
+                and now < slot.expires_at
+            ):
+                deadline = now + (self._acquire_timeout if timeout is None else timeout)
+                if not self._fit_for_use(slot, deadline):
+                    slot = None
+        if slot is None:
+            slot = self._acquire(timeout, deadline)
         try:
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
-            return Connection(self, slot)
+            return lease(self, slot)
         except BaseException:
             slot.claim.acquire(False)
             self._give_back(slot)
@@ -561,12 +589,15 @@ class Pool(Generic[C]):
 
     # -- acquire ------------------------------------------------------------------------------
 
-    def _acquire(self, timeout: float | None) -> _Slot:
+    def _acquire(self, timeout: float | None, deadline: float | None) -> _Slot:
+        """The general checkout: queue, connect, validate.  ``timeout`` was checked;
+        ``deadline`` is set when a validation already used part of the time."""
         if timeout is None:
             timeout = self._acquire_timeout
-        else:
-            _check_number("timeout", timeout, allow_none=False, positive=False)
-        deadline = monotonic() + timeout
+        if deadline is None:
+            deadline = monotonic() + timeout
+        elif monotonic() >= deadline:
+            raise self._validation_timeout(timeout)
         while True:
             if self._orphans:
                 self._return_orphans()
@@ -575,13 +606,18 @@ class Pool(Generic[C]):
                 return self._connect_for_caller(slot, deadline, timeout)
             if self._fit_for_use(slot, deadline):
                 return slot
-            if monotonic() >= deadline:  # the validation took the time that was left
-                with self._lock:
-                    self._timeouts += 1
-                raise PoolTimeout(
-                    f"pool {self._name!r}: no connection within {timeout:g} s: an idle "
-                    "connection failed its validation ping, which used up the time left"
-                ) from self._last_connect_error
+            if monotonic() >= deadline:
+                raise self._validation_timeout(timeout)
+
+    def _validation_timeout(self, timeout: float) -> PoolTimeout:
+        with self._lock:
+            self._timeouts += 1
+        error = PoolTimeout(
+            f"pool {self._name!r}: no connection within {timeout:g} s: an idle connection "
+            "failed its validation ping, which used up the time left"
+        )
+        error.__cause__ = self._last_connect_error
+        return error
 
     def _take(self, deadline: float, timeout: float) -> _Slot:
         """A connection the caller now owns, or an empty slot reserved for it to open."""
@@ -872,28 +908,21 @@ class Pool(Generic[C]):
         """Take back a connection from its borrower: clean it, then reuse or discard it."""
         if slot.generation != self._generation:
             return  # inherited across fork(), or closed by close(): not ours to count
-        borrowed, slot.borrowed = slot.borrowed, None
-        if borrowed is not None and borrowed.reported:
-            logger.warning(
-                "pool %r: the connection reported as held too long came back after %.1f s",
-                self._name,
-                monotonic() - borrowed.at,
-            )
-        try:
-            problem = self._clean(slot)
-        except BaseException:
-            self._discard(slot, "reset interrupted", broken=True)
-            raise
+        if slot.borrowed is not None:
+            self._note_return_of_borrowed(slot)
+        problem = None
+        if slot.used:  # else the lease did nothing with the connection: nothing to undo
+            try:
+                problem = self._clean(slot)
+            except BaseException:
+                self._discard(slot, "reset interrupted", broken=True)
+                raise
         now = monotonic()
         if problem is None and now >= slot.expires_at:
             problem = "reached max_lifetime"
         if problem is not None:
             self._discard(slot, problem, broken=_is_broken(slot))
             return
-        self._put_back(slot, now)
-
-    def _put_back(self, slot: _Slot, now: float) -> None:
-        """A connection the caller holds is fit for reuse: hand it on or make it idle."""
         slot.used_at = now
         try:
             self._lock.acquire()
@@ -905,12 +934,24 @@ class Pool(Generic[C]):
                 return  # close() took it back while it was being cleaned
             self._in_use -= 1
             if not self._closed:
-                self._free_locked(slot)
+                if self._waiters:
+                    self._free_locked(slot)
+                else:
+                    self._idle.append(slot)
                 return
             self._forget_locked([slot])
         finally:
             self._lock.release()
         self._close_raw(slot, "pool closed")
+
+    def _note_return_of_borrowed(self, slot: _Slot) -> None:
+        borrowed, slot.borrowed = slot.borrowed, None
+        if borrowed is not None and borrowed.reported:
+            logger.warning(
+                "pool %r: the connection reported as held too long came back after %.1f s",
+                self._name,
+                monotonic() - borrowed.at,
+            )
 
     def _clean(self, slot: _Slot) -> str | None:
         """Make a returned connection fit for the next borrower, with no round trip when the
@@ -949,6 +990,7 @@ class Pool(Generic[C]):
         except Exception as exc:
             slot.doomed = True
             return f"reset failed: {_describe(exc)}"
+        slot.used = slot.dirty = False
         return None
 
     def _discard(self, slot: _Slot, reason: str, *, broken: bool) -> None:
@@ -1091,7 +1133,7 @@ class Pool(Generic[C]):
         dead = 0
         for slot in suspects:
             if self._fit_for_use(slot, deadline):
-                self._put_back(slot, monotonic())
+                self._give_back(slot)  # an idle connection: nothing to clean
             else:
                 dead += 1
         logger.info(
