@@ -296,6 +296,12 @@ class Cursor(Generic[C]):
         if self._open:
             object.__setattr__(self, "_open", False)
             self._raw.close()
+            slot = self._lease._slot
+            if slot is not None and slot.cursors:  # the return path need not close it again
+                try:
+                    slot.cursors.remove(self._raw)
+                except ValueError:
+                    pass
 
     def __enter__(self) -> Cursor[C]:
         return self

@@ -99,6 +99,9 @@ class Transaction(Generic[C]):
         self._guarded = False
         self._sever_watch: Any = None
         self._savepoints = itertools.count(1)
+        # A savepoint whose undo failed: the work it should have undone may still be there, so
+        # nothing more runs and nothing is committed.
+        self._undo_failed: BaseException | None = None
 
     # -- the block ----------------------------------------------------------------------------
 
@@ -221,13 +224,15 @@ class Transaction(Generic[C]):
         slot.transaction = None
         if slot.busy:
             return  # a driver call was interrupted half-way: the pool discards the connection
-        if exc is None and not expired:
+        if exc is None and not expired and self._undo_failed is None:
             try:
                 self._commit(slot)
             finally:
                 self._end_quietly(slot, rollback=False)
             return
         self._end_quietly(slot)
+        if exc is None and self._undo_failed is not None:
+            raise self._undo_failed_error() from self._undo_failed
         if expired and not isinstance(exc, TransactionTimeout):
             raise self._timeout_error() from exc
 
@@ -338,6 +343,14 @@ class Transaction(Generic[C]):
         if self._expired or monotonic() >= self._deadline:
             self._expired = True
             raise self._timeout_error()
+        if self._undo_failed is not None:
+            raise self._undo_failed_error() from self._undo_failed
+
+    def _undo_failed_error(self) -> PoolError:
+        return PoolError(
+            "rolling back to a savepoint failed, so the transaction's state is unknown: it "
+            "cannot go on, and is rolled back when its block ends"
+        )
 
     def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
         """A DB-API cursor on the transaction's connection."""
@@ -400,8 +413,10 @@ class _Savepoint(Generic[C]):
             slot.dialect.rollback_to_savepoint(slot.raw, self._name)
         except Exception as undo:
             # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
-            # the block's own exception is the one that tells what happened.
+            # the block's own exception is the one that tells what happened, and the
+            # transaction may not commit what the savepoint should have undone.
             logger.info("rolling back to a savepoint failed: %s", undo)
+            tx._undo_failed = undo
         slot.busy = False
 
 

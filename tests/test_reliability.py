@@ -338,3 +338,14 @@ def test_a_nested_acquire_timeout_says_this_thread_holds_the_connection(
         with pool.connection():
             with pytest.raises(dbpool.PoolTimeout, match="this thread itself holds 1 of them"):
                 pool.connection(timeout=0.05)
+
+
+def test_a_long_held_lease_does_not_keep_its_closed_cursors(fake_server: fakedb.Server) -> None:
+    with dbpool.Pool(fake_server.connect, min_size=0) as pool:
+        with pool.connection() as conn:
+            for _ in range(100):
+                cur = conn.cursor()
+                cur.execute("SELECT 2")
+                cur.close()
+            open_cursor = conn.cursor()
+            assert conn._slot.cursors == [open_cursor.raw]  # only what the return must close

@@ -602,3 +602,29 @@ def test_sqlite_autocommit_true_connection_commits(tmp_path: Any) -> None:
         assert check.execute("select count(*) from t").fetchall() == [(1,)]
     finally:
         check.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_failed_savepoint_undo_stops_the_transaction_from_committing(
+    fake_server: fakedb.Server,
+) -> None:
+    # The savepoint should have undone the second insert; its ROLLBACK TO failed, so the
+    # work is still there.  Going on, and committing at the end, would commit that work.
+    class AppError(Exception):
+        pass
+
+    with fake_pool(fake_server.connect) as pool:
+        with pytest.raises(dbpool.PoolError, match="rolling back to a savepoint failed"):
+            with pool.transaction() as tx:
+                tx.execute("insert into t values (1)")
+                try:
+                    with tx.savepoint():
+                        tx.execute("insert into t values (2)")
+                        fake_server.fail_next("execute", fakedb.OperationalError("gone"))
+                        raise AppError
+                except AppError:
+                    pass
+                tx.execute("insert into t values (3)")
+        assert fake_server.count("commit") == 0
+        assert "insert into t values (3)" not in fake_server.statements()
+        assert pool.stats().in_use == 0
