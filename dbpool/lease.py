@@ -115,7 +115,11 @@ class Connection(Generic[C]):
             slot.cursors = [raw]
         else:
             slot.cursors.append(raw)
-        return Cursor(self, raw)
+        cursor: Cursor[C] = _new(Cursor)
+        _set_cursor_lease(cursor, self)
+        _set_cursor_raw(cursor, raw)
+        _set_cursor_open(cursor, True)
+        return cursor
 
     def commit(self) -> None:
         slot = self._live("connection")
@@ -211,10 +215,8 @@ class Cursor(Generic[C]):
     _raw: Any
     _open: bool
 
-    def __init__(self, lease: Connection[C], raw: Any) -> None:
-        object.__setattr__(self, "_lease", lease)
-        object.__setattr__(self, "_raw", raw)
-        object.__setattr__(self, "_open", True)
+    def __init__(self) -> None:
+        raise TypeError("a dbpool.Cursor is not made directly: use conn.cursor()")
 
     @property
     def raw(self) -> Any:
@@ -325,3 +327,10 @@ class Cursor(Generic[C]):
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
         return f"<dbpool.Cursor {state} on {self._lease!r}>"
+
+
+# Leases and cursors are made for every checkout and statement: their slots are set through
+# these descriptors, with no class call and no __setattr__ lookup.
+_set_cursor_lease = Cursor._lease.__set__  # type: ignore[attr-defined]
+_set_cursor_raw = Cursor._raw.__set__  # type: ignore[attr-defined]
+_set_cursor_open = Cursor._open.__set__  # type: ignore[attr-defined]

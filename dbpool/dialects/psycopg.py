@@ -29,9 +29,9 @@ class PsycopgDialect(Dialect):
     limit_time_inside_transaction = True
 
     def transaction_state(self, conn: Any) -> TxState:
-        if conn.closed or conn.broken:
-            return TxState.BROKEN
-        status = conn.info.transaction_status
+        # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
+        # connection that is closed or broken.
+        status = conn.pgconn.transaction_status
         if status == _IDLE:
             return TxState.IDLE
         if status == _INTRANS or status == _INERROR:

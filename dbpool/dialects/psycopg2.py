@@ -18,7 +18,7 @@ class Psycopg2Dialect(Dialect):
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed:
             return TxState.BROKEN
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()  # conn.info makes an object per call
         if status == _IDLE:
             return TxState.IDLE
         if status == _INTRANS or status == _INERROR:
