@@ -14,7 +14,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, Iterator
 
 from ._types import C
-from .errors import LeaseReleased
+from .errors import LeaseReleased, PoolError
 from .isolation import Isolation
 from .transaction import Transaction
 
@@ -29,6 +29,14 @@ def _released(what: str) -> LeaseReleased:
     return LeaseReleased(
         f"{subject} went back to the pool (or the pool closed it, or it was inherited across "
         "fork()); take a new one with pool.connection()"
+    )
+
+
+def _doomed() -> PoolError:
+    return PoolError(
+        "this connection's state is unknown (a cancel, rollback or reset on it failed or "
+        "could not finish): it refuses further use, and the pool discards it on release; "
+        "take a new one with pool.connection()"
     )
 
 
@@ -79,15 +87,14 @@ class Connection(Generic[C]):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        slot = self._slot
-        if slot is not None and slot.claim.acquire(False):  # else released already
-            object.__setattr__(self, "_slot", None)
-            self._pool._give_back(slot)
+        self.close()
 
     def _live(self, what: str) -> _Slot:
         slot = self._slot
         if slot is None or slot.generation < 0:
             raise _released(what)
+        if slot.doomed:
+            raise _doomed()
         slot.used = True  # whatever the caller does next, the return path must look
         return slot
 
@@ -229,6 +236,8 @@ class Cursor(Generic[C]):
         slot = self._lease._slot
         if slot is None or slot.generation < 0:
             raise _released("cursor")
+        if slot.doomed:
+            raise _doomed()
         return slot
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:

@@ -42,7 +42,7 @@ _NEVER = math.inf
 _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.0)
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
 _MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
-_SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together (see above)
+_SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
 _INHERITED = -2  # inherited across fork(): must never be touched
@@ -319,7 +319,10 @@ class Pool(Generic[C]):
 
     def _setup_state(self) -> None:
         """The state the lock guards, made afresh in ``__init__`` and in a forked child."""
-        self._lock = threading.Lock()
+        # Reentrant only so that an exception landing just after this thread took the lock
+        # (a signal handler runs as soon as acquire() returns) can be recovered from: see
+        # _drop_lock_if_held().  Nothing takes it twice on purpose.
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # wait() and close() wait on it
         # --- guarded by self._lock --------------------------------------------------------
         # Invariants, true whenever the lock is free:
@@ -347,8 +350,10 @@ class Pool(Generic[C]):
         self._created = self._closed_count = self._discarded = 0
         self._acquired = self._timeouts = self._connect_errors = 0
         self._leak_warnings = self._leaked = 0
+        self._refilling = False  # a refill thread is running
+        # Callers waiting for a connect made for them (not in the queue); close() tells them.
+        self._connecting: set[_Waiter] = set()
         # --- end of guarded state ---------------------------------------------------------
-        self._refilling = False  # a refill thread is running (guarded by the lock)
         self._reaper_wakeup = threading.Event()
         self._reaper_thread: threading.Thread | None = None
 
@@ -384,38 +389,37 @@ class Pool(Generic[C]):
         """
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=False, positive=False)
-        # The common case, inline: an idle connection that needs no round trip.
-        slot = None
-        if not self._orphans:
-            self._lock.acquire()
-            try:
-                if self._idle:  # then nobody is waiting, and the pool is open
-                    slot = self._idle.pop()
-                    self._in_use += 1
-                    self._acquired += 1
-            finally:
-                self._lock.release()
-        deadline = None
-        if slot is not None:
-            now = monotonic()
-            used_at = slot.used_at
-            if not (
-                now - used_at <= self._validate_after
-                and used_at > self._broken_at
-                and now < slot.expires_at
-            ):
-                deadline = now + (self._acquire_timeout if timeout is None else timeout)
-                if not self._fit_for_use(slot, deadline):
-                    slot = None
-        if slot is None:
-            slot = self._acquire(timeout, deadline)
+        slot = None  # a connection this call holds, to give back if anything goes wrong
         try:
+            # The common case, inline: an idle connection that needs no round trip.
+            if not self._orphans:
+                with self._lock:
+                    if self._idle:  # then nobody is waiting, and the pool is open
+                        slot = self._idle.pop()
+                        self._in_use += 1
+                        self._acquired += 1
+            deadline = None
+            if slot is not None:
+                now = monotonic()
+                used_at = slot.used_at
+                if not (
+                    now - used_at <= self._validate_after
+                    and used_at > self._broken_at
+                    and now < slot.expires_at
+                ):
+                    deadline = now + (self._acquire_timeout if timeout is None else timeout)
+                    candidate, slot = slot, None  # validation keeps or discards it itself
+                    if self._fit_for_use(candidate, deadline):
+                        slot = candidate
+            if slot is None:
+                slot = self._acquire(timeout, deadline)
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
             return lease(self, slot)
         except BaseException:
-            slot.claim.acquire(False)
-            self._give_back(slot)
+            if slot is not None:
+                slot.claim.acquire(False)  # a lease made meanwhile must not return it again
+                self._give_back(slot)
             raise
 
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
@@ -525,6 +529,10 @@ class Pool(Generic[C]):
             self._forget_locked(idle)
             while self._waiters:
                 self._serve_locked(self._waiters.popleft(), _CLOSED)
+            for waiter in self._connecting:  # their connects finish on their own
+                waiter.abandoned = True
+                self._serve_locked(waiter, _CLOSED)
+            self._connecting.clear()
             self._cond.notify_all()
         self._reaper_wakeup.set()
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
@@ -613,8 +621,8 @@ class Pool(Generic[C]):
         with self._lock:
             self._timeouts += 1
         error = PoolTimeout(
-            f"pool {self._name!r}: no connection within {timeout:g} s: an idle connection "
-            "failed its validation ping, which used up the time left"
+            f"pool {self._name!r}: no connection within {timeout:g} s: the time ran out while "
+            "an idle connection was being validated, and it failed its ping"
         )
         error.__cause__ = self._last_connect_error
         return error
@@ -649,6 +657,7 @@ class Pool(Generic[C]):
             waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
             self._lock.acquire()
         except BaseException:  # e.g. KeyboardInterrupt: undo whatever was granted meanwhile
+            self._drop_lock_if_held()
             self._abandon(waiter)
             raise
         try:
@@ -667,9 +676,17 @@ class Pool(Generic[C]):
         assert waiter.slot is not None
         return waiter.slot
 
+    def _drop_lock_if_held(self) -> None:
+        """Called first by a handler that undoes an interrupted step: if the exception landed
+        just after this thread took the lock, nothing was done under it yet; let it go, so
+        that the undo can take it as usual (and others are not locked out forever)."""
+        if self._lock._is_owned():  # type: ignore[attr-defined]
+            self._lock.release()
+
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a wait interrupted by an exception, whatever was granted meanwhile."""
         with self._lock:
+            self._connecting.discard(waiter)
             grant = waiter.grant
             if grant is None:
                 waiter.abandoned = True
@@ -703,9 +720,8 @@ class Pool(Generic[C]):
         if now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at:
             return True
         dialect, raw = slot.dialect, slot.raw
-        guard = Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw))
         try:
-            with guard:
+            with Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw)) as guard:
                 dialect.ping(raw)
             fit = not guard.fired and dialect.transaction_state(raw) in (
                 TxState.IDLE,
@@ -755,14 +771,21 @@ class Pool(Generic[C]):
         once made, to the pool.  A failed connect raises the driver's own error.
         """
         waiter = _Waiter()
+        with self._lock:
+            if self._closed:
+                self._unreserve_locked()
+                raise PoolClosed(self._closed_message())
+            self._connecting.add(waiter)
         self._start_connect(slot, waiter)
         try:
             waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
             self._lock.acquire()
         except BaseException:  # e.g. KeyboardInterrupt: whatever the connect gives, the pool keeps
+            self._drop_lock_if_held()
             self._abandon(waiter)
             raise
         try:
+            self._connecting.discard(waiter)
             grant = waiter.grant
             if grant is None:
                 waiter.abandoned = True
@@ -782,20 +805,18 @@ class Pool(Generic[C]):
         return slot
 
     def _start_connect(self, slot: _Slot, waiter: _Waiter) -> None:
+        def not_started() -> None:
+            with self._lock:
+                self._connecting.discard(waiter)
+                self._unreserve_locked()
+
         # The caller's context variables go along, for connect callables that read them.
         context = contextvars.copy_context()
-        thread = threading.Thread(
-            target=context.run,
-            args=(self._open, slot, waiter),
-            name=f"dbpool-connect-{self._name}",
-            daemon=True,
+        _start_thread(
+            lambda: context.run(self._open, slot, waiter),
+            f"dbpool-connect-{self._name}",
+            not_started,
         )
-        try:
-            thread.start()
-        except BaseException:
-            with self._lock:
-                self._unreserve_locked()
-            raise
 
     def _open(self, slot: _Slot, waiter: _Waiter | None) -> bool:
         """Connect into a reserved slot (in a connect thread, or the refill thread).
@@ -819,6 +840,7 @@ class Pool(Generic[C]):
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             self._lock.acquire()
         except BaseException as exc:  # nothing counted yet: give the reservation back
+            self._drop_lock_if_held()
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
             with self._lock:
@@ -826,6 +848,7 @@ class Pool(Generic[C]):
                     self._note_connect_failure_locked(exc)
                 self._unreserve_locked()
                 if waiter is not None and not waiter.abandoned:
+                    self._connecting.discard(waiter)
                     waiter.error = exc
                     self._serve_locked(waiter, _FAILED)
             logger.warning(
@@ -843,8 +866,11 @@ class Pool(Generic[C]):
             self._created += 1
             closed = self._closed
             caller = waiter if waiter is not None and not waiter.abandoned else None
+            if caller is not None:
+                self._connecting.discard(caller)
             if closed:
                 self._size -= 1
+                self._closed_count += 1
                 if caller is not None:
                     self._serve_locked(caller, _CLOSED)
             else:
@@ -884,11 +910,7 @@ class Pool(Generic[C]):
                 f"this connection was leased from pool {lease._pool.name!r}, not from "
                 f"pool {self._name!r}: return it to the pool it came from"
             )
-        slot = lease._slot
-        if slot is None or not slot.claim.acquire(False):
-            return  # released already, or being released by another thread
-        object.__setattr__(lease, "_slot", None)
-        self._give_back(slot)
+        lease.close()
 
     def _adopt_orphan(self, slot: _Slot) -> None:
         """Called from a lease's finalizer: queue its connection for return, without locking."""
@@ -927,6 +949,7 @@ class Pool(Generic[C]):
         try:
             self._lock.acquire()
         except BaseException:  # interrupted before anything was counted
+            self._drop_lock_if_held()
             self._discard(slot, "return interrupted", broken=False)
             raise
         try:
@@ -1089,13 +1112,11 @@ class Pool(Generic[C]):
         return wanted and self._size < self._max_size
 
     def _start_refill(self) -> None:
-        thread = threading.Thread(target=self._refill, name=f"dbpool-refill-{self._name}", daemon=True)
-        try:
-            thread.start()
-        except BaseException:
+        def not_started() -> None:
             with self._lock:
                 self._refilling = False
-            raise
+
+        _start_thread(self._refill, f"dbpool-refill-{self._name}", not_started)
 
     def _refill(self) -> None:
         """Open connections one at a time while some are wanted (below ``min_size``, or callers
@@ -1129,6 +1150,8 @@ class Pool(Generic[C]):
                 return
             self._idle = deque(slot for slot in self._idle if slot.used_at > broken_at)
             self._in_use += len(suspects)
+            for slot in suspects:
+                slot.owner = 0  # held by the pool itself
         deadline = monotonic() + _SWEEP_TIME
         dead = 0
         for slot in suspects:
@@ -1261,6 +1284,24 @@ class Pool(Generic[C]):
         me = threading.get_ident()
         leased = self._everyone.difference(self._idle)
         return sum(1 for slot in leased if slot.owner == me)
+
+
+def _start_thread(target: Callable[[], object], name: str, not_started: Callable[[], None]) -> None:
+    """Run ``target`` in a new daemon thread.  ``Thread.start()`` interrupted half-way may or
+    may not have launched it: exactly one of ``target`` and ``not_started`` then runs, the
+    first to take the token."""
+    token = threading.Lock()
+
+    def run() -> None:
+        if token.acquire(False):
+            target()
+
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except BaseException:
+        if token.acquire(False):
+            not_started()
+        raise
 
 
 def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:

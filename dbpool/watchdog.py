@@ -61,8 +61,9 @@ class Watchdog:
             entry = _Entry(when, next(self._order), callback)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
+                thread.start()  # if this raises, the next watch() tries again
+                self._thread = thread
             if self._heap[0] is entry:
                 self._wakeup.notify()
         return entry

@@ -249,6 +249,9 @@ class _StallingLock:
     def acquire(self, *args: Any, **kwargs: Any) -> bool:
         return bool(self.real.acquire(*args, **kwargs))  # a signal's exception propagates
 
+    def _is_owned(self) -> bool:
+        return bool(self.real._is_owned())
+
     def release(self) -> None:
         try:
             if self.stall_ident == threading.get_ident() and not self.stalled.is_set():

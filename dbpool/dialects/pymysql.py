@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
-
 import socket
+from typing import Any, Callable
 
 from ..isolation import Isolation
 from .base import Dialect, TxState, _execute, is_database_error
