@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Generic, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator
 
 from ._types import C
 from .errors import LeaseReleased, PoolError
@@ -196,9 +196,15 @@ class Connection(Generic[C]):
         self._pool._adopt_orphan(slot)
 
 
+def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
+    """The setter of a ``__slots__`` attribute, to call without any attribute lookup."""
+    setter: Callable[[Any, Any], None] = cls.__dict__[name].__set__
+    return setter
+
+
 _new = object.__new__
-_set_pool = Connection._pool.__set__  # type: ignore[attr-defined]
-_set_slot = Connection._slot.__set__  # type: ignore[attr-defined]
+_set_pool = _slot_setter(Connection, "_pool")
+_set_slot = _slot_setter(Connection, "_slot")
 
 
 def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
@@ -340,6 +346,6 @@ class Cursor(Generic[C]):
 
 # Leases and cursors are made for every checkout and statement: their slots are set through
 # these descriptors, with no class call and no __setattr__ lookup.
-_set_cursor_lease = Cursor._lease.__set__  # type: ignore[attr-defined]
-_set_cursor_raw = Cursor._raw.__set__  # type: ignore[attr-defined]
-_set_cursor_open = Cursor._open.__set__  # type: ignore[attr-defined]
+_set_cursor_lease = _slot_setter(Cursor, "_lease")
+_set_cursor_raw = _slot_setter(Cursor, "_raw")
+_set_cursor_open = _slot_setter(Cursor, "_open")
