@@ -187,13 +187,13 @@ class Connection(Generic[C]):
             return
         if slot is None or not slot.claim.acquire(False):
             return
+        self._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
         warnings.warn(
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
             "being released; use 'with pool.connection() as conn' or call conn.close()",
             ResourceWarning,
             stacklevel=2,
         )
-        self._pool._adopt_orphan(slot)
 
 
 def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:

@@ -536,8 +536,9 @@ class Pool(Generic[C]):
             self._cond.notify_all()
         self._reaper_wakeup.set()
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
-        for slot in idle:
-            self._close_raw(slot, "pool closed")
+        # An interrupt while closing one connection must not leave the others open, nor stop
+        # close() half-way (a second close() does nothing): it is raised at the end.
+        interrupted = self._close_all(idle, "pool closed")
         thread = self._reaper_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
@@ -556,15 +557,17 @@ class Pool(Generic[C]):
                     self._forget_locked(leased)
                     break
                 self._cond.wait(min(remaining, _CLOSE_POLL))
-        for slot in leased:
-            logger.warning("pool %r closed: closing a connection still leased", self._name)
-            if slot.raw is not None:
-                try:  # a borrower blocked on the connection gets an error now, not never
-                    slot.dialect.sever(slot.raw)
-                except Exception as exc:
-                    logger.debug("cutting off a leased connection failed: %s", _describe(exc))
-            self._close_raw(slot, "pool closed with the connection still leased")
+        if leased:
+            logger.warning(
+                "pool %r closed: closing %d connections still leased", self._name, len(leased)
+            )
+        interrupted = (
+            self._close_all(leased, "pool closed with the connection still leased", sever=True)
+            or interrupted
+        )
         logger.info("pool %r closed", self._name)
+        if interrupted is not None:
+            raise interrupted
 
     def __enter__(self) -> Pool[C]:
         return self
@@ -592,8 +595,7 @@ class Pool(Generic[C]):
         )
         self._closed = True
         self._reaper_wakeup.set()
-        for slot in list(self._idle):
-            self._close_raw(slot, "pool garbage-collected")
+        self._close_all(list(self._idle), "pool garbage-collected")
 
     # -- acquire ------------------------------------------------------------------------------
 
@@ -776,8 +778,8 @@ class Pool(Generic[C]):
                 self._unreserve_locked()
                 raise PoolClosed(self._closed_message())
             self._connecting.add(waiter)
-        self._start_connect(slot, waiter)
         try:
+            self._start_connect(slot, waiter)
             waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
             self._lock.acquire()
         except BaseException:  # e.g. KeyboardInterrupt: whatever the connect gives, the pool keeps
@@ -1072,6 +1074,25 @@ class Pool(Generic[C]):
         logger.debug("pool %r: closing a connection: %s", self._name, reason)
         _close_quietly(slot.dialect, slot.raw)
 
+    def _close_all(
+        self, slots: list[_Slot], reason: str, *, sever: bool = False
+    ) -> BaseException | None:
+        """Close every one of ``slots`` (no longer counted), even if closing one of them is
+        interrupted; return the first such interruption for the caller to raise.  ``sever``
+        first shuts down the socket of each, for a borrower blocked on it."""
+        interrupted = None
+        for slot in slots:
+            try:
+                if sever and slot.raw is not None:
+                    try:
+                        slot.dialect.sever(slot.raw)
+                    except Exception as exc:
+                        logger.debug("cutting off a connection failed: %s", _describe(exc))
+                self._close_raw(slot, reason)
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        return interrupted
+
     # -- maintenance (run by the reaper thread) ------------------------------------------------
 
     def _maintain(self) -> float | None:
@@ -1085,8 +1106,9 @@ class Pool(Generic[C]):
                 return None
             retired = self._pick_retired_locked(now)
             self._forget_locked(retired)
-        for slot in retired:
-            self._close_raw(slot, "idle or past max_lifetime")
+        interrupted = self._close_all(retired, "idle or past max_lifetime")
+        if interrupted is not None:
+            raise interrupted
         if retired:
             logger.debug("pool %r: reaped %d connections", self._name, len(retired))
         if self._leak_timeout is not None:

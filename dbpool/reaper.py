@@ -39,7 +39,7 @@ def _run(pool_ref: weakref.ref[Pool[Any]], wakeup: threading.Event, name: str) -
             return
         try:
             delay = pool._maintain()
-        except Exception:
+        except BaseException:  # even SystemExit from a driver: the pool needs this thread
             logger.exception("pool %r: maintenance failed; trying again shortly", name)
             delay = _FAILURE_PAUSE
         del pool  # hold no reference while asleep, so the pool can be collected
