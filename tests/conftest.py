@@ -269,6 +269,60 @@ def sqlite_connect(tmp_path: Any) -> Iterator[Connector]:
     connector.close_all()
 
 
+# -- the fake driver's pools, and calls run in threads ------------------------------------------
+
+
+@pytest.fixture
+def server(fake_server: fakedb.Server) -> fakedb.Server:
+    return fake_server
+
+
+@pytest.fixture
+def make_pool(server: fakedb.Server) -> Iterator[Callable[..., Any]]:
+    """A factory of pools on the fake driver (min_size 0, acquire_timeout 5 s by default),
+    closed at the end of the test; a test module may define its own."""
+    import dbpool
+
+    pools: list[Any] = []
+
+    def make(**options: Any) -> Any:
+        options.setdefault("min_size", 0)
+        options.setdefault("acquire_timeout", 5.0)
+        pool = dbpool.Pool(options.pop("connect", server.connect), **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    server.release_all()
+    for pool in pools:
+        pool.close(timeout=1)
+
+
+class Caller:
+    """Runs one call in a daemon thread of its own and records how it ended."""
+
+    def __init__(self, call: Callable[[], Any], name: str = "caller") -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self.value = call()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def outcome(self, timeout: float = 10.0) -> BaseException | None:
+        """Wait for the call to end; its exception, or None if it returned."""
+        assert self.done.wait(timeout), f"{self.thread.name} still running after {timeout}s"
+        self.thread.join(timeout)
+        return self.error
+
+
 # -- the db fixture: one real backend ----------------------------------------------------------
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -31,7 +31,6 @@ import pytest
 
 import dbpool
 from dbpool.dialects import Dialect
-from dbpool.pool import Pool
 from tests import fakedb
 from tests.conftest import wait_until
 
@@ -39,28 +38,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server(fake_server: fakedb.Server) -> fakedb.Server:
-    return fake_server
-
-
-@pytest.fixture
-def make_pool(server: fakedb.Server) -> Iterator[Callable[..., dbpool.Pool[Any]]]:
-    pools: list[dbpool.Pool[Any]] = []
-
-    def make(**options: Any) -> dbpool.Pool[Any]:
-        options.setdefault("min_size", 0)
-        options.setdefault("acquire_timeout", 5.0)
-        pool = dbpool.Pool(options.pop("connect", server.connect), **options)
-        pools.append(pool)
-        return pool
-
-    yield make
-    server.release_all()
-    for pool in pools:
-        pool.close(timeout=1)
 
 
 def accounting_holds(pool: dbpool.Pool[Any]) -> bool:

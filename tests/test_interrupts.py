@@ -47,7 +47,7 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import wait_until
+from tests.conftest import Caller, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,31 +62,6 @@ def is_base(exc: Optional[Exc]) -> bool:
 
 
 # -- threads, interruptions ---------------------------------------------------------------------
-
-
-class Caller:
-    """Runs one call in a daemon thread of its own and records how it ended."""
-
-    def __init__(self, call: Callable[[], Any], name: str = "caller") -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self.value = call()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def outcome(self, timeout: float = 10.0) -> BaseException | None:
-        """Wait for the call to end; its exception, or None if it returned."""
-        assert self.done.wait(timeout), f"{self.thread.name} still running after {timeout}s"
-        self.thread.join(timeout)
-        return self.error
 
 
 def wait_parked(thread: threading.Thread, timeout: float = 5.0) -> None:

@@ -19,57 +19,16 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
 import dbpool
 from dbpool.dialects import Dialect
 from tests import fakedb
-from tests.conftest import wait_until
+from tests.conftest import Caller, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def server(fake_server: fakedb.Server) -> fakedb.Server:
-    return fake_server
-
-
-@pytest.fixture
-def make_pool(server: fakedb.Server) -> Iterator[Callable[..., dbpool.Pool[Any]]]:
-    pools: list[dbpool.Pool[Any]] = []
-
-    def make(**options: Any) -> dbpool.Pool[Any]:
-        options.setdefault("min_size", 0)
-        options.setdefault("acquire_timeout", 5.0)
-        pool = dbpool.Pool(options.pop("connect", server.connect), **options)
-        pools.append(pool)
-        return pool
-
-    yield make
-    server.release_all()
-    for pool in pools:
-        pool.close(timeout=1)
-
-
-class Outcome:
-    """What a call run in a daemon thread returned or raised."""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-        self.thread.start()
-
-    def _run(self, call: Callable[[], Any]) -> None:
-        try:
-            self.value = call()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            self.error = exc
-        finally:
-            self.done.set()
 
 
 def accounting(pool: dbpool.Pool[Any]) -> str:
@@ -130,7 +89,7 @@ def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     proxy = _InterruptAfterAcquire(pool._lock, function)
     pool._lock = proxy  # private: the only way to run code right after that acquire returns
     try:
-        outcome = Outcome(call)
+        outcome = Caller(call)
         assert proxy.fired.wait(5)
         finished = outcome.done.wait(3)
         if not finished:
@@ -182,7 +141,7 @@ def test_timed_out_transaction_on_a_callers_lease_is_rolled_back(
                 assert dialect.entered.wait(5)
                 gate.release()
 
-            releaser = Outcome(release_once_cancelling)
+            releaser = Caller(release_once_cancelling)
             with pytest.raises(dbpool.TransactionTimeout):
                 with conn.transaction(timeout=0.2) as tx:
                     tx.execute("insert into t values (1)")  # held past the deadline
@@ -207,7 +166,7 @@ def test_close_wakes_a_caller_whose_connect_is_in_flight(
     # stays blocked until the connect ends or its own acquire timeout passes.
     pool = make_pool(max_size=1)
     gate = server.block("connect")
-    caller = Outcome(lambda: pool.connection(timeout=20))
+    caller = Caller(lambda: pool.connection(timeout=20))
     assert gate.entered.wait(5)
     pool.close(timeout=0)
     woke = caller.done.wait(3)
@@ -224,7 +183,7 @@ def test_connection_made_after_close_is_counted_as_closed(
     # it to the `closed` counter: created - closed no longer equals the connections open.
     pool = make_pool(max_size=1)
     gate = server.block("connect")
-    caller = Outcome(lambda: pool.connection(timeout=20))
+    caller = Caller(lambda: pool.connection(timeout=20))
     assert gate.entered.wait(5)
     pool.close(timeout=0)
     gate.release()
