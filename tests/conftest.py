@@ -68,6 +68,24 @@ def wait_until(
         time.sleep(interval)
 
 
+def rows(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on a lease, a transaction or a driver connection; its rows as tuples."""
+    cur = conn.cursor()
+    try:
+        if params is None:
+            cur.execute(sql)
+        else:
+            cur.execute(sql, params)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    finally:
+        cur.close()
+
+
+def scalar(conn: Any, sql: str, params: Any = None) -> Any:
+    """The first column of the first row of one statement."""
+    return rows(conn, sql, params)[0][0]
+
+
 def servers_required() -> bool:
     return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -9,6 +9,7 @@ import pytest
 
 import dbpool
 from dbpool.dialects import for_connection
+from tests.conftest import rows
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,19 +28,10 @@ def pool(driver: tuple[str, Callable[[], Any]]) -> Iterator[dbpool.Pool[Any]]:
         yield pool
 
 
-def run(conn: Any, sql: str) -> list[tuple[Any, ...]]:
-    cur = conn.cursor()
-    try:
-        cur.execute(sql)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    finally:
-        cur.close()
-
-
 def backend_id(name: str, conn: Any) -> Any:
     sql = {"psycopg2": "select pg_backend_pid()", "mysqlclient": "select connection_id()",
            "pymssql": "select @@spid"}[name]
-    return run(conn, sql)[0][0]
+    return rows(conn, sql)[0][0]
 
 
 def kill(name: str, connect: Callable[[], Any], session: Any) -> None:
@@ -49,7 +41,7 @@ def kill(name: str, connect: Callable[[], Any], session: Any) -> None:
     try:
         if name == "psycopg2":
             admin.autocommit = True
-        run(admin, sql)
+        rows(admin, sql)
     finally:
         admin.close()
 
@@ -95,11 +87,11 @@ def test_clean_return_is_free_and_pending_work_is_rolled_back(name, request):
             session = backend_id(name, conn)
             conn.commit()
         with pool.connection() as conn:
-            run(conn, "select 1")
+            rows(conn, "select 1")
             conn.commit()
         assert ROLLBACKS == []  # nothing pending on return: no round trip
         with pool.connection() as conn:
-            run(conn, "select 1")
+            rows(conn, "select 1")
         assert ROLLBACKS == [1]
         with pool.connection() as conn:
             assert backend_id(name, conn) == session

@@ -18,7 +18,7 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import wait_until
+from tests.conftest import scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,14 +26,6 @@ pytestmark = pytest.mark.timeout(30)
 def one_connection_pool(connect: Any, **options: Any) -> dbpool.Pool[Any]:
     """A pool whose every lease gets the same connection (unless it was discarded)."""
     return dbpool.Pool(connect, min_size=0, max_size=1, **options)
-
-
-def scalar(conn: Any, sql: str) -> Any:
-    cur = conn.cursor()
-    cur.execute(sql)
-    row = cur.fetchone()
-    cur.close()
-    return row[0]
 
 
 # == PostgreSQL ==================================================================================

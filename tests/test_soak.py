@@ -43,7 +43,7 @@ import pytest
 
 import dbpool
 from dbpool import CommitOutcomeUnknown, Isolation, PoolTimeout, TransactionTimeout
-from tests.conftest import CONNECT_TIMEOUT, Connector, wait_until
+from tests.conftest import CONNECT_TIMEOUT, Connector, rows, wait_until
 
 SECONDS = float(os.environ.get("DBPOOL_SOAK_SECONDS") or 60)
 THREADS = int(os.environ.get("DBPOOL_SOAK_THREADS") or 64)
@@ -71,29 +71,6 @@ class AppError(Exception):
 Source = Union[dbpool.Connection[Any], dbpool.Transaction[Any]]
 Params = Optional[tuple[Any, ...]]
 Rows = list[tuple[Any, ...]]
-
-
-def run(source: Source, sql: str, params: Params = None) -> Rows:
-    """Run one statement on a lease or a transaction; its rows, if any."""
-    cur = source.cursor()
-    try:
-        if params is None:
-            cur.execute(sql)
-        else:
-            cur.execute(sql, params)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    finally:
-        cur.close()
-
-
-def admin_run(conn: Any, sql: str, params: Params = None) -> Rows:
-    """Run one statement on a driver connection of the test's own."""
-    cur = conn.cursor()
-    try:
-        cur.execute(sql, params)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    finally:
-        cur.close()
 
 
 # -- the servers ---------------------------------------------------------------------------
@@ -126,7 +103,7 @@ class Target:
     def admin(self, sql: str, params: Params = None) -> Rows:
         if self._admin is None:
             self._admin = self.admin_connect()
-        return admin_run(self._admin, sql, params)
+        return rows(self._admin, sql, params)
 
     # chaos
     def sessions(self, admin: Any) -> list[int]:
@@ -211,19 +188,19 @@ class PostgresTarget(Target):
         return conn
 
     def sessions(self, admin: Any) -> list[int]:
-        rows = admin_run(
+        found = rows(
             admin,
             "select pid from pg_stat_activity "
             "where application_name = %s and pid <> pg_backend_pid()",
             (self.tag,),
         )
-        return [int(r[0]) for r in rows]
+        return [int(r[0]) for r in found]
 
     def kill(self, admin: Any, session: int) -> None:
-        admin_run(admin, "select pg_terminate_backend(%s)", (session,))
+        rows(admin, "select pg_terminate_backend(%s)", (session,))
 
     def cancel(self, admin: Any, session: int) -> None:
-        admin_run(admin, "select pg_cancel_backend(%s)", (session,))
+        rows(admin, "select pg_cancel_backend(%s)", (session,))
 
     def lost(self, lease: dbpool.Connection[Any]) -> bool:
         return bool(lease.closed or lease.broken)
@@ -238,7 +215,7 @@ class PostgresTarget(Target):
         return None
 
     def server_state(self, lease: dbpool.Connection[Any]) -> tuple[Any, ...]:
-        [state] = run(
+        [state] = rows(
             lease,
             "select txid_current_if_assigned(), "
             "coalesce(current_setting('dbpool_soak.open_tx', true), ''), "
@@ -249,7 +226,7 @@ class PostgresTarget(Target):
         return state
 
     def mark_transaction(self, lease: dbpool.Connection[Any]) -> None:
-        run(lease, "select set_config('dbpool_soak.open_tx', 'left open', true)")
+        rows(lease, "select set_config('dbpool_soak.open_tx', 'left open', true)")
 
     def change_settings(self, lease: dbpool.Connection[Any], rng: random.Random) -> str:
         choice = rng.randrange(3)
@@ -294,13 +271,13 @@ class MariaDBTarget(Target):
     def admin_connect(self) -> Any:
         conn = self.driver.connect(**self.params)
         conn.autocommit(True)
-        admin_run(conn, "set session lock_wait_timeout = 10")
+        rows(conn, "set session lock_wait_timeout = 10")
         return conn
 
     def sessions(self, admin: Any) -> list[int]:
         with self._ids_lock:
             ours = set(self._ids)
-        live = {int(r[0]) for r in admin_run(
+        live = {int(r[0]) for r in rows(
             admin, "select id from information_schema.processlist where id <> connection_id()"
         )}
         with self._ids_lock:
@@ -309,7 +286,7 @@ class MariaDBTarget(Target):
 
     def _kill(self, admin: Any, what: str, session: int) -> None:
         try:
-            admin_run(admin, f"kill {what} %s", (session,))
+            rows(admin, f"kill {what} %s", (session,))
         except self.driver.OperationalError as exc:
             if exc.args[0] != self._UNKNOWN_THREAD:
                 raise
@@ -336,7 +313,7 @@ class MariaDBTarget(Target):
     def server_state(self, lease: dbpool.Connection[Any]) -> tuple[Any, ...]:
         # A plain read leaves a snapshot open that server_status does not show; in_transaction
         # does.  (information_schema.innodb_trx would too, but it is a cache up to 0.1 s old.)
-        [state] = run(
+        [state] = rows(
             lease,
             "select @@session.in_transaction, @@session.max_statement_time, "
             "@@session.innodb_lock_wait_timeout, @@session.autocommit, @@session.tx_read_only, "
@@ -391,7 +368,7 @@ class Work:
     def write(self, source: Source, kind: str) -> int:
         key = next(self._keys)
         self._pending.append(key)
-        run(source, f"insert into {self._table} (id, v) values (%s, %s)", (key, kind))
+        rows(source, f"insert into {self._table} (id, v) values (%s, %s)", (key, kind))
         return key
 
     def commit_starts(self) -> None:
@@ -534,7 +511,7 @@ class Soak:
             for _ in range(rng.randint(1, 3)):
                 work.write(conn, "committed")
             if rng.random() < 0.2:
-                run(conn, self.target.sleep_sql, (rng.uniform(0.005, 0.05),))
+                rows(conn, self.target.sleep_sql, (rng.uniform(0.005, 0.05),))
             work.commit_starts()
             conn.commit()
             work.committed()
@@ -546,7 +523,7 @@ class Soak:
             self.target.mark_transaction(conn)
             if rng.random() < 0.5:
                 work.write(conn, "left open")
-            run(conn, f"select count(*) from {self.target.table}")  # a read snapshot at least
+            rows(conn, f"select count(*) from {self.target.table}")  # a read snapshot at least
 
     def lease_raises(self, work: Work, tally: Tally, rng: random.Random) -> None:
         with self.pool.connection() as conn:
@@ -567,7 +544,7 @@ class Soak:
                 return
             if mode == "transactional":
                 work.write(conn, "settings")
-            run(conn, f"select count(*) from {self.target.table}")
+            rows(conn, f"select count(*) from {self.target.table}")
             if rng.random() < 0.5:
                 work.commit_starts()
                 conn.commit()
@@ -596,16 +573,16 @@ class Soak:
                 except AppError:
                     work.undone(key)
         if tx.deadline is not None and rng.random() < 0.3:
-            run(tx, self.target.sleep_sql, (OUTLIVER,))
+            rows(tx, self.target.sleep_sql, (OUTLIVER,))
             tally.violations.append(
                 f"a {OUTLIVER:g} s statement ran to its end in a transaction with a "
                 f"{LONGEST_DEADLINE:g} s deadline at most"
             )
         elif rng.random() < 0.2:
-            run(tx, self.target.sleep_sql, (rng.uniform(0.005, 0.05),))
+            rows(tx, self.target.sleep_sql, (rng.uniform(0.005, 0.05),))
         # A statement after the savepoint: psycopg's commit of a failed transaction does not
         # raise, so an error swallowed above must surface here.
-        run(tx, f"select count(*) from {self.target.table}")
+        rows(tx, f"select count(*) from {self.target.table}")
         if rng.random() < 0.1:
             raise AppError("raised inside a transaction block")
         late = tx.deadline is not None and monotonic() >= tx.deadline
@@ -642,7 +619,7 @@ class Soak:
         def body(tx: dbpool.Transaction[Any]) -> None:
             attempts.append(False)
             for key in rng.sample(HOT_KEYS, 2):
-                run(tx, f"update {self.target.hot} set n = n + 1 where id = %s", (key,))
+                rows(tx, f"update {self.target.hot} set n = n + 1 where id = %s", (key,))
             attempts[-1] = True
 
         try:
@@ -676,7 +653,7 @@ def serves_max_size(pool: dbpool.Pool[Any], target: Target, violations: list[str
             problem = target.local_problem(lease)
             if problem is not None:
                 violations.append(f"after the soak: {problem}")
-            run(lease, "select 1")
+            rows(lease, "select 1")
             lease.rollback()
         return pool.stats().in_use == pool.max_size
     except (target.driver.OperationalError, target.driver.InterfaceError,
@@ -761,9 +738,9 @@ def test_soak(target: Target) -> None:
             admin.close()
 
         # Rows: what was rolled back, abandoned or undone is absent, what committed is present.
-        rows = {int(r[0]) for r in target.admin(f"select id from {target.table}")}
-        leaked = sorted(total.absent & rows)
-        lost = sorted(total.present - rows)
+        present = {int(r[0]) for r in target.admin(f"select id from {target.table}")}
+        leaked = sorted(total.absent & present)
+        lost = sorted(total.present - present)
         outcome: list[str] = []
         if leaked:
             kinds = target.admin(

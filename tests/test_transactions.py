@@ -27,7 +27,7 @@ import dbpool
 from dbpool import Isolation, PoolError, TransactionTimeout
 from dbpool.dialects import PsycopgDialect, PyMySQLDialect
 from tests import fakedb
-from tests.conftest import Backend, Connector, wait_until
+from tests.conftest import Backend, Connector, rows, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,23 +64,6 @@ class Boom(Exception):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def rows(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Run one statement on a lease or a driver connection; its rows as tuples."""
-    cur = conn.cursor()
-    try:
-        if params is None:
-            cur.execute(sql)
-        else:
-            cur.execute(sql, params)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
-    finally:
-        cur.close()
-
-
-def scalar(conn: Any, sql: str, params: Any = None) -> Any:
-    return rows(conn, sql, params)[0][0]
 
 
 def tx_rows(tx: dbpool.Transaction[Any], sql: str, params: Any = None) -> list[tuple[Any, ...]]:
