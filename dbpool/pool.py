@@ -529,10 +529,9 @@ class Pool(Generic[C]):
             self._forget_locked(idle)
             while self._waiters:
                 self._serve_locked(self._waiters.popleft(), _CLOSED)
-            for waiter in self._connecting:  # their connects finish on their own
+            for waiter in list(self._connecting):  # their connects finish on their own
                 waiter.abandoned = True
                 self._serve_locked(waiter, _CLOSED)
-            self._connecting.clear()
             self._cond.notify_all()
         self._reaper_wakeup.set()
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
@@ -688,9 +687,9 @@ class Pool(Generic[C]):
     def _abandon(self, waiter: _Waiter) -> None:
         """Undo a wait interrupted by an exception, whatever was granted meanwhile."""
         with self._lock:
-            self._connecting.discard(waiter)
             grant = waiter.grant
             if grant is None:
+                self._connecting.discard(waiter)
                 waiter.abandoned = True
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -787,9 +786,9 @@ class Pool(Generic[C]):
             self._abandon(waiter)
             raise
         try:
-            self._connecting.discard(waiter)
             grant = waiter.grant
             if grant is None:
+                self._connecting.discard(waiter)
                 waiter.abandoned = True
                 self._timeouts += 1
                 error = self._connect_timeout_error_locked(timeout)
@@ -850,7 +849,6 @@ class Pool(Generic[C]):
                     self._note_connect_failure_locked(exc)
                 self._unreserve_locked()
                 if waiter is not None and not waiter.abandoned:
-                    self._connecting.discard(waiter)
                     waiter.error = exc
                     self._serve_locked(waiter, _FAILED)
             logger.warning(
@@ -868,8 +866,6 @@ class Pool(Generic[C]):
             self._created += 1
             closed = self._closed
             caller = waiter if waiter is not None and not waiter.abandoned else None
-            if caller is not None:
-                self._connecting.discard(caller)
             if closed:
                 self._size -= 1
                 self._closed_count += 1
@@ -959,10 +955,7 @@ class Pool(Generic[C]):
                 return  # close() took it back while it was being cleaned
             self._in_use -= 1
             if not self._closed:
-                if self._waiters:
-                    self._free_locked(slot)
-                else:
-                    self._idle.append(slot)
+                self._free_locked(slot)
                 return
             self._forget_locked([slot])
         finally:
@@ -1058,6 +1051,7 @@ class Pool(Generic[C]):
             self._serve_locked(waiter, _OPEN)
 
     def _serve_locked(self, waiter: _Waiter, grant: object) -> None:
+        self._connecting.discard(waiter)  # if it was waiting for a connect
         waiter.grant = grant
         waiter.wakeup.release()
 
