@@ -196,29 +196,6 @@ class Connection(Generic[C]):
         )
 
 
-def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
-    """The setter of a ``__slots__`` attribute, to call without any attribute lookup."""
-    setter: Callable[[Any, Any], None] = cls.__dict__[name].__set__
-    return setter
-
-
-_new = object.__new__
-_set_pool = _slot_setter(Connection, "_pool")
-_set_slot = _slot_setter(Connection, "_slot")
-
-
-def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
-    """A new lease of ``slot``'s connection, for the pool's checkout path (which runs this for
-    every lease: hence no class call, and no ``__setattr__`` lookup)."""
-    conn: Connection[C] = _new(Connection)
-    _set_pool(conn, pool)
-    _set_slot(conn, slot)
-    # The slot's lease fields are at their defaults: the return path saw to it.
-    slot.owner = get_ident()
-    slot.claim.release()  # from now on the first close() returns it
-    return conn
-
-
 class Cursor(Generic[C]):
     """A driver cursor that refuses to run once its lease has gone back to the pool."""
 
@@ -344,8 +321,28 @@ class Cursor(Generic[C]):
         return f"<dbpool.Cursor {state} on {self._lease!r}>"
 
 
-# Leases and cursors are made for every checkout and statement: their slots are set through
-# these descriptors, with no class call and no __setattr__ lookup.
+def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
+    """The setter of a ``__slots__`` attribute, to call without any attribute lookup."""
+    setter: Callable[[Any, Any], None] = cls.__dict__[name].__set__
+    return setter
+
+
+# Leases and cursors are made for every checkout and statement: with no class call, and their
+# slots set through these descriptors, with no __setattr__ lookup.
+_new = object.__new__
+_set_pool = _slot_setter(Connection, "_pool")
+_set_slot = _slot_setter(Connection, "_slot")
 _set_cursor_lease = _slot_setter(Cursor, "_lease")
 _set_cursor_raw = _slot_setter(Cursor, "_raw")
 _set_cursor_open = _slot_setter(Cursor, "_open")
+
+
+def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
+    """A new lease of ``slot``'s connection, for the pool's checkout path."""
+    conn: Connection[C] = _new(Connection)
+    _set_pool(conn, pool)
+    _set_slot(conn, slot)
+    # The slot's lease fields are at their defaults: the return path saw to it.
+    slot.owner = get_ident()
+    slot.claim.release()  # from now on the first close() returns it
+    return conn
