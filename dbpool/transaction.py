@@ -168,15 +168,14 @@ class Transaction(Generic[C]):
     def _stop_watching(self) -> None:
         """After this, the watchdog cancels nothing more for this transaction."""
         # Wait for a cancel in progress, but not forever: a cancel whose own connection hangs
-        # must not hang the block.  The connection is then doomed, so that the late cancel can
-        # only reach a connection nobody will use again.
-        if self._cancel_lock.acquire(timeout=_SEVER_GRACE):
-            self._active = False
+        # must not hang the block.  The connection is then doomed (it refuses further use and
+        # the pool discards it), so the late cancel can only reach a connection nobody uses.
+        cancel_over = self._cancel_lock.acquire(timeout=_SEVER_GRACE)
+        self._active = False
+        if cancel_over:
             self._cancel_lock.release()
-        else:
-            self._active = False
-            if self._slot is not None:
-                self._slot.doomed = True
+        elif self._slot is not None:
+            self._slot.doomed = True
         if self._watch is not None:
             watchdog.unwatch(self._watch)
 
