@@ -91,7 +91,7 @@ def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     try:
         outcome = Caller(call)
         assert proxy.fired.wait(5)
-        finished = outcome.done.wait(3)
+        finished = outcome.done.wait(10)
         if not finished:
             proxy.real.release()  # unstick the thread so that the test can clean up
             assert outcome.done.wait(5)
@@ -169,7 +169,7 @@ def test_close_wakes_a_caller_whose_connect_is_in_flight(
     caller = Caller(lambda: pool.connection(timeout=20))
     assert gate.entered.wait(5)
     pool.close(timeout=0)
-    woke = caller.done.wait(3)
+    woke = caller.done.wait(10)  # it would wait 20 s
     gate.release()
     assert caller.done.wait(10)
     assert woke, "a caller whose connect was in flight was not told the pool closed"
