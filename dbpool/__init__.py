@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from . import dialects
 from .errors import (
     CommitOutcomeUnknown,
+    ConnectionUnusable,
     LeaseReleased,
     PoolClosed,
     PoolError,
@@ -33,6 +34,7 @@ __all__ = [
     "PoolClosed",
     "TooManyWaiters",
     "LeaseReleased",
+    "ConnectionUnusable",
     "TransactionTimeout",
     "CommitOutcomeUnknown",
     "Isolation",

@@ -43,6 +43,14 @@ class LeaseReleased(PoolError):
     __module__ = "dbpool"
 
 
+class ConnectionUnusable(PoolError):
+    """A lease's connection is in an unknown state (a cancel, rollback or session undo on it
+    failed or could not finish): it refuses further statements, and the pool discards it when
+    it is released."""
+
+    __module__ = "dbpool"
+
+
 class TransactionTimeout(PoolError, TimeoutError):
     """A transaction ran past its deadline: its statement was cancelled and it was rolled
     back."""

@@ -14,7 +14,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator
 
 from ._types import C
-from .errors import LeaseReleased, PoolError
+from .errors import ConnectionUnusable, LeaseReleased
 from .isolation import Isolation
 from .transaction import Transaction
 
@@ -32,8 +32,8 @@ def _released(what: str) -> LeaseReleased:
     )
 
 
-def _doomed() -> PoolError:
-    return PoolError(
+def _doomed() -> ConnectionUnusable:
+    return ConnectionUnusable(
         "this connection's state is unknown (a cancel, rollback or reset on it failed or "
         "could not finish): it refuses further use, and the pool discards it on release; "
         "take a new one with pool.connection()"
@@ -155,9 +155,14 @@ class Connection(Generic[C]):
     def __getattr__(self, name: str) -> Any:
         if name in Connection.__slots__:  # not yet set: __init__ did not finish
             raise AttributeError(name)
-        slot = self._live("connection")
+        slot = self._slot
+        if slot is None or slot.generation < 0:
+            raise _released("connection")
+        slot.used = True  # what it returns may reach the connection: the return path must look
         value = getattr(slot.raw, name)
         if callable(value):  # a driver method may run a statement the lease cannot see
+            if slot.doomed:
+                raise _doomed()  # reading an attribute (conn.closed, say) is still allowed
             slot.dirty = True
         return value
 

@@ -341,3 +341,17 @@ def test_a_long_held_lease_does_not_keep_its_closed_cursors(fake_server: fakedb.
                 cur.close()
             open_cursor = conn.cursor()
             assert conn._slot.cursors == [open_cursor.raw]  # only what the return must close
+
+
+def test_an_unusable_lease_still_answers_attribute_reads(fake_server: fakedb.Server) -> None:
+    # After a failed undo the lease refuses statements, but code deciding what to do next
+    # may still look at the driver connection's state.
+    with dbpool.Pool(fake_server.connect, min_size=0) as pool:
+        with pool.connection() as conn:
+            conn._slot.doomed = True  # private: what a failed rollback or cancel leaves
+            assert conn.closed is False
+            with pytest.raises(dbpool.ConnectionUnusable):
+                conn.cursor()
+            with pytest.raises(dbpool.ConnectionUnusable):
+                conn.commit()
+        assert pool.stats().discarded == 1

@@ -147,7 +147,7 @@ def test_timed_out_transaction_on_a_callers_lease_is_rolled_back(
                     tx.execute("insert into t values (1)")  # held past the deadline
             assert releaser.done.wait(5) and releaser.error is None
             if server.in_transaction(raw):  # not rolled back: then it must be fenced off
-                with pytest.raises(dbpool.PoolError, match="refuses further use"):
+                with pytest.raises(dbpool.ConnectionUnusable, match="refuses further use"):
                     conn.commit()  # what the caller could do next
         assert server.count("commit") == 0, "the timed-out work was committed"
         assert pool.stats().discarded == 1, "the connection with the timed-out work was kept"

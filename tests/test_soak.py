@@ -20,7 +20,9 @@ server:
   stopped, and no transaction whose block ended past its deadline commits;
 * callers see only errors they can expect: the driver's OperationalError, InterfaceError or
   InternalError (a killed session, a cancelled statement, a deadlock), TransactionTimeout,
-  CommitOutcomeUnknown, PoolTimeout, and their own exceptions.
+  CommitOutcomeUnknown, ConnectionUnusable (a lease whose transaction could not be undone
+  cleanly, say a KILL QUERY landing on the statement that restores a timeout), PoolTimeout,
+  and their own exceptions.
 
 ``DBPOOL_SOAK_SECONDS`` (default 60) and ``DBPOOL_SOAK_THREADS`` (default 64) size the run; the
 summary line is printed (``pytest -s`` shows it).  Marked ``slow``; CI runs it.
@@ -42,7 +44,13 @@ from typing import Any, Optional, Union
 import pytest
 
 import dbpool
-from dbpool import CommitOutcomeUnknown, Isolation, PoolTimeout, TransactionTimeout
+from dbpool import (
+    CommitOutcomeUnknown,
+    ConnectionUnusable,
+    Isolation,
+    PoolTimeout,
+    TransactionTimeout,
+)
 from tests.conftest import CONNECT_TIMEOUT, Connector, rows, wait_until
 
 SECONDS = float(os.environ.get("DBPOOL_SOAK_SECONDS") or 60)
@@ -417,6 +425,7 @@ class Soak:
             driver.InternalError,
             TransactionTimeout,
             CommitOutcomeUnknown,
+            ConnectionUnusable,
             PoolTimeout,
             AppError,
         )
