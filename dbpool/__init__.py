@@ -3,7 +3,7 @@
 import logging
 from typing import TYPE_CHECKING
 
-from . import dialects
+from . import dialects, presets
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionUnusable,
@@ -14,9 +14,11 @@ from .errors import (
     TooManyWaiters,
     TransactionTimeout,
 )
+from .events import DiscardReason, Event, PoolEvent
 from .isolation import Isolation
-from .lease import Connection, Cursor
-from .pool import Pool, PoolStats
+from .lease import Connection, Cursor, PoolCursor
+from .pool import Pool
+from .stats import WAIT_BUCKETS, PoolStats
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -27,8 +29,14 @@ __all__ = [
     "PoolStats",
     "Connection",
     "Cursor",
+    "PoolCursor",
     "create_pool",
     "dialects",
+    "presets",
+    "Event",
+    "PoolEvent",
+    "DiscardReason",
+    "WAIT_BUCKETS",
     "PoolError",
     "PoolTimeout",
     "PoolClosed",

@@ -20,9 +20,10 @@ import threading
 import time
 from array import array
 from collections import Counter
+from collections.abc import Sequence
 from time import perf_counter
 from types import ModuleType
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 from dbpool.pool import Pool
 from dbpool.url import DatabaseURL, create_pool, load_driver, parse_url
@@ -131,7 +132,7 @@ def with_timeout(url: DatabaseURL, seconds: float) -> DatabaseURL:
         return url
     # libpq and pymssql take whole seconds
     value = f"{seconds:g}" if url.scheme in ("sqlite", "mysql") else str(max(1, math.ceil(seconds)))
-    return dataclasses.replace(url, query=url.query + ((key, value),))
+    return dataclasses.replace(url, query=(*url.query, (key, value)))
 
 
 def describe(exc: BaseException, url: DatabaseURL) -> str:
@@ -179,11 +180,14 @@ def _driver_version(driver: ModuleType) -> str:
 
 def check(url: DatabaseURL, *, timeout: float, out: IO[str], err: IO[str]) -> int:
     driver = load_driver(url)
-    if url.scheme == "sqlite" and not url.connect_kwargs().get("uri"):
-        # sqlite3 would create an empty database, and the check would pass on a typo
-        if not os.path.exists(url.database or ""):
-            print(f"dbpool: cannot connect to {url.masked}: no such file", file=err)
-            return EXIT_FAILED
+    # sqlite3 would create an empty database, and the check would pass on a typo
+    if (
+        url.scheme == "sqlite"
+        and not url.connect_kwargs().get("uri")
+        and not os.path.exists(url.database or "")
+    ):
+        print(f"dbpool: cannot connect to {url.masked}: no such file", file=err)
+        return EXIT_FAILED
     with create_pool(
         with_timeout(url, timeout), min_size=0, max_size=1, acquire_timeout=timeout, name="check"
     ) as pool:
@@ -331,8 +335,7 @@ def bench(
             print(f"dbpool: cannot connect to {given.masked}: {describe(exc, url)}", file=err)
             return EXIT_FAILED
         print(
-            f"dbpool bench: {given.masked}, {threads} threads, max_size={max_size}, "
-            f"{seconds:g} s",
+            f"dbpool bench: {given.masked}, {threads} threads, max_size={max_size}, {seconds:g} s",
             file=err,
         )
         return _run(given, pool, paramstyle, threads=threads, seconds=seconds, out=out, err=err)
@@ -481,14 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"{BENCH_ROWS} rows that is created if missing.",
     )
     bench_cmd.add_argument(
-        "url", metavar="URL", nargs="?", default=DEFAULT_BENCH_URL,
+        "url",
+        metavar="URL",
+        nargs="?",
+        default=DEFAULT_BENCH_URL,
         help=f"database URL (default {DEFAULT_BENCH_URL}, in the working directory)",
     )
     bench_cmd.add_argument("--threads", type=_positive_int, default=32, help="default 32")
     bench_cmd.add_argument("--max-size", type=_positive_int, default=8, help="pool size, default 8")
     bench_cmd.add_argument("--seconds", type=_positive_float, default=10.0, help="default 10")
     bench_cmd.add_argument(
-        "--timeout", type=_positive_float, default=10.0,
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
         help="seconds to connect and to wait for a connection (default 10)",
     )
     return parser

@@ -27,6 +27,8 @@ class Isolation(enum.Enum):
             if member is not None:
                 return member
         choices = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"unknown isolation level {value!r}: use one of {choices}, or dbpool.Isolation")
+        raise ValueError(
+            f"unknown isolation level {value!r}: use one of {choices}, or dbpool.Isolation"
+        )
 
     __module__ = "dbpool"

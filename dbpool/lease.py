@@ -21,7 +21,7 @@ from .transaction import Transaction
 if TYPE_CHECKING:
     from .pool import Pool, _Slot
 
-__all__ = ["Connection", "Cursor"]
+__all__ = ["Connection", "Cursor", "PoolCursor"]
 
 
 def _released(what: str) -> LeaseReleased:
@@ -351,3 +351,58 @@ def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
     slot.owner = get_ident()
     slot.claim.release()  # from now on the first close() returns it
     return conn
+
+
+class PoolCursor(Cursor[C]):
+    """A cursor from ``pool.cursor()``, holding a connection of its own until it is closed.
+
+    Closing it (or leaving ``with``) returns the connection to the pool; work not committed
+    through :attr:`connection` is rolled back there, as for any lease.
+    """
+
+    __slots__ = ()
+
+    @property
+    def connection(self) -> Connection[C]:
+        """The lease this cursor holds."""
+        return self._lease
+
+    def close(self) -> None:
+        """Close the cursor and return its connection.  Calling it again does nothing."""
+        try:
+            super().close()
+        finally:
+            self._lease.close()
+
+    def __enter__(self) -> PoolCursor[C]:
+        return self
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"<dbpool.PoolCursor {state} on {self._lease!r}>"
+
+    def __del__(self) -> None:
+        try:
+            lease = self._lease
+        except AttributeError:  # never set up
+            return
+        slot = lease._slot
+        if slot is None or not slot.claim.acquire(False):
+            return  # closed
+        object.__setattr__(lease, "_slot", None)
+        lease._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
+        warnings.warn(
+            f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "
+            "being closed; use 'with pool.cursor() as cur' or call cur.close()",
+            ResourceWarning,
+            stacklevel=2,
+        )
+
+
+def pool_cursor(conn: Connection[C], cursor: Cursor[C]) -> PoolCursor[C]:
+    """Turn ``cursor``, just made on ``conn``, into the cursor that owns ``conn``."""
+    owner: PoolCursor[C] = _new(PoolCursor)
+    _set_cursor_lease(owner, conn)
+    _set_cursor_raw(owner, cursor._raw)
+    _set_cursor_open(owner, True)
+    return owner

@@ -16,7 +16,6 @@ import threading
 import traceback
 import warnings
 from collections import deque
-from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
@@ -26,8 +25,10 @@ from .dialects import Dialect, TxState
 from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
+from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
-from .lease import Connection, lease
+from .lease import Connection, PoolCursor, lease, pool_cursor
+from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
 
@@ -50,35 +51,6 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
 
 
-@dataclass(frozen=True)
-class PoolStats:
-    """A consistent snapshot of a pool's gauges and counters."""
-
-    name: str
-    min_size: int
-    max_size: int
-    #: connections open or being opened: ``idle + in_use + opening``
-    size: int
-    idle: int
-    in_use: int
-    opening: int
-    waiting: int
-    #: connections opened since the pool was made
-    created: int
-    #: connections closed, for any reason
-    closed: int
-    #: connections closed while leased or at checkout: broken, dirty, interrupted, failing
-    #: validation, or past max_lifetime
-    discarded: int
-    acquired: int
-    timeouts: int
-    connect_errors: int
-    #: leases reported as held longer than ``leak_timeout``
-    leak_warnings: int
-    #: leases garbage-collected without being released (their connection was returned)
-    leaked: int
-
-
 class _Slot:
     """One driver connection and the pool's record of it.
 
@@ -93,6 +65,7 @@ class _Slot:
         "dialect",
         "expires_at",
         "used_at",
+        "leased_at",
         "generation",
         "dirty",
         "busy",
@@ -111,6 +84,7 @@ class _Slot:
         self.raw: Any = None  # None while the connection is being opened
         self.dialect: Dialect
         self.expires_at = self.used_at = 0.0
+        self.leased_at = 0.0  # monotonic time of the checkout, for the hold time
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
         self.busy = False  # a driver call is running, or was interrupted half-way
@@ -229,6 +203,15 @@ class Pool(Generic[C]):
     :param leak_timeout: a lease held longer than this many seconds is logged as a warning
         with the stack of the code that took it (``None``: off; costs a stack capture per
         checkout when on).
+    :param configure: called with each new driver connection before anyone uses it (``SET
+        application_name``, ``search_path``, ``autocommit``...); must leave no transaction open.
+        If it raises, the connect fails.  What it sets is what every return restores.
+    :param check: called with the driver connection at every checkout, instead of the idle ping
+        (``validate_after`` is then unused); if it raises, the connection is discarded and
+        another one is taken.  Bounded by the caller's deadline like the ping.
+    :param reset: called with the driver connection on return, after the pool's rollback, when
+        the lease used it; if it raises or leaves a transaction open, the connection is
+        discarded.  Runs outside the pool's lock.
     :param dialect: a :class:`dbpool.dialects.Dialect` or its name; by default detected from
         the driver of the first connection.
     :param name: shown in logs, errors and ``repr``; default ``pool-1``, ``pool-2``, ...
@@ -249,6 +232,9 @@ class Pool(Generic[C]):
         reconnect_max_delay: float = 5.0,
         session_reset: str | None = None,
         leak_timeout: float | None = None,
+        configure: Callable[[C], object] | None = None,
+        check: Callable[[C], object] | None = None,
+        reset: Callable[[C], object] | None = None,
         dialect: Dialect | str | None = None,
         name: str | None = None,
     ) -> None:
@@ -285,6 +271,12 @@ class Pool(Generic[C]):
                 f"got {session_reset!r}"
             )
         _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)
+        for hook_name, hook in (("configure", configure), ("check", check), ("reset", reset)):
+            if hook is not None and not callable(hook):
+                raise TypeError(
+                    f"{hook_name} must be a callable taking the driver's connection, or None; "
+                    f"got {hook!r}"
+                )
         if isinstance(dialect, str):
             dialect = _dialect_named(dialect)
         elif dialect is not None and not isinstance(dialect, Dialect):
@@ -302,12 +294,19 @@ class Pool(Generic[C]):
         self._idle_timeout = _NEVER if idle_timeout is None else float(idle_timeout)
         self._max_lifetime = _NEVER if max_lifetime is None else float(max_lifetime)
         self._max_waiting = max_waiting
-        self._validate_after = _NEVER if validate_after is None else float(validate_after)
+        if check is not None:
+            self._validate_after = -1.0  # the check runs at every checkout, instead of the ping
+        else:
+            self._validate_after = _NEVER if validate_after is None else float(validate_after)
         self._reconnect_delay = float(reconnect_delay)
         self._reconnect_max_delay = float(reconnect_max_delay)
         self._session_reset = session_reset
         self._leak_timeout = leak_timeout
+        self._configure = configure
+        self._check = check
+        self._reset = reset
         self._dialect: Dialect | None = dialect
+        self._listeners = Listeners()
 
         # Leases dropped without release are queued here by their finalizer, which may run in
         # any thread at any moment and so must not take the lock; the reaper and the next
@@ -338,6 +337,8 @@ class Pool(Generic[C]):
         self._in_use = 0
         self._opening = 0
         self._closed = getattr(self, "_closed", False)
+        # Closed by drain(): reopen() may open it again, and close() still closes what is out.
+        self._drained = getattr(self, "_drained", False)
         self._generation = getattr(self, "_generation", -1) + 1
         # Reconnect backoff: while connects fail, one attempt per delay, by whoever comes first.
         self._connect_failures = 0
@@ -350,6 +351,13 @@ class Pool(Generic[C]):
         self._created = self._closed_count = self._discarded = 0
         self._acquired = self._timeouts = self._connect_errors = 0
         self._leak_warnings = self._leaked = 0
+        self._wait_time = self._held_time = self._connect_time = 0.0
+        self._returned = 0
+        # Waits recorded by bucket: the checkouts served at once from the idle stack are not
+        # recorded one by one; stats() puts them in the first bucket (acquired - recorded).
+        self._wait_counts = [0] * len(WAIT_BUCKETS)
+        self._waits_recorded = 0
+        self._discards = no_discards()
         self._refilling = False  # a refill thread is running
         # Callers waiting for a connect made for them (not in the queue); close() tells them.
         self._connecting: set[_Waiter] = set()
@@ -389,7 +397,8 @@ class Pool(Generic[C]):
         """
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=False, positive=False)
-        slot = None  # a connection this call holds, to give back if anything goes wrong
+        slot = None  # a connection this call holds (counted in acquired), to give back on error
+        started = None  # set when this checkout could not be served at once: its wait counts
         try:
             # The common case, inline: an idle connection that needs no round trip.
             if not self._orphans:
@@ -407,19 +416,36 @@ class Pool(Generic[C]):
                     and used_at > self._broken_at
                     and now < slot.expires_at
                 ):
+                    started = now
                     deadline = now + (self._acquire_timeout if timeout is None else timeout)
                     candidate, slot = slot, None  # validation keeps or discards it itself
-                    if self._fit_for_use(candidate, deadline):
+                    if self._fit_for_use(candidate, deadline, checkout=True):
                         slot = candidate
             if slot is None:
+                if started is None:
+                    started = monotonic()
                 slot = self._acquire(timeout, deadline)
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
-            return lease(self, slot)
+            if started is None:
+                slot.leased_at = now
+                conn = lease(self, slot)
+                if self._listeners.checkout:
+                    emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, 0.0)
+                return conn
+            slot.leased_at = now = monotonic()
+            conn = lease(self, slot)
+            if self._listeners.checkout:
+                emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, now - started)
+            self._note_wait(now - started)
+            return conn
         except BaseException:
+            self._drop_lock_if_held()
             if slot is not None:
                 slot.claim.acquire(False)  # a lease made meanwhile must not return it again
-                self._give_back(slot)
+                with self._lock:
+                    self._acquired -= 1  # not handed out after all
+                self._put_back(slot)
             raise
 
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
@@ -511,18 +537,236 @@ class Pool(Generic[C]):
         with self._lock:
             return self._stats_locked()
 
+    # -- events ---------------------------------------------------------------------------------
+
+    def add_listener(self, event: Event | str, listener: Listener) -> None:
+        """Call ``listener(pool_event)`` on each ``event`` (a :class:`dbpool.Event` or its name:
+        ``"connect"``, ``"checkout"``, ``"checkin"``, ``"discard"``, ``"close"``).
+
+        Listeners run in the thread doing the work, outside the pool's lock; one that raises is
+        logged and skipped.  They are for logging, tracing and metrics: a listener that uses
+        the connection it is told about races with the connection's borrower.
+        """
+        self._listeners.add(event, listener)
+
+    def remove_listener(self, event: Event | str, listener: Listener) -> None:
+        """Stop calling ``listener`` on ``event``; ``ValueError`` if it was not listening."""
+        self._listeners.remove(event, listener)
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def check(self, timeout: float = 5.0) -> int:
+        """Ping every idle connection now (with the ``check`` hook if there is one), close the
+        dead ones, and open replacements in the background up to ``min_size``.  Returns how
+        many were dead.  All the pings together take at most ``timeout`` seconds; connections
+        leased meanwhile are not touched."""
+        _check_number("timeout", timeout, allow_none=False, positive=False)
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(self._closed_message())
+            probed = list(self._idle)
+            self._idle.clear()
+            self._in_use += len(probed)  # held by the pool itself meanwhile
+            for slot in probed:
+                slot.owner = 0
+        deadline = monotonic() + timeout
+        dead = 0
+        for slot in probed:
+            if self._fit_for_use(slot, deadline, checkout=False, probe=True):
+                slot.used_at = monotonic()
+                self._put_back(slot)
+            else:
+                dead += 1
+        if dead:
+            logger.info("pool %r: check() found %d of %d idle connections dead", self._name, dead, len(probed))
+            self._reaper_wakeup.set()  # refill to min_size
+        return dead
+
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        """A small report for readiness probes: whether a pooled connection answers a ping
+        within ``timeout`` seconds, how long the ping took, and the stats.
+
+        Never raises for a database or pool problem: ``ok`` is false and ``error`` says what
+        happened (the exception's type and first line).
+        """
+        _check_number("timeout", timeout, allow_none=False, positive=False)
+        reachable = False
+        latency = None
+        error = None
+        try:
+            with self.connection(timeout=timeout) as conn:
+                slot = conn._live("connection")  # used: the return path checks its state
+                dialect, raw = slot.dialect, slot.raw
+                started = monotonic()
+                with Overdue(started + timeout, lambda: dialect.sever(raw)):
+                    dialect.ping(raw)
+                latency = monotonic() - started
+                reachable = True
+        except Exception as exc:
+            error = _describe(exc)
+        closed = self.closed
+        return {
+            "pool": self._name,
+            "ok": reachable and not closed,
+            "reachable": reachable,
+            "latency": latency,
+            "error": error,
+            "closed": closed,
+            "stats": self.stats().as_dict(),
+        }
+
+    def resize(self, *, min_size: int | None = None, max_size: int | None = None) -> None:
+        """Change ``min_size`` and/or ``max_size`` while the pool is in use.
+
+        Raising ``max_size`` lets queued callers connect at once; lowering it closes idle
+        connections above it now and leased ones as they come back.  Raising ``min_size``
+        opens connections in the background.  Bad values raise and change nothing.
+        """
+        if min_size is not None:
+            _check_count("min_size", min_size, minimum=0)
+        if max_size is not None:
+            _check_count("max_size", max_size, minimum=1)
+        with self._lock:
+            new_min = self._min_size if min_size is None else min_size
+            new_max = self._max_size if max_size is None else max_size
+            if new_min > new_max:
+                raise ValueError(
+                    f"min_size ({new_min}) must not exceed max_size ({new_max}): "
+                    "pass both to move them together"
+                )
+            self._min_size = new_min
+            self._max_size = new_max
+            # The least recently used idle connections above the new cap go now; leased ones
+            # as they come back (_put_back).  Until then size may exceed max_size.
+            excess = min(len(self._idle), self._size - new_max)
+            surplus = [self._idle.popleft() for _ in range(excess)]
+            self._forget_locked(surplus, DiscardReason.RESIZED)  # and lets waiters use new room
+        logger.info("pool %r resized: min_size=%d max_size=%d", self._name, new_min, new_max)
+        self._reaper_wakeup.set()  # refill up to the new min_size
+        interrupted = self._close_all(surplus, DiscardReason.RESIZED, "resize() lowered max_size")
+        if interrupted is not None:
+            raise interrupted
+
+    # -- convenience ----------------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Any = None, *, timeout: float | None = None) -> list[Any]:
+        """Run one statement on a connection of its own and commit; return all its rows (``[]``
+        for a statement with no result set).  On error the transaction is rolled back, the
+        connection returned and the error raised."""
+        with self.connection(timeout=timeout) as conn:
+            cursor = conn.cursor()
+            if params is None:
+                cursor.execute(sql)
+            else:
+                cursor.execute(sql, params)
+            rows = list(cursor.fetchall()) if cursor.description is not None else []
+            cursor.close()
+            conn.commit()
+            return rows
+
+    def with_connection(self, fn: Callable[[Connection[C]], T], *, timeout: float | None = None) -> T:
+        """Return ``fn(conn)`` run on a leased connection, returned to the pool afterwards
+        whatever happens (without a commit: ``fn`` commits what it wants kept)."""
+        with self.connection(timeout=timeout) as conn:
+            return fn(conn)
+
+    def cursor(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> PoolCursor[C]:
+        """A cursor on a connection of its own, leased until the cursor is closed: for
+        streaming a large result (``pool.cursor(name="big")`` makes psycopg's server-side
+        cursor).  Arguments go to the driver's ``cursor()``.  Closing it returns the
+        connection; work not committed (``cur.connection.commit()``) is rolled back."""
+        conn = self.connection(timeout=timeout)
+        try:
+            return pool_cursor(conn, conn.cursor(*args, **kwargs))
+        except BaseException:
+            conn.close()
+            raise
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Close the pool.  Idempotent.
 
         Waiters get :class:`PoolClosed` at once, idle connections are closed, and leased ones
         are closed as they come back; those still out after ``timeout`` seconds are closed
-        under their borrowers (``None``: wait for them as long as it takes).
+        under their borrowers (``None``: wait for them as long as it takes).  After a
+        :meth:`drain` that timed out, closes what is still out the same way.
         """
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=True, positive=False)
         with self._lock:
-            if self._closed:
+            if self._closed and not self._drained:
                 return
+            self._drained = False
+            idle = self._stop_checkouts_locked()
+        # An interrupt while closing one connection must not leave the others open, nor stop
+        # close() half-way (a second close() does nothing): it is raised at the end.
+        interrupted = self._close_stopped(idle, timeout)
+        deadline = _NEVER if timeout is None else monotonic() + timeout
+        leased = []
+        if not self._await_returns(deadline):
+            with self._lock:
+                # Everything still counted is leased (or being returned or validated).
+                leased = list(self._everyone)
+                self._in_use -= len(leased)
+                self._forget_locked(leased)
+        if leased:
+            logger.warning(
+                "pool %r closed: closing %d connections still leased", self._name, len(leased)
+            )
+        interrupted = (
+            self._close_all(leased, POOL_CLOSED, "still leased", sever=True) or interrupted
+        )
+        logger.info("pool %r closed", self._name)
+        if interrupted is not None:
+            raise interrupted
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Stop handing out connections and close them all as they come back, for a deploy
+        without dropped requests; :meth:`reopen` opens the pool again.
+
+        New checkouts and waiters get :class:`PoolClosed`, idle connections are closed at once,
+        and this call returns once every lease is back and closed.  Past ``timeout`` seconds
+        (``None``: no limit) it raises :class:`PoolTimeout`; the leases still out are closed as
+        they come back (or by :meth:`close`).
+        """
+        if timeout is not None:
+            _check_number("timeout", timeout, allow_none=True, positive=False)
+        with self._lock:
+            if self._closed and not self._drained:
+                return  # closed for good: nothing left to drain
+            self._drained = True
+            idle = self._stop_checkouts_locked()
+        interrupted = self._close_stopped(idle, timeout)
+        if interrupted is not None:
+            raise interrupted
+        deadline = _NEVER if timeout is None else monotonic() + timeout
+        if not self._await_returns(deadline):
+            with self._lock:
+                out = self._in_use + self._opening
+            raise PoolTimeout(
+                f"pool {self._name!r}: {out} connections still leased after draining for "
+                f"{timeout:g} s; each is closed when it comes back (close() closes them now)"
+            )
+        logger.info("pool %r drained", self._name)
+
+    def reopen(self) -> None:
+        """Open a pool closed by :meth:`drain` or :meth:`close` again: connections are made
+        afresh (``min_size`` of them in the background), with the same options and counters."""
+        with self._lock:
+            if not self._closed:
+                raise PoolError(
+                    f"pool {self._name!r} is open: reopen() follows drain() or close()"
+                )
+            self._closed = self._drained = False
+            # A reaper of the closed pool still running sees its wakeup replaced, and stops.
+            self._reaper_wakeup = threading.Event()
+        self._start_reaper()
+        logger.info("pool %r reopened", self._name)
+
+    def _stop_checkouts_locked(self) -> list[_Slot]:
+        """Close the pool to callers: turn waiters away; return the idle connections, no
+        longer counted, for the caller to close."""
+        idle: list[_Slot] = []
+        if not self._closed:
             self._closed = True
             idle = list(self._idle)
             self._idle.clear()
@@ -533,40 +777,29 @@ class Pool(Generic[C]):
                 waiter.abandoned = True
                 self._serve_locked(waiter, _CLOSED)
             self._cond.notify_all()
+        return idle
+
+    def _close_stopped(self, idle: list[_Slot], timeout: float | None) -> BaseException | None:
+        """After _stop_checkouts_locked: stop the reaper and close the idle connections."""
         self._reaper_wakeup.set()
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
-        # An interrupt while closing one connection must not leave the others open, nor stop
-        # close() half-way (a second close() does nothing): it is raised at the end.
-        interrupted = self._close_all(idle, "pool closed")
+        interrupted = self._close_all(idle, POOL_CLOSED)
         thread = self._reaper_thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
-        deadline = _NEVER if timeout is None else monotonic() + timeout
+        return interrupted
+
+    def _await_returns(self, deadline: float) -> bool:
+        """Wait until no connection is leased or being opened; False if the deadline passed."""
         while True:
             self._return_orphans()  # leases garbage-collected meanwhile come back this way
             with self._lock:
                 if self._in_use + self._opening == 0:
-                    leased = []
-                    break
+                    return True
                 remaining = deadline - monotonic()
                 if remaining <= 0:
-                    # Everything still counted is leased (or being returned or validated).
-                    leased = list(self._everyone)
-                    self._in_use -= len(leased)
-                    self._forget_locked(leased)
-                    break
+                    return False
                 self._cond.wait(min(remaining, _CLOSE_POLL))
-        if leased:
-            logger.warning(
-                "pool %r closed: closing %d connections still leased", self._name, len(leased)
-            )
-        interrupted = (
-            self._close_all(leased, "pool closed with the connection still leased", sever=True)
-            or interrupted
-        )
-        logger.info("pool %r closed", self._name)
-        if interrupted is not None:
-            raise interrupted
 
     def __enter__(self) -> Pool[C]:
         return self
@@ -594,7 +827,7 @@ class Pool(Generic[C]):
         )
         self._closed = True
         self._reaper_wakeup.set()
-        self._close_all(list(self._idle), "pool garbage-collected")
+        self._close_all(list(self._idle), POOL_CLOSED, "the pool was garbage-collected")
 
     # -- acquire ------------------------------------------------------------------------------
 
@@ -613,7 +846,7 @@ class Pool(Generic[C]):
             slot = self._take(deadline, timeout)
             if slot.raw is None:
                 return self._connect_for_caller(slot, deadline, timeout)
-            if self._fit_for_use(slot, deadline):
+            if self._fit_for_use(slot, deadline, checkout=True):
                 return slot
             if monotonic() >= deadline:
                 raise self._validation_timeout(timeout)
@@ -706,36 +939,49 @@ class Pool(Generic[C]):
                 self._free_locked(slot)
                 return
             self._forget_locked([slot])
-        self._close_raw(slot, "pool closed")
+        self._close_raw(slot, POOL_CLOSED, "the pool closed while its caller waited")
 
-    def _fit_for_use(self, slot: _Slot, deadline: float) -> bool:
-        """Check an idle connection the caller took; discard it and say so if it is not fit.
+    def _fit_for_use(
+        self, slot: _Slot, deadline: float, *, checkout: bool, probe: bool = False
+    ) -> bool:
+        """Check an idle connection taken out of the stack; discard it and say so if it is not
+        fit.  ``checkout``: it was taken for a caller (and counted in ``acquired``); ``probe``:
+        ping it even if it was used just now.
 
-        The ping is bounded by the caller's deadline (at least ``_MIN_PING_TIME``): past it,
-        the connection's socket is shut down, so a blackholed connection fails at once.
+        The ping (or the ``check`` hook) is bounded by the deadline (at least
+        ``_MIN_PING_TIME``): past it, the connection's socket is shut down, so a blackholed
+        connection fails at once.
         """
         now = monotonic()
         if now >= slot.expires_at:
-            self._discard(slot, "reached max_lifetime", broken=False)
+            self._discard(slot, DiscardReason.EXPIRED, broken=False, checkout=checkout)
             return False
-        if now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at:
+        fresh = now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at
+        if fresh and not probe:
             return True
         dialect, raw = slot.dialect, slot.raw
+        check = self._check
+        failed = DiscardReason.BROKEN if check is None else DiscardReason.CHECK_FAILED
         try:
             with Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw)) as guard:
-                dialect.ping(raw)
+                if check is None:
+                    dialect.ping(raw)
+                else:
+                    check(raw)
             fit = not guard.fired and dialect.transaction_state(raw) in (
                 TxState.IDLE,
                 TxState.UNKNOWN,
             )
         except Exception as exc:
-            logger.info("pool %r: idle connection failed validation: %s", self._name, _describe(exc))
+            what = "validation" if check is None else "its check"
+            logger.info("pool %r: idle connection failed %s: %s", self._name, what, _describe(exc))
             fit = False
         except BaseException:
-            self._discard(slot, "validation interrupted", broken=True)
+            self._discard(slot, DiscardReason.INTERRUPTED, broken=True, checkout=checkout)
             raise
         if not fit:
-            self._discard(slot, "failed validation", broken=True)
+            broken = check is None or _is_broken(slot)
+            self._discard(slot, failed, broken=broken, checkout=checkout)
         return fit
 
     # -- opening connections ------------------------------------------------------------------
@@ -828,17 +1074,29 @@ class Pool(Generic[C]):
         """
         raw = None
         try:
+            started = monotonic()
             raw = self._connect()
             dialect = self._dialect
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
             dialect.check_new(raw)
+            if self._configure is not None:
+                self._configure(raw)
+                state = dialect.transaction_state(raw)
+                if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                    raise PoolError(
+                        f"pool {self._name!r}: configure left the new connection "
+                        f"{state.value.replace('_', ' ')}: end its transaction with conn.commit() (or set "
+                        "autocommit first)"
+                    )
             now = monotonic()
             slot.raw = raw
             slot.dialect = dialect
             slot.settings = dialect.client_settings(raw)
             slot.used_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
+            if self._listeners.connect:
+                emit(self._listeners.connect, Event.CONNECT, self._name, raw, None, now - started)
             self._lock.acquire()
         except BaseException as exc:  # nothing counted yet: give the reservation back
             self._drop_lock_if_held()
@@ -864,6 +1122,7 @@ class Pool(Generic[C]):
             self._last_connect_error = None
             self._opening -= 1
             self._created += 1
+            self._connect_time += now - started
             closed = self._closed
             caller = waiter if waiter is not None and not waiter.abandoned else None
             if closed:
@@ -889,7 +1148,7 @@ class Pool(Generic[C]):
             logger.info("pool %r: connecting works again", self._name)
         logger.debug("pool %r: opened a connection", self._name)
         if closed:
-            self._close_raw(slot, "pool closed while connecting")
+            self._close_raw(slot, POOL_CLOSED, "the pool closed while it was connecting")
         return True
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
@@ -928,6 +1187,10 @@ class Pool(Generic[C]):
         """Take back a connection from its borrower: clean it, then reuse or discard it."""
         if slot.generation != self._generation:
             return  # inherited across fork(), or closed by close(): not ours to count
+        now = monotonic()
+        held = now - slot.leased_at
+        if self._listeners.checkin:
+            emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
         if slot.borrowed is not None:
             self._note_return_of_borrowed(slot)
         problem = None
@@ -935,32 +1198,49 @@ class Pool(Generic[C]):
             try:
                 problem = self._clean(slot)
             except BaseException:
-                self._discard(slot, "reset interrupted", broken=True)
+                self._discard(slot, DiscardReason.INTERRUPTED, broken=True, held=held)
                 raise
-        now = monotonic()
+            now = monotonic()
         if problem is None and now >= slot.expires_at:
-            problem = "reached max_lifetime"
+            problem = DiscardReason.EXPIRED, "it reached max_lifetime"
         if problem is not None:
-            self._discard(slot, problem, broken=_is_broken(slot))
+            reason, detail = problem
+            self._discard(slot, reason, broken=_is_broken(slot), held=held, detail=detail)
             return
         slot.used_at = now
+        self._put_back(slot, held)
+
+    def _put_back(self, slot: _Slot, held: float | None = None) -> None:
+        """Return a clean connection the caller holds to the pool: to the oldest waiter, the
+        idle stack, or closed if the pool closed or shrank meanwhile.  ``held``: how long a
+        borrower had it (``None``: it was the pool's own, or never handed out)."""
+        slot.borrowed = None
         try:
             self._lock.acquire()
         except BaseException:  # interrupted before anything was counted
             self._drop_lock_if_held()
-            self._discard(slot, "return interrupted", broken=False)
+            self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
             raise
         try:
             if slot.generation != self._generation:
                 return  # close() took it back while it was being cleaned
             self._in_use -= 1
-            if not self._closed:
+            if held is not None:
+                self._returned += 1
+                self._held_time += held
+            reason: str
+            if self._closed:
+                reason, detail = POOL_CLOSED, "the pool is closed"
+                self._forget_locked([slot])
+            elif self._size > self._max_size:
+                reason, detail = DiscardReason.RESIZED, "resize() lowered max_size"
+                self._forget_locked([slot], DiscardReason.RESIZED)
+            else:
                 self._free_locked(slot)
                 return
-            self._forget_locked([slot])
         finally:
             self._lock.release()
-        self._close_raw(slot, "pool closed")
+        self._close_raw(slot, reason, detail)
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
@@ -971,15 +1251,16 @@ class Pool(Generic[C]):
                 monotonic() - borrowed.at,
             )
 
-    def _clean(self, slot: _Slot) -> str | None:
+    def _clean(self, slot: _Slot) -> tuple[DiscardReason, str] | None:
         """Make a returned connection fit for the next borrower, with no round trip when the
         state says it is clean.  Returns why it must be discarded instead, or ``None``."""
+        failed = DiscardReason.RESET_FAILED
         if slot.busy:
-            return "returned with a driver call interrupted"
+            return failed, "returned with a driver call interrupted"
         if slot.doomed:
-            return "its transaction could not be cancelled, rolled back or reset"
+            return failed, "its transaction could not be cancelled, rolled back or reset"
         if slot.transaction is not None:
-            return "returned inside its transaction block"
+            return failed, "returned inside its transaction block"
         raw = slot.raw
         dialect = slot.dialect
         try:
@@ -992,36 +1273,69 @@ class Pool(Generic[C]):
                 dialect.rollback(raw)
                 state = dialect.transaction_state(raw)
                 if state is not TxState.IDLE and state is not TxState.UNKNOWN:
-                    return f"still {state.value} after rollback"
+                    return failed, f"still {state.value} after rollback"
             elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
-                return f"returned {state.value}"
+                return failed, f"returned {state.value}"
             if slot.restore:
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
                     setattr(raw, name, value)
-            if self._session_reset is not None and slot.used:
+            if self._session_reset is not None:
                 if self._session_reset == "reconnect" or not dialect.can_reset_session:
-                    return "session_reset: a used connection is not reused"
+                    return DiscardReason.SESSION_RESET, "session_reset: used, so not reused"
                 dialect.reset_session(raw)
+        except Exception as exc:
+            slot.doomed = True
+            return failed, f"reset failed: {_describe(exc)}"
+        if self._reset is not None:
+            try:
+                self._reset(raw)
+                state = dialect.transaction_state(raw)
+            except Exception as exc:
+                logger.warning(
+                    "pool %r: the reset hook raised; the connection is discarded: %s",
+                    self._name,
+                    _describe(exc),
+                )
+                return failed, f"the reset hook raised {_describe(exc)}"
+            if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                return failed, f"the reset hook left it {state.value}"
+        try:
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
             slot.doomed = True
-            return f"reset failed: {_describe(exc)}"
+            return failed, f"reset failed: {_describe(exc)}"
         slot.used = slot.dirty = False
         return None
 
-    def _discard(self, slot: _Slot, reason: str, *, broken: bool) -> None:
-        """Drop a connection the caller holds (leased or under validation) and close it."""
+    def _discard(
+        self,
+        slot: _Slot,
+        reason: DiscardReason,
+        *,
+        broken: bool,
+        checkout: bool = False,
+        held: float | None = None,
+        detail: str = "",
+    ) -> None:
+        """Drop a connection the caller holds (leased or under validation) and close it.
+        ``checkout``: it was taken for a caller who does not get it after all; ``held``: how
+        long its borrower had it, when it comes back from a lease."""
         with self._lock:
             if slot.generation != self._generation:
                 return  # close() took it back and closes it
             self._in_use -= 1
             self._discarded += 1
+            if checkout:
+                self._acquired -= 1
+            if held is not None:
+                self._returned += 1
+                self._held_time += held
             if broken:
                 self._broken_at = monotonic()
-            self._forget_locked([slot])
-        self._close_raw(slot, reason)
+            self._forget_locked([slot], reason)
+        self._close_raw(slot, reason, detail)
 
     # -- hand-off (all under the lock) ---------------------------------------------------------
 
@@ -1055,21 +1369,31 @@ class Pool(Generic[C]):
         waiter.grant = grant
         waiter.wakeup.release()
 
-    def _forget_locked(self, slots: list[_Slot]) -> None:
-        """Stop counting connections about to be closed (idle ones already out of the stack)."""
+    def _forget_locked(self, slots: list[_Slot], reason: DiscardReason | None = None) -> None:
+        """Stop counting connections about to be closed (idle ones already out of the stack);
+        ``reason``: why the open pool drops them (``None`` when the pool closes)."""
         for slot in slots:
             self._everyone.discard(slot)
             slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
         self._size -= len(slots)
         self._closed_count += len(slots)
+        if reason is not None:
+            self._discards[reason.value] += len(slots)
         self._grant_room_locked()
 
-    def _close_raw(self, slot: _Slot, reason: str) -> None:
-        logger.debug("pool %r: closing a connection: %s", self._name, reason)
+    def _close_raw(self, slot: _Slot, reason: str, detail: str = "") -> None:
+        """Close a connection no longer counted.  ``reason``: a :class:`DiscardReason` or
+        ``POOL_CLOSED``, told to listeners."""
+        reason = reason.value if isinstance(reason, DiscardReason) else reason
+        logger.debug("pool %r: closing a connection (%s) %s", self._name, reason, detail)
+        if reason != POOL_CLOSED and self._listeners.discard:
+            emit(self._listeners.discard, Event.DISCARD, self._name, slot.raw, reason)
         _close_quietly(slot.dialect, slot.raw)
+        if self._listeners.close:
+            emit(self._listeners.close, Event.CLOSE, self._name, slot.raw, reason)
 
     def _close_all(
-        self, slots: list[_Slot], reason: str, *, sever: bool = False
+        self, slots: list[_Slot], reason: str, detail: str = "", *, sever: bool = False
     ) -> BaseException | None:
         """Close every one of ``slots`` (no longer counted), even if closing one of them is
         interrupted; return the first such interruption for the caller to raise.  ``sever``
@@ -1082,29 +1406,34 @@ class Pool(Generic[C]):
                         slot.dialect.sever(slot.raw)
                     except Exception as exc:
                         logger.debug("cutting off a connection failed: %s", _describe(exc))
-                self._close_raw(slot, reason)
+                self._close_raw(slot, reason, detail)
             except BaseException as exc:
                 interrupted = interrupted or exc
         return interrupted
 
     # -- maintenance (run by the reaper thread) ------------------------------------------------
 
-    def _maintain(self) -> float | None:
+    def _maintain(self, wakeup: threading.Event) -> float | None:
         """Close idle connections past their time, refill to min_size, serve queued callers
-        while connects back off.  Returns seconds until the next run, or None once closed."""
+        while connects back off.  Returns seconds until the next run, or None once closed (or
+        once ``wakeup``, the calling reaper's, is no longer the pool's: reopen() replaced it)."""
+        if wakeup is not self._reaper_wakeup:
+            return None
         if self._orphans:
             self._return_orphans()
         now = monotonic()
         with self._lock:
             if self._closed:
                 return None
-            retired = self._pick_retired_locked(now)
-            self._forget_locked(retired)
-        interrupted = self._close_all(retired, "idle or past max_lifetime")
+            expired, idle = self._pick_retired_locked(now)
+            self._forget_locked(expired, DiscardReason.EXPIRED)
+            self._forget_locked(idle, DiscardReason.IDLE)
+        interrupted = self._close_all(expired, DiscardReason.EXPIRED)
+        interrupted = self._close_all(idle, DiscardReason.IDLE) or interrupted
         if interrupted is not None:
             raise interrupted
-        if retired:
-            logger.debug("pool %r: reaped %d connections", self._name, len(retired))
+        if expired or idle:
+            logger.debug("pool %r: reaped %d connections", self._name, len(expired) + len(idle))
         if self._leak_timeout is not None:
             self._report_leaks(now)
         if self._broken_at > self._swept_at:
@@ -1171,8 +1500,9 @@ class Pool(Generic[C]):
         deadline = monotonic() + _SWEEP_TIME
         dead = 0
         for slot in suspects:
-            if self._fit_for_use(slot, deadline):
-                self._give_back(slot)  # an idle connection: nothing to clean
+            if self._fit_for_use(slot, deadline, checkout=False, probe=True):
+                slot.used_at = monotonic()
+                self._put_back(slot)
             else:
                 dead += 1
         logger.info(
@@ -1204,21 +1534,24 @@ class Pool(Generic[C]):
                 borrowed.where(),
             )
 
-    def _pick_retired_locked(self, now: float) -> list[_Slot]:
-        retired = []
+    def _pick_retired_locked(self, now: float) -> tuple[list[_Slot], list[_Slot]]:
+        """Take out of the idle stack the connections past max_lifetime, and those idle too
+        long above min_size."""
+        expired = []
+        idle = []
         keep: deque[_Slot] = deque()
         surplus = self._size - self._min_size
         for slot in self._idle:  # least recently used first
             if now >= slot.expires_at:
-                retired.append(slot)
+                expired.append(slot)
             elif surplus > 0 and now - slot.used_at > self._idle_timeout:
-                retired.append(slot)
+                idle.append(slot)
                 surplus -= 1
             else:
                 keep.append(slot)
-        if retired:
+        if expired or idle:
             self._idle = keep
-        return retired
+        return expired, idle
 
     def _tick(self) -> float:
         tick = min(1.0, self._idle_timeout / 2, self._max_lifetime / 2)
@@ -1261,9 +1594,29 @@ class Pool(Generic[C]):
             connect_errors=self._connect_errors,
             leak_warnings=self._leak_warnings,
             leaked=self._leaked,
+            wait_time=self._wait_time,
+            wait_histogram=self._wait_histogram_locked(),
+            held_time=self._held_time,
+            returned=self._returned,
+            connect_time=self._connect_time,
+            discards=dict(self._discards),
         )
 
+    def _wait_histogram_locked(self) -> tuple[int, ...]:
+        counts = list(self._wait_counts)
+        counts[0] += self._acquired - self._waits_recorded  # served at once: no wait
+        return tuple(counts)
+
+    def _note_wait(self, seconds: float) -> None:
+        """Record the wait of a checkout that was not served at once from the idle stack."""
+        with self._lock:
+            self._wait_time += seconds
+            self._wait_counts[wait_bucket(seconds)] += 1
+            self._waits_recorded += 1
+
     def _closed_message(self) -> str:
+        if self._drained:
+            return f"pool {self._name!r} was drained and hands out no connections: reopen() it"
         return f"pool {self._name!r} is closed and hands out no more connections: make a new Pool"
 
     def _timeout_error_locked(self, timeout: float) -> PoolTimeout:

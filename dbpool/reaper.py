@@ -38,7 +38,7 @@ def _run(pool_ref: weakref.ref[Pool[Any]], wakeup: threading.Event, name: str) -
         if pool is None:
             return
         try:
-            delay = pool._maintain()
+            delay = pool._maintain(wakeup)
         except BaseException:  # even SystemExit from a driver: the pool needs this thread
             logger.exception("pool %r: maintenance failed; trying again shortly", name)
             delay = _FAILURE_PAUSE

@@ -191,7 +191,9 @@ class Transaction(Generic[C]):
         closed inside its own block loses it (the pool discards such a connection), and from
         then on nothing here may touch it: it could be another borrower's."""
         lease, slot = self._lease, self._slot
-        return lease is not None and slot is not None and lease._slot is slot and slot.generation >= 0
+        return (
+            lease is not None and slot is not None and lease._slot is slot and slot.generation >= 0
+        )
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
@@ -446,7 +448,9 @@ def run_transaction(
         try:
             with pool.connection(timeout=acquire) as lease:
                 with Transaction(
-                    lease, isolation=isolation, timeout=deadline_left(deadline, timeout),
+                    lease,
+                    isolation=isolation,
+                    timeout=deadline_left(deadline, timeout),
                     readonly=readonly,
                 ) as tx:
                     return fn(tx)
@@ -460,7 +464,9 @@ def run_transaction(
             delay *= random.random()  # full jitter
             if monotonic() + delay >= deadline:
                 raise
-            logger.info("retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1)
+            logger.info(
+                "retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from dbpool.pool import Pool
@@ -80,13 +81,13 @@ def _to_number(value: str) -> float:
         raise ValueError("a number") from None
 
 
-def _to_optional_int(value: str) -> Optional[int]:
+def _to_optional_int(value: str) -> int | None:
     if value.strip().lower() in ("", "none", "null"):
         return None
     return _to_int(value)
 
 
-def _to_optional_str(value: str) -> Optional[str]:
+def _to_optional_str(value: str) -> str | None:
     return None if value.strip().lower() == "none" else value
 
 
@@ -113,7 +114,7 @@ class _Scheme:
     part_keys: Mapping[str, str]
     converters: Mapping[str, Callable[[str], Any]]
     # the query keys the driver accepts; None = let the driver check them at connect time
-    allowed_keys: Optional[frozenset[str]] = None
+    allowed_keys: frozenset[str] | None = None
 
 
 _PG_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
@@ -174,7 +175,12 @@ _SCHEMES: Mapping[str, _Scheme] = {
         extra="mysql",
         host_kw="host",
         database_kw="database",
-        part_keys={**_COMMON_PART_KEYS, "passwd": "password", "database": "database", "db": "database"},
+        part_keys={
+            **_COMMON_PART_KEYS,
+            "passwd": "password",
+            "database": "database",
+            "db": "database",
+        },
         converters=_MYSQL_CONVERTERS,
     ),
     "mssql": _Scheme(
@@ -220,16 +226,18 @@ class DatabaseURL:
     """
 
     scheme: str
-    host: Optional[str] = None
-    port: Optional[int] = None
-    user: Optional[str] = None
-    password: Optional[str] = field(default=None, repr=False)
-    database: Optional[str] = None
-    query: Tuple[Tuple[str, str], ...] = ()
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    database: str | None = None
+    query: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.scheme not in _SCHEMES:
-            raise ValueError(f"unsupported scheme {self.scheme!r}: use one of {', '.join(_SCHEMES)}")
+            raise ValueError(
+                f"unsupported scheme {self.scheme!r}: use one of {', '.join(_SCHEMES)}"
+            )
 
     @property
     def driver(self) -> str:
@@ -403,7 +411,7 @@ def _refuse_misplaced_userinfo(authority: str, path: str, query_text: str) -> No
         )
 
 
-def _parse_hostport(hostport: str) -> tuple[Optional[str], Optional[int]]:
+def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
     if hostport.startswith("["):
         close = hostport.find("]")
         if close == -1:
@@ -445,9 +453,7 @@ def _parse_query(text: str) -> list[tuple[str, str]]:
         raw_key, has_value, raw_value = item.partition("=")
         key = unquote(raw_key)
         if not key or not has_value:
-            raise ValueError(
-                "each query parameter of the URL must read name=value, joined by '&'"
-            )
+            raise ValueError("each query parameter of the URL must read name=value, joined by '&'")
         if key in seen:
             raise ValueError(f"the query parameter {key!r} is given twice: keep one")
         seen.add(key)
@@ -569,7 +575,7 @@ def _check_driver_keys(url: DatabaseURL, driver: ModuleType) -> None:
         )
 
 
-def _driver_keys(scheme: str, driver: ModuleType) -> Optional[frozenset[str]]:
+def _driver_keys(scheme: str, driver: ModuleType) -> frozenset[str] | None:
     if scheme == "postgresql":
         try:
             defaults = driver.pq.Conninfo.get_defaults()
@@ -624,7 +630,7 @@ def _shows_secret(text: str, secrets: Iterable[str]) -> bool:
 def _scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
     """Scrub ``exc`` and the exceptions chained to it in place, keeping their classes."""
     seen = set()
-    pending: list[Optional[BaseException]] = [exc]
+    pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:

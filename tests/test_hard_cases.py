@@ -25,7 +25,8 @@ import signal
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -62,7 +63,7 @@ class Outcome:
     def run(self, call: Callable[[], Any]) -> None:
         try:
             self.value = call()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:  # reported to the test
             self.error = exc
         finally:
             self.done.set()
@@ -108,8 +109,11 @@ def interrupt_main_at_pool_lock(send: Callable[[], None], functions: set[str]) -
     """Helper-thread side: wait until the main thread is held on the pool lock in one of
     ``functions``, interrupt it there, and wait until it has left that line (its recovery may
     take the lock again elsewhere)."""
-    spot = wait_until(lambda: main_thread_at_pool_lock(functions), timeout=10,
-                      message=f"main thread never blocked on the pool lock in {functions}")
+    spot = wait_until(
+        lambda: main_thread_at_pool_lock(functions),
+        timeout=10,
+        message=f"main thread never blocked on the pool lock in {functions}",
+    )
     send()
     wait_until(lambda: main_thread_at_pool_lock(functions) != spot, timeout=10)
 
@@ -137,7 +141,7 @@ def test_dropped_lease_with_a_cursor_is_collected_and_returned(make_pool: Any) -
 
 
 def test_interrupt_while_returning_keeps_accounting(make_pool: Any) -> None:
-    # Pool._give_back: _clean() ran, then `with self._lock:` blocks (contended) and a signal
+    # Pool._put_back (after _give_back cleaned): the lock acquire blocks (contended) and a signal
     # handler raises there: the lease is already marked released, in_use is never decremented.
     pool = make_pool(max_size=1)
     lease = pool.connect()
@@ -151,8 +155,8 @@ def test_interrupt_while_returning_keeps_accounting(make_pool: Any) -> None:
             lock.acquire()
             held.set()
             try:
-                interrupt_main_at_pool_lock(send, {"_give_back"})
-            except BaseException as exc:  # noqa: BLE001
+                interrupt_main_at_pool_lock(send, {"_put_back"})
+            except BaseException as exc:
                 errors.append(exc)
             finally:
                 lock.release()
@@ -184,7 +188,9 @@ def test_interrupt_while_connecting_leaves_the_connection_to_the_pool(
         frame = sys._current_frames().get(threading.main_thread().ident or -1)
         while frame is not None:
             if frame.f_code.co_name == "_connect_for_caller":
-                return "wakeup.acquire" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+                return "wakeup.acquire" in linecache.getline(
+                    frame.f_code.co_filename, frame.f_lineno
+                )
             frame = frame.f_back
         return False
 
@@ -195,7 +201,7 @@ def test_interrupt_while_connecting_leaves_the_connection_to_the_pool(
                 assert gate.entered.wait(5)
                 wait_until(main_waits_for_connect, timeout=10)
                 send()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
         t = start(helper)
@@ -273,7 +279,7 @@ def test_interrupt_after_being_handed_a_connection_keeps_accounting(make_pool: A
                     finally:
                         proxy.go.set()
                         r.join(10)
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     errors.append(exc)
 
             t = start(helper)
@@ -346,7 +352,11 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
     lease = pool.connect()
     release_code = dbpool.Connection.close.__code__
     lines, first = inspect.getsourcelines(dbpool.Connection.close)
-    [clear_line] = [first + i for i, text in enumerate(lines) if 'object.__setattr__(self, "_slot", None)' in text]
+    [clear_line] = [
+        first + i
+        for i, text in enumerate(lines)
+        if 'object.__setattr__(self, "_slot", None)' in text
+    ]
     paused, go = threading.Event(), threading.Event()
 
     def local(frame: Any, event: str, arg: Any) -> Any:
@@ -451,7 +461,9 @@ def test_mariadb_snapshot_opened_through_cursor_raw_is_not_kept(mysql_connect: A
         with pool.connection() as conn:
             cur = conn.cursor()
             cur.execute("SELECT v FROM dbpool_hard_raw")
-            assert cur.fetchall() == ((2,),), "the next borrower reads the previous lease's snapshot"
+            assert cur.fetchall() == ((2,),), (
+                "the next borrower reads the previous lease's snapshot"
+            )
             conn.commit()
     finally:
         pool.close(timeout=2)
@@ -502,8 +514,10 @@ def test_close_without_timeout_returns_when_the_last_lease_is_dropped(make_pool:
 
     def closer_waits() -> bool:
         frame = sys._current_frames().get(thread.ident or -1)
-        while frame is not None:  # inside Condition.wait, called from close()
-            if frame.f_code.co_name == "close" and frame.f_code.co_filename.endswith("pool.py"):
+        while frame is not None:  # inside Condition.wait, called from close()'s wait
+            if frame.f_code.co_name == "_await_returns" and frame.f_code.co_filename.endswith(
+                "pool.py"
+            ):
                 return True
             if frame.f_code.co_filename != threading.__file__:
                 return False

@@ -72,16 +72,16 @@ class _InterruptAfterAcquire:
         self.release()
 
 
-@pytest.mark.parametrize("function", ["_connect_for_caller", "_give_back"])
+@pytest.mark.parametrize("function", ["_connect_for_caller", "_put_back"])
 def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     make_pool: Any, function: str
 ) -> None:
-    # _connect_for_caller, _take and _give_back call self._lock.acquire() inside a try whose
+    # _connect_for_caller, _take and _put_back call self._lock.acquire() inside a try whose
     # `except BaseException` handler (_abandon / _discard) takes the same non-reentrant lock
     # again.  An exception raised after the acquire succeeded, still on that line, leaves the
     # thread blocked on a lock it holds itself: that thread hangs, and with it every caller.
     pool = make_pool(max_size=1)
-    if function == "_give_back":
+    if function == "_put_back":
         lease = pool.connect()
         call: Callable[[], Any] = lease.close
     else:
@@ -136,6 +136,7 @@ def test_timed_out_transaction_on_a_callers_lease_is_rolled_back(
             raw = conn.raw
             conn.rollback()
             gate = server.block("execute")
+
             # The statement ends once the watchdog's cancel is under way (and hangs).
             def release_once_cancelling() -> None:
                 assert dialect.entered.wait(5)
@@ -248,7 +249,7 @@ def test_interrupt_in_the_checkout_fast_path_keeps_the_slot(make_pool: Any) -> N
     pool = make_pool(max_size=1)
     with pool.connection():
         pass
-    sys.settrace(_raise_at(dbpool.Pool.connection, "now = monotonic()"))
+    sys.settrace(_raise_at(dbpool.Pool.connection, "used_at = slot.used_at"))
     try:
         with pytest.raises(KeyboardInterrupt):
             pool.connection(timeout=1)

@@ -20,6 +20,7 @@ def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:
         sql += f" ISOLATION LEVEL {isolation.value}"
     return sql + " READ ONLY" if readonly else sql
 
+
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
 _IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
 
@@ -34,7 +35,7 @@ class PsycopgDialect(Dialect):
         status = conn.pgconn.transaction_status
         if status == _IDLE:
             return TxState.IDLE
-        if status == _INTRANS or status == _INERROR:
+        if status in (_INTRANS, _INERROR):
             return TxState.IN_TRANSACTION
         if status == _ACTIVE:
             return TxState.BUSY

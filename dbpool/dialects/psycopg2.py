@@ -21,7 +21,7 @@ class Psycopg2Dialect(Dialect):
         status = conn.get_transaction_status()  # conn.info makes an object per call
         if status == _IDLE:
             return TxState.IDLE
-        if status == _INTRANS or status == _INERROR:
+        if status in (_INTRANS, _INERROR):
             return TxState.IN_TRANSACTION
         if status == _ACTIVE:
             return TxState.BUSY

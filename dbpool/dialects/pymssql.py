@@ -37,8 +37,8 @@ class PymssqlDialect(Dialect):
             )
 
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
-        # every level; pymssql keeps a transaction open at all times; the level is session-scoped, so
-        # end() puts back the server default.
+        # every level; pymssql keeps a transaction open at all times; the level is
+        # session-scoped, so end() puts back the server default.
         if isolation is None:
             return None
         _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")

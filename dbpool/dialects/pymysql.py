@@ -71,6 +71,7 @@ class _MySQLTransactions:
         # mysqlclient keeps `open` true after a lost connection: its error code says it
         return is_database_error(exc) and bool(exc.args) and exc.args[0] in _DISCONNECT_ERRORS
 
+
 _IN_TRANS = 0x0001  # SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = 0x0002  # SERVER_STATUS_AUTOCOMMIT
 _COM_RESET_CONNECTION = 0x1F  # MySQL 5.7.3+, MariaDB 10.2.4+

@@ -1,0 +1,140 @@
+"""Pool events: what listeners registered with ``pool.add_listener()`` are told.
+
+Listeners are for logging, tracing and metrics.  They run in the thread doing the work, outside
+the pool's lock; one that raises is logged and skipped, so an observer can never break the pool.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+__all__ = ["Event", "PoolEvent", "DiscardReason", "Listener"]
+
+logger = logging.getLogger("dbpool")
+
+
+class Event(str, enum.Enum):
+    """What a listener can be told about."""
+
+    #: a new connection is open (and ``configure`` ran), before anyone uses it
+    CONNECT = "connect"
+    #: a lease was handed to a caller, in the caller's thread
+    CHECKOUT = "checkout"
+    #: a lease came back, before the pool cleans the connection
+    CHECKIN = "checkin"
+    #: the pool dropped a connection while open; ``reason`` says why
+    DISCARD = "discard"
+    #: the pool closed a connection, for any reason (including closing the pool)
+    CLOSE = "close"
+
+
+class DiscardReason(str, enum.Enum):
+    """Why the pool dropped a connection, as counted in ``PoolStats.discards``."""
+
+    #: it failed the validation ping, or its driver reported it broken
+    BROKEN = "broken"
+    #: the ``check`` hook raised, or left a transaction open
+    CHECK_FAILED = "check_failed"
+    #: it reached ``max_lifetime``
+    EXPIRED = "expired"
+    #: it stayed idle longer than ``idle_timeout`` above ``min_size``
+    IDLE = "idle"
+    #: it could not be made clean on return: the rollback, the session reset or the ``reset``
+    #: hook failed, or it came back mid-call or inside its transaction block
+    RESET_FAILED = "reset_failed"
+    #: ``session_reset="reconnect"`` (or a driver with no reset) retires used connections
+    SESSION_RESET = "session_reset"
+    #: ``resize()`` lowered ``max_size`` below the number open
+    RESIZED = "resized"
+    #: an exception such as ``KeyboardInterrupt`` stopped a validation or a return half-way
+    INTERRUPTED = "interrupted"
+
+
+#: The reason given with :attr:`Event.CLOSE` when the pool itself closes or drains.
+POOL_CLOSED = "pool_closed"
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    """One event, as passed to a listener."""
+
+    event: Event
+    #: the pool's name
+    pool: str
+    #: the driver's connection the event is about
+    connection: Any
+    #: for DISCARD, a :class:`DiscardReason` value; for CLOSE, that or ``"pool_closed"``
+    reason: Optional[str] = None
+    #: CONNECT: seconds the connect (and ``configure``) took; CHECKOUT: seconds the caller
+    #: waited; CHECKIN: seconds the lease held the connection
+    duration: Optional[float] = None
+
+
+Listener = Callable[[PoolEvent], object]
+
+
+def event_named(event: object) -> Event:
+    """The :class:`Event` for ``event`` (an Event or its value), or a ValueError saying which
+    names exist."""
+    try:
+        return Event(event)
+    except ValueError:
+        names = ", ".join(repr(e.value) for e in Event)
+        raise ValueError(f"unknown pool event {event!r}: use one of {names}") from None
+
+
+class Listeners:
+    """The listeners of one pool, one tuple per event.
+
+    The tuples are replaced, never changed, so emitting reads them without a lock; an empty
+    tuple is false, which is all the hot path looks at.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # serialises add and remove
+        self.connect: tuple[Listener, ...] = ()
+        self.checkout: tuple[Listener, ...] = ()
+        self.checkin: tuple[Listener, ...] = ()
+        self.discard: tuple[Listener, ...] = ()
+        self.close: tuple[Listener, ...] = ()
+
+    def add(self, event: Event | str, listener: Listener) -> None:
+        kind = event_named(event)
+        if not callable(listener):
+            raise TypeError(
+                f"a listener must be a callable taking one dbpool.PoolEvent, got {listener!r}"
+            )
+        with self._lock:
+            setattr(self, kind.value, (*getattr(self, kind.value), listener))
+
+    def remove(self, event: Event | str, listener: Listener) -> None:
+        kind = event_named(event)
+        with self._lock:
+            current: tuple[Listener, ...] = getattr(self, kind.value)
+            if listener not in current:
+                raise ValueError(f"{listener!r} is not listening to {kind.value!r} events")
+            index = current.index(listener)
+            setattr(self, kind.value, current[:index] + current[index + 1 :])
+
+
+def emit(
+    listeners: tuple[Listener, ...],
+    event: Event,
+    pool: str,
+    connection: Any,
+    reason: str | None = None,
+    duration: float | None = None,
+) -> None:
+    """Tell each listener; log and skip one that raises."""
+    record = PoolEvent(event, pool, connection, reason, duration)
+    for listener in listeners:
+        try:
+            listener(record)
+        except Exception:
+            logger.exception(
+                "pool %r: a listener of %r events raised; it is skipped", pool, event.value
+            )

@@ -1,0 +1,82 @@
+"""The pool's statistics: a snapshot type and the fixed buckets of the wait histogram."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any
+
+from .events import DiscardReason
+
+__all__ = ["PoolStats", "WAIT_BUCKETS"]
+
+#: Upper bounds, in seconds, of the acquire-wait histogram's buckets; the last catches the rest.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf,
+)  # fmt: skip
+
+
+def wait_bucket(seconds: float) -> int:
+    """The index of the first bucket whose bound is at least ``seconds``."""
+    return bisect_left(WAIT_BUCKETS, seconds)
+
+
+def no_discards() -> dict[str, int]:
+    return dict.fromkeys((reason.value for reason in DiscardReason), 0)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A consistent snapshot of a pool's gauges and counters."""
+
+    name: str
+    min_size: int
+    max_size: int
+    #: connections open or being opened: ``idle + in_use + opening``
+    size: int
+    idle: int
+    in_use: int
+    opening: int
+    waiting: int
+    #: connections opened since the pool was made
+    created: int
+    #: connections closed, for any reason
+    closed: int
+    #: connections closed while leased or at checkout: broken, dirty, interrupted, failing
+    #: validation, or past max_lifetime
+    discarded: int
+    #: leases handed out
+    acquired: int
+    timeouts: int
+    connect_errors: int
+    #: leases reported as held longer than ``leak_timeout``
+    leak_warnings: int
+    #: leases garbage-collected without being released (their connection was returned)
+    leaked: int
+    #: seconds callers spent waiting in ``pool.connection()``, in total (a connection taken at
+    #: once from the idle stack counts as no wait)
+    wait_time: float = 0.0
+    #: upper bounds of the histogram's buckets, :data:`WAIT_BUCKETS`
+    wait_buckets: tuple[float, ...] = WAIT_BUCKETS
+    #: checkouts per bucket (not cumulative): a wait lands in the first bucket whose bound is at
+    #: least as long; the counts add up to ``acquired``
+    wait_histogram: tuple[int, ...] = (0,) * len(WAIT_BUCKETS)
+    #: seconds leases held their connections, in total, counted as they come back
+    held_time: float = 0.0
+    #: leases that came back
+    returned: int = 0
+    #: seconds spent opening connections that opened (``configure`` included), in total
+    connect_time: float = 0.0
+    #: connections the pool dropped while open, by :class:`dbpool.DiscardReason` value (every
+    #: reason is a key)
+    discards: dict[str, int] = dataclasses.field(default_factory=no_discards)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as plain, JSON-serialisable values (the last bucket bound is ``inf``,
+        which :func:`json.dumps` writes as ``Infinity``)."""
+        values = dataclasses.asdict(self)
+        values["wait_buckets"] = list(self.wait_buckets)
+        values["wait_histogram"] = list(self.wait_histogram)
+        return values
