@@ -968,6 +968,9 @@ class Pool(Generic[C]):
                     dialect.ping(raw)
                 else:
                     check(raw)
+                    # A check that ran a query opened a transaction on most drivers: end it.
+                    if dialect.transaction_state(raw) is TxState.IN_TRANSACTION:
+                        dialect.rollback(raw)
             fit = not guard.fired and dialect.transaction_state(raw) in (
                 TxState.IDLE,
                 TxState.UNKNOWN,
@@ -1118,6 +1121,7 @@ class Pool(Generic[C]):
             return False
         try:
             recovered = self._connect_failures > 0
+            surplus = False
             self._connect_failures = 0
             self._last_connect_error = None
             self._opening -= 1
@@ -1137,6 +1141,9 @@ class Pool(Generic[C]):
                     self._acquired += 1
                     caller.slot = slot
                     self._serve_locked(caller, _HANDED)
+                elif self._size > self._max_size:  # resize() lowered max_size meanwhile
+                    surplus = True
+                    self._forget_locked([slot], DiscardReason.RESIZED)
                 else:
                     self._free_locked(slot)
                 if recovered:
@@ -1149,6 +1156,8 @@ class Pool(Generic[C]):
         logger.debug("pool %r: opened a connection", self._name)
         if closed:
             self._close_raw(slot, POOL_CLOSED, "the pool closed while it was connecting")
+        elif surplus:
+            self._close_raw(slot, DiscardReason.RESIZED, "resize() lowered max_size")
         return True
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
