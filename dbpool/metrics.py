@@ -7,8 +7,8 @@
     register(pool)  # on prometheus_client.REGISTRY, served by whatever exposes it
 
 A :class:`PoolCollector` reads :meth:`dbpool.Pool.stats` once per pool at each scrape, so the
-numbers of one pool always come from one consistent snapshot; nothing is counted twice and the
-pool does no work between scrapes.  Every series has the label ``pool``, the pool's name.
+numbers of one pool always come from one consistent snapshot, and the pool does no extra work
+between scrapes.  Every series has the label ``pool``, the pool's name.
 
 This module is the only one that imports ``prometheus_client``; ``import dbpool`` never imports
 it, so the package keeps working without the extra.

@@ -1283,6 +1283,8 @@ class Pool(Generic[C]):
                 state = dialect.transaction_state(raw)
                 if state is not TxState.IDLE and state is not TxState.UNKNOWN:
                     return failed, f"still {state.value} after rollback"
+            elif state is TxState.BROKEN:
+                return DiscardReason.BROKEN, "returned broken"
             elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
                 return failed, f"returned {state.value}"
             if slot.restore:
@@ -1295,7 +1297,8 @@ class Pool(Generic[C]):
                 dialect.reset_session(raw)
         except Exception as exc:
             slot.doomed = True
-            return failed, f"reset failed: {_describe(exc)}"
+            reason = DiscardReason.BROKEN if _driver_says_broken(slot) else failed
+            return reason, f"reset failed: {_describe(exc)}"
         if self._reset is not None:
             try:
                 self._reset(raw)
@@ -1689,8 +1692,10 @@ def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:
 def _is_broken(slot: _Slot) -> bool:
     """Whether a discarded connection suggests the server went away (the others are then
     suspect): its driver says so, or a cancel, rollback or reset on it failed."""
-    if slot.doomed:
-        return True
+    return slot.doomed or _driver_says_broken(slot)
+
+
+def _driver_says_broken(slot: _Slot) -> bool:
     try:
         return slot.dialect.transaction_state(slot.raw) is TxState.BROKEN
     except Exception:
