@@ -2,6 +2,7 @@
 #
 #   make demo    create .venv, install dbpool, run the bench on a SQLite file here
 #   make test    install the test extras into .venv and run the whole test suite
+#   make lint    install the lint extra; ruff (lint, format check), mypy --strict, typing test
 #   make docs    install the docs extra and build the HTML docs (warnings are errors)
 #   make bench   install the bench extra and compare dbpool with its peers (docs/benchmarks/)
 #   make clean   remove build output, caches and the demo's SQLite files
@@ -26,13 +27,15 @@ PIP_INSTALL := $(PIP) install --progress-bar off
 TEST_STAMP := $(VENV)/.installed-test
 DOCS_STAMP := $(VENV)/.installed-docs
 BENCH_STAMP := $(VENV)/.installed-bench
+LINT_STAMP := $(VENV)/.installed-lint
 
 .DELETE_ON_ERROR:
-.PHONY: help venv demo test docs bench clean distclean
+.PHONY: help venv demo test lint docs bench clean distclean
 
 help:
 	@echo "make demo       run 'python -m dbpool bench' on a SQLite file in this directory"
 	@echo "make test       run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
+	@echo "make lint       ruff check, ruff format --check, mypy --strict and the typing test"
 	@echo "make docs       build the HTML documentation into docs/_build/html"
 	@echo "make bench      compare dbpool with its peers into docs/benchmarks (BENCH_ARGS=...)"
 	@echo "make venv       create $(VENV) and install dbpool with its test extras"
@@ -56,11 +59,23 @@ $(BENCH_STAMP): pyproject.toml | $(VPY)
 	$(PIP_INSTALL) -e '.[bench]'
 	touch $@
 
+# The typing test (tests/test_typing.py) runs under pytest, from the test extras: those go in
+# first, also so that the two installs never run at once under make -j.
+$(LINT_STAMP): pyproject.toml | $(TEST_STAMP)
+	$(PIP_INSTALL) -e '.[lint]'
+	touch $@
+
 demo: venv
 	$(VPY) -m dbpool bench $(DEMO_ARGS)
 
 test: venv
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy --strict dbpool
+	$(VPY) -m pytest -q tests/test_typing.py
 
 docs: $(DOCS_STAMP)
 	$(VENV)/bin/sphinx-build $(SPHINXOPTS) -b html docs docs/_build/html
@@ -69,7 +84,8 @@ bench: $(BENCH_STAMP)
 	$(VPY) benchmarks/compare.py $(BENCH_ARGS)
 
 clean:
-	rm -rf docs/_build .pytest_cache .hypothesis .tox build dist ./*.egg-info
+	rm -rf docs/_build .pytest_cache .hypothesis .tox .mypy_cache .ruff_cache build dist \
+		./*.egg-info
 	find . -path ./$(VENV) -prune -o -path ./.git -prune -o \
 		-type d -name __pycache__ -prune -exec rm -rf {} +
 	rm -f ./*.sqlite3 ./*.sqlite3-journal ./*.sqlite3-wal ./*.sqlite3-shm \

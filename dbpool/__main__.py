@@ -67,8 +67,22 @@ def format_ms(seconds: float) -> str:
 
 
 def format_stats(stats: Any) -> str:
-    """``name=value`` pairs for every field of a :class:`dbpool.PoolStats`."""
-    return " ".join(f"{f.name}={getattr(stats, f.name)}" for f in dataclasses.fields(stats))
+    """``name=value`` pairs for every field of a :class:`dbpool.PoolStats`, each without
+    spaces: seconds to 6 significant digits, sequences comma-separated, and the discards as
+    ``reason:count`` for the reasons that occurred (``-`` for none)."""
+    return " ".join(
+        f"{f.name}={_stat_text(getattr(stats, f.name))}" for f in dataclasses.fields(stats)
+    )
+
+
+def _stat_text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return ",".join(_stat_text(item) for item in value)
+    if isinstance(value, dict):
+        return ",".join(f"{key}:{count}" for key, count in value.items() if count) or "-"
+    return str(value)
 
 
 def format_progress(elapsed: float, ops: int, rate: float, errors: int, stats: Any) -> str:

@@ -47,7 +47,7 @@ def fields(stdout: str) -> dict[str, str]:
 STATS_FIELDS = [f.name for f in dataclasses.fields(dbpool.PoolStats)]
 
 
-# -- bench ------------------------------------------------------------------------------------------
+# -- bench -----------------------------------------------------------------------------------------
 
 
 def test_bench_on_sqlite(tmp_path: Path) -> None:
@@ -64,7 +64,9 @@ def test_bench_on_sqlite(tmp_path: Path) -> None:
     for name in ("acquire wait p50", "acquire wait p99", "acquire wait max"):
         value, unit = report[name].split()
         assert float(value) >= 0 and unit == "ms"
-    assert float(report["acquire wait p50"].split()[0]) <= float(report["acquire wait max"].split()[0])
+    assert float(report["acquire wait p50"].split()[0]) <= float(
+        report["acquire wait max"].split()[0]
+    )
     for name in STATS_FIELDS:
         assert name in report
     assert (report["size"], report["max_size"], report["min_size"]) == ("2", "2", "2")
@@ -88,9 +90,7 @@ def test_bench_default_url_is_a_sqlite_file_in_the_working_directory(tmp_path: P
 
 
 def test_bench_cannot_connect(tmp_path: Path) -> None:
-    result = run(
-        "bench", f"postgresql://u:{CANARY}@127.0.0.1:1/x", "--seconds", "1", cwd=tmp_path
-    )
+    result = run("bench", f"postgresql://u:{CANARY}@127.0.0.1:1/x", "--seconds", "1", cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot connect to postgresql://u:***@127.0.0.1:1/x" in result.stderr
     assert "Traceback" not in result.stderr
@@ -100,8 +100,18 @@ def test_bench_cannot_connect(tmp_path: Path) -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_bench_ctrl_c_still_prints_the_summary(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dbpool", "bench", "--threads", "4", "--max-size", "2",
-         "--seconds", "30"],
+        [
+            sys.executable,
+            "-m",
+            "dbpool",
+            "bench",
+            "--threads",
+            "4",
+            "--max-size",
+            "2",
+            "--seconds",
+            "30",
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -134,7 +144,12 @@ def test_bench_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> No
     out, err = io.StringIO(), Terminal()
     code = cli.bench(
         parse_url(f"sqlite:///{tmp_path}/t.sqlite3"),
-        threads=2, max_size=1, seconds=1.5, timeout=10, out=out, err=err,
+        threads=2,
+        max_size=1,
+        seconds=1.5,
+        timeout=10,
+        out=out,
+        err=err,
     )
     assert code == 0
     header, _, progress = err.getvalue().partition("\n")
@@ -232,7 +247,7 @@ def test_check_mysql_wrong_password(tmp_path: Path, mysql_params: dict[str, Any]
         assert "Traceback" not in result.stderr
 
 
-# -- pure helpers ------------------------------------------------------------------------------------
+# -- pure helpers ----------------------------------------------------------------------------------
 
 
 def test_percentile() -> None:
@@ -255,16 +270,33 @@ def test_format_ms() -> None:
 
 
 def stats(**changes: Any) -> dbpool.PoolStats:
-    base = {name: 0 for name in STATS_FIELDS}
+    required = [
+        f.name
+        for f in dataclasses.fields(dbpool.PoolStats)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    defaults = dbpool.PoolStats(**dict.fromkeys(required, 0))
+    base = {name: getattr(defaults, name) for name in STATS_FIELDS}
     base.update(name="bench", min_size=2, max_size=2, size=2, idle=2)
     base.update(changes)
     return dbpool.PoolStats(**base)
 
 
 def test_format_stats_lists_every_field() -> None:
-    assert cli.format_stats(stats()).split() == [
-        f"{name}={getattr(stats(), name)}" for name in STATS_FIELDS
-    ]
+    pairs = [pair.split("=", 1) for pair in cli.format_stats(stats()).split()]
+    assert [name for name, _ in pairs] == STATS_FIELDS
+    shown = dict(pairs)
+    assert (shown["name"], shown["size"], shown["wait_time"]) == ("bench", "2", "0")
+    assert shown["wait_buckets"].split(",")[-1] == "inf"
+    assert shown["wait_histogram"] == ",".join(["0"] * len(dbpool.WAIT_BUCKETS))
+    assert shown["discards"] == "-"
+
+
+def test_format_stats_shows_the_discards_that_occurred() -> None:
+    discards = dict.fromkeys((reason.value for reason in dbpool.DiscardReason), 0)
+    discards.update(broken=2, idle=1)
+    shown = dict(pair.split("=", 1) for pair in cli.format_stats(stats(discards=discards)).split())
+    assert shown["discards"] == "broken:2,idle:1"
 
 
 def test_bench_report() -> None:
@@ -292,8 +324,14 @@ def test_bench_report() -> None:
 
 def test_bench_report_without_samples() -> None:
     lines = cli.bench_report(
-        url=parse_url("sqlite:///x.sqlite3"), threads=1, elapsed=0.0, ops=0, errors=Counter(),
-        waits=[], stats=stats(), interrupted=True,
+        url=parse_url("sqlite:///x.sqlite3"),
+        threads=1,
+        elapsed=0.0,
+        ops=0,
+        errors=Counter(),
+        waits=[],
+        stats=stats(),
+        interrupted=True,
     )
     report = fields("\n".join(lines))
     assert report["acquire wait p99"] == "n/a"
@@ -303,8 +341,13 @@ def test_bench_report_without_samples() -> None:
 
 @pytest.mark.parametrize(
     ("paramstyle", "marker", "params"),
-    [("qmark", "?", (5,)), ("format", "%s", (5,)), ("pyformat", "%s", (5,)),
-     ("numeric", ":1", (5,)), ("named", ":id", {"id": 5})],
+    [
+        ("qmark", "?", (5,)),
+        ("format", "%s", (5,)),
+        ("pyformat", "%s", (5,)),
+        ("numeric", ":1", (5,)),
+        ("named", ":id", {"id": 5}),
+    ],
 )
 def test_placeholders(paramstyle: str, marker: str, params: Any) -> None:
     assert cli.placeholder(paramstyle) == marker
@@ -330,4 +373,3 @@ def test_describe_masks_and_includes_the_cause() -> None:
     except dbpool.PoolTimeout as exc:
         text = cli.describe(exc, url)
     assert text == "PoolTimeout: no connection within 1 s (caused by OSError: refused for ***)"
-
