@@ -12,9 +12,10 @@ import math
 import statistics
 import threading
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 #: One round's figures for one contender, e.g. ``{"us": 1.9}``.
 Metrics = dict[str, float]
@@ -150,7 +151,9 @@ class Batch:
 Worker = Callable[[threading.Event, "array[float]"], int]
 
 
-def run_threads(worker: Worker, threads: int, seconds: float, join_timeout: float = 60.0) -> Metrics:
+def run_threads(
+    worker: Worker, threads: int, seconds: float, join_timeout: float = 60.0
+) -> Metrics:
     """Run ``worker`` in ``threads`` threads released at once, for about ``seconds``."""
     stop = threading.Event()
     barrier = threading.Barrier(threads + 1)

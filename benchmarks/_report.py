@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _rst_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]
     for row in [list(headers), *rows]:
         lines.append(f"   * - {_rst_text(row[0]) or '–'}")
         lines += [f"     - {_rst_text(cell) or '–'}" for cell in row[1:]]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def to_rst(report: Report) -> str:

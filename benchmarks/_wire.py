@@ -89,7 +89,7 @@ class PgWire:
 
     def adopt(self, conn: Any) -> None:
         """Trace this connection too (also psycopg_pool's ``configure`` hook)."""
-        file = tempfile.TemporaryFile()
+        file = tempfile.TemporaryFile()  # noqa: SIM115 - outlives this call: stop() closes it
         _trace(conn, file)
         with self._lock:
             self._traces.append((conn, file))
@@ -134,7 +134,7 @@ def _trace(conn: Any, file: IO[bytes]) -> None:
     conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _counting_pymysql_class() -> Any:
     import pymysql
     from pymysql.constants import COMMAND

@@ -31,10 +31,11 @@ import platform
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from _harness import (
@@ -248,7 +249,9 @@ class StormSubject:
         connection_class = tally.psycopg_class()
         dsn = self._dsn
         source = Source(
-            connect=lambda: connection_class.connect(dsn), dsn=dsn, connection_class=connection_class
+            connect=lambda: connection_class.connect(dsn),
+            dsn=dsn,
+            connection_class=connection_class,
         )
         pool = self._lib.open(source, self._size, False)
         try:
@@ -279,9 +282,7 @@ def cell(outcomes: dict[str, Outcome], lib: Library, text: Callable[[Outcome], s
 
 
 def error_notes(label: str, outcomes: dict[str, Outcome]) -> list[str]:
-    return [
-        f"{label}, {o.name}: {o.error}" for o in outcomes.values() if o.error is not None
-    ]
+    return [f"{label}, {o.name}: {o.error}" for o in outcomes.values() if o.error is not None]
 
 
 def ratio(outcomes: dict[str, Outcome], a: Library, b: Library, key: str) -> float:
@@ -291,7 +292,9 @@ def ratio(outcomes: dict[str, Outcome], a: Library, b: Library, key: str) -> flo
     return paired_ratio(outcomes[a.name], outcomes[b.name], key)
 
 
-def ratio_to_best(outcomes: dict[str, Outcome], lib: Library, peers: Sequence[Library], key: str) -> float:
+def ratio_to_best(
+    outcomes: dict[str, Outcome], lib: Library, peers: Sequence[Library], key: str
+) -> float:
     """Median over rounds of ``lib``'s figure over the best other peer's in the same round."""
     mine = outcomes.get(lib.name)
     others = [outcomes[p.name] for p in peers if p is not lib and p.name in outcomes]
@@ -487,22 +490,29 @@ def scenario_short_tx(cfg: Config, env: Env) -> Section:
         rows.append(row)
     section.tables.append(Table("short_tx: one transaction, single thread", headers, rows, notes))
 
-    what = [[lib.name] + [trips[label].get(lib.name, (0.0, "n/a"))[1] for label in results]
-            for lib in LIBRARIES]
+    what = [
+        [lib.name] + [trips[label].get(lib.name, (0.0, "n/a"))[1] for label in results]
+        for lib in LIBRARIES
+    ]
     section.tables.append(
         Table(
             "short_tx: what the server receives per transaction",
             ["library", *results],
             what,
-            ["Counted from libpq's protocol trace (PostgreSQL) and PyMySQL's command packets "
-             "(MariaDB): PING is a round trip without SQL."],
+            [
+                "Counted from libpq's protocol trace (PostgreSQL) and PyMySQL's command packets "
+                "(MariaDB): PING is a round trip without SQL."
+            ],
         )
     )
 
-    panel = Panel("short_tx: throughput relative to the raw floor (higher is better)", "× raw", {},
-                  hline=0.97)
+    panel = Panel(
+        "short_tx: throughput relative to the raw floor (higher is better)", "× raw", {}, hline=0.97
+    )
     for label, outcomes in results.items():
-        rel = {lib.name: ratio(outcomes, RAW, lib, "us") for lib in LIBRARIES if lib.name in outcomes}
+        rel = {
+            lib.name: ratio(outcomes, RAW, lib, "us") for lib in LIBRARIES if lib.name in outcomes
+        }
         panel.groups[label] = {n: v for n, v in rel.items() if not math.isnan(v)}
         panel.labels[label] = {
             n: f"{fmt_ratio(v)}\n{trips[label][n][0]:.3g} rt" if n in trips[label] else fmt_ratio(v)
@@ -542,49 +552,78 @@ def scenario_contention(cfg: Config, env: Env) -> Section:
     pools = [lib for lib in LIBRARIES if lib.is_pool]
     rows = []
     for lib in LIBRARIES:
-        rows.append([
-            lib.name,
-            cell(outcomes, lib, lambda o: fmt_int(o.median("ops_per_s"))),
-            "–" if not lib.is_pool else cell(
-                outcomes, lib, lambda o: fmt_ratio(ratio_to_best(outcomes, lib, pools, "ops_per_s"))
-            ),
-            cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_p50"))),
-            cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_p99"))),
-            cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_max"))),
-            cell(outcomes, lib,
-                 lambda o: f"{fmt_int(o.median('ops_min'))}–{fmt_int(o.median('ops_max'))}"),
-        ])
+        rows.append(
+            [
+                lib.name,
+                cell(outcomes, lib, lambda o: fmt_int(o.median("ops_per_s"))),
+                "–"
+                if not lib.is_pool
+                else cell(
+                    outcomes,
+                    lib,
+                    lambda o: fmt_ratio(ratio_to_best(outcomes, lib, pools, "ops_per_s")),
+                ),
+                cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_p50"))),
+                cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_p99"))),
+                cell(outcomes, lib, lambda o: fmt_ms(o.median("wait_max"))),
+                cell(
+                    outcomes,
+                    lib,
+                    lambda o: f"{fmt_int(o.median('ops_min'))}–{fmt_int(o.median('ops_max'))}",
+                ),
+            ]
+        )
     notes = [
         f"Each op: checkout, SELECT 1, commit, checkin on PostgreSQL; {cfg.contention_seconds:g} s "
         "per round. Acquire wait is the time from asking for a connection to holding it; "
         "each figure is the median over rounds of that round's figure. “× best other pool” "
         "compares with the fastest other pool in the same round. Ops per thread: the least "
-        "and the most any one thread completed in a round (fairness)."
-    ] + error_notes("contention", outcomes)
-    section.tables.append(Table(
-        f"contention: {cfg.contention_threads} threads over {cfg.contention_size} connections",
-        ["library", "ops/s", "× best other pool", "wait p50 (ms)", "wait p99 (ms)",
-         "wait max (ms)", "ops per thread (min–max)"],
-        rows,
-        notes,
-    ))
+        "and the most any one thread completed in a round (fairness).",
+        *error_notes("contention", outcomes),
+    ]
+    section.tables.append(
+        Table(
+            f"contention: {cfg.contention_threads} threads over {cfg.contention_size} connections",
+            [
+                "library",
+                "ops/s",
+                "× best other pool",
+                "wait p50 (ms)",
+                "wait p99 (ms)",
+                "wait max (ms)",
+                "ops per thread (min–max)",
+            ],
+            rows,
+            notes,
+        )
+    )
     vs_best = ratio_to_best(outcomes, DBPOOL, PEERS, "ops_per_s")
-    section.targets.append(target(
-        CONTENTION_GOALS[0], vs_best,
-        fmt_ratio(vs_best, 3), lambda v: v >= 1.1))
+    section.targets.append(
+        target(CONTENTION_GOALS[0], vs_best, fmt_ratio(vs_best, 3), lambda v: v >= 1.1)
+    )
     max_ratio = ratio(outcomes, DBPOOL, PSYCOPG_POOL, "wait_max")
-    section.targets.append(target(
-        CONTENTION_GOALS[1], max_ratio,
-        f"{fmt_ratio(max_ratio, 3)} ({fmt_ms(outcomes[DBPOOL.name].median('wait_max'))} ms vs "
-        f"{fmt_ms(outcomes[PSYCOPG_POOL.name].median('wait_max'))} ms)"
-        if not math.isnan(max_ratio) else "", lambda v: v <= 1.0))
+    section.targets.append(
+        target(
+            CONTENTION_GOALS[1],
+            max_ratio,
+            f"{fmt_ratio(max_ratio, 3)} ({fmt_ms(outcomes[DBPOOL.name].median('wait_max'))} ms vs "
+            f"{fmt_ms(outcomes[PSYCOPG_POOL.name].median('wait_max'))} ms)"
+            if not math.isnan(max_ratio)
+            else "",
+            lambda v: v <= 1.0,
+        )
+    )
     throughput = values_of(outcomes, "ops_per_s")
-    section.panels.append(Panel(
-        "contention: ops/s, 32 threads over 4 connections (label: max wait)", "ops/s",
-        {"ops/s": throughput},
-        labels={"ops/s": {n: f"max {fmt_ms(outcomes[n].median('wait_max'))} ms"
-                          for n in throughput}},
-    ))
+    section.panels.append(
+        Panel(
+            "contention: ops/s, 32 threads over 4 connections (label: max wait)",
+            "ops/s",
+            {"ops/s": throughput},
+            labels={
+                "ops/s": {n: f"max {fmt_ms(outcomes[n].median('wait_max'))} ms" for n in throughput}
+            },
+        )
+    )
     return section
 
 
@@ -598,52 +637,70 @@ def scenario_storm(cfg: Config, env: Env) -> Section:
     source = pg_source(env.pg_dsn)
     contenders = [
         Contender(lib.name, partial(StormSubject, lib, env.pg_dsn, cfg))
-        for lib in applicable(source) if lib.is_pool
+        for lib in applicable(source)
+        if lib.is_pool
     ]
     outcomes = run_interleaved(contenders, cfg.rounds, log)
 
     def worst(o: Outcome, key: str, pick: Callable[..., float]) -> float:
         return pick(m[key] for m in o.rounds)
 
-    rows = [[
-        lib.name,
-        cell(outcomes, lib, lambda o: fmt_ms(o.median("seconds"))),
-        cell(outcomes, lib, lambda o: fmt_int(worst(o, "connects", max))),
-        cell(outcomes, lib, lambda o: fmt_int(worst(o, "peak_open", max))),
-        cell(outcomes, lib, lambda o: f"{fmt_int(worst(o, 'served', min))}/{cfg.storm_threads}"),
-    ] for lib in LIBRARIES if lib.is_pool]
+    rows = [
+        [
+            lib.name,
+            cell(outcomes, lib, lambda o: fmt_ms(o.median("seconds"))),
+            cell(outcomes, lib, lambda o: fmt_int(worst(o, "connects", max))),
+            cell(outcomes, lib, lambda o: fmt_int(worst(o, "peak_open", max))),
+            cell(
+                outcomes, lib, lambda o: f"{fmt_int(worst(o, 'served', min))}/{cfg.storm_threads}"
+            ),
+        ]
+        for lib in LIBRARIES
+        if lib.is_pool
+    ]
     notes = [
         "Each thread runs one transaction (checkout, SELECT 1, commit, checkin) on PostgreSQL. "
         "Time: median over rounds, from releasing the threads to the last one done. Connects, "
-        "peak open: the most in any round; served: the fewest in any round."
-    ] + error_notes("storm", outcomes)
-    section.tables.append(Table(
-        f"storm: {cfg.storm_threads} threads at once on an empty pool of {cfg.storm_size}",
-        ["library", "time until all served (ms)", "connects attempted", "peak open", "served"],
-        rows,
-        notes,
-    ))
+        "peak open: the most in any round; served: the fewest in any round.",
+        *error_notes("storm", outcomes),
+    ]
+    section.tables.append(
+        Table(
+            f"storm: {cfg.storm_threads} threads at once on an empty pool of {cfg.storm_size}",
+            ["library", "time until all served (ms)", "connects attempted", "peak open", "served"],
+            rows,
+            notes,
+        )
+    )
     mine = outcomes.get(DBPOOL.name)
     if mine is not None and mine.rounds:
         peak = worst(mine, "peak_open", max)
         served = worst(mine, "served", min)
         section.targets += [
-            Target(STORM_GOALS[0].format(cfg.storm_size),
-                   f"peak {peak:.0f}, {worst(mine, 'connects', max):.0f} connects",
-                   peak <= cfg.storm_size),
-            Target(STORM_GOALS[1], f"{served:.0f}/{cfg.storm_threads}",
-                   served >= cfg.storm_threads),
-            Target(STORM_GOALS[2],
-                   f"{fmt_ms(mine.median('seconds'))} ms", None),
+            Target(
+                STORM_GOALS[0].format(cfg.storm_size),
+                f"peak {peak:.0f}, {worst(mine, 'connects', max):.0f} connects",
+                peak <= cfg.storm_size,
+            ),
+            Target(
+                STORM_GOALS[1], f"{served:.0f}/{cfg.storm_threads}", served >= cfg.storm_threads
+            ),
+            Target(STORM_GOALS[2], f"{fmt_ms(mine.median('seconds'))} ms", None),
         ]
     else:
         section.targets += unmeasured(STORM_GOALS, cfg.storm_size)
     times = {n: v * 1000 for n, v in values_of(outcomes, "seconds").items()}
-    section.panels.append(Panel(
-        f"storm: ms until {cfg.storm_threads} threads served, empty pool of {cfg.storm_size} "
-        "(label: connects)", "ms", {"ms": times},
-        labels={"ms": {n: f"{worst(outcomes[n], 'connects', max):.0f} connects" for n in times}},
-    ))
+    section.panels.append(
+        Panel(
+            f"storm: ms until {cfg.storm_threads} threads served, empty pool of {cfg.storm_size} "
+            "(label: connects)",
+            "ms",
+            {"ms": times},
+            labels={
+                "ms": {n: f"{worst(outcomes[n], 'connects', max):.0f} connects" for n in times}
+            },
+        )
+    )
     return section
 
 
@@ -673,11 +730,17 @@ def dbpool_revision() -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True, env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         ).stdout.strip()
         changed = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--", "dbpool"],
-            capture_output=True, text=True, check=True, env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
@@ -716,22 +779,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Compare dbpool with psycopg_pool, SQLAlchemy QueuePool and DBUtils "
         "PooledDB in interleaved rounds.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="short samples and 3 rounds: a smoke run, not a measurement")
-    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL.rounds}, --quick {QUICK.rounds})")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks",
-                        help="where results.md, results.png and results.inc go "
-                        "(default: docs/benchmarks)")
-    parser.add_argument("--pg-dsn", default=os.environ.get("DBPOOL_TEST_POSTGRESQL_DSN",
-                                                           DEFAULT_PG_DSN),
-                        help="libpq DSN (default: $DBPOOL_TEST_POSTGRESQL_DSN or the local test "
-                        "server)")
-    parser.add_argument("--mysql-url", default=os.environ.get("DBPOOL_TEST_MYSQL_DSN",
-                                                              DEFAULT_MYSQL_URL),
-                        help="mysql://user:password@host:port/db (default: "
-                        "$DBPOOL_TEST_MYSQL_DSN or the local test server)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short samples and 3 rounds: a smoke run, not a measurement",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"interleaved rounds (default {FULL.rounds}, --quick {QUICK.rounds})",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, from: {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks",
+        help="where results.md, results.png and results.inc go (default: docs/benchmarks)",
+    )
+    parser.add_argument(
+        "--pg-dsn",
+        default=os.environ.get("DBPOOL_TEST_POSTGRESQL_DSN", DEFAULT_PG_DSN),
+        help="libpq DSN (default: $DBPOOL_TEST_POSTGRESQL_DSN or the local test server)",
+    )
+    parser.add_argument(
+        "--mysql-url",
+        default=os.environ.get("DBPOOL_TEST_MYSQL_DSN", DEFAULT_MYSQL_URL),
+        help="mysql://user:password@host:port/db (default: "
+        "$DBPOOL_TEST_MYSQL_DSN or the local test server)",
+    )
     args = parser.parse_args(argv)
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(scenarios) - set(SCENARIOS))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import quote
 
 _PG_URL_PARTS = ("host", "port", "user", "password", "dbname")
@@ -10,7 +11,7 @@ _MYSQL_URL_PARTS = ("host", "port", "user", "password", "database")
 
 
 def _url(
-    scheme: str, parts: Mapping[str, Any], query: Mapping[str, Any], password: Optional[str]
+    scheme: str, parts: Mapping[str, Any], query: Mapping[str, Any], password: str | None
 ) -> str:
     user = quote(str(parts.get("user") or ""), safe="")
     secret = password if password is not None else parts.get("password")
@@ -24,7 +25,7 @@ def _url(
     return f"{scheme}://{netloc}/{quote(str(database), safe='')}" + (f"?{tail}" if tail else "")
 
 
-def postgresql_url(dsn: str, *, password: Optional[str] = None) -> str:
+def postgresql_url(dsn: str, *, password: str | None = None) -> str:
     """A ``postgresql://`` URL for a libpq DSN; ``password`` replaces the DSN's."""
     from psycopg.conninfo import conninfo_to_dict
 
@@ -33,7 +34,7 @@ def postgresql_url(dsn: str, *, password: Optional[str] = None) -> str:
     return _url("postgresql", params, query, password)
 
 
-def mysql_url(params: Mapping[str, Any], *, password: Optional[str] = None) -> str:
+def mysql_url(params: Mapping[str, Any], *, password: str | None = None) -> str:
     """A ``mysql://`` URL for PyMySQL connect arguments; ``password`` replaces theirs."""
     query = {k: v for k, v in params.items() if k not in _MYSQL_URL_PARTS}
     return _url("mysql", params, query, password)

@@ -30,7 +30,8 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
@@ -232,7 +233,11 @@ def pg_connect(postgresql_dsn: str) -> Iterator[Connector]:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
-    extra = {} if "connect_timeout" in conninfo_to_dict(postgresql_dsn) else {"connect_timeout": CONNECT_TIMEOUT}
+    extra = (
+        {}
+        if "connect_timeout" in conninfo_to_dict(postgresql_dsn)
+        else {"connect_timeout": CONNECT_TIMEOUT}
+    )
     connector = Connector(lambda: psycopg.connect(postgresql_dsn, **extra))
     yield connector
     connector.close_all()
@@ -329,7 +334,7 @@ class Caller:
     def _run(self, call: Callable[[], Any]) -> None:
         try:
             self.value = call()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:  # reported to the test
             self.error = exc
         finally:
             self.done.set()
@@ -354,7 +359,9 @@ class Backend:
     ``driver.Error``).
     """
 
-    def __init__(self, name: str, connect: Connector, driver: Any, admin_connect: Callable[[], Any]) -> None:
+    def __init__(
+        self, name: str, connect: Connector, driver: Any, admin_connect: Callable[[], Any]
+    ) -> None:
         self.name = name
         self.connect = connect
         self.driver = driver
@@ -405,7 +412,7 @@ class Backend:
             self._tables.append(name)
         return name
 
-    def _admin_execute(self, sql: str, params: Optional[tuple[Any, ...]] = None) -> list[Any]:
+    def _admin_execute(self, sql: str, params: tuple[Any, ...] | None = None) -> list[Any]:
         if self._admin is None:
             self._admin = self._open_admin()
         cur = self._admin.cursor()
@@ -477,9 +484,14 @@ def fake_server() -> Iterator[fakedb.Server]:
 
 # -- markers and leak guard --------------------------------------------------------------------
 
-_MARKER_FIXTURES = {"pg_connect": "postgresql", "postgresql_dsn": "postgresql",
-                    "mysql_connect": "mysql", "mysql_params": "mysql",
-                    "mssql_connect": "mssql", "mssql_params": "mssql"}
+_MARKER_FIXTURES = {
+    "pg_connect": "postgresql",
+    "postgresql_dsn": "postgresql",
+    "mysql_connect": "mysql",
+    "mysql_params": "mysql",
+    "mssql_connect": "mssql",
+    "mssql_params": "mssql",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -506,7 +518,11 @@ def leak_guard() -> Iterator[None]:
     yield
 
     def leftover_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t not in threads_before and not t.daemon and t.is_alive()]
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in threads_before and not t.daemon and t.is_alive()
+        ]
 
     try:
         wait_until(lambda: not leftover_threads(), timeout=2.0)

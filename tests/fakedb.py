@@ -45,8 +45,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 apilevel = "2.0"
 threadsafety = 2
@@ -59,11 +60,13 @@ PING_SQL = re.compile(r"\s*select\s+1\s*;?\s*\Z", re.IGNORECASE)
 
 _C = TypeVar("_C", bound="_BaseConnection")
 
-VERBS = frozenset({"connect", "cursor", "execute", "ping", "commit", "rollback", "close", "autocommit"})
+VERBS = frozenset(
+    {"connect", "cursor", "execute", "ping", "commit", "rollback", "close", "autocommit"}
+)
 
 
 # PEP 249 exceptions.  ``Warning`` shadows the builtin inside this module, as PEP 249 asks.
-class Warning(Exception):  # noqa: A001
+class Warning(Exception):
     pass
 
 
@@ -141,17 +144,17 @@ def _unwrap(conn: Any) -> _BaseConnection:
 class Call:
     """One driver call as the server saw it.  ``error`` is filled in when the call raised."""
 
-    conn_id: Optional[int]  # None for a connect that failed
+    conn_id: int | None  # None for a connect that failed
     verb: str
-    sql: Optional[str] = None
+    sql: str | None = None
     at: float = field(default_factory=time.monotonic)
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
 
 class Gate:
     """Holds threads inside a call until released.  Made by :meth:`Server.block`."""
 
-    def __init__(self, verb: str, conn_id: Optional[int], times: Optional[int], timeout: float) -> None:
+    def __init__(self, verb: str, conn_id: int | None, times: int | None, timeout: float) -> None:
         self.verb = verb
         self.timeout = timeout
         self.entered = threading.Event()  # set once a thread is held
@@ -160,7 +163,7 @@ class Gate:
         self._cond = threading.Condition()
         self._inside = 0
         self._released = False
-        self._exc: Optional[ExcSpec] = None
+        self._exc: ExcSpec | None = None
 
     @property
     def inside(self) -> int:
@@ -173,7 +176,7 @@ class Gate:
         with self._cond:
             return self._released
 
-    def release(self, exc: Optional[ExcSpec] = None) -> None:
+    def release(self, exc: ExcSpec | None = None) -> None:
         """Let the held threads go on; with ``exc``, they raise it instead.  Idempotent."""
         with self._cond:
             if not self._released:
@@ -185,7 +188,7 @@ class Gate:
         with self._cond:
             return self._released or self._remaining == 0
 
-    def _claim(self, verb: str, conn_id: Optional[int]) -> bool:
+    def _claim(self, verb: str, conn_id: int | None) -> bool:
         # Called under the server lock.
         with self._cond:
             if self._released or verb != self.verb or self._remaining == 0:
@@ -206,7 +209,9 @@ class Gate:
                 self._inside -= 1
             exc = self._exc
         if not released:
-            raise RuntimeError(f"fakedb: gate on {self.verb!r} was not released within {self.timeout}s")
+            raise RuntimeError(
+                f"fakedb: gate on {self.verb!r} was not released within {self.timeout}s"
+            )
         if exc is not None:
             raise _make_exc(exc, f"{self.verb} (gate)")
 
@@ -218,8 +223,8 @@ class Gate:
 class _Fault:
     verb: str
     exc: ExcSpec
-    remaining: Optional[int]  # None: until cleared
-    conn_id: Optional[int]
+    remaining: int | None  # None: until cleared
+    conn_id: int | None
 
 
 class Server:
@@ -307,12 +312,12 @@ class Server:
         with self._lock:
             self._faults.append(fault)
 
-    def clear_faults(self, verb: Optional[str] = None) -> None:
+    def clear_faults(self, verb: str | None = None) -> None:
         with self._lock:
             self._faults = [f for f in self._faults if verb is not None and f.verb != verb]
 
     def block(
-        self, verb: str, *, times: Optional[int] = 1, conn: Any = None, timeout: float = 10.0
+        self, verb: str, *, times: int | None = 1, conn: Any = None, timeout: float = 10.0
     ) -> Gate:
         """Hold the next ``times`` calls of ``verb`` (all of them if None) until released.
 
@@ -332,7 +337,9 @@ class Server:
         for gate in gates:
             gate.release()
 
-    def set_result(self, sql: str, rows: Sequence[Sequence[Any]], columns: Sequence[str] = ("col",)) -> None:
+    def set_result(
+        self, sql: str, rows: Sequence[Sequence[Any]], columns: Sequence[str] = ("col",)
+    ) -> None:
         """Rows returned by executing exactly ``sql`` (compared stripped and case-folded).
 
         Without one, a SELECT returns ``[(1,)]`` and other statements return no result set.
@@ -348,7 +355,7 @@ class Server:
         with self._lock:
             return list(self._calls)
 
-    def count(self, verb: str, *, conn: Any = None, failed: Optional[bool] = None) -> int:
+    def count(self, verb: str, *, conn: Any = None, failed: bool | None = None) -> int:
         """How many ``verb`` calls were made (on ``conn``; only failed / succeeded ones)."""
         _check_verb(verb)
         conn_id = None if conn is None else _unwrap(conn).id
@@ -403,7 +410,7 @@ class Server:
 
     # -- the path of every call -------------------------------------------------------------
 
-    def _enter(self, conn: Optional[_BaseConnection], verb: str, sql: Optional[str] = None) -> Call:
+    def _enter(self, conn: _BaseConnection | None, verb: str, sql: str | None = None) -> Call:
         """Log a call, hold it at a gate, then raise a scripted fault if one matches.
 
         Returns the logged call; the caller sets ``call.error`` if it fails later.
@@ -425,7 +432,7 @@ class Server:
             raise
         return call
 
-    def _pop_fault(self, verb: str, conn_id: Optional[int]) -> Optional[ExcSpec]:
+    def _pop_fault(self, verb: str, conn_id: int | None) -> ExcSpec | None:
         for i, f in enumerate(self._faults):
             if f.verb == verb and (f.conn_id is None or f.conn_id == conn_id):
                 if f.remaining is not None:
@@ -435,7 +442,7 @@ class Server:
                 return f.exc
         return None
 
-    def _result(self, sql: str) -> tuple[list[tuple[Any, ...]], Optional[Sequence[str]]]:
+    def _result(self, sql: str) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
         with self._lock:
             scripted = self._results.get(_key(sql))
         if scripted is not None:
@@ -474,7 +481,7 @@ class _BaseConnection:
         """Whether the server killed this connection (a test-side view, no driver has it)."""
         return self._killed
 
-    def _call(self, verb: str, sql: Optional[str] = None) -> Call:
+    def _call(self, verb: str, sql: str | None = None) -> Call:
         """Run the common checks of a call; raise as a closed or killed connection would."""
         call = self.server._enter(self, verb, sql)
         try:
@@ -493,7 +500,7 @@ class _BaseConnection:
     def _raise_dead(self, verb: str) -> None:
         raise OperationalError("fakedb: server closed the connection unexpectedly")
 
-    def _run(self, sql: str) -> tuple[list[tuple[Any, ...]], Optional[Sequence[str]]]:
+    def _run(self, sql: str) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
         self._call("ping" if PING_SQL.match(sql) else "execute", sql)
         with self.server._lock:
             if not self._autocommit:
@@ -558,7 +565,7 @@ class FakeCursor:
 
     def __init__(self, connection: _BaseConnection) -> None:
         self.connection = connection
-        self.description: Optional[tuple[tuple[Any, ...], ...]] = None
+        self.description: tuple[tuple[Any, ...], ...] | None = None
         self.rowcount = -1
         self._rows: list[tuple[Any, ...]] = []
         self._closed = False
@@ -568,18 +575,22 @@ class FakeCursor:
             raise InterfaceError("fakedb: cursor already closed")
         rows, columns = self.connection._run(sql)
         self._rows = rows
-        self.description = None if columns is None else tuple((c, None, None, None, None, None, None) for c in columns)
+        self.description = (
+            None
+            if columns is None
+            else tuple((c, None, None, None, None, None, None) for c in columns)
+        )
         self.rowcount = len(rows) if columns is not None else -1
 
     def executemany(self, sql: str, seq_of_params: Sequence[Any]) -> None:
         """One ``execute`` call for the whole batch."""
         self.execute(sql)
 
-    def fetchone(self) -> Optional[tuple[Any, ...]]:
+    def fetchone(self) -> tuple[Any, ...] | None:
         self._check()
         return self._rows.pop(0) if self._rows else None
 
-    def fetchmany(self, size: Optional[int] = None) -> list[tuple[Any, ...]]:
+    def fetchmany(self, size: int | None = None) -> list[tuple[Any, ...]]:
         self._check()
         n = self.arraysize if size is None else size
         rows, self._rows = self._rows[:n], self._rows[n:]
@@ -643,7 +654,7 @@ class FakeMSSQLConnection(_BaseConnection):
 
     def __init__(self, server: Server, conn_id: int) -> None:
         super().__init__(server, conn_id)
-        self._socket: Optional[FakeMSSQLSocket] = FakeMSSQLSocket()
+        self._socket: FakeMSSQLSocket | None = FakeMSSQLSocket()
 
     @property
     def _conn(self) -> FakeMSSQLSocket:
@@ -715,15 +726,36 @@ class FakeMSSQLConnection(_BaseConnection):
 default_server = Server()
 
 
-def connect(server: Optional[Server] = None) -> FakeConnection:
+def connect(server: Server | None = None) -> FakeConnection:
     """PEP 249 entry point: a connection to ``server`` (default: :data:`default_server`)."""
     return (server or default_server).connect()
 
 
 __all__ = [
-    "apilevel", "threadsafety", "paramstyle", "connect", "Server", "Gate", "Call",
-    "FakeConnection", "FakeCursor", "FakeMSSQLConnection", "FakeMSSQLSocket", "PING_SQL", "VERBS",
-    "Warning", "Error", "InterfaceError", "DatabaseError", "DataError", "OperationalError",
-    "IntegrityError", "InternalError", "ProgrammingError", "NotSupportedError",
-    "MSSQLException", "MSSQLDatabaseException", "MSSQLDriverException",
+    "apilevel",
+    "threadsafety",
+    "paramstyle",
+    "connect",
+    "Server",
+    "Gate",
+    "Call",
+    "FakeConnection",
+    "FakeCursor",
+    "FakeMSSQLConnection",
+    "FakeMSSQLSocket",
+    "PING_SQL",
+    "VERBS",
+    "Warning",
+    "Error",
+    "InterfaceError",
+    "DatabaseError",
+    "DataError",
+    "OperationalError",
+    "IntegrityError",
+    "InternalError",
+    "ProgrammingError",
+    "NotSupportedError",
+    "MSSQLException",
+    "MSSQLDatabaseException",
+    "MSSQLDriverException",
 ]

@@ -82,7 +82,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 __all__ = ["FaultProxy", "Mode", "ProxyStats", "commit_scanner"]
 
@@ -139,8 +139,8 @@ class _Framer:
         self._total = 0  # length of the message being read, header included
         self._skip = 0  # bytes of an uninteresting message still to pass over
 
-    def feed(self, data: bytes) -> Optional[int]:
-        cut: Optional[int] = None
+    def feed(self, data: bytes) -> int | None:
+        cut: int | None = None
         i = 0
         while not self.opaque:
             if self._skip:
@@ -185,7 +185,7 @@ class _Framer:
     def _header_size(self) -> int:
         raise NotImplementedError
 
-    def _message_size(self, header: bytes) -> Optional[int]:
+    def _message_size(self, header: bytes) -> int | None:
         raise NotImplementedError
 
     def _keep(self, header: bytes) -> bool:
@@ -209,7 +209,7 @@ class _PostgresFramer(_Framer):
     def _header_size(self) -> int:
         return 4 if self._startup else 5
 
-    def _message_size(self, header: bytes) -> Optional[int]:
+    def _message_size(self, header: bytes) -> int | None:
         if self._startup:
             if header[0] == 0x16:  # a TLS handshake after SSLRequest (or direct TLS)
                 return None
@@ -255,7 +255,7 @@ class _MySQLFramer(_Framer):
     def _header_size(self) -> int:
         return 4
 
-    def _message_size(self, header: bytes) -> Optional[int]:
+    def _message_size(self, header: bytes) -> int | None:
         return int.from_bytes(header[:3], "little") + 4
 
     def _keep(self, header: bytes) -> bool:
@@ -279,13 +279,13 @@ class _AutoFramer:
 
     def __init__(self) -> None:
         self._head = b""
-        self._framer: Optional[_Framer] = None
+        self._framer: _Framer | None = None
 
     @property
     def opaque(self) -> bool:
         return self._framer is not None and self._framer.opaque
 
-    def feed(self, data: bytes) -> Optional[int]:
+    def feed(self, data: bytes) -> int | None:
         if self._framer is not None:
             return self._framer.feed(data)
         self._head += data
@@ -299,7 +299,7 @@ class _AutoFramer:
         return None if cut is None else max(0, cut - (head - len(data)))
 
 
-def commit_scanner(protocol: Optional[str] = None) -> Any:
+def commit_scanner(protocol: str | None = None) -> Any:
     """A new COMMIT detector for one client -> server stream.
 
     Its ``feed(data)`` returns the offset in ``data`` just past the message (PostgreSQL Query or
@@ -323,7 +323,7 @@ class _Link:
 
     def __init__(self, client: socket.socket, number: int, scanner: Any) -> None:
         self.client = client
-        self.upstream: Optional[socket.socket] = None
+        self.upstream: socket.socket | None = None
         self.number = number
         self.scanner = scanner
         self.users = 1  # threads still using the sockets; the last one closes them
@@ -364,7 +364,7 @@ class FaultProxy:
         upstream: tuple[str, int],
         *,
         mode: Mode = Mode.PASS,
-        protocol: Optional[str] = None,
+        protocol: str | None = None,
     ) -> None:
         self.upstream = _check_loopback(upstream, "upstream")
         commit_scanner(protocol)  # validates it
@@ -374,13 +374,14 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on set_mode() and stop()
         self._stopping = False
-        self._listener: Optional[socket.socket] = None
+        self._listener: socket.socket | None = None
         self._links: set[_Link] = set()
         self._threads: set[threading.Thread] = set()
         self._counts: dict[str, int] = dict.fromkeys(ProxyStats.__dataclass_fields__, 0)
 
     def __repr__(self) -> str:
-        return f"<FaultProxy 127.0.0.1:{self.port} -> {self.upstream[0]}:{self.upstream[1]} {self._mode.name}>"
+        host, port = self.upstream
+        return f"<FaultProxy 127.0.0.1:{self.port} -> {host}:{port} {self._mode.name}>"
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -393,7 +394,7 @@ class FaultProxy:
     def mode(self) -> Mode:
         return self._mode
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         """Bind 127.0.0.1 on a free port and start accepting; returns the proxy."""
         with self._lock:
             if self._listener is not None or self._stopping:
@@ -433,7 +434,7 @@ class FaultProxy:
         if listener is not None:
             listener.close()
 
-    def set_mode(self, mode: Union[Mode, str]) -> None:
+    def set_mode(self, mode: Mode | str) -> None:
         """Switch to ``mode`` now; see the module documentation for what each one does."""
         mode = Mode(mode)
         with self._lock:
@@ -461,7 +462,7 @@ class FaultProxy:
         with self._lock:
             return ProxyStats(**self._counts)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start() if self._listener is None else self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -530,11 +531,13 @@ class FaultProxy:
         with self._lock:
             self._counts[name] += n
 
-    def _wait_while(self, mode: Mode, link: Optional[_Link] = None) -> None:
+    def _wait_while(self, mode: Mode, link: _Link | None = None) -> None:
         """Wait (at most POLL) until the mode is no longer ``mode``, or the proxy stops."""
         with self._lock:
             self._changed.wait_for(
-                lambda: self._mode is not mode or self._stopping or (link is not None and link.closing),
+                lambda: (
+                    self._mode is not mode or self._stopping or (link is not None and link.closing)
+                ),
                 timeout=POLL,
             )
 

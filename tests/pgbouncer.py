@@ -31,8 +31,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -223,7 +224,11 @@ def _launch(
         bouncer = PgBouncer(_free_port(), upstream["user"], version)
         proc = _start(binary, workdir, bouncer.port, upstream)
         try:
-            wait_until(lambda: proc.poll() is not None or _answers(bouncer), timeout=START_TIMEOUT)
+            # wait_until calls the lambda only during this turn of the loop
+            wait_until(
+                lambda: proc.poll() is not None or _answers(bouncer),  # noqa: B023
+                timeout=START_TIMEOUT,
+            )
         except AssertionError:
             _stop(proc)
             break

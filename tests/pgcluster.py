@@ -34,8 +34,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -70,7 +71,7 @@ def _version_key(bindir: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version)) or (0,)
 
 
-def find_bindir() -> Optional[Path]:
+def find_bindir() -> Path | None:
     """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``, or None.
 
     Debian's versioned directories come first.  A program found on ``PATH`` is resolved through
@@ -96,7 +97,7 @@ def _free_port() -> int:
 class PgCluster:
     """One PostgreSQL cluster in a directory of its own.  Made by :meth:`create`."""
 
-    def __init__(self, bindir: Path, root: Path, run_as: Optional[str]) -> None:
+    def __init__(self, bindir: Path, root: Path, run_as: str | None) -> None:
         self.bindir = bindir
         self.root = root  # owned by the server's user; also the unix socket directory
         self.datadir = root / "data"
@@ -106,7 +107,7 @@ class PgCluster:
         self._run_as = run_as
 
     @classmethod
-    def create(cls, bindir: Path, run_as: Optional[str]) -> PgCluster:
+    def create(cls, bindir: Path, run_as: str | None) -> PgCluster:
         """Run ``initdb`` in a new temporary directory.  Nothing is started yet.
 
         The directory is made with :mod:`tempfile` rather than pytest's ``tmp_path``: pytest's
@@ -120,8 +121,18 @@ class PgCluster:
                 os.chown(root, account.pw_uid, account.pw_gid)
             cluster = cls(bindir, root, run_as)
             cluster._run(
-                "initdb", "--pgdata", str(cluster.datadir), "--username", SERVER_USER,
-                "--auth", "trust", "--encoding", "UTF8", "--locale", "C", "--no-sync",
+                "initdb",
+                "--pgdata",
+                str(cluster.datadir),
+                "--username",
+                SERVER_USER,
+                "--auth",
+                "trust",
+                "--encoding",
+                "UTF8",
+                "--locale",
+                "C",
+                "--no-sync",
                 "--no-instructions",
             )
             with open(cluster.datadir / "postgresql.conf", "a", encoding="utf-8") as conf:
@@ -213,8 +224,15 @@ class PgCluster:
 
     def _pg_ctl(self, action: str, *options: str) -> None:
         self._run(
-            "pg_ctl", action, "--pgdata", str(self.datadir), "--wait", "--timeout",
-            str(PG_CTL_WAIT), "--silent", *options,
+            "pg_ctl",
+            action,
+            "--pgdata",
+            str(self.datadir),
+            "--wait",
+            "--timeout",
+            str(PG_CTL_WAIT),
+            "--silent",
+            *options,
         )
 
     def _run(self, program: str, *args: str, check: bool = True) -> int:
@@ -245,15 +263,17 @@ class PgCluster:
         return result.returncode
 
 
-def _server_user() -> Optional[str]:
+def _server_user() -> str | None:
     """The user to run the server as: ``postgres`` under root (None: run as ourselves)."""
     if os.geteuid() != 0:
         return None
     try:
         pwd.getpwnam(SERVER_USER)
     except KeyError:
-        unavailable(f"a throwaway PostgreSQL cluster needs the {SERVER_USER!r} system user "
-                    "to run as (Debian package postgresql)")
+        unavailable(
+            f"a throwaway PostgreSQL cluster needs the {SERVER_USER!r} system user "
+            "to run as (Debian package postgresql)"
+        )
     if shutil.which("runuser") is None:
         unavailable("a throwaway PostgreSQL cluster needs runuser (Debian package util-linux)")
     return SERVER_USER
@@ -264,8 +284,10 @@ def pg_cluster() -> Iterator[PgCluster]:
     """A running throwaway cluster, shared by the session; stopped and removed at its end."""
     bindir = find_bindir()
     if bindir is None:
-        unavailable("a throwaway PostgreSQL cluster needs initdb, pg_ctl and postgres "
-                    "(Debian package postgresql)")
+        unavailable(
+            "a throwaway PostgreSQL cluster needs initdb, pg_ctl and postgres "
+            "(Debian package postgresql)"
+        )
     assert bindir is not None  # unavailable() raised
     cluster = PgCluster.create(bindir, _server_user())
     try:

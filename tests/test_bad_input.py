@@ -21,9 +21,10 @@ import sqlite3
 import threading
 import time
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -39,7 +40,9 @@ SHORT = 0.2  # seconds: an acquire deadline that is meant to pass
 NO_HANG = 10.0  # seconds: far above SHORT; a call that takes longer was hanging
 
 
-def refused(call: Callable[[], object], error: type[Exception], words: tuple[str, ...]) -> Exception:
+def refused(
+    call: Callable[[], object], error: type[Exception], words: tuple[str, ...]
+) -> Exception:
     """Run ``call``, which must raise exactly ``error`` with each of ``words`` in its message."""
     try:
         call()
@@ -101,7 +104,7 @@ def pool(fake_server: fakedb.Server) -> Iterator[dbpool.Pool[Any]]:
         yield pool
 
 
-# -- Pool(): every parameter, every kind of wrong ---------------------------------------------------
+# -- Pool(): every parameter, every kind of wrong --------------------------------------------------
 
 
 def option(name: str, value: Any, error: type[Exception], *hint: str, **others: Any) -> Any:
@@ -125,7 +128,15 @@ BAD_OPTIONS = [
     option("max_size", 2.5, TypeError, "must be an int"),
     option("max_size", 0, ValueError, "must be 1 or more"),
     option("max_size", -3, ValueError, "must be 1 or more"),
-    option("min_size", 3, ValueError, "(3)", "max_size (2)", "raise max_size or lower min_size", max_size=2),
+    option(
+        "min_size",
+        3,
+        ValueError,
+        "(3)",
+        "max_size (2)",
+        "raise max_size or lower min_size",
+        max_size=2,
+    ),
     option("max_waiting", "3", TypeError, "must be an int"),
     option("max_waiting", True, TypeError, "must be an int"),
     option("max_waiting", None, TypeError, "must be an int"),
@@ -165,7 +176,9 @@ BAD_OPTIONS = [
     option("reconnect_max_delay", INF, ValueError, "must be at most"),
     option("reconnect_max_delay", 1, ValueError, "(1)", "reconnect_delay (2)", reconnect_delay=2),
     # the rest
-    option("dialect", "oracle", ValueError, "unknown dialect 'oracle'", "sqlite3", "Dialect instance"),
+    option(
+        "dialect", "oracle", ValueError, "unknown dialect 'oracle'", "sqlite3", "Dialect instance"
+    ),
     option("dialect", "", ValueError, "unknown dialect ''", "use one of"),
     option("dialect", 3, TypeError, "must be a dbpool.dialects.Dialect", "a dialect name or None"),
     option("dialect", sqlite3, TypeError, "must be a dbpool.dialects.Dialect"),
@@ -176,7 +189,10 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize(("options", "error", "words"), BAD_OPTIONS)
 def test_bad_option_is_refused_before_anything_starts(
-    fake_server: fakedb.Server, options: dict[str, Any], error: type[Exception], words: tuple[str, ...]
+    fake_server: fakedb.Server,
+    options: dict[str, Any],
+    error: type[Exception],
+    words: tuple[str, ...],
 ) -> None:
     threads = dbpool_threads()
     refused(lambda: dbpool.Pool(fake_server.connect, **options), error, words)
@@ -187,7 +203,9 @@ def test_bad_option_is_refused_before_anything_starts(
 @pytest.mark.parametrize(
     ("connect", "words"),
     [
-        pytest.param("host=db dbname=app", ("connect must be a callable", "lambda"), id="dsn-string"),
+        pytest.param(
+            "host=db dbname=app", ("connect must be a callable", "lambda"), id="dsn-string"
+        ),
         pytest.param(None, ("connect must be a callable",), id="None"),
         pytest.param(fakedb.Server().connect(), ("connect must be a callable",), id="a-connection"),
     ],
@@ -204,8 +222,12 @@ def test_misspelled_or_positional_option_is_refused(fake_server: fakedb.Server) 
     assert fake_server.connect_attempts == 0
 
 
-@pytest.mark.parametrize("name", ["acquire_timeout", "idle_timeout", "max_lifetime", "validate_after"])
-def test_infinite_times_are_accepted_where_they_mean_no_limit(fake_server: fakedb.Server, name: str) -> None:
+@pytest.mark.parametrize(
+    "name", ["acquire_timeout", "idle_timeout", "max_lifetime", "validate_after"]
+)
+def test_infinite_times_are_accepted_where_they_mean_no_limit(
+    fake_server: fakedb.Server, name: str
+) -> None:
     # The contrast to the table above: these read as "wait as long as it takes" / "never",
     # as docs/configuration.rst says; only the reconnect delays and transaction deadlines must
     # be finite.
@@ -213,10 +235,12 @@ def test_infinite_times_are_accepted_where_they_mean_no_limit(fake_server: faked
         works(pool)
 
 
-# -- wrong calls on a live pool ------------------------------------------------------------------------
+# -- wrong calls on a live pool --------------------------------------------------------------------
 
 
-def call(id: str, run: Callable[[dbpool.Pool[Any]], object], error: type[Exception], *words: str) -> Any:
+def call(
+    id: str, run: Callable[[dbpool.Pool[Any]], object], error: type[Exception], *words: str
+) -> Any:
     return pytest.param(run, error, words, id=id)
 
 
@@ -225,42 +249,196 @@ def _block(tx: Any) -> None:
 
 
 BAD_CALLS = [
-    call("connection-timeout=-1", lambda p: p.connection(timeout=-1), ValueError, "timeout must be 0 or more", "-1"),
-    call("connection-timeout='x'", lambda p: p.connection(timeout="x"), TypeError, "timeout must be a number of seconds", "'x'"),
-    call("connection-timeout=nan", lambda p: p.connection(timeout=NAN), ValueError, "timeout must be 0 or more", "nan"),
-    call("connection-timeout=-inf", lambda p: p.connection(timeout=-INF), ValueError, "timeout must be 0 or more"),
-    call("connection-timeout=True", lambda p: p.connection(timeout=True), TypeError, "timeout must be a number of seconds"),
-    call("connect-timeout='x'", lambda p: p.connect(timeout="x"), TypeError, "timeout must be a number of seconds"),
+    call(
+        "connection-timeout=-1",
+        lambda p: p.connection(timeout=-1),
+        ValueError,
+        "timeout must be 0 or more",
+        "-1",
+    ),
+    call(
+        "connection-timeout='x'",
+        lambda p: p.connection(timeout="x"),
+        TypeError,
+        "timeout must be a number of seconds",
+        "'x'",
+    ),
+    call(
+        "connection-timeout=nan",
+        lambda p: p.connection(timeout=NAN),
+        ValueError,
+        "timeout must be 0 or more",
+        "nan",
+    ),
+    call(
+        "connection-timeout=-inf",
+        lambda p: p.connection(timeout=-INF),
+        ValueError,
+        "timeout must be 0 or more",
+    ),
+    call(
+        "connection-timeout=True",
+        lambda p: p.connection(timeout=True),
+        TypeError,
+        "timeout must be a number of seconds",
+    ),
+    call(
+        "connect-timeout='x'",
+        lambda p: p.connect(timeout="x"),
+        TypeError,
+        "timeout must be a number of seconds",
+    ),
     call("wait-timeout=-1", lambda p: p.wait(timeout=-1), ValueError, "timeout must be 0 or more"),
-    call("wait-timeout='x'", lambda p: p.wait(timeout="x"), TypeError, "timeout must be a number of seconds"),
-    call("wait-timeout=nan", lambda p: p.wait(timeout=NAN), ValueError, "timeout must be 0 or more"),
-    call("wait-timeout=None", lambda p: p.wait(timeout=None), TypeError, "timeout must be a number of seconds", "None"),
-    call("close-timeout=-1", lambda p: p.close(timeout=-1), ValueError, "timeout must be 0 or more"),
-    call("close-timeout='x'", lambda p: p.close(timeout="x"), TypeError, "timeout must be a number of seconds or None"),
-    call("close-timeout=nan", lambda p: p.close(timeout=NAN), ValueError, "timeout must be 0 or more"),
-    call("transaction-isolation='NOT A LEVEL'", lambda p: p.transaction(isolation="NOT A LEVEL"),
-         ValueError, "unknown isolation level 'NOT A LEVEL'", "use one of", "'SERIALIZABLE'", "dbpool.Isolation"),
-    call("transaction-isolation=42", lambda p: p.transaction(isolation=42),
-         ValueError, "unknown isolation level 42", "use one of"),
-    call("transaction-timeout=0", lambda p: p.transaction(timeout=0), ValueError, "timeout must be a finite number of seconds above 0"),
-    call("transaction-timeout=-1", lambda p: p.transaction(timeout=-1), ValueError, "timeout must be a finite number of seconds above 0"),
-    call("transaction-timeout=nan", lambda p: p.transaction(timeout=NAN), ValueError, "timeout must be a finite number"),
-    call("transaction-timeout=inf", lambda p: p.transaction(timeout=INF), ValueError, "timeout must be a finite number"),
-    call("transaction-timeout='5'", lambda p: p.transaction(timeout="5"), TypeError, "timeout must be a number of seconds or None"),
-    call("transaction-readonly='yes'", lambda p: p.transaction(readonly="yes"), TypeError, "readonly must be True or False", "'yes'"),
-    call("transaction-readonly=1", lambda p: p.transaction(readonly=1), TypeError, "readonly must be True or False"),
-    call("run_transaction-retries=-1", lambda p: p.run_transaction(_block, retries=-1), ValueError, "retries", "0 or more", "-1"),
-    call("run_transaction-retries='3'", lambda p: p.run_transaction(_block, retries="3"), TypeError, "retries must be an int"),
-    call("run_transaction-retries=1.5", lambda p: p.run_transaction(_block, retries=1.5), TypeError, "retries must be an int"),
-    call("run_transaction-isolation", lambda p: p.run_transaction(_block, isolation="NOT A LEVEL"), ValueError, "unknown isolation level"),
-    call("run_transaction-timeout=0", lambda p: p.run_transaction(_block, timeout=0), ValueError, "timeout must be a finite number"),
+    call(
+        "wait-timeout='x'",
+        lambda p: p.wait(timeout="x"),
+        TypeError,
+        "timeout must be a number of seconds",
+    ),
+    call(
+        "wait-timeout=nan", lambda p: p.wait(timeout=NAN), ValueError, "timeout must be 0 or more"
+    ),
+    call(
+        "wait-timeout=None",
+        lambda p: p.wait(timeout=None),
+        TypeError,
+        "timeout must be a number of seconds",
+        "None",
+    ),
+    call(
+        "close-timeout=-1", lambda p: p.close(timeout=-1), ValueError, "timeout must be 0 or more"
+    ),
+    call(
+        "close-timeout='x'",
+        lambda p: p.close(timeout="x"),
+        TypeError,
+        "timeout must be a number of seconds or None",
+    ),
+    call(
+        "close-timeout=nan", lambda p: p.close(timeout=NAN), ValueError, "timeout must be 0 or more"
+    ),
+    call(
+        "transaction-isolation='NOT A LEVEL'",
+        lambda p: p.transaction(isolation="NOT A LEVEL"),
+        ValueError,
+        "unknown isolation level 'NOT A LEVEL'",
+        "use one of",
+        "'SERIALIZABLE'",
+        "dbpool.Isolation",
+    ),
+    call(
+        "transaction-isolation=42",
+        lambda p: p.transaction(isolation=42),
+        ValueError,
+        "unknown isolation level 42",
+        "use one of",
+    ),
+    call(
+        "transaction-timeout=0",
+        lambda p: p.transaction(timeout=0),
+        ValueError,
+        "timeout must be a finite number of seconds above 0",
+    ),
+    call(
+        "transaction-timeout=-1",
+        lambda p: p.transaction(timeout=-1),
+        ValueError,
+        "timeout must be a finite number of seconds above 0",
+    ),
+    call(
+        "transaction-timeout=nan",
+        lambda p: p.transaction(timeout=NAN),
+        ValueError,
+        "timeout must be a finite number",
+    ),
+    call(
+        "transaction-timeout=inf",
+        lambda p: p.transaction(timeout=INF),
+        ValueError,
+        "timeout must be a finite number",
+    ),
+    call(
+        "transaction-timeout='5'",
+        lambda p: p.transaction(timeout="5"),
+        TypeError,
+        "timeout must be a number of seconds or None",
+    ),
+    call(
+        "transaction-readonly='yes'",
+        lambda p: p.transaction(readonly="yes"),
+        TypeError,
+        "readonly must be True or False",
+        "'yes'",
+    ),
+    call(
+        "transaction-readonly=1",
+        lambda p: p.transaction(readonly=1),
+        TypeError,
+        "readonly must be True or False",
+    ),
+    call(
+        "run_transaction-retries=-1",
+        lambda p: p.run_transaction(_block, retries=-1),
+        ValueError,
+        "retries",
+        "0 or more",
+        "-1",
+    ),
+    call(
+        "run_transaction-retries='3'",
+        lambda p: p.run_transaction(_block, retries="3"),
+        TypeError,
+        "retries must be an int",
+    ),
+    call(
+        "run_transaction-retries=1.5",
+        lambda p: p.run_transaction(_block, retries=1.5),
+        TypeError,
+        "retries must be an int",
+    ),
+    call(
+        "run_transaction-isolation",
+        lambda p: p.run_transaction(_block, isolation="NOT A LEVEL"),
+        ValueError,
+        "unknown isolation level",
+    ),
+    call(
+        "run_transaction-timeout=0",
+        lambda p: p.run_transaction(_block, timeout=0),
+        ValueError,
+        "timeout must be a finite number",
+    ),
     # the function is checked like the options: before a connection is taken
-    call("run_transaction-fn='SELECT 1'", lambda p: p.run_transaction("SELECT 1"), TypeError, "callable", "'SELECT 1'"),
-    call("run_transaction-fn=None", lambda p: p.run_transaction(None), TypeError, "callable", "None"),
-    call("release('not a lease')", lambda p: p.release("not a lease"), TypeError, "release() takes the dbpool.Connection", "str"),
-    call("release(None)", lambda p: p.release(None), TypeError, "release() takes the dbpool.Connection"),
-    call("release(conn.raw)", lambda p: p.release(fakedb.Server().connect()),
-         TypeError, "release() takes the dbpool.Connection", "FakeConnection"),
+    call(
+        "run_transaction-fn='SELECT 1'",
+        lambda p: p.run_transaction("SELECT 1"),
+        TypeError,
+        "callable",
+        "'SELECT 1'",
+    ),
+    call(
+        "run_transaction-fn=None", lambda p: p.run_transaction(None), TypeError, "callable", "None"
+    ),
+    call(
+        "release('not a lease')",
+        lambda p: p.release("not a lease"),
+        TypeError,
+        "release() takes the dbpool.Connection",
+        "str",
+    ),
+    call(
+        "release(None)",
+        lambda p: p.release(None),
+        TypeError,
+        "release() takes the dbpool.Connection",
+    ),
+    call(
+        "release(conn.raw)",
+        lambda p: p.release(fakedb.Server().connect()),
+        TypeError,
+        "release() takes the dbpool.Connection",
+        "FakeConnection",
+    ),
 ]
 
 
@@ -279,7 +457,8 @@ def test_bad_call_is_refused_and_leaves_the_pool_as_it_was(
 
 
 @pytest.mark.parametrize(
-    ("run", "error", "words"), [c for c in BAD_CALLS if c.id.startswith(("connection-", "connect-"))]
+    ("run", "error", "words"),
+    [c for c in BAD_CALLS if c.id.startswith(("connection-", "connect-"))],
 )
 def test_bad_call_while_holding_a_lease_leaves_the_lease_usable(
     pool: dbpool.Pool[Any],
@@ -296,7 +475,7 @@ def test_bad_call_while_holding_a_lease_leaves_the_lease_usable(
     works(pool)
 
 
-# -- releasing twice, or to the wrong pool -------------------------------------------------------------
+# -- releasing twice, or to the wrong pool ---------------------------------------------------------
 
 
 def test_closing_a_lease_twice_and_leaving_with_after_close_do_nothing(
@@ -362,7 +541,7 @@ def test_releasing_to_another_pool_names_both_and_keeps_the_lease(
     works(pool)
 
 
-# -- a closed pool ---------------------------------------------------------------------------------------
+# -- a closed pool ---------------------------------------------------------------------------------
 
 
 def _enter_transaction(pool: dbpool.Pool[Any]) -> None:
@@ -417,12 +596,14 @@ def test_a_lease_the_pool_closed_under_its_borrower_refuses_use(fake_server: fak
     before.unchanged(pool, fake_server)
 
 
-# -- a released lease, and its cursors -------------------------------------------------------------------
+# -- a released lease, and its cursors -------------------------------------------------------------
 
 
 def use(id: str, run: Callable[[Any, Any], object]) -> Any:
     """A row: ``run(lease, cursor)`` after the lease went back; ``id`` starts with what is used."""
-    return pytest.param(run, "cursor" if id.startswith(("cursor", "iter(cursor")) else "connection", id=id)
+    return pytest.param(
+        run, "cursor" if id.startswith(("cursor", "iter(cursor")) else "connection", id=id
+    )
 
 
 LEASE_USES = [
@@ -460,8 +641,11 @@ def test_a_released_lease_and_its_cursor_refuse_use(
         refused(
             lambda: run(conn, cur),
             dbpool.LeaseReleased,
-            ("this cursor's connection " if what == "cursor" else "this connection ", "went back to the pool",
-             "pool.connection()"),
+            (
+                "this cursor's connection " if what == "cursor" else "this connection ",
+                "went back to the pool",
+                "pool.connection()",
+            ),
         )
         assert pool.stats() == before
         assert raw.total_changes == changes and not raw.in_transaction
@@ -472,7 +656,7 @@ def test_a_released_lease_and_its_cursor_refuse_use(
             assert again.cursor().execute("select 2").fetchall() == [(2,)]
 
 
-# -- nested acquire: a thread waiting for itself ----------------------------------------------------------
+# -- nested acquire: a thread waiting for itself ---------------------------------------------------
 
 
 def test_nested_acquire_on_a_pool_of_one_times_out_and_says_why(fake_server: fakedb.Server) -> None:
@@ -493,12 +677,18 @@ def test_nested_acquire_on_a_pool_of_one_times_out_and_says_why(fake_server: fak
         works(pool)
 
 
-def test_nested_transaction_on_a_pool_of_one_times_out_and_says_why(fake_server: fakedb.Server) -> None:
-    with dbpool.Pool(fake_server.connect, name="solo", min_size=0, max_size=1, acquire_timeout=SHORT) as pool:
+def test_nested_transaction_on_a_pool_of_one_times_out_and_says_why(
+    fake_server: fakedb.Server,
+) -> None:
+    with dbpool.Pool(
+        fake_server.connect, name="solo", min_size=0, max_size=1, acquire_timeout=SHORT
+    ) as pool:
         with pool.transaction():
             started = time.monotonic()
             refused(lambda: _enter_transaction(pool), dbpool.PoolTimeout, ("'solo'", "this thread"))
-            refused(lambda: pool.run_transaction(_block), dbpool.PoolTimeout, ("'solo'", "this thread"))
+            refused(
+                lambda: pool.run_transaction(_block), dbpool.PoolTimeout, ("'solo'", "this thread")
+            )
             assert time.monotonic() - started < NO_HANG
         works(pool)
 
@@ -525,10 +715,12 @@ def test_timeout_hint_about_this_thread_only_when_it_is_true(fake_server: fakedb
         works(pool)
 
 
-# -- transactions on a lease ---------------------------------------------------------------------------------
+# -- transactions on a lease -----------------------------------------------------------------------
 
 
-def test_transaction_inside_a_transaction_on_one_lease_points_to_savepoints(sqlite_connect: Connector) -> None:
+def test_transaction_inside_a_transaction_on_one_lease_points_to_savepoints(
+    sqlite_connect: Connector,
+) -> None:
     with dbpool.Pool(sqlite_connect, name="lite", min_size=0, max_size=2) as pool:
         with pool.connection() as conn:
             conn.execute("create table t (x integer)")
@@ -536,7 +728,10 @@ def test_transaction_inside_a_transaction_on_one_lease_points_to_savepoints(sqli
             with conn.transaction() as tx:
                 tx.execute("insert into t values (1)")
                 before = pool.stats()
-                for inner in (lambda: conn.transaction(), lambda: conn.transaction(isolation="serializable")):
+                for inner in (
+                    lambda: conn.transaction(),
+                    lambda: conn.transaction(isolation="serializable"),
+                ):
                     with pytest.raises(dbpool.PoolError) as info:
                         with inner():
                             raise AssertionError("the inner block ran")
@@ -548,34 +743,68 @@ def test_transaction_inside_a_transaction_on_one_lease_points_to_savepoints(sqli
         works(pool)
 
 
-def test_transaction_on_a_lease_with_pending_work_says_to_end_it_first(sqlite_connect: Connector) -> None:
+def test_transaction_on_a_lease_with_pending_work_says_to_end_it_first(
+    sqlite_connect: Connector,
+) -> None:
     with dbpool.Pool(sqlite_connect, min_size=0, max_size=1) as pool:
         with pool.connection() as conn:
             conn.execute("create table t (x integer)")
             conn.commit()
             conn.execute("insert into t values (1)")
             before = pool.stats()
-            refused(lambda: conn.transaction().__enter__(), dbpool.PoolError, ("pending", "commit or roll back"))
+            refused(
+                lambda: conn.transaction().__enter__(),
+                dbpool.PoolError,
+                ("pending", "commit or roll back"),
+            )
             assert pool.stats() == before
             assert conn.raw.in_transaction, "the pending work was touched"
             conn.rollback()
         works(pool)
 
 
-# -- create_pool with malformed URLs (the full table is in test_url.py) -----------------------------------
+# -- create_pool with malformed URLs (the full table is in test_url.py) ----------------------------
 
 
 @pytest.mark.parametrize(
     ("url", "options", "error", "words"),
     [
         pytest.param(42, {}, TypeError, ("must be a str",), id="not-a-str"),
-        pytest.param("localhost:5432/app", {}, ValueError, ("must start with", "postgresql://"), id="no-scheme"),
-        pytest.param("oracle://db/app", {}, ValueError, ("unsupported URL scheme 'oracle://'",), id="scheme"),
-        pytest.param("postgresql://app@db:port/app", {}, ValueError, ("port must be a number",), id="port"),
+        pytest.param(
+            "localhost:5432/app",
+            {},
+            ValueError,
+            ("must start with", "postgresql://"),
+            id="no-scheme",
+        ),
+        pytest.param(
+            "oracle://db/app", {}, ValueError, ("unsupported URL scheme 'oracle://'",), id="scheme"
+        ),
+        pytest.param(
+            "postgresql://app@db:port/app", {}, ValueError, ("port must be a number",), id="port"
+        ),
         pytest.param("sqlite:///:memory:", {}, ValueError, ("use a file",), id="sqlite-memory"),
-        pytest.param("sqlite:///app.sqlite3?mode=ro", {}, ValueError, ("unknown sqlite URL parameter 'mode'",), id="sqlite-param"),
-        pytest.param("sqlite:///app.sqlite3", {"max_size": 0}, ValueError, ("max_size must be 1 or more",), id="pool-option"),
-        pytest.param("sqlite:///app.sqlite3", {"max_sise": 3}, TypeError, ("max_sise",), id="misspelled-option"),
+        pytest.param(
+            "sqlite:///app.sqlite3?mode=ro",
+            {},
+            ValueError,
+            ("unknown sqlite URL parameter 'mode'",),
+            id="sqlite-param",
+        ),
+        pytest.param(
+            "sqlite:///app.sqlite3",
+            {"max_size": 0},
+            ValueError,
+            ("max_size must be 1 or more",),
+            id="pool-option",
+        ),
+        pytest.param(
+            "sqlite:///app.sqlite3",
+            {"max_sise": 3},
+            TypeError,
+            ("max_sise",),
+            id="misspelled-option",
+        ),
     ],
 )
 def test_create_pool_with_a_bad_url_or_option_makes_nothing(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -31,7 +32,9 @@ SLACK = 3.0
 class Link:
     """A server behind a proxy, and a connect callable that goes through it."""
 
-    def __init__(self, name: str, proxy: FaultProxy, connect: Callable[[], Any], lost: tuple[type, ...]) -> None:
+    def __init__(
+        self, name: str, proxy: FaultProxy, connect: Callable[[], Any], lost: tuple[type, ...]
+    ) -> None:
         self.name = name
         self.proxy = proxy
         self.connect = connect
@@ -66,7 +69,9 @@ def link(request: pytest.FixtureRequest) -> Iterator[Link]:
     if request.param == "postgresql":
         from psycopg.conninfo import conninfo_to_dict
 
-        upstream_port = int(conninfo_to_dict(request.getfixturevalue("postgresql_dsn")).get("port", 5432))
+        upstream_port = int(
+            conninfo_to_dict(request.getfixturevalue("postgresql_dsn")).get("port", 5432)
+        )
     else:
         upstream_port = int(request.getfixturevalue("mysql_params").get("port", 3306))
     with FaultProxy(upstream=("127.0.0.1", upstream_port)) as proxy:
@@ -85,7 +90,7 @@ def timed(call: Callable[[], Any]) -> tuple[float, BaseException | None]:
     started = time.monotonic()
     try:
         call()
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
+    except BaseException as exc:  # the test inspects it
         return time.monotonic() - started, exc
     return time.monotonic() - started, None
 
@@ -126,6 +131,7 @@ def test_hung_connect_is_bounded_by_the_acquire_deadline(link: Link) -> None:
 
 def test_transaction_deadline_holds_when_the_cancel_cannot_reach_the_server(link: Link) -> None:
     with dbpool.Pool(link.connect, min_size=0, max_size=1) as pool:
+
         def block() -> None:
             with pool.transaction(timeout=0.5) as tx:
                 link.proxy.set_mode(Mode.BLACKHOLE)
@@ -150,7 +156,7 @@ def test_close_returns_while_a_borrower_is_stuck_in_a_query(link: Link) -> None:
         try:
             lease.cursor().execute("SELECT 1")
             outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome.append(exc)
 
     link.proxy.set_mode(Mode.BLACKHOLE)
@@ -161,7 +167,7 @@ def test_close_returns_while_a_borrower_is_stuck_in_a_query(link: Link) -> None:
     assert error is None and elapsed < 0.5 + SLACK, (elapsed, error)
     borrower.join(SLACK)
     assert not borrower.is_alive(), "the borrower is still stuck after close() cut its connection"
-    assert outcome and isinstance(outcome[0], link.lost + (dbpool.LeaseReleased,)), outcome
+    assert outcome and isinstance(outcome[0], (*link.lost, dbpool.LeaseReleased)), outcome
 
 
 def test_the_pool_threads_stay_responsive(link: Link, caplog: pytest.LogCaptureFixture) -> None:
@@ -169,7 +175,9 @@ def test_the_pool_threads_stay_responsive(link: Link, caplog: pytest.LogCaptureF
     # to replace it hangs.  Meanwhile the reaper still reports the lease held too long, and the
     # caller gets its answer in time.
     caplog.set_level(logging.WARNING, logger="dbpool")
-    with dbpool.Pool(link.connect, min_size=2, max_size=3, validate_after=0, leak_timeout=0.5) as pool:
+    with dbpool.Pool(
+        link.connect, min_size=2, max_size=3, validate_after=0, leak_timeout=0.5
+    ) as pool:
         pool.wait(timeout=10)
         lease = pool.connection()
         link.proxy.set_mode(Mode.BLACKHOLE)

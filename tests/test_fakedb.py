@@ -18,7 +18,7 @@ def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any
     def body() -> None:
         try:
             outcome.append(target())
-        except BaseException as exc:  # noqa: B902 - the test inspects whatever was raised
+        except BaseException as exc:  # the test inspects whatever was raised
             outcome.append(exc)
 
     thread = threading.Thread(target=body)
@@ -51,8 +51,14 @@ def test_statements_open_a_transaction_and_are_logged(fake_server: fakedb.Server
     conn.close()
 
     assert [(c.verb, c.sql) for c in fake_server.calls] == [
-        ("connect", None), ("cursor", None), ("ping", "select 1"), ("rollback", None),
-        ("execute", "update t set v = %s"), ("commit", None), ("close", None), ("close", None),
+        ("connect", None),
+        ("cursor", None),
+        ("ping", "select 1"),
+        ("rollback", None),
+        ("execute", "update t set v = %s"),
+        ("commit", None),
+        ("close", None),
+        ("close", None),
     ]
     assert fake_server.count("ping") == 1 and fake_server.count("execute") == 1
     assert fake_server.count("close", conn=conn) == 2
@@ -181,7 +187,7 @@ def test_gate_gives_up_after_its_timeout(fake_server: fakedb.Server) -> None:
 
 def test_connect_delay_keeps_the_thread_inside_connect(fake_server: fakedb.Server) -> None:
     fake_server.connect_delay = 0.2
-    thread, outcome = run_in_thread(fake_server.connect)
+    thread, _outcome = run_in_thread(fake_server.connect)
     wait_until(lambda: fake_server.connect_attempts == 1)
     assert fake_server.open_connections == []
     thread.join(5)
@@ -226,7 +232,7 @@ def test_mssql_flavour_looks_like_pymssql(fake_server: fakedb.Server) -> None:
     assert fake_server.count("rollback") == 1
     conn.close()
     with pytest.raises(fakedb.InterfaceError):
-        conn._conn
+        _ = conn._conn
 
 
 def test_mssql_flavour_notices_a_kill_on_next_use(fake_server: fakedb.Server) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -26,8 +27,14 @@ JOIN = 10.0  # seconds: bound on waiting for a client thread that should be fini
 class Target:
     """One real server behind a started proxy, as a test sees it."""
 
-    def __init__(self, name: str, driver: Any, proxy: FaultProxy, connect: Callable[..., Any],
-                 direct: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        driver: Any,
+        proxy: FaultProxy,
+        connect: Callable[..., Any],
+        direct: Callable[[], Any],
+    ) -> None:
         self.name = name
         self.driver = driver
         self.proxy = proxy
@@ -35,8 +42,11 @@ class Target:
         self._direct = direct
         self._conns: list[Any] = []
         # what a driver raises when its connection is cut under it
-        self.lost = (driver.OperationalError,) if name == "postgresql" else (
-            driver.OperationalError, driver.InterfaceError)
+        self.lost = (
+            (driver.OperationalError,)
+            if name == "postgresql"
+            else (driver.OperationalError, driver.InterfaceError)
+        )
 
     def __repr__(self) -> str:
         return f"<Target {self.name} via {self.proxy!r}>"
@@ -70,7 +80,9 @@ class Target:
                 pass  # broken by the test
 
 
-def _postgresql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], Callable[..., Any], Callable[[], Any]]:
+def _postgresql(
+    request: pytest.FixtureRequest,
+) -> tuple[Any, tuple[str, int], Callable[..., Any], Callable[[], Any]]:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -84,31 +96,55 @@ def _postgresql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], C
 
     def connect(port: int, **options: Any) -> Any:
         # no TLS or GSS encryption, so the proxy can read the protocol
-        merged = {**params, "host": "127.0.0.1", "port": port, "sslmode": "disable",
-                  "gssencmode": "disable", "connect_timeout": 10, **options}
+        merged = {
+            **params,
+            "host": "127.0.0.1",
+            "port": port,
+            "sslmode": "disable",
+            "gssencmode": "disable",
+            "connect_timeout": 10,
+            **options,
+        }
         return psycopg.connect(**merged)
 
-    return psycopg, upstream, connect, lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    return (
+        psycopg,
+        upstream,
+        connect,
+        lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=10),
+    )
 
 
-def _mysql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], Callable[..., Any], Callable[[], Any]]:
+def _mysql(
+    request: pytest.FixtureRequest,
+) -> tuple[Any, tuple[str, int], Callable[..., Any], Callable[[], Any]]:
     import pymysql
 
     params = request.getfixturevalue("mysql_params")
     if params["host"] != "127.0.0.1" or "ssl" in params:
-        pytest.skip(f"the fault proxy relays plain TCP to 127.0.0.1 only; MariaDB is at {params['host']!r}")
+        pytest.skip(
+            f"the fault proxy relays plain TCP to 127.0.0.1 only; MariaDB is at {params['host']!r}"
+        )
     upstream = ("127.0.0.1", int(params["port"]))
 
     def connect(port: int, **options: Any) -> Any:
-        return pymysql.connect(**{**params, "host": "127.0.0.1", "port": port, "connect_timeout": 10, **options})
+        return pymysql.connect(
+            **{**params, "host": "127.0.0.1", "port": port, "connect_timeout": 10, **options}
+        )
 
     return pymysql, upstream, connect, lambda: pymysql.connect(**{**params, "autocommit": True})
 
 
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgresql),
-                        pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(
+    params=[
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    driver, upstream, connect, direct = (_postgresql if request.param == "postgresql" else _mysql)(request)
+    driver, upstream, connect, direct = (_postgresql if request.param == "postgresql" else _mysql)(
+        request
+    )
     with FaultProxy(upstream=upstream) as proxy:
         target = Target(request.param, driver, proxy, connect, direct)
         try:
@@ -116,7 +152,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         finally:
             target.close_all()
     prefix = f"faultproxy-{proxy.port}-"
-    assert not [t for t in threading.enumerate() if t.name.startswith(prefix)], "proxy threads left running"
+    assert not [t for t in threading.enumerate() if t.name.startswith(prefix)], (
+        "proxy threads left running"
+    )
 
 
 @pytest.fixture
@@ -139,7 +177,9 @@ class Outcome:
     def __init__(self, fn: Callable[[], Any], name: str) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(fn,), name=f"test-{name}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._run, args=(fn,), name=f"test-{name}", daemon=True
+        )
         self.thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
@@ -153,7 +193,9 @@ class Outcome:
 
     def join(self) -> None:
         self.thread.join(JOIN)
-        assert self.finished(), f"{self.thread.name} still running {JOIN}s after it should have ended"
+        assert self.finished(), (
+            f"{self.thread.name} still running {JOIN}s after it should have ended"
+        )
 
 
 def stat(proxy: FaultProxy, name: str) -> int:
@@ -192,7 +234,9 @@ def test_drop_all_breaks_open_connections_and_new_ones_work(target: Target) -> N
 
 
 @pytest.mark.postgresql
-def test_blackhole_hangs_queries_and_connects_until_the_proxy_stops(request: pytest.FixtureRequest) -> None:
+def test_blackhole_hangs_queries_and_connects_until_the_proxy_stops(
+    request: pytest.FixtureRequest,
+) -> None:
     driver, upstream, connect, _ = _postgresql(request)
     conns: list[Any] = []
     with FaultProxy(upstream=upstream) as proxy:
@@ -204,8 +248,10 @@ def test_blackhole_hangs_queries_and_connects_until_the_proxy_stops(request: pyt
         proxy.set_mode(Mode.BLACKHOLE)
         query = Outcome(lambda: conn.execute("select 1").fetchone(), "query")
         new = Outcome(lambda: conns.append(connect(proxy.port, connect_timeout=25)), "connect")
-        wait_until(lambda: stat(proxy, "bytes_held") > 0 and stat(proxy, "accepted") == 2,
-                   message="the query and the new connection did not reach the proxy")
+        wait_until(
+            lambda: stat(proxy, "bytes_held") > 0 and stat(proxy, "accepted") == 2,
+            message="the query and the new connection did not reach the proxy",
+        )
         # The proxy holds the query and has not even connected the newcomer upstream: neither
         # client can have had an answer.
         assert not query.finished() and not new.finished()
@@ -232,10 +278,14 @@ def test_blackhole_is_bounded_by_pymysql_read_timeout(request: pytest.FixtureReq
             with pytest.raises(driver.OperationalError):
                 Target.scalar(conn, "select 1")
             # the query reached the proxy and stayed there
-            wait_until(lambda: stat(proxy, "bytes_held") > 0, message="the query never reached the proxy")
+            wait_until(
+                lambda: stat(proxy, "bytes_held") > 0, message="the query never reached the proxy"
+            )
             with pytest.raises(driver.OperationalError):
                 connect(proxy.port, read_timeout=1)  # no greeting ever comes
-            wait_until(lambda: stat(proxy, "accepted") == 2, message="the connect never reached the proxy")
+            wait_until(
+                lambda: stat(proxy, "accepted") == 2, message="the connect never reached the proxy"
+            )
 
             proxy.set_mode(Mode.PASS)
             fresh = connect(proxy.port, read_timeout=1)
@@ -277,7 +327,9 @@ def test_refuse_fails_new_connects_and_keeps_open_ones(target: Target) -> None:
     assert (stats.accepted, stats.open) == (2, 2)
 
 
-def test_cut_after_commit_loses_the_reply_but_the_row_is_committed(target: Target, table: str) -> None:
+def test_cut_after_commit_loses_the_reply_but_the_row_is_committed(
+    target: Target, table: str
+) -> None:
     proxy = target.proxy
     proxy.set_mode(Mode.CUT_AFTER_COMMIT)
     conn = target.through()
@@ -292,7 +344,9 @@ def test_cut_after_commit_loses_the_reply_but_the_row_is_committed(target: Targe
         conn.commit()
     assert stat(proxy, "commits_cut") == 1
     # The server closes its end once it has read past the COMMIT; the proxy then closes the link.
-    wait_until(lambda: stat(proxy, "open") == 0, timeout=10, message="server end still open after the cut")
+    wait_until(
+        lambda: stat(proxy, "open") == 0, timeout=10, message="server end still open after the cut"
+    )
     assert target.scalar(target.direct(), f"SELECT count(*) FROM {table} WHERE id = 1") == 1
     assert proxy.mode is Mode.CUT_AFTER_COMMIT
 
@@ -355,7 +409,9 @@ def pg_message(kind: bytes, body: bytes) -> bytes:
 def pg_stream(*messages: bytes) -> bytes:
     startup_body = struct.pack("!I", 196608) + b"user\0postgres\0database\0test\0\0"
     ssl_request = struct.pack("!II", 8, 80877103)
-    return ssl_request + struct.pack("!I", len(startup_body) + 4) + startup_body + b"".join(messages)
+    return (
+        ssl_request + struct.pack("!I", len(startup_body) + 4) + startup_body + b"".join(messages)
+    )
 
 
 def mysql_packet(seq: int, payload: bytes) -> bytes:
@@ -388,12 +444,20 @@ def query(sql: str) -> bytes:
 
 @pytest.mark.parametrize("protocol", ["postgresql", None])
 def test_commit_scanner_postgresql_at_any_chunk_boundary(protocol: str | None) -> None:
-    decoys = [query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED"), query("select 'commit'"),
-              query("SET autocommit TO on"), pg_message(b"X", b"")]
+    decoys = [
+        query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED"),
+        query("select 'commit'"),
+        query("SET autocommit TO on"),
+        pg_message(b"X", b""),
+    ]
     commit = query("commit work")
     parse = pg_message(b"P", b"\0COMMIT\0\0\0")
-    extended = [parse, pg_message(b"B", b"\0\0" + b"\0" * 6), pg_message(b"E", b"\0\0\0\0\0"),
-                pg_message(b"S", b"")]
+    extended = [
+        parse,
+        pg_message(b"B", b"\0\0" + b"\0" * 6),
+        pg_message(b"E", b"\0\0\0\0\0"),
+        pg_message(b"S", b""),
+    ]
     stream = pg_stream(*decoys[:3], commit, query("select 1"), *extended, *decoys)
     first = stream.index(commit) + len(commit)
     second = stream.index(parse) + sum(map(len, extended))

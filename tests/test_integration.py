@@ -19,8 +19,9 @@ import sqlite3
 import threading
 import traceback
 import weakref
+from collections.abc import Iterator
 from time import monotonic
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -274,7 +275,8 @@ def counting_class(backend: str) -> type:
 
 
 class CountingConnect:
-    """A connect callable making counting connections to ``db``'s database; keeps them in ``made``."""
+    """A connect callable making counting connections to ``db``'s database; keeps them in
+    ``made``."""
 
     def __init__(self, connect: Callable[[], Any]) -> None:
         self._connect = connect
@@ -447,9 +449,7 @@ def test_killed_idle_connections_are_replaced_without_error(db: Backend, make_po
     assert s.size <= s.max_size
 
 
-def test_connection_killed_while_leased_fails_and_is_discarded(
-    db: Backend, make_pool: Any
-) -> None:
+def test_connection_killed_while_leased_fails_and_is_discarded(db: Backend, make_pool: Any) -> None:
     pool = make_pool(db.connect, max_size=1, validate_after=None)
     with pool.connection() as conn:
         assert fetch(conn, "select 1") == [(1,)]
@@ -522,7 +522,9 @@ def test_psycopg_connection_returned_mid_query_is_discarded(
 # -- 6. fork ------------------------------------------------------------------------------
 
 
-def _child_uses_the_pool(pool: dbpool.Pool[Any], db: Backend, parent_ids: set[Any], fd: int) -> None:
+def _child_uses_the_pool(
+    pool: dbpool.Pool[Any], db: Backend, parent_ids: set[Any], fd: int
+) -> None:
     """Run in a forked child: never returns, reports through ``fd`` and the exit status."""
     code = 2
     report: dict[str, Any] = {}
@@ -538,7 +540,7 @@ def _child_uses_the_pool(pool: dbpool.Pool[Any], db: Backend, parent_ids: set[An
         gc.collect()  # finalizers of anything the child let go must not reach the parent's sessions
         report["ids"] = ids
         code = 0 if len(set(ids)) == len(ids) and not set(ids) & parent_ids else 1
-    except BaseException as exc:  # noqa: BLE001 - the child must reach os._exit whatever happens
+    except BaseException as exc:  # the child must reach os._exit whatever happens
         report["error"] = traceback_text(exc)[-4000:]
     finally:
         try:
@@ -611,7 +613,9 @@ def test_forked_child_opens_its_own_connections_and_parent_keeps_its_own(
 # -- 7. sqlite3 connections bound to their thread are refused ------------------------------
 
 
-def test_sqlite_connection_without_check_same_thread_is_refused(tmp_path: Any, make_pool: Any) -> None:
+def test_sqlite_connection_without_check_same_thread_is_refused(
+    tmp_path: Any, make_pool: Any
+) -> None:
     made: list[sqlite3.Connection] = []
 
     def connect() -> sqlite3.Connection:
@@ -746,7 +750,7 @@ def test_32_threads_share_a_pool_of_4(db: Backend, make_pool: Any) -> None:
                     conn.cursor().execute(update)
                     conn.commit()
                 committed[index] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:  # reported by the test thread
             errors.append(exc)
 
     workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]

@@ -41,7 +41,8 @@ import signal
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -56,7 +57,7 @@ DriverError = fakedb.OperationalError
 MAX_SIZE = 2  # more than one, so that a lost slot shows as a pool that serves one lease too few
 
 
-def is_base(exc: Optional[Exc]) -> bool:
+def is_base(exc: Exc | None) -> bool:
     """Whether ``exc`` is an interruption (KeyboardInterrupt, SystemExit), not an Exception."""
     return exc is not None and not issubclass(exc, Exception)
 
@@ -91,7 +92,7 @@ def async_raise(thread: threading.Thread, exc: Exc) -> None:
 
 
 @contextlib.contextmanager
-def signal_raises(exc: Exc, when: Optional[threading.Event] = None) -> Iterator[Callable[[], None]]:
+def signal_raises(exc: Exc, when: threading.Event | None = None) -> Iterator[Callable[[], None]]:
     """While active, a SIGUSR1 makes the main thread raise ``exc`` from the signal handler.
 
     Yields a function that sends the signal from any thread.  With ``when``, a helper thread
@@ -118,7 +119,7 @@ def signal_raises(exc: Exc, when: Optional[threading.Event] = None) -> Iterator[
                     if not stop.is_set():
                         send()
                     return
-        except BaseException as error:  # noqa: BLE001 - reported by the test
+        except BaseException as error:  # reported by the test
             problems.append(error)
 
     previous = signal.signal(signal.SIGUSR1, handler)
@@ -241,7 +242,9 @@ def describe(scene: Scene) -> str:
 
 def connects_in_flight(server: fakedb.Server) -> int:
     """Driver connects started and not finished (a connect the pool forgot shows up here)."""
-    return sum(1 for c in server.calls if c.verb == "connect" and c.conn_id is None and c.error is None)
+    return sum(
+        1 for c in server.calls if c.verb == "connect" and c.conn_id is None and c.error is None
+    )
 
 
 def settle(scene: Scene, done: Callable[[dbpool.PoolStats, int], bool]) -> dbpool.PoolStats:
@@ -294,13 +297,15 @@ def assert_sound(scene: Scene) -> None:
 
 def assert_closed_clean(scene: Scene) -> None:
     """The checks after a point that closed the pool."""
-    settle(scene, lambda s, open_: (s.size, s.in_use, s.opening, s.waiting, open_) == (0, 0, 0, 0, 0))
+    settle(
+        scene, lambda s, open_: (s.size, s.in_use, s.opening, s.waiting, open_) == (0, 0, 0, 0, 0)
+    )
     with pytest.raises(dbpool.PoolClosed):
         scene.pool.connection(timeout=1)
 
 
 @contextlib.contextmanager
-def raises_if(expected: bool, exc: Optional[Exc]) -> Iterator[None]:
+def raises_if(expected: bool, exc: Exc | None) -> Iterator[None]:
     """Expect ``exc`` from the block if ``expected``, else that the block returns normally."""
     if expected:
         assert exc is not None
@@ -599,7 +604,7 @@ def finaliser_return_rollback_raises(scene: Scene, exc: Exc) -> None:
         try:
             with pool.connection(timeout=2):
                 pass
-        except BaseException as error:  # noqa: BLE001 - checked below
+        except BaseException as error:  # checked below
             caught.append(error)
         wait_until(lambda: scene.server.count("rollback", conn=raw) == 1)
     scene.banned.append(raw)
@@ -645,7 +650,7 @@ def forced_close_racing_return(scene: Scene, exc: Exc) -> None:
     assert isinstance(error, exc) if is_base(exc) else error is None, error
 
 
-def close_racing_connect(scene: Scene, exc: Optional[Exc]) -> None:
+def close_racing_connect(scene: Scene, exc: Exc | None) -> None:
     # close() answers a caller waiting for its connect at once; the connect finishes later, in
     # the pool's own thread, raising ``exc`` (or, with None, succeeding), for nobody.
     pool = scene.make_pool()
@@ -678,7 +683,7 @@ INTERRUPTS: tuple[Exc, ...] = (K, S)
 ALL: tuple[Exc, ...] = (K, S, D)
 
 #: (id, what is done at the point, the exceptions injected there; None: no exception)
-POINTS: list[tuple[str, Point, tuple[Optional[Exc], ...]]] = [
+POINTS: list[tuple[str, Point, tuple[Exc | None, ...]]] = [
     ("connect", connect_raises, ALL),
     ("connect-blocked-caller-interrupted", connect_blocked_caller_interrupted, INTERRUPTS),
     ("connect-blocked-caller-signalled", connect_blocked_caller_signalled, INTERRUPTS),
@@ -706,7 +711,7 @@ POINTS: list[tuple[str, Point, tuple[Optional[Exc], ...]]] = [
 ]
 
 
-def _exc_id(exc: Optional[Exc]) -> str:
+def _exc_id(exc: Exc | None) -> str:
     if exc is None:
         return "no-error"
     return "driver-error" if exc is DriverError else exc.__name__
@@ -720,7 +725,9 @@ def _exc_id(exc: Optional[Exc]) -> str:
         for exc in excs
     ],
 )
-def test_exception_at_point_keeps_the_pool_exact(scene: Scene, point: Point, exc: Optional[Exc]) -> None:
+def test_exception_at_point_keeps_the_pool_exact(
+    scene: Scene, point: Point, exc: Exc | None
+) -> None:
     point(scene, exc)
     if scene.pool.closed:
         assert_closed_clean(scene)

@@ -3,7 +3,8 @@ SQL Server when DBPOOL_TEST_MSSQL_DSN is set (none runs in our own test environm
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -17,8 +18,11 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture(params=["psycopg2", "mysqlclient", "pymssql"])
 def driver(request: pytest.FixtureRequest) -> tuple[str, Callable[[], Any]]:
     name = request.param
-    fixture = {"psycopg2": "psycopg2_connect", "mysqlclient": "mysqlclient_connect",
-               "pymssql": "mssql_connect"}[name]
+    fixture = {
+        "psycopg2": "psycopg2_connect",
+        "mysqlclient": "mysqlclient_connect",
+        "pymssql": "mssql_connect",
+    }[name]
     return name, request.getfixturevalue(fixture)
 
 
@@ -29,14 +33,20 @@ def pool(driver: tuple[str, Callable[[], Any]]) -> Iterator[dbpool.Pool[Any]]:
 
 
 def backend_id(name: str, conn: Any) -> Any:
-    sql = {"psycopg2": "select pg_backend_pid()", "mysqlclient": "select connection_id()",
-           "pymssql": "select @@spid"}[name]
+    sql = {
+        "psycopg2": "select pg_backend_pid()",
+        "mysqlclient": "select connection_id()",
+        "pymssql": "select @@spid",
+    }[name]
     return rows(conn, sql)[0][0]
 
 
 def kill(name: str, connect: Callable[[], Any], session: Any) -> None:
-    sql = {"psycopg2": f"select pg_terminate_backend({int(session)})",
-           "mysqlclient": f"kill connection {int(session)}", "pymssql": f"kill {int(session)}"}[name]
+    sql = {
+        "psycopg2": f"select pg_terminate_backend({int(session)})",
+        "mysqlclient": f"kill connection {int(session)}",
+        "pymssql": f"kill {int(session)}",
+    }[name]
     admin = connect()
     try:
         if name == "psycopg2":
@@ -107,8 +117,11 @@ def test_autocommit_changed_on_the_driver_is_restored(driver, pool):
             conn.raw.autocommit(True)
     with pool.connection() as conn:
         raw = conn.raw
-        on = raw.autocommit if name == "psycopg2" else (
-            raw.get_autocommit() if name == "mysqlclient" else raw.autocommit_state)
+        on = (
+            raw.autocommit
+            if name == "psycopg2"
+            else (raw.get_autocommit() if name == "mysqlclient" else raw.autocommit_state)
+        )
         assert on is False
 
 

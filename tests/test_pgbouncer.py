@@ -29,8 +29,9 @@ from __future__ import annotations
 import os
 import threading
 import traceback
+from collections.abc import Iterator
 from time import monotonic
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -86,8 +87,12 @@ def bouncer_pool(pgbouncer: PgBouncer) -> Iterator[PoolFactory]:
             options["prepare_threshold"] = prepare_threshold
         dsn = pgbouncer.dsn(dbname)
         pool: dbpool.Pool[Any] = dbpool.Pool(
-            lambda: psycopg.connect(dsn, **options), min_size=0, max_size=max_size,
-            acquire_timeout=20.0, name=f"pgbouncer-{dbname}-{len(pools) + 1}", **pool_options,
+            lambda: psycopg.connect(dsn, **options),
+            min_size=0,
+            max_size=max_size,
+            acquire_timeout=20.0,
+            name=f"pgbouncer-{dbname}-{len(pools) + 1}",
+            **pool_options,
         )
         pools.append(pool)
         return pool
@@ -124,8 +129,11 @@ def clean_pinned(pgbouncer: PgBouncer) -> Iterator[None]:
     """Close the pinned server session after the test, with whatever the test left in it."""
     yield
     pgbouncer.command(f"RECONNECT {PINNED}")
-    wait_until(lambda: not pgbouncer.servers(PINNED), timeout=10,
-               message="PgBouncer kept the pinned server connection after RECONNECT")
+    wait_until(
+        lambda: not pgbouncer.servers(PINNED),
+        timeout=10,
+        message="PgBouncer kept the pinned server connection after RECONNECT",
+    )
 
 
 def show(tx: Any, setting: str) -> str:
@@ -147,8 +155,10 @@ def milliseconds(value: str) -> float:
 
 
 def servers_in_use(pool_row: dict[str, Any]) -> int:
-    return sum(int(pool_row.get(key, 0)) for key in
-               ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"))
+    return sum(
+        int(pool_row.get(key, 0))
+        for key in ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
+    )
 
 
 # -- many threads, few server connections ------------------------------------------------------
@@ -172,7 +182,7 @@ def test_threads_over_a_larger_pool_commit_everything(
                         all_leased.wait(timeout=10)
                     tx.execute(insert, (thread, round_, 1))
                     tx.execute(insert, (thread, round_, 2))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:  # reported by the test thread
             errors.append(exc)
 
     workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(THREADS)]
@@ -262,8 +272,11 @@ def test_transaction_timeout_cancels_through_pgbouncer(
         assert tx.execute("SELECT 1").fetchall() == [(1,)]
     stats = pool.stats()
     assert stats.created == 1 and stats.discarded == 0
-    wait_until(lambda: int(pgbouncer.pool(DATABASE).get("sv_active", 1)) == 0, timeout=10,
-               message="a server connection stayed busy after the cancel")
+    wait_until(
+        lambda: int(pgbouncer.pool(DATABASE).get("sv_active", 1)) == 0,
+        timeout=10,
+        message="a server connection stayed busy after the cancel",
+    )
 
 
 def test_deadline_while_queued_for_a_server_ends_the_block(
@@ -424,8 +437,14 @@ def test_validation_ping_goes_to_pgbouncer(
     # A server session killed behind PgBouncer while no client used it: PgBouncer opens
     # another one for the next transaction, and the dbpool connection never notices.
     direct.execute("SELECT pg_terminate_backend(%s)", (server,))
-    wait_until(lambda: not direct.execute(
-        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (server,)).fetchall(), timeout=10)
+    wait_until(
+        lambda: (
+            not direct.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (server,)
+            ).fetchall()
+        ),
+        timeout=10,
+    )
     with pool.transaction() as tx:
         assert backend_pid(tx) != server
     assert pool.stats().discarded == 0

@@ -22,9 +22,10 @@ from __future__ import annotations
 import re
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import psycopg
 import pytest
@@ -218,8 +219,8 @@ class Outcome:
     seq: int
     started: float
     ended: float
-    error: Optional[Exception]
-    conn_made_at: Optional[float]  # when the connection it ran on was made, if it got one
+    error: Exception | None
+    conn_made_at: float | None  # when the connection it ran on was made, if it got one
 
 
 def busiest_window(times: list[float], width: float) -> int:
@@ -286,13 +287,13 @@ class Load:
             seq += 1
             started = monotonic()
             made_at = None
-            error: Optional[Exception] = None
+            error: Exception | None = None
             try:
                 with self._pool.transaction() as tx:
                     made_at = self._connect.made_at(tx.connection.raw)
                     tx.execute("SELECT 1")
                     tx.execute(insert, (worker, seq))
-            except Exception as exc:  # noqa: BLE001 - every error is checked by the test
+            except Exception as exc:  # every error is checked by the test
                 error = exc
             outcome = Outcome(worker, seq, started, monotonic(), error, made_at)
             with self._lock:
@@ -322,8 +323,11 @@ def _outage(
         cluster.restart(mode)
         return down, monotonic()
     cluster.stop(mode)
-    wait_until(lambda: connect.failed_since(down + HELD_DOWN), timeout=HELD_DOWN + 5,
-               message="the pool stopped trying to connect while the server was down")
+    wait_until(
+        lambda: connect.failed_since(down + HELD_DOWN),
+        timeout=HELD_DOWN + 5,
+        message="the pool stopped trying to connect while the server was down",
+    )
     cluster.start()
     return down, monotonic()
 
@@ -357,11 +361,17 @@ def test_restart_under_load(
         load.start()
         try:
             before = monotonic()
-            wait_until(lambda: load.all_succeeded_since(before, 2), timeout=20,
-                       message="the load did not get going")
+            wait_until(
+                lambda: load.all_succeeded_since(before, 2),
+                timeout=20,
+                message="the load did not get going",
+            )
             down, up = _outage(cluster, recording_connect, mode, hold)
-            wait_until(lambda: load.all_succeeded_since(up, 3), timeout=RECOVERY_BOUND + 5,
-                       message="some worker had no 3 transactions succeed after the restart")
+            wait_until(
+                lambda: load.all_succeeded_since(up, 3),
+                timeout=RECOVERY_BOUND + 5,
+                message="some worker had no 3 transactions succeed after the restart",
+            )
         finally:
             load.stop(timeout=20)
         s = pool.stats()
@@ -446,8 +456,11 @@ def test_pool_made_while_the_server_is_down_fills_itself_once_it_starts(
         assert pool.stats().connect_errors >= 1
 
         cluster.start()
-        wait_until(lambda: pool.stats().idle >= pool.min_size, timeout=RECOVERY_BOUND,
-                   message="the pool did not fill itself after the server started")
+        wait_until(
+            lambda: pool.stats().idle >= pool.min_size,
+            timeout=RECOVERY_BOUND,
+            message="the pool did not fill itself after the server started",
+        )
         with pool.connection(timeout=5) as conn:
             assert fetch(conn, "select 1") == [(1,)]
         s = pool.stats()

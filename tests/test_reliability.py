@@ -124,7 +124,9 @@ def _mysql_session(conn: Any) -> tuple[Any, ...]:
     return row
 
 
-def test_mariadb_reset_leaves_nothing_and_keeps_the_driver_setup(mysql_params: dict[str, Any]) -> None:
+def test_mariadb_reset_leaves_nothing_and_keeps_the_driver_setup(
+    mysql_params: dict[str, Any],
+) -> None:
     import pymysql
 
     options = dict(mysql_params, charset="utf8mb4", sql_mode="ANSI_QUOTES", autocommit=True)
@@ -287,7 +289,7 @@ def test_idle_connections_older_than_a_broken_one_are_retired_together(pg_connec
         for pid in pids:  # the server restarts, as far as these sessions can tell
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pool.connection() as conn:
-            with pytest.raises(Exception, match="terminat|closed"):
+            with pytest.raises(Exception, match=r"terminat|closed"):
                 conn.cursor().execute("SELECT 2")
         # No caller asks for the other three: the reaper finds them dead by itself.
         wait_until(lambda: pool.stats().discarded == 4)

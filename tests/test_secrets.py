@@ -36,9 +36,10 @@ import traceback
 import types
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable
 from urllib.parse import quote
 
 import pytest
@@ -77,7 +78,7 @@ class Canary:
 def links(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception chained to it (cause and context)."""
     seen: set[int] = set()
-    pending: list[Optional[BaseException]] = [exc]
+    pending: list[BaseException | None] = [exc]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
@@ -120,9 +121,10 @@ class Exposure:
 
     def warned(self, caught: list[warnings.WarningMessage]) -> None:
         for w in caught:
-            self.add(f"warning {w.category.__name__}", warnings.formatwarning(
-                w.message, w.category, w.filename, w.lineno, w.line
-            ))
+            self.add(
+                f"warning {w.category.__name__}",
+                warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line),
+            )
 
     def leaks(self) -> list[str]:
         return [where for where, text in self.texts if self.canary.token in text]
@@ -151,7 +153,7 @@ def assert_clean(exposure: Exposure) -> None:
     assert not leaks, "the canary password shows in:\n  " + "\n  ".join(leaks)
 
 
-# -- a fake pymssql module over tests.fakedb ----------------------------------------------------------
+# -- a fake pymssql module over tests.fakedb -------------------------------------------------------
 
 
 class ConnInfo:
@@ -172,7 +174,9 @@ class EchoingDriverError(fakedb.OperationalError):
         self.info = info
 
 
-def fake_pymssql(server: fakedb.Server, *, echo: bool, received: list[dict[str, Any]]) -> types.ModuleType:
+def fake_pymssql(
+    server: fakedb.Server, *, echo: bool, received: list[dict[str, Any]]
+) -> types.ModuleType:
     def connect(**kwargs: Any) -> Any:
         received.append(kwargs)
         if echo:
@@ -191,7 +195,7 @@ def fake_pymssql(server: fakedb.Server, *, echo: bool, received: list[dict[str, 
     return module
 
 
-# -- scenes: a URL, its pool, and what happens to it --------------------------------------------------
+# -- scenes: a URL, its pool, and what happens to it -----------------------------------------------
 
 
 @dataclass
@@ -206,8 +210,15 @@ class Scene:
         self.exposure = Exposure(self.canary)
 
 
-def _assemble(scheme: str, user: str, hostport: str, database: str, placement: str, secret: str,
-              query: dict[str, str]) -> str:
+def _assemble(
+    scheme: str,
+    user: str,
+    hostport: str,
+    database: str,
+    placement: str,
+    secret: str,
+    query: dict[str, str],
+) -> str:
     query = dict(query)
     if placement == "userinfo":
         netloc = f"{user}:{secret}@{hostport}"
@@ -228,11 +239,25 @@ def url_for(scene: Scene, backend: str, placement: str, monkeypatch: pytest.Monk
             scene.fake.down()
         return _assemble("mssql", "sa", "db.example:1433", "app", placement, secret, {})
     if backend == "postgresql-down":
-        return _assemble("postgresql", "app", f"127.0.0.1:{CLOSED_PORT}", "app", placement, secret,
-                         {"connect_timeout": "5"})
+        return _assemble(
+            "postgresql",
+            "app",
+            f"127.0.0.1:{CLOSED_PORT}",
+            "app",
+            placement,
+            secret,
+            {"connect_timeout": "5"},
+        )
     if backend == "mysql-down":
-        return _assemble("mysql", "root", f"127.0.0.1:{CLOSED_PORT}", "test", placement, secret,
-                         {"connect_timeout": "5"})
+        return _assemble(
+            "mysql",
+            "root",
+            f"127.0.0.1:{CLOSED_PORT}",
+            "test",
+            placement,
+            secret,
+            {"connect_timeout": "5"},
+        )
     if backend == "postgresql":
         dsn = scene.request.getfixturevalue("postgresql_dsn")
         if placement == "userinfo":
@@ -302,10 +327,14 @@ def wait_times_out(scene: Scene, pool: dbpool.Pool[Any]) -> None:
 ACTIONS: dict[str, tuple[Callable[[Scene, dbpool.Pool[Any]], None], dict[str, Any]]] = {
     "use": (use_everything, {"min_size": 1, "max_size": 2, "validate_after": 0}),
     "connect": (connect_fails, {"min_size": 0, "max_size": 1}),
-    "acquire-timeout": (acquire_times_out, {"min_size": 0, "max_size": 1, "reconnect_delay": 5,
-                                            "reconnect_max_delay": 5}),
-    "wait-timeout": (wait_times_out, {"min_size": 1, "max_size": 1, "reconnect_delay": 5,
-                                      "reconnect_max_delay": 5}),
+    "acquire-timeout": (
+        acquire_times_out,
+        {"min_size": 0, "max_size": 1, "reconnect_delay": 5, "reconnect_max_delay": 5},
+    ),
+    "wait-timeout": (
+        wait_times_out,
+        {"min_size": 1, "max_size": 1, "reconnect_delay": 5, "reconnect_max_delay": 5},
+    ),
 }
 
 PG = pytest.mark.postgresql
@@ -379,7 +408,9 @@ def test_a_url_password_shows_nowhere(
     action: str,
     odd: bool,
 ) -> None:
-    scene = run_url_scene(request, caplog, monkeypatch, fake_server, backend, placement, action, odd)
+    scene = run_url_scene(
+        request, caplog, monkeypatch, fake_server, backend, placement, action, odd
+    )
     assert_clean(scene.exposure)
 
 
@@ -397,17 +428,21 @@ def test_a_url_password_stays_out_of_the_attributes_of_connect_errors(
     # Error trackers and debuggers show an exception's attributes, not only its message: the
     # scrubbing create_pool promises must reach them (psycopg keeps the connection's parameters,
     # password included, on exc.pgconn).
-    scene = run_url_scene(request, caplog, monkeypatch, fake_server, backend, placement, action, odd)
+    scene = run_url_scene(
+        request, caplog, monkeypatch, fake_server, backend, placement, action, odd
+    )
     assert scene.exposure.errors
     leaks = scene.exposure.attribute_leaks()
     assert not leaks, "the canary password is held by:\n  " + "\n  ".join(leaks)
 
 
-# -- a lease held past leak_timeout ---------------------------------------------------------------------
+# -- a lease held past leak_timeout ----------------------------------------------------------------
 
 
-def hold_a_lease_past_leak_timeout(pool: dbpool.Pool[Any], caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
-    def report() -> Optional[logging.LogRecord]:
+def hold_a_lease_past_leak_timeout(
+    pool: dbpool.Pool[Any], caplog: pytest.LogCaptureFixture
+) -> logging.LogRecord:
+    def report() -> logging.LogRecord | None:
         for record in caplog.records:
             if record.levelno == logging.WARNING and "leak_timeout" in record.getMessage():
                 return record
@@ -431,29 +466,43 @@ def test_the_leak_report_shows_the_borrower_but_not_the_password(
         scene.exposure.show(pool=pool, stats=pool.stats())
     report = FORMATTER.format(record)
     assert "'leaky'" in report
-    assert hold_a_lease_past_leak_timeout.__name__ in report, "the report shows where the lease was taken"
+    assert hold_a_lease_past_leak_timeout.__name__ in report, (
+        "the report shows where the lease was taken"
+    )
     scene.exposure.logs(dbpool_records(caplog))
     assert scene.received[0]["password"] == scene.canary.password
     assert_clean(scene.exposure)
 
 
-# -- a user's own connect callable ----------------------------------------------------------------------
+# -- a user's own connect callable -----------------------------------------------------------------
 
 
 def psycopg_conninfo_down(canary: Canary, request: pytest.FixtureRequest) -> Callable[[], Any]:
     import psycopg
     from psycopg.conninfo import make_conninfo
 
-    dsn = make_conninfo(host="127.0.0.1", port=CLOSED_PORT, dbname="app", user="app",
-                        password=canary.password, connect_timeout=5)
+    dsn = make_conninfo(
+        host="127.0.0.1",
+        port=CLOSED_PORT,
+        dbname="app",
+        user="app",
+        password=canary.password,
+        connect_timeout=5,
+    )
     return lambda: psycopg.connect(dsn)
 
 
 def psycopg_kwargs_down(canary: Canary, request: pytest.FixtureRequest) -> Callable[[], Any]:
     import psycopg
 
-    return lambda: psycopg.connect(host="127.0.0.1", port=CLOSED_PORT, dbname="app", user="app",
-                                   password=canary.password, connect_timeout=5)
+    return lambda: psycopg.connect(
+        host="127.0.0.1",
+        port=CLOSED_PORT,
+        dbname="app",
+        user="app",
+        password=canary.password,
+        connect_timeout=5,
+    )
 
 
 def psycopg_trusted(canary: Canary, request: pytest.FixtureRequest) -> Callable[[], Any]:
@@ -476,8 +525,12 @@ CALLABLE_ROWS = [
     pytest.param(psycopg_kwargs_down, "wait-timeout", id="psycopg-kwargs-down-wait-timeout"),
     pytest.param(psycopg_trusted, "use", marks=PG, id="psycopg-trusted-use"),
     pytest.param(pymysql_wrong_password, "connect", marks=MY, id="pymysql-refused-connect"),
-    pytest.param(pymysql_wrong_password, "acquire-timeout", marks=MY, id="pymysql-refused-acquire-timeout"),
-    pytest.param(pymysql_wrong_password, "wait-timeout", marks=MY, id="pymysql-refused-wait-timeout"),
+    pytest.param(
+        pymysql_wrong_password, "acquire-timeout", marks=MY, id="pymysql-refused-acquire-timeout"
+    ),
+    pytest.param(
+        pymysql_wrong_password, "wait-timeout", marks=MY, id="pymysql-refused-wait-timeout"
+    ),
 ]
 
 
@@ -510,20 +563,43 @@ def test_dbpool_adds_no_password_to_what_a_connect_callable_raises(
     assert_clean(scene.exposure)
 
 
-# -- the command line -----------------------------------------------------------------------------------
+# -- the command line ------------------------------------------------------------------------------
 
 
 CLI_ROWS = [
     pytest.param(("check",), "postgresql-down", "userinfo", False, 1, id="check-postgresql-down"),
-    pytest.param(("check",), "postgresql-down", "password", True, 1, id="check-postgresql-down-odd-query"),
+    pytest.param(
+        ("check",), "postgresql-down", "password", True, 1, id="check-postgresql-down-odd-query"
+    ),
     pytest.param(("check",), "postgresql", "userinfo", True, 0, marks=PG, id="check-postgresql"),
-    pytest.param(("check",), "postgresql", "sslpassword", False, 0, marks=PG, id="check-postgresql-sslpassword"),
+    pytest.param(
+        ("check",),
+        "postgresql",
+        "sslpassword",
+        False,
+        0,
+        marks=PG,
+        id="check-postgresql-sslpassword",
+    ),
     pytest.param(("check",), "mysql", "userinfo", True, 1, marks=MY, id="check-mysql-refused"),
     pytest.param(("check",), "mysql-down", "userinfo", False, 1, id="check-mysql-down"),
-    pytest.param(("bench", "--seconds", "0.5", "--threads", "2", "--max-size", "1"),
-                 "mysql", "userinfo", False, 1, marks=MY, id="bench-mysql-refused"),
-    pytest.param(("bench", "--seconds", "0.5", "--threads", "2", "--max-size", "1"),
-                 "postgresql-down", "userinfo", True, 1, id="bench-postgresql-down"),
+    pytest.param(
+        ("bench", "--seconds", "0.5", "--threads", "2", "--max-size", "1"),
+        "mysql",
+        "userinfo",
+        False,
+        1,
+        marks=MY,
+        id="bench-mysql-refused",
+    ),
+    pytest.param(
+        ("bench", "--seconds", "0.5", "--threads", "2", "--max-size", "1"),
+        "postgresql-down",
+        "userinfo",
+        True,
+        1,
+        id="bench-postgresql-down",
+    ),
 ]
 
 
@@ -544,7 +620,10 @@ def test_the_command_line_never_prints_the_password(
     # -vv: the pool's DEBUG log goes to stderr as well
     result = subprocess.run(
         [sys.executable, "-m", "dbpool", "-vv", command[0], url, *command[1:]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
     )
     assert result.returncode == exit_code, result.stderr
     assert "***" in result.stdout + result.stderr, "the masked URL is shown"
@@ -554,7 +633,7 @@ def test_the_command_line_never_prints_the_password(
     assert_clean(scene.exposure)
 
 
-# -- the collector itself --------------------------------------------------------------------------------
+# -- the collector itself --------------------------------------------------------------------------
 
 
 def test_the_collector_finds_a_canary_wherever_it_is_put() -> None:
@@ -562,8 +641,12 @@ def test_the_collector_finds_a_canary_wherever_it_is_put() -> None:
     canary = Canary.new(odd=True)
     logger = logging.getLogger("dbpool.selftest")
 
-    def record(msg: str, args: Any = None, exc_info: Any = None, sinfo: Optional[str] = None) -> logging.LogRecord:
-        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, args, exc_info, sinfo=sinfo)
+    def record(
+        msg: str, args: Any = None, exc_info: Any = None, sinfo: str | None = None
+    ) -> logging.LogRecord:
+        return logger.makeRecord(
+            logger.name, logging.WARNING, __file__, 1, msg, args, exc_info, sinfo=sinfo
+        )
 
     try:
         try:
@@ -574,8 +657,12 @@ def test_the_collector_finds_a_canary_wherever_it_is_put() -> None:
         chained = exc
     surfaces: dict[str, Callable[[Exposure], None]] = {
         "log arguments": lambda x: x.logs([record("password %s", (canary.in_url,))]),
-        "log stack_info": lambda x: x.logs([record("held", sinfo=f"  connect({canary.password!r})")]),
-        "log exc_info": lambda x: x.logs([record("failed", exc_info=(RuntimeError, chained, chained.__traceback__))]),
+        "log stack_info": lambda x: x.logs(
+            [record("held", sinfo=f"  connect({canary.password!r})")]
+        ),
+        "log exc_info": lambda x: x.logs(
+            [record("failed", exc_info=(RuntimeError, chained, chained.__traceback__))]
+        ),
         "exception chain": lambda x: x.error("raised", chained),
         "object repr": lambda x: x.show(thing=ConnInfo({"password": canary.password})),
     }

@@ -52,7 +52,9 @@ def test_kill_breaks_the_session_and_a_new_one_works(db: Backend) -> None:
 def test_fresh_table_isolates_uncommitted_rows(db: Backend) -> None:
     table = db.fresh_table("dbpool_fixture_check")
     writer, reader = db.connect(), db.connect()
-    query(writer, f"insert into {table} (id, v) values ({db.placeholder}, {db.placeholder})", (1, "a"))
+    query(
+        writer, f"insert into {table} (id, v) values ({db.placeholder}, {db.placeholder})", (1, "a")
+    )
     assert query(reader, f"select count(*) from {table}") == [(0,)]
     reader.rollback()
     writer.commit()
@@ -63,10 +65,18 @@ def test_fresh_table_isolates_uncommitted_rows(db: Backend) -> None:
 
 
 def test_mysql_dsn_parsing() -> None:
-    kwargs = mysql_kwargs("mysql://app%40x:p%3Ass@db.example:3307/shop?charset=utf8mb4&read_timeout=7")
+    kwargs = mysql_kwargs(
+        "mysql://app%40x:p%3Ass@db.example:3307/shop?charset=utf8mb4&read_timeout=7"
+    )
     assert kwargs == {
-        "host": "db.example", "port": 3307, "user": "app@x", "password": "p:ss", "database": "shop",
-        "charset": "utf8mb4", "read_timeout": 7, "connect_timeout": 10,
+        "host": "db.example",
+        "port": 3307,
+        "user": "app@x",
+        "password": "p:ss",
+        "database": "shop",
+        "charset": "utf8mb4",
+        "read_timeout": 7,
+        "connect_timeout": 10,
     }
     assert mysql_kwargs("mysql://root@127.0.0.1/")["password"] == ""
     with pytest.raises(ValueError):
@@ -82,9 +92,20 @@ def test_unreachable_server_skips_or_fails(required: str, outcome: str) -> None:
         REQUIRE_ENV: required,
     }
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_servers.py::test_postgresql_reachable"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_servers.py::test_postgresql_reachable",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert outcome in result.stdout, result.stdout + result.stderr
     assert (result.returncode == 0) == (required == "0")

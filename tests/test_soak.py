@@ -67,7 +67,7 @@ SERVER_CHECK_SHARE = 0.3  # checkouts that also ask the server about the session
 LONGEST_DEADLINE = 1.0  # seconds: transaction deadlines are drawn up to this
 OUTLIVER = 2.0  # seconds a statement sleeps to outlive its transaction's deadline
 HOT_KEYS = (1, 2, 3, 4)  # rows of the contended counters table
-ISOLATIONS: list[Optional[Isolation]] = [None, *Isolation]
+ISOLATIONS: list[Isolation | None] = [None, *Isolation]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(int(SECONDS) + 180)]
 
@@ -129,7 +129,7 @@ class Target:
         """Whether the driver found the session gone (killed, or closed by a failed cancel)."""
         raise NotImplementedError
 
-    def local_problem(self, lease: dbpool.Connection[Any]) -> Optional[str]:
+    def local_problem(self, lease: dbpool.Connection[Any]) -> str | None:
         """What is wrong with a lease's state as the driver knows it, without a round trip."""
         raise NotImplementedError
 
@@ -150,10 +150,13 @@ class Target:
     # tables
     def create_tables(self) -> None:
         self.drop_tables()
-        self.admin(f"create table {self.table} (id bigint primary key, v {self.text_type})"
-                   f"{self.table_suffix}")
-        self.admin(f"create table {self.hot} (id int primary key, n bigint not null)"
-                   f"{self.table_suffix}")
+        self.admin(
+            f"create table {self.table} (id bigint primary key, v {self.text_type})"
+            f"{self.table_suffix}"
+        )
+        self.admin(
+            f"create table {self.hot} (id int primary key, n bigint not null){self.table_suffix}"
+        )
         for key in HOT_KEYS:
             self.admin(f"insert into {self.hot} (id, n) values (%s, 0)", (key,))
 
@@ -213,7 +216,7 @@ class PostgresTarget(Target):
     def lost(self, lease: dbpool.Connection[Any]) -> bool:
         return bool(lease.closed or lease.broken)
 
-    def local_problem(self, lease: dbpool.Connection[Any]) -> Optional[str]:
+    def local_problem(self, lease: dbpool.Connection[Any]) -> str | None:
         status = lease.info.transaction_status
         if status != self.driver.pq.TransactionStatus.IDLE:
             return f"transaction status {status.name}"
@@ -285,9 +288,12 @@ class MariaDBTarget(Target):
     def sessions(self, admin: Any) -> list[int]:
         with self._ids_lock:
             ours = set(self._ids)
-        live = {int(r[0]) for r in rows(
-            admin, "select id from information_schema.processlist where id <> connection_id()"
-        )}
+        live = {
+            int(r[0])
+            for r in rows(
+                admin, "select id from information_schema.processlist where id <> connection_id()"
+            )
+        }
         with self._ids_lock:
             self._ids -= ours - live  # thread ids are never reused while the server runs
         return sorted(ours & live)
@@ -308,7 +314,7 @@ class MariaDBTarget(Target):
     def lost(self, lease: dbpool.Connection[Any]) -> bool:
         return not lease.open
 
-    def local_problem(self, lease: dbpool.Connection[Any]) -> Optional[str]:
+    def local_problem(self, lease: dbpool.Connection[Any]) -> str | None:
         if not lease.open:
             return "connection closed"
         status = lease.server_status or 0
@@ -392,7 +398,7 @@ class Work:
         self._pending.remove(key)
         self._tally.absent.add(key)
 
-    def settle(self, error: Optional[BaseException]) -> None:
+    def settle(self, error: BaseException | None) -> None:
         """Rows still pending were never committed, unless the error came from the commit."""
         if self._committing and error is not None and not isinstance(error, TransactionTimeout):
             self._tally.unknown.update(self._pending)
@@ -498,8 +504,9 @@ class Soak:
         if not (s.size <= s.max_size and s.size == s.idle + s.in_use + s.opening):
             self.chaos_tally.violations.append(f"during the soak: {s}")
 
-    def check_session(self, conn: dbpool.Connection[Any], tally: Tally, rng: random.Random,
-                      when: str) -> None:
+    def check_session(
+        self, conn: dbpool.Connection[Any], tally: Tally, rng: random.Random, when: str
+    ) -> None:
         """The lease must look like a fresh session: locally always, to the server sometimes."""
         problem = self.target.local_problem(conn)
         if problem is not None:
@@ -562,13 +569,19 @@ class Soak:
 
     def transaction_options(
         self, rng: random.Random
-    ) -> tuple[Optional[Isolation], Optional[float], bool]:
+    ) -> tuple[Isolation | None, float | None, bool]:
         isolation = rng.choice(ISOLATIONS)
         timeout = rng.uniform(0.05, LONGEST_DEADLINE) if rng.random() < 0.5 else None
         return isolation, timeout, rng.random() < 0.2
 
-    def transaction_body(self, tx: dbpool.Transaction[Any], work: Work, tally: Tally,
-                         rng: random.Random, readonly: bool) -> bool:
+    def transaction_body(
+        self,
+        tx: dbpool.Transaction[Any],
+        work: Work,
+        tally: Tally,
+        rng: random.Random,
+        readonly: bool,
+    ) -> bool:
         """Work inside a transaction; returns whether the block ended past its deadline."""
         if not readonly:
             work.write(tx, "transaction")
@@ -633,7 +646,9 @@ class Soak:
 
         try:
             self.pool.run_transaction(
-                body, isolation=rng.choice(ISOLATIONS), retries=5,
+                body,
+                isolation=rng.choice(ISOLATIONS),
+                retries=5,
                 timeout=rng.choice([None, 1.0, 3.0]),
             )
         except Exception as exc:
@@ -647,7 +662,8 @@ def stacks_of(threads: list[threading.Thread]) -> str:
     frames = sys._current_frames()
     return "\n".join(
         f"{t.name}:\n{''.join(traceback.format_stack(frames[t.ident]))}"
-        for t in threads if t.ident in frames
+        for t in threads
+        if t.ident in frames
     )
 
 
@@ -665,8 +681,11 @@ def serves_max_size(pool: dbpool.Pool[Any], target: Target, violations: list[str
             rows(lease, "select 1")
             lease.rollback()
         return pool.stats().in_use == pool.max_size
-    except (target.driver.OperationalError, target.driver.InterfaceError,
-            target.driver.InternalError):
+    except (
+        target.driver.OperationalError,
+        target.driver.InterfaceError,
+        target.driver.InternalError,
+    ):
         return False
     finally:
         for lease in leases:
@@ -694,7 +713,10 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
 
 def test_soak(target: Target) -> None:
     pool: dbpool.Pool[Any] = dbpool.Pool(
-        target.connector, min_size=MIN_SIZE, max_size=MAX_SIZE, acquire_timeout=ACQUIRE_TIMEOUT,
+        target.connector,
+        min_size=MIN_SIZE,
+        max_size=MAX_SIZE,
+        acquire_timeout=ACQUIRE_TIMEOUT,
         name=f"soak-{target.name}",
     )
     try:
@@ -730,9 +752,12 @@ def test_soak(target: Target) -> None:
         assert after.waiting == 0, after
         assert after.size <= after.max_size, after
         assert after.size == after.idle + after.in_use + after.opening, after
-        wait_until(lambda: serves_max_size(pool, target, total.violations), timeout=SETTLE,
-                   interval=0.05, message=f"the pool did not serve {MAX_SIZE} leases at once: "
-                   f"{pool.stats()}")
+        wait_until(
+            lambda: serves_max_size(pool, target, total.violations),
+            timeout=SETTLE,
+            interval=0.05,
+            message=f"the pool did not serve {MAX_SIZE} leases at once: {pool.stats()}",
+        )
         served = pool.stats()
         pool.close(timeout=10.0)
         closed = pool.stats()
@@ -741,8 +766,11 @@ def test_soak(target: Target) -> None:
         # Closed, the pool leaves no session behind on the server.
         admin = target.admin_connect()
         try:
-            wait_until(lambda: not target.sessions(admin), timeout=15,
-                       message=f"sessions left on the server: {target.sessions(admin)}")
+            wait_until(
+                lambda: not target.sessions(admin),
+                timeout=15,
+                message=f"sessions left on the server: {target.sessions(admin)}",
+            )
         finally:
             admin.close()
 

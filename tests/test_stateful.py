@@ -32,7 +32,7 @@ import gc
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 from hypothesis import event, settings
@@ -97,7 +97,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.server = fakedb.Server()
-        self.pool: Optional[dbpool.Pool[Any]] = None
+        self.pool: dbpool.Pool[Any] | None = None
         self.max_size = 0
         self.held: list[Held] = []
         self.idle: dict[int, Conn] = {}
@@ -131,7 +131,9 @@ class PoolMachine(RuleBasedStateMachine):
 
             def discarded() -> None:
                 # Closed by whichever thread returned it (for a dropped lease, maybe another).
-                wait_until(lambda: raw.closed, timeout=2, message=f"{raw!r} failed its reset, still open")
+                wait_until(
+                    lambda: raw.closed, timeout=2, message=f"{raw!r} failed its reset, still open"
+                )
 
             return discarded
         self.idle[conn.id] = conn
@@ -303,14 +305,18 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(i=index)
     def fail_next_rollback(self, i: int) -> None:
         conn = self.pick(self.live_conns(), i)
-        self.server.fail_next("rollback", fakedb.OperationalError("rollback failed (test)"), conn=self.raw(conn))
+        self.server.fail_next(
+            "rollback", fakedb.OperationalError("rollback failed (test)"), conn=self.raw(conn)
+        )
         conn.rollback_faults += 1
 
     @precondition(lambda self: self.held)
     @rule(i=index)
     def fail_next_statement(self, i: int) -> None:
         conn = self.pick(self.held, i).conn
-        self.server.fail_next("execute", fakedb.OperationalError("statement failed (test)"), conn=self.raw(conn))
+        self.server.fail_next(
+            "execute", fakedb.OperationalError("statement failed (test)"), conn=self.raw(conn)
+        )
         conn.execute_faults += 1
 
     @rule()
@@ -344,7 +350,9 @@ class PoolMachine(RuleBasedStateMachine):
             del held  # the only reference to the lease, with the frames below
             forget_frames(self.server)
             gc.collect()
-        assert any(issubclass(w.category, ResourceWarning) for w in caught), "the lease was not collected"
+        assert any(issubclass(w.category, ResourceWarning) for w in caught), (
+            "the lease was not collected"
+        )
         self.orphans.append(orphan)
 
     @rule(now=st.integers(min_value=0, max_value=3))
@@ -360,8 +368,11 @@ class PoolMachine(RuleBasedStateMachine):
         self.held.clear()
         self.idle.clear()
         self.orphans.clear()
-        wait_until(lambda: not self.server.open_connections, timeout=2,
-                   message="connections left open after close()")
+        wait_until(
+            lambda: not self.server.open_connections,
+            timeout=2,
+            message="connections left open after close()",
+        )
 
     @precondition(lambda self: self.closed)
     @rule()

@@ -18,7 +18,7 @@ import time
 import types
 import weakref
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 
@@ -43,17 +43,19 @@ class Worker:
 
     def __init__(self, fn: Callable[[], Any], name: str) -> None:
         self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"tx-case-{name}", daemon=True)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn,), name=f"tx-case-{name}", daemon=True
+        )
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
         try:
             self.result = fn()
-        except BaseException as exc:  # noqa: BLE001 - kept for the test to inspect
+        except BaseException as exc:  # kept for the test to inspect
             self.error = exc
 
-    def join(self, timeout: float = JOIN) -> "Worker":
+    def join(self, timeout: float = JOIN) -> Worker:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), f"{self._thread.name} still running after {timeout}s"
         return self
@@ -68,7 +70,7 @@ def becomes_true(predicate: Callable[[], Any], within: float) -> bool:
         return False
 
 
-def sleep_past(deadline: Optional[float]) -> None:
+def sleep_past(deadline: float | None) -> None:
     assert deadline is not None
     time.sleep(max(0.0, deadline - monotonic()) + 0.05)
 
@@ -113,7 +115,9 @@ def test_block_end_never_commits_the_next_borrowers_work(fake_server: fakedb.Ser
 
 
 @pytest.mark.timeout(20)
-def test_watchdog_never_cancels_the_next_borrower_after_an_early_return(fake_server: fakedb.Server) -> None:
+def test_watchdog_never_cancels_the_next_borrower_after_an_early_return(
+    fake_server: fakedb.Server,
+) -> None:
     with fake_pool(fake_server.connect) as pool:
         holder: dict[str, Any] = {}
         try:
@@ -121,11 +125,15 @@ def test_watchdog_never_cancels_the_next_borrower_after_an_early_return(fake_ser
                 tx.connection.close()
                 other = holder["other"] = pool.connection()
                 gate = fake_server.block("execute")
-                holder["worker"] = Worker(lambda: other.cursor().execute("select next_borrower()"), "next")
+                holder["worker"] = Worker(
+                    lambda: other.cursor().execute("select next_borrower()"), "next"
+                )
                 assert gate.entered.wait(JOIN)
                 [raw] = fake_server.connections
                 # the block's deadline passes while the next borrower's statement runs
-                holder["killed"] = becomes_true(lambda: raw.closed, within=(tx.deadline or 0) - monotonic() + 1.5)
+                holder["killed"] = becomes_true(
+                    lambda: raw.closed, within=(tx.deadline or 0) - monotonic() + 1.5
+                )
                 gate.release()
         except (PoolError, TransactionTimeout):
             pass
@@ -144,7 +152,9 @@ def test_watchdog_never_cancels_the_next_borrower_after_an_early_return(fake_ser
 # == 2. commit outcome with mysqlclient ==========================================================
 
 
-def test_mysqlclient_connection_cut_during_commit_reports_an_unknown_outcome(mysql_params: dict[str, Any]) -> None:
+def test_mysqlclient_connection_cut_during_commit_reports_an_unknown_outcome(
+    mysql_params: dict[str, Any],
+) -> None:
     """MySQLdbDialect.transaction_state says BROKEN only when `conn.open` is false, and
     mysqlclient keeps `open` true after "Lost connection to server during query": the driver's
     OperationalError(2013) escapes instead of CommitOutcomeUnknown."""
@@ -179,7 +189,9 @@ def test_mysqlclient_connection_cut_during_commit_reports_an_unknown_outcome(mys
 # == 3. savepoints ===============================================================================
 
 
-def test_mariadb_deadlock_inside_a_savepoint_is_retried(mysql_connect: Any, mysql_params: dict[str, Any]) -> None:
+def test_mariadb_deadlock_inside_a_savepoint_is_retried(
+    mysql_connect: Any, mysql_params: dict[str, Any]
+) -> None:
     """InnoDB rolls the whole transaction back on a deadlock, savepoints included, so
     _Savepoint.__exit__'s ROLLBACK TO SAVEPOINT fails with 1305 and that error replaces the
     1213: run_transaction no longer sees a retryable error and gives up."""
@@ -213,14 +225,19 @@ def test_mariadb_deadlock_inside_a_savepoint_is_retried(mysql_connect: Any, mysq
             for w in workers:
                 w.join()
             errors = [w.error for w in workers if w.error is not None]
-            assert errors == [], f"the deadlock victim was not retried: {errors!r} (context: {[e.__context__ for e in errors]!r})"
+            contexts = [e.__context__ for e in errors]
+            assert errors == [], (
+                f"the deadlock victim was not retried: {errors!r} (context: {contexts!r})"
+            )
     finally:
         admin.cursor().execute(f"DROP TABLE IF EXISTS {table}")
         admin.close()
 
 
 @pytest.mark.timeout(20)
-def test_a_savepoint_used_after_its_transaction_ended_sends_nothing(fake_server: fakedb.Server) -> None:
+def test_a_savepoint_used_after_its_transaction_ended_sends_nothing(
+    fake_server: fakedb.Server,
+) -> None:
     with fake_pool(fake_server.connect) as pool:
         with pool.transaction() as tx:
             sp = tx.savepoint()
@@ -231,7 +248,9 @@ def test_a_savepoint_used_after_its_transaction_ended_sends_nothing(fake_server:
             with pytest.raises(PoolError):
                 with sp:
                     pass
-            assert fake_server.statements() == before, "SAVEPOINT was sent on the next borrower's session"
+            assert fake_server.statements() == before, (
+                "SAVEPOINT was sent on the next borrower's session"
+            )
             other.rollback()
 
 
@@ -246,8 +265,8 @@ def _interruptible_connection_class() -> type:
         """PyMySQL, with a KeyboardInterrupt delivered at a chosen point, as Ctrl-C would."""
 
         interrupt_rollback = False  # after sending ROLLBACK, before its reply is read
-        interrupt_before: Optional[str] = None  # before sending a statement starting so
-        interrupt_after_send: Optional[str] = None  # after sending it, before its reply
+        interrupt_before: str | None = None  # before sending a statement starting so
+        interrupt_after_send: str | None = None  # after sending it, before its reply
 
         def rollback(self) -> None:
             if self.interrupt_rollback:
@@ -289,7 +308,9 @@ def interruptible(mysql_params: dict[str, Any]) -> Any:
 
 
 @pytest.mark.timeout(30)
-def test_interrupted_rollback_never_hands_a_desynchronised_connection_on(interruptible: Any) -> None:
+def test_interrupted_rollback_never_hands_a_desynchronised_connection_on(
+    interruptible: Any,
+) -> None:
     """Transaction._rollback does not mark the slot busy (Connection.rollback does): a
     KeyboardInterrupt while ROLLBACK's reply is awaited leaves an unread reply in the socket,
     the pool's own rollback reads the stale one, and the next borrower gets answers one
@@ -303,11 +324,15 @@ def test_interrupted_rollback_never_hands_a_desynchronised_connection_on(interru
         with pool.connection() as conn:
             cur = conn.cursor()
             cur.execute("select 42")
-            assert cur.fetchall() == ((42,),), "the next borrower read a reply meant for the last one"
+            assert cur.fetchall() == ((42,),), (
+                "the next borrower read a reply meant for the last one"
+            )
 
 
 @pytest.mark.timeout(30)
-def test_interrupted_restore_never_leaks_the_deadline_limits(interruptible: Any, mysql_params: dict[str, Any]) -> None:
+def test_interrupted_restore_never_leaks_the_deadline_limits(
+    interruptible: Any, mysql_params: dict[str, Any]
+) -> None:
     """Transaction._restore catches Exception only and does not mark the slot busy: a
     KeyboardInterrupt as the limits are being put back returns the connection as clean, with
     innodb_lock_wait_timeout / max_statement_time still sized to the old deadline."""
@@ -352,7 +377,9 @@ def test_exit_after_an_interrupted_statement_does_not_wait_for_it(interruptible:
 
 
 @pytest.mark.timeout(30)
-def test_run_transaction_timeout_bounds_the_wait_for_a_connection(fake_server: fakedb.Server) -> None:
+def test_run_transaction_timeout_bounds_the_wait_for_a_connection(
+    fake_server: fakedb.Server,
+) -> None:
     with fake_pool(fake_server.connect, acquire_timeout=6) as pool:
         with pool.connection():  # the only connection is busy elsewhere
             started = monotonic()
@@ -384,7 +411,9 @@ def test_only_database_errors_are_retried(fake_server: fakedb.Server) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_many_retries_do_not_overflow_the_backoff(fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_retries_do_not_overflow_the_backoff(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """delay = min(1.0, 0.01 * 2.0**attempt): 2.0**1024 raises OverflowError before min()."""
     monkeypatch.setattr(_tx_module, "time", types.SimpleNamespace(sleep=lambda seconds: None))
     calls: list[int] = []
@@ -486,7 +515,9 @@ def test_the_watchdog_survives_a_callback_raising_a_base_exception() -> None:
 
 
 @pytest.mark.timeout(20)
-def test_statement_on_a_tx_cursor_after_the_deadline_raises_at_once(fake_server: fakedb.Server) -> None:
+def test_statement_on_a_tx_cursor_after_the_deadline_raises_at_once(
+    fake_server: fakedb.Server,
+) -> None:
     """Issue 3: "A statement issued after the deadline raises at once."  Only tx.execute()
     checks; a cursor from tx.cursor() sends the statement to the server."""
     with fake_pool(fake_server.connect) as pool:
@@ -535,7 +566,9 @@ def test_a_refused_level_leaves_a_held_lease_usable(fake_server: fakedb.Server) 
 
 
 @pytest.mark.timeout(30)
-def test_mariadb_failed_start_transaction_leaves_no_isolation_for_the_next_borrower(mysql_params: dict[str, Any]) -> None:
+def test_mariadb_failed_start_transaction_leaves_no_isolation_for_the_next_borrower(
+    mysql_params: dict[str, Any],
+) -> None:
     """_MySQLTransactions.begin sends SET TRANSACTION (for the next transaction) and then
     START TRANSACTION.  If START TRANSACTION fails (here an injected 1317, as KILL QUERY from the
     watchdog would), the one-shot level stays pending; on an autocommit connection the return
@@ -587,7 +620,9 @@ def test_mariadb_failed_start_transaction_leaves_no_isolation_for_the_next_borro
         admin.close()
 
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3.connect(autocommit=...) is Python 3.12+")
+@pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="sqlite3.connect(autocommit=...) is Python 3.12+"
+)
 def test_sqlite_autocommit_true_connection_commits(tmp_path: Any) -> None:
     """CPython 3.12+: with autocommit=True, Connection.commit()/rollback() do nothing
     (Modules/_sqlite/connection.c), so the explicit BEGIN the dialect sends is never committed;

@@ -100,7 +100,9 @@ def ids(db: Backend, table: str) -> list[int]:
     return [int(r[0]) for r in direct(db, f"select id from {table} order by id")]
 
 
-def insert(tx: dbpool.Transaction[Any], db: Backend, table: str, key: int, value: str = "x") -> None:
+def insert(
+    tx: dbpool.Transaction[Any], db: Backend, table: str, key: int, value: str = "x"
+) -> None:
     tx.execute(sql_for(db, f"insert into {table} (id, v) values (%s, %s)"), (key, value))
 
 
@@ -160,7 +162,9 @@ def wait_for_value(
         raise AssertionError(f"{what}: expected {expected!r}, last saw {seen[-1]!r}") from None
 
 
-def mariadb_level(run: Callable[[str], list[tuple[Any, ...]]], table: str, expected: str, what: str) -> None:
+def mariadb_level(
+    run: Callable[[str], list[tuple[Any, ...]]], table: str, expected: str, what: str
+) -> None:
     """Check the isolation level of the running MariaDB transaction.
 
     InnoDB registers a transaction at its first read, and information_schema.innodb_trx is a
@@ -189,7 +193,9 @@ class Worker:
     def __init__(self, fn: Callable[[], Any], name: str) -> None:
         self.result: Any = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"test-{name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(fn,), name=f"test-{name}", daemon=True
+        )
         self._thread.start()
 
     def _run(self, fn: Callable[[], Any]) -> None:
@@ -281,14 +287,18 @@ SPELLINGS = [
 
 
 @pytest.mark.parametrize("expected, text", SPELLINGS)
-def test_isolation_names_parse_in_any_case_with_spaces_or_underscores(expected: Isolation, text: str) -> None:
+def test_isolation_names_parse_in_any_case_with_spaces_or_underscores(
+    expected: Isolation, text: str
+) -> None:
     assert Isolation.parse(text) is expected
     assert Isolation.parse(expected) is expected
     assert dbpool.Isolation is Isolation
 
 
 @pytest.mark.parametrize("expected, text", SPELLINGS)
-def test_only_the_canonical_level_reaches_the_server(fake_server: fakedb.Server, expected: Isolation, text: str) -> None:
+def test_only_the_canonical_level_reaches_the_server(
+    fake_server: fakedb.Server, expected: Isolation, text: str
+) -> None:
     """What the caller wrote is never sent: the SQL carries the enum's own spelling."""
     with new_pool(fake_server.connect_mssql) as pool:
         with pool.transaction(isolation=text) as tx:
@@ -331,14 +341,20 @@ BAD_LEVELS = [
 ]
 
 
-def _untouched(fake_server: fakedb.Server, pool: dbpool.Pool[Any], before: dbpool.PoolStats) -> None:
-    assert fake_server.connect_attempts == 0, "a connection was made for arguments that were refused"
+def _untouched(
+    fake_server: fakedb.Server, pool: dbpool.Pool[Any], before: dbpool.PoolStats
+) -> None:
+    assert fake_server.connect_attempts == 0, (
+        "a connection was made for arguments that were refused"
+    )
     assert fake_server.calls == []
     assert pool.stats() == before
 
 
 @pytest.mark.parametrize("level", BAD_LEVELS, ids=repr)
-def test_a_bad_isolation_is_refused_before_any_connection(fake_server: fakedb.Server, level: Any) -> None:
+def test_a_bad_isolation_is_refused_before_any_connection(
+    fake_server: fakedb.Server, level: Any
+) -> None:
     called: list[Any] = []
     with new_pool(fake_server.connect_mssql) as pool:
         before = pool.stats()
@@ -352,7 +368,9 @@ def test_a_bad_isolation_is_refused_before_any_connection(fake_server: fakedb.Se
 
 
 @pytest.mark.parametrize("level", BAD_LEVELS[:8], ids=repr)
-def test_a_bad_isolation_on_a_held_lease_sends_nothing(fake_server: fakedb.Server, level: Any) -> None:
+def test_a_bad_isolation_on_a_held_lease_sends_nothing(
+    fake_server: fakedb.Server, level: Any
+) -> None:
     with new_pool(fake_server.connect_mssql) as pool:
         with pool.connection() as conn:
             calls = len(fake_server.calls)
@@ -411,7 +429,9 @@ def test_bad_timeout_or_readonly_is_refused_before_any_connection(
 
 
 @pytest.mark.parametrize("retries", [-1, 1.5, "3", True, None, [2]], ids=repr)
-def test_bad_retries_are_refused_before_any_connection(fake_server: fakedb.Server, retries: Any) -> None:
+def test_bad_retries_are_refused_before_any_connection(
+    fake_server: fakedb.Server, retries: Any
+) -> None:
     called: list[Any] = []
     with new_pool(fake_server.connect_mssql) as pool:
         before = pool.stats()
@@ -421,7 +441,9 @@ def test_bad_retries_are_refused_before_any_connection(fake_server: fakedb.Serve
     assert called == []
 
 
-def test_isolation_a_dialect_cannot_set_is_refused_and_the_lease_kept(fake_server: fakedb.Server) -> None:
+def test_isolation_a_dialect_cannot_set_is_refused_and_the_lease_kept(
+    fake_server: fakedb.Server,
+) -> None:
     """The generic dialect knows no way to set a level: a clear error, no statement sent, and
     the connection goes back to the pool rather than being thrown away."""
     with new_pool(fake_server.connect) as pool:
@@ -439,7 +461,9 @@ def test_isolation_a_dialect_cannot_set_is_refused_and_the_lease_kept(fake_serve
 
 @pytest.mark.parametrize("via", ["pool", "lease"])
 @pytest.mark.parametrize("level", list(Isolation), ids=lambda level: level.name)
-def test_postgresql_level_inside_and_default_on_the_next_lease(pg: Backend, level: Isolation, via: str) -> None:
+def test_postgresql_level_inside_and_default_on_the_next_lease(
+    pg: Backend, level: Isolation, via: str
+) -> None:
     [default] = baseline(pg, "show transaction_isolation")
     with new_pool(pg.connect) as pool:
         if via == "pool":
@@ -462,7 +486,9 @@ def test_postgresql_level_inside_and_default_on_the_next_lease(pg: Backend, leve
 
 
 @pytest.mark.parametrize("via", ["pool", "lease"])
-def test_postgresql_read_only_refuses_writes_then_the_next_lease_writes(pg: Backend, via: str) -> None:
+def test_postgresql_read_only_refuses_writes_then_the_next_lease_writes(
+    pg: Backend, via: str
+) -> None:
     import psycopg
 
     table = pg.fresh_table(unique("tx_pg_readonly"))
@@ -492,7 +518,9 @@ def test_postgresql_read_only_refuses_writes_then_the_next_lease_writes(pg: Back
 
 @pytest.mark.parametrize("via", ["pool", "lease"])
 @pytest.mark.parametrize("level", list(Isolation), ids=lambda level: level.name)
-def test_mariadb_level_inside_and_default_on_the_next_lease(my: Backend, level: Isolation, via: str) -> None:
+def test_mariadb_level_inside_and_default_on_the_next_lease(
+    my: Backend, level: Isolation, via: str
+) -> None:
     table = my.fresh_table(unique("tx_my_levels"))
     direct(my, f"insert into {table} (id, v) values (1, 'a')")
     [default] = baseline(my, "select @@tx_isolation")  # REPEATABLE-READ unless configured
@@ -507,8 +535,12 @@ def test_mariadb_level_inside_and_default_on_the_next_lease(my: Backend, level: 
                 session = scalar(conn, "select connection_id()")
                 conn.rollback()
                 with conn.transaction(isolation=level) as tx:
-                    mariadb_level(lambda sql: tx_rows(tx, sql), table, level.value, "inside the block")
-                mariadb_level(lambda sql: rows(conn, sql), table, default_level, "same lease after the block")
+                    mariadb_level(
+                        lambda sql: tx_rows(tx, sql), table, level.value, "inside the block"
+                    )
+                mariadb_level(
+                    lambda sql: rows(conn, sql), table, default_level, "same lease after the block"
+                )
                 conn.rollback()
         with pool.connection() as conn:
             assert scalar(conn, "select connection_id()") == session
@@ -568,7 +600,9 @@ def test_sqlite_serializable_takes_the_write_lock_at_begin(sqlite_path: str) -> 
 
 
 @pytest.mark.parametrize("via", ["pool", "lease"])
-def test_sqlite_read_only_refuses_writes_then_the_next_lease_writes(sqlite_path: str, via: str) -> None:
+def test_sqlite_read_only_refuses_writes_then_the_next_lease_writes(
+    sqlite_path: str, via: str
+) -> None:
     with new_pool(sqlite_connector(sqlite_path)) as pool:
         with pool.connection() as conn:
             raw = conn.raw
@@ -586,7 +620,9 @@ def test_sqlite_read_only_refuses_writes_then_the_next_lease_writes(sqlite_path:
             assert tx.connection.raw is raw
             tx.execute("insert into t (id, v) values (2, 'x')")
         with pool.connection() as conn:
-            assert [r[0] for r in rows(conn, "select id from t order by id")] == ([2] if via == "pool" else [2, 3])
+            assert [r[0] for r in rows(conn, "select id from t order by id")] == (
+                [2] if via == "pool" else [2, 3]
+            )
         s = assert_balanced(pool)
         assert s.discarded == 0
 
@@ -631,7 +667,9 @@ def test_sqlite_failed_begin_leaves_no_read_only_mode_behind(sqlite_path: str) -
 
 
 @pytest.mark.parametrize("level", ["REPEATABLE READ", "read committed", Isolation.READ_UNCOMMITTED])
-def test_sqlite_refuses_levels_it_does_not_have_and_keeps_the_connection(sqlite_path: str, level: Any) -> None:
+def test_sqlite_refuses_levels_it_does_not_have_and_keeps_the_connection(
+    sqlite_path: str, level: Any
+) -> None:
     with new_pool(sqlite_connector(sqlite_path)) as pool:
         with pool.connection() as conn:
             raw = conn.raw
@@ -673,7 +711,10 @@ def test_pymssql_sets_the_level_and_puts_the_default_back(fake_server: fakedb.Se
                 tx.execute("update t set v = 2")
             seen = _verbs(fake_server)[5:]
             assert seen[0] == "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
-            assert re.fullmatch(r"SET LOCK_TIMEOUT (\d+)", seen[1]) and 1 <= int(seen[1].split()[-1]) <= 5000
+            assert (
+                re.fullmatch(r"SET LOCK_TIMEOUT (\d+)", seen[1])
+                and 1 <= int(seen[1].split()[-1]) <= 5000
+            )
             assert seen[2:] == [
                 "update t set v = 2",
                 "commit",
@@ -711,7 +752,10 @@ def test_psycopg_in_autocommit_mode_sends_begin_itself(pg: Backend, via: str) ->
             if via == "pool":
                 conn.close()
             with source.transaction(isolation="REPEATABLE READ") as tx:
-                assert tx.connection.raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+                assert (
+                    tx.connection.raw.info.transaction_status
+                    == psycopg.pq.TransactionStatus.INTRANS
+                )
                 assert tx_scalar(tx, "show transaction_isolation") == "repeatable read"
                 insert(tx, pg, table, 1)
                 assert ids(pg, table) == []  # not committed yet
@@ -733,7 +777,9 @@ def test_psycopg_in_autocommit_mode_sends_begin_itself(pg: Backend, via: str) ->
 
 
 @pytest.mark.parametrize("via", ["pool", "lease"])
-def test_psycopg2_level_and_read_only_are_for_the_transaction_only(psycopg2_connect: Connector, via: str) -> None:
+def test_psycopg2_level_and_read_only_are_for_the_transaction_only(
+    psycopg2_connect: Connector, via: str
+) -> None:
     import psycopg2
 
     with new_pool(psycopg2_connect) as pool:
@@ -780,7 +826,9 @@ def test_psycopg2_in_autocommit_mode_commits(psycopg2_connect: Connector, pg: Ba
         assert s.discarded == 0
 
 
-def test_mysqlclient_level_inside_and_default_on_the_next_lease(mysqlclient_connect: Connector, my: Backend) -> None:
+def test_mysqlclient_level_inside_and_default_on_the_next_lease(
+    mysqlclient_connect: Connector, my: Backend
+) -> None:
     table = my.fresh_table(unique("tx_mysqlclient"))
     direct(my, f"insert into {table} (id, v) values (1, 'a')")
     [default] = baseline(my, "select @@tx_isolation")
@@ -793,7 +841,9 @@ def test_mysqlclient_level_inside_and_default_on_the_next_lease(mysqlclient_conn
         with pool.connection() as conn:
             assert scalar(conn, "select connection_id()") == session
             assert scalar(conn, "select @@tx_isolation") == default
-            mariadb_level(lambda sql: rows(conn, sql), table, default.replace("-", " "), "the next lease")
+            mariadb_level(
+                lambda sql: rows(conn, sql), table, default.replace("-", " "), "the next lease"
+            )
         s = assert_balanced(pool)
         assert (s.created, s.discarded) == (1, 0)
 
@@ -813,7 +863,9 @@ def test_slow_statement_is_stopped_at_the_deadline(server: Backend) -> None:
                 tx.execute(SLEEP_SQL[server.name])
         elapsed = monotonic() - started
         assert elapsed < BOUND, f"the transaction ran {elapsed:.2f}s past a 0.5s deadline"
-        assert isinstance(info.value.__cause__, server.driver.OperationalError), repr(info.value.__cause__)
+        assert isinstance(info.value.__cause__, server.driver.OperationalError), repr(
+            info.value.__cause__
+        )
         assert isinstance(info.value, TimeoutError) and isinstance(info.value, PoolError)
         s = assert_balanced(pool)
         with pool.connection() as conn:
@@ -841,7 +893,9 @@ def test_row_lock_held_elsewhere_times_out_the_same_way(server: Backend) -> None
                     tx.execute(sql_for(server, f"update {table} set v = %s where id = 1"), ("tx",))
             elapsed = monotonic() - started
             assert elapsed < BOUND, f"the transaction ran {elapsed:.2f}s past a 0.5s deadline"
-            assert isinstance(info.value.__cause__, server.driver.OperationalError), repr(info.value.__cause__)
+            assert isinstance(info.value.__cause__, server.driver.OperationalError), repr(
+                info.value.__cause__
+            )
             holder.rollback()
             assert_balanced(pool)
             with pool.connection() as conn:
@@ -867,14 +921,19 @@ MARKER_SQL = {
 
 def _marker_reached(db: Backend, raw: Any, changes_before: int) -> bool:
     if db.name == "postgresql":
-        sql = "select count(*) from pg_locks where locktype = 'advisory' and classid = 727271 and objid = %s"
+        sql = (
+            "select count(*) from pg_locks"
+            " where locktype = 'advisory' and classid = 727271 and objid = %s"
+        )
         return bool(direct(db, sql, (ADVISORY_KEY,))[0][0])
     if db.name == "mysql":
         return direct(db, "select is_used_lock(%s)", (LOCK_NAME,))[0][0] is not None
     return bool(raw.total_changes != changes_before)
 
 
-def test_statement_after_the_deadline_raises_at_once_without_reaching_the_server(db: Backend) -> None:
+def test_statement_after_the_deadline_raises_at_once_without_reaching_the_server(
+    db: Backend,
+) -> None:
     table = db.fresh_table(unique("tx_after_deadline"))
     with new_pool(db.connect) as pool:
         with pytest.raises(TransactionTimeout):
@@ -920,7 +979,9 @@ def test_sqlite_slow_statement_is_interrupted(sqlite_path: str) -> None:
                 tx.execute(SQLITE_SLOW_SQL)
         elapsed = monotonic() - started
         assert elapsed < BOUND, f"the transaction ran {elapsed:.2f}s past a 0.3s deadline"
-        assert isinstance(info.value.__cause__, sqlite3.OperationalError), repr(info.value.__cause__)
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError), repr(
+            info.value.__cause__
+        )
         with pool.connection() as conn:
             assert rows(conn, "select count(*) from t") == [(0,)]
             # a held lease: the deadline ends the transaction, the lease stays usable
@@ -1019,7 +1080,10 @@ def _lock_waiting(db: Backend, session: Any) -> bool:
     if db.name == "postgresql":
         sql = "select count(*) from pg_stat_activity where pid = %s and wait_event_type = 'Lock'"
     else:
-        sql = "select count(*) from information_schema.processlist where id = %s and info like 'update%%'"
+        sql = (
+            "select count(*) from information_schema.processlist"
+            " where id = %s and info like 'update%%'"
+        )
     return bool(direct(db, sql, (session,))[0][0])
 
 
@@ -1057,13 +1121,18 @@ def test_a_late_cancel_never_reaches_the_next_borrower(server: Backend) -> None:
                     conn.commit()
 
             second = Worker(next_borrower, "next-borrower")
-            wait_until(lambda: second.done or (sessions and _lock_waiting(server, sessions[0])), timeout=JOIN,
-                       message="the next borrower's update never started waiting")
+            wait_until(
+                lambda: second.done or (sessions and _lock_waiting(server, sessions[0])),
+                timeout=JOIN,
+                message="the next borrower's update never started waiting",
+            )
             dialect.proceed.set()  # the cancel arrives now
             assert dialect.sent.wait(JOIN)
             holder.rollback()
             second.join()
-            assert second.error is None, f"the next borrower's statement was cancelled: {second.error!r}"
+            assert second.error is None, (
+                f"the next borrower's statement was cancelled: {second.error!r}"
+            )
             assert direct(server, f"select v from {table}") == [("next",)]
             assert_balanced(pool)
     finally:
@@ -1088,7 +1157,9 @@ class Attempts:
             return self.calls.count(who)
 
 
-def _write_skew(pool: dbpool.Pool[Any], table: str, retries: int, attempts: Attempts) -> list[Worker]:
+def _write_skew(
+    pool: dbpool.Pool[Any], table: str, retries: int, attempts: Attempts
+) -> list[Worker]:
     """Two SERIALIZABLE transactions that both count the rows, wait for each other, then each
     insert a row holding the count it saw: serially, the counts are 0 and 1."""
     barrier = threading.Barrier(2, timeout=10)
@@ -1102,7 +1173,9 @@ def _write_skew(pool: dbpool.Pool[Any], table: str, retries: int, attempts: Atte
             tx.execute(f"insert into {table} (id, v) values (%s, %s)", (key, str(seen)))
             return seen
 
-        return lambda: pool.run_transaction(fn, isolation="SERIALIZABLE", retries=retries, timeout=20)
+        return lambda: pool.run_transaction(
+            fn, isolation="SERIALIZABLE", retries=retries, timeout=20
+        )
 
     return [Worker(work(key), f"skew-{key}") for key in (1, 2)]
 
@@ -1153,7 +1226,9 @@ def test_mariadb_deadlock_is_retried(my: Backend, retries: int) -> None:
                 barrier.wait()  # each holds one row; each now wants the other's
             tx.execute(f"update {table} set v = v + 1 where id = %s", (second,))
 
-        return lambda: pool.run_transaction(fn, isolation="REPEATABLE READ", retries=retries, timeout=20)
+        return lambda: pool.run_transaction(
+            fn, isolation="REPEATABLE READ", retries=retries, timeout=20
+        )
 
     with new_pool(my.connect, max_size=2) as pool:
         workers = [Worker(work(1, 2), "lock-1-2"), Worker(work(2, 1), "lock-2-1")]
@@ -1195,7 +1270,9 @@ def test_non_retryable_error_is_not_retried(db: Backend) -> None:
 
 
 def _deadlock_victim() -> fakedb.OperationalError:
-    return fakedb.OperationalError(1205, "Transaction was deadlocked and has been chosen as the deadlock victim")
+    return fakedb.OperationalError(
+        1205, "Transaction was deadlocked and has been chosen as the deadlock victim"
+    )
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])

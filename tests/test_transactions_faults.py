@@ -26,8 +26,14 @@ TABLE = f"tx_commit_outcome_{os.getpid()}"  # other test runs may share the serv
 class Cut:
     """One real server behind a fault proxy: connections through it, and straight to it."""
 
-    def __init__(self, name: str, driver: Any, proxy: FaultProxy,
-                 through: Callable[[], Any], direct: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        driver: Any,
+        proxy: FaultProxy,
+        through: Callable[[], Any],
+        direct: Callable[[], Any],
+    ) -> None:
         self.name = name
         self.driver = driver
         self.proxy = proxy
@@ -48,11 +54,16 @@ class Cut:
     def wait_for_the_server(self) -> None:
         """After a cut, the proxy closes the link once the server has closed its end, that is
         once the server is done with the COMMIT."""
-        wait_until(lambda: self.proxy.stats().open == 0, timeout=10,
-                   message="the server still holds the cut connection")
+        wait_until(
+            lambda: self.proxy.stats().open == 0,
+            timeout=10,
+            message="the server still holds the cut connection",
+        )
 
 
-def _postgresql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], Callable[[int], Any], Callable[[], Any]]:
+def _postgresql(
+    request: pytest.FixtureRequest,
+) -> tuple[Any, tuple[str, int], Callable[[int], Any], Callable[[], Any]]:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -65,31 +76,54 @@ def _postgresql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], C
 
     def through(port: int) -> Any:
         # in clear, so that the proxy can read the protocol
-        options: dict[str, Any] = {**params, "host": "127.0.0.1", "port": port, "sslmode": "disable",
-                   "gssencmode": "disable", "connect_timeout": 10}
+        options: dict[str, Any] = {
+            **params,
+            "host": "127.0.0.1",
+            "port": port,
+            "sslmode": "disable",
+            "gssencmode": "disable",
+            "connect_timeout": 10,
+        }
         return psycopg.connect(**options)
 
-    return psycopg, upstream, through, lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    return (
+        psycopg,
+        upstream,
+        through,
+        lambda: psycopg.connect(dsn, autocommit=True, connect_timeout=10),
+    )
 
 
-def _mysql(request: pytest.FixtureRequest) -> tuple[Any, tuple[str, int], Callable[[int], Any], Callable[[], Any]]:
+def _mysql(
+    request: pytest.FixtureRequest,
+) -> tuple[Any, tuple[str, int], Callable[[int], Any], Callable[[], Any]]:
     import pymysql
 
     params = request.getfixturevalue("mysql_params")
     if params["host"] != "127.0.0.1" or "ssl" in params:
-        pytest.skip(f"the fault proxy relays plain TCP to 127.0.0.1 only; MariaDB is at {params['host']!r}")
+        pytest.skip(
+            f"the fault proxy relays plain TCP to 127.0.0.1 only; MariaDB is at {params['host']!r}"
+        )
     upstream = ("127.0.0.1", int(params["port"]))
 
     def through(port: int) -> Any:
-        return pymysql.connect(**{**params, "host": "127.0.0.1", "port": port, "connect_timeout": 10})
+        return pymysql.connect(
+            **{**params, "host": "127.0.0.1", "port": port, "connect_timeout": 10}
+        )
 
     return pymysql, upstream, through, lambda: pymysql.connect(**{**params, "autocommit": True})
 
 
-@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgresql),
-                        pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(
+    params=[
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mysql", marks=pytest.mark.mysql),
+    ]
+)
 def cut(request: pytest.FixtureRequest) -> Iterator[Cut]:
-    driver, upstream, through, direct = (_postgresql if request.param == "postgresql" else _mysql)(request)
+    driver, upstream, through, direct = (_postgresql if request.param == "postgresql" else _mysql)(
+        request
+    )
     with FaultProxy(upstream=upstream) as proxy:
         target = Cut(request.param, driver, proxy, lambda: through(proxy.port), direct)
         target.query(f"DROP TABLE IF EXISTS {TABLE}")
@@ -112,8 +146,12 @@ def _assert_discarded(pool: dbpool.Pool[Any]) -> None:
     assert s.created - s.closed == s.size, s
 
 
-@pytest.mark.parametrize("options", [{}, {"isolation": "SERIALIZABLE", "timeout": 10}], ids=["plain", "deadline"])
-def test_connection_cut_during_commit_reports_an_unknown_outcome(cut: Cut, options: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "options", [{}, {"isolation": "SERIALIZABLE", "timeout": 10}], ids=["plain", "deadline"]
+)
+def test_connection_cut_during_commit_reports_an_unknown_outcome(
+    cut: Cut, options: dict[str, Any]
+) -> None:
     with dbpool.Pool(cut.through, min_size=0, max_size=1, acquire_timeout=5) as pool:
         with pool.transaction() as tx:  # works through the proxy
             tx.execute(f"INSERT INTO {TABLE} (id, v) VALUES (1, 'before')")

@@ -10,7 +10,8 @@ import sys
 import threading
 import traceback
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -53,15 +54,36 @@ def mysql_canary_url(mysql_params: dict[str, Any]) -> str:
     [
         (
             "postgresql://app:pw@db.example:5433/appdb?sslmode=require&application_name=web",
-            dict(scheme="postgresql", host="db.example", port=5433, user="app", password="pw",
-                 database="appdb", query=(("sslmode", "require"), ("application_name", "web"))),
-            dict(host="db.example", port=5433, user="app", password="pw", dbname="appdb",
-                 sslmode="require", application_name="web"),
+            dict(
+                scheme="postgresql",
+                host="db.example",
+                port=5433,
+                user="app",
+                password="pw",
+                database="appdb",
+                query=(("sslmode", "require"), ("application_name", "web")),
+            ),
+            dict(
+                host="db.example",
+                port=5433,
+                user="app",
+                password="pw",
+                dbname="appdb",
+                sslmode="require",
+                application_name="web",
+            ),
         ),
         (
             "postgres://u@127.0.0.1/test",
-            dict(scheme="postgresql", host="127.0.0.1", port=None, user="u", password=None,
-                 database="test", query=()),
+            dict(
+                scheme="postgresql",
+                host="127.0.0.1",
+                port=None,
+                user="u",
+                password=None,
+                database="test",
+                query=(),
+            ),
             dict(host="127.0.0.1", user="u", dbname="test"),
         ),
         (
@@ -77,15 +99,30 @@ def mysql_canary_url(mysql_params: dict[str, Any]) -> str:
         (
             "postgresql://",
             dict(scheme="postgresql", host=None, port=None, user=None, database=None, query=()),
-            dict(),
+            {},
         ),
         (
             "mysql://root:pw@127.0.0.1:3306/test?connect_timeout=5&read_timeout=2.5"
             "&autocommit=on&charset=utf8mb4",
-            dict(scheme="mysql", host="127.0.0.1", port=3306, user="root", password="pw",
-                 database="test"),
-            dict(host="127.0.0.1", port=3306, user="root", password="pw", database="test",
-                 connect_timeout=5, read_timeout=2.5, autocommit=True, charset="utf8mb4"),
+            dict(
+                scheme="mysql",
+                host="127.0.0.1",
+                port=3306,
+                user="root",
+                password="pw",
+                database="test",
+            ),
+            dict(
+                host="127.0.0.1",
+                port=3306,
+                user="root",
+                password="pw",
+                database="test",
+                connect_timeout=5,
+                read_timeout=2.5,
+                autocommit=True,
+                charset="utf8mb4",
+            ),
         ),
         (
             "mysql://localhost?db=shop&passwd=pw&user=me",
@@ -95,8 +132,15 @@ def mysql_canary_url(mysql_params: dict[str, Any]) -> str:
         (
             "mssql://sa:pw@sql.example:1433/master?login_timeout=5&tds_version=7.4",
             dict(scheme="mssql", host="sql.example", port=1433, user="sa", database="master"),
-            dict(server="sql.example", port="1433", user="sa", password="pw",
-                 database="master", login_timeout=5, tds_version="7.4"),
+            dict(
+                server="sql.example",
+                port="1433",
+                user="sa",
+                password="pw",
+                database="master",
+                login_timeout=5,
+                tds_version="7.4",
+            ),
         ),
         (
             "sqlite:///relative/app.sqlite3",
@@ -106,8 +150,13 @@ def mysql_canary_url(mysql_params: dict[str, Any]) -> str:
         (
             "sqlite:////var/lib/app.sqlite3?timeout=2.5&isolation_level=none&detect_types=1",
             dict(scheme="sqlite", database="/var/lib/app.sqlite3"),
-            dict(database="/var/lib/app.sqlite3", check_same_thread=False, timeout=2.5,
-                 isolation_level=None, detect_types=1),
+            dict(
+                database="/var/lib/app.sqlite3",
+                check_same_thread=False,
+                timeout=2.5,
+                isolation_level=None,
+                detect_types=1,
+            ),
         ),
         (
             "sqlite:///app.sqlite3?check_same_thread=false",
@@ -140,7 +189,12 @@ def test_percent_decoding() -> None:
 def test_password_with_unescaped_at_and_colon() -> None:
     # the host cannot contain '@' and the first ':' ends the user: no ambiguity
     parsed = parse_url("mysql://me:p@ss:w@rd@db:3306/x")
-    assert (parsed.user, parsed.password, parsed.host, parsed.port) == ("me", "p@ss:w@rd", "db", 3306)
+    assert (parsed.user, parsed.password, parsed.host, parsed.port) == (
+        "me",
+        "p@ss:w@rd",
+        "db",
+        3306,
+    )
 
 
 def test_empty_password_is_a_password() -> None:
@@ -231,11 +285,16 @@ def test_repr_and_str_mask_the_password() -> None:
         ("postgresql://u:@h/d", "postgresql://u:***@h/d"),
         ("postgresql://[::1]:5432/d", "postgresql://[::1]:5432/d"),
         ("postgresql://%2Frun%2Fpg/d", "postgresql://%2Frun%2Fpg/d"),
-        ("mysql://root@127.0.0.1:3306/test?connect_timeout=5", "mysql://root@127.0.0.1:3306/test?connect_timeout=5"),
+        (
+            "mysql://root@127.0.0.1:3306/test?connect_timeout=5",
+            "mysql://root@127.0.0.1:3306/test?connect_timeout=5",
+        ),
         ("sqlite:///rel/x.sqlite3", "sqlite:///rel/x.sqlite3"),
         ("sqlite:////abs/my%20x.sqlite3?timeout=3", "sqlite:////abs/my%20x.sqlite3?timeout=3"),
-        (f"postgresql://h/d?sslpassword={CANARY}&sslmode=verify-full",
-         "postgresql://h/d?sslpassword=***&sslmode=verify-full"),
+        (
+            f"postgresql://h/d?sslpassword={CANARY}&sslmode=verify-full",
+            "postgresql://h/d?sslpassword=***&sslmode=verify-full",
+        ),
     ],
 )
 def test_masked_form(url: str, masked: str) -> None:
@@ -247,7 +306,11 @@ def test_masked_form_parses_back_to_the_same_url_but_the_password() -> None:
     again = parse_url(parsed.masked)
     assert again.password == "***"
     assert (again.user, again.host, again.port, again.database, again.query) == (
-        parsed.user, parsed.host, parsed.port, parsed.database, parsed.query,
+        parsed.user,
+        parsed.host,
+        parsed.port,
+        parsed.database,
+        parsed.query,
     )
 
 
@@ -270,7 +333,7 @@ def test_unknown_scheme_in_constructor() -> None:
         DatabaseURL(scheme="oracle")
 
 
-# -- drivers -----------------------------------------------------------------------------------------
+# -- drivers ---------------------------------------------------------------------------------------
 
 
 class FakeDriverError(Exception):
@@ -325,7 +388,9 @@ def test_importing_dbpool_imports_no_driver() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_create_pool_imports_the_driver_and_passes_options(fake_mssql: list[dict[str, Any]]) -> None:
+def test_create_pool_imports_the_driver_and_passes_options(
+    fake_mssql: list[dict[str, Any]],
+) -> None:
     url = f"mssql://sa:{CANARY}@sql.example:1433/master?login_timeout=5"
     with create_pool(url, min_size=0, max_size=3, name="orders", acquire_timeout=2) as pool:
         assert (pool.name, pool.min_size, pool.max_size) == ("orders", 0, 3)
@@ -333,8 +398,14 @@ def test_create_pool_imports_the_driver_and_passes_options(fake_mssql: list[dict
             assert isinstance(conn.raw, FakeConnection)
         assert_no_secret(repr(pool) + str(pool) + repr(pool.stats()))
     assert fake_mssql == [
-        dict(server="sql.example", port="1433", user="sa", password=CANARY, database="master",
-             login_timeout=5)
+        dict(
+            server="sql.example",
+            port="1433",
+            user="sa",
+            password=CANARY,
+            database="master",
+            login_timeout=5,
+        )
     ]
 
 
@@ -416,14 +487,18 @@ def raising_driver(make_error: Any) -> types.ModuleType:
 @pytest.mark.parametrize(
     "make_error",
     [
-        pytest.param(lambda pw: FakeDriverError(f"login failed: password {pw!r} rejected"), id="str"),
+        pytest.param(
+            lambda pw: FakeDriverError(f"login failed: password {pw!r} rejected"), id="str"
+        ),
         pytest.param(lambda pw: FakeDriverError(18456, f"bad {pw}".encode()), id="bytes-args"),
         pytest.param(lambda pw: FakeDriverError(("nested", [f"pw={pw}"])), id="nested"),
         pytest.param(lambda pw: OSError(13, f"denied for {pw}", f"/tmp/{pw}"), id="oserror"),
     ],
 )
 def test_driver_error_is_scrubbed_and_keeps_its_class(make_error: Any) -> None:
-    connector = URLConnector(parse_url(f"mssql://sa:{ODD_CANARY_ENCODED}@db/x"), raising_driver(make_error))
+    connector = URLConnector(
+        parse_url(f"mssql://sa:{ODD_CANARY_ENCODED}@db/x"), raising_driver(make_error)
+    )
     with pytest.raises(type(make_error("x"))) as info:
         connector()
     assert "***" in repr(info.value.args) + str(info.value)
@@ -457,7 +532,9 @@ def test_pool_logs_and_raises_the_scrubbed_error(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="dbpool")
     monkeypatch.setitem(
-        sys.modules, "pymssql", raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong"))
+        sys.modules,
+        "pymssql",
+        raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong")),
     )
     with create_pool(f"mssql://sa:{CANARY}@db/x", min_size=0, max_size=1) as pool:
         with pytest.raises(FakeDriverError) as info:
@@ -474,7 +551,9 @@ def test_pool_timeout_chains_the_scrubbed_error(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="dbpool")
     monkeypatch.setitem(
-        sys.modules, "pymssql", raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong"))
+        sys.modules,
+        "pymssql",
+        raising_driver(lambda pw: FakeDriverError(f"password {pw} is wrong")),
     )
     with create_pool(f"mssql://sa:{CANARY}@db/x", min_size=1, max_size=1) as pool:
         with pytest.raises(dbpool.PoolTimeout) as info:
@@ -545,7 +624,9 @@ def test_postgresql_unreachable(caplog: pytest.LogCaptureFixture) -> None:
     assert_no_secret("\n".join(texts), CANARY)
 
 
-def test_mysql_with_a_canary_password(mysql_canary_url: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_mysql_with_a_canary_password(
+    mysql_canary_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """MariaDB checks the password: the access-denied error, logs and repr must not show it."""
     pymysql = pytest.importorskip("pymysql")
     caplog.set_level(logging.DEBUG, logger="dbpool")
