@@ -10,7 +10,7 @@ import enum
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = ["Event", "PoolEvent", "DiscardReason", "Listener"]
 
@@ -68,10 +68,10 @@ class PoolEvent:
     #: the driver's connection the event is about
     connection: Any
     #: for DISCARD, a :class:`DiscardReason` value; for CLOSE, that or ``"pool_closed"``
-    reason: Optional[str] = None
+    reason: str | None = None
     #: CONNECT: seconds the connect (and ``configure``) took; CHECKOUT: seconds the caller
     #: waited; CHECKIN: seconds the lease held the connection
-    duration: Optional[float] = None
+    duration: float | None = None
 
 
 Listener = Callable[[PoolEvent], object]

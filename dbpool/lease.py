@@ -10,8 +10,9 @@ when there is something to roll back.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Generic
 
 from ._types import C
 from .errors import ConnectionUnusable, LeaseReleased

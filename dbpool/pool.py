@@ -255,7 +255,9 @@ class Pool(Generic[C]):
         _check_number("max_lifetime", max_lifetime, allow_none=True, positive=True)
         _check_count("max_waiting", max_waiting, minimum=0)
         _check_number("validate_after", validate_after, allow_none=True, positive=False)
-        _check_number("reconnect_delay", reconnect_delay, allow_none=False, positive=True, finite=True)
+        _check_number(
+            "reconnect_delay", reconnect_delay, allow_none=False, positive=True, finite=True
+        )
         _check_number(
             "reconnect_max_delay", reconnect_max_delay, allow_none=False, positive=True, finite=True
         )
@@ -267,8 +269,7 @@ class Pool(Generic[C]):
             )
         if session_reset not in _SESSION_RESETS:
             raise ValueError(
-                "session_reset must be None, 'discard' or 'reconnect', "
-                f"got {session_reset!r}"
+                f"session_reset must be None, 'discard' or 'reconnect', got {session_reset!r}"
             )
         _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)
         for hook_name, hook in (("configure", configure), ("check", check), ("reset", reset)):
@@ -281,7 +282,8 @@ class Pool(Generic[C]):
             dialect = _dialect_named(dialect)
         elif dialect is not None and not isinstance(dialect, Dialect):
             raise TypeError(
-                f"dialect must be a dbpool.dialects.Dialect, a dialect name or None, got {dialect!r}"
+                "dialect must be a dbpool.dialects.Dialect, a dialect name or None, "
+                f"got {dialect!r}"
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
@@ -436,7 +438,14 @@ class Pool(Generic[C]):
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
             if self._listeners.checkout:
-                emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, now - started)
+                emit(
+                    self._listeners.checkout,
+                    Event.CHECKOUT,
+                    self._name,
+                    slot.raw,
+                    None,
+                    now - started,
+                )
             self._note_wait(now - started)
             return conn
         except BaseException:
@@ -578,7 +587,12 @@ class Pool(Generic[C]):
             else:
                 dead += 1
         if dead:
-            logger.info("pool %r: check() found %d of %d idle connections dead", self._name, dead, len(probed))
+            logger.info(
+                "pool %r: check() found %d of %d idle connections dead",
+                self._name,
+                dead,
+                len(probed),
+            )
             self._reaper_wakeup.set()  # refill to min_size
         return dead
 
@@ -664,7 +678,9 @@ class Pool(Generic[C]):
             conn.commit()
             return rows
 
-    def with_connection(self, fn: Callable[[Connection[C]], T], *, timeout: float | None = None) -> T:
+    def with_connection(
+        self, fn: Callable[[Connection[C]], T], *, timeout: float | None = None
+    ) -> T:
         """Return ``fn(conn)`` run on a leased connection, returned to the pool afterwards
         whatever happens (without a commit: ``fn`` commits what it wants kept)."""
         with self.connection(timeout=timeout) as conn:
@@ -753,9 +769,7 @@ class Pool(Generic[C]):
         afresh (``min_size`` of them in the background), with the same options and counters."""
         with self._lock:
             if not self._closed:
-                raise PoolError(
-                    f"pool {self._name!r} is open: reopen() follows drain() or close()"
-                )
+                raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
             self._closed = self._drained = False
             # A reaper of the closed pool still running sees its wakeup replaced, and stops.
             self._reaper_wakeup = threading.Event()
@@ -1087,10 +1101,10 @@ class Pool(Generic[C]):
                 self._configure(raw)
                 state = dialect.transaction_state(raw)
                 if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                    left = state.value.replace("_", " ")
                     raise PoolError(
-                        f"pool {self._name!r}: configure left the new connection "
-                        f"{state.value.replace('_', ' ')}: end its transaction with conn.commit() (or set "
-                        "autocommit first)"
+                        f"pool {self._name!r}: configure left the new connection {left}: end "
+                        "its transaction with conn.commit() (or set autocommit first)"
                     )
             now = monotonic()
             slot.raw = raw
@@ -1368,9 +1382,7 @@ class Pool(Generic[C]):
             self._cond.notify_all()
             return
         while (
-            self._waiters
-            and self._size < self._max_size
-            and self._may_connect_locked(monotonic())
+            self._waiters and self._size < self._max_size and self._may_connect_locked(monotonic())
         ):
             waiter = self._waiters.popleft()
             waiter.slot = self._reserve_locked()
