@@ -204,8 +204,10 @@ class Pool(Generic[C]):
         with the stack of the code that took it (``None``: off; costs a stack capture per
         checkout when on).
     :param configure: called with each new driver connection before anyone uses it (``SET
-        application_name``, ``search_path``, ``autocommit``...); must leave no transaction open.
-        If it raises, the connect fails.  What it sets is what every return restores.
+        application_name``, ``search_path``, ``autocommit``...); must commit what it changes
+        in a transaction: a transaction left open fails the connect (where the driver reports
+        it; elsewhere it is rolled back).  If it raises, the connect fails.  What it sets is
+        what every return restores.
     :param check: called with the driver connection at every checkout, instead of the idle ping
         (``validate_after`` is then unused); if it raises, the connection is discarded and
         another one is taken.  Bounded by the caller's deadline like the ping.
@@ -1100,6 +1102,10 @@ class Pool(Generic[C]):
             if self._configure is not None:
                 self._configure(raw)
                 state = dialect.transaction_state(raw)
+                if state is TxState.UNKNOWN:
+                    # The driver cannot tell whether configure left a transaction open: end
+                    # any, so that no idle connection holds locks (what it committed stays).
+                    dialect.rollback(raw)
                 if state is not TxState.IDLE and state is not TxState.UNKNOWN:
                     left = state.value.replace("_", " ")
                     raise PoolError(
@@ -1251,16 +1257,19 @@ class Pool(Generic[C]):
             if held is not None:
                 self._returned += 1
                 self._held_time += held
+            if not self._closed and self._size <= self._max_size:  # the common case
+                if self._waiters:
+                    self._free_locked(slot)
+                else:
+                    self._idle.append(slot)
+                return
             reason: str
             if self._closed:
                 reason, detail = POOL_CLOSED, "the pool is closed"
                 self._forget_locked([slot])
-            elif self._size > self._max_size:
+            else:
                 reason, detail = DiscardReason.RESIZED, "resize() lowered max_size"
                 self._forget_locked([slot], DiscardReason.RESIZED)
-            else:
-                self._free_locked(slot)
-                return
         finally:
             self._lock.release()
         self._close_raw(slot, reason, detail)

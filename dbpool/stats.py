@@ -74,9 +74,9 @@ class PoolStats:
     discards: dict[str, int] = dataclasses.field(default_factory=no_discards)
 
     def as_dict(self) -> dict[str, Any]:
-        """The snapshot as plain, JSON-serialisable values (the last bucket bound is ``inf``,
-        which :func:`json.dumps` writes as ``Infinity``)."""
+        """The snapshot as plain values that strict JSON accepts: the last bucket, which has no
+        upper bound, shows ``None`` as its bound."""
         values = dataclasses.asdict(self)
-        values["wait_buckets"] = list(self.wait_buckets)
+        values["wait_buckets"] = [None if math.isinf(b) else b for b in self.wait_buckets]
         values["wait_histogram"] = list(self.wait_histogram)
         return values
