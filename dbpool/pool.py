@@ -1650,7 +1650,7 @@ class Pool(Generic[C]):
     def _closed_message(self) -> str:
         if self._drained:
             return f"pool {self._name!r} was drained and hands out no connections: reopen() it"
-        return f"pool {self._name!r} is closed and hands out no more connections: make a new Pool"
+        return f"pool {self._name!r} is closed and hands out no connections: reopen() it first"
 
     def _timeout_error_locked(self, timeout: float) -> PoolTimeout:
         s = self._stats_locked()
