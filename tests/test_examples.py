@@ -51,9 +51,9 @@ SCRIPT_TIMEOUT = 45  # seconds for one example run as a script
 # -- helpers -----------------------------------------------------------------------------------
 
 
-
 def _refuse_constant(name: str) -> Any:
     raise AssertionError(f"not strict JSON: {name}")
+
 
 def load(name: str) -> ModuleType:
     """The example ``examples/<name>.py``, imported once as the module ``name``."""
