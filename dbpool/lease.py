@@ -343,6 +343,16 @@ _set_cursor_raw = _slot_setter(Cursor, "_raw")
 _set_cursor_open = _slot_setter(Cursor, "_open")
 
 
+def detach(conn: Connection[C]) -> _Slot | None:
+    """End a lease without returning its connection, for the pool to dispose of; ``None`` if
+    it was released already."""
+    slot = conn._slot
+    if slot is None or not slot.claim.acquire(False):
+        return None
+    object.__setattr__(conn, "_slot", None)
+    return slot
+
+
 def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
     """A new lease of ``slot``'s connection, for the pool's checkout path."""
     conn: Connection[C] = _new(Connection)

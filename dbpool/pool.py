@@ -27,7 +27,7 @@ from .dialects import get as _dialect_named
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
-from .lease import Connection, PoolCursor, lease, pool_cursor
+from .lease import Connection, PoolCursor, detach, lease, pool_cursor
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
@@ -47,6 +47,8 @@ _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all togethe
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
 _INHERITED = -2  # inherited across fork(): must never be touched
+# An earlier generation (0 or more): leased before reopen(), which stopped counting it; still
+# usable by its borrower, and closed by whoever returns it.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
 
@@ -580,14 +582,7 @@ class Pool(Generic[C]):
             self._in_use += len(probed)  # held by the pool itself meanwhile
             for slot in probed:
                 slot.owner = 0
-        deadline = monotonic() + timeout
-        dead = 0
-        for slot in probed:
-            if self._fit_for_use(slot, deadline, checkout=False, probe=True):
-                slot.used_at = monotonic()
-                self._put_back(slot)
-            else:
-                dead += 1
+        dead = self._probe_all(probed, monotonic() + timeout)
         if dead:
             logger.info(
                 "pool %r: check() found %d of %d idle connections dead",
@@ -609,13 +604,24 @@ class Pool(Generic[C]):
         reachable = False
         latency = None
         error = None
+        deadline = monotonic() + timeout
         try:
             with self.connection(timeout=timeout) as conn:
-                slot = conn._live("connection")  # used: the return path checks its state
+                slot = conn._slot
+                assert slot is not None
                 dialect, raw = slot.dialect, slot.raw
                 started = monotonic()
-                with Overdue(started + timeout, lambda: dialect.sever(raw)):
-                    dialect.ping(raw)
+                try:
+                    limit = max(deadline, started + _MIN_PING_TIME)
+                    with Overdue(limit, lambda: dialect.sever(raw)) as guard:
+                        dialect.ping(raw)
+                    if guard.fired:  # answered, but its socket was shut down meanwhile
+                        raise PoolTimeout(f"the ping took longer than {timeout:g} s")
+                except BaseException:  # failed its ping: never hand it out again
+                    if detach(conn) is not None:
+                        held = monotonic() - slot.leased_at
+                        self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
+                    raise
                 latency = monotonic() - started
                 reachable = True
         except Exception as exc:
@@ -773,6 +779,14 @@ class Pool(Generic[C]):
             if not self._closed:
                 raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
             self._closed = self._drained = False
+            # Leases still out after a drain() that timed out are no longer counted: the next
+            # generation starts empty, and each of them is closed as it comes back.
+            leased = list(self._everyone)  # the idle stack is empty while closed
+            self._everyone.clear()
+            self._in_use -= len(leased)
+            self._size -= len(leased)
+            self._closed_count += len(leased)
+            self._generation += 1
             # A reaper of the closed pool still running sees its wakeup replaced, and stops.
             self._reaper_wakeup = threading.Event()
         self._start_reaper()
@@ -1155,6 +1169,7 @@ class Pool(Generic[C]):
                 if caller is not None:
                     self._serve_locked(caller, _CLOSED)
             else:
+                slot.generation = self._generation  # reserved before a reopen(), maybe
                 self._everyone.add(slot)
                 if caller is not None:
                     self._in_use += 1
@@ -1215,11 +1230,18 @@ class Pool(Generic[C]):
     def _give_back(self, slot: _Slot) -> None:
         """Take back a connection from its borrower: clean it, then reuse or discard it."""
         if slot.generation != self._generation:
-            return  # inherited across fork(), or closed by close(): not ours to count
+            # Inherited across fork(), or closed by close(): not ours to count.  Or leased
+            # before reopen(): close it.
+            self._close_if_retired(slot)
+            return
         now = monotonic()
         held = now - slot.leased_at
         if self._listeners.checkin:
-            emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+            try:
+                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+            except BaseException:  # e.g. KeyboardInterrupt in a listener: nothing was undone
+                self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
+                raise
         if slot.borrowed is not None:
             self._note_return_of_borrowed(slot)
         problem = None
@@ -1250,29 +1272,38 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
             raise
+        reason: str | None = None  # why it is closed instead, if it is
         try:
-            if slot.generation != self._generation:
-                return  # close() took it back while it was being cleaned
-            self._in_use -= 1
-            if held is not None:
-                self._returned += 1
-                self._held_time += held
-            if not self._closed and self._size <= self._max_size:  # the common case
-                if self._waiters:
-                    self._free_locked(slot)
+            if slot.generation == self._generation:  # else close() or reopen() let it go
+                self._in_use -= 1
+                if held is not None:
+                    self._returned += 1
+                    self._held_time += held
+                if not self._closed and self._size <= self._max_size:  # the common case
+                    if self._waiters:
+                        self._free_locked(slot)
+                    else:
+                        self._idle.append(slot)
+                    return
+                if self._closed:
+                    reason = POOL_CLOSED
+                    self._forget_locked([slot])
                 else:
-                    self._idle.append(slot)
-                return
-            reason: str
-            if self._closed:
-                reason, detail = POOL_CLOSED, "the pool is closed"
-                self._forget_locked([slot])
-            else:
-                reason, detail = DiscardReason.RESIZED, "resize() lowered max_size"
-                self._forget_locked([slot], DiscardReason.RESIZED)
+                    reason = DiscardReason.RESIZED
+                    self._forget_locked([slot], DiscardReason.RESIZED)
         finally:
             self._lock.release()
-        self._close_raw(slot, reason, detail)
+        if reason is None:
+            self._close_if_retired(slot)
+        else:
+            self._close_raw(slot, reason)
+
+    def _close_if_retired(self, slot: _Slot) -> None:
+        """Close a connection leased before reopen(), which stopped counting it, as it comes
+        back.  Its borrower alone holds it, so this runs once."""
+        if slot.generation >= 0:
+            slot.generation = _FORGOTTEN
+            self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
@@ -1358,19 +1389,22 @@ class Pool(Generic[C]):
         ``checkout``: it was taken for a caller who does not get it after all; ``held``: how
         long its borrower had it, when it comes back from a lease."""
         with self._lock:
-            if slot.generation != self._generation:
-                return  # close() took it back and closes it
-            self._in_use -= 1
-            self._discarded += 1
-            if checkout:
-                self._acquired -= 1
-            if held is not None:
-                self._returned += 1
-                self._held_time += held
-            if broken:
-                self._broken_at = monotonic()
-            self._forget_locked([slot], reason)
-        self._close_raw(slot, reason, detail)
+            counted = slot.generation == self._generation
+            if counted:
+                self._in_use -= 1
+                self._discarded += 1
+                if checkout:
+                    self._acquired -= 1
+                if held is not None:
+                    self._returned += 1
+                    self._held_time += held
+                if broken:
+                    self._broken_at = monotonic()
+                self._forget_locked([slot], reason)
+        if counted:
+            self._close_raw(slot, reason, detail)
+        else:  # close() took it back and closes it; or it was leased before reopen()
+            self._close_if_retired(slot)
 
     # -- hand-off (all under the lock) ---------------------------------------------------------
 
@@ -1419,9 +1453,11 @@ class Pool(Generic[C]):
         ``POOL_CLOSED``, told to listeners."""
         reason = reason.value if isinstance(reason, DiscardReason) else reason
         logger.debug("pool %r: closing a connection (%s) %s", self._name, reason, detail)
-        if reason != POOL_CLOSED and self._listeners.discard:
-            emit(self._listeners.discard, Event.DISCARD, self._name, slot.raw, reason)
-        _close_quietly(slot.dialect, slot.raw)
+        try:
+            if reason != POOL_CLOSED and self._listeners.discard:
+                emit(self._listeners.discard, Event.DISCARD, self._name, slot.raw, reason)
+        finally:  # whatever a listener raises, the connection is closed
+            _close_quietly(slot.dialect, slot.raw)
         if self._listeners.close:
             emit(self._listeners.close, Event.CLOSE, self._name, slot.raw, reason)
 
@@ -1530,14 +1566,7 @@ class Pool(Generic[C]):
             self._in_use += len(suspects)
             for slot in suspects:
                 slot.owner = 0  # held by the pool itself
-        deadline = monotonic() + _SWEEP_TIME
-        dead = 0
-        for slot in suspects:
-            if self._fit_for_use(slot, deadline, checkout=False, probe=True):
-                slot.used_at = monotonic()
-                self._put_back(slot)
-            else:
-                dead += 1
+        dead = self._probe_all(suspects, monotonic() + _SWEEP_TIME)
         logger.info(
             "pool %r: a broken connection was found; %d of %d idle connections older than it "
             "were dead too",
@@ -1545,6 +1574,27 @@ class Pool(Generic[C]):
             dead,
             len(suspects),
         )
+
+    def _probe_all(self, slots: list[_Slot], deadline: float) -> int:
+        """Ping idle connections the pool took out of the stack (counted in use), all by
+        ``deadline``; put the live ones back, discard the dead.  Returns how many were dead.
+        If a ping is interrupted, the connections not yet pinged go back as they were."""
+        untried = deque(slots)
+        dead = 0
+        try:
+            while untried:
+                slot = untried.popleft()
+                if self._fit_for_use(slot, deadline, checkout=False, probe=True):
+                    slot.used_at = monotonic()
+                    self._put_back(slot)
+                else:
+                    dead += 1
+        except BaseException:
+            self._drop_lock_if_held()
+            for slot in untried:
+                self._put_back(slot)
+            raise
+        return dead
 
     def _report_leaks(self, now: float) -> None:
         assert self._leak_timeout is not None
