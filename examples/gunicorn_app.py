@@ -9,6 +9,9 @@ belongs to the process that made it: its connections are sockets, and after ``fo
 parent and the child hold the same sockets. If both used them, their messages would interleave
 on one server session. So each worker makes its own pool, after the fork: ``post_fork`` in
 ``gunicorn.conf.py`` calls :func:`get_pool` (and so does the first request, if no hook did).
+
+The sessions are named ``<PG_APP_NAME>-<pid>`` (``application_name``; ``PG_APP_NAME`` defaults
+to ``gunicorn-worker``), so ``pg_stat_activity`` shows which worker holds which.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import psycopg
 import dbpool
 
 DEFAULT_DSN = "host=127.0.0.1 dbname=test user=postgres"
+DEFAULT_APP_NAME = "gunicorn-worker"
 
 StartResponse = Callable[..., Any]
 
@@ -46,6 +50,7 @@ if hasattr(os, "register_at_fork"):
 
 def make_pool(dsn: str | None = None, **options: Any) -> dbpool.Pool[Any]:
     dsn = dsn or os.environ.get("PG_DSN", DEFAULT_DSN)
+    app_name = os.environ.get("PG_APP_NAME", DEFAULT_APP_NAME)
     settings: dict[str, Any] = {
         "min_size": 1,
         "max_size": 4,  # the worker's threads: gunicorn.conf.py passes its `threads`
@@ -57,9 +62,7 @@ def make_pool(dsn: str | None = None, **options: Any) -> dbpool.Pool[Any]:
     def connect() -> psycopg.Connection[Any]:
         # The worker's pid in application_name: pg_stat_activity shows whose session it is.
         # Read at connect time, so a pool inherited across fork() names the child's sessions.
-        return psycopg.connect(
-            dsn, connect_timeout=5, application_name=f"gunicorn-worker-{os.getpid()}"
-        )
+        return psycopg.connect(dsn, connect_timeout=5, application_name=f"{app_name}-{os.getpid()}")
 
     return dbpool.Pool(connect, **settings)
 

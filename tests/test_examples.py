@@ -17,14 +17,17 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import traceback
+import urllib.request
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
@@ -306,6 +309,7 @@ def test_flask_app_from_database_url_closes_its_pool_at_exit(
 def gunicorn_app(postgresql_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     """The example application, with PG_DSN pointing at the test server; its pool closed after."""
     monkeypatch.setenv("PG_DSN", postgresql_dsn)
+    monkeypatch.delenv("PG_APP_NAME", raising=False)
     module = load("gunicorn_app")
     module.close_pool()
     try:
@@ -430,6 +434,126 @@ def wait_for_child(pid: int, timeout: float) -> int:
         os.waitpid(pid, 0)
         raise
     return os.waitstatus_to_exitcode(status)
+
+
+def pg_sessions_named(dsn: str, prefix: str) -> dict[str, set[int]]:
+    """The backend pids of the server sessions whose application_name starts with ``prefix``,
+    by application_name."""
+    with pg_admin(dsn) as admin:
+        found = rows(
+            admin,
+            "SELECT application_name, pid FROM pg_stat_activity "
+            "WHERE starts_with(application_name, %s)",
+            (prefix,),
+        )
+    sessions: dict[str, set[int]] = {}
+    for name, pid in found:
+        sessions.setdefault(name, set()).add(pid)
+    return sessions
+
+
+def gunicorn_has_setting(name: str) -> bool:
+    import gunicorn.config
+
+    return any(setting.name == name for setting in gunicorn.config.KNOWN_SETTINGS)
+
+
+def http_get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.postgresql
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
+def test_gunicorn_serves_from_one_pool_per_worker(
+    postgresql_dsn: str, tmp_path: Path, preload: bool
+) -> None:
+    """gunicorn itself, with gunicorn.conf.py and two workers: each worker answers from sessions
+    of its own (a pool made after the fork), the master holds none, and every session is gone
+    once gunicorn has stopped."""
+    prefix = unique("gunicorn_test")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))  # a free port, held until gunicorn has it: no race
+    host, port = listener.getsockname()
+    base = f"http://{host}:{port}"
+    env = {**os.environ, "PG_DSN": postgresql_dsn, "PG_APP_NAME": prefix}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("GUNICORN_CMD_ARGS", None)
+    command = [
+        sys.executable, "-m", "gunicorn",
+        "--config", str(EXAMPLES / "gunicorn.conf.py"),
+        "--bind", f"fd://{listener.fileno()}",
+        "--workers", "2",
+    ]  # fmt: skip
+    if preload:
+        command.append("--preload")
+    if gunicorn_has_setting("control_socket_disable"):
+        command.append("--no-control-socket")  # else newer gunicorns open one under ~/.gunicorn
+    log_path = tmp_path / "gunicorn.log"
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")[-4000:]
+
+    try:
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=[listener.fileno()],
+                start_new_session=True,  # its own process group: the workers too can be killed
+            )
+    finally:
+        listener.close()  # gunicorn has its own copy
+    try:
+
+        def answers() -> Any:
+            assert process.poll() is None, f"gunicorn exited {process.returncode}:\n{log()}"
+            try:
+                return http_get_json(f"{base}/healthz")
+            except OSError:
+                return None  # not listening yet
+
+        report = wait_until(answers, timeout=10, interval=0.05, message=f"no answer:\n{log()}")
+        assert report["ok"] is True, report
+
+        # Concurrent requests until both workers have answered: which worker accepts a
+        # connection is up to the kernel.
+        backends: dict[int, set[int]] = {}
+
+        def both_workers_answer() -> bool:
+            with ThreadPoolExecutor(max_workers=8) as executor:
+                for body in executor.map(http_get_json, [f"{base}/"] * 16):
+                    backends.setdefault(body["worker_pid"], set()).add(body["backend_pid"])
+            return len(backends) >= 2
+
+        wait_until(both_workers_answer, timeout=10, interval=0, message=f"{backends}\n{log()}")
+        assert len(backends) == 2 and process.pid not in backends, backends
+        first, second = backends.values()
+        assert not first & second, f"a server session shared by two workers: {backends}"
+
+        # On the server: one set of sessions per worker, none for the master, and each worker
+        # answered from sessions named after it.
+        sessions = pg_sessions_named(postgresql_dsn, prefix)
+        assert set(sessions) == {f"{prefix}-{pid}" for pid in backends}, (sessions, backends)
+        for worker_pid, used in backends.items():
+            assert used <= sessions[f"{prefix}-{worker_pid}"], (sessions, backends)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0, log()
+        assert "Traceback" not in log(), log()  # worker_exit included
+        wait_until(
+            lambda: not pg_sessions_named(postgresql_dsn, prefix),
+            timeout=10,
+            message=f"sessions left after gunicorn stopped: {sessions}",
+        )
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 # -- 3. a DB-API script ----------------------------------------------------------------------------
