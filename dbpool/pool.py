@@ -51,6 +51,7 @@ _INHERITED = -2  # inherited across fork(): must never be touched
 # usable by its borrower, and closed by whoever returns it.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
+_RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
 
 
 class _Slot:
@@ -1317,13 +1318,12 @@ class Pool(Generic[C]):
     def _clean(self, slot: _Slot) -> tuple[DiscardReason, str] | None:
         """Make a returned connection fit for the next borrower, with no round trip when the
         state says it is clean.  Returns why it must be discarded instead, or ``None``."""
-        failed = DiscardReason.RESET_FAILED
         if slot.busy:
-            return failed, "returned with a driver call interrupted"
+            return _RESET_FAILED, "returned with a driver call interrupted"
         if slot.doomed:
-            return failed, "its transaction could not be cancelled, rolled back or reset"
+            return _RESET_FAILED, "its transaction could not be cancelled, rolled back or reset"
         if slot.transaction is not None:
-            return failed, "returned inside its transaction block"
+            return _RESET_FAILED, "returned inside its transaction block"
         raw = slot.raw
         dialect = slot.dialect
         try:
@@ -1336,11 +1336,11 @@ class Pool(Generic[C]):
                 dialect.rollback(raw)
                 state = dialect.transaction_state(raw)
                 if state is not TxState.IDLE and state is not TxState.UNKNOWN:
-                    return failed, f"still {state.value} after rollback"
+                    return _RESET_FAILED, f"still {state.value} after rollback"
             elif state is TxState.BROKEN:
                 return DiscardReason.BROKEN, "returned broken"
             elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
-                return failed, f"returned {state.value}"
+                return _RESET_FAILED, f"returned {state.value}"
             if slot.restore:
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
@@ -1351,7 +1351,7 @@ class Pool(Generic[C]):
                 dialect.reset_session(raw)
         except Exception as exc:
             slot.doomed = True
-            reason = DiscardReason.BROKEN if _driver_says_broken(slot) else failed
+            reason = DiscardReason.BROKEN if _driver_says_broken(slot) else _RESET_FAILED
             return reason, f"reset failed: {_describe(exc)}"
         if self._reset is not None:
             try:
@@ -1363,15 +1363,15 @@ class Pool(Generic[C]):
                     self._name,
                     _describe(exc),
                 )
-                return failed, f"the reset hook raised {_describe(exc)}"
+                return _RESET_FAILED, f"the reset hook raised {_describe(exc)}"
             if state is not TxState.IDLE and state is not TxState.UNKNOWN:
-                return failed, f"the reset hook left it {state.value}"
+                return _RESET_FAILED, f"the reset hook left it {state.value}"
         try:
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
             slot.doomed = True
-            return failed, f"reset failed: {_describe(exc)}"
+            return _RESET_FAILED, f"reset failed: {_describe(exc)}"
         slot.used = slot.dirty = False
         return None
 
