@@ -366,6 +366,7 @@ class Pool(Generic[C]):
         self._waits_recorded = 0
         self._discards = no_discards()
         self._refilling = False  # a refill thread is running
+        self._stopping = 0  # close() and drain() calls under way: reopen() must wait for them
         # Callers waiting for a connect made for them (not in the queue); close() tells them.
         self._connecting: set[_Waiter] = set()
         # --- end of guarded state ---------------------------------------------------------
@@ -406,6 +407,7 @@ class Pool(Generic[C]):
             _check_number("timeout", timeout, allow_none=False, positive=False)
         slot = None  # a connection this call holds (counted in acquired), to give back on error
         started = None  # set when this checkout could not be served at once: its wait counts
+        conn = None
         try:
             # The common case, inline: an idle connection that needs no round trip.
             if not self._orphans:
@@ -456,7 +458,12 @@ class Pool(Generic[C]):
         except BaseException:
             self._drop_lock_if_held()
             if slot is not None:
-                slot.claim.acquire(False)  # a lease made meanwhile must not return it again
+                # A lease made meanwhile must never return it: it may be referenced (from the
+                # traceback) long after the connection went to someone else.
+                if conn is None:
+                    slot.claim.acquire(False)
+                else:
+                    detach(conn)
                 with self._lock:
                     self._acquired -= 1  # not handed out after all
                 self._put_back(slot)
@@ -575,21 +582,18 @@ class Pool(Generic[C]):
         many were dead.  All the pings together take at most ``timeout`` seconds; connections
         leased meanwhile are not touched."""
         _check_number("timeout", timeout, allow_none=False, positive=False)
+        deadline = monotonic() + timeout
+        probed: deque[_Slot] = deque()
         with self._lock:
             if self._closed:
                 raise PoolClosed(self._closed_message())
-            probed = list(self._idle)
-            self._idle.clear()
-            self._in_use += len(probed)  # held by the pool itself meanwhile
-            for slot in probed:
-                slot.owner = 0
-        dead = self._probe_all(probed, monotonic() + timeout)
+            probed, self._idle = self._idle, probed  # held by the pool itself meanwhile
+            self._in_use += len(probed)
+        count = len(probed)
+        dead = self._probe_all(probed, deadline)
         if dead:
             logger.info(
-                "pool %r: check() found %d of %d idle connections dead",
-                self._name,
-                dead,
-                len(probed),
+                "pool %r: check() found %d of %d idle connections dead", self._name, dead, count
             )
             self._reaper_wakeup.set()  # refill to min_size
         return dead
@@ -618,10 +622,13 @@ class Pool(Generic[C]):
                         dialect.ping(raw)
                     if guard.fired:  # answered, but its socket was shut down meanwhile
                         raise PoolTimeout(f"the ping took longer than {timeout:g} s")
-                except BaseException:  # failed its ping: never hand it out again
+                except BaseException as exc:  # failed its ping: never hand it out again
                     if detach(conn) is not None:
                         held = monotonic() - slot.leased_at
-                        self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
+                        if isinstance(exc, Exception):
+                            self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
+                        else:
+                            self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
                     raise
                 latency = monotonic() - started
                 reachable = True
@@ -722,6 +729,14 @@ class Pool(Generic[C]):
                 return
             self._drained = False
             idle = self._stop_checkouts_locked()
+            self._stopping += 1
+        try:
+            self._finish_close(idle, timeout)
+        finally:
+            with self._lock:
+                self._stopping -= 1
+
+    def _finish_close(self, idle: list[_Slot], timeout: float | None) -> None:
         # An interrupt while closing one connection must not leave the others open, nor stop
         # close() half-way (a second close() does nothing): it is raised at the end.
         interrupted = self._close_stopped(idle, timeout)
@@ -760,17 +775,23 @@ class Pool(Generic[C]):
                 return  # closed for good: nothing left to drain
             self._drained = True
             idle = self._stop_checkouts_locked()
-        interrupted = self._close_stopped(idle, timeout)
-        if interrupted is not None:
-            raise interrupted
-        deadline = _NEVER if timeout is None else monotonic() + timeout
-        if not self._await_returns(deadline):
+            self._stopping += 1
+        try:
+            interrupted = self._close_stopped(idle, timeout)
+            if interrupted is not None:
+                raise interrupted
+            deadline = _NEVER if timeout is None else monotonic() + timeout
+            if not self._await_returns(deadline):
+                with self._lock:
+                    leased, opening = self._in_use, self._opening
+                raise PoolTimeout(
+                    f"pool {self._name!r}: after draining for {timeout:g} s, {leased} "
+                    f"connections are still leased and {opening} being opened; each is closed "
+                    "when it comes back (close() closes them now)"
+                )
+        finally:
             with self._lock:
-                out = self._in_use + self._opening
-            raise PoolTimeout(
-                f"pool {self._name!r}: {out} connections still leased after draining for "
-                f"{timeout:g} s; each is closed when it comes back (close() closes them now)"
-            )
+                self._stopping -= 1
         logger.info("pool %r drained", self._name)
 
     def reopen(self) -> None:
@@ -779,6 +800,11 @@ class Pool(Generic[C]):
         with self._lock:
             if not self._closed:
                 raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
+            if self._stopping:
+                raise PoolError(
+                    f"pool {self._name!r} is being closed or drained: reopen() it once close() "
+                    "or drain() has returned"
+                )
             self._closed = self._drained = False
             # Leases still out after a drain() that timed out are no longer counted: the next
             # generation starts empty, and each of them is closed as it comes back.
@@ -962,15 +988,20 @@ class Pool(Generic[C]):
                 self._unreserve_locked()
                 return
             slot = waiter.slot
-            if grant is not _HANDED or slot is None or slot.generation != self._generation:
-                return  # nothing granted, or close() already took the connection back
-            self._in_use -= 1
-            self._acquired -= 1
-            if not self._closed:
-                self._free_locked(slot)
-                return
-            self._forget_locked([slot])
-        self._close_raw(slot, POOL_CLOSED, "the pool closed while its caller waited")
+            if grant is not _HANDED or slot is None:
+                return  # nothing granted
+            counted = slot.generation == self._generation
+            if counted:
+                self._in_use -= 1
+                self._acquired -= 1
+                if not self._closed:
+                    self._free_locked(slot)
+                    return
+                self._forget_locked([slot])
+        if counted:
+            self._close_raw(slot, POOL_CLOSED, "the pool closed while its caller waited")
+        else:  # close() took it back and closes it; or it was handed out before reopen()
+            self._close_if_retired(slot)
 
     def _fit_for_use(
         self, slot: _Slot, deadline: float, *, checkout: bool, probe: bool = False
@@ -983,24 +1014,40 @@ class Pool(Generic[C]):
         ``_MIN_PING_TIME``): past it, the connection's socket is shut down, so a blackholed
         connection fails at once.
         """
+        try:
+            problem = self._problem_of(slot, deadline, probe)
+        except BaseException:  # e.g. KeyboardInterrupt, wherever it lands: nothing is kept
+            self._discard(slot, DiscardReason.INTERRUPTED, broken=False, checkout=checkout)
+            raise
+        if problem is None:
+            return True
+        reason, broken = problem
+        self._discard(slot, reason, broken=broken, checkout=checkout)
+        return False
+
+    def _problem_of(
+        self, slot: _Slot, deadline: float, probe: bool
+    ) -> tuple[DiscardReason, bool] | None:
+        """For _fit_for_use: why the connection is not fit, and whether that suggests the
+        server went away; ``None`` if it is fit."""
         now = monotonic()
         if now >= slot.expires_at:
-            self._discard(slot, DiscardReason.EXPIRED, broken=False, checkout=checkout)
-            return False
+            return DiscardReason.EXPIRED, False
         fresh = now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at
         if fresh and not probe:
-            return True
+            return None
         dialect, raw = slot.dialect, slot.raw
         check = self._check
-        failed = DiscardReason.BROKEN if check is None else DiscardReason.CHECK_FAILED
         try:
             with Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw)) as guard:
                 if check is None:
                     dialect.ping(raw)
                 else:
                     check(raw)
-                    # A check that ran a query opened a transaction on most drivers: end it.
-                    if dialect.transaction_state(raw) is TxState.IN_TRANSACTION:
+                    # A check that ran a query opened a transaction on most drivers: end it
+                    # (where the driver cannot tell, end whatever may be open).
+                    state = dialect.transaction_state(raw)
+                    if state is TxState.IN_TRANSACTION or state is TxState.UNKNOWN:
                         dialect.rollback(raw)
             fit = not guard.fired and dialect.transaction_state(raw) in (
                 TxState.IDLE,
@@ -1010,13 +1057,11 @@ class Pool(Generic[C]):
             what = "validation" if check is None else "its check"
             logger.info("pool %r: idle connection failed %s: %s", self._name, what, _describe(exc))
             fit = False
-        except BaseException:
-            self._discard(slot, DiscardReason.INTERRUPTED, broken=True, checkout=checkout)
-            raise
-        if not fit:
-            broken = check is None or _is_broken(slot)
-            self._discard(slot, failed, broken=broken, checkout=checkout)
-        return fit
+        if fit:
+            return None
+        if check is None:
+            return DiscardReason.BROKEN, True
+        return DiscardReason.CHECK_FAILED, _is_broken(slot)
 
     # -- opening connections ------------------------------------------------------------------
 
@@ -1400,9 +1445,14 @@ class Pool(Generic[C]):
                     self._held_time += held
                 if broken:
                     self._broken_at = monotonic()
-                self._forget_locked([slot], reason)
+                if self._closed:  # not a discard: the pool is closing everything anyway
+                    closing_reason: str = POOL_CLOSED
+                    self._forget_locked([slot])
+                else:
+                    closing_reason = reason
+                    self._forget_locked([slot], reason)
         if counted:
-            self._close_raw(slot, reason, detail)
+            self._close_raw(slot, closing_reason, detail)
         else:  # close() took it back and closes it; or it was leased before reopen()
             self._close_if_retired(slot)
 
@@ -1559,40 +1609,42 @@ class Pool(Generic[C]):
         at a time.  They count as in use meanwhile."""
         with self._lock:
             broken_at = self._swept_at = self._broken_at
-            suspects = [slot for slot in self._idle if slot.used_at <= broken_at]
+            suspects = deque(slot for slot in self._idle if slot.used_at <= broken_at)
             if not suspects:
                 return
             self._idle = deque(slot for slot in self._idle if slot.used_at > broken_at)
-            self._in_use += len(suspects)
-            for slot in suspects:
-                slot.owner = 0  # held by the pool itself
+            self._in_use += len(suspects)  # held by the pool itself meanwhile
+        count = len(suspects)
         dead = self._probe_all(suspects, monotonic() + _SWEEP_TIME)
         logger.info(
             "pool %r: a broken connection was found; %d of %d idle connections older than it "
             "were dead too",
             self._name,
             dead,
-            len(suspects),
+            count,
         )
 
-    def _probe_all(self, slots: list[_Slot], deadline: float) -> int:
+    def _probe_all(self, untried: deque[_Slot], deadline: float) -> int:
         """Ping idle connections the pool took out of the stack (counted in use), all by
         ``deadline``; put the live ones back, discard the dead.  Returns how many were dead.
-        If a ping is interrupted, the connections not yet pinged go back as they were."""
-        untried = deque(slots)
+        ``untried`` is emptied as they are pinged: if a ping is interrupted, the connections
+        still in it go back as they were."""
         dead = 0
         try:
             while untried:
-                slot = untried.popleft()
-                if self._fit_for_use(slot, deadline, checkout=False, probe=True):
+                slot = untried[0]
+                slot.owner = 0  # held by the pool itself
+                fit = self._fit_for_use(slot, deadline, checkout=False, probe=True)
+                untried.popleft()
+                if fit:
                     slot.used_at = monotonic()
                     self._put_back(slot)
                 else:
                     dead += 1
         except BaseException:
             self._drop_lock_if_held()
-            for slot in untried:
-                self._put_back(slot)
+            while untried:
+                self._put_back(untried.popleft())
             raise
         return dead
 
