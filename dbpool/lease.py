@@ -397,10 +397,9 @@ class PoolCursor(Cursor[C]):
             lease = self._lease
         except AttributeError:  # never set up
             return
-        slot = lease._slot
-        if slot is None or not slot.claim.acquire(False):
+        slot = detach(lease)
+        if slot is None:
             return  # closed
-        object.__setattr__(lease, "_slot", None)
         lease._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
         warnings.warn(
             f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "

@@ -87,6 +87,41 @@ def scalar(conn: Any, sql: str, params: Any = None) -> Any:
     return rows(conn, sql, params)[0][0]
 
 
+#: Every discard reason the pool counts (written out: the tests check the public names).
+DISCARD_REASONS = {
+    "broken",
+    "check_failed",
+    "expired",
+    "idle",
+    "reset_failed",
+    "session_reset",
+    "resized",
+    "interrupted",
+}
+
+
+def assert_accounting(pool: Any, *, resized: bool = False) -> Any:
+    """The pool's invariants, read through its public stats; returns the snapshot.
+    ``resized``: max_size was lowered, so size may exceed it until the leases come back."""
+    s = pool.stats()
+    assert s.size == s.idle + s.in_use + s.opening, s
+    assert min(s.size, s.idle, s.in_use, s.opening, s.waiting) >= 0, s
+    if not resized:
+        assert s.size <= s.max_size, s
+    return s
+
+
+def probe(raw: Any) -> None:
+    """A check hook that proves a driver connection works and leaves no transaction open."""
+    cur = raw.cursor()
+    try:
+        cur.execute("SELECT 'alive'")
+        cur.fetchall()
+    finally:
+        cur.close()
+    raw.rollback()
+
+
 def servers_required() -> bool:
     return os.environ.get(REQUIRE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 

@@ -22,29 +22,20 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import Backend, Caller, rows, scalar, wait_until
+from tests.conftest import (
+    DISCARD_REASONS,
+    Backend,
+    Caller,
+    assert_accounting,
+    rows,
+    scalar,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 BOUND = 10.0
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
-DISCARD_REASONS = {
-    "broken",
-    "check_failed",
-    "expired",
-    "idle",
-    "reset_failed",
-    "session_reset",
-    "resized",
-    "interrupted",
-}
-
-
-def assert_accounting(pool: dbpool.Pool[Any]) -> Any:
-    s = pool.stats()
-    assert s.size == s.idle + s.in_use + s.opening, s
-    assert 0 <= s.size <= s.max_size, s
-    return s
 
 
 def as_tuples(result: list[Any]) -> list[tuple[Any, ...]]:

@@ -24,7 +24,16 @@ import pytest
 import dbpool
 from dbpool.dialects import Dialect, TxState
 from tests import fakedb
-from tests.conftest import Backend, Caller, rows, scalar, wait_until
+from tests.conftest import (
+    DISCARD_REASONS,
+    Backend,
+    Caller,
+    assert_accounting,
+    probe,
+    rows,
+    scalar,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,39 +45,7 @@ BOUND = 10.0
 SLACK = 3.0
 
 EVENT_NAMES = {"connect", "checkout", "checkin", "discard", "close"}
-DISCARD_REASONS = {
-    "broken",
-    "check_failed",
-    "expired",
-    "idle",
-    "reset_failed",
-    "session_reset",
-    "resized",
-    "interrupted",
-}
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def assert_accounting(pool: dbpool.Pool[Any]) -> Any:
-    """The pool's invariants, read through its public stats; returns the snapshot."""
-    s = pool.stats()
-    assert s.size == s.idle + s.in_use + s.opening, s
-    assert 0 <= s.size <= s.max_size, s
-    assert min(s.idle, s.in_use, s.opening, s.waiting) >= 0, s
-    return s
-
-
-def probe(raw: Any) -> None:
-    """A check that proves a driver connection works and leaves no transaction open."""
-    cur = raw.cursor()
-    try:
-        cur.execute("SELECT 'alive'")
-        cur.fetchall()
-    finally:
-        cur.close()
-    raw.rollback()
 
 
 def use(conn: Any) -> None:

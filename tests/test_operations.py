@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Backend, Caller, rows, wait_until
+from tests.conftest import Backend, Caller, assert_accounting, probe, rows, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,28 +35,11 @@ SERVERS = [
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def assert_accounting(pool: dbpool.Pool[Any]) -> Any:
-    s = pool.stats()
-    assert s.size == s.idle + s.in_use + s.opening, s
-    assert min(s.size, s.idle, s.in_use, s.opening, s.waiting) >= 0, s
-    return s
-
-
 def use(conn: Any) -> None:
     cur = conn.cursor()
     cur.execute("SELECT 2")
     cur.fetchall()
     cur.close()
-
-
-def probe(raw: Any) -> None:
-    cur = raw.cursor()
-    try:
-        cur.execute("SELECT 'alive'")
-        cur.fetchall()
-    finally:
-        cur.close()
-    raw.rollback()
 
 
 class Holder:
@@ -495,18 +478,18 @@ def test_shrinking_max_size_below_in_use_closes_leases_as_they_return(make_pool,
     leases = [pool.connection() for _ in range(4)]
     raws = [lease.raw for lease in leases]
     pool.resize(max_size=2)
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.max_size, s.size, s.in_use) == (2, 4, 4), s
     leases[0].close()
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.idle, s.discards["resized"]) == (3, 0, 1), s
     assert raws[0].closed
     leases[1].close()
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.idle, s.discards["resized"]) == (2, 0, 2), s
     leases[2].close()
     leases[3].close()
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.idle, s.discards["resized"]) == (2, 2, 2), s
     assert not raws[2].closed and not raws[3].closed
     # And the pool never grows past the new cap.
@@ -525,7 +508,7 @@ def test_shrinking_max_size_closes_extra_idle_connections_at_once(make_pool, ser
         lease.close()
     assert pool.stats().idle == 4
     pool.resize(max_size=1)
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.idle, s.max_size) == (1, 1, 1), s
     assert s.discards["resized"] == 3
     assert len(server.open_connections) == 1
@@ -539,7 +522,7 @@ def test_a_waiter_is_served_only_once_the_pool_is_back_under_the_new_max(make_po
     pool.resize(max_size=1)
     a.close()  # size 2 > 1: closed, and the waiter may not have it
     assert raw_a.closed
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.waiting) == (1, 1), s
     assert not queued.done.is_set()
     b.close()  # size 1: handed on
@@ -565,7 +548,7 @@ def test_resize_with_both_bounds_at_once(make_pool, server):
     assert (pool.min_size, pool.max_size) == (3, 5)
     wait_until(lambda: pool.stats().idle == 3, timeout=BOUND)
     pool.resize(min_size=0, max_size=1)
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert (s.size, s.min_size, s.max_size) == (1, 0, 1), s
 
 
@@ -603,14 +586,14 @@ def test_resize_while_in_use_keeps_the_accounting(make_pool, server):
     try:
         for _ in range(150):
             pool.resize(max_size=rng.randint(1, 4))
-            assert_accounting(pool)
+            assert_accounting(pool, resized=True)
     finally:
         stop.set()
         for w in workers:
             assert w.outcome(BOUND) is None
     assert not errors, errors
     pool.resize(max_size=2)
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert s.in_use == 0 and s.size <= 2, s
     wait_until(
         lambda: len(server.open_connections) == pool.stats().size,
@@ -983,11 +966,11 @@ def test_lowering_max_size_while_a_connect_is_under_way(make_pool, server):
         gate.release()
     assert connecting.outcome(BOUND) is None  # its slot was reserved before the resize
     second = connecting.value
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert s.size == 2 and s.max_size == 1, s
     first.close()
     second.close()
-    s = assert_accounting(pool)
+    s = assert_accounting(pool, resized=True)
     assert s.size <= 1, f"the pool stayed above its new max_size once everything came back: {s}"
     assert s.discards["resized"] == 1, s.discards
 
