@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import signal
 import sqlite3
 import sys
 import threading
@@ -120,6 +121,22 @@ def probe(raw: Any) -> None:
     finally:
         cur.close()
     raw.rollback()
+
+
+def wait_for_child(pid: int, timeout: float) -> int:
+    """The child's exit code; kill it and fail if it has not exited within ``timeout``."""
+
+    def exited() -> Any:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return (status,) if done == pid else None
+
+    try:
+        (status,) = wait_until(exited, timeout=timeout, message=f"child {pid} still running")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return os.waitstatus_to_exitcode(status)
 
 
 def servers_required() -> bool:

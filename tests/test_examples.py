@@ -42,6 +42,7 @@ from tests.conftest import (
     Connector,
     rows,
     scalar,
+    wait_for_child,
     wait_until,
 )
 from tests.pgbouncer import PgBouncer, pgbouncer  # noqa: F401 - pgbouncer is the fixture
@@ -418,22 +419,6 @@ def test_gunicorn_worker_forked_after_the_pool_was_made(
     assert parent_pool.stats() == before
     status, body = call_wsgi(gunicorn_app.app, "/")
     assert status == "200 OK" and body["backend_pid"] == parent_backend
-
-
-def wait_for_child(pid: int, timeout: float) -> int:
-    """The child's exit code; kill it and fail if it has not exited within ``timeout``."""
-
-    def exited() -> Any:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return (status,) if done == pid else None
-
-    try:
-        (status,) = wait_until(exited, timeout=timeout, message=f"child {pid} still running")
-    except AssertionError:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    return os.waitstatus_to_exitcode(status)
 
 
 def pg_sessions_named(dsn: str, prefix: str) -> dict[str, set[int]]:

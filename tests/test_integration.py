@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import threading
@@ -27,7 +26,7 @@ import pytest
 
 import dbpool
 from dbpool.dialects import for_connection
-from tests.conftest import Backend, wait_until
+from tests.conftest import Backend, wait_for_child
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -549,22 +548,6 @@ def _child_uses_the_pool(
             os._exit(code)
 
 
-def _wait_for_child(pid: int, timeout: float) -> int:
-    """The child's exit code; kill it and fail if it has not exited within ``timeout``."""
-
-    def exited() -> Any:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        return (status,) if done == pid else None
-
-    try:
-        (status,) = wait_until(exited, timeout=timeout, message=f"child {pid} still running")
-    except AssertionError:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    return os.waitstatus_to_exitcode(status)
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
 @pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork.*:DeprecationWarning")
 @pytest.mark.parametrize("db", SERVERS, indirect=True)
@@ -587,7 +570,7 @@ def test_forked_child_opens_its_own_connections_and_parent_keeps_its_own(
         _child_uses_the_pool(pool, db, parent_ids, write_fd)
     os.close(write_fd)
     try:
-        code = _wait_for_child(pid, timeout=20)
+        code = wait_for_child(pid, timeout=20)
         with os.fdopen(read_fd, "rb") as pipe:
             read_fd = -1
             report = json.loads(pipe.read() or b"{}")
