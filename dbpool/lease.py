@@ -81,7 +81,7 @@ class Connection(Generic[C]):
         """Return the connection to the pool.  Calling it again does nothing."""
         slot = self._slot
         if slot is not None and slot.claim.acquire(False):  # else released already
-            object.__setattr__(self, "_slot", None)
+            _set_slot(self, None)
             self._pool._give_back(slot)
 
     def __enter__(self) -> Connection[C]:
@@ -294,7 +294,7 @@ class Cursor(Generic[C]):
 
     def close(self) -> None:
         if self._open:
-            object.__setattr__(self, "_open", False)
+            _set_cursor_open(self, False)
             self._raw.close()
             slot = self._lease._slot
             if slot is not None and slot.cursors:  # the return path need not close it again
@@ -349,7 +349,7 @@ def detach(conn: Connection[C]) -> _Slot | None:
     slot = conn._slot
     if slot is None or not slot.claim.acquire(False):
         return None
-    object.__setattr__(conn, "_slot", None)
+    _set_slot(conn, None)
     return slot
 
 

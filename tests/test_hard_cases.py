@@ -251,47 +251,46 @@ class _StallingLock:
         self.release()
 
 
-def test_interrupt_after_being_handed_a_connection_keeps_accounting(make_pool: Any) -> None:
-    # Pool._take: a returning thread hands the connection to the waiting main thread
-    # (in_use += 1) and still holds the lock; the main thread wakes, blocks on
-    # `with self._lock:` (after the try/except that calls _abandon) and is interrupted there.
-    # Nobody owns the handed connection any more: in_use stays 1 and the pool of one is dead.
+def test_a_waiter_handed_a_connection_takes_it_without_the_pool_lock(make_pool: Any) -> None:
+    # Pool._take: a returning thread hands the connection to the waiting main thread and still
+    # holds the lock.  The waiter reads what it was handed without taking the lock again, so it
+    # can neither queue behind the returning thread nor be interrupted there while holding a
+    # connection nobody else accounts for.
     pool = make_pool(max_size=1)
     holder = pool.connect()
     proxy = _StallingLock(pool._lock)
     pool._lock = proxy  # private: holds the returning thread inside the critical section
     errors: list[BaseException] = []
+    threads: list[threading.Thread] = []
 
     def returner() -> None:
         proxy.stall_ident = threading.get_ident()
         holder.close()
 
+    def helper() -> None:
+        try:
+            wait_until(lambda: pool.stats().waiting == 1)
+            threads.append(start(returner))
+        except BaseException as exc:
+            errors.append(exc)
+
     try:
-        with keyboard_interrupt_on_sigusr1() as send:
-
-            def helper() -> None:
-                try:
-                    wait_until(lambda: pool.stats().waiting == 1)
-                    r = start(returner)
-                    try:
-                        assert proxy.stalled.wait(5)
-                        interrupt_main_at_pool_lock(send, {"_take"})
-                    finally:
-                        proxy.go.set()
-                        r.join(10)
-                except BaseException as exc:
-                    errors.append(exc)
-
-            t = start(helper)
-            with pytest.raises(KeyboardInterrupt):
-                pool.connection(timeout=10)
-            t.join(15)
+        threads.append(start(helper))
+        with pool.connection(timeout=10):
+            stalled = proxy.stalled.wait(5)
+            held_by_returner = not proxy.real.acquire(blocking=False)
+            if not held_by_returner:
+                proxy.real.release()
+            proxy.go.set()
+        for thread in threads:
+            thread.join(10)
     finally:
         proxy.go.set()
         pool._lock = proxy.real
     assert errors == []
+    assert stalled and held_by_returner, "the waiter was served only once the lock was free"
     s = pool.stats()
-    assert (s.in_use, s.waiting) == (0, 0), f"handed connection lost: {s}"
+    assert (s.in_use, s.waiting, s.idle) == (0, 0, 1), s
     with pool.connection(timeout=0.5):
         pass
 
@@ -352,11 +351,7 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
     lease = pool.connect()
     release_code = dbpool.Connection.close.__code__
     lines, first = inspect.getsourcelines(dbpool.Connection.close)
-    [clear_line] = [
-        first + i
-        for i, text in enumerate(lines)
-        if 'object.__setattr__(self, "_slot", None)' in text
-    ]
+    [clear_line] = [first + i for i, text in enumerate(lines) if "_set_slot(self, None)" in text]
     paused, go = threading.Event(), threading.Event()
 
     def local(frame: Any, event: str, arg: Any) -> Any:

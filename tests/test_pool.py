@@ -6,6 +6,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 
 import pytest
 
@@ -403,6 +404,56 @@ def test_slow_rollback_does_not_stall_other_checkouts(make_pool, server):
     gate.release()
     t.join(10)
     assert pool.stats().in_use == 0
+
+
+# -- which idle connection a checkout gets -----------------------------------------------------
+
+
+def test_back_to_back_checkouts_alternate_between_the_two_most_recent(make_pool, server):
+    pool = make_pool(max_size=3, validate_after=None)
+    leases = [pool.connect() for _ in range(3)]
+    bottom, second, top = (lease.raw for lease in leases)
+    for lease in leases:  # returned in this order: `top` last
+        lease.close()
+    seen = []
+    for _ in range(4):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    assert seen == [second, top, second, top]
+    # the one returned first never came out again: it is the one idle_timeout closes
+    assert pool._idle[0].raw is bottom
+
+
+def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):
+    monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
+    pool = make_pool(max_size=2, validate_after=0.1)
+    stale, recent = pool.connect(), pool.connect()
+    stale_raw, recent_raw = stale.raw, recent.raw
+    stale.close()
+    time.sleep(0.2)
+    recent.close()
+    for _ in range(2):
+        with pool.connection() as conn:
+            assert conn.raw is recent_raw
+    assert server.count("ping") == 0
+    assert pool._idle[0].raw is stale_raw
+
+
+def test_back_to_back_checkouts_ping_a_stale_second_connection_once(make_pool, server, monkeypatch):
+    monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
+    pool = make_pool(max_size=2, validate_after=5.0)
+    stale, recent = pool.connect(), pool.connect()
+    stale_raw, recent_raw = stale.raw, recent.raw
+    stale.close()
+    for slot in pool._idle:  # make it look idle for longer than validate_after
+        slot.used_at -= 10.0
+    recent.close()
+    seen = []
+    for _ in range(4):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    assert seen == [stale_raw, recent_raw, stale_raw, recent_raw]
+    assert server.count("ping") == 1  # then both are fresh
 
 
 # -- reaping --------------------------------------------------------------------------------
