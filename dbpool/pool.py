@@ -436,7 +436,7 @@ class Pool(Generic[C]):
                         slot = candidate
             if slot is None:
                 if started is None:
-                    started = monotonic()
+                    started = now  # taken before the fast path's look at the idle stack
                 slot = self._acquire(timeout, deadline)
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
@@ -1739,6 +1739,7 @@ class Pool(Generic[C]):
     # -- reporting ----------------------------------------------------------------------------
 
     def _stats_locked(self) -> PoolStats:
+        wait_time, wait_histogram = self._wait_stats()
         return PoolStats(
             name=self._name,
             min_size=self._min_size,
@@ -1756,18 +1757,20 @@ class Pool(Generic[C]):
             connect_errors=self._connect_errors,
             leak_warnings=self._leak_warnings,
             leaked=self._leaked,
-            **self._wait_stats_locked(),
+            wait_time=wait_time,
+            wait_histogram=wait_histogram,
             held_time=self._held_time,
             returned=self._returned,
             connect_time=self._connect_time,
             discards=dict(self._discards),
         )
 
-    def _wait_stats_locked(self) -> dict[str, Any]:
+    def _wait_stats(self) -> tuple[float, tuple[int, ...]]:
+        """Total wait and histogram; called under the pool lock, which guards ``acquired``."""
         with self._wait_lock:
             counts = list(self._wait_counts)
             counts[0] += self._acquired - self._waits_recorded  # served at once: no wait
-            return {"wait_time": self._wait_time, "wait_histogram": tuple(counts)}
+            return self._wait_time, tuple(counts)
 
     def _note_wait(self, seconds: float) -> None:
         """Record the wait of a checkout that was not served at once from the idle stack.

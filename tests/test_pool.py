@@ -6,7 +6,6 @@ import gc
 import logging
 import signal
 import threading
-import time
 
 import pytest
 
@@ -426,11 +425,12 @@ def test_back_to_back_checkouts_alternate_between_the_two_most_recent(make_pool,
 
 def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
-    pool = make_pool(max_size=2, validate_after=0.1)
+    pool = make_pool(max_size=2, validate_after=5.0)
     stale, recent = pool.connect(), pool.connect()
     stale_raw, recent_raw = stale.raw, recent.raw
     stale.close()
-    time.sleep(0.2)
+    for slot in pool._idle:  # make it look idle for longer than validate_after
+        slot.used_at -= 10.0
     recent.close()
     for _ in range(2):
         with pool.connection() as conn:
