@@ -21,9 +21,10 @@ from typing import Any, Callable, Generic, TypeVar
 
 from . import _fork, reaper
 from ._types import C
-from .dialects import Dialect, TxState
+from .dialects import Dialect
 from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
+from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
@@ -416,11 +417,15 @@ class Pool(Generic[C]):
             # The common case, inline: an idle connection that needs no round trip.
             now = monotonic()
             if not self._orphans:
-                with self._lock:
+                # acquire() and release() rather than "with": half the cost on CPython 3.11
+                self._lock.acquire()
+                try:
                     if self._idle:  # then nobody is waiting, and the pool is open
                         slot = self._pop_idle_locked(now)
                         self._in_use += 1
                         self._acquired += 1
+                finally:
+                    self._lock.release()
             deadline = None
             if slot is not None:
                 used_at = slot.used_at
@@ -1074,11 +1079,11 @@ class Pool(Generic[C]):
                     # A check that ran a query opened a transaction on most drivers: end it
                     # (where the driver cannot tell, end whatever may be open).
                     state = dialect.transaction_state(raw)
-                    if state is TxState.IN_TRANSACTION or state is TxState.UNKNOWN:
+                    if state is IN_TRANSACTION or state is UNKNOWN:
                         dialect.rollback(raw)
             fit = not guard.fired and dialect.transaction_state(raw) in (
-                TxState.IDLE,
-                TxState.UNKNOWN,
+                IDLE,
+                UNKNOWN,
             )
         except Exception as exc:
             what = "validation" if check is None else "its check"
@@ -1189,11 +1194,11 @@ class Pool(Generic[C]):
             if self._configure is not None:
                 self._configure(raw)
                 state = dialect.transaction_state(raw)
-                if state is TxState.UNKNOWN:
+                if state is UNKNOWN:
                     # The driver cannot tell whether configure left a transaction open: end
                     # any, so that no idle connection holds locks (what it committed stays).
                     dialect.rollback(raw)
-                if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                if state is not IDLE and state is not UNKNOWN:
                     left = state.value.replace("_", " ")
                     raise PoolError(
                         f"pool {self._name!r}: configure left the new connection {left}: end "
@@ -1404,14 +1409,14 @@ class Pool(Generic[C]):
                 for cursor in cursors:
                     cursor.close()
             state = dialect.transaction_state(raw)
-            if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
+            if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
                 dialect.rollback(raw)
                 state = dialect.transaction_state(raw)
-                if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+                if state is not IDLE and state is not UNKNOWN:
                     return _RESET_FAILED, f"still {state.value} after rollback"
-            elif state is TxState.BROKEN:
+            elif state is BROKEN:
                 return DiscardReason.BROKEN, "returned broken"
-            elif state is not TxState.IDLE and state is not TxState.UNKNOWN:
+            elif state is not IDLE and state is not UNKNOWN:
                 return _RESET_FAILED, f"returned {state.value}"
             if slot.restore:
                 restore, slot.restore = slot.restore, None
@@ -1436,7 +1441,7 @@ class Pool(Generic[C]):
                     _describe(exc),
                 )
                 return _RESET_FAILED, f"the reset hook raised {_describe(exc)}"
-            if state is not TxState.IDLE and state is not TxState.UNKNOWN:
+            if state is not IDLE and state is not UNKNOWN:
                 return _RESET_FAILED, f"the reset hook left it {state.value}"
         try:
             if dialect.client_settings(raw) != slot.settings:
@@ -1852,7 +1857,7 @@ def _is_broken(slot: _Slot) -> bool:
 
 def _driver_says_broken(slot: _Slot) -> bool:
     try:
-        return slot.dialect.transaction_state(slot.raw) is TxState.BROKEN
+        return slot.dialect.transaction_state(slot.raw) is BROKEN
     except Exception:
         return True
 

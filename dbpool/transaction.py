@@ -22,7 +22,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._types import C
-from .dialects import TxState
+from .dialects.base import BROKEN, IN_TRANSACTION, UNKNOWN
 from .errors import CommitOutcomeUnknown, PoolError, TransactionTimeout
 from .isolation import Isolation
 from .watchdog import watchdog
@@ -128,7 +128,7 @@ class Transaction(Generic[C]):
         dialect, raw = slot.dialect, slot.raw
         dialect.check_begin(self._isolation, self._readonly)  # ValueError, before any I/O
         state = dialect.transaction_state(raw)
-        if state is TxState.IN_TRANSACTION or (state is TxState.UNKNOWN and slot.dirty):
+        if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
             raise PoolError(
                 "this connection has work pending: commit or roll back before starting a "
                 "transaction on it"
@@ -244,7 +244,7 @@ class Transaction(Generic[C]):
             dialect.commit(raw)
         except Exception as exc:
             slot.busy = False
-            if dialect.transaction_state(raw) is TxState.BROKEN or dialect.is_disconnect(exc):
+            if dialect.transaction_state(raw) is BROKEN or dialect.is_disconnect(exc):
                 slot.doomed = True
                 raise CommitOutcomeUnknown(
                     "the connection was lost while COMMIT was in flight: the transaction may "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, milliseconds
+from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, milliseconds
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 _LIMIT_TIME_SQL = (
@@ -22,7 +22,7 @@ def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:
 
 
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
-_IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
+_PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
 
 
 class PsycopgDialect(Dialect):
@@ -33,13 +33,13 @@ class PsycopgDialect(Dialect):
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
         # connection that is closed or broken.
         status = conn.pgconn.transaction_status
-        if status == _IDLE:
-            return TxState.IDLE
-        if status in (_INTRANS, _INERROR):
-            return TxState.IN_TRANSACTION
-        if status == _ACTIVE:
-            return TxState.BUSY
-        return TxState.BROKEN
+        if status == _PQ_IDLE:
+            return IDLE
+        if status in (_PQ_INTRANS, _PQ_INERROR):
+            return IN_TRANSACTION
+        if status == _PQ_ACTIVE:
+            return BUSY
+        return BROKEN
 
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)

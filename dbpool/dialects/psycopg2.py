@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute, milliseconds
+from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 from .psycopg import _LIMIT_TIME_SQL, _RETRYABLE_SQLSTATES, _begin_sql
 
-_IDLE, _ACTIVE, _INTRANS, _INERROR, _UNKNOWN = range(5)
+_PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
 
 
 class Psycopg2Dialect(Dialect):
@@ -17,15 +17,15 @@ class Psycopg2Dialect(Dialect):
 
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed:
-            return TxState.BROKEN
+            return BROKEN
         status = conn.get_transaction_status()  # conn.info makes an object per call
-        if status == _IDLE:
-            return TxState.IDLE
-        if status in (_INTRANS, _INERROR):
-            return TxState.IN_TRANSACTION
-        if status == _ACTIVE:
-            return TxState.BUSY
-        return TxState.BROKEN
+        if status == _PQ_IDLE:
+            return IDLE
+        if status in (_PQ_INTRANS, _PQ_INERROR):
+            return IN_TRANSACTION
+        if status == _PQ_ACTIVE:
+            return BUSY
+        return BROKEN
 
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
@@ -82,7 +82,7 @@ class Psycopg2Dialect(Dialect):
             conn.commit()
 
     def rollback(self, conn: Any) -> None:
-        if conn.autocommit and conn.info.transaction_status != _IDLE:
+        if conn.autocommit and conn.info.transaction_status != _PQ_IDLE:
             _execute(conn, "ROLLBACK")
         else:
             conn.rollback()

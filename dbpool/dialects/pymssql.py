@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute, is_database_error, milliseconds
+from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, is_database_error, milliseconds
 
 _DEADLOCK_VICTIM = 1205
 
@@ -20,8 +20,8 @@ class PymssqlDialect(Dialect):
         try:
             connected = conn._conn.connected
         except Exception:  # pymssql refuses to reach a closed connection's socket
-            return TxState.BROKEN
-        return TxState.UNKNOWN if connected else TxState.BROKEN
+            return BROKEN
+        return UNKNOWN if connected else BROKEN
 
     def client_settings(self, conn: Any) -> object:
         return conn.autocommit_state

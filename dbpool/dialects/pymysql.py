@@ -7,7 +7,17 @@ import socket
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute, is_database_error
+from .base import (
+    BROKEN,
+    BUSY,
+    IDLE,
+    IN_TRANSACTION,
+    UNKNOWN,
+    Dialect,
+    TxState,
+    _execute,
+    is_database_error,
+)
 
 _RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
 # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
@@ -82,18 +92,18 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
 
     def transaction_state(self, conn: Any) -> TxState:
         if not conn.open:
-            return TxState.BROKEN
+            return BROKEN
         result = conn._result
         if result is not None and result.unbuffered_active:
-            return TxState.BUSY
+            return BUSY
         status = conn.server_status or 0
         if status & _IN_TRANS:
-            return TxState.IN_TRANSACTION
+            return IN_TRANSACTION
         if status & _AUTOCOMMIT:
-            return TxState.IDLE
+            return IDLE
         # With autocommit off, a plain read opens a consistent snapshot that MariaDB does not
         # report in the status flags: only the lease's record of statements can tell.
-        return TxState.UNKNOWN
+        return UNKNOWN
 
     def client_settings(self, conn: Any) -> object:
         return bool((conn.server_status or 0) & _AUTOCOMMIT)
@@ -135,7 +145,7 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     name = "mysqlclient"
 
     def transaction_state(self, conn: Any) -> TxState:
-        return TxState.UNKNOWN if conn.open else TxState.BROKEN
+        return UNKNOWN if conn.open else BROKEN
 
     def client_settings(self, conn: Any) -> object:
         return conn.get_autocommit()

@@ -7,7 +7,7 @@ import threading
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import Dialect, TxState, _execute, milliseconds
+from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 
 _BUSY_OR_LOCKED = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
 
@@ -39,8 +39,8 @@ class SQLiteDialect(Dialect):
         try:
             in_transaction = conn.in_transaction
         except sqlite3.ProgrammingError:  # closed
-            return TxState.BROKEN
-        return TxState.IN_TRANSACTION if in_transaction else TxState.IDLE
+            return BROKEN
+        return IN_TRANSACTION if in_transaction else IDLE
 
     def client_settings(self, conn: Any) -> object:
         return conn.isolation_level
