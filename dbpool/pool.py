@@ -52,8 +52,10 @@ _INHERITED = -2  # inherited across fork(): must never be touched
 # usable by its borrower, and closed by whoever returns it.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
-# A connection returned less than this long ago is not handed out again while another is idle.
+# A connection returned less than this long ago is not handed out again while another is idle;
+# checkouts rotate through up to _ROTATION fresh idle connections (see _pop_idle_locked).
 _BACK_TO_BACK = 0.001
+_ROTATION = 4
 _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
 
 
@@ -981,21 +983,32 @@ class Pool(Generic[C]):
         return waiter.slot
 
     def _pop_idle_locked(self, now: float) -> _Slot:
-        """Take the idle connection to hand out: the most recently returned, except when it
-        came back under ``_BACK_TO_BACK`` ago, or the one returned before it is fresh too
-        (used within validate_after): then that one.
+        """Take the idle connection to hand out: the least recently returned of the
+        ``_ROTATION`` on top of the stack that is fresh (used within validate_after); with none
+        fresh below the top, the top one, unless it came back under ``_BACK_TO_BACK`` ago: then
+        the one returned before it.
 
-        A connection asked for again right after its return answers measurably slower than
-        one idle a little longer (docs/benchmarks), so back-to-back checkouts alternate
-        between two connections; the others still sink to the bottom of the stack and age
-        out.  Taking a stale second one costs a ping, after which it is fresh for
-        validate_after: at most one extra ping per validate_after.
+        A connection asked for again soon after its return answers measurably slower than one
+        idle a little longer (docs/benchmarks), so back-to-back checkouts rotate through a
+        few connections; the others sink to the bottom of the stack and age out.  Taking a
+        stale second one costs a ping, after which it is fresh for validate_after: at most one
+        extra ping per validate_after.
         """
         idle = self._idle
+        depth = len(idle)
+        if depth > 1:
+            if depth > _ROTATION:
+                depth = _ROTATION
+            while depth > 1 and now - idle[-depth].used_at > self._validate_after:
+                depth -= 1  # the stack is in order of return: the ones above it are fresher
+            if depth == len(idle):
+                return idle.popleft()
+            if depth > 1:
+                slot = idle[-depth]
+                del idle[-depth]
+                return slot
         slot = idle.pop()
-        if idle and (
-            now - idle[-1].used_at <= self._validate_after or now - slot.used_at < _BACK_TO_BACK
-        ):
+        if idle and now - slot.used_at < _BACK_TO_BACK:
             slot, idle[-1] = idle[-1], slot
         return slot
 

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import dbpool
+from dbpool.pool import _ROTATION as ROTATION
 from tests import fakedb
 from tests.conftest import wait_until
 
@@ -408,19 +409,40 @@ def test_slow_rollback_does_not_stall_other_checkouts(make_pool, server):
 # -- which idle connection a checkout gets -----------------------------------------------------
 
 
-def test_back_to_back_checkouts_alternate_between_the_two_most_recent(make_pool, server):
-    pool = make_pool(max_size=3, validate_after=None)
-    leases = [pool.connect() for _ in range(3)]
-    bottom, second, top = (lease.raw for lease in leases)
-    for lease in leases:  # returned in this order: `top` last
+def test_back_to_back_checkouts_rotate_through_the_most_recent_few(make_pool, server):
+    pool = make_pool(max_size=6, validate_after=None)
+    leases = [pool.connect() for _ in range(6)]
+    raws = [lease.raw for lease in leases]
+    for lease in leases:  # returned in this order: raws[-1] last
+        lease.close()
+    seen = []
+    for _ in range(2 * ROTATION):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    window = raws[-ROTATION:]  # the four returned last, least recent first
+    assert seen == window + window
+    # the ones returned first never came out again: they are the ones idle_timeout closes
+    assert [slot.raw for slot in list(pool._idle)[:2]] == raws[:2]
+
+
+def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, server, monkeypatch):
+    monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
+    pool = make_pool(max_size=4, validate_after=5.0)
+    leases = [pool.connect() for _ in range(4)]
+    stale, fresh = [lease.raw for lease in leases[:2]], [lease.raw for lease in leases[2:]]
+    for lease in leases[:2]:
+        lease.close()
+    for slot in pool._idle:  # make them look idle for longer than validate_after
+        slot.used_at -= 10.0
+    for lease in leases[2:]:
         lease.close()
     seen = []
     for _ in range(4):
         with pool.connection() as conn:
             seen.append(conn.raw)
-    assert seen == [second, top, second, top]
-    # the one returned first never came out again: it is the one idle_timeout closes
-    assert pool._idle[0].raw is bottom
+    assert seen == fresh + fresh
+    assert server.count("ping") == 0
+    assert [slot.raw for slot in list(pool._idle)[:2]] == stale
 
 
 def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):
