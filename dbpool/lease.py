@@ -254,14 +254,15 @@ class Cursor(Generic[C]):
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
+        raw = self._raw
         slot.dirty = slot.busy = True
         try:
-            result = self._raw.execute(*args, **kwargs)
+            result = raw.execute(*args, **kwargs)
         except Exception:
             slot.busy = False
             raise
         slot.busy = False
-        return self if result is self._raw else result
+        return self if result is raw else result
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
         slot = self._lease._slot
@@ -269,14 +270,15 @@ class Cursor(Generic[C]):
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
+        raw = self._raw
         slot.dirty = slot.busy = True
         try:
-            result = self._raw.executemany(*args, **kwargs)
+            result = raw.executemany(*args, **kwargs)
         except Exception:
             slot.busy = False
             raise
         slot.busy = False
-        return self if result is self._raw else result
+        return self if result is raw else result
 
     def fetchone(self) -> Any:
         slot = self._lease._slot
