@@ -455,7 +455,7 @@ def scenario_short_tx(cfg: Config, env: Env) -> Section:
         f"pass of {cfg.counted_txs} transactions per library. The raw floor spreads the "
         "transactions over all its connections, as the FIFO pools (psycopg_pool, QueuePool, "
         "PooledDB) do; dbpool's idle stack hands out the most recently returned connection, "
-        "rotating through the four most recent ones while they are fresh."
+        "rotating through the four most recent ones under load."
     ]
     for label, source, make_wire in variants:
         log(f"short_tx ({label}): SELECT 1 + commit, pools of {cfg.pool_size}")

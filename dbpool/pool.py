@@ -52,8 +52,8 @@ _INHERITED = -2  # inherited across fork(): must never be touched
 # usable by its borrower, and closed by whoever returns it.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
-# A connection returned less than this long ago is not handed out again while another is idle;
-# checkouts rotate through up to _ROTATION fresh idle connections (see _pop_idle_locked).
+# Checkouts rotate through up to _ROTATION idle connections; one returned less than
+# _BACK_TO_BACK ago is not handed out again while another is idle (see _pop_idle_locked).
 _BACK_TO_BACK = 0.001
 _ROTATION = 4
 _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
@@ -984,33 +984,31 @@ class Pool(Generic[C]):
 
     def _pop_idle_locked(self, now: float) -> _Slot:
         """Take the idle connection to hand out: the least recently returned of the
-        ``_ROTATION`` on top of the stack that is fresh (used within validate_after); with none
-        fresh below the top, the top one, unless it came back under ``_BACK_TO_BACK`` ago: then
-        the one returned before it.
+        ``_ROTATION`` on top of the stack.  Unless the top one came back under
+        ``_BACK_TO_BACK`` ago, only fresh ones (used within validate_after) take part; with
+        none fresh below the top, the top one.
 
         A connection asked for again soon after its return answers measurably slower than one
-        idle a little longer (docs/benchmarks), so back-to-back checkouts rotate through a
-        few connections; the others sink to the bottom of the stack and age out.  Taking a
-        stale second one costs a ping, after which it is fresh for validate_after: at most one
-        extra ping per validate_after.
+        idle a little longer (docs/benchmarks), so checkouts under load rotate through a few
+        connections; the others sink to the bottom of the stack and age out.  After a pause,
+        back-to-back checkouts bring stale ones back into the rotation, each at the cost of a
+        ping, after which it is fresh for validate_after: at most ``_ROTATION - 1`` extra
+        pings per validate_after.
         """
         idle = self._idle
         depth = len(idle)
-        if depth > 1:
-            if depth > _ROTATION:
-                depth = _ROTATION
+        if depth > _ROTATION:
+            depth = _ROTATION
+        if depth > 1 and now - idle[-1].used_at >= _BACK_TO_BACK:
             while depth > 1 and now - idle[-depth].used_at > self._validate_after:
                 depth -= 1  # the stack is in order of return: the ones above it are fresher
-            if depth == len(idle):
-                return idle.popleft()
-            if depth > 1:
-                slot = idle[-depth]
-                del idle[-depth]
-                return slot
-        slot = idle.pop()
-        if idle and now - slot.used_at < _BACK_TO_BACK:
-            slot, idle[-1] = idle[-1], slot
-        return slot
+        if depth == len(idle):
+            return idle.popleft()
+        if depth > 1:
+            slot = idle[-depth]
+            del idle[-depth]
+            return slot
+        return idle.pop()
 
     def _drop_lock_if_held(self) -> None:
         """Called first by a handler that undoes an interrupted step: if the exception landed

@@ -445,6 +445,26 @@ def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, serv
     assert [slot.raw for slot in list(pool._idle)[:2]] == stale
 
 
+def test_back_to_back_checkouts_bring_stale_connections_back_into_the_rotation(
+    make_pool, server, monkeypatch
+):
+    monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
+    pool = make_pool(max_size=ROTATION, validate_after=5.0)
+    leases = [pool.connect() for _ in range(ROTATION)]
+    raws = [lease.raw for lease in leases]
+    for lease in leases[:-1]:
+        lease.close()
+    for slot in pool._idle:  # idle for longer than validate_after, as after a pause
+        slot.used_at -= 10.0
+    leases[-1].close()
+    seen = []
+    for _ in range(2 * ROTATION):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    assert seen == raws + raws
+    assert server.count("ping") == ROTATION - 1  # each stale one once, then all are fresh
+
+
 def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
     pool = make_pool(max_size=2, validate_after=5.0)
