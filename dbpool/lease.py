@@ -385,14 +385,23 @@ def detach(conn: Connection[C]) -> _Slot | None:
 
 
 def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
-    """A new lease of ``slot``'s connection, for the pool's checkout path."""
+    """A new lease of ``slot``'s connection, for the pool's checkout path.
+
+    It returns nothing (neither ``close()`` nor its finaliser) until the caller, holding it,
+    releases ``slot.claim``: an interrupt between the two drops a lease that cannot return the
+    connection, and the checkout's own undo keeps it.
+    """
     conn: Connection[C] = _new(Connection)
     _set_pool(conn, pool)
     _set_slot(conn, slot)
     # The slot's lease fields are at their defaults: the return path saw to it.
     slot.owner = get_ident()
-    slot.claim.release()  # from now on the first close() returns it
     return conn
+
+
+def revoke(conn: Connection[C]) -> None:
+    """End a lease whose slot's claim the caller holds: it refers to nothing from now on."""
+    _set_slot(conn, None)
 
 
 class PoolCursor(Cursor[C]):

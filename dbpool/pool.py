@@ -28,7 +28,7 @@ from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
-from .lease import Connection, PoolCursor, detach, lease, pool_cursor
+from .lease import Connection, PoolCursor, detach, lease, pool_cursor, revoke
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
@@ -450,11 +450,13 @@ class Pool(Generic[C]):
             if started is None:
                 slot.leased_at = now
                 conn = lease(self, slot)
+                slot.claim.release()  # the lease is stored: its first close() returns it
                 if self._listeners.checkout:
                     emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, 0.0)
                 return conn
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
+            slot.claim.release()
             if self._listeners.checkout:
                 emit(
                     self._listeners.checkout,
@@ -470,11 +472,11 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             if slot is not None:
                 # A lease made meanwhile must never return it: it may be referenced (from the
-                # traceback) long after the connection went to someone else.
-                if conn is None:
-                    slot.claim.acquire(False)
-                else:
-                    detach(conn)
+                # traceback) long after the connection went to someone else.  The claim is
+                # held again after this whether or not the lease was armed.
+                slot.claim.acquire(False)
+                if conn is not None:
+                    revoke(conn)
                 with self._lock:
                     self._acquired -= 1  # not handed out after all
                 self._put_back(slot)

@@ -16,9 +16,12 @@ commented.
 
 from __future__ import annotations
 
+import dis
+import gc
 import inspect
 import sys
 import threading
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -257,3 +260,65 @@ def test_interrupt_in_the_checkout_fast_path_keeps_the_slot(make_pool: Any) -> N
         sys.settrace(None)
     s = pool.stats()
     assert (s.idle, s.in_use) == (1, 0), f"slot lost: {s}"
+
+
+# == 6. An interrupt as the lease is made: the dropped lease and the undo both return it ========
+
+
+def _raise_before_storing(function: Any, name: str) -> Callable[..., Any]:
+    """A trace function raising KeyboardInterrupt in ``function`` just before it stores the
+    result of a call in the local ``name``: a signal handler raising as the call returns.
+    The result, on the interpreter's stack only, is dropped at once."""
+    code = function.__code__
+    instructions = list(dis.get_instructions(code))
+    stores = {
+        ins.offset
+        for before, ins in zip(instructions, instructions[1:])
+        if ins.opname == "STORE_FAST" and ins.argval == name and before.opname.startswith("CALL")
+    }
+    assert stores, f"no call result stored in {name} in {function.__qualname__}"
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode" and frame.f_lasti in stores:
+            raise KeyboardInterrupt(f"signal before {function.__qualname__} stores {name}")
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code:
+            frame.f_trace_opcodes = True
+            return local
+        return None
+
+    return tracer
+
+
+@pytest.mark.parametrize("served", ["from the idle stack", "after waiting"])
+def test_interrupt_as_the_lease_is_made_returns_the_connection_once(
+    make_pool: Any, served: str
+) -> None:
+    # The new lease is dropped unreferenced, so its finaliser runs before the checkout's own
+    # undo.  Were the lease live already, both would give the connection back: it would sit
+    # in the idle stack twice and go to two borrowers at once.
+    pool = make_pool(max_size=1)
+    with pool.connection():
+        pass
+    if served == "after waiting":
+        holder = pool.connect()
+        threading.Timer(0.2, holder.close).start()
+    sys.settrace(_raise_before_storing(dbpool.Pool.connection, "conn"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.connection(timeout=5)
+    finally:
+        sys.settrace(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    with pool.connection(timeout=1) as a:  # returns any orphan first
+        s = pool.stats()
+        assert (s.size, s.in_use, s.idle) == (1, 1, 0), f"returned twice: {s}"
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.connection(timeout=0.2)  # the one connection is not handed out twice
+        assert a.cursor() is not None
+    assert not accounting(pool), accounting(pool)
