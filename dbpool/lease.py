@@ -57,10 +57,14 @@ class Connection(Generic[C]):
     through the lease are restored to their previous value on return.
     """
 
-    __slots__ = ("_pool", "_slot", "__weakref__")
+    __slots__ = ("_pool", "_slot", "_claim", "__weakref__")
 
     _pool: Pool[C]
     _slot: _Slot | None
+    # Holds the slot while this lease may return it: the first to pop it returns it, and
+    # list.pop is atomic, so of two threads closing one lease only one gives the slot back,
+    # and a released lease can never return the connection of a later one.
+    _claim: list[_Slot]
 
     def __init__(self) -> None:
         raise TypeError("a dbpool.Connection is not made directly: use pool.connection()")
@@ -87,20 +91,24 @@ class Connection(Generic[C]):
 
     def close(self) -> None:
         """Return the connection to the pool.  Calling it again does nothing."""
-        slot = self._slot
-        if slot is not None and slot.claim.acquire(False):  # else released already
-            _set_slot(self, None)
-            self._pool._give_back(slot)
+        try:
+            slot = self._claim.pop()
+        except IndexError:  # released already
+            return
+        _set_slot(self, None)
+        self._pool._give_back(slot)
 
     def __enter__(self) -> Connection[C]:
         return self
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         # close(), written out: every lease ends here, and a call more costs ~5 % of a checkout
-        slot = self._slot
-        if slot is not None and slot.claim.acquire(False):
-            _set_slot(self, None)
-            self._pool._give_back(slot)
+        try:
+            slot = self._claim.pop()
+        except IndexError:
+            return
+        _set_slot(self, None)
+        self._pool._give_back(slot)
 
     def _live(self, what: str) -> _Slot:
         slot = self._slot
@@ -207,11 +215,12 @@ class Connection(Generic[C]):
 
     def __del__(self) -> None:
         try:
-            slot = self._slot
-        except AttributeError:  # __init__ did not finish
+            claim = self._claim
+        except AttributeError:  # never set up
             return
-        if slot is None or not slot.claim.acquire(False):
+        if not claim:  # released, or never armed
             return
+        slot = claim.pop()
         self._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
         warnings.warn(
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
@@ -369,6 +378,7 @@ def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
 _new = object.__new__
 _set_pool = _slot_setter(Connection, "_pool")
 _set_slot = _slot_setter(Connection, "_slot")
+_set_claim = _slot_setter(Connection, "_claim")
 _set_cursor_lease = _slot_setter(Cursor, "_lease")
 _set_cursor_raw = _slot_setter(Cursor, "_raw")
 _set_cursor_open = _slot_setter(Cursor, "_open")
@@ -377,8 +387,9 @@ _set_cursor_open = _slot_setter(Cursor, "_open")
 def detach(conn: Connection[C]) -> _Slot | None:
     """End a lease without returning its connection, for the pool to dispose of; ``None`` if
     it was released already."""
-    slot = conn._slot
-    if slot is None or not slot.claim.acquire(False):
+    try:
+        slot = conn._claim.pop()
+    except IndexError:
         return None
     _set_slot(conn, None)
     return slot
@@ -388,19 +399,23 @@ def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
     """A new lease of ``slot``'s connection, for the pool's checkout path.
 
     It returns nothing (neither ``close()`` nor its finaliser) until the caller, holding it,
-    releases ``slot.claim``: an interrupt between the two drops a lease that cannot return the
-    connection, and the checkout's own undo keeps it.
+    arms it with ``slot.claim.append(slot)``: an interrupt between the two drops a lease that
+    cannot return the connection, and the checkout's own undo keeps it.
     """
     conn: Connection[C] = _new(Connection)
     _set_pool(conn, pool)
     _set_slot(conn, slot)
+    claim: list[_Slot] = []
+    _set_claim(conn, claim)
+    slot.claim = claim
     # The slot's lease fields are at their defaults: the return path saw to it.
     slot.owner = get_ident()
     return conn
 
 
 def revoke(conn: Connection[C]) -> None:
-    """End a lease whose slot's claim the caller holds: it refers to nothing from now on."""
+    """End a lease the checkout made but does not hand out (its claim emptied): it refers to
+    nothing from now on."""
     _set_slot(conn, None)
 
 

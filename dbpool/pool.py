@@ -106,10 +106,9 @@ class _Slot:
         self.cursors: list[Any] | None = None  # driver cursors the lease made
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
-        # Held while no lease owns the slot; the lease that acquires it first returns it, so
-        # two threads closing one lease return it once.
-        self.claim = threading.Lock()
-        self.claim.acquire()
+        # The claim of the lease that has it last (see lease.Connection._claim): empty while
+        # no lease may return the slot.
+        self.claim: list[_Slot] = []
 
 
 class _Borrowed:
@@ -450,13 +449,13 @@ class Pool(Generic[C]):
             if started is None:
                 slot.leased_at = now
                 conn = lease(self, slot)
-                slot.claim.release()  # the lease is stored: its first close() returns it
+                slot.claim.append(slot)  # the lease is stored: its first close() returns it
                 if self._listeners.checkout:
                     emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, 0.0)
                 return conn
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
-            slot.claim.release()
+            slot.claim.append(slot)
             if self._listeners.checkout:
                 emit(
                     self._listeners.checkout,
@@ -472,9 +471,9 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             if slot is not None:
                 # A lease made meanwhile must never return it: it may be referenced (from the
-                # traceback) long after the connection went to someone else.  The claim is
-                # held again after this whether or not the lease was armed.
-                slot.claim.acquire(False)
+                # traceback) long after the connection went to someone else.  Nobody else has
+                # the lease yet, so emptying its claim (armed or not) keeps the slot here.
+                slot.claim.clear()
                 if conn is not None:
                     revoke(conn)
                 with self._lock:

@@ -383,6 +383,47 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
             assert b.raw is a.raw  # (what happens instead: the same connection twice)
 
 
+def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(make_pool: Any) -> None:
+    # Two threads close one lease; the second stalls just before it takes the lease's claim,
+    # while the first returns the connection and another caller leases it.  Were the claim
+    # the connection's rather than the lease's, the second would take it now and return the
+    # connection the other caller is using.
+    pool = make_pool(max_size=1)
+    lease = pool.connect()
+    close_code = dbpool.Connection.close.__code__
+    lines, first = inspect.getsourcelines(dbpool.Connection.close)
+    [claim_line] = [first + i for i, text in enumerate(lines) if "claim" in text][:1]
+    paused, go = threading.Event(), threading.Event()
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == claim_line and not paused.is_set():
+            paused.set()
+            go.wait(10)
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code is close_code else None
+
+    def stalled_close() -> None:
+        sys.settrace(tracer)
+        try:
+            lease.close()
+        finally:
+            sys.settrace(None)
+
+    t = start(stalled_close)
+    assert paused.wait(5)
+    lease.close()  # the first closer returns it...
+    with pool.connection(timeout=1) as again:  # ...and it is leased again
+        go.set()
+        t.join(10)
+        s = pool.stats()
+        assert (s.idle, s.in_use) == (0, 1), f"the stalled close returned it: {s}"
+        again.cursor().execute("select 1")  # still this caller's alone
+    s = pool.stats()
+    assert (s.idle, s.in_use) == (1, 0), s
+
+
 # == No logging under the pool lock ============================================================
 
 
