@@ -218,7 +218,7 @@ class Connection(Generic[C]):
             claim = self._claim
         except AttributeError:  # never set up
             return
-        if not claim:  # released, or never armed
+        if not claim:  # released, or never armed; nothing else can reach this lease now
             return
         slot = claim.pop()
         self._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)

@@ -53,9 +53,11 @@ _INHERITED = -2  # inherited across fork(): must never be touched
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SESSION_RESETS = (None, "discard", "reconnect")
 # Checkouts rotate through up to _ROTATION idle connections; one returned less than
-# _BACK_TO_BACK ago is not handed out again while another is idle (see _pop_idle_locked).
+# _BACK_TO_BACK ago is not handed out again while another is idle, and after _WIDEN_AFTER such
+# checkouts in a row stale connections join the rotation (see _pop_idle_locked).
 _BACK_TO_BACK = 0.001
 _ROTATION = 4
+_WIDEN_AFTER = 8
 _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
 
 
@@ -343,6 +345,7 @@ class Pool(Generic[C]):
         #     and connects are not backing off
         #   every connection the pool owns is in `everyone`: idle, leased, or being validated
         self._idle: deque[_Slot] = deque()  # most recently returned on the right
+        self._back_to_back = 0  # checkouts in a row, each right after a return
         self._waiters: deque[_Waiter] = deque()  # oldest on the left
         self._everyone: set[_Slot] = set()
         self._size = 0
@@ -985,24 +988,31 @@ class Pool(Generic[C]):
 
     def _pop_idle_locked(self, now: float) -> _Slot:
         """Take the idle connection to hand out: the least recently returned of the
-        ``_ROTATION`` on top of the stack.  Unless the top one came back under
-        ``_BACK_TO_BACK`` ago, only fresh ones (used within validate_after) take part; with
-        none fresh below the top, the top one.
+        ``_ROTATION`` on top of the stack that is fresh (used within validate_after), else the
+        top one; but a checkout under ``_BACK_TO_BACK`` after the top one's return takes
+        another, and after ``_WIDEN_AFTER`` such checkouts in a row the stale ones on top take
+        part too.
 
         A connection asked for again soon after its return answers measurably slower than one
         idle a little longer (docs/benchmarks), so checkouts under load rotate through a few
-        connections; the others sink to the bottom of the stack and age out.  After a pause,
-        back-to-back checkouts bring stale ones back into the rotation, each at the cost of a
-        ping, after which it is fresh for validate_after: at most ``_ROTATION - 1`` extra
-        pings per validate_after.
+        connections; the others sink to the bottom of the stack and age out.  A stale one
+        taken costs a ping, after which it is fresh for validate_after: a short burst after a
+        pause pings at most one more connection than it uses, a sustained one at most
+        ``_ROTATION - 1``.
         """
         idle = self._idle
         depth = len(idle)
         if depth > _ROTATION:
             depth = _ROTATION
-        if depth > 1 and now - idle[-1].used_at >= _BACK_TO_BACK:
+        if now - idle[-1].used_at < _BACK_TO_BACK:
+            self._back_to_back += 1
+        else:
+            self._back_to_back = 0
+        if depth > 1 and self._back_to_back < _WIDEN_AFTER:
             while depth > 1 and now - idle[-depth].used_at > self._validate_after:
-                depth -= 1  # the stack is in order of return: the ones above it are fresher
+                depth -= 1  # the ones above it were returned later: fresher, as a rule
+            if depth == 1 and self._back_to_back:
+                depth = 2  # not the one just returned, stale or not
         if depth == len(idle):
             return idle.popleft()
         if depth > 1:

@@ -343,14 +343,23 @@ def test_forced_close_during_a_return_counts_the_connection_once(
 # == Two concurrent close() of one lease return its connection once ============================
 
 
-def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
+# close() and __exit__ (which has close()'s body written out) each way a lease ends.
+ENDINGS = {
+    "close": (dbpool.Connection.close, lambda lease: lease.close()),
+    "__exit__": (dbpool.Connection.__exit__, lambda lease: lease.__exit__(None, None, None)),
+}
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any, ending: str) -> None:
     # Connection.close reads lease._slot, then clears it, with no lock: two threads closing the
     # same lease could both pass the check and both give the slot back.  The connection would
     # then sit in the idle stack twice and be handed to two borrowers at once.
+    method, end = ENDINGS[ending]
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    release_code = dbpool.Connection.close.__code__
-    lines, first = inspect.getsourcelines(dbpool.Connection.close)
+    release_code = method.__code__
+    lines, first = inspect.getsourcelines(method)
     [clear_line] = [first + i for i, text in enumerate(lines) if "_set_slot(self, None)" in text]
     paused, go = threading.Event(), threading.Event()
 
@@ -366,7 +375,7 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
     def first_close() -> None:
         sys.settrace(tracer)
         try:
-            lease.close()
+            end(lease)
         finally:
             sys.settrace(None)
 
@@ -383,15 +392,19 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any) -> None:
             assert b.raw is a.raw  # (what happens instead: the same connection twice)
 
 
-def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(make_pool: Any) -> None:
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(
+    make_pool: Any, ending: str
+) -> None:
     # Two threads close one lease; the second stalls just before it takes the lease's claim,
     # while the first returns the connection and another caller leases it.  Were the claim
     # the connection's rather than the lease's, the second would take it now and return the
     # connection the other caller is using.
+    method, end = ENDINGS[ending]
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    close_code = dbpool.Connection.close.__code__
-    lines, first = inspect.getsourcelines(dbpool.Connection.close)
+    close_code = method.__code__
+    lines, first = inspect.getsourcelines(method)
     [claim_line] = [first + i for i, text in enumerate(lines) if "claim" in text][:1]
     paused, go = threading.Event(), threading.Event()
 
@@ -407,7 +420,7 @@ def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(make_poo
     def stalled_close() -> None:
         sys.settrace(tracer)
         try:
-            lease.close()
+            end(lease)
         finally:
             sys.settrace(None)
 

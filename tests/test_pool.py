@@ -11,6 +11,7 @@ import pytest
 
 import dbpool
 from dbpool.pool import _ROTATION as ROTATION
+from dbpool.pool import _WIDEN_AFTER as WIDEN_AFTER
 from tests import fakedb
 from tests.conftest import wait_until
 
@@ -427,8 +428,8 @@ def test_back_to_back_checkouts_rotate_through_the_most_recent_few(make_pool, se
 
 def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
-    pool = make_pool(max_size=4, validate_after=5.0)
-    leases = [pool.connect() for _ in range(4)]
+    pool = make_pool(max_size=5, validate_after=5.0)
+    leases = [pool.connect() for _ in range(5)]
     stale, fresh = [lease.raw for lease in leases[:2]], [lease.raw for lease in leases[2:]]
     for lease in leases[:2]:
         lease.close()
@@ -437,10 +438,10 @@ def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, serv
     for lease in leases[2:]:
         lease.close()
     seen = []
-    for _ in range(4):
+    for _ in range(6):
         with pool.connection() as conn:
             seen.append(conn.raw)
-    assert seen == fresh + fresh
+    assert seen == fresh + fresh  # three fresh ones in turn: the stale one in the window skipped
     assert server.count("ping") == 0
     assert [slot.raw for slot in list(pool._idle)[:2]] == stale
 
@@ -449,20 +450,43 @@ def test_back_to_back_checkouts_bring_stale_connections_back_into_the_rotation(
     make_pool, server, monkeypatch
 ):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
+    monkeypatch.setattr("dbpool.pool._WIDEN_AFTER", 3)
     pool = make_pool(max_size=ROTATION, validate_after=5.0)
     leases = [pool.connect() for _ in range(ROTATION)]
     raws = [lease.raw for lease in leases]
+    *stale, second, top = raws
     for lease in leases[:-1]:
         lease.close()
     for slot in pool._idle:  # idle for longer than validate_after, as after a pause
         slot.used_at -= 10.0
     leases[-1].close()
     seen = []
-    for _ in range(2 * ROTATION):
+    for _ in range(2 + ROTATION):
         with pool.connection() as conn:
             seen.append(conn.raw)
-    assert seen == raws + raws
+    # the first two alternate between the fresh one and the stale one below it; from the
+    # third in a row the stale ones join the rotation, least recently returned first
+    assert seen == [second, top, *stale, second, top]
     assert server.count("ping") == ROTATION - 1  # each stale one once, then all are fresh
+
+
+def test_a_short_burst_after_a_pause_pings_one_connection_more_at_most(
+    make_pool, server, monkeypatch
+):
+    monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
+    pool = make_pool(max_size=ROTATION, validate_after=5.0)
+    leases = [pool.connect() for _ in range(ROTATION)]
+    *_, second, top = (lease.raw for lease in leases)
+    for lease in leases:
+        lease.close()
+    for slot in pool._idle:  # all idle for longer than validate_after, as after a pause
+        slot.used_at -= 10.0
+    seen = []
+    for _ in range(WIDEN_AFTER - 1):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    assert seen == [second, top] * ((WIDEN_AFTER - 1) // 2) + [second] * ((WIDEN_AFTER - 1) % 2)
+    assert server.count("ping") == 2  # the top one, as any checkout after a pause; and one more
 
 
 def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):

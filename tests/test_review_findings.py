@@ -306,7 +306,12 @@ def test_interrupt_as_the_lease_is_made_returns_the_connection_once(
         pass
     if served == "after waiting":
         holder = pool.connect()
-        threading.Timer(0.2, holder.close).start()
+
+        def close_once_queued() -> None:
+            wait_until(lambda: pool.stats().waiting == 1)
+            holder.close()
+
+        threading.Thread(target=close_once_queued, daemon=True).start()
     sys.settrace(_raise_before_storing(dbpool.Pool.connection, "conn"))
     try:
         with pytest.raises(KeyboardInterrupt):
