@@ -350,40 +350,51 @@ ENDINGS = {
 }
 
 
+class StalledEnd:
+    """Ends ``lease`` the way ``ending`` names, in a thread of its own that stops before the
+    first line of that method containing ``marker`` until :meth:`resume`."""
+
+    def __init__(self, lease: Any, ending: str, marker: str) -> None:
+        method, end = ENDINGS[ending]
+        code = method.__code__
+        lines, first = inspect.getsourcelines(method)
+        target = next(first + i for i, text in enumerate(lines) if marker in text)
+        self.paused, self._go = threading.Event(), threading.Event()
+
+        def local(frame: Any, event: str, arg: Any) -> Any:
+            if event == "line" and frame.f_lineno == target and not self.paused.is_set():
+                self.paused.set()
+                self._go.wait(10)
+            return local
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            return local if event == "call" and frame.f_code is code else None
+
+        def run() -> None:
+            sys.settrace(tracer)
+            try:
+                end(lease)
+            finally:
+                sys.settrace(None)
+
+        self._thread = start(run)
+        assert self.paused.wait(5)
+
+    def resume(self) -> None:
+        self._go.set()
+        self._thread.join(10)
+
+
 @pytest.mark.parametrize("ending", ENDINGS)
 def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any, ending: str) -> None:
     # Connection.close reads lease._slot, then clears it, with no lock: two threads closing the
     # same lease could both pass the check and both give the slot back.  The connection would
     # then sit in the idle stack twice and be handed to two borrowers at once.
-    method, end = ENDINGS[ending]
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    release_code = method.__code__
-    lines, first = inspect.getsourcelines(method)
-    [clear_line] = [first + i for i, text in enumerate(lines) if "_set_slot(self, None)" in text]
-    paused, go = threading.Event(), threading.Event()
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == clear_line and not paused.is_set():
-            paused.set()
-            go.wait(10)
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if event == "call" and frame.f_code is release_code else None
-
-    def first_close() -> None:
-        sys.settrace(tracer)
-        try:
-            end(lease)
-        finally:
-            sys.settrace(None)
-
-    t = start(first_close)
-    assert paused.wait(5)  # first closer: read a live slot, about to clear it
+    first = StalledEnd(lease, ending, "_set_slot(self, None)")  # holds the slot, about to clear
     lease.close()  # second closer, in this thread
-    go.set()
-    t.join(10)
+    first.resume()
     s = pool.stats()
     assert (s.idle, s.in_use) == (1, 0), f"returned twice: {s}"
     with pool.connection(timeout=0.5) as a:
@@ -400,36 +411,12 @@ def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(
     # while the first returns the connection and another caller leases it.  Were the claim
     # the connection's rather than the lease's, the second would take it now and return the
     # connection the other caller is using.
-    method, end = ENDINGS[ending]
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    close_code = method.__code__
-    lines, first = inspect.getsourcelines(method)
-    [claim_line] = [first + i for i, text in enumerate(lines) if "claim" in text][:1]
-    paused, go = threading.Event(), threading.Event()
-
-    def local(frame: Any, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno == claim_line and not paused.is_set():
-            paused.set()
-            go.wait(10)
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if event == "call" and frame.f_code is close_code else None
-
-    def stalled_close() -> None:
-        sys.settrace(tracer)
-        try:
-            end(lease)
-        finally:
-            sys.settrace(None)
-
-    t = start(stalled_close)
-    assert paused.wait(5)
+    stalled = StalledEnd(lease, ending, "claim")
     lease.close()  # the first closer returns it...
     with pool.connection(timeout=1) as again:  # ...and it is leased again
-        go.set()
-        t.join(10)
+        stalled.resume()
         s = pool.stats()
         assert (s.idle, s.in_use) == (0, 1), f"the stalled close returned it: {s}"
         again.cursor().execute("select 1")  # still this caller's alone

@@ -227,22 +227,38 @@ def test_interrupt_while_starting_the_connect_thread_keeps_accounting(
 # == 5. Checkout fast path: an interrupt between the pop and the try loses the slot =============
 
 
+def _tracing(function: Any, local: Callable[..., Any]) -> Callable[..., Any]:
+    """A trace function handing the events of ``function``'s calls to ``local``."""
+    code = function.__code__
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code is code else None
+
+    return tracer
+
+
+def _checkout_interrupted(pool: Any, tracer: Callable[..., Any], timeout: float) -> None:
+    """``pool.connection()`` under ``tracer``, which must make it raise KeyboardInterrupt."""
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.connection(timeout=timeout)
+    finally:
+        sys.settrace(None)
+
+
 def _raise_at(function: Any, marker: str) -> Callable[..., Any]:
     """A trace function raising KeyboardInterrupt on the first line of ``function`` that
     contains ``marker``: a signal handler raising there."""
     lines, first = inspect.getsourcelines(function)
     [target] = [first + i for i, text in enumerate(lines) if marker in text]
-    code = function.__code__
 
     def local(frame: Any, event: str, arg: Any) -> Any:
         if event == "line" and frame.f_lineno == target:
             raise KeyboardInterrupt(f"signal at {function.__qualname__} line {target}")
         return local
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        return local if event == "call" and frame.f_code is code else None
-
-    return tracer
+    return _tracing(function, local)
 
 
 def test_interrupt_in_the_checkout_fast_path_keeps_the_slot(make_pool: Any) -> None:
@@ -252,12 +268,7 @@ def test_interrupt_in_the_checkout_fast_path_keeps_the_slot(make_pool: Any) -> N
     pool = make_pool(max_size=1)
     with pool.connection():
         pass
-    sys.settrace(_raise_at(dbpool.Pool.connection, "used_at = slot.used_at"))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pool.connection(timeout=1)
-    finally:
-        sys.settrace(None)
+    _checkout_interrupted(pool, _raise_at(dbpool.Pool.connection, "used_at = slot.used_at"), 1)
     s = pool.stats()
     assert (s.idle, s.in_use) == (1, 0), f"slot lost: {s}"
 
@@ -269,8 +280,7 @@ def _raise_before_storing(function: Any, name: str) -> Callable[..., Any]:
     """A trace function raising KeyboardInterrupt in ``function`` just before it stores the
     result of a call in the local ``name``: a signal handler raising as the call returns.
     The result, on the interpreter's stack only, is dropped at once."""
-    code = function.__code__
-    instructions = list(dis.get_instructions(code))
+    instructions = list(dis.get_instructions(function))
     stores = {
         ins.offset
         for before, ins in zip(instructions, instructions[1:])
@@ -279,18 +289,12 @@ def _raise_before_storing(function: Any, name: str) -> Callable[..., Any]:
     assert stores, f"no call result stored in {name} in {function.__qualname__}"
 
     def local(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
+        frame.f_trace_opcodes = True  # from the first line on: the store comes later
         if event == "opcode" and frame.f_lasti in stores:
             raise KeyboardInterrupt(f"signal before {function.__qualname__} stores {name}")
         return local
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if event == "call" and frame.f_code is code:
-            frame.f_trace_opcodes = True
-            return local
-        return None
-
-    return tracer
+    return _tracing(function, local)
 
 
 @pytest.mark.parametrize("served", ["from the idle stack", "after waiting"])
@@ -312,12 +316,7 @@ def test_interrupt_as_the_lease_is_made_returns_the_connection_once(
             holder.close()
 
         threading.Thread(target=close_once_queued, daemon=True).start()
-    sys.settrace(_raise_before_storing(dbpool.Pool.connection, "conn"))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            pool.connection(timeout=5)
-    finally:
-        sys.settrace(None)
+    _checkout_interrupted(pool, _raise_before_storing(dbpool.Pool.connection, "conn"), 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()

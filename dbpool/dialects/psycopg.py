@@ -23,6 +23,14 @@ def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:
 
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
 _PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
+# What libpq's transaction status says (psycopg and psycopg2 both read it); UNKNOWN, or any
+# other value, means closed or broken.
+LIBPQ_STATES = {
+    _PQ_IDLE: IDLE,
+    _PQ_ACTIVE: BUSY,
+    _PQ_INTRANS: IN_TRANSACTION,
+    _PQ_INERROR: IN_TRANSACTION,
+}
 
 
 class PsycopgDialect(Dialect):
@@ -32,14 +40,7 @@ class PsycopgDialect(Dialect):
     def transaction_state(self, conn: Any) -> TxState:
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
         # connection that is closed or broken.
-        status = conn.pgconn.transaction_status
-        if status == _PQ_IDLE:
-            return IDLE
-        if status in (_PQ_INTRANS, _PQ_INERROR):
-            return IN_TRANSACTION
-        if status == _PQ_ACTIVE:
-            return BUSY
-        return BROKEN
+        return LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
 
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)

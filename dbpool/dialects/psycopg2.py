@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
-from .psycopg import _LIMIT_TIME_SQL, _RETRYABLE_SQLSTATES, _begin_sql
-
-_PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
+from .base import BROKEN, Dialect, TxState, _execute, milliseconds
+from .psycopg import _LIMIT_TIME_SQL, _PQ_IDLE, _RETRYABLE_SQLSTATES, LIBPQ_STATES, _begin_sql
 
 
 class Psycopg2Dialect(Dialect):
@@ -18,14 +16,8 @@ class Psycopg2Dialect(Dialect):
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed:
             return BROKEN
-        status = conn.get_transaction_status()  # conn.info makes an object per call
-        if status == _PQ_IDLE:
-            return IDLE
-        if status in (_PQ_INTRANS, _PQ_INERROR):
-            return IN_TRANSACTION
-        if status == _PQ_ACTIVE:
-            return BUSY
-        return BROKEN
+        # conn.info makes an object per call
+        return LIBPQ_STATES.get(conn.get_transaction_status(), BROKEN)
 
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
