@@ -75,6 +75,7 @@ class _Slot:
         "dialect",
         "expires_at",
         "used_at",
+        "alive_at",
         "leased_at",
         "generation",
         "dirty",
@@ -93,7 +94,11 @@ class _Slot:
     def __init__(self, generation: int) -> None:
         self.raw: Any = None  # None while the connection is being opened
         self.dialect: Dialect
-        self.expires_at = self.used_at = 0.0
+        self.expires_at = 0.0
+        # Monotonic times: when a borrower last returned it (or it was opened), the clock of
+        # idle_timeout and of the checkout order; and when it was last known to work (that,
+        # or a ping since), the clock of validate_after.
+        self.used_at = self.alive_at = 0.0
         self.leased_at = 0.0  # monotonic time of the checkout, for the hold time
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
@@ -432,10 +437,10 @@ class Pool(Generic[C]):
                     self._lock.release()
             deadline = None
             if slot is not None:
-                used_at = slot.used_at
+                alive_at = slot.alive_at
                 if not (
-                    now - used_at <= self._validate_after
-                    and used_at > self._broken_at
+                    now - alive_at <= self._validate_after
+                    and alive_at > self._broken_at
                     and now < slot.expires_at
                 ):
                     started = now
@@ -988,10 +993,10 @@ class Pool(Generic[C]):
 
     def _pop_idle_locked(self, now: float) -> _Slot:
         """Take the idle connection to hand out: the least recently returned of the
-        ``_ROTATION`` on top of the stack that is fresh (used within validate_after), else the
-        top one; but a checkout under ``_BACK_TO_BACK`` after the top one's return takes
-        another, and after ``_WIDEN_AFTER`` such checkouts in a row the stale ones on top take
-        part too.
+        ``_ROTATION`` on top of the stack that is fresh (returned or pinged within
+        validate_after), else the top one; but a checkout under ``_BACK_TO_BACK`` after the top
+        one's return takes another, and after ``_WIDEN_AFTER`` such checkouts in a row the
+        stale ones on top take part too.
 
         A connection asked for again soon after its return answers measurably slower than one
         idle a little longer (docs/benchmarks), so checkouts under load rotate through a few
@@ -1009,7 +1014,7 @@ class Pool(Generic[C]):
         else:
             self._back_to_back = 0
         if depth > 1 and self._back_to_back < _WIDEN_AFTER:
-            while depth > 1 and now - idle[-depth].used_at > self._validate_after:
+            while depth > 1 and now - idle[-depth].alive_at > self._validate_after:
                 depth -= 1  # the ones above it were returned later: fresher, as a rule
             if depth == 1 and self._back_to_back:
                 depth = 2  # not the one just returned, stale or not
@@ -1087,7 +1092,7 @@ class Pool(Generic[C]):
         now = monotonic()
         if now >= slot.expires_at:
             return DiscardReason.EXPIRED, False
-        fresh = now - slot.used_at <= self._validate_after and slot.used_at > self._broken_at
+        fresh = now - slot.alive_at <= self._validate_after and slot.alive_at > self._broken_at
         if fresh and not probe:
             return None
         dialect, raw = slot.dialect, slot.raw
@@ -1230,7 +1235,7 @@ class Pool(Generic[C]):
             slot.raw = raw
             slot.dialect = dialect
             slot.settings = dialect.client_settings(raw)
-            slot.used_at = now
+            slot.used_at = slot.alive_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             if self._listeners.connect:
                 emit(self._listeners.connect, Event.CONNECT, self._name, raw, None, now - started)
@@ -1358,7 +1363,7 @@ class Pool(Generic[C]):
             reason, detail = problem
             self._discard(slot, reason, broken=_is_broken(slot), held=held, detail=detail)
             return
-        slot.used_at = now
+        slot.used_at = slot.alive_at = now
         self._put_back(slot, held)
 
     def _put_back(self, slot: _Slot, held: float | None = None) -> None:
@@ -1663,10 +1668,10 @@ class Pool(Generic[C]):
         at a time.  They count as in use meanwhile."""
         with self._lock:
             broken_at = self._swept_at = self._broken_at
-            suspects = deque(slot for slot in self._idle if slot.used_at <= broken_at)
+            suspects = deque(slot for slot in self._idle if slot.alive_at <= broken_at)
             if not suspects:
                 return
-            self._idle = deque(slot for slot in self._idle if slot.used_at > broken_at)
+            self._idle = deque(slot for slot in self._idle if slot.alive_at > broken_at)
             self._in_use += len(suspects)  # held by the pool itself meanwhile
         count = len(suspects)
         dead = self._probe_all(suspects, monotonic() + _SWEEP_TIME)
@@ -1691,7 +1696,7 @@ class Pool(Generic[C]):
                 fit = self._fit_for_use(slot, deadline, checkout=False, probe=True)
                 untried.popleft()
                 if fit:
-                    slot.used_at = monotonic()
+                    slot.alive_at = monotonic()  # not used_at: a ping is no use of it
                     self._put_back(slot)
                 else:
                     dead += 1

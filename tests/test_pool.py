@@ -410,6 +410,12 @@ def test_slow_rollback_does_not_stall_other_checkouts(make_pool, server):
 # -- which idle connection a checkout gets -----------------------------------------------------
 
 
+def make_stale(slot):
+    """Make an idle connection look unused and unchecked for longer than validate_after."""
+    slot.used_at -= 10.0
+    slot.alive_at -= 10.0
+
+
 def test_back_to_back_checkouts_rotate_through_the_most_recent_few(make_pool, server):
     pool = make_pool(max_size=6, validate_after=None)
     leases = [pool.connect() for _ in range(6)]
@@ -434,7 +440,7 @@ def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, serv
     for lease in leases[:2]:
         lease.close()
     for slot in pool._idle:  # make them look idle for longer than validate_after
-        slot.used_at -= 10.0
+        make_stale(slot)
     for lease in leases[2:]:
         lease.close()
     seen = []
@@ -458,7 +464,7 @@ def test_back_to_back_checkouts_bring_stale_connections_back_into_the_rotation(
     for lease in leases[:-1]:
         lease.close()
     for slot in pool._idle:  # idle for longer than validate_after, as after a pause
-        slot.used_at -= 10.0
+        make_stale(slot)
     leases[-1].close()
     seen = []
     for _ in range(2 + ROTATION):
@@ -480,7 +486,7 @@ def test_a_short_burst_after_a_pause_pings_one_connection_more_at_most(
     for lease in leases:
         lease.close()
     for slot in pool._idle:  # all idle for longer than validate_after, as after a pause
-        slot.used_at -= 10.0
+        make_stale(slot)
     seen = []
     for _ in range(WIDEN_AFTER - 1):
         with pool.connection() as conn:
@@ -496,7 +502,7 @@ def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server
     stale_raw, recent_raw = stale.raw, recent.raw
     stale.close()
     for slot in pool._idle:  # make it look idle for longer than validate_after
-        slot.used_at -= 10.0
+        make_stale(slot)
     recent.close()
     for _ in range(2):
         with pool.connection() as conn:
@@ -512,7 +518,7 @@ def test_back_to_back_checkouts_ping_a_stale_second_connection_once(make_pool, s
     stale_raw, recent_raw = stale.raw, recent.raw
     stale.close()
     for slot in pool._idle:  # make it look idle for longer than validate_after
-        slot.used_at -= 10.0
+        make_stale(slot)
     recent.close()
     seen = []
     for _ in range(4):
@@ -532,6 +538,17 @@ def test_idle_connections_above_min_size_are_reaped(make_pool, server):
         lease.close()
     wait_until(lambda: pool.stats().size == 1)
     assert len(server.open_connections) == 1
+
+
+def test_pinging_idle_connections_does_not_keep_them_from_idle_timeout(make_pool, server):
+    # check() proves connections alive, which spares their next checkout a ping; it is no
+    # use of them, so connections the load no longer needs are still closed
+    pool = make_pool(min_size=0, max_size=2, idle_timeout=0.3)
+    leases = [pool.connect() for _ in range(2)]
+    for lease in leases:
+        lease.close()
+    wait_until(lambda: pool.check() == 0 and pool.stats().size == 0)
+    assert server.count("ping") >= 2
 
 
 def test_connections_past_max_lifetime_are_retired(make_pool, server):

@@ -268,7 +268,7 @@ def test_interrupt_in_the_checkout_fast_path_keeps_the_slot(make_pool: Any) -> N
     pool = make_pool(max_size=1)
     with pool.connection():
         pass
-    _checkout_interrupted(pool, _raise_at(dbpool.Pool.connection, "used_at = slot.used_at"), 1)
+    _checkout_interrupted(pool, _raise_at(dbpool.Pool.connection, "alive_at = slot.alive_at"), 1)
     s = pool.stats()
     assert (s.idle, s.in_use) == (1, 0), f"slot lost: {s}"
 
