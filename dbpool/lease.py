@@ -41,6 +41,13 @@ def _doomed() -> ConnectionUnusable:
     )
 
 
+def _orphaned(pool: Pool[Any], slot: _Slot, message: str) -> None:
+    """From a finaliser: give ``pool`` back the connection of a lease nobody released, then
+    warn with ``message``."""
+    pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
+    warnings.warn(message, ResourceWarning, stacklevel=3)
+
+
 def _refusal(slot: _Slot | None, what: str) -> Exception:
     """Why a lease (``what``: "connection" or "cursor") whose slot failed the check
     ``slot is None or slot.generation < 0 or slot.doomed`` refuses to run."""
@@ -220,13 +227,11 @@ class Connection(Generic[C]):
             return
         if not claim:  # released, or never armed; nothing else can reach this lease now
             return
-        slot = claim.pop()
-        self._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
-        warnings.warn(
+        _orphaned(
+            self._pool,
+            claim.pop(),
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
             "being released; use 'with pool.connection() as conn' or call conn.close()",
-            ResourceWarning,
-            stacklevel=2,
         )
 
 
@@ -455,12 +460,11 @@ class PoolCursor(Cursor[C]):
         slot = detach(lease)
         if slot is None:
             return  # closed
-        lease._pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
-        warnings.warn(
+        _orphaned(
+            lease._pool,
+            slot,
             f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "
             "being closed; use 'with pool.cursor() as cur' or call cur.close()",
-            ResourceWarning,
-            stacklevel=2,
         )
 
 

@@ -410,24 +410,36 @@ def test_slow_rollback_does_not_stall_other_checkouts(make_pool, server):
 # -- which idle connection a checkout gets -----------------------------------------------------
 
 
-def make_stale(slot):
-    """Make an idle connection look unused and unchecked for longer than validate_after."""
-    slot.used_at -= 10.0
-    slot.alive_at -= 10.0
+def returned_in_order(pool, stale, fresh):
+    """Open ``stale + fresh`` connections and return them in order, the first ``stale`` of
+    them made to look unused and unchecked for longer than validate_after (as after a
+    pause).  Returns the driver connections in the order returned: the last is on top."""
+    leases = [pool.connect() for _ in range(stale + fresh)]
+    raws = [lease.raw for lease in leases]
+    for lease in leases[:stale]:
+        lease.close()
+    for slot in pool._idle:
+        slot.used_at -= 10.0
+        slot.alive_at -= 10.0
+    for lease in leases[stale:]:
+        lease.close()
+    return raws
+
+
+def checkouts(pool, count):
+    """The driver connections that ``count`` checkouts in a row got."""
+    seen = []
+    for _ in range(count):
+        with pool.connection() as conn:
+            seen.append(conn.raw)
+    return seen
 
 
 def test_back_to_back_checkouts_rotate_through_the_most_recent_few(make_pool, server):
     pool = make_pool(max_size=6, validate_after=None)
-    leases = [pool.connect() for _ in range(6)]
-    raws = [lease.raw for lease in leases]
-    for lease in leases:  # returned in this order: raws[-1] last
-        lease.close()
-    seen = []
-    for _ in range(2 * ROTATION):
-        with pool.connection() as conn:
-            seen.append(conn.raw)
+    raws = returned_in_order(pool, stale=0, fresh=6)
     window = raws[-ROTATION:]  # the four returned last, least recent first
-    assert seen == window + window
+    assert checkouts(pool, 2 * ROTATION) == window + window
     # the ones returned first never came out again: they are the ones idle_timeout closes
     assert [slot.raw for slot in list(pool._idle)[:2]] == raws[:2]
 
@@ -435,19 +447,10 @@ def test_back_to_back_checkouts_rotate_through_the_most_recent_few(make_pool, se
 def test_the_rotation_skips_connections_idle_past_validate_after(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
     pool = make_pool(max_size=5, validate_after=5.0)
-    leases = [pool.connect() for _ in range(5)]
-    stale, fresh = [lease.raw for lease in leases[:2]], [lease.raw for lease in leases[2:]]
-    for lease in leases[:2]:
-        lease.close()
-    for slot in pool._idle:  # make them look idle for longer than validate_after
-        make_stale(slot)
-    for lease in leases[2:]:
-        lease.close()
-    seen = []
-    for _ in range(6):
-        with pool.connection() as conn:
-            seen.append(conn.raw)
-    assert seen == fresh + fresh  # three fresh ones in turn: the stale one in the window skipped
+    raws = returned_in_order(pool, stale=2, fresh=3)
+    stale, fresh = raws[:2], raws[2:]
+    # three fresh ones in turn: the stale one in the window skipped
+    assert checkouts(pool, 6) == fresh + fresh
     assert server.count("ping") == 0
     assert [slot.raw for slot in list(pool._idle)[:2]] == stale
 
@@ -458,21 +461,10 @@ def test_back_to_back_checkouts_bring_stale_connections_back_into_the_rotation(
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
     monkeypatch.setattr("dbpool.pool._WIDEN_AFTER", 3)
     pool = make_pool(max_size=ROTATION, validate_after=5.0)
-    leases = [pool.connect() for _ in range(ROTATION)]
-    raws = [lease.raw for lease in leases]
-    *stale, second, top = raws
-    for lease in leases[:-1]:
-        lease.close()
-    for slot in pool._idle:  # idle for longer than validate_after, as after a pause
-        make_stale(slot)
-    leases[-1].close()
-    seen = []
-    for _ in range(2 + ROTATION):
-        with pool.connection() as conn:
-            seen.append(conn.raw)
+    *stale, second, top = returned_in_order(pool, stale=ROTATION - 1, fresh=1)
     # the first two alternate between the fresh one and the stale one below it; from the
     # third in a row the stale ones join the rotation, least recently returned first
-    assert seen == [second, top, *stale, second, top]
+    assert checkouts(pool, 2 + ROTATION) == [second, top, *stale, second, top]
     assert server.count("ping") == ROTATION - 1  # each stale one once, then all are fresh
 
 
@@ -481,50 +473,26 @@ def test_a_short_burst_after_a_pause_pings_one_connection_more_at_most(
 ):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
     pool = make_pool(max_size=ROTATION, validate_after=5.0)
-    leases = [pool.connect() for _ in range(ROTATION)]
-    *_, second, top = (lease.raw for lease in leases)
-    for lease in leases:
-        lease.close()
-    for slot in pool._idle:  # all idle for longer than validate_after, as after a pause
-        make_stale(slot)
-    seen = []
-    for _ in range(WIDEN_AFTER - 1):
-        with pool.connection() as conn:
-            seen.append(conn.raw)
-    assert seen == [second, top] * ((WIDEN_AFTER - 1) // 2) + [second] * ((WIDEN_AFTER - 1) % 2)
+    *_, second, top = returned_in_order(pool, stale=ROTATION, fresh=0)
+    burst = WIDEN_AFTER - 1
+    assert checkouts(pool, burst) == [second, top] * (burst // 2) + [second] * (burst % 2)
     assert server.count("ping") == 2  # the top one, as any checkout after a pause; and one more
 
 
 def test_a_stale_connection_is_not_lent_instead_of_a_fresh_one(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 0.0)  # no checkout counts as back-to-back
     pool = make_pool(max_size=2, validate_after=5.0)
-    stale, recent = pool.connect(), pool.connect()
-    stale_raw, recent_raw = stale.raw, recent.raw
-    stale.close()
-    for slot in pool._idle:  # make it look idle for longer than validate_after
-        make_stale(slot)
-    recent.close()
-    for _ in range(2):
-        with pool.connection() as conn:
-            assert conn.raw is recent_raw
+    stale, recent = returned_in_order(pool, stale=1, fresh=1)
+    assert checkouts(pool, 2) == [recent, recent]
     assert server.count("ping") == 0
-    assert pool._idle[0].raw is stale_raw
+    assert pool._idle[0].raw is stale
 
 
 def test_back_to_back_checkouts_ping_a_stale_second_connection_once(make_pool, server, monkeypatch):
     monkeypatch.setattr("dbpool.pool._BACK_TO_BACK", 60.0)  # every checkout is back-to-back
     pool = make_pool(max_size=2, validate_after=5.0)
-    stale, recent = pool.connect(), pool.connect()
-    stale_raw, recent_raw = stale.raw, recent.raw
-    stale.close()
-    for slot in pool._idle:  # make it look idle for longer than validate_after
-        make_stale(slot)
-    recent.close()
-    seen = []
-    for _ in range(4):
-        with pool.connection() as conn:
-            seen.append(conn.raw)
-    assert seen == [stale_raw, recent_raw, stale_raw, recent_raw]
+    stale, recent = returned_in_order(pool, stale=1, fresh=1)
+    assert checkouts(pool, 4) == [stale, recent, stale, recent]
     assert server.count("ping") == 1  # then both are fresh
 
 
