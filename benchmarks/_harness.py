@@ -14,7 +14,7 @@ import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import Any, Callable, Protocol
 
 #: One round's figures for one contender, e.g. ``{"us": 1.9}``.
@@ -114,7 +114,9 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 class Batch:
-    """Times ``loop(pool, n)``: microseconds per operation, single-threaded.
+    """Times ``loop(pool, n)``: microseconds per operation, single-threaded, in wall-clock time
+    (``us``) and in this process's CPU time (``cpu_us``: the client's own work and system calls,
+    not the time it sleeps waiting for the server).
 
     ``n`` is calibrated once, while warming up, so that a sample lasts about ``seconds``.
     """
@@ -138,9 +140,12 @@ class Batch:
         self._n = max(1, round(n * seconds / elapsed))
 
     def sample(self) -> Metrics:
+        cpu_started = process_time()
         started = perf_counter()
         self._loop(self._pool, self._n)
-        return {"us": (perf_counter() - started) / self._n * 1e6}
+        elapsed = perf_counter() - started
+        cpu = process_time() - cpu_started
+        return {"us": elapsed / self._n * 1e6, "cpu_us": cpu / self._n * 1e6}
 
     def close(self) -> None:
         self._close(self._pool)

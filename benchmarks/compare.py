@@ -451,7 +451,9 @@ def scenario_short_tx(cfg: Config, env: Env) -> Section:
     notes = [
         "Median µs per transaction (checkout, SELECT 1, fetch, commit, checkin); "
         "“× raw” is throughput relative to the raw floor, median of per-round ratios "
-        "(1.00 = no pool overhead at all). Round trips are counted on the wire in a separate "
+        "(1.00 = no pool overhead at all). “CPU µs/tx” is this process's CPU time per "
+        "transaction (the client's own work and its system calls, not its waits for the "
+        "server): the median, like the times. Round trips are counted on the wire in a separate "
         f"pass of {cfg.counted_txs} transactions per library. The raw floor spreads the "
         "transactions over all its connections, as the FIFO pools (psycopg_pool, QueuePool, "
         "PooledDB) do; dbpool's idle stack hands out the most recently returned connection, "
@@ -476,7 +478,7 @@ def scenario_short_tx(cfg: Config, env: Env) -> Section:
 
     headers = ["library"]
     for label in results:
-        headers += [f"{label}: µs/tx", "× raw", "round trips/tx"]
+        headers += [f"{label}: µs/tx", "× raw", "CPU µs/tx", "round trips/tx"]
     rows = []
     for lib in LIBRARIES:
         row = [lib.name]
@@ -485,6 +487,7 @@ def scenario_short_tx(cfg: Config, env: Env) -> Section:
             row += [
                 cell(outcomes, lib, lambda o: fmt_us(o.median("us"))),
                 cell(outcomes, lib, lambda o: fmt_ratio(ratio(outcomes, RAW, lib, "us"))),
+                cell(outcomes, lib, lambda o: fmt_us(o.median("cpu_us"))),
                 "n/a" if lib.name not in outcomes else f"{counted[0]:.3g}" if counted else "failed",
             ]
         rows.append(row)
