@@ -41,10 +41,16 @@ def _doomed() -> ConnectionUnusable:
     )
 
 
-def _orphaned(pool: Pool[Any], slot: _Slot, message: str) -> None:
-    """From a finaliser: give ``pool`` back the connection of a lease nobody released, then
-    warn with ``message``."""
-    pool._adopt_orphan(slot)  # first: the warning may raise (-W error)
+def _orphaned(conn: Connection[Any], message: str) -> None:
+    """From a finaliser: give the pool back the connection of a lease nobody released (the
+    next checkout returns it), then warn with ``message``."""
+    _set_slot(conn, None)  # first, as in close(); the cursor's lease may still be referenced
+    claim = conn._claim
+    if not claim:
+        return
+    slot = claim[0]
+    del claim[0]
+    conn._pool._orphans.append(slot)  # no call before it; and before the warning, which may raise
     warnings.warn(message, ResourceWarning, stacklevel=3)
 
 
@@ -98,11 +104,16 @@ class Connection(Generic[C]):
 
     def close(self) -> None:
         """Return the connection to the pool.  Calling it again does nothing."""
+        # In this order, and with no call between taking the claim and handing the slot over:
+        # CPython runs a pending signal handler as a call to a C function returns, and one
+        # raising after _set_slot() leaves the claim to a later close() or the finaliser.
+        _set_slot(self, None)
+        claim = self._claim
         try:
-            slot = self._claim.pop()
+            slot = claim[0]
+            del claim[0]  # of two threads closing this lease at once, one takes it
         except IndexError:  # released already
             return
-        _set_slot(self, None)
         self._pool._give_back(slot)
 
     def __enter__(self) -> Connection[C]:
@@ -110,11 +121,13 @@ class Connection(Generic[C]):
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         # close(), written out: every lease ends here, and a call more costs ~5 % of a checkout
+        _set_slot(self, None)
+        claim = self._claim
         try:
-            slot = self._claim.pop()
+            slot = claim[0]
+            del claim[0]
         except IndexError:
             return
-        _set_slot(self, None)
         self._pool._give_back(slot)
 
     def _live(self, what: str) -> _Slot:
@@ -228,8 +241,7 @@ class Connection(Generic[C]):
         if not claim:  # released, or never armed; nothing else can reach this lease now
             return
         _orphaned(
-            self._pool,
-            claim.pop(),
+            self,
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
             "being released; use 'with pool.connection() as conn' or call conn.close()",
         )
@@ -392,11 +404,13 @@ _set_cursor_open = _slot_setter(Cursor, "_open")
 def detach(conn: Connection[C]) -> _Slot | None:
     """End a lease without returning its connection, for the pool to dispose of; ``None`` if
     it was released already."""
+    _set_slot(conn, None)  # first, as in close()
+    claim = conn._claim
     try:
-        slot = conn._claim.pop()
+        slot = claim[0]
+        del claim[0]
     except IndexError:
         return None
-    _set_slot(conn, None)
     return slot
 
 
@@ -457,12 +471,10 @@ class PoolCursor(Cursor[C]):
             lease = self._lease
         except AttributeError:  # never set up
             return
-        slot = detach(lease)
-        if slot is None:
+        if not lease._claim:
             return  # closed
         _orphaned(
-            lease._pool,
-            slot,
+            lease,
             f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "
             "being closed; use 'with pool.cursor() as cur' or call cur.close()",
         )

@@ -484,9 +484,7 @@ class Pool(Generic[C]):
                 slot.claim.clear()
                 if conn is not None:
                     revoke(conn)
-                with self._lock:
-                    self._acquired -= 1  # not handed out after all
-                self._put_back(slot)
+                self._untake(slot)
             raise
 
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
@@ -940,49 +938,52 @@ class Pool(Generic[C]):
 
     def _take(self, deadline: float, timeout: float) -> _Slot:
         """A connection the caller now owns, or an empty slot reserved for it to open."""
-        with self._lock:
-            if self._closed:
-                raise PoolClosed(self._closed_message())
-            if self._idle:  # then nobody is waiting
-                slot = self._pop_idle_locked(monotonic())
-                self._in_use += 1
-                self._acquired += 1
-                return slot
-            if (
-                not self._waiters
-                and self._size < self._max_size
-                and self._may_connect_locked(monotonic())
-            ):
-                return self._reserve_locked()
-            if self._max_waiting and len(self._waiters) >= self._max_waiting:
-                raise TooManyWaiters(
-                    f"pool {self._name!r}: {len(self._waiters)} callers are already waiting "
-                    f"(max_waiting={self._max_waiting}); raise max_waiting or max_size, or "
-                    "shed load"
-                )
-            waiter = _Waiter()
-            self._waiters.append(waiter)
-            if self._connect_failures:
-                self._reaper_wakeup.set()  # it serves queued callers when the delay is up
+        slot = waiter = None  # what this call holds, for the undo
         try:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(self._closed_message())
+                if self._idle:  # then nobody is waiting
+                    slot = self._pop_idle_locked(monotonic())
+                    self._in_use += 1
+                    self._acquired += 1
+                    return slot
+                if (
+                    not self._waiters
+                    and self._size < self._max_size
+                    and self._may_connect_locked(monotonic())
+                ):
+                    slot = self._reserve_locked()
+                    return slot
+                if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                    raise TooManyWaiters(
+                        f"pool {self._name!r}: {len(self._waiters)} callers are already waiting "
+                        f"(max_waiting={self._max_waiting}); raise max_waiting or max_size, or "
+                        "shed load"
+                    )
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+                if self._connect_failures:
+                    self._reaper_wakeup.set()  # it serves queued callers when the delay is up
             served = waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
-            if not served:
-                self._lock.acquire()
-        except BaseException:  # e.g. KeyboardInterrupt: undo whatever was granted meanwhile
-            self._drop_lock_if_held()
-            self._abandon(waiter)
-            raise
-        if served:  # the grant was written before wakeup was released
-            grant = waiter.grant
-        else:
-            try:
+            if served:  # the grant was written before wakeup was released
                 grant = waiter.grant
-                if grant is None:  # timed out, and nothing was handed over in the meantime
-                    self._waiters.remove(waiter)
-                    self._timeouts += 1
-                    error = self._timeout_error_locked(timeout)
-            finally:
-                self._lock.release()
+            else:
+                with self._lock:
+                    grant = waiter.grant
+                    if grant is None:  # timed out, and nothing was handed over in the meantime
+                        self._waiters.remove(waiter)
+                        self._timeouts += 1
+                        error = self._timeout_error_locked(timeout)
+        except BaseException:
+            # e.g. KeyboardInterrupt in the wait, or a signal handler raising as the lock was
+            # let go: undo whatever this call took, or was granted meanwhile.
+            self._drop_lock_if_held()
+            if slot is not None:
+                self._untake(slot)
+            elif waiter is not None:
+                self._abandon(waiter)
+            raise
         if grant is None:
             logger.warning("%s", error)
             raise error from self._last_connect_error
@@ -1018,13 +1019,22 @@ class Pool(Generic[C]):
                 depth -= 1  # the ones above it were returned later: fresher, as a rule
             if depth == 1 and self._back_to_back:
                 depth = 2  # not the one just returned, stale or not
-        if depth == len(idle):
-            return idle.popleft()
-        if depth > 1:
-            slot = idle[-depth]
-            del idle[-depth]
-            return slot
-        return idle.pop()
+        # An index and a del, not popleft() or pop(): CPython runs a pending signal handler as
+        # a call to a C function returns, and one raising there would drop the slot unrecorded.
+        slot = idle[-depth]
+        del idle[-depth]
+        return slot
+
+    def _untake(self, slot: _Slot) -> None:
+        """Undo a checkout that took ``slot`` (an idle connection, counted in ``acquired``, or a
+        reservation to open one) and does not hand it out after all."""
+        if slot.raw is None:
+            with self._lock:
+                self._unreserve_locked()
+            return
+        with self._lock:
+            self._acquired -= 1  # not handed out after all
+        self._put_back(slot)
 
     def _drop_lock_if_held(self) -> None:
         """Called first by a handler that undoes an interrupted step: if the exception landed
@@ -1139,9 +1149,10 @@ class Pool(Generic[C]):
         return delay * (0.5 + random.random() / 2)  # jitter: spread reconnects out
 
     def _reserve_locked(self) -> _Slot:
+        slot = _Slot(self._generation)  # first: a signal handler may raise as the call returns
         self._size += 1
         self._opening += 1
-        return _Slot(self._generation)
+        return slot
 
     def _unreserve_locked(self) -> None:
         self._size -= 1
@@ -1155,29 +1166,34 @@ class Pool(Generic[C]):
         connecting hangs (a blackholed network): a caller that gives up leaves the connection,
         once made, to the pool.  A failed connect raises the driver's own error.
         """
-        waiter = _Waiter()
-        with self._lock:
-            if self._closed:
-                self._unreserve_locked()
-                raise PoolClosed(self._closed_message())
-            self._connecting.add(waiter)
+        # The reservation is this call's to give back until the connect thread takes the
+        # token; a thread that finds it taken does nothing.
+        token = waiter = None
         try:
-            self._start_connect(slot, waiter)
+            token = threading.Lock()
+            waiter = _Waiter()
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(self._closed_message())
+                self._connecting.add(waiter)
+            self._start_connect(slot, waiter, token)
             waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
-            self._lock.acquire()
+            with self._lock:
+                grant = waiter.grant
+                if grant is None:
+                    self._connecting.discard(waiter)
+                    waiter.abandoned = True
+                    self._timeouts += 1
+                    error = self._connect_timeout_error_locked(timeout)
         except BaseException:  # e.g. KeyboardInterrupt: whatever the connect gives, the pool keeps
             self._drop_lock_if_held()
-            self._abandon(waiter)
+            if token is None or waiter is None or token.acquire(False):  # no connect started
+                with self._lock:
+                    self._connecting.discard(waiter)
+                    self._unreserve_locked()
+            else:
+                self._abandon(waiter)
             raise
-        try:
-            grant = waiter.grant
-            if grant is None:
-                self._connecting.discard(waiter)
-                waiter.abandoned = True
-                self._timeouts += 1
-                error = self._connect_timeout_error_locked(timeout)
-        finally:
-            self._lock.release()
         if grant is None:
             logger.warning("%s", error)
             raise error from self._last_connect_error
@@ -1189,19 +1205,17 @@ class Pool(Generic[C]):
             raise PoolClosed(f"pool {self._name!r} was closed while connecting")
         return slot
 
-    def _start_connect(self, slot: _Slot, waiter: _Waiter) -> None:
-        def not_started() -> None:
-            with self._lock:
-                self._connecting.discard(waiter)
-                self._unreserve_locked()
+    def _start_connect(self, slot: _Slot, waiter: _Waiter, token: threading.Lock) -> None:
+        """Connect into ``slot`` for ``waiter`` in a thread of its own, if that thread is the
+        first to take ``token``; otherwise the caller gives the reservation back."""
+
+        def connect() -> None:
+            if token.acquire(False):
+                context.run(self._open, slot, waiter)
 
         # The caller's context variables go along, for connect callables that read them.
         context = contextvars.copy_context()
-        _start_thread(
-            lambda: context.run(self._open, slot, waiter),
-            f"dbpool-connect-{self._name}",
-            not_started,
-        )
+        _start_thread(connect, f"dbpool-connect-{self._name}", lambda: None)
 
     def _open(self, slot: _Slot, waiter: _Waiter | None) -> bool:
         """Connect into a reserved slot (in a connect thread, or the refill thread).
@@ -1318,18 +1332,23 @@ class Pool(Generic[C]):
             )
         lease.close()
 
-    def _adopt_orphan(self, slot: _Slot) -> None:
-        """Called from a lease's finalizer: queue its connection for return, without locking."""
-        self._orphans.append(slot)
-
     def _return_orphans(self) -> None:
-        while True:
+        orphans = self._orphans
+        while orphans:
+            slot = None
             try:
-                slot = self._orphans.popleft()
-            except IndexError:
-                return
-            with self._lock:
-                self._leaked += 1
+                with self._lock:  # finalisers only ever append: the head stays until taken
+                    if not orphans:
+                        return
+                    slot = orphans[0]
+                    del orphans[0]  # no call: a signal handler cannot raise before it is stored
+                    self._leaked += 1
+            except BaseException:  # a signal handler raised as the lock was let go
+                if slot is not None:
+                    orphans.appendleft(slot)
+                    with self._lock:
+                        self._leaked -= 1  # counted when it comes back
+                raise
             self._give_back(slot)
 
     def _give_back(self, slot: _Slot) -> None:
@@ -1339,29 +1358,32 @@ class Pool(Generic[C]):
             # before reopen(): close it.
             self._close_if_retired(slot)
             return
-        now = monotonic()
-        held = now - slot.leased_at
-        if self._listeners.checkin:
-            try:
-                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
-            except BaseException:  # e.g. KeyboardInterrupt in a listener: nothing was undone
-                self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
-                raise
-        if slot.borrowed is not None:
-            self._note_return_of_borrowed(slot)
-        problem = None
-        if slot.used:  # else the lease did nothing with the connection: nothing to undo
-            try:
-                problem = self._clean(slot)
-            except BaseException:
-                self._discard(slot, DiscardReason.INTERRUPTED, broken=True, held=held)
-                raise
+        held = 0.0
+        cleaning = False
+        try:
             now = monotonic()
-        if problem is None and now >= slot.expires_at:
-            problem = DiscardReason.EXPIRED, "it reached max_lifetime"
+            held = now - slot.leased_at
+            if self._listeners.checkin:
+                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+            if slot.borrowed is not None:
+                self._note_return_of_borrowed(slot)
+            problem = None
+            if slot.used:  # else the lease did nothing with the connection: nothing to undo
+                cleaning = True
+                problem = self._clean(slot)
+                cleaning = False
+                now = monotonic()
+            if problem is None and now >= slot.expires_at:
+                problem = DiscardReason.EXPIRED, "it reached max_lifetime"
+            broken = problem is not None and _is_broken(slot)
+        except BaseException:
+            # KeyboardInterrupt in a listener or in the reset, or a signal handler raising as a
+            # call returned: whatever the connection's state, it is not reused.
+            self._discard(slot, DiscardReason.INTERRUPTED, broken=cleaning, held=held)
+            raise
         if problem is not None:
             reason, detail = problem
-            self._discard(slot, reason, broken=_is_broken(slot), held=held, detail=detail)
+            self._discard(slot, reason, broken=broken, held=held, detail=detail)
             return
         slot.used_at = slot.alive_at = now
         self._put_back(slot, held)
@@ -1519,8 +1541,10 @@ class Pool(Generic[C]):
 
     def _free_locked(self, slot: _Slot) -> None:
         """A connection is free: the oldest waiter gets it, else it goes idle."""
-        if self._waiters:
-            waiter = self._waiters.popleft()
+        waiters = self._waiters
+        if waiters:
+            waiter = waiters[0]
+            del waiters[0]  # not popleft(): see _pop_idle_locked
             waiter.slot = slot
             self._in_use += 1
             self._acquired += 1
@@ -1536,12 +1560,16 @@ class Pool(Generic[C]):
         while (
             self._waiters and self._size < self._max_size and self._may_connect_locked(monotonic())
         ):
-            waiter = self._waiters.popleft()
+            waiter = self._waiters[0]
+            del self._waiters[0]  # not popleft(): see _pop_idle_locked
             waiter.slot = self._reserve_locked()
             self._serve_locked(waiter, _OPEN)
 
     def _serve_locked(self, waiter: _Waiter, grant: object) -> None:
-        self._connecting.discard(waiter)  # if it was waiting for a connect
+        # A queued caller is served with no call before its grant (see _pop_idle_locked); only
+        # connect threads and close() serve one that waits for a connect.
+        if waiter in self._connecting:
+            self._connecting.discard(waiter)
         waiter.grant = grant
         waiter.wakeup.release()
 

@@ -109,10 +109,17 @@ def interrupt_main_at_pool_lock(send: Callable[[], None], functions: set[str]) -
     """Helper-thread side: wait until the main thread is held on the pool lock in one of
     ``functions``, interrupt it there, and wait until it has left that line (its recovery may
     take the lock again elsewhere)."""
+    seen: list[tuple[str, int] | None] = []
+
+    def parked() -> tuple[str, int] | None:
+        # Three polls in a row on that line: blocked in the acquire, not about to call it (a
+        # signal handled before the call could run in a finaliser, which swallows exceptions).
+        seen.append(main_thread_at_pool_lock(functions))
+        last = seen[-3:]
+        return last[0] if len(last) == 3 and last[0] and last.count(last[0]) == 3 else None
+
     spot = wait_until(
-        lambda: main_thread_at_pool_lock(functions),
-        timeout=10,
-        message=f"main thread never blocked on the pool lock in {functions}",
+        parked, timeout=10, message=f"main thread never blocked on the pool lock in {functions}"
     )
     send()
     wait_until(lambda: main_thread_at_pool_lock(functions) != spot, timeout=10)
@@ -392,7 +399,7 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any, ending: s
     # then sit in the idle stack twice and be handed to two borrowers at once.
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    first = StalledEnd(lease, ending, "_set_slot(self, None)")  # holds the slot, about to clear
+    first = StalledEnd(lease, ending, "._give_back(slot)")  # took the claim, about to return
     lease.close()  # second closer, in this thread
     first.resume()
     s = pool.stats()
@@ -413,7 +420,7 @@ def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(
     # connection the other caller is using.
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    stalled = StalledEnd(lease, ending, "claim")
+    stalled = StalledEnd(lease, ending, "slot = claim[0]")
     lease.close()  # the first closer returns it...
     with pool.connection(timeout=1) as again:  # ...and it is leased again
         stalled.resume()

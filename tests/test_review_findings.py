@@ -46,8 +46,8 @@ def accounting(pool: dbpool.Pool[Any]) -> str:
 
 class _InterruptAfterAcquire:
     """Stands in for the pool's lock (the Condition keeps the real one).  The first acquire made
-    from ``function`` takes the real lock and then raises KeyboardInterrupt, as a signal handler
-    run right after ``Lock.acquire()`` returned does."""
+    from ``function`` (directly or by ``with``) takes the real lock and then raises
+    KeyboardInterrupt, as a signal handler run right after ``Lock.acquire()`` returned does."""
 
     def __init__(self, real: Any, function: str) -> None:
         self.real = real
@@ -56,7 +56,10 @@ class _InterruptAfterAcquire:
 
     def acquire(self, *args: Any, **kwargs: Any) -> bool:
         got = bool(self.real.acquire(*args, **kwargs))
-        if got and not self.fired.is_set() and sys._getframe(1).f_code.co_name == self.function:
+        caller = sys._getframe(1)
+        if caller.f_code is _InterruptAfterAcquire.__enter__.__code__:
+            caller = caller.f_back
+        if got and not self.fired.is_set() and caller.f_code.co_name == self.function:
             self.fired.set()
             raise KeyboardInterrupt("signal handled right after the pool lock was taken")
         return got
@@ -79,7 +82,7 @@ class _InterruptAfterAcquire:
 def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     make_pool: Any, function: str
 ) -> None:
-    # _connect_for_caller, _take and _put_back call self._lock.acquire() inside a try whose
+    # _connect_for_caller, _take and _put_back take the pool lock inside a try whose
     # `except BaseException` handler (_abandon / _discard) takes the same non-reentrant lock
     # again.  An exception raised after the acquire succeeded, still on that line, leaves the
     # thread blocked on a lock it holds itself: that thread hangs, and with it every caller.

@@ -1,0 +1,282 @@
+"""A signal handler that raises, at every point where CPython can run one, in the checkout and
+return paths.
+
+A Python-level signal handler (Ctrl-C's KeyboardInterrupt, a SIGTERM handler calling
+``sys.exit()``, a SIGALRM time limit, Celery's soft time limit) runs in the main thread only
+where the interpreter checks for pending signals.  On CPython 3.11 and later that is as a call to
+a C function returns (before its result is stored: ``x = deque.popleft()`` loses the item), at
+the entry of a Python function, and at a loop's jump back; never as a Python function returns,
+nor between other instructions.  Python 3.9 and 3.10 check between most instructions; no
+pure-Python pool can be exact there, and these tests skip them.
+
+:func:`signal_points` runs a checkout or a return once under a trace and lists, for each
+function of the pool's that it names, the instructions that follow a call to a C function or a
+jump back.  :func:`exact_after_each` then runs it again on a fresh pool once per point, raising
+KeyboardInterrupt there as the handler would, and checks that the pool lost nothing and handed
+nothing out twice.  Function entries are left out: a function that is handed a connection (the
+return path's ``_give_back(slot)``) can still lose it if a handler raises on its first
+instruction, before it can hold it anywhere; that window is open.
+"""
+
+from __future__ import annotations
+
+import dis
+import gc
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+import dbpool
+from dbpool.lease import Connection, lease
+from tests.conftest import wait_until
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        sys.version_info < (3, 11), reason="Python 3.9 and 3.10 run signal handlers anywhere"
+    ),
+]
+
+_CALLS = {"CALL", "CALL_KW", "CALL_FUNCTION_EX"}
+# Frames entered from a call whose return the interpreter still checks: the constructor of a
+# class called from Python runs under the C function type.__call__.
+_ENTERED_THROUGH_C = {"__init__", "__new__"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """An instruction of ``code`` where a signal handler can run."""
+
+    code: Any
+    offset: int
+    after: str  # what comes before it, for the failure message
+
+    def __str__(self) -> str:
+        return f"{self.code.co_qualname} offset {self.offset} (after {self.after})"
+
+
+def _instructions(code: Any) -> dict[int, dis.Instruction]:
+    return {ins.offset: ins for ins in dis.get_instructions(code)}
+
+
+def signal_points(run: Callable[[], None], functions: list[Any]) -> list[Point]:
+    """The points, in the given functions, where ``run()`` passes a signal check."""
+    codes = {function.__code__ for function in functions}
+    points: dict[tuple[Any, int], Point] = {}
+    last: dict[Any, tuple[int, bool]] = {}  # frame -> (offset of its last instruction, entered)
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            code = frame.f_code
+            previous = last.get(frame)
+            if previous is not None:
+                ins = _instructions(code)[previous[0]]
+                checked = ins.opname in _CALLS and not previous[1]
+                if checked or ins.opname.startswith("JUMP_BACKWARD"):
+                    points.setdefault(
+                        (code, frame.f_lasti),
+                        Point(code, frame.f_lasti, f"{ins.opname} on line {ins.positions.lineno}"),
+                    )
+            last[frame] = (frame.f_lasti, False)
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        caller = frame.f_back
+        if event == "call" and caller in last and frame.f_code.co_name not in _ENTERED_THROUGH_C:
+            last[caller] = (last[caller][0], True)  # a Python function: no check on its return
+        return local if event == "call" and frame.f_code in codes else None
+
+    sys.settrace(tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return list(points.values())
+
+
+def _raising_at(point: Point) -> Callable[..., Any]:
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode" and frame.f_lasti == point.offset:
+            raise KeyboardInterrupt(f"signal at {point}")
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        return local if event == "call" and frame.f_code is point.code else None
+
+    return tracer
+
+
+def _problems(pool: dbpool.Pool[Any], max_size: int) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()  # a lease dropped by the interrupt gives its connection back
+    s = pool.stats()
+    if s.size != s.idle + s.in_use + s.opening:
+        return f"accounting broken: {s}"
+    held = []
+    try:
+        for _ in range(max_size):
+            held.append(pool.connection(timeout=1))
+    except dbpool.PoolTimeout:
+        return f"a slot was lost: {len(held)} of {max_size} leases at once ({s})"
+    finally:
+        raws = [id(conn.raw) for conn in held]
+        for conn in held:
+            conn.close()
+    if len(set(raws)) != len(raws):
+        return "one connection was handed out twice"
+    return ""
+
+
+def exact_after_each(
+    make_pool: Callable[..., Any],
+    prepare: Callable[[dbpool.Pool[Any]], Any],
+    act: Callable[[dbpool.Pool[Any], Any], None],
+    functions: list[Any],
+    finish: Callable[[Any], None] = lambda prepared: None,
+) -> None:
+    """For each signal point of ``act`` in ``functions``: a fresh pool of two, ``prepare(pool)``,
+    then ``act(pool, prepared)`` with KeyboardInterrupt raised at that point, then
+    ``finish(prepared)``."""
+    sample = make_pool(max_size=2)
+    sample_prepared = prepare(sample)
+    points = signal_points(lambda: act(sample, sample_prepared), functions)
+    finish(sample_prepared)
+    assert points, "no signal point found: the trace saw none of the functions"
+    failures = []
+    for point in points:
+        pool = make_pool(max_size=2)
+        prepared = prepare(pool)
+        sys.settrace(_raising_at(point))
+        try:
+            act(pool, prepared)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        finish(prepared)
+        del prepared
+        problem = _problems(pool, 2)
+        if problem:
+            failures.append(f"{point}: {problem}")
+        pool.close(timeout=1)
+    assert not failures, "\n".join(failures)
+
+
+def _one_idle(pool: dbpool.Pool[Any]) -> None:
+    with pool.connection():
+        pass
+
+
+def _checkout(pool: dbpool.Pool[Any], _: Any) -> None:
+    conn = pool.connection()
+    conn.close()
+
+
+CHECKOUT = [
+    dbpool.Pool.connection,
+    dbpool.Pool._pop_idle_locked,
+    dbpool.Pool._acquire,
+    lease,
+]
+
+
+def test_checkout_from_the_idle_stack(make_pool: Any) -> None:
+    exact_after_each(make_pool, _one_idle, _checkout, CHECKOUT)
+
+
+def test_checkout_that_connects(make_pool: Any) -> None:
+    connecting = [dbpool.Pool._take, dbpool.Pool._reserve_locked, dbpool.Pool._connect_for_caller]
+    exact_after_each(make_pool, lambda pool: None, _checkout, [*CHECKOUT, *connecting])
+
+
+def _leased(pool: dbpool.Pool[Any]) -> Connection[Any]:
+    return pool.connection()
+
+
+@pytest.mark.parametrize("ending", ["close", "__exit__"])
+def test_return(make_pool: Any, ending: str) -> None:
+    def end(pool: dbpool.Pool[Any], conn: Connection[Any]) -> None:
+        if ending == "close":
+            conn.close()
+        else:
+            conn.__exit__(None, None, None)
+
+    exact_after_each(
+        make_pool, _leased, end, [Connection.close, Connection.__exit__, dbpool.Pool._give_back]
+    )
+
+
+# -- with another caller in the queue ----------------------------------------------------------
+
+
+@dataclass
+class Busy:
+    """A pool of two with both connections leased, and a second thread."""
+
+    first: Connection[Any]
+    second: Connection[Any]
+    done: threading.Event
+    thread: threading.Thread | None = None
+
+
+def _both_leased(pool: dbpool.Pool[Any]) -> Busy:
+    return Busy(pool.connection(), pool.connection(), threading.Event())
+
+
+def _finish(busy: Busy) -> None:
+    busy.done.set()
+    busy.first.close()  # if the interrupted close() left it leased: the other thread gets it
+    if busy.thread is not None:
+        busy.thread.join(10)
+    busy.second.close()
+
+
+def _wait_for_a_connection(pool: dbpool.Pool[Any], busy: Busy) -> None:
+    """A checkout that queues; the other thread returns a connection once it is queued."""
+
+    def return_one() -> None:
+        while not busy.done.is_set() and pool.stats().waiting == 0:
+            time.sleep(0.001)
+        busy.first.close()
+
+    busy.thread = threading.Thread(target=return_one, daemon=True)
+    busy.thread.start()
+    pool.connection(timeout=5).close()
+
+
+def test_checkout_that_waits(make_pool: Any) -> None:
+    exact_after_each(
+        make_pool, _both_leased, _wait_for_a_connection, [*CHECKOUT, dbpool.Pool._take], _finish
+    )
+
+
+def _return_to_a_waiter(pool: dbpool.Pool[Any], busy: Busy) -> None:
+    """A return that hands the connection to the caller queued in the other thread."""
+    busy.thread = threading.Thread(target=lambda: pool.connection(timeout=5).close(), daemon=True)
+    busy.thread.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    busy.first.close()
+
+
+def test_return_to_a_waiting_caller(make_pool: Any) -> None:
+    exact_after_each(
+        make_pool,
+        _both_leased,
+        _return_to_a_waiter,
+        [
+            Connection.close,
+            dbpool.Pool._give_back,
+            dbpool.Pool._put_back,
+            dbpool.Pool._free_locked,
+            dbpool.Pool._serve_locked,
+        ],
+        _finish,
+    )
