@@ -146,3 +146,15 @@ def test_statements_on_the_raw_cursor_are_rolled_back(fake_server, pools):
         raw = conn.raw
     assert fake_server.count("rollback") == 1
     assert not fake_server.in_transaction(raw)
+
+
+def test_server_timeouts_round_up_so_the_server_never_stops_a_statement_early() -> None:
+    # A transaction's server-side timeout is the time left when it is set; the server starts
+    # its clock later.  Rounded down, a statement could be stopped just before the client's
+    # own deadline, and the caller would get the driver's QueryCanceled, not TransactionTimeout.
+    from dbpool.dialects.base import MAX_MS, milliseconds
+
+    assert milliseconds(0.4996) == 500
+    assert milliseconds(0.0000001) == 1
+    assert milliseconds(2.0) == 2000
+    assert milliseconds(1e12) == MAX_MS

@@ -8,6 +8,7 @@ and never probes a driver with try/except of its own.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import socket
 from typing import Any, Callable
@@ -176,8 +177,13 @@ MAX_MS = 2**31 - 1
 
 
 def milliseconds(seconds: float) -> int:
-    """``seconds`` as a server timeout in milliseconds: at least 1, at most :data:`MAX_MS`."""
-    return min(MAX_MS, max(1, int(seconds * 1000)))
+    """``seconds`` as a server timeout in milliseconds: at least 1, at most :data:`MAX_MS`.
+
+    Rounded up: the server starts its clock after the caller measured ``seconds``, so it then
+    never stops a statement before the caller's own deadline (which is what makes the caller
+    see the stop as its timeout rather than as a plain driver error).
+    """
+    return min(MAX_MS, max(1, math.ceil(seconds * 1000)))
 
 
 def is_database_error(exc: BaseException) -> bool:

@@ -17,6 +17,7 @@ from .base import (
     TxState,
     _execute,
     is_database_error,
+    milliseconds,
 )
 
 _RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
@@ -47,7 +48,7 @@ class _MySQLTransactions:
         if "MariaDB" in conn.get_server_info():
             variable, value = "max_statement_time", max(seconds, 0.001)
         else:
-            variable, value = "max_execution_time", max(1, int(seconds * 1000))
+            variable, value = "max_execution_time", milliseconds(seconds)
         [previous] = _execute(
             conn, f"SELECT @@session.innodb_lock_wait_timeout, @@session.{variable}"
         )
