@@ -41,16 +41,8 @@ def _doomed() -> ConnectionUnusable:
     )
 
 
-def _orphaned(conn: Connection[Any], message: str) -> None:
-    """From a finaliser: give the pool back the connection of a lease nobody released (the
-    next checkout returns it), then warn with ``message``."""
-    _set_slot(conn, None)  # first, as in close(); the cursor's lease may still be referenced
-    claim = conn._claim
-    if not claim:
-        return
-    slot = claim[0]
-    del claim[0]
-    conn._pool._orphans.append(slot)  # no call before it; and before the warning, which may raise
+def _warn_unreleased(message: str) -> None:
+    """From a finaliser that gave the pool back an unreleased connection."""
     warnings.warn(message, ResourceWarning, stacklevel=3)
 
 
@@ -100,21 +92,16 @@ class Connection(Generic[C]):
     @property
     def released(self) -> bool:
         """Whether the lease went back to the pool."""
-        return self._slot is None
+        return not self._claim  # its slot goes first (close()): a lease can refuse use sooner
 
     def close(self) -> None:
         """Return the connection to the pool.  Calling it again does nothing."""
-        # In this order, and with no call between taking the claim and handing the slot over:
-        # CPython runs a pending signal handler as a call to a C function returns, and one
-        # raising after _set_slot() leaves the claim to a later close() or the finaliser.
+        # The lease refuses use from here on; the pool takes the connection out of its claim
+        # (of two threads closing it at once, one finds it there).  A signal handler raising
+        # in between (CPython runs one as a call to a C function returns, or as a function is
+        # entered) leaves the claim to a later close() or the finaliser.
         _set_slot(self, None)
-        claim = self._claim
-        try:
-            slot = claim[0]
-            del claim[0]  # of two threads closing this lease at once, one takes it
-        except IndexError:  # released already
-            return
-        self._pool._give_back(slot)
+        self._pool._give_back(self._claim)
 
     def __enter__(self) -> Connection[C]:
         return self
@@ -122,13 +109,7 @@ class Connection(Generic[C]):
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         # close(), written out: every lease ends here, and a call more costs ~5 % of a checkout
         _set_slot(self, None)
-        claim = self._claim
-        try:
-            slot = claim[0]
-            del claim[0]
-        except IndexError:
-            return
-        self._pool._give_back(slot)
+        self._pool._give_back(self._claim)
 
     def _live(self, what: str) -> _Slot:
         slot = self._slot
@@ -240,8 +221,12 @@ class Connection(Generic[C]):
             return
         if not claim:  # released, or never armed; nothing else can reach this lease now
             return
-        _orphaned(
-            self,
+        # Queued for the next checkout to return, with no call before (see close()), and
+        # before the warning, which may raise (-W error).
+        slot = claim[0]
+        del claim[0]
+        self._pool._orphans.append(slot)
+        _warn_unreleased(
             f"a connection leased from pool {self._pool.name!r} was garbage-collected without "
             "being released; use 'with pool.connection() as conn' or call conn.close()",
         )
@@ -473,8 +458,18 @@ class PoolCursor(Cursor[C]):
             return
         if not lease._claim:
             return  # closed
-        _orphaned(
-            lease,
+        claim = lease._claim
+        slot = None
+        try:
+            _set_slot(lease, None)  # the lease may still be referenced elsewhere
+        finally:  # even if a signal handler raised as that returned: a finaliser swallows it
+            if claim:
+                slot = claim[0]
+                del claim[0]
+                lease._pool._orphans.append(slot)  # as in Connection.__del__
+        if slot is None:
+            return  # closed meanwhile
+        _warn_unreleased(
             f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "
             "being closed; use 'with pool.cursor() as cur' or call cur.close()",
         )

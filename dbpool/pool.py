@@ -537,7 +537,7 @@ class Pool(Generic[C]):
                 f"release() takes the dbpool.Connection that pool.connection() returned "
                 f"(not the driver's connection, conn.raw), got {type(conn)!r}"
             )
-        if conn._pool is self and conn._slot is None:
+        if conn._pool is self and conn.released:
             raise LeaseReleased(
                 "this connection was already returned to the pool: release it once "
                 "(conn.close() and leaving 'with' may be repeated, release() may not)"
@@ -602,13 +602,18 @@ class Pool(Generic[C]):
         _check_number("timeout", timeout, allow_none=False, positive=False)
         deadline = monotonic() + timeout
         probed: deque[_Slot] = deque()
-        with self._lock:
-            if self._closed:
-                raise PoolClosed(self._closed_message())
-            probed, self._idle = self._idle, probed  # held by the pool itself meanwhile
-            self._in_use += len(probed)
-        count = len(probed)
-        dead = self._probe_all(probed, deadline)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(self._closed_message())
+                count = len(self._idle)  # first: no call once they are taken (_pop_idle_locked)
+                probed, self._idle = self._idle, probed  # held by the pool itself meanwhile
+                self._in_use += count
+            dead = self._probe_all(probed, deadline)
+        except BaseException:  # a signal handler raised before _probe_all took them over
+            while probed:
+                self._put_back([probed.popleft()])
+            raise
         if dead:
             logger.info(
                 "pool %r: check() found %d of %d idle connections dead", self._name, dead, count
@@ -846,8 +851,12 @@ class Pool(Generic[C]):
             idle = list(self._idle)
             self._idle.clear()
             self._forget_locked(idle)
-            while self._waiters:
-                self._serve_locked(self._waiters.popleft(), _CLOSED)
+            waiters = self._waiters
+            while waiters:
+                waiter = waiters[0]
+                del waiters[0]  # then no call until it is served: see _free_locked
+                waiter.grant = _CLOSED
+                waiter.wakeup.release()
             for waiter in list(self._connecting):  # their connects finish on their own
                 waiter.abandoned = True
                 self._serve_locked(waiter, _CLOSED)
@@ -972,7 +981,8 @@ class Pool(Generic[C]):
                 with self._lock:
                     grant = waiter.grant
                     if grant is None:  # timed out, and nothing was handed over in the meantime
-                        self._waiters.remove(waiter)
+                        if waiter in self._waiters:  # (a signal handler may have cut a hand-off)
+                            self._waiters.remove(waiter)
                         self._timeouts += 1
                         error = self._timeout_error_locked(timeout)
         except BaseException:
@@ -1033,8 +1043,9 @@ class Pool(Generic[C]):
                 self._unreserve_locked()
             return
         with self._lock:
-            self._acquired -= 1  # not handed out after all
-        self._put_back(slot)
+            if slot.generation == self._generation:
+                self._acquired -= 1  # not handed out after all
+        self._put_back([slot])
 
     def _drop_lock_if_held(self) -> None:
         """Called first by a handler that undoes an interrupted step: if the exception landed
@@ -1335,24 +1346,35 @@ class Pool(Generic[C]):
     def _return_orphans(self) -> None:
         orphans = self._orphans
         while orphans:
-            slot = None
+            box: list[_Slot] = []
             try:
                 with self._lock:  # finalisers only ever append: the head stays until taken
                     if not orphans:
                         return
-                    slot = orphans[0]
-                    del orphans[0]  # no call: a signal handler cannot raise before it is stored
+                    box = [orphans[0]]
+                    del orphans[0]
                     self._leaked += 1
-            except BaseException:  # a signal handler raised as the lock was let go
-                if slot is not None:
-                    orphans.appendleft(slot)
+                self._give_back(box)
+            except BaseException:  # a signal handler raised before _give_back took it
+                if box:
+                    orphans.appendleft(box[0])
                     with self._lock:
                         self._leaked -= 1  # counted when it comes back
                 raise
-            self._give_back(slot)
 
-    def _give_back(self, slot: _Slot) -> None:
-        """Take back a connection from its borrower: clean it, then reuse or discard it."""
+    def _give_back(self, box: list[_Slot]) -> None:
+        """Take back a connection from its borrower: clean it, then reuse or discard it.
+
+        The connection comes in ``box`` (a lease's claim), a one-item list that the callee
+        empties first thing, with an index and a del: a signal handler raising as a function is
+        entered (where CPython runs one) then leaves it where the caller's undo, or the lease's
+        finaliser, finds it.  Of two callers with the same box, only the first finds it there.
+        """
+        try:
+            slot = box[0]
+            del box[0]
+        except IndexError:  # released already
+            return
         if slot.generation != self._generation:
             # Inherited across fork(), or closed by close(): not ours to count.  Or leased
             # before reopen(): close it.
@@ -1386,12 +1408,19 @@ class Pool(Generic[C]):
             self._discard(slot, reason, broken=broken, held=held, detail=detail)
             return
         slot.used_at = slot.alive_at = now
-        self._put_back(slot, held)
+        box.append(slot)  # back in the lease's claim until _put_back takes it
+        self._put_back(box, held)
 
-    def _put_back(self, slot: _Slot, held: float | None = None) -> None:
-        """Return a clean connection the caller holds to the pool: to the oldest waiter, the
-        idle stack, or closed if the pool closed or shrank meanwhile.  ``held``: how long a
-        borrower had it (``None``: it was the pool's own, or never handed out)."""
+    def _put_back(self, box: list[_Slot], held: float | None = None) -> None:
+        """Return a clean connection the caller holds (in ``box``, as for _give_back) to the
+        pool: to the oldest waiter, the idle stack, or closed if the pool closed or shrank
+        meanwhile.  ``held``: how long a borrower had it (``None``: it was the pool's own, or
+        never handed out)."""
+        try:
+            slot = box[0]
+            del box[0]
+        except IndexError:  # another caller took it
+            return
         slot.borrowed = None
         try:
             self._lock.acquire()
@@ -1514,10 +1543,17 @@ class Pool(Generic[C]):
         """Drop a connection the caller holds (leased or under validation) and close it.
         ``checkout``: it was taken for a caller who does not get it after all; ``held``: how
         long its borrower had it, when it comes back from a lease."""
+        # Read first: its place is then freed with no call among the counts (a signal handler
+        # may raise as one returns, see _pop_idle_locked): _forget_locked's work, written out.
+        key = reason.value
+        broken_at = monotonic() if broken else 0.0
         with self._lock:
             counted = slot.generation == self._generation
             if counted:
                 self._in_use -= 1
+                self._size -= 1
+                self._closed_count += 1
+                slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
                 self._discarded += 1
                 if checkout:
                     self._acquired -= 1
@@ -1525,13 +1561,14 @@ class Pool(Generic[C]):
                     self._returned += 1
                     self._held_time += held
                 if broken:
-                    self._broken_at = monotonic()
+                    self._broken_at = broken_at
                 if self._closed:  # not a discard: the pool is closing everything anyway
                     closing_reason: str = POOL_CLOSED
-                    self._forget_locked([slot])
                 else:
                     closing_reason = reason
-                    self._forget_locked([slot], reason)
+                    self._discards[key] += 1
+                self._everyone.discard(slot)
+                self._grant_room_locked()
         if counted:
             self._close_raw(slot, closing_reason, detail)
         else:  # close() took it back and closes it; or it was leased before reopen()
@@ -1542,15 +1579,18 @@ class Pool(Generic[C]):
     def _free_locked(self, slot: _Slot) -> None:
         """A connection is free: the oldest waiter gets it, else it goes idle."""
         waiters = self._waiters
-        if waiters:
-            waiter = waiters[0]
-            del waiters[0]  # not popleft(): see _pop_idle_locked
-            waiter.slot = slot
-            self._in_use += 1
-            self._acquired += 1
-            self._serve_locked(waiter, _HANDED)
-        else:
+        if not waiters:
             self._idle.append(slot)
+            return
+        # No call until it is served (see _pop_idle_locked); a queued caller is never among
+        # those waiting for a connect, so _serve_locked has nothing more to do for it.
+        waiter = waiters[0]
+        del waiters[0]
+        waiter.slot = slot
+        waiter.grant = _HANDED
+        self._in_use += 1
+        self._acquired += 1
+        waiter.wakeup.release()
 
     def _grant_room_locked(self) -> None:
         """Room was made under max_size: let waiters open connections in it."""
@@ -1560,10 +1600,12 @@ class Pool(Generic[C]):
         while (
             self._waiters and self._size < self._max_size and self._may_connect_locked(monotonic())
         ):
+            slot = self._reserve_locked()
             waiter = self._waiters[0]
-            del self._waiters[0]  # not popleft(): see _pop_idle_locked
-            waiter.slot = self._reserve_locked()
-            self._serve_locked(waiter, _OPEN)
+            del self._waiters[0]  # then no call until it is served: see _free_locked
+            waiter.slot = slot
+            waiter.grant = _OPEN
+            waiter.wakeup.release()
 
     def _serve_locked(self, waiter: _Waiter, grant: object) -> None:
         # A queued caller is served with no call before its grant (see _pop_idle_locked); only
@@ -1576,13 +1618,15 @@ class Pool(Generic[C]):
     def _forget_locked(self, slots: list[_Slot], reason: DiscardReason | None = None) -> None:
         """Stop counting connections about to be closed (idle ones already out of the stack);
         ``reason``: why the open pool drops them (``None`` when the pool closes)."""
+        key = None if reason is None else reason.value
+        count = len(slots)
+        self._size -= count  # the counts first, with no call among them: see _discard
+        self._closed_count += count
+        if key is not None:
+            self._discards[key] += count
         for slot in slots:
-            self._everyone.discard(slot)
             slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
-        self._size -= len(slots)
-        self._closed_count += len(slots)
-        if reason is not None:
-            self._discards[reason.value] += len(slots)
+            self._everyone.discard(slot)
         self._grant_room_locked()
 
     def _close_raw(self, slot: _Slot, reason: str, detail: str = "") -> None:
@@ -1717,21 +1761,24 @@ class Pool(Generic[C]):
         ``untried`` is emptied as they are pinged: if a ping is interrupted, the connections
         still in it go back as they were."""
         dead = 0
+        box: list[_Slot] = []  # one being handed back (see _give_back)
         try:
             while untried:
                 slot = untried[0]
                 slot.owner = 0  # held by the pool itself
-                fit = self._fit_for_use(slot, deadline, checkout=False, probe=True)
-                untried.popleft()
-                if fit:
+                if self._fit_for_use(slot, deadline, checkout=False, probe=True):
                     slot.alive_at = monotonic()  # not used_at: a ping is no use of it
-                    self._put_back(slot)
+                    box = [slot]
+                    del untried[0]
+                    self._put_back(box)
                 else:
+                    del untried[0]  # discarded already
                     dead += 1
         except BaseException:
             self._drop_lock_if_held()
+            untried.extend(box)
             while untried:
-                self._put_back(untried.popleft())
+                self._put_back([untried.popleft()])
             raise
         return dead
 

@@ -399,7 +399,7 @@ def test_concurrent_close_of_one_lease_returns_it_once(make_pool: Any, ending: s
     # then sit in the idle stack twice and be handed to two borrowers at once.
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    first = StalledEnd(lease, ending, "._give_back(slot)")  # took the claim, about to return
+    first = StalledEnd(lease, ending, "_give_back(self._claim)")  # about to hand it back
     lease.close()  # second closer, in this thread
     first.resume()
     s = pool.stats()
@@ -420,7 +420,7 @@ def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(
     # connection the other caller is using.
     pool = make_pool(max_size=1)
     lease = pool.connect()
-    stalled = StalledEnd(lease, ending, "slot = claim[0]")
+    stalled = StalledEnd(lease, ending, "_give_back(self._claim)")
     lease.close()  # the first closer returns it...
     with pool.connection(timeout=1) as again:  # ...and it is leased again
         stalled.resume()
