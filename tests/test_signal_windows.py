@@ -25,7 +25,6 @@ import dis
 import gc
 import sys
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -306,8 +305,7 @@ def _wait_for_a_connection(pool: dbpool.Pool[Any], busy: Busy) -> None:
     """A checkout that queues; the other thread returns a connection once it is queued."""
 
     def return_one() -> None:
-        while not busy.done.is_set() and pool.stats().waiting == 0:
-            time.sleep(0.001)
+        wait_until(lambda: busy.done.is_set() or pool.stats().waiting, timeout=10, interval=0.001)
         busy.first.close()
 
     busy.thread = threading.Thread(target=return_one, daemon=True)
