@@ -44,9 +44,9 @@ class LeaseReleased(PoolError):
 
 
 class ConnectionUnusable(PoolError):
-    """A lease's connection is in an unknown state (a cancel, rollback or session undo on it
-    failed or could not finish): it refuses further statements, and the pool discards it when
-    it is released."""
+    """A lease's connection is in an unknown state (a cancel, rollback, rollback to a
+    savepoint or session undo on it failed or could not finish): it refuses further
+    statements, and the pool discards it when it is released."""
 
     __module__ = "dbpool"
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._types import C
 from .dialects.base import BROKEN, IN_TRANSACTION, UNKNOWN
-from .errors import CommitOutcomeUnknown, PoolError, TransactionTimeout
+from .errors import CommitOutcomeUnknown, ConnectionUnusable, PoolError, TransactionTimeout
 from .isolation import Isolation
 from .watchdog import watchdog
 
@@ -347,8 +347,9 @@ class Transaction(Generic[C]):
         if self._undo_failed is not None:
             raise self._undo_failed_error() from self._undo_failed
 
-    def _undo_failed_error(self) -> PoolError:
-        return PoolError(
+    def _undo_failed_error(self) -> ConnectionUnusable:
+        # The same case as a lease whose rollback failed: the connection's state is unknown.
+        return ConnectionUnusable(
             "rolling back to a savepoint failed, so the transaction's state is unknown: it "
             "cannot go on, and is rolled back when its block ends"
         )

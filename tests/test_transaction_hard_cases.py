@@ -649,7 +649,7 @@ def test_a_failed_savepoint_undo_stops_the_transaction_from_committing(
         pass
 
     with fake_pool(fake_server.connect) as pool:
-        with pytest.raises(dbpool.PoolError, match="rolling back to a savepoint failed"):
+        with pytest.raises(dbpool.ConnectionUnusable, match="rolling back to a savepoint failed"):
             with pool.transaction() as tx:
                 tx.execute("insert into t values (1)")
                 try:
