@@ -748,7 +748,8 @@ class Pool(Generic[C]):
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=True, positive=False)
         with self._lock:
-            if self._closed and not self._drained:
+            # Done already, unless a signal handler cut a first close() short.
+            if self._closed and not self._drained and not (self._idle or self._waiters):
                 return
             self._drained = False
             idle = self._stop_checkouts_locked()
@@ -844,23 +845,23 @@ class Pool(Generic[C]):
 
     def _stop_checkouts_locked(self) -> list[_Slot]:
         """Close the pool to callers: turn waiters away; return the idle connections, no
-        longer counted, for the caller to close."""
-        idle: list[_Slot] = []
-        if not self._closed:
-            self._closed = True
-            idle = list(self._idle)
-            self._idle.clear()
+        longer counted, for the caller to close.  Runs again on what a first run interrupted
+        by a signal handler left (close() calls it while idle or waiters remain)."""
+        self._closed = True
+        idle = list(self._idle)
+        if idle:
+            self._idle = deque()
             self._forget_locked(idle)
-            waiters = self._waiters
-            while waiters:
-                waiter = waiters[0]
-                del waiters[0]  # then no call until it is served: see _free_locked
-                waiter.grant = _CLOSED
-                waiter.wakeup.release()
-            for waiter in list(self._connecting):  # their connects finish on their own
-                waiter.abandoned = True
-                self._serve_locked(waiter, _CLOSED)
-            self._cond.notify_all()
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters[0]
+            del waiters[0]  # then no call until it is served: see _free_locked
+            waiter.grant = _CLOSED
+            waiter.wakeup.release()
+        for waiter in list(self._connecting):  # their connects finish on their own
+            waiter.abandoned = True
+            self._serve_locked(waiter, _CLOSED)
+        self._cond.notify_all()
         return idle
 
     def _close_stopped(self, idle: list[_Slot], timeout: float | None) -> BaseException | None:
@@ -1543,36 +1544,37 @@ class Pool(Generic[C]):
         """Drop a connection the caller holds (leased or under validation) and close it.
         ``checkout``: it was taken for a caller who does not get it after all; ``held``: how
         long its borrower had it, when it comes back from a lease."""
-        # Read first: its place is then freed with no call among the counts (a signal handler
-        # may raise as one returns, see _pop_idle_locked): _forget_locked's work, written out.
-        key = reason.value
-        broken_at = monotonic() if broken else 0.0
-        with self._lock:
-            counted = slot.generation == self._generation
+        key = reason._value_  # a plain attribute (.value is a property: a function call)
+        counted: bool | None = None  # None until it is decided under the lock
+        closing_reason: str = POOL_CLOSED
+        try:
+            with self._lock:
+                counted = slot.generation == self._generation
+                if counted:
+                    # _forget_locked's work, written out: its place is freed with no call among
+                    # the counts (a signal handler may raise as one returns: _pop_idle_locked).
+                    self._in_use -= 1
+                    self._size -= 1
+                    self._closed_count += 1
+                    slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
+                    self._discarded += 1
+                    if checkout:
+                        self._acquired -= 1
+                    if held is not None:
+                        self._returned += 1
+                        self._held_time += held
+                    if not self._closed:  # else not a discard: the pool closes everything
+                        closing_reason = reason
+                        self._discards[key] += 1
+                    if broken:
+                        self._broken_at = max(self._broken_at, monotonic())
+                    self._grant_room_locked()
+                    self._everyone.discard(slot)
+        finally:  # closed even if a signal handler raised once it was counted off
             if counted:
-                self._in_use -= 1
-                self._size -= 1
-                self._closed_count += 1
-                slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
-                self._discarded += 1
-                if checkout:
-                    self._acquired -= 1
-                if held is not None:
-                    self._returned += 1
-                    self._held_time += held
-                if broken:
-                    self._broken_at = broken_at
-                if self._closed:  # not a discard: the pool is closing everything anyway
-                    closing_reason: str = POOL_CLOSED
-                else:
-                    closing_reason = reason
-                    self._discards[key] += 1
-                self._everyone.discard(slot)
-                self._grant_room_locked()
-        if counted:
-            self._close_raw(slot, closing_reason, detail)
-        else:  # close() took it back and closes it; or it was leased before reopen()
-            self._close_if_retired(slot)
+                self._close_raw(slot, closing_reason, detail)
+            elif counted is not None:  # close() took it back; or it was leased before reopen()
+                self._close_if_retired(slot)
 
     # -- hand-off (all under the lock) ---------------------------------------------------------
 

@@ -229,10 +229,14 @@ def test_return(make_pool: Any, ending: str) -> None:
     exact_after_each(make_pool, _leased, end, list(handing), entries=handing)
 
 
-def test_return_that_discards_the_connection(make_pool: Any) -> None:
+@pytest.mark.parametrize("why", ["expired", "broken"])
+def test_return_that_discards_the_connection(make_pool: Any, why: str) -> None:
     def expire(pool: dbpool.Pool[Any]) -> Connection[Any]:
         conn = pool.connection()
-        conn._slot.expires_at = 0.0  # type: ignore[union-attr]  # private: past max_lifetime
+        if why == "expired":
+            conn._slot.expires_at = 0.0  # type: ignore[union-attr]  # private: max_lifetime
+        else:
+            conn.raw.close()  # the driver reports it broken: the pool notes when (broken_at)
         return conn
 
     exact_after_each(
