@@ -1037,8 +1037,8 @@ class Pool(Generic[C]):
         return slot
 
     def _untake(self, slot: _Slot) -> None:
-        """Undo a checkout that took ``slot`` (an idle connection, counted in ``acquired``, or a
-        reservation to open one) and does not hand it out after all."""
+        """Undo a checkout that took or was granted ``slot`` (a connection, counted in
+        ``acquired``, or a reservation to open one) and does not hand it out after all."""
         if slot.raw is None:
             with self._lock:
                 self._unreserve_locked()
@@ -1065,24 +1065,9 @@ class Pool(Generic[C]):
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
                 return
-            if grant is _OPEN:
-                self._unreserve_locked()
-                return
-            slot = waiter.slot
-            if grant is not _HANDED or slot is None:
-                return  # nothing granted
-            counted = slot.generation == self._generation
-            if counted:
-                self._in_use -= 1
-                self._acquired -= 1
-                if not self._closed:
-                    self._free_locked(slot)
-                    return
-                self._forget_locked([slot])
-        if counted:
-            self._close_raw(slot, POOL_CLOSED, "the pool closed while its caller waited")
-        else:  # close() took it back and closes it; or it was handed out before reopen()
-            self._close_if_retired(slot)
+        slot = waiter.slot
+        if (grant is _HANDED or grant is _OPEN) and slot is not None:
+            self._untake(slot)  # a connection, or room to open one: back as if never taken
 
     def _fit_for_use(
         self, slot: _Slot, deadline: float, *, checkout: bool, probe: bool = False
