@@ -29,6 +29,7 @@ from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWa
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
 from .lease import Connection, PoolCursor, detach, lease, pool_cursor, revoke
+from .redact import mask_credentials, scrub_exception, secrets_in
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
@@ -305,6 +306,7 @@ class Pool(Generic[C]):
             raise TypeError(f"name must be a str or None, got {name!r}")
 
         self._connect = connect
+        self._secrets = secrets_in(connect)  # scrubbed from connect errors
         self._name = name if name is not None else f"pool-{next(_pool_numbers)}"
         self._min_size = min_size
         self._max_size = max_size
@@ -1255,6 +1257,8 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
+            if self._secrets:  # before the caller, health() or a log line can quote it
+                scrub_exception(exc, self._secrets)
             with self._lock:
                 if isinstance(exc, Exception):
                     self._note_connect_failure_locked(exc)
@@ -1959,5 +1963,7 @@ def _close_quietly(dialect: Dialect, raw: Any) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    """The first line of an error, for a log line or a message; what looks like a password in
+    it (``password=...``, ``user:password@``) is masked."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {mask_credentials(text[0])}" if text else type(exc).__name__

@@ -39,14 +39,12 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from dbpool.pool import Pool
+from dbpool.redact import MASK, is_secret_key, scrub_exception, scrub_text
 
 __all__ = ["DatabaseURL", "URLConnector", "create_pool", "load_driver", "parse_url"]
 
-MASK = "***"
-
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 _INT_RE = re.compile(r"[+-]?[0-9]+")
-_SECRET_KEY_RE = re.compile(r"pass|secret|token|scram_", re.IGNORECASE)
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -209,11 +207,6 @@ _ALIASES = {"postgres": "postgresql"}
 _SUPPORTED = "postgresql://, postgres://, mysql://, mssql:// or sqlite:///"
 
 
-def _is_secret_key(key: str) -> bool:
-    """Query parameters whose values are masked like the password (sslpassword, ...)."""
-    return bool(_SECRET_KEY_RE.search(key))
-
-
 # --- the parsed URL ----------------------------------------------------------------------------
 
 
@@ -248,7 +241,7 @@ class DatabaseURL:
     def masked(self) -> str:
         """The URL with the password (and secret query values) shown as ``***``."""
         query = "&".join(
-            f"{quote(key, safe='')}={MASK if _is_secret_key(key) else quote(value, safe='/:,')}"
+            f"{quote(key, safe='')}={MASK if is_secret_key(key) else quote(value, safe='/:,')}"
             for key, value in self.query
         )
         tail = f"?{query}" if query else ""
@@ -301,12 +294,12 @@ class DatabaseURL:
 
     def redact(self, text: str) -> str:
         """``text`` with this URL's password and secret query values replaced by ``***``."""
-        return _scrub_text(text, self._secrets())
+        return scrub_text(text, self._secrets())
 
     def _secrets(self) -> tuple[str, ...]:
         found: set[str] = set()
         values = [self.password] if self.password else []
-        values += [value for key, value in self.query if value and _is_secret_key(key)]
+        values += [value for key, value in self.query if value and is_secret_key(key)]
         for value in values:
             # as given, and as it may have been written in the URL
             found.update((value, quote(value, safe=""), quote(value)))
@@ -473,7 +466,7 @@ def _check_value(scheme: _Scheme, key: str, value: str) -> None:
     try:
         convert(value)
     except ValueError as exc:
-        shown = "" if _is_secret_key(key) else f", not {value!r}"
+        shown = "" if is_secret_key(key) else f", not {value!r}"
         raise ValueError(f"the URL parameter {key!r} must be {exc}{shown}") from None
 
 
@@ -543,7 +536,7 @@ class URLConnector:
             return self._connect(**self._kwargs)
         except Exception as exc:
             if self._secrets:
-                _scrub_exception(exc, self._secrets)
+                scrub_exception(exc, self._secrets)
             raise
 
     def __repr__(self) -> str:
@@ -593,70 +586,3 @@ def _driver_keys(scheme: str, driver: ModuleType) -> frozenset[str] | None:
             return None
         return frozenset(p.name for p in parameters)
     return None
-
-
-# --- keeping secrets out of errors ---------------------------------------------------------------
-
-
-def _scrub_text(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, MASK)
-    return text
-
-
-def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them."""
-    if isinstance(value, str):
-        return _scrub_text(value, secrets)
-    if isinstance(value, (bytes, bytearray)):
-        for secret in secrets:
-            if secret:
-                value = value.replace(secret.encode("utf-8", "replace"), MASK.encode())
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_scrub_value(item, secrets) for item in value)
-    return value
-
-
-def _shows_secret(text: str, secrets: Iterable[str]) -> bool:
-    """Whether ``text`` (a repr) shows a secret, as text or as escaped bytes."""
-    return any(
-        secret and (secret in text or repr(secret.encode("utf-8", "replace"))[2:-1] in text)
-        for secret in secrets
-    )
-
-
-def _scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
-    """Scrub ``exc`` and the exceptions chained to it in place, keeping their classes."""
-    seen = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        try:
-            current.args = _scrub_value(current.args, secrets)
-        except (AttributeError, TypeError):
-            pass
-        if isinstance(current, OSError):
-            for attr in ("strerror", "filename", "filename2"):
-                _scrub_attribute(current, attr, secrets)
-        for attr in list(getattr(current, "__dict__", {})):
-            _scrub_attribute(current, attr, secrets)
-        pending.extend((current.__cause__, current.__context__))
-
-
-def _scrub_attribute(obj: object, attr: str, secrets: tuple[str, ...]) -> None:
-    try:
-        value = getattr(obj, attr)
-        scrubbed = _scrub_value(value, secrets)
-        if scrubbed is not value and scrubbed != value:
-            setattr(obj, attr, scrubbed)
-        elif _shows_secret(repr(value), secrets):
-            # An object that holds the secret and cannot be scrubbed (psycopg's pgconn keeps
-            # the connection parameters): drop it rather than let a debugger show it.
-            setattr(obj, attr, None)
-    except Exception:  # a read-only or computed attribute: nothing to do about it
-        pass

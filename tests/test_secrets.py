@@ -17,9 +17,12 @@ The canary's uuid part is what is searched for: it survives percent-encoding, qu
 escaping, so a leak in any of those forms is caught.
 
 For URLs, dbpool knows the secret and scrubs the driver's connect errors; the attributes of
-those errors are checked too, since error trackers and debuggers show them.  For a user's connect
-callable dbpool cannot know the secret and cannot scrub the driver's own error: there the
-property is that dbpool adds the canary nowhere, on drivers whose own errors do not carry it.
+those errors are checked too, since error trackers and debuggers show them.  A user's connect
+callable shows dbpool its secrets when they are written where it can read them (a
+``functools.partial``'s password argument, a connection string the function or lambda holds or
+names): then the driver's connect errors are scrubbed as for a URL, even those that quote the
+password.  Otherwise the property is that dbpool adds the canary nowhere, on drivers whose own
+errors do not carry it.
 
 Parsing, masking and scrubbing of URLs themselves are tested in ``test_url.py``, the command
 line in ``test_cli.py``; this module is the cross-cutting check.  Rows on the fake driver (a
@@ -28,6 +31,7 @@ fake ``pymssql`` module over :mod:`tests.fakedb`) need no server.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import subprocess
@@ -40,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -561,6 +565,142 @@ def test_dbpool_adds_no_password_to_what_a_connect_callable_raises(
     scene.exposure.show(closed_pool=pool)
     scene.exposure.logs(dbpool_records(caplog))
     assert_clean(scene.exposure)
+
+
+def psycopg_split_password_partial(
+    canary: Canary, request: pytest.FixtureRequest
+) -> Callable[[], Any]:
+    """A password with an unquoted space: libpq quotes its second word in the parse error."""
+    import psycopg
+
+    dsn = f"host=127.0.0.1 port={CLOSED_PORT} user=app password=Canary-S3cr3t {canary.token}"
+    return functools.partial(psycopg.connect, dsn, connect_timeout=5)
+
+
+def psycopg_split_password_lambda(
+    canary: Canary, request: pytest.FixtureRequest
+) -> Callable[[], Any]:
+    import psycopg
+
+    dsn = f"host=127.0.0.1 port={CLOSED_PORT} user=app password=Canary-S3cr3t {canary.token}"
+    return lambda: psycopg.connect(dsn)
+
+
+def psycopg_password_argument_down(
+    canary: Canary, request: pytest.FixtureRequest
+) -> Callable[[], Any]:
+    """Refused: the message is clean, but the error's ``pgconn`` holds the password."""
+    import psycopg
+
+    return functools.partial(
+        psycopg.connect,
+        host="127.0.0.1",
+        port=CLOSED_PORT,
+        user="app",
+        password=canary.password,
+        connect_timeout=5,
+    )
+
+
+def echoing_driver_partial(canary: Canary, request: pytest.FixtureRequest) -> Callable[[], Any]:
+    """A driver quoting the password in its message, its cause and an attribute."""
+    module = fake_pymssql(request.getfixturevalue("fake_server"), echo=True, received=[])
+    return functools.partial(module.connect, server="db", user="sa", password=canary.password)
+
+
+READABLE_CALLABLE_ROWS = [
+    pytest.param(psycopg_split_password_partial, "connect", id="psycopg-split-password-partial"),
+    pytest.param(
+        psycopg_split_password_lambda, "acquire-timeout", id="psycopg-split-password-lambda"
+    ),
+    pytest.param(psycopg_password_argument_down, "connect", id="psycopg-refused-connect"),
+    pytest.param(psycopg_password_argument_down, "wait-timeout", id="psycopg-refused-wait"),
+    pytest.param(echoing_driver_partial, "connect", id="echoing-driver-connect"),
+    pytest.param(echoing_driver_partial, "acquire-timeout", id="echoing-driver-acquire-timeout"),
+]
+
+
+@pytest.mark.parametrize(("make_connect", "action"), READABLE_CALLABLE_ROWS)
+def test_dbpool_scrubs_the_secrets_it_can_read_in_a_connect_callable(
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    make_connect: Callable[[Canary, pytest.FixtureRequest], Callable[[], Any]],
+    action: str,
+) -> None:
+    canary = Canary.new()
+    connect = make_connect(canary, request)
+    try:  # the driver's own error shows the password: the test can fail
+        connect().close()
+    except Exception as exc:
+        seen = Exposure(canary)
+        seen.error("the driver", exc)
+        assert seen.leaks() or seen.attribute_leaks(), "the driver's error was clean already"
+    else:
+        raise AssertionError("the connect was meant to fail")
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    scene = Scene(canary, request, request.getfixturevalue("fake_server"))
+    run, options = ACTIONS[action]
+    with dbpool.Pool(connect, **options) as pool:
+        run(scene, pool)
+        scene.exposure.show(pool=pool, stats=pool.stats(), health=pool.health())
+    scene.exposure.logs(dbpool_records(caplog))
+    assert_clean(scene.exposure)
+    assert not scene.exposure.attribute_leaks()
+
+
+MODULE_DSN = "host=db user=app password=module-Secret-1 dbname=app"
+
+
+def _closure_connect() -> Callable[[], Any]:
+    dsn = "postgresql://app:closure%2FSecret-2@db/app"
+    return lambda: dsn
+
+
+@pytest.mark.parametrize(
+    ("connect", "secrets"),
+    [
+        pytest.param(lambda: MODULE_DSN, {"module-Secret-1"}, id="module-level-name"),
+        pytest.param(_closure_connect(), {"closure%2FSecret-2", "closure/Secret-2"}, id="closure"),
+        pytest.param(
+            lambda: "host=db password='quo\\'ted Secret-3' user=app",
+            {"quo'ted Secret-3", "Secret-3"},
+            id="quoted-constant",
+        ),
+        pytest.param(
+            functools.partial(functools.partial(dict, passwd="kw-Secret-4"), token="tok-5678"),
+            {"kw-Secret-4", "tok-5678"},
+            id="nested-partial",
+        ),
+        pytest.param(lambda: "host=db user=app", set(), id="no-password"),
+        pytest.param(dict, set(), id="builtin"),
+    ],
+)
+def test_secrets_in_a_connect_callable(connect: Callable[[], Any], secrets: set[str]) -> None:
+    from dbpool.redact import secrets_in
+
+    found = secrets_in(connect)
+    assert secrets <= set(found)
+    # and nothing else: each is a secret, a piece of one, or one as a URL would write it
+    assert all(any(unquote(s) in secret for secret in secrets) for s in found)
+    assert list(found) == sorted(found, key=len, reverse=True)
+
+
+def test_what_looks_like_a_password_is_masked_in_what_dbpool_writes() -> None:
+    from dbpool.redact import mask_credentials
+
+    text = "bad password=abc here; see postgresql://u:p%40w@db/x and PWD='a b' then"
+    assert mask_credentials(text) == (
+        "bad password=*** here; see postgresql://u:***@db/x and PWD=*** then"
+    )
+
+    def connect() -> Any:
+        raise ValueError("cannot parse 'host=db sslpassword=Hidden-6789 user=app'")
+
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pytest.raises(ValueError):
+            pool.connection(timeout=1)
+        assert "sslpassword=***" in str(pool.health())
+        assert "Hidden-6789" not in str(pool.health())
 
 
 # -- the command line ------------------------------------------------------------------------------
