@@ -29,7 +29,7 @@ from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWa
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
 from .lease import Connection, PoolCursor, detach, lease, pool_cursor, revoke
-from .redact import mask_credentials, scrub_exception, secrets_in
+from .redact import describe, scrub_exception, secrets_in
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
@@ -306,7 +306,10 @@ class Pool(Generic[C]):
             raise TypeError(f"name must be a str or None, got {name!r}")
 
         self._connect = connect
-        self._secrets = secrets_in(connect)  # scrubbed from connect errors
+        try:
+            self._secrets = secrets_in(connect)  # scrubbed from connect errors
+        except Exception:  # whatever it meets: the pool works without
+            self._secrets = ()
         self._name = name if name is not None else f"pool-{next(_pool_numbers)}"
         self._min_size = min_size
         self._max_size = max_size
@@ -569,7 +572,7 @@ class Pool(Generic[C]):
                         f"connections open after {timeout:g} s"
                     )
                     if error is not None:
-                        message += f"; connects are failing: {_describe(error)}"
+                        message += f"; connects are failing: {self._describe(error)}"
                     raise PoolTimeout(message) from error
                 self._cond.wait(_bounded(remaining))
 
@@ -658,7 +661,7 @@ class Pool(Generic[C]):
                 latency = monotonic() - started
                 reachable = True
         except Exception as exc:
-            error = _describe(exc)
+            error = self._describe(exc)
         closed = self.closed
         return {
             "pool": self._name,
@@ -1123,7 +1126,9 @@ class Pool(Generic[C]):
             )
         except Exception as exc:
             what = "validation" if check is None else "its check"
-            logger.info("pool %r: idle connection failed %s: %s", self._name, what, _describe(exc))
+            logger.info(
+                "pool %r: idle connection failed %s: %s", self._name, what, self._describe(exc)
+            )
             fit = False
         if fit:
             return None
@@ -1257,8 +1262,7 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
-            if self._secrets:  # before the caller, health() or a log line can quote it
-                scrub_exception(exc, self._secrets)
+            self._scrub(exc)  # before the caller, health() or a log line can quote it
             with self._lock:
                 if isinstance(exc, Exception):
                     self._note_connect_failure_locked(exc)
@@ -1270,7 +1274,7 @@ class Pool(Generic[C]):
                 "pool %r: connect failed (%d in a row): %s",
                 self._name,
                 self._connect_failures,
-                _describe(exc),
+                self._describe(exc),
             )
             return False
         try:
@@ -1497,7 +1501,7 @@ class Pool(Generic[C]):
         except Exception as exc:
             slot.doomed = True
             reason = DiscardReason.BROKEN if _driver_says_broken(slot) else _RESET_FAILED
-            return reason, f"reset failed: {_describe(exc)}"
+            return reason, f"reset failed: {self._describe(exc)}"
         if self._reset is not None:
             try:
                 self._reset(raw)
@@ -1506,9 +1510,9 @@ class Pool(Generic[C]):
                 logger.warning(
                     "pool %r: the reset hook raised; the connection is discarded: %s",
                     self._name,
-                    _describe(exc),
+                    self._describe(exc),
                 )
-                return _RESET_FAILED, f"the reset hook raised {_describe(exc)}"
+                return _RESET_FAILED, f"the reset hook raised {self._describe(exc)}"
             if state is not IDLE and state is not UNKNOWN:
                 return _RESET_FAILED, f"the reset hook left it {state.value}"
         try:
@@ -1516,7 +1520,7 @@ class Pool(Generic[C]):
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
             slot.doomed = True
-            return _RESET_FAILED, f"reset failed: {_describe(exc)}"
+            return _RESET_FAILED, f"reset failed: {self._describe(exc)}"
         slot.used = slot.dirty = False
         return None
 
@@ -1646,7 +1650,7 @@ class Pool(Generic[C]):
                     try:
                         slot.dialect.sever(slot.raw)
                     except Exception as exc:
-                        logger.debug("cutting off a connection failed: %s", _describe(exc))
+                        logger.debug("cutting off a connection failed: %s", self._describe(exc))
                 self._close_raw(slot, reason, detail)
             except BaseException as exc:
                 interrupted = interrupted or exc
@@ -1893,7 +1897,7 @@ class Pool(Generic[C]):
         )
         error = self._last_connect_error
         if error is not None:
-            message += f"; connects to the database are failing: {_describe(error)}"
+            message += f"; connects to the database are failing: {self._describe(error)}"
         else:
             message += "; every connection is in use: raise max_size or return connections sooner"
             held = self._held_by_this_thread_locked()
@@ -1911,13 +1915,33 @@ class Pool(Generic[C]):
         )
         error = self._last_connect_error
         if error is not None:
-            message += f"; connects are failing: {_describe(error)}"
+            message += f"; connects are failing: {self._describe(error)}"
         return PoolTimeout(message)
 
     def _held_by_this_thread_locked(self) -> int:
         me = threading.get_ident()
         leased = self._everyone.difference(self._idle)
         return sum(1 for slot in leased if slot.owner == me)
+
+    def _describe(self, exc: BaseException) -> str:
+        return describe(exc, self._secrets)
+
+    def _scrub(self, exc: BaseException) -> None:
+        """Scrub the passwords read in ``connect`` from a connect error, in place."""
+        if self._secrets:
+            try:
+                scrub_exception(exc, self._secrets)
+            except Exception:  # (a RecursionError, say): log lines still go through describe()
+                pass
+
+    def _side_connect(self) -> Any:
+        """A connection outside the pool (the side connection of a MySQL cancel): connect
+        errors scrubbed as the pool's own are."""
+        try:
+            return self._connect()
+        except BaseException as exc:
+            self._scrub(exc)
+            raise
 
 
 def _start_thread(target: Callable[[], object], name: str, not_started: Callable[[], None]) -> None:
@@ -1959,11 +1983,4 @@ def _close_quietly(dialect: Dialect, raw: Any) -> None:
     try:
         dialect.close(raw)
     except Exception as exc:
-        logger.debug("closing a connection failed: %s", _describe(exc))
-
-
-def _describe(exc: BaseException) -> str:
-    """The first line of an error, for a log line or a message; what looks like a password in
-    it (``password=...``, ``user:password@``) is masked."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {mask_credentials(text[0])}" if text else type(exc).__name__
+        logger.debug("closing a connection failed: %s", describe(exc))

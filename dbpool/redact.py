@@ -2,10 +2,11 @@
 
 A pool made from a URL knows its secrets (:meth:`DatabaseURL._secrets`).  A pool given a
 connect callable learns what it can from it with :func:`secrets_in`: the secret-looking
-keyword arguments of a ``functools.partial``, and the passwords written into the connection
-strings it holds, whether as ``password=...`` or in a URL.  Errors from connecting are then
-scrubbed in place (:func:`scrub_exception`), keeping their class, before anything quotes them;
-:func:`mask_credentials` masks what still looks like a password in text the pool writes.
+keyword arguments of a ``functools.partial`` or of a dict of them, and the passwords written
+into the connection strings it holds, whether as ``password=...`` or in a URL.  Errors from
+connecting are then scrubbed in place (:func:`scrub_exception`), keeping their class, before
+anything quotes them; :func:`describe` writes an error's first line for a log line or a
+message, with those secrets and whatever still looks like a password masked.
 """
 
 from __future__ import annotations
@@ -19,27 +20,36 @@ from urllib.parse import quote, unquote
 
 MASK = "***"
 
-_SECRET_KEY_RE = re.compile(r"pass|secret|token|scram_", re.IGNORECASE)
+_SECRET_KEY_RE = re.compile(r"pass|pwd|secret|token|scram_", re.IGNORECASE)
 
-# password=... in text, quoted or not; user:password@ in a URL.
-_KEY = r"(?P<key>\b[\w-]*(?:pass|pwd|secret|token)[\w-]*\s*=\s*)"
-_QUOTED = r"'(?:[^'\\]|\\.)*'"
+# password=... in text, quoted or not; user:password@ in a URL.  A match starts only where a
+# run of word characters starts (the look-behinds), which keeps the search linear in the text.
+_KEY = (
+    r"(?<![\w-])(?P<key>(?:[\w-]*(?:password|passwd|passphrase|pwd|secret|token)"
+    r"|(?:[\w-]*[_-])?pass)\s*=\s*)"
+)
+_QUOTED = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\{[^}]*\}"""
 _KEYWORD_SECRET_RE = re.compile(_KEY + rf"""(?P<value>{_QUOTED}|[^\s'",;]+)""", re.IGNORECASE)
 # In a connection string, the bare words after an unquoted password are its rest, which the
 # driver refuses to parse (and quotes): "password=two words" reads as "words" lacking an "=".
 _CONNINFO_SECRET_RE = re.compile(
     _KEY + rf"""(?P<value>{_QUOTED}|[^\s'"]\S*(?:\s+[^\s=]+(?=\s|$))*)""", re.IGNORECASE
 )
-_URL_PASSWORD_RE = re.compile(
-    r"(?P<key>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)(?P<value>[^\s@/]+)(?=@)"
-)
+_WORD_RE = re.compile(r"\S+")
 
-# A piece of a password shorter than this is not searched for on its own (see secrets_in).
-_MIN_PIECE = 4
+# Longer text is cut before it is masked: a log line needs no more, and the search stays short.
+_MAX_TEXT = 1000
+# A secret shorter than this is not searched for, whole or as a piece of one: replacing "pg"
+# everywhere would garble every message and point at the password.
+_MIN_SECRET = 4
+# Template placeholders written where a password goes ("password={}"): not secrets.
+_PLACEHOLDER_RE = re.compile(r"\{[^{}]*\}|%(?:\([^)]*\))?[sdr]")
+# How deep scrub_exception looks into nested tuples and lists of an error's arguments.
+_MAX_DEPTH = 8
 
 
 def is_secret_key(key: str) -> bool:
-    """Whether a parameter's value is masked like the password (sslpassword, token, ...)."""
+    """Whether a parameter's value is masked like the password (sslpassword, pwd, token...)."""
     return bool(_SECRET_KEY_RE.search(key))
 
 
@@ -47,79 +57,116 @@ def mask_credentials(text: str) -> str:
     """``text`` with what looks like a password (``password=...``, ``user:password@`` in a
     URL) shown as ``***``."""
     text = _KEYWORD_SECRET_RE.sub(lambda m: m["key"] + MASK, text)
-    return _URL_PASSWORD_RE.sub(lambda m: m["key"] + MASK, text)
+    parts, done = [], 0
+    for start, end in _url_passwords(text):
+        parts += [text[done:start], MASK]
+        done = end
+    return "".join([*parts, text[done:]])
+
+
+def _url_passwords(text: str) -> Iterable[tuple[int, int]]:
+    """Where the passwords of the URLs in ``text`` are: from the colon after the user name
+    to the word's last "@" (an unescaped "@" or "/" may be part of the password).  Read word
+    by word, not with one pattern: a pattern that backtracks took seconds on a long line."""
+    for word in _WORD_RE.finditer(text):
+        value = word.group()
+        scheme_end = value.find("://")
+        at = value.rfind("@")
+        if scheme_end < 0 or at < scheme_end:
+            continue
+        colon = value.find(":", scheme_end + 3, at)
+        if colon < 0 or "/" in value[scheme_end + 3 : colon]:
+            continue
+        yield word.start() + colon + 1, word.start() + at
+
+
+def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
+    """An error's class and first line, for a log line or a message: ``secrets`` and what
+    looks like a password masked, cut to ``_MAX_TEXT`` characters."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines[0]) <= _MAX_TEXT else lines[0][:_MAX_TEXT] + "..."
+    return f"{type(exc).__name__}: {mask_credentials(scrub_text(text, secrets))}"
 
 
 def secrets_in(connect: object) -> tuple[str, ...]:
     """The passwords a connect callable holds where the pool can see them, longest first.
 
     Looked at: the arguments of a ``functools.partial`` (nested ones too), the defaults,
-    closure and string constants of a function or lambda, and the module-level strings it
-    names (``lambda: psycopg.connect(dsn)``).  A secret-looking keyword argument is a secret
-    as a whole; a string is searched for ``password=...`` and ``user:password@``.  Each
-    whitespace-separated piece of a secret counts too: a driver that cannot parse a
-    connection string quotes the piece it stopped at.
+    closure and string constants of a function or lambda, and the module-level strings and
+    dicts it names (``lambda: psycopg.connect(dsn)``, ``lambda: pymysql.connect(**PARAMS)``).
+    A secret-looking keyword argument or dict key names a secret as a whole; a string is
+    searched for ``password=...`` and ``user:password@``.  Each whitespace-separated piece of
+    a secret counts too: a driver that cannot parse a connection string quotes the piece it
+    stopped at.  Nothing else is looked into: reading an attribute of an arbitrary object may
+    run code.
     """
     found: set[str] = set()
     for key, value in _candidates(connect):
-        if not isinstance(value, str) or not value:
+        if type(value) is not str or not value:
             continue
         if key is not None and is_secret_key(key):
             _add_secret(found, value)
         for match in _CONNINFO_SECRET_RE.finditer(value):
             _add_secret(found, _unquote_keyword_value(match["value"]))
-        for match in _URL_PASSWORD_RE.finditer(value):
-            _add_secret(found, unquote(match["value"]))
+        for start, end in _url_passwords(value):
+            _add_secret(found, unquote(value[start:end]))
     # longest first, so that no shorter secret splits a longer one before it is replaced
     return tuple(sorted(found, key=len, reverse=True))
 
 
 def _candidates(connect: object) -> Iterable[tuple[str | None, object]]:
-    """(keyword or None, value) pairs a connect callable holds."""
+    """(keyword or None, value) pairs a connect callable holds.  Types are tested with
+    type(), never isinstance(), which reads ``__class__`` (a lazy proxy computes it)."""
     seen: set[int] = set()
-    pending = [connect]
+    pending: list[Any] = [connect]
     while pending:
         current = pending.pop()
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, functools.partial):
-            pending.append(current.func)
+        kind = type(current)
+        if kind is dict:
+            yield from ((k if type(k) is str else None, v) for k, v in current.items())
+        elif issubclass(kind, functools.partial):
+            pending += [current.func, *current.args, current.keywords]
             yield from ((None, arg) for arg in current.args)
-            yield from current.keywords.items()
-            continue
-        if isinstance(current, types.MethodType):
+        elif kind is types.MethodType:
             pending.append(current.__func__)
-            continue
-        if not isinstance(current, types.FunctionType):
-            continue  # nothing else is looked into: an attribute read may run code
-        code = current.__code__
-        yield from ((None, const) for const in code.co_consts)
-        yield from ((None, value) for value in current.__defaults__ or ())
-        yield from (current.__kwdefaults__ or {}).items()
-        for cell in current.__closure__ or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            pending.append(value)
-            yield None, value
-        for name in code.co_names:
-            value = current.__globals__.get(name)
-            if isinstance(value, str):
-                yield name, value
+        elif kind is types.FunctionType:
+            code = current.__code__
+            yield from ((None, const) for const in code.co_consts)
+            pending += [*(current.__defaults__ or ()), current.__kwdefaults__ or {}]
+            yield from ((None, value) for value in current.__defaults__ or ())
+            for cell in current.__closure__ or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                pending.append(value)
+                yield None, value
+            for name in code.co_names:
+                value = current.__globals__.get(name)
+                if type(value) is str:
+                    yield name, value
+                elif type(value) is dict:
+                    pending.append(value)
 
 
 def _add_secret(found: set[str], value: str) -> None:
-    pieces = [value, *(piece for piece in value.split() if len(piece) >= _MIN_PIECE)]
-    for piece in pieces:
+    for piece in (value, *value.split()):
+        if len(piece) < _MIN_SECRET or _PLACEHOLDER_RE.fullmatch(piece):
+            continue
         # as given, and as it may have been written in a URL
         found.update((piece, quote(piece, safe=""), quote(piece)))
 
 
 def _unquote_keyword_value(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == "'":
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return re.sub(r"\\(.)", r"\1", value[1:-1])
+    if len(value) >= 2 and value[0] == "{" and value[-1] == "}":
+        return value[1:-1]
     return value
 
 
@@ -149,10 +196,14 @@ def scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
         for attr in list(getattr(current, "__dict__", {})):
             _scrub_attribute(current, attr, secrets)
         pending.extend((current.__cause__, current.__context__))
+        grouped = getattr(current, "exceptions", None)  # an ExceptionGroup's
+        if type(grouped) is tuple:
+            pending.extend(e for e in grouped if isinstance(e, BaseException))
 
 
-def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them."""
+def _scrub_value(value: Any, secrets: Iterable[str], depth: int = 0) -> Any:
+    """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them
+    (a tuple subclass that cannot be rebuilt, a namedtuple, becomes a plain tuple)."""
     if isinstance(value, str):
         return scrub_text(value, secrets)
     if isinstance(value, (bytes, bytearray)):
@@ -160,8 +211,12 @@ def _scrub_value(value: Any, secrets: Iterable[str]) -> Any:
             if secret:
                 value = value.replace(secret.encode("utf-8", "replace"), MASK.encode())
         return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_scrub_value(item, secrets) for item in value)
+    if isinstance(value, (tuple, list)) and depth < _MAX_DEPTH:
+        items = [_scrub_value(item, secrets, depth + 1) for item in value]
+        try:
+            return type(value)(items)
+        except Exception:
+            return tuple(items) if isinstance(value, tuple) else items
     return value
 
 

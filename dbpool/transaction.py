@@ -292,7 +292,10 @@ class Transaction(Generic[C]):
             try:
                 slot.dialect.cancel(slot.raw, self._side_connect())
             except Exception as exc:
-                logger.warning("cancelling a statement past its deadline failed: %s", exc)
+                logger.warning(
+                    "cancelling a statement past its deadline failed: %s",
+                    self._lease.pool._describe(exc) if self._lease is not None else exc,
+                )
                 slot.doomed = True
                 try:
                     slot.dialect.close(slot.raw)  # the statement fails; the pool discards it
@@ -317,12 +320,15 @@ class Transaction(Generic[C]):
             try:
                 slot.dialect.sever(slot.raw)
             except Exception as exc:
-                logger.info("cutting off a connection failed: %s", exc)
+                logger.info(
+                    "cutting off a connection failed: %s",
+                    self._lease.pool._describe(exc) if self._lease is not None else exc,
+                )
         return None
 
     def _side_connect(self) -> Callable[[], Any]:
         assert self._lease is not None
-        return self._lease.pool._connect
+        return self._lease.pool._side_connect
 
     # -- inside the block ---------------------------------------------------------------------
 

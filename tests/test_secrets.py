@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import sqlite3
 import subprocess
 import sys
 import traceback
@@ -701,6 +702,140 @@ def test_what_looks_like_a_password_is_masked_in_what_dbpool_writes() -> None:
             pool.connection(timeout=1)
         assert "sslpassword=***" in str(pool.health())
         assert "Hidden-6789" not in str(pool.health())
+
+
+PARAMS = {"host": "db", "user": "app", "passwd": "dict-Secret-7"}
+
+
+@pytest.mark.parametrize(
+    ("connect", "secrets"),
+    [
+        pytest.param(lambda: dict(**PARAMS), {"dict-Secret-7"}, id="module-level-dict"),
+        pytest.param(
+            functools.partial(dict, dsn="Driver=x;Server=db", PWD="odbc-Secret-8"),
+            {"odbc-Secret-8"},
+            id="pwd-keyword",
+        ),
+        pytest.param(lambda: "host=db password=pg", set(), id="too-short"),
+        pytest.param(lambda: "host=db password={} user=%s", set(), id="placeholder"),
+    ],
+)
+def test_secrets_in_more_shapes(connect: Callable[[], Any], secrets: set[str]) -> None:
+    from dbpool.redact import secrets_in
+
+    assert {unquote(s) for s in secrets_in(connect)} == secrets
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ('login password="two words" refused', "login password=*** refused"),
+        ("DRIVER=x;PWD={a b;c};SERVER=db", "DRIVER=x;PWD=***;SERVER=db"),
+        ("see postgresql://u:p@ss/w@db/x now", "see postgresql://u:***@db/x now"),
+        ("bypass=true max_tokens=5 compass=N", "bypass=true max_tokens=5 compass=N"),
+    ],
+)
+def test_masking_keeps_what_is_no_password(text: str, masked: str) -> None:
+    from dbpool.redact import mask_credentials
+
+    assert mask_credentials(text) == masked
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("unit", ["pass-", "password", "a://b:", "x=", "pass=pass "])
+def test_masking_a_long_hostile_line_ends(unit: str) -> None:
+    """The search is linear: a backtracking pattern took 27 s on 4 KB of "pass-"."""
+    from dbpool.redact import describe, mask_credentials
+
+    mask_credentials(unit * 20_000)
+    assert len(describe(ValueError(unit * 20_000))) < 1100
+
+
+def test_a_connect_callable_dbpool_cannot_read_leaves_the_pool_working() -> None:
+    class Proxy:  # a lazy proxy: asking for its class runs code
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            raise RuntimeError("not configured")
+
+    proxy = Proxy()
+
+    def connect() -> Any:
+        return sqlite3.connect(":memory:", check_same_thread=False, database=proxy)  # type: ignore[call-overload]
+
+    with dbpool.Pool(connect, min_size=0, max_size=1, name="proxied") as pool:
+        assert pool.name == "proxied"
+
+
+def test_an_error_dbpool_cannot_scrub_still_gives_the_place_back() -> None:
+    looped: list[Any] = ["password=loop-Secret-9"]
+    looped.append(looped)  # endless nesting
+    calls = []
+
+    def connect(password: str) -> Any:
+        calls.append(password)
+        if len(calls) == 1:
+            raise ValueError("refused", looped)
+        return sqlite3.connect(":memory:", check_same_thread=False)
+
+    with dbpool.Pool(functools.partial(connect, password="loop-Secret-9"), max_size=1) as pool:
+        with pytest.raises(ValueError):
+            pool.connection(timeout=5)
+        stats = pool.stats()
+        assert (stats.size, stats.opening) == (0, 0)
+        with pool.connection(timeout=5):
+            pass
+
+
+def test_error_arguments_of_any_shape_are_scrubbed() -> None:
+    import collections
+
+    Pair = collections.namedtuple("Pair", "code detail")
+    secret = "shape-Secret-10"
+    errors: list[BaseException] = [ValueError(f"login with {secret} failed", Pair(1, secret))]
+    if sys.version_info >= (3, 11):
+        errors.append(ExceptionGroup("connects", [ValueError(f"pw {secret}")]))  # noqa: F821
+
+    for error in errors:
+
+        def connect(password: str, error: BaseException = error) -> Any:
+            raise error
+
+        with dbpool.Pool(functools.partial(connect, password=secret), max_size=1) as pool:
+            with pytest.raises(BaseException) as info:
+                pool.connection(timeout=5)
+        seen = Exposure(Canary("Secret-10", secret))
+        seen.error("connection()", info.value)
+        assert not seen.leaks() + seen.attribute_leaks()
+        for link in links(info.value):
+            assert "Secret-10" not in repr([link.args, getattr(link, "exceptions", None)])
+
+
+@pytest.mark.mysql
+def test_a_cancel_that_cannot_connect_logs_no_password(
+    mysql_params: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """MySQL cancels a statement from a second connection; when that connect fails, the
+    warning quotes the scrubbed error."""
+    import pymysql
+
+    secret = "cancel-Secret-11"
+    params = {k: v for k, v in mysql_params.items() if k != "password"}
+    calls = []
+
+    def connect(password: str) -> Any:
+        calls.append(password)
+        if len(calls) > 1:
+            raise pymysql.err.OperationalError(1040, f"too many connections (password={password})")
+        return pymysql.connect(**params, password=mysql_params["password"])
+
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    with dbpool.Pool(functools.partial(connect, password=secret), max_size=1) as pool:
+        with pytest.raises(dbpool.PoolError):
+            with pool.transaction(timeout=0.5) as tx:
+                tx.execute("DO SLEEP(3)")  # not a SELECT: max_execution_time leaves it alone
+    records = dbpool_records(caplog)
+    assert any("cancelling a statement" in r.getMessage() for r in records)
+    assert not [r for r in records if "Secret-11" in FORMATTER.format(r)]
 
 
 # -- the command line ------------------------------------------------------------------------------
