@@ -777,7 +777,10 @@ def test_an_error_dbpool_cannot_scrub_still_gives_the_place_back() -> None:
             raise ValueError("refused", looped)
         return sqlite3.connect(":memory:", check_same_thread=False)
 
-    with dbpool.Pool(functools.partial(connect, password="loop-Secret-9"), max_size=1) as pool:
+    # min_size=0: the only connects are the caller's, the first of which fails
+    with dbpool.Pool(
+        functools.partial(connect, password="loop-Secret-9"), min_size=0, max_size=1
+    ) as pool:
         with pytest.raises(ValueError):
             pool.connection(timeout=5)
         stats = pool.stats()
@@ -800,7 +803,9 @@ def test_error_arguments_of_any_shape_are_scrubbed() -> None:
         def connect(password: str, error: BaseException = error) -> Any:
             raise error
 
-        with dbpool.Pool(functools.partial(connect, password=secret), max_size=1) as pool:
+        with dbpool.Pool(
+            functools.partial(connect, password=secret), min_size=0, max_size=1
+        ) as pool:
             with pytest.raises(BaseException) as info:
                 pool.connection(timeout=5)
         seen = Exposure(Canary("Secret-10", secret))
