@@ -37,7 +37,7 @@ _CONNINFO_SECRET_RE = re.compile(
 )
 _WORD_RE = re.compile(r"\S+")
 
-# Longer text is cut before it is masked: a log line needs no more, and the search stays short.
+# An error line longer than this is cut in what the pool writes: a log line needs no more.
 _MAX_TEXT = 1000
 # A secret shorter than this is not searched for, whole or as a piece of one: replacing "pg"
 # everywhere would garble every message and point at the password.
@@ -82,12 +82,15 @@ def _url_passwords(text: str) -> Iterable[tuple[int, int]]:
 
 def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     """An error's class and first line, for a log line or a message: ``secrets`` and what
-    looks like a password masked, cut to ``_MAX_TEXT`` characters."""
+    looks like a password masked, then cut to ``_MAX_TEXT`` characters (masked first: a cut
+    could leave the start of a password that no longer matches)."""
     lines = str(exc).strip().splitlines()
     if not lines:
         return type(exc).__name__
-    text = lines[0] if len(lines[0]) <= _MAX_TEXT else lines[0][:_MAX_TEXT] + "..."
-    return f"{type(exc).__name__}: {mask_credentials(scrub_text(text, secrets))}"
+    text = mask_credentials(scrub_text(lines[0], secrets))
+    if len(text) > _MAX_TEXT:
+        text = text[:_MAX_TEXT] + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def secrets_in(connect: object) -> tuple[str, ...]:

@@ -751,6 +751,16 @@ def test_masking_a_long_hostile_line_ends(unit: str) -> None:
     assert len(describe(ValueError(unit * 20_000))) < 1100
 
 
+def test_a_long_line_is_masked_before_it_is_cut() -> None:
+    from dbpool.redact import describe
+
+    secret = "straddle-Secret-12"
+    line = "x" * 990 + secret + " and postgresql://u:" + "y" * 990 + "@db"
+    assert "Secret-12" not in describe(ValueError(line), (secret,))
+    assert "straddle" not in describe(ValueError(line), (secret,))
+    assert "yyy" not in describe(ValueError("z" * 980 + line[990:]))
+
+
 def test_a_connect_callable_dbpool_cannot_read_leaves_the_pool_working() -> None:
     class Proxy:  # a lazy proxy: asking for its class runs code
         @property  # type: ignore[misc]
