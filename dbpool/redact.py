@@ -107,8 +107,6 @@ def secrets_in(connect: object) -> tuple[str, ...]:
     """
     found: set[str] = set()
     for key, value in _candidates(connect):
-        if type(value) is not str or not value:
-            continue
         if key is not None and is_secret_key(key):
             _add_secret(found, value)
         for match in _CONNINFO_SECRET_RE.finditer(value):
@@ -119,42 +117,41 @@ def secrets_in(connect: object) -> tuple[str, ...]:
     return tuple(sorted(found, key=len, reverse=True))
 
 
-def _candidates(connect: object) -> Iterable[tuple[str | None, object]]:
-    """(keyword or None, value) pairs a connect callable holds.  Types are tested with
+def _candidates(connect: object) -> Iterable[tuple[str | None, str]]:
+    """(keyword or None, string) pairs a connect callable holds.  Types are tested with
     type(), never isinstance(), which reads ``__class__`` (a lazy proxy computes it)."""
     seen: set[int] = set()
-    pending: list[Any] = [connect]
+    pending: list[tuple[str | None, Any]] = [(None, connect)]
     while pending:
-        current = pending.pop()
+        key, current = pending.pop()
+        kind = type(current)
+        if kind is str:
+            yield key, current
+            continue
         if id(current) in seen:
             continue
         seen.add(id(current))
-        kind = type(current)
         if kind is dict:
-            yield from ((k if type(k) is str else None, v) for k, v in current.items())
+            pending += [(k, v) for k, v in current.items() if type(k) is str and type(v) is str]
         elif issubclass(kind, functools.partial):
-            pending += [current.func, *current.args, current.keywords]
-            yield from ((None, arg) for arg in current.args)
+            pending += [(None, current.func), *((None, a) for a in current.args)]
+            pending += current.keywords.items()
         elif kind is types.MethodType:
-            pending.append(current.__func__)
+            pending.append((None, current.__func__))
         elif kind is types.FunctionType:
             code = current.__code__
-            yield from ((None, const) for const in code.co_consts)
-            pending += [*(current.__defaults__ or ()), current.__kwdefaults__ or {}]
-            yield from ((None, value) for value in current.__defaults__ or ())
+            pending += [(None, value) for value in code.co_consts]
+            pending += [(None, value) for value in current.__defaults__ or ()]
+            pending += (current.__kwdefaults__ or {}).items()
             for cell in current.__closure__ or ():
                 try:
-                    value = cell.cell_contents
+                    pending.append((None, cell.cell_contents))
                 except ValueError:  # an empty cell
-                    continue
-                pending.append(value)
-                yield None, value
+                    pass
             for name in code.co_names:
                 value = current.__globals__.get(name)
-                if type(value) is str:
-                    yield name, value
-                elif type(value) is dict:
-                    pending.append(value)
+                if type(value) is str or type(value) is dict:
+                    pending.append((name, value))
 
 
 def _add_secret(found: set[str], value: str) -> None:

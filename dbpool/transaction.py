@@ -293,8 +293,7 @@ class Transaction(Generic[C]):
                 slot.dialect.cancel(slot.raw, self._side_connect())
             except Exception as exc:
                 logger.warning(
-                    "cancelling a statement past its deadline failed: %s",
-                    self._lease.pool._describe(exc) if self._lease is not None else exc,
+                    "cancelling a statement past its deadline failed: %s", self._describe(exc)
                 )
                 slot.doomed = True
                 try:
@@ -320,15 +319,16 @@ class Transaction(Generic[C]):
             try:
                 slot.dialect.sever(slot.raw)
             except Exception as exc:
-                logger.info(
-                    "cutting off a connection failed: %s",
-                    self._lease.pool._describe(exc) if self._lease is not None else exc,
-                )
+                logger.info("cutting off a connection failed: %s", self._describe(exc))
         return None
 
     def _side_connect(self) -> Callable[[], Any]:
         assert self._lease is not None
         return self._lease.pool._side_connect
+
+    def _describe(self, exc: BaseException) -> object:
+        """``exc`` for a log line, the pool's known secrets masked."""
+        return exc if self._lease is None else self._lease.pool._describe(exc)
 
     # -- inside the block ---------------------------------------------------------------------
 

@@ -772,6 +772,9 @@ def test_a_connect_callable_dbpool_cannot_read_leaves_the_pool_working() -> None
     def connect() -> Any:
         return sqlite3.connect(":memory:", check_same_thread=False, database=proxy)  # type: ignore[call-overload]
 
+    from dbpool.redact import secrets_in
+
+    assert secrets_in(connect) == ()  # the proxy in its closure is left alone
     with dbpool.Pool(connect, min_size=0, max_size=1, name="proxied") as pool:
         assert pool.name == "proxied"
 
