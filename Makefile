@@ -4,13 +4,14 @@
 #   make test    install the test extras into .venv and run the whole test suite
 #   make lint    install the lint extra; ruff (lint, format check), mypy --strict, typing test
 #   make docs    install the docs extra and build the HTML docs (warnings are errors)
-#   make bench   install the bench extra, compare dbpool with its peers and profile its
-#                checkout line by line (docs/benchmarks/)
+#   make bench   install the bench extra, compare dbpool with its peers, profile its
+#                checkout line by line and count instructions with valgrind (docs/benchmarks/)
 #   make clean   remove build output, caches and the demo's SQLite files
 #
 # Extra arguments: make test PYTEST_ARGS="-x -k fifo"
 #                  make demo DEMO_ARGS="--threads 8 --seconds 3"
 #                  make bench BENCH_ARGS="--quick --scenarios cycle,storm" PROFILE_ARGS="--quick"
+#                  make bench INSTRUCTIONS_ARGS="--quick"
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,6 +19,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 PROFILE_ARGS ?=
+INSTRUCTIONS_ARGS ?=
 SPHINXOPTS ?= -W --keep-going
 
 VPY := $(VENV)/bin/python
@@ -39,8 +41,8 @@ help:
 	@echo "make test       run the test suite (PYTEST_ARGS=... passes arguments to pytest)"
 	@echo "make lint       ruff check, ruff format --check, mypy --strict and the typing test"
 	@echo "make docs       build the HTML documentation into docs/_build/html"
-	@echo "make bench      compare dbpool with its peers, profile its checkout, into"
-	@echo "                docs/benchmarks (BENCH_ARGS=... for compare.py, PROFILE_ARGS=...)"
+	@echo "make bench      compare dbpool with its peers, profile its checkout, count instructions,"
+	@echo "                into docs/benchmarks (BENCH_ARGS=, PROFILE_ARGS=, INSTRUCTIONS_ARGS=)"
 	@echo "make venv       create $(VENV) and install dbpool with its test extras"
 	@echo "make clean      remove build output, caches and the demo's SQLite files"
 	@echo "make distclean  clean, and remove $(VENV) too"
@@ -86,6 +88,11 @@ docs: $(DOCS_STAMP)
 bench: $(BENCH_STAMP)
 	$(VPY) benchmarks/compare.py $(BENCH_ARGS)
 	$(VPY) benchmarks/profile_checkout.py $(PROFILE_ARGS)
+	@if command -v valgrind >/dev/null; then \
+		$(VPY) benchmarks/instructions.py $(INSTRUCTIONS_ARGS); \
+	else \
+		echo "valgrind not installed (apt-get install valgrind): instruction counts skipped"; \
+	fi
 
 clean:
 	rm -rf docs/_build .pytest_cache .hypothesis .tox .mypy_cache .ruff_cache build dist \
