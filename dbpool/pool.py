@@ -1402,8 +1402,15 @@ class Pool(Generic[C]):
             self._discard(slot, reason, broken=broken, held=held, detail=detail)
             return
         slot.used_at = slot.alive_at = now
-        box.append(slot)  # back in the lease's claim until _put_back takes it
-        self._put_back(box, held)
+        # A box of its own: the lease's claim stays empty, so that a second close() racing this
+        # one finds nothing to return (it would emit CHECKIN and clean the connection again).
+        back = [slot]
+        try:
+            self._put_back(back, held)
+        except BaseException:
+            if back:  # a signal handler raised as _put_back was entered: nothing was counted
+                self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
+            raise
 
     def _put_back(self, box: list[_Slot], held: float | None = None) -> None:
         """Return a clean connection the caller holds (in ``box``, as for _give_back) to the

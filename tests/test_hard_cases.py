@@ -359,10 +359,13 @@ ENDINGS = {
 
 class StalledEnd:
     """Ends ``lease`` the way ``ending`` names, in a thread of its own that stops before the
-    first line of that method containing ``marker`` until :meth:`resume`."""
+    first line containing ``marker`` of that method (or of ``within``, a function it calls)
+    until :meth:`resume`."""
 
-    def __init__(self, lease: Any, ending: str, marker: str) -> None:
+    def __init__(self, lease: Any, ending: str, marker: str, within: Any = None) -> None:
         method, end = ENDINGS[ending]
+        if within is not None:
+            method = within
         code = method.__code__
         lines, first = inspect.getsourcelines(method)
         target = next(first + i for i, text in enumerate(lines) if marker in text)
@@ -429,6 +432,27 @@ def test_a_stalled_close_never_returns_the_next_lease_of_its_connection(
         again.cursor().execute("select 1")  # still this caller's alone
     s = pool.stats()
     assert (s.idle, s.in_use) == (1, 0), s
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_close_racing_the_return_of_its_lease_emits_no_second_checkin(
+    make_pool: Any, ending: str
+) -> None:
+    # The first closer has cleaned the connection and is about to put it back when a second
+    # close() of the same lease comes in.  The connection was once back in the lease's claim at
+    # that moment: the second close took it from there and ran the whole return again (a second
+    # CHECKIN, a second cleaning), and the first found nothing left to put back.
+    pool = make_pool(max_size=1)
+    checkins: list[dbpool.PoolEvent] = []
+    pool.add_listener(dbpool.Event.CHECKIN, checkins.append)
+    lease = pool.connect()
+    lease.cursor().execute("select 1")  # so that the return cleans it
+    first = StalledEnd(lease, ending, "self._put_back(", within=dbpool.Pool._give_back)
+    lease.close()  # second closer, in this thread
+    first.resume()
+    assert len(checkins) == 1, checkins
+    s = pool.stats()
+    assert (s.idle, s.in_use, s.returned) == (1, 0, 1), s
 
 
 # == No logging under the pool lock ============================================================
