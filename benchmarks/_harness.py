@@ -9,6 +9,7 @@ remaining rounds; the others carry on.
 from __future__ import annotations
 
 import math
+import resource
 import statistics
 import threading
 from array import array
@@ -181,16 +182,26 @@ def run_threads(
     for thread in pool:
         thread.start()
     barrier.wait()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = perf_counter()
     stop.wait(seconds)  # the measurement window; a failing worker ends it early
     stop.set()
     _join_all(pool, join_timeout)
     elapsed = perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
     if errors:
         raise errors[0]
     every_wait = sorted(w for per_thread in waits for w in per_thread)
+    done = max(sum(ops), 1)
     return {
         "ops_per_s": sum(ops) / elapsed,
+        # The whole process's CPU time (user, and system: the kernel's side of the wake-ups)
+        # and its threads' context switches, voluntary (blocking) and not, per operation.
+        "user_us": (after.ru_utime - before.ru_utime) / done * 1e6,
+        "system_us": (after.ru_stime - before.ru_stime) / done * 1e6,
+        "switches": (
+            after.ru_nvcsw - before.ru_nvcsw + after.ru_nivcsw - before.ru_nivcsw
+        ) / done,
         "wait_p50": percentile(every_wait, 50),
         "wait_p99": percentile(every_wait, 99),
         "wait_max": every_wait[-1] if every_wait else math.nan,

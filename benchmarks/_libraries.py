@@ -136,6 +136,7 @@ class RawFloor:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.idle = deque(self.conns)
+        self.queue: deque[list[Any]] = deque()  # contention_fifo's waiters, oldest first
 
     def close(self) -> None:
         for conn in self.conns:
@@ -178,6 +179,40 @@ def contention_raw(floor: RawFloor, stop: threading.Event, waits: array[float]) 
             with cond:
                 idle.append(conn)
                 cond.notify()
+        ops += 1
+    return ops
+
+
+def contention_fifo(floor: RawFloor, stop: threading.Event, waits: array[float]) -> int:
+    """The raw floor with strict first-in, first-out hand-off: a returned connection goes to
+    the oldest waiter, woken through a lock of its own.  What fairness costs with no pool."""
+    lock, idle = floor.lock, floor.idle
+    queue: deque[list[Any]] = floor.queue
+    ops = 0
+    while not stop.is_set():
+        asked = perf_counter()
+        with lock:
+            if idle:
+                conn = idle.pop()
+                waiter = None
+            else:
+                waiter = [threading.Lock()]  # the wake-up, then the connection handed over
+                waiter[0].acquire()
+                queue.append(waiter)
+        if waiter is not None:
+            waiter[0].acquire()
+            conn = waiter[1]
+        waits.append(perf_counter() - asked)
+        try:
+            one_tx(conn)
+        finally:
+            with lock:
+                if queue:
+                    waiter = queue.popleft()
+                    waiter.append(conn)
+                    waiter[0].release()
+                else:
+                    idle.append(conn)
         ops += 1
     return ops
 
@@ -385,6 +420,21 @@ RAW = Library(
     cycle=cycle_raw,
     short_tx=short_tx_raw,
     contention=contention_raw,
+    is_pool=False,
+)
+# contention only (compare.py runs it nowhere else): cycle and short_tx would be the raw floor's.
+FIFO_FLOOR = Library(
+    name="FIFO floor",
+    distribution=None,
+    settings=(
+        "no pool, contention only: a Lock and a deque, a returned connection handed to the "
+        "oldest waiter through a lock of its own (strict first-in, first-out)"
+    ),
+    open=open_raw,
+    close=_close,
+    cycle=cycle_raw,
+    short_tx=short_tx_raw,
+    contention=contention_fifo,
     is_pool=False,
 )
 DBPOOL = Library(

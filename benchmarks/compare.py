@@ -57,6 +57,7 @@ from _libraries import (
     PEERS,
     POOLEDDB,
     PSYCOPG_POOL,
+    FIFO_FLOOR,
     RAW,
     Library,
     Source,
@@ -84,6 +85,9 @@ DEFAULT_PG_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
 
 Log = Callable[[str], None]
+
+#: The contention table's rows: both floors first, the barging one then the fair one.
+CONTENTION_ROWS = (RAW, FIFO_FLOOR, *LIBRARIES[1:])
 
 
 def log(message: str) -> None:
@@ -549,12 +553,12 @@ def scenario_contention(cfg: Config, env: Env) -> Section:
     log(f"contention: {cfg.contention_threads} threads over {cfg.contention_size} connections")
     contenders = [
         Contender(lib.name, partial(ContentionSubject, lib, source, cfg))
-        for lib in applicable(source)
+        for lib in [*applicable(source), FIFO_FLOOR]
     ]
     outcomes = run_interleaved(contenders, cfg.rounds, log)
     pools = [lib for lib in LIBRARIES if lib.is_pool]
     rows = []
-    for lib in LIBRARIES:
+    for lib in CONTENTION_ROWS:
         rows.append(
             [
                 lib.name,
@@ -574,6 +578,12 @@ def scenario_contention(cfg: Config, env: Env) -> Section:
                     lib,
                     lambda o: f"{fmt_int(o.median('ops_min'))}–{fmt_int(o.median('ops_max'))}",
                 ),
+                cell(
+                    outcomes,
+                    lib,
+                    lambda o: f"{o.median('user_us'):.0f} + {o.median('system_us'):.0f}",
+                ),
+                cell(outcomes, lib, lambda o: f"{o.median('switches'):.1f}"),
             ]
         )
     notes = [
@@ -581,7 +591,12 @@ def scenario_contention(cfg: Config, env: Env) -> Section:
         "per round. Acquire wait is the time from asking for a connection to holding it; "
         "each figure is the median over rounds of that round's figure. “× best other pool” "
         "compares with the fastest other pool in the same round. Ops per thread: the least "
-        "and the most any one thread completed in a round (fairness).",
+        "and the most any one thread completed in a round (fairness). CPU µs/op: the "
+        "process's user + system CPU time per operation; switches/op: its threads' context "
+        "switches per operation. The raw floor lets a returning thread take its connection "
+        "straight back (a Condition, as QueuePool and PooledDB do); the FIFO floor hands each "
+        "returned connection to the oldest waiter, as dbpool and psycopg_pool do, with no "
+        "other work: what strict fairness costs on this machine before any pool logic.",
         *error_notes("contention", outcomes),
     ]
     section.tables.append(
@@ -595,6 +610,8 @@ def scenario_contention(cfg: Config, env: Env) -> Section:
                 "wait p99 (ms)",
                 "wait max (ms)",
                 "ops per thread (min–max)",
+                "CPU µs/op (user + system)",
+                "switches/op",
             ],
             rows,
             notes,
@@ -868,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables=[t for s in sections for t in s.tables],
         targets=[t for s in sections for t in s.targets],
         skipped=[r for s in sections for r in s.skipped],
-        settings=[(lib.name, lib.settings) for lib in LIBRARIES]
+        settings=[(lib.name, lib.settings) for lib in (*LIBRARIES, FIFO_FLOOR)]
         + [("scenarios", scenario_settings(cfg))],
         panels=[p for s in sections for p in s.panels],
     )
@@ -896,7 +913,7 @@ def write_outputs(report: Report, out: Path, cfg: Config, started: datetime.date
         plot(
             report.panels,
             image,
-            [lib.name for lib in LIBRARIES],
+            [lib.name for lib in CONTENTION_ROWS],
             DBPOOL.name,
             f"dbpool benchmarks, {started:%Y-%m-%d}, {cpu_model()}, Python "
             f"{platform.python_version()}: medians of {cfg.rounds} interleaved rounds",
