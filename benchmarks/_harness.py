@@ -199,9 +199,7 @@ def run_threads(
         # and its threads' context switches, voluntary (blocking) and not, per operation.
         "user_us": (after.ru_utime - before.ru_utime) / done * 1e6,
         "system_us": (after.ru_stime - before.ru_stime) / done * 1e6,
-        "switches": (
-            after.ru_nvcsw - before.ru_nvcsw + after.ru_nivcsw - before.ru_nivcsw
-        ) / done,
+        "switches": (after.ru_nvcsw - before.ru_nvcsw + after.ru_nivcsw - before.ru_nivcsw) / done,
         "wait_p50": percentile(every_wait, 50),
         "wait_p99": percentile(every_wait, 99),
         "wait_max": every_wait[-1] if every_wait else math.nan,

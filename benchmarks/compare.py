@@ -52,12 +52,12 @@ from _harness import (
 )
 from _libraries import (
     DBPOOL,
+    FIFO_FLOOR,
     LIBRARIES,
     NULL_SOURCE,
     PEERS,
     POOLEDDB,
     PSYCOPG_POOL,
-    FIFO_FLOOR,
     RAW,
     Library,
     Source,
