@@ -157,6 +157,8 @@ class Connection(Generic[C]):
         slot = self._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "connection")
+        if slot.transaction is not None:
+            slot.transaction._check_open()  # past its deadline: raise without committing
         slot.used = slot.busy = True
         try:
             slot.raw.commit()

@@ -453,6 +453,8 @@ class Pool(Generic[C]):
                     candidate, slot = slot, None  # validation keeps or discards it itself
                     if self._fit_for_use(candidate, deadline, checkout=True):
                         slot = candidate
+                    elif now >= candidate.expires_at:
+                        deadline = None  # discarded for its age, with no ping: no time spent
             if slot is None:
                 if started is None:
                     started = now  # taken before the fast path's look at the idle stack
@@ -938,7 +940,8 @@ class Pool(Generic[C]):
                 return self._connect_for_caller(slot, deadline, timeout)
             if self._fit_for_use(slot, deadline, checkout=True):
                 return slot
-            if monotonic() >= deadline:
+            now = monotonic()
+            if now >= deadline and now < slot.expires_at:  # (an expired one cost no ping)
                 raise self._validation_timeout(timeout)
 
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
@@ -1004,7 +1007,8 @@ class Pool(Generic[C]):
             logger.warning("%s", error)
             raise error from self._last_connect_error
         if grant is _CLOSED:
-            raise PoolClosed(f"pool {self._name!r} was closed while waiting for a connection")
+            how = "drained" if self._drained else "closed"
+            raise PoolClosed(f"pool {self._name!r} was {how} while waiting for a connection")
         assert waiter.slot is not None
         return waiter.slot
 

@@ -99,9 +99,10 @@ class Transaction(Generic[C]):
         self._guarded = False
         self._sever_watch: Any = None
         self._savepoints = itertools.count(1)
-        # A savepoint whose undo failed: the work it should have undone may still be there, so
-        # nothing more runs and nothing is committed.
-        self._undo_failed: BaseException | None = None
+        # A savepoint statement that failed (its SAVEPOINT, RELEASE or ROLLBACK TO), and the
+        # driver's error: the server may have aborted or rolled back the transaction, or kept
+        # work a savepoint should have undone, so nothing more runs and nothing is committed.
+        self._savepoint_failed: tuple[str, Exception] | None = None
 
     # -- the block ----------------------------------------------------------------------------
 
@@ -225,15 +226,15 @@ class Transaction(Generic[C]):
         slot.transaction = None
         if slot.busy:
             return  # a driver call was interrupted half-way: the pool discards the connection
-        if exc is None and not expired and self._undo_failed is None:
+        if exc is None and not expired and self._savepoint_failed is None:
             try:
                 self._commit(slot)
             finally:
                 self._end_quietly(slot, rollback=False)
             return
         self._end_quietly(slot)
-        if exc is None and self._undo_failed is not None:
-            raise self._undo_failed_error() from self._undo_failed
+        if exc is None and self._savepoint_failed is not None:
+            raise self._savepoint_failed_error()
         if expired and not isinstance(exc, TransactionTimeout):
             raise self._timeout_error() from exc
 
@@ -350,15 +351,19 @@ class Transaction(Generic[C]):
         if self._expired or monotonic() >= self._deadline:
             self._expired = True
             raise self._timeout_error()
-        if self._undo_failed is not None:
-            raise self._undo_failed_error() from self._undo_failed
+        if self._savepoint_failed is not None:
+            raise self._savepoint_failed_error()
 
-    def _undo_failed_error(self) -> ConnectionUnusable:
+    def _savepoint_failed_error(self) -> ConnectionUnusable:
         # The same case as a lease whose rollback failed: the connection's state is unknown.
-        return ConnectionUnusable(
-            "rolling back to a savepoint failed, so the transaction's state is unknown: it "
-            "cannot go on, and is rolled back when its block ends"
+        assert self._savepoint_failed is not None
+        step, cause = self._savepoint_failed
+        error = ConnectionUnusable(
+            f"{step} failed, so the transaction's state is unknown: it cannot go on, and is "
+            "rolled back when its block ends"
         )
+        error.__cause__, error.__suppress_context__ = cause, True  # as "raise ... from cause"
+        return error
 
     def cursor(self, *args: Any, **kwargs: Any) -> Cursor[C]:
         """A DB-API cursor on the transaction's connection."""
@@ -403,7 +408,12 @@ class _Savepoint(Generic[C]):
     def __enter__(self) -> _Savepoint[C]:
         slot = self._slot()
         slot.busy = True
-        slot.dialect.savepoint(slot.raw, self._name)
+        try:
+            slot.dialect.savepoint(slot.raw, self._name)
+        except Exception as failed:  # the driver answered: the call is over, the state unknown
+            slot.busy = False
+            self._tx._savepoint_failed = "creating a savepoint", failed
+            raise
         slot.busy = False
         return self
 
@@ -414,7 +424,12 @@ class _Savepoint(Generic[C]):
             return  # the transaction is over: nothing to release or roll back to
         slot.busy = True
         if exc is None:
-            slot.dialect.release_savepoint(slot.raw, self._name)
+            try:
+                slot.dialect.release_savepoint(slot.raw, self._name)
+            except Exception as failed:
+                slot.busy = False
+                tx._savepoint_failed = "releasing a savepoint", failed
+                raise
             slot.busy = False
             return
         try:
@@ -424,7 +439,7 @@ class _Savepoint(Generic[C]):
             # the block's own exception is the one that tells what happened, and the
             # transaction may not commit what the savepoint should have undone.
             logger.info("rolling back to a savepoint failed: %s", undo)
-            tx._undo_failed = undo
+            tx._savepoint_failed = "rolling back to a savepoint", undo
         slot.busy = False
 
 

@@ -612,6 +612,7 @@ def test_drain_refuses_waiters_and_checkouts_and_waits_for_the_lease(make_pool, 
     draining = Caller(pool.drain, name="drain")
     error = queued.outcome(BOUND)
     assert isinstance(error, dbpool.PoolClosed), repr(error)
+    assert "drained" in str(error), error
     wait_until(lambda: pool.closed, timeout=BOUND)
     with pytest.raises(dbpool.PoolClosed) as info:
         pool.connection(timeout=1)

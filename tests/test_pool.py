@@ -541,6 +541,26 @@ def test_expired_connection_is_not_handed_out(make_pool, server):
     assert first.closed
 
 
+def test_expired_idle_connections_cost_no_time_of_a_zero_timeout(make_pool, server):
+    # Discarding a connection for its age sends nothing: the checkout goes on to the next idle
+    # one even with no time left, instead of timing out as if a ping had failed.  Two expired
+    # ones: the fast path's pick, then the general path's.
+    pool = make_pool(max_size=3, idle_timeout=None, validate_after=60)
+    leases = [pool.connection() for _ in range(3)]
+    for lease in leases:
+        lease.close()
+    *expired, fresh = list(pool._idle)  # taken bottom first: all are fresh for the rotation
+    for slot in expired:
+        slot.expires_at = 0  # as if max_lifetime had passed since
+    pings = server.count("ping")
+    with pool.connection(timeout=0) as conn:
+        assert conn.raw is fresh.raw
+    s = pool.stats()
+    assert (s.timeouts, s.discards["expired"], s.size) == (0, 2, 1), s
+    assert server.count("ping") == pings
+    assert all(slot.raw.closed for slot in expired)
+
+
 # -- close ----------------------------------------------------------------------------------
 
 

@@ -663,3 +663,28 @@ def test_a_failed_savepoint_undo_stops_the_transaction_from_committing(
         assert fake_server.count("commit") == 0
         assert "insert into t values (3)" not in fake_server.statements()
         assert pool.stats().in_use == 0
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("step", ["creating", "releasing"])
+def test_a_failed_savepoint_or_release_stops_the_transaction_from_committing(
+    fake_server: fakedb.Server, step: str
+) -> None:
+    # The caller catches the driver's error and the block ends normally.  The failed call once
+    # left the connection marked busy: the block then neither committed nor raised, and the
+    # pool discarded the connection with the work in it.
+    with fake_pool(fake_server.connect) as pool:
+        with pytest.raises(dbpool.ConnectionUnusable, match=f"{step} a savepoint failed") as info:
+            with pool.transaction() as tx:
+                tx.execute("insert into t values (1)")
+                with pytest.raises(fakedb.OperationalError):
+                    if step == "creating":
+                        fake_server.fail_next("execute", fakedb.OperationalError("refused"))
+                    with tx.savepoint():
+                        tx.execute("insert into t values (2)")
+                        fake_server.fail_next("execute", fakedb.OperationalError("refused"))
+        assert isinstance(info.value.__cause__, fakedb.OperationalError)
+        assert fake_server.count("commit") == 0
+        assert fake_server.count("rollback") == 1
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s

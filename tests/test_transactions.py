@@ -627,6 +627,23 @@ def test_sqlite_read_only_refuses_writes_then_the_next_lease_writes(
         assert s.discarded == 0
 
 
+def test_sqlite_read_only_transaction_keeps_a_connection_configured_read_only(
+    sqlite_path: str,
+) -> None:
+    def read_only(raw: sqlite3.Connection) -> None:
+        raw.execute("PRAGMA query_only = ON")
+
+    with new_pool(sqlite_connector(sqlite_path), configure=read_only) as pool:
+        with pool.transaction(readonly=True) as tx:
+            assert tx_scalar(tx, "select count(*) from t") == 0
+        with pool.connection() as conn:
+            assert rows(conn, "PRAGMA query_only") == [(1,)]
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                rows(conn, "insert into t (id, v) values (1, 'x')")
+        s = assert_balanced(pool)
+        assert s.created == 1
+
+
 def test_sqlite_serializable_read_only_transaction_works(sqlite_path: str) -> None:
     """A read-only SERIALIZABLE transaction is meaningful on SQLite (a consistent snapshot):
     it reads, refuses writes, and leaves the connection writable."""
@@ -952,6 +969,8 @@ def test_statement_after_the_deadline_raises_at_once_without_reaching_the_server
                     tx.cursor()
                 with pytest.raises(TransactionTimeout):
                     tx.savepoint()
+                with pytest.raises(TransactionTimeout):
+                    tx.connection.commit()  # nor a commit through the lease
         # the block ended normally but late: rolled back, not committed
         assert ids(db, table) == []
         assert_clean_next_lease(pool, db)
@@ -1387,6 +1406,31 @@ def test_error_inside_a_savepoint_leaves_the_transaction_usable(db: Backend) -> 
         s = assert_balanced(pool)
         assert s.discarded == 0
         assert_clean_next_lease(pool, db)
+
+
+def test_a_savepoint_released_in_an_aborted_postgresql_transaction_stops_the_commit(
+    pg: Backend,
+) -> None:
+    """An error caught inside the savepoint's block leaves PostgreSQL's transaction aborted:
+    the RELEASE then fails, and the transaction may not go on to commit (PostgreSQL would
+    answer COMMIT with a rollback, and the block would seem to have committed)."""
+    table = pg.fresh_table(unique("tx_savepoint_release"))
+    with new_pool(pg.connect) as pool:
+        with pytest.raises(dbpool.ConnectionUnusable, match="releasing a savepoint failed") as info:
+            with pool.transaction() as tx:
+                insert(tx, pg, table, 1)
+                with pytest.raises(pg.driver.Error):
+                    with tx.savepoint():
+                        try:
+                            tx.execute("select 1 / 0")
+                        except pg.driver.Error:
+                            pass  # caught inside: the savepoint is released, not rolled back to
+                with pytest.raises(dbpool.ConnectionUnusable):
+                    insert(tx, pg, table, 2)
+        assert isinstance(info.value.__cause__, pg.driver.Error), repr(info.value.__cause__)
+        assert ids(pg, table) == []
+        assert_balanced(pool)
+        assert_clean_next_lease(pool, pg)
 
 
 def test_nested_savepoints(db: Backend) -> None:

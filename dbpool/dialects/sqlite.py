@@ -66,15 +66,21 @@ class SQLiteDialect(Dialect):
         # and then fail to upgrade.
         # A read-only transaction takes no write lock: a plain BEGIN is serializable already.
         begin = "BEGIN IMMEDIATE" if isolation is not None and not readonly else "BEGIN"
+        # The token: whether query_only was turned on here, to turn off at the end (a
+        # connection configured read-only stays so).
+        restore = False
         if readonly:
-            conn.execute("PRAGMA query_only = ON")
+            [(already,)] = conn.execute("PRAGMA query_only").fetchall()
+            if not already:
+                conn.execute("PRAGMA query_only = ON")
+                restore = True
         try:
             conn.execute(begin)
         except BaseException:
-            if readonly:
+            if restore:
                 conn.execute("PRAGMA query_only = OFF")
             raise
-        return readonly
+        return restore
 
     def end(self, conn: Any, token: Any) -> None:
         if token:
