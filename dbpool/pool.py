@@ -515,7 +515,9 @@ class Pool(Generic[C]):
         :param readonly: start a read-only transaction where the server has them.
 
         Normal exit commits; an exception rolls back and propagates; the lease is released in
-        any case.  Bad arguments raise before any connection is taken.
+        any case.  Bad arguments raise before any connection is taken, and so does a level
+        or read-only mode the dialect cannot give once the pool has connected (before that,
+        BEGIN refuses it on the first connection).
         """
         return Transaction(self, isolation=isolation, timeout=timeout, readonly=readonly)
 

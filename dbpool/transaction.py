@@ -58,6 +58,14 @@ def check_options(
     return None if isolation is None else Isolation.parse(isolation)
 
 
+def check_dialect_allows(pool: Pool[Any], isolation: Isolation | None, readonly: bool) -> None:
+    """Refuse what the pool's dialect cannot do before waiting for a connection: ValueError.
+    The dialect is known once the pool has connected; before that, BEGIN checks it."""
+    dialect = pool._dialect
+    if dialect is not None:
+        dialect.check_begin(isolation, readonly)
+
+
 class Transaction(Generic[C]):
     """A transaction on one connection; use it as a context manager.
 
@@ -112,6 +120,7 @@ class Transaction(Generic[C]):
         if isinstance(self._source, Connection):
             lease = self._source
         else:
+            check_dialect_allows(self._source, self._isolation, self._readonly)
             lease = self._source.connection()
             self._owns_lease = True
         try:
@@ -456,7 +465,7 @@ def run_transaction(
     serialization failure or deadlock, up to ``retries`` times within ``timeout`` overall."""
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking the transaction, got {fn!r}")
-    check_options(isolation, timeout, readonly)
+    check_dialect_allows(pool, check_options(isolation, timeout, readonly), readonly)
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
     if retries < 0:
