@@ -361,6 +361,9 @@ class Pool(Generic[C]):
         self._size = 0
         self._in_use = 0
         self._opening = 0
+        # Connections let go by the thread that returned, discarded or opened them, counted off
+        # the above, and not closed yet: drain() and close() wait for their close() too.
+        self._closing = 0
         self._closed = getattr(self, "_closed", False)
         # Closed by drain(): reopen() may open it again, and close() still closes what is out.
         self._drained = getattr(self, "_drained", False)
@@ -884,11 +887,12 @@ class Pool(Generic[C]):
         return interrupted
 
     def _await_returns(self, deadline: float) -> bool:
-        """Wait until no connection is leased or being opened; False if the deadline passed."""
+        """Wait until no connection is leased, being opened or being closed by the thread that
+        let it go; False if the deadline passed."""
         while True:
             self._return_orphans()  # leases garbage-collected meanwhile come back this way
             with self._lock:
-                if self._in_use + self._opening == 0:
+                if self._in_use + self._opening + self._closing == 0:
                     return True
                 remaining = deadline - monotonic()
                 if remaining <= 0:
@@ -1294,6 +1298,7 @@ class Pool(Generic[C]):
             closed = self._closed
             caller = waiter if waiter is not None and not waiter.abandoned else None
             if closed:
+                self._closing += 1
                 self._size -= 1
                 self._closed_count += 1
                 if caller is not None:
@@ -1308,6 +1313,7 @@ class Pool(Generic[C]):
                     self._serve_locked(caller, _HANDED)
                 elif self._size > self._max_size:  # resize() lowered max_size meanwhile
                     surplus = True
+                    self._closing += 1
                     self._forget_locked([slot], DiscardReason.RESIZED)
                 else:
                     self._free_locked(slot)
@@ -1315,14 +1321,16 @@ class Pool(Generic[C]):
                     self._grant_room_locked()  # queued callers may connect again
             self._cond.notify_all()  # wait() and close() count connections
         finally:
-            self._lock.release()
+            try:
+                self._lock.release()
+            finally:  # even if a signal handler raised as the lock was let go
+                if closed:
+                    self._close_counted(slot, POOL_CLOSED, "the pool closed while it was connecting")
+                elif surplus:
+                    self._close_counted(slot, DiscardReason.RESIZED, "resize() lowered max_size")
         if recovered:
             logger.info("pool %r: connecting works again", self._name)
         logger.debug("pool %r: opened a connection", self._name)
-        if closed:
-            self._close_raw(slot, POOL_CLOSED, "the pool closed while it was connecting")
-        elif surplus:
-            self._close_raw(slot, DiscardReason.RESIZED, "resize() lowered max_size")
         return True
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
@@ -1437,29 +1445,33 @@ class Pool(Generic[C]):
             raise
         reason: str | None = None  # why it is closed instead, if it is
         try:
-            if slot.generation == self._generation:  # else close() or reopen() let it go
-                self._in_use -= 1
-                if held is not None:
-                    self._returned += 1
-                    self._held_time += held
-                if not self._closed and self._size <= self._max_size:  # the common case
-                    if self._waiters:
-                        self._free_locked(slot)
-                    else:
-                        self._idle.append(slot)
-                    return
-                if self._closed:
-                    reason = POOL_CLOSED
-                    self._forget_locked([slot])
-                else:
-                    reason = DiscardReason.RESIZED
-                    self._forget_locked([slot], DiscardReason.RESIZED)
-        finally:
-            self._lock.release()
+            try:
+                if slot.generation == self._generation:  # else close() or reopen() let it go
+                    self._in_use -= 1
+                    if held is not None:
+                        self._returned += 1
+                        self._held_time += held
+                    if not self._closed and self._size <= self._max_size:  # the common case
+                        if self._waiters:
+                            self._free_locked(slot)
+                        else:
+                            self._idle.append(slot)
+                        return
+                    reason = POOL_CLOSED if self._closed else DiscardReason.RESIZED
+                    self._closing += 1  # no call since the reason: closed in the finally below
+                    self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
+            finally:
+                self._lock.release()
+        finally:  # even if a signal handler raised as the lock was let go
+            if reason is not None:
+                try:
+                    self._close_raw(slot, reason)
+                finally:  # _close_counted's work, written out: a signal handler may raise as
+                    with self._lock:  # a function is entered (CPython runs one there)
+                        self._closing -= 1
+                        self._cond.notify_all()
         if reason is None:
             self._close_if_retired(slot)
-        else:
-            self._close_raw(slot, reason)
 
     def _close_if_retired(self, slot: _Slot) -> None:
         """Close a connection leased before reopen(), which stopped counting it, as it comes
@@ -1559,6 +1571,7 @@ class Pool(Generic[C]):
                 if counted:
                     # _forget_locked's work, written out: its place is freed with no call among
                     # the counts (a signal handler may raise as one returns: _pop_idle_locked).
+                    self._closing += 1
                     self._in_use -= 1
                     self._size -= 1
                     self._closed_count += 1
@@ -1578,7 +1591,12 @@ class Pool(Generic[C]):
                     self._everyone.discard(slot)
         finally:  # closed even if a signal handler raised once it was counted off
             if counted:
-                self._close_raw(slot, closing_reason, detail)
+                try:
+                    self._close_raw(slot, closing_reason, detail)
+                finally:  # _close_counted's work, written out: see _put_back
+                    with self._lock:
+                        self._closing -= 1
+                        self._cond.notify_all()
             elif counted is not None:  # close() took it back; or it was leased before reopen()
                 self._close_if_retired(slot)
 
@@ -1649,6 +1667,16 @@ class Pool(Generic[C]):
             _close_quietly(slot.dialect, slot.raw)
         if self._listeners.close:
             emit(self._listeners.close, Event.CLOSE, self._name, slot.raw, reason)
+
+    def _close_counted(self, slot: _Slot, reason: str, detail: str = "") -> None:
+        """_close_raw a connection let go with ``_closing`` raised (under the lock, with no call
+        since its other counts were dropped), then lower it: drain() and close() wait for it."""
+        try:
+            self._close_raw(slot, reason, detail)
+        finally:
+            with self._lock:
+                self._closing -= 1
+                self._cond.notify_all()
 
     def _close_all(
         self, slots: list[_Slot], reason: str, detail: str = "", *, sever: bool = False

@@ -693,6 +693,43 @@ def test_drain_stops_a_caller_whose_connect_is_under_way(make_pool, server):
     assert_accounting(pool)
 
 
+@pytest.mark.parametrize("stop", ["drain", "close"])
+@pytest.mark.parametrize("ending", ["returned", "discarded", "connected"])
+def test_drain_and_close_return_once_the_last_connection_is_closed(make_pool, server, stop, ending):
+    # The last connection is closed by the thread that gives it back (or that connected it):
+    # drain() and close() wait for that close, not only for the counts to drop.
+    pool = make_pool(min_size=0, max_size=1)
+    stopping = None
+    if ending == "connected":
+        connect_gate = server.block("connect")
+        connecting = Caller(lambda: pool.connection(timeout=BOUND), name="connecting")
+        assert connect_gate.entered.wait(BOUND)
+        stopping = Caller(lambda: getattr(pool, stop)(timeout=BOUND), name=stop)
+        assert isinstance(connecting.outcome(BOUND), dbpool.PoolClosed)
+        close_gate = server.block("close")
+        ending_call = connect_gate.release
+    else:
+        lease = pool.connection(timeout=BOUND)
+        use(lease)
+        if ending == "discarded":
+            server.kill(lease.raw)  # found broken on its return: a discard, not a put-back
+        stopping = Caller(lambda: getattr(pool, stop)(timeout=BOUND), name=stop)
+        wait_until(lambda: pool.closed, timeout=BOUND)
+        close_gate = server.block("close", conn=lease.raw)
+        ending_call = lease.close
+    ending_thread = Caller(ending_call, name=ending)
+    try:
+        assert close_gate.entered.wait(BOUND), "the connection was never closed"
+        assert not stopping.done.wait(0.2), f"{stop}() returned before the connection was closed"
+    finally:
+        close_gate.release()
+    assert ending_thread.outcome(BOUND) is None
+    assert stopping.outcome(BOUND) is None
+    assert not server.open_connections
+    s = assert_accounting(pool)
+    assert (s.size, s.in_use) == (0, 0), s
+
+
 def test_reopen_after_drain_refills_and_serves(make_pool, server):
     pool = make_pool(min_size=2, max_size=3)
     pool.wait(timeout=BOUND)

@@ -131,6 +131,8 @@ def _problems(pool: dbpool.Pool[Any], max_size: int) -> str:
     s = pool.stats()
     if s.size != s.idle + s.in_use + s.opening or s.waiting:
         return f"accounting broken: {s}"
+    if pool._closing:
+        return f"{pool._closing} closes left counted: drain() and close() would wait for them"
     held = []
     try:
         for _ in range(max_size):
@@ -153,11 +155,12 @@ def exact_after_each(
     functions: list[Any],
     finish: Callable[[Any], None] = lambda prepared: None,
     entries: tuple[Any, ...] = (),
+    problems: Callable[[dbpool.Pool[Any], int], str] = _problems,
     **options: Any,
 ) -> None:
     """For each signal point of ``act`` in ``functions`` (and entry of ``entries``): a fresh
     pool of two (with ``options``), ``prepare(pool)``, then ``act(pool, prepared)`` with
-    KeyboardInterrupt raised at that point, then ``finish(prepared)``."""
+    KeyboardInterrupt raised at that point, then ``finish(prepared)``, then ``problems``."""
     sample = make_pool(max_size=2, **options)
     sample_prepared = prepare(sample)
     points = signal_points(lambda: act(sample, sample_prepared), functions, entries)
@@ -177,7 +180,7 @@ def exact_after_each(
             sys.settrace(None)
         finish(prepared)
         del prepared
-        problem = _problems(pool, 2) if raised else "not reached: this run took another path"
+        problem = problems(pool, 2) if raised else "not reached: this run took another path"
         if problem:
             failures.append(f"{point}: {problem}")
         pool.close(timeout=1)
@@ -251,6 +254,35 @@ def test_return_that_discards_the_connection(make_pool: Any, why: str) -> None:
             dbpool.Pool._grant_room_locked,
         ],
         entries=(Connection.close, dbpool.Pool._give_back),
+    )
+
+
+@pytest.mark.parametrize("why", ["clean", "broken"])
+def test_return_to_a_drained_pool(make_pool: Any, why: str) -> None:
+    def drained(pool: dbpool.Pool[Any]) -> Connection[Any]:
+        conn = pool.connection()
+        if why == "broken":
+            conn.raw.close()
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0)
+        return conn
+
+    def problems(pool: dbpool.Pool[Any], max_size: int) -> str:
+        try:
+            pool.drain(timeout=1)  # waits for the close of the connection returned
+        except dbpool.PoolTimeout as exc:
+            return f"drain() still waits: {exc} ({pool._closing} closes counted)"
+        pool.reopen()
+        return _problems(pool, max_size)
+
+    handing = (Connection.close, dbpool.Pool._give_back, dbpool.Pool._put_back)
+    exact_after_each(
+        make_pool,
+        drained,
+        lambda pool, conn: conn.close(),
+        [*handing, dbpool.Pool._discard, dbpool.Pool._close_raw],
+        entries=handing,
+        problems=problems,
     )
 
 
