@@ -819,11 +819,11 @@ class Pool(Generic[C]):
             deadline = _NEVER if timeout is None else monotonic() + timeout
             if not self._await_returns(deadline):
                 with self._lock:
-                    leased, opening = self._in_use, self._opening
+                    leased, opening, closing = self._in_use, self._opening, self._closing
                 raise PoolTimeout(
                     f"pool {self._name!r}: after draining for {timeout:g} s, {leased} "
-                    f"connections are still leased and {opening} being opened; each is closed "
-                    "when it comes back (close() closes them now)"
+                    f"connections are still leased, {opening} being opened and {closing} being "
+                    "closed; each is closed when it comes back (close() closes them now)"
                 )
         finally:
             with self._lock:
