@@ -1192,14 +1192,15 @@ class Pool(Generic[C]):
                     raise PoolClosed(self._closed_message())
                 self._connecting.add(waiter)
             self._start_connect(slot, waiter, token)
-            waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
+            left = deadline - monotonic()
+            waiter.wakeup.acquire(timeout=_bounded(left))
             with self._lock:
                 grant = waiter.grant
                 if grant is None:
                     self._connecting.discard(waiter)
                     waiter.abandoned = True
                     self._timeouts += 1
-                    error = self._connect_timeout_error_locked(timeout)
+                    error = self._connect_timeout_error_locked(timeout, left)
         except BaseException:  # e.g. KeyboardInterrupt: whatever the connect gives, the pool keeps
             self._drop_lock_if_held()
             if token is None or waiter is None or token.acquire(False):  # no connect started
@@ -1966,10 +1967,18 @@ class Pool(Generic[C]):
                 )
         return PoolTimeout(message)
 
-    def _connect_timeout_error_locked(self, timeout: float) -> PoolTimeout:
+    def _connect_timeout_error_locked(self, timeout: float, left: float) -> PoolTimeout:
+        """``left``: what was left of ``timeout`` when the connect started."""
+        if left < timeout * 0.9:  # most of the wait was not the connect's
+            took = (
+                f"did not finish in the {max(left, 0.0):.3g} s left of the {timeout:g} s acquire "
+                f"timeout, after {timeout - left:.3g} s waiting for room to open one"
+            )
+        else:
+            took = f"took longer than the {timeout:g} s acquire timeout"
         message = (
-            f"pool {self._name!r}: connecting to the database took longer than the {timeout:g} s "
-            "acquire timeout; the connection joins the pool if the connect succeeds"
+            f"pool {self._name!r}: connecting to the database {took}; the connection joins the "
+            "pool if the connect succeeds"
         )
         error = self._last_connect_error
         if error is not None:

@@ -6,6 +6,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 
 import pytest
 
@@ -278,6 +279,40 @@ def test_timeout_message_names_pool_timeout_and_stats(make_pool):
         assert part in message
     assert isinstance(info.value, TimeoutError)
     assert info.value.__cause__ is None
+
+
+def test_connect_timeout_message_tells_the_queueing_from_the_connect(make_pool, server):
+    pool = make_pool(max_size=1)
+    holder = pool.connection()
+    gate = server.block("connect")
+    try:
+        queued = {}
+
+        def wait_then_time_out():
+            try:
+                pool.connection(timeout=1.0)
+            except dbpool.PoolTimeout as exc:
+                queued["error"] = exc
+
+        t = start(wait_then_time_out)
+        wait_until(lambda: pool.stats().waiting == 1)
+        time.sleep(0.3)  # queued for at least that long
+        server.kill(holder.raw)
+        holder.close()  # found broken: discarded, and the queued caller may connect
+        assert gate.entered.wait(5)
+        t.join(10)
+    finally:
+        gate.release()
+    message = str(queued["error"])
+    assert "connecting to the database did not finish in the" in message, message
+    assert "left of the 1 s acquire timeout" in message and "waiting for room" in message
+    empty = make_pool(max_size=1)
+    gate = server.block("connect")
+    try:
+        with pytest.raises(dbpool.PoolTimeout, match="connecting to the database took longer"):
+            empty.connection(timeout=0.2)  # the whole wait is the connect's
+    finally:
+        gate.release()
 
 
 def test_too_many_waiters_refused_at_once(make_pool):
