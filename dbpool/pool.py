@@ -1316,7 +1316,9 @@ class Pool(Generic[C]):
                 self._lock.release()
             finally:  # even if a signal handler raised as the lock was let go
                 if closed:
-                    self._close_counted(slot, POOL_CLOSED, "the pool closed while it was connecting")
+                    self._close_counted(
+                        slot, POOL_CLOSED, "the pool closed while it was connecting"
+                    )
                 elif surplus:
                     self._close_counted(slot, DiscardReason.RESIZED, "resize() lowered max_size")
         if recovered:

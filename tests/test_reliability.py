@@ -229,7 +229,9 @@ def _set_time_zone(conn: Any) -> None:
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_postgresql_discard_runs_configure_again(driver: str, request: pytest.FixtureRequest) -> None:
+def test_postgresql_discard_runs_configure_again(
+    driver: str, request: pytest.FixtureRequest
+) -> None:
     # DISCARD ALL undoes what configure set up; every borrower relies on it, so it runs again.
     connect = request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
     configured: list[Any] = []
