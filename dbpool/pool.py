@@ -222,8 +222,7 @@ class Pool(Generic[C]):
         application_name``, ``search_path``, ``autocommit``...); must commit what it changes
         in a transaction: a transaction left open fails the connect (where the driver reports
         it; elsewhere it is rolled back).  If it raises, the connect fails.  What it sets is
-        what every return restores; with ``session_reset="discard"`` it runs again after each
-        reset.
+        what every return restores.
     :param check: called with the driver connection at every checkout, instead of the idle ping
         (``validate_after`` is then unused); if it raises, the connection is discarded and
         another one is taken.  Bounded by the caller's deadline like the ping.
@@ -1249,7 +1248,18 @@ class Pool(Generic[C]):
                 dialect = self._dialect = _detect_dialect(raw)
             dialect.check_new(raw)
             if self._configure is not None:
-                self._run_configure(raw, dialect)
+                self._configure(raw)
+                state = dialect.transaction_state(raw)
+                if state is UNKNOWN:
+                    # The driver cannot tell whether configure left a transaction open: end
+                    # any, so that no idle connection holds locks (what it committed stays).
+                    dialect.rollback(raw)
+                if state is not IDLE and state is not UNKNOWN:
+                    left = state.value.replace("_", " ")
+                    raise PoolError(
+                        f"pool {self._name!r}: configure left the new connection {left}: end "
+                        "its transaction with conn.commit() (or set autocommit first)"
+                    )
             now = monotonic()
             slot.raw = raw
             slot.dialect = dialect
@@ -1325,22 +1335,6 @@ class Pool(Generic[C]):
             logger.info("pool %r: connecting works again", self._name)
         logger.debug("pool %r: opened a connection", self._name)
         return True
-
-    def _run_configure(self, raw: Any, dialect: Dialect) -> None:
-        """Run the configure hook on a new connection, or on one whose session was reset."""
-        assert self._configure is not None
-        self._configure(raw)
-        state = dialect.transaction_state(raw)
-        if state is UNKNOWN:
-            # The driver cannot tell whether configure left a transaction open: end any, so
-            # that no idle connection holds locks (what it committed stays).
-            dialect.rollback(raw)
-        if state is not IDLE and state is not UNKNOWN:
-            left = state.value.replace("_", " ")
-            raise PoolError(
-                f"pool {self._name!r}: configure left the connection {left}: end its "
-                "transaction with conn.commit() (or set autocommit first)"
-            )
 
     def _note_connect_failure_locked(self, exc: Exception) -> None:
         self._connect_errors += 1
@@ -1536,17 +1530,6 @@ class Pool(Generic[C]):
             slot.doomed = True
             reason = DiscardReason.BROKEN if _driver_says_broken(slot) else _RESET_FAILED
             return reason, f"reset failed: {self._describe(exc)}"
-        if self._session_reset is not None and self._configure is not None:
-            try:  # the reset undid what configure set up: every borrower relies on it
-                self._run_configure(raw, dialect)
-            except Exception as exc:
-                logger.warning(
-                    "pool %r: configure failed after the session reset; the connection is "
-                    "discarded: %s",
-                    self._name,
-                    self._describe(exc),
-                )
-                return _RESET_FAILED, f"configure failed after the reset: {self._describe(exc)}"
         if self._reset is not None:
             try:
                 self._reset(raw)

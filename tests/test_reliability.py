@@ -220,90 +220,61 @@ def test_a_failing_reset_discards_the_connection(pg_connect: Any) -> None:
             assert scalar(conn, "SHOW search_path") == '"$user", public'
 
 
-# == configure after a reset ======================================================================
+# == server settings that outlive a reset ========================================================
 
 
-def _set_time_zone(conn: Any) -> None:
-    conn.cursor().execute("SET TIME ZONE 'Asia/Tokyo'")
-    conn.commit()
-
-
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
-def test_postgresql_discard_runs_configure_again(
-    driver: str, request: pytest.FixtureRequest
+def test_postgresql_discard_undoes_configure_but_keeps_the_connect_options(
+    request: pytest.FixtureRequest,
 ) -> None:
-    # DISCARD ALL undoes what configure set up; every borrower relies on it, so it runs again.
-    connect = request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
-    configured: list[Any] = []
+    # DISCARD ALL resets every setting to the session's default: what configure SET is gone,
+    # what the connection's startup options set is the default, and stays (docs: session_reset).
+    import psycopg
+
+    dsn = request.getfixturevalue("postgresql_dsn")
 
     def configure(conn: Any) -> None:
-        configured.append(conn)
-        _set_time_zone(conn)
-
-    with one_connection_pool(connect, session_reset="discard", configure=configure) as pool:
-        for _ in range(3):
-            with pool.connection() as conn:
-                assert scalar(conn, "SHOW TIME ZONE") == "Asia/Tokyo"
-                conn.cursor().execute("SET TIME ZONE 'Europe/Paris'")
-                conn.cursor().execute("SET search_path = pg_catalog")
-                conn.commit()
-            with pool.connection() as conn:
-                assert scalar(conn, "SHOW TIME ZONE") == "Asia/Tokyo"
-                assert scalar(conn, "SHOW search_path") == '"$user", public'
-        s = pool.stats()
-        assert (s.created, s.discarded) == (1, 0), s
-        assert len(configured) == 1 + 6  # at the connect, then after every lease that ran SQL
-        assert all(conn is configured[0] for conn in configured)
-
-
-def test_mariadb_reset_runs_configure_again(mysql_params: dict[str, Any]) -> None:
-    import pymysql
-
-    def configure(conn: Any) -> None:
-        conn.cursor().execute("SET SESSION time_zone = '+09:00'")
+        conn.execute("SET TIME ZONE 'Asia/Tokyo'")
         conn.commit()
 
-    with one_connection_pool(
-        lambda: pymysql.connect(**mysql_params), session_reset="discard", configure=configure
-    ) as pool:
+    connect = lambda: psycopg.connect(dsn, options="-c search_path=pg_catalog")  # noqa: E731
+    with one_connection_pool(connect, session_reset="discard", configure=configure) as pool:
         with pool.connection() as conn:
-            conn.cursor().execute("SET SESSION time_zone = '+01:00'")
-            conn.cursor().execute("SET @tenant_secret = 'tenant A'")
+            assert scalar(conn, "SHOW TIME ZONE") == "Asia/Tokyo"
+            conn.cursor().execute("SET search_path = public")
         with pool.connection() as conn:
-            assert scalar(conn, "SELECT @@session.time_zone") == "+09:00"
-            assert scalar(conn, "SELECT @tenant_secret") is None
+            assert scalar(conn, "SHOW TIME ZONE") != "Asia/Tokyo"  # configure ran once only
+            assert scalar(conn, "SHOW search_path") == "pg_catalog"
         assert pool.stats().created == 1
 
 
-def test_configure_failing_after_a_reset_discards_the_connection(
-    pg_connect: Any, caplog: pytest.LogCaptureFixture
+def test_the_reset_hook_reapplies_server_settings_after_the_session_reset(
+    pg_connect: Any, mysql_params: dict[str, Any]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="dbpool")
-    failure: list[str] = []  # how the next configure fails, if it does
-    configured: list[Any] = []
+    import pymysql
 
-    def configure(conn: Any) -> None:
-        configured.append(conn)
-        if failure == ["raise"]:
-            raise RuntimeError("no time zone today")
-        if failure == ["leave a transaction"]:
-            conn.cursor().execute("SET TIME ZONE 'Asia/Tokyo'")  # and no commit
-            return
-        _set_time_zone(conn)
+    cases = [
+        (pg_connect, "SET TIME ZONE 'Asia/Tokyo'", "SHOW TIME ZONE", "Asia/Tokyo"),
+        (
+            lambda: pymysql.connect(**mysql_params),
+            "SET SESSION time_zone = '+09:00'",
+            "SELECT @@session.time_zone",
+            "+09:00",
+        ),
+    ]
+    for connect, setting, show, value in cases:
 
-    with one_connection_pool(pg_connect, session_reset="discard", configure=configure) as pool:
-        for discards, how in enumerate(["raise", "leave a transaction"], start=1):
-            with pool.connection() as conn:
-                conn.cursor().execute("SET TIME ZONE 'Europe/Paris'")
-                failure[:] = [how]  # for the configure after the reset
-            failure.clear()
-            s = pool.stats()
-            assert (s.size, s.discards["reset_failed"]) == (0, discards), s
-        assert "no time zone today" in caplog.text
-        assert "configure left the connection in transaction" in caplog.text
-        with pool.connection() as conn:  # a new connection, configured at its connect
-            assert scalar(conn, "SHOW TIME ZONE") == "Asia/Tokyo"
-        assert len(set(map(id, configured))) == 3
+        def reapply(conn: Any, setting: str = setting) -> None:
+            conn.cursor().execute(setting)
+            conn.commit()
+
+        with one_connection_pool(
+            connect, session_reset="discard", configure=reapply, reset=reapply
+        ) as pool:
+            for _ in range(2):
+                with pool.connection() as conn:
+                    assert scalar(conn, show) == value
+                    conn.cursor().execute(setting.replace("Asia/Tokyo", "UTC").replace("9", "1"))
+            assert pool.stats().created == 1
 
 
 @pytest.mark.parametrize("policy", ["discard", "reconnect", None, "DISCARD", "none", 1])
