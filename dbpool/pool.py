@@ -106,7 +106,7 @@ class _Slot:
         self.busy = False  # a driver call is running, or was interrupted half-way
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
         self.transaction: Any = None  # the Transaction whose block is running on it
-        self.owner = 0  # threading.get_ident() of the thread that leased it
+        self.owner = 0  # threading.get_ident() of the thread that leased it, or is closing it
         self.used = False  # the lease touched the connection: the return path must clean it
         # With leak_timeout: (monotonic time, stack, thread name) of the checkout, and whether
         # the lease was reported as held too long.
@@ -362,8 +362,12 @@ class Pool(Generic[C]):
         self._in_use = 0
         self._opening = 0
         # Connections let go by the thread that returned, discarded or opened them, counted off
-        # the above, and not closed yet: drain() and close() wait for their close() too.
-        self._closing = 0
+        # the above and being closed by it: drain() and close() wait for them too.  Each is added
+        # after its counts drop; once closed, that thread puts it in `_closed_off` (the lock
+        # is not needed: a signal handler may raise as a thread waits for it), and
+        # _closes_pending_locked() takes it out of here.
+        self._closing: set[_Slot] = set()
+        self._closed_off: deque[_Slot] = deque()  # appended to without the lock
         self._closed = getattr(self, "_closed", False)
         # Closed by drain(): reopen() may open it again, and close() still closes what is out.
         self._drained = getattr(self, "_drained", False)
@@ -819,11 +823,12 @@ class Pool(Generic[C]):
             deadline = _NEVER if timeout is None else monotonic() + timeout
             if not self._await_returns(deadline):
                 with self._lock:
-                    leased, opening, closing = self._in_use, self._opening, self._closing
+                    leased, opening = self._in_use, self._opening
+                    closing = self._closes_pending_locked()
                 raise PoolTimeout(
                     f"pool {self._name!r}: after draining for {timeout:g} s, {leased} "
                     f"connections are still leased, {opening} being opened and {closing} being "
-                    "closed; each is closed when it comes back (close() closes them now)"
+                    "closed; each lease is closed when it comes back (close() closes those now)"
                 )
         finally:
             with self._lock:
@@ -892,7 +897,7 @@ class Pool(Generic[C]):
         while True:
             self._return_orphans()  # leases garbage-collected meanwhile come back this way
             with self._lock:
-                if self._in_use + self._opening + self._closing == 0:
+                if self._in_use + self._opening + self._closes_pending_locked() == 0:
                     return True
                 remaining = deadline - monotonic()
                 if remaining <= 0:
@@ -1183,6 +1188,7 @@ class Pool(Generic[C]):
         # The reservation is this call's to give back until the connect thread takes the
         # token; a thread that finds it taken does nothing.
         token = waiter = None
+        left = deadline - monotonic()  # of the caller's timeout, for the connect
         try:
             token = threading.Lock()
             waiter = _Waiter()
@@ -1191,8 +1197,7 @@ class Pool(Generic[C]):
                     raise PoolClosed(self._closed_message())
                 self._connecting.add(waiter)
             self._start_connect(slot, waiter, token)
-            left = deadline - monotonic()
-            waiter.wakeup.acquire(timeout=_bounded(left))
+            waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
             with self._lock:
                 grant = waiter.grant
                 if grant is None:
@@ -1299,9 +1304,9 @@ class Pool(Generic[C]):
             closed = self._closed
             caller = waiter if waiter is not None and not waiter.abandoned else None
             if closed:
-                self._closing += 1
                 self._size -= 1
                 self._closed_count += 1
+                self._closing.add(slot)
                 if caller is not None:
                     self._serve_locked(caller, _CLOSED)
             else:
@@ -1314,8 +1319,8 @@ class Pool(Generic[C]):
                     self._serve_locked(caller, _HANDED)
                 elif self._size > self._max_size:  # resize() lowered max_size meanwhile
                     surplus = True
-                    self._closing += 1
                     self._forget_locked([slot], DiscardReason.RESIZED)
+                    self._closing.add(slot)
                 else:
                     self._free_locked(slot)
                 if recovered:
@@ -1461,8 +1466,8 @@ class Pool(Generic[C]):
                             self._idle.append(slot)
                         return
                     reason = POOL_CLOSED if self._closed else DiscardReason.RESIZED
-                    self._closing += 1  # no call since the reason: closed in the finally below
                     self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
+                    self._closing.add(slot)
             finally:
                 self._lock.release()
         finally:  # even if a signal handler raised as the lock was let go
@@ -1470,9 +1475,8 @@ class Pool(Generic[C]):
                 try:
                     self._close_raw(slot, reason)
                 finally:  # _close_counted's work, written out: a signal handler may raise as
-                    with self._lock:  # a function is entered (CPython runs one there)
-                        self._closing -= 1
-                        self._cond.notify_all()
+                    self._closed_off.append(slot)  # a function is entered (CPython runs one)
+                    self._wake_closers()
         if reason is None:
             self._close_if_retired(slot)
 
@@ -1574,7 +1578,6 @@ class Pool(Generic[C]):
                 if counted:
                     # _forget_locked's work, written out: its place is freed with no call among
                     # the counts (a signal handler may raise as one returns: _pop_idle_locked).
-                    self._closing += 1
                     self._in_use -= 1
                     self._size -= 1
                     self._closed_count += 1
@@ -1588,6 +1591,7 @@ class Pool(Generic[C]):
                     if not self._closed:  # else not a discard: the pool closes everything
                         closing_reason = reason
                         self._discards[key] += 1
+                    self._closing.add(slot)
                     if broken:
                         self._broken_at = max(self._broken_at, monotonic())
                     self._grant_room_locked()
@@ -1597,9 +1601,8 @@ class Pool(Generic[C]):
                 try:
                     self._close_raw(slot, closing_reason, detail)
                 finally:  # _close_counted's work, written out: see _put_back
-                    with self._lock:
-                        self._closing -= 1
-                        self._cond.notify_all()
+                    self._closed_off.append(slot)
+                    self._wake_closers()
             elif counted is not None:  # close() took it back; or it was leased before reopen()
                 self._close_if_retired(slot)
 
@@ -1661,6 +1664,7 @@ class Pool(Generic[C]):
     def _close_raw(self, slot: _Slot, reason: str, detail: str = "") -> None:
         """Close a connection no longer counted.  ``reason``: a :class:`DiscardReason` or
         ``POOL_CLOSED``, told to listeners."""
+        slot.owner = threading.get_ident()  # see _closes_pending_locked
         reason = reason.value if isinstance(reason, DiscardReason) else reason
         logger.debug("pool %r: closing a connection (%s) %s", self._name, reason, detail)
         try:
@@ -1672,14 +1676,31 @@ class Pool(Generic[C]):
             emit(self._listeners.close, Event.CLOSE, self._name, slot.raw, reason)
 
     def _close_counted(self, slot: _Slot, reason: str, detail: str = "") -> None:
-        """_close_raw a connection let go with ``_closing`` raised (under the lock, with no call
-        since its other counts were dropped), then lower it: drain() and close() wait for it."""
+        """_close_raw a connection in ``_closing``, then say it is closed: drain() and close()
+        wait for it."""
         try:
             self._close_raw(slot, reason, detail)
         finally:
-            with self._lock:
-                self._closing -= 1
-                self._cond.notify_all()
+            self._closed_off.append(slot)
+            self._wake_closers()
+
+    def _wake_closers(self) -> None:
+        """Wake drain() and close() to look at ``_closed_off`` (they also look every
+        _CLOSE_POLL: a signal handler raising here delays them at most that long)."""
+        with self._lock:
+            self._cond.notify_all()
+
+    def _closes_pending_locked(self) -> int:
+        """How many connections let go are still being closed, leaving out this thread's own
+        (a listener of their close may call drain())."""
+        closing, closed_off = self._closing, self._closed_off
+        while closed_off:
+            closing.discard(closed_off[0])
+            del closed_off[0]
+        if not closing:
+            return 0
+        me = threading.get_ident()
+        return sum(1 for slot in closing if slot.owner != me)
 
     def _close_all(
         self, slots: list[_Slot], reason: str, detail: str = "", *, sever: bool = False
@@ -1954,10 +1975,12 @@ class Pool(Generic[C]):
 
     def _connect_timeout_error_locked(self, timeout: float, left: float) -> PoolTimeout:
         """``left``: what was left of ``timeout`` when the connect started."""
-        if left < timeout * 0.9:  # most of the wait was not the connect's
+        before = timeout - left
+        if before > max(timeout * 0.1, 0.01):  # much of the time went elsewhere
             took = (
                 f"did not finish in the {max(left, 0.0):.3g} s left of the {timeout:g} s acquire "
-                f"timeout, after {timeout - left:.3g} s waiting for room to open one"
+                f"timeout (the first {before:.3g} s went to waiting in the queue or validating "
+                "idle connections)"
             )
         else:
             took = f"took longer than the {timeout:g} s acquire timeout"

@@ -325,6 +325,73 @@ def test_exception_after_connect_before_accounting_leaks_the_slot(
     assert server.open_connections == [], "the connection whose setup failed was not closed"
 
 
+@pytest.mark.parametrize("ending", ["discarded from the open pool", "returned after a drain"])
+def test_interrupt_after_closing_a_connection_let_go_leaves_drain_nothing_to_wait_for(
+    make_pool: Any, server: fakedb.Server, ending: str
+) -> None:
+    # The thread that closes a connection the pool let go then tells drain() and close() it is
+    # closed.  A signal handler raising while it waits for the pool lock there must not leave the
+    # close counted as under way: every later drain() would wait for it until its timeout.
+    pool = make_pool(max_size=1)
+    lease = pool.connect()
+    lease.cursor().execute("select 1")
+    if ending == "discarded from the open pool":
+        server.kill(lease.raw)
+    else:
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0)
+    gate = server.block("close", conn=lease.raw)
+    lock = pool._lock  # private: the only way to make the main thread block at that point
+    errors: list[BaseException] = []
+
+    with keyboard_interrupt_on_sigusr1() as send:
+
+        def helper() -> None:
+            try:
+                assert gate.entered.wait(5)
+                with lock:  # taken while the driver's close() runs: then released
+                    gate.release()
+                    interrupt_main_at_pool_lock(send, {"_discard", "_put_back", "_wake_closers"})
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = start(helper)
+        with pytest.raises(KeyboardInterrupt):
+            lease.close()
+        t.join(10)
+    assert errors == []
+    assert not server.open_connections
+    if ending == "returned after a drain":
+        pool.drain(timeout=1)  # raised PoolTimeout: a close still counted as under way
+        pool.reopen()
+    pool.drain(timeout=1)
+    pool.reopen()
+    with pool.connection(timeout=1):
+        pass
+
+
+def test_drain_from_a_listener_of_the_close_does_not_wait_for_that_close(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool = make_pool(max_size=1)
+    outcomes: list[BaseException | None] = []
+
+    def drain_on_discard(event: dbpool.PoolEvent) -> None:
+        try:
+            pool.drain(timeout=2)
+        except BaseException as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    pool.add_listener("discard", drain_on_discard)
+    with pool.connection() as conn:
+        conn.cursor().execute("select 1")
+        server.kill(conn.raw)  # found broken as it comes back: discarded, the listener drains
+    assert outcomes == [None]
+    assert pool.closed and not server.open_connections
+
+
 # == close(timeout) force-close racing with a return in progress ===============================
 
 

@@ -305,12 +305,12 @@ def test_connect_timeout_message_tells_the_queueing_from_the_connect(make_pool, 
         gate.release()
     message = str(queued["error"])
     assert "connecting to the database did not finish in the" in message, message
-    assert "left of the 1 s acquire timeout" in message and "waiting for room" in message
+    assert "left of the 1 s acquire timeout" in message and "waiting in the queue" in message
     empty = make_pool(max_size=1)
     gate = server.block("connect")
     try:
         with pytest.raises(dbpool.PoolTimeout, match="connecting to the database took longer"):
-            empty.connection(timeout=0.2)  # the whole wait is the connect's
+            empty.connection(timeout=0.5)  # the whole wait is the connect's
     finally:
         gate.release()
 
