@@ -1188,8 +1188,8 @@ class Pool(Generic[C]):
         # The reservation is this call's to give back until the connect thread takes the
         # token; a thread that finds it taken does nothing.
         token = waiter = None
-        left = deadline - monotonic()  # of the caller's timeout, for the connect
         try:
+            left = deadline - monotonic()  # of the caller's timeout, for the connect
             token = threading.Lock()
             waiter = _Waiter()
             with self._lock:
