@@ -1685,22 +1685,26 @@ class Pool(Generic[C]):
             self._wake_closers()
 
     def _wake_closers(self) -> None:
-        """Wake drain() and close() to look at ``_closed_off`` (they also look every
+        """Count off the closes done, and wake drain() and close() (which also look every
         _CLOSE_POLL: a signal handler raising here delays them at most that long)."""
         with self._lock:
+            self._settle_closes_locked()
             self._cond.notify_all()
 
-    def _closes_pending_locked(self) -> int:
-        """How many connections let go are still being closed, leaving out this thread's own
-        (a listener of their close may call drain())."""
+    def _settle_closes_locked(self) -> None:
         closing, closed_off = self._closing, self._closed_off
         while closed_off:
             closing.discard(closed_off[0])
             del closed_off[0]
-        if not closing:
+
+    def _closes_pending_locked(self) -> int:
+        """How many connections let go are still being closed, leaving out this thread's own
+        (a listener of their close may call drain())."""
+        self._settle_closes_locked()
+        if not self._closing:
             return 0
         me = threading.get_ident()
-        return sum(1 for slot in closing if slot.owner != me)
+        return sum(1 for slot in self._closing if slot.owner != me)
 
     def _close_all(
         self, slots: list[_Slot], reason: str, detail: str = "", *, sever: bool = False

@@ -392,6 +392,17 @@ def test_drain_from_a_listener_of_the_close_does_not_wait_for_that_close(
     assert pool.closed and not server.open_connections
 
 
+def test_connections_closed_by_the_pool_are_not_kept(make_pool: Any, server: fakedb.Server) -> None:
+    # The record of closes under way must not grow with every discard of a pool never drained.
+    pool = make_pool(max_size=1)
+    for _ in range(3):
+        with pool.connection() as conn:
+            conn.cursor().execute("select 1")
+            server.kill(conn.raw)
+    assert pool.stats().discarded == 3
+    assert not pool._closing and not pool._closed_off, "the pool keeps closed connections"
+
+
 # == close(timeout) force-close racing with a return in progress ===============================
 
 
