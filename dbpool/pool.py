@@ -1306,6 +1306,7 @@ class Pool(Generic[C]):
             if closed:
                 self._size -= 1
                 self._closed_count += 1
+                slot.owner = threading.get_ident()  # the thread closing it
                 self._closing.add(slot)
                 if caller is not None:
                     self._serve_locked(caller, _CLOSED)
@@ -1320,6 +1321,7 @@ class Pool(Generic[C]):
                 elif self._size > self._max_size:  # resize() lowered max_size meanwhile
                     surplus = True
                     self._forget_locked([slot], DiscardReason.RESIZED)
+                    slot.owner = threading.get_ident()  # the thread closing it
                     self._closing.add(slot)
                 else:
                     self._free_locked(slot)
@@ -1467,6 +1469,7 @@ class Pool(Generic[C]):
                         return
                     reason = POOL_CLOSED if self._closed else DiscardReason.RESIZED
                     self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
+                    slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
             finally:
                 self._lock.release()
@@ -1591,6 +1594,7 @@ class Pool(Generic[C]):
                     if not self._closed:  # else not a discard: the pool closes everything
                         closing_reason = reason
                         self._discards[key] += 1
+                    slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
                     if broken:
                         self._broken_at = max(self._broken_at, monotonic())
@@ -1664,7 +1668,6 @@ class Pool(Generic[C]):
     def _close_raw(self, slot: _Slot, reason: str, detail: str = "") -> None:
         """Close a connection no longer counted.  ``reason``: a :class:`DiscardReason` or
         ``POOL_CLOSED``, told to listeners."""
-        slot.owner = threading.get_ident()  # see _closes_pending_locked
         reason = reason.value if isinstance(reason, DiscardReason) else reason
         logger.debug("pool %r: closing a connection (%s) %s", self._name, reason, detail)
         try:
@@ -1707,11 +1710,18 @@ class Pool(Generic[C]):
         return sum(1 for slot in self._closing if slot.owner != me)
 
     def _close_all(
-        self, slots: list[_Slot], reason: str, detail: str = "", *, sever: bool = False
+        self,
+        slots: list[_Slot],
+        reason: str,
+        detail: str = "",
+        *,
+        sever: bool = False,
+        counted: bool = False,
     ) -> BaseException | None:
         """Close every one of ``slots`` (no longer counted), even if closing one of them is
         interrupted; return the first such interruption for the caller to raise.  ``sever``
-        first shuts down the socket of each, for a borrower blocked on it."""
+        first shuts down the socket of each, for a borrower blocked on it; ``counted``: they
+        are in ``_closing`` (a thread where no signal handler runs: the reaper's)."""
         interrupted = None
         for slot in slots:
             try:
@@ -1720,7 +1730,10 @@ class Pool(Generic[C]):
                         slot.dialect.sever(slot.raw)
                     except Exception as exc:
                         logger.debug("cutting off a connection failed: %s", self._describe(exc))
-                self._close_raw(slot, reason, detail)
+                if counted:
+                    self._close_counted(slot, reason, detail)
+                else:
+                    self._close_raw(slot, reason, detail)
             except BaseException as exc:
                 interrupted = interrupted or exc
         return interrupted
@@ -1736,14 +1749,18 @@ class Pool(Generic[C]):
         if self._orphans:
             self._return_orphans()
         now = monotonic()
+        me = threading.get_ident()
         with self._lock:
             if self._closed:
                 return None
             expired, idle = self._pick_retired_locked(now)
             self._forget_locked(expired, DiscardReason.EXPIRED)
             self._forget_locked(idle, DiscardReason.IDLE)
-        interrupted = self._close_all(expired, DiscardReason.EXPIRED)
-        interrupted = self._close_all(idle, DiscardReason.IDLE) or interrupted
+            for slot in (*expired, *idle):  # drain() waits for their close too
+                slot.owner = me
+                self._closing.add(slot)
+        interrupted = self._close_all(expired, DiscardReason.EXPIRED, counted=True)
+        interrupted = self._close_all(idle, DiscardReason.IDLE, counted=True) or interrupted
         if interrupted is not None:
             raise interrupted
         if expired or idle:

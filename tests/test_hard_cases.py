@@ -392,6 +392,52 @@ def test_drain_from_a_listener_of_the_close_does_not_wait_for_that_close(
     assert pool.closed and not server.open_connections
 
 
+def test_drain_waits_for_another_threads_close_of_a_connection_it_leased(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    # Leased by this thread, given back by another: this thread's drain() must wait for that
+    # close, though the connection was last leased here.
+    pool = make_pool(max_size=1)
+    lease = pool.connect()
+    entered, go = threading.Event(), threading.Event()
+    close_raw = pool._close_raw
+
+    def held_close_raw(*args: Any) -> None:
+        entered.set()
+        assert go.wait(10)
+        close_raw(*args)
+
+    pool._close_raw = held_close_raw  # private: holds the returning thread before its close
+    with pytest.raises(dbpool.PoolTimeout):
+        pool.drain(timeout=0)
+    returning = start(lease.close)
+    try:
+        assert entered.wait(5)
+        with pytest.raises(dbpool.PoolTimeout, match="1 being closed"):
+            pool.drain(timeout=0.3)
+    finally:
+        go.set()
+        returning.join(10)
+    pool.drain(timeout=5)
+    assert not server.open_connections
+
+
+def test_drain_waits_for_the_reapers_close_of_an_idle_connection(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool = make_pool(min_size=0, max_size=1, idle_timeout=0.1)
+    with pool.connection() as conn:
+        gate = server.block("close", conn=conn.raw)
+    try:
+        assert gate.entered.wait(10), "the reaper never closed the idle connection"
+        with pytest.raises(dbpool.PoolTimeout, match="1 being closed"):
+            pool.drain(timeout=1.5)  # longer than drain() waits for the reaper thread itself
+    finally:
+        gate.release()
+    pool.drain(timeout=5)
+    assert not server.open_connections
+
+
 def test_connections_closed_by_the_pool_are_not_kept(make_pool: Any, server: fakedb.Server) -> None:
     # The record of closes under way must not grow with every discard of a pool never drained.
     pool = make_pool(max_size=1)
