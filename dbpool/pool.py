@@ -361,11 +361,11 @@ class Pool(Generic[C]):
         self._size = 0
         self._in_use = 0
         self._opening = 0
-        # Connections let go by the thread that returned, discarded or opened them, counted off
-        # the above and being closed by it: drain() and close() wait for them too.  Each is added
-        # after its counts drop; once closed, that thread puts it in `_closed_off` (the lock
-        # is not needed: a signal handler may raise as a thread waits for it), and
-        # _closes_pending_locked() takes it out of here.
+        # Connections let go by the thread that returned, discarded or opened them (or that the
+        # reaper retired), counted off the above and being closed by that thread (its ident in
+        # slot.owner): drain() and close() wait for them too.  Each is added after its counts
+        # drop; once closed, that thread puts it in `_closed_off` without the lock (a signal
+        # handler may raise as a thread waits for it), and _settle_closes_locked() takes it out.
         self._closing: set[_Slot] = set()
         self._closed_off: deque[_Slot] = deque()  # appended to without the lock
         self._closed = getattr(self, "_closed", False)
