@@ -362,7 +362,7 @@ def test_interrupt_after_closing_a_connection_let_go_leaves_drain_nothing_to_wai
     assert errors == []
     assert not server.open_connections
     if ending == "returned after a drain":
-        pool.drain(timeout=1)  # raised PoolTimeout: a close still counted as under way
+        pool.drain(timeout=1)  # PoolTimeout if a close is still counted as under way
         pool.reopen()
     pool.drain(timeout=1)
     pool.reopen()
