@@ -247,34 +247,38 @@ def test_postgresql_discard_undoes_configure_but_keeps_the_connect_options(
         assert pool.stats().created == 1
 
 
+@pytest.mark.parametrize(
+    ("server", "setting", "other", "show", "value"),
+    [
+        ("postgresql", "SET TIME ZONE 'Asia/Tokyo'", "SET TIME ZONE 'UTC'", "SHOW TIME ZONE",
+         "Asia/Tokyo"),
+        ("mariadb", "SET SESSION time_zone = '+09:00'", "SET SESSION time_zone = '+01:00'",
+         "SELECT @@session.time_zone", "+09:00"),
+    ],
+)  # fmt: skip
 def test_the_reset_hook_reapplies_server_settings_after_the_session_reset(
-    pg_connect: Any, mysql_params: dict[str, Any]
+    request: pytest.FixtureRequest, server: str, setting: str, other: str, show: str, value: str
 ) -> None:
-    import pymysql
+    if server == "postgresql":
+        connect = request.getfixturevalue("pg_connect")
+    else:
+        import pymysql
 
-    cases = [
-        (pg_connect, "SET TIME ZONE 'Asia/Tokyo'", "SHOW TIME ZONE", "Asia/Tokyo"),
-        (
-            lambda: pymysql.connect(**mysql_params),
-            "SET SESSION time_zone = '+09:00'",
-            "SELECT @@session.time_zone",
-            "+09:00",
-        ),
-    ]
-    for connect, setting, show, value in cases:
+        params = request.getfixturevalue("mysql_params")
+        connect = lambda: pymysql.connect(**params)  # noqa: E731
 
-        def reapply(conn: Any, setting: str = setting) -> None:
-            conn.cursor().execute(setting)
-            conn.commit()
+    def reapply(conn: Any) -> None:
+        conn.cursor().execute(setting)
+        conn.commit()
 
-        with one_connection_pool(
-            connect, session_reset="discard", configure=reapply, reset=reapply
-        ) as pool:
-            for _ in range(2):
-                with pool.connection() as conn:
-                    assert scalar(conn, show) == value
-                    conn.cursor().execute(setting.replace("Asia/Tokyo", "UTC").replace("9", "1"))
-            assert pool.stats().created == 1
+    with one_connection_pool(
+        connect, session_reset="discard", configure=reapply, reset=reapply
+    ) as pool:
+        for _ in range(2):
+            with pool.connection() as conn:
+                assert scalar(conn, show) == value
+                conn.cursor().execute(other)  # undone by the reset, then set again by the hook
+        assert pool.stats().created == 1
 
 
 @pytest.mark.parametrize("policy", ["discard", "reconnect", None, "DISCARD", "none", 1])
