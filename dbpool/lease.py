@@ -275,6 +275,10 @@ class Cursor(Generic[C]):
             slot.busy = False
             raise
         slot.busy = False
+        if slot.transaction is not None:
+            # Ended past the deadline, though cancelled: a server may let it finish (MySQL's
+            # SLEEP() returns 1 when interrupted), and its result must not reach the block.
+            slot.transaction._check_open()
         return self if result is raw else result
 
     def executemany(self, *args: Any, **kwargs: Any) -> Any:
@@ -291,6 +295,10 @@ class Cursor(Generic[C]):
             slot.busy = False
             raise
         slot.busy = False
+        if slot.transaction is not None:
+            # Ended past the deadline, though cancelled: a server may let it finish (MySQL's
+            # SLEEP() returns 1 when interrupted), and its result must not reach the block.
+            slot.transaction._check_open()
         return self if result is raw else result
 
     def fetchone(self) -> Any:

@@ -1050,6 +1050,40 @@ def test_sqlite_deadline_covers_a_begin_waiting_for_the_write_lock(sqlite_path: 
         other.close()
 
 
+class CancelIgnored(dbpool.dialects.Dialect):
+    """A server that lets a cancelled statement end normally, as MySQL's SLEEP() may."""
+
+    name = "cancel-ignored"
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        pass
+
+
+def test_a_statement_that_ends_normally_past_the_deadline_raises(
+    fake_server: fakedb.Server,
+) -> None:
+    with new_pool(fake_server.connect, dialect=CancelIgnored()) as pool:
+        gate = fake_server.block("execute")
+        deadline: list[float] = []
+        returned: list[bool] = []
+
+        def run() -> None:
+            with pool.transaction(timeout=0.2) as tx:
+                deadline.append(tx.deadline or 0.0)
+                tx.execute("select slow()")
+                returned.append(True)
+
+        worker = Worker(run, "held-statement")
+        assert gate.entered.wait(JOIN), "the statement never reached the server"
+        wait_until(lambda: monotonic() > deadline[0], message="the deadline never passed")
+        gate.release()  # the statement ends with its result, cancel or not
+        worker.join()
+        assert not returned, "a statement that ended past the deadline returned its result"
+        assert isinstance(worker.error, TransactionTimeout), repr(worker.error)
+        assert fake_server.count("commit") == 0
+        assert_balanced(pool)
+
+
 def test_generic_dialect_closes_the_connection_at_the_deadline(fake_server: fakedb.Server) -> None:
     """No cancel in the generic dialect: the watchdog closes the connection under the
     statement, the caller gets TransactionTimeout, and the pool discards the connection."""
