@@ -160,6 +160,10 @@ _FAILED = "the connect made for it failed"
 _CLOSED = "the pool closed"
 
 
+# A bound on times given as ints: a larger one has no float, nor a deadline, to stand for it.
+_LARGEST_SECONDS = 1e300
+
+
 def _check_number(
     name: str, value: object, *, allow_none: bool, positive: bool, finite: bool = False
 ) -> None:
@@ -169,10 +173,12 @@ def _check_number(
         kind = "a number of seconds or None" if allow_none else "a number of seconds"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
     ok = value > 0 if positive else value >= 0
+    hint = " (or None to disable it)" if allow_none else ""
     if not ok:  # also catches NaN
         bound = "greater than 0" if positive else "0 or more"
-        hint = " (or None to disable it)" if allow_none else ""
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
+    if isinstance(value, int) and value > _LARGEST_SECONDS:  # then no float can stand for it
+        raise ValueError(f"{name} must be at most {_LARGEST_SECONDS:g} seconds{hint}")
     if finite and not value <= threading.TIMEOUT_MAX:
         raise ValueError(f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value!r}")
 
@@ -381,13 +387,14 @@ class Pool(Generic[C]):
         self._broken_at = self._swept_at = -_NEVER
         # Counters.
         self._created = self._closed_count = self._discarded = 0
-        self._acquired = self._timeouts = self._connect_errors = 0
+        self._served_at_once = self._timeouts = self._connect_errors = 0
         self._leak_warnings = self._leaked = 0
         self._wait_time = self._held_time = self._connect_time = 0.0
         self._returned = 0
-        # Waits recorded by bucket (under _wait_lock): the checkouts served at once from the
-        # idle stack are not recorded one by one; stats() puts them in the first bucket
-        # (acquired - recorded).
+        # Checkouts are counted as they are served, never taken back, so that the counters
+        # only grow: those served at once from the idle stack (_served_at_once, above), and
+        # the others with their wait, by bucket (under _wait_lock).  stats() adds the first
+        # to the first bucket, and both make ``acquired``.
         self._wait_counts = [0] * len(WAIT_BUCKETS)
         self._waits_recorded = 0
         self._discards = no_discards()
@@ -437,6 +444,7 @@ class Pool(Generic[C]):
         try:
             # The common case, inline: an idle connection that needs no round trip.
             now = monotonic()
+            fresh = False
             if not self._orphans:
                 # acquire() and release() rather than "with": half the cost on CPython 3.11
                 self._lock.acquire()
@@ -444,24 +452,25 @@ class Pool(Generic[C]):
                     if self._idle:  # then nobody is waiting, and the pool is open
                         slot = self._pop_idle_locked(now)
                         self._in_use += 1
-                        self._acquired += 1
+                        alive_at = slot.alive_at
+                        fresh = (
+                            now - alive_at <= self._validate_after
+                            and alive_at > self._broken_at
+                            and now < slot.expires_at
+                        )
+                        if fresh:  # served at once: counted now, under the lock
+                            self._served_at_once += 1
                 finally:
                     self._lock.release()
             deadline = None
-            if slot is not None:
-                alive_at = slot.alive_at
-                if not (
-                    now - alive_at <= self._validate_after
-                    and alive_at > self._broken_at
-                    and now < slot.expires_at
-                ):
-                    started = now
-                    deadline = now + (self._acquire_timeout if timeout is None else timeout)
-                    candidate, slot = slot, None  # validation keeps or discards it itself
-                    if self._fit_for_use(candidate, deadline, checkout=True):
-                        slot = candidate
-                    elif now >= candidate.expires_at:
-                        deadline = None  # discarded for its age, with no ping: no time spent
+            if slot is not None and not fresh:  # counted once validated, as a wait
+                started = now
+                deadline = now + (self._acquire_timeout if timeout is None else timeout)
+                candidate, slot = slot, None  # validation keeps or discards it itself
+                if self._fit_for_use(candidate, deadline):
+                    slot = candidate
+                elif now >= candidate.expires_at:
+                    deadline = None  # discarded for its age, with no ping: no time spent
             if slot is None:
                 if started is None:
                     started = now  # taken before the fast path's look at the idle stack
@@ -478,6 +487,7 @@ class Pool(Generic[C]):
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
             slot.claim.append(slot)
+            self._note_wait(now - started)
             if self._listeners.checkout:
                 emit(
                     self._listeners.checkout,
@@ -487,7 +497,6 @@ class Pool(Generic[C]):
                     None,
                     now - started,
                 )
-            self._note_wait(now - started)
             return conn
         except BaseException:
             self._drop_lock_if_held()
@@ -949,7 +958,7 @@ class Pool(Generic[C]):
             slot = self._take(deadline, timeout)
             if slot.raw is None:
                 return self._connect_for_caller(slot, deadline, timeout)
-            if self._fit_for_use(slot, deadline, checkout=True):
+            if self._fit_for_use(slot, deadline):
                 return slot
             now = monotonic()
             if now >= deadline and now < slot.expires_at:  # (an expired one cost no ping)
@@ -975,7 +984,6 @@ class Pool(Generic[C]):
                 if self._idle:  # then nobody is waiting
                     slot = self._pop_idle_locked(monotonic())
                     self._in_use += 1
-                    self._acquired += 1
                     return slot
                 if (
                     not self._waiters
@@ -1057,15 +1065,13 @@ class Pool(Generic[C]):
         return slot
 
     def _untake(self, slot: _Slot) -> None:
-        """Undo a checkout that took or was granted ``slot`` (a connection, counted in
-        ``acquired``, or a reservation to open one) and does not hand it out after all."""
+        """Undo a checkout that took or was granted ``slot`` (a connection, or a reservation
+        to open one) and does not hand it out after all.  One interrupted after it was counted
+        in ``acquired`` stays counted: that counter never goes down."""
         if slot.raw is None:
             with self._lock:
                 self._unreserve_locked()
             return
-        with self._lock:
-            if slot.generation == self._generation:
-                self._acquired -= 1  # not handed out after all
         self._put_back([slot])
 
     def _drop_lock_if_held(self) -> None:
@@ -1089,12 +1095,9 @@ class Pool(Generic[C]):
         if (grant is _HANDED or grant is _OPEN) and slot is not None:
             self._untake(slot)  # a connection, or room to open one: back as if never taken
 
-    def _fit_for_use(
-        self, slot: _Slot, deadline: float, *, checkout: bool, probe: bool = False
-    ) -> bool:
+    def _fit_for_use(self, slot: _Slot, deadline: float, *, probe: bool = False) -> bool:
         """Check an idle connection taken out of the stack; discard it and say so if it is not
-        fit.  ``checkout``: it was taken for a caller (and counted in ``acquired``); ``probe``:
-        ping it even if it was used just now.
+        fit.  ``probe``: ping it even if it was used just now.
 
         The ping (or the ``check`` hook) is bounded by the deadline (at least
         ``_MIN_PING_TIME``): past it, the connection's socket is shut down, so a blackholed
@@ -1103,12 +1106,12 @@ class Pool(Generic[C]):
         try:
             problem = self._problem_of(slot, deadline, probe)
         except BaseException:  # e.g. KeyboardInterrupt, wherever it lands: nothing is kept
-            self._discard(slot, DiscardReason.INTERRUPTED, broken=False, checkout=checkout)
+            self._discard(slot, DiscardReason.INTERRUPTED, broken=False)
             raise
         if problem is None:
             return True
         reason, broken = problem
-        self._discard(slot, reason, broken=broken, checkout=checkout)
+        self._discard(slot, reason, broken=broken)
         return False
 
     def _problem_of(
@@ -1315,7 +1318,6 @@ class Pool(Generic[C]):
                 self._everyone.add(slot)
                 if caller is not None:
                     self._in_use += 1
-                    self._acquired += 1
                     caller.slot = slot
                     self._serve_locked(caller, _HANDED)
                 elif self._size > self._max_size:  # resize() lowered max_size meanwhile
@@ -1565,13 +1567,11 @@ class Pool(Generic[C]):
         reason: DiscardReason,
         *,
         broken: bool,
-        checkout: bool = False,
         held: float | None = None,
         detail: str = "",
     ) -> None:
         """Drop a connection the caller holds (leased or under validation) and close it.
-        ``checkout``: it was taken for a caller who does not get it after all; ``held``: how
-        long its borrower had it, when it comes back from a lease."""
+        ``held``: how long its borrower had it, when it comes back from a lease."""
         key = reason._value_  # a plain attribute (.value is a property: a function call)
         counted: bool | None = None  # None until it is decided under the lock
         closing_reason: str = POOL_CLOSED
@@ -1586,8 +1586,6 @@ class Pool(Generic[C]):
                     self._closed_count += 1
                     slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
                     self._discarded += 1
-                    if checkout:
-                        self._acquired -= 1
                     if held is not None:
                         self._returned += 1
                         self._held_time += held
@@ -1625,7 +1623,6 @@ class Pool(Generic[C]):
         waiter.slot = slot
         waiter.grant = _HANDED
         self._in_use += 1
-        self._acquired += 1
         waiter.wakeup.release()
 
     def _grant_room_locked(self) -> None:
@@ -1847,7 +1844,7 @@ class Pool(Generic[C]):
             while untried:
                 slot = untried[0]
                 slot.owner = 0  # held by the pool itself
-                if self._fit_for_use(slot, deadline, checkout=False, probe=True):
+                if self._fit_for_use(slot, deadline, probe=True):
                     slot.alive_at = monotonic()  # not used_at: a ping is no use of it
                     box = [slot]
                     del untried[0]
@@ -1927,7 +1924,11 @@ class Pool(Generic[C]):
     # -- reporting ----------------------------------------------------------------------------
 
     def _stats_locked(self) -> PoolStats:
-        wait_time, wait_histogram = self._wait_stats()
+        with self._wait_lock:  # the pool lock, held, guards _served_at_once
+            waited = self._waits_recorded
+            wait_time = self._wait_time
+            wait_histogram = list(self._wait_counts)
+        wait_histogram[0] += self._served_at_once  # no wait
         return PoolStats(
             name=self._name,
             min_size=self._min_size,
@@ -1940,30 +1941,23 @@ class Pool(Generic[C]):
             created=self._created,
             closed=self._closed_count,
             discarded=self._discarded,
-            acquired=self._acquired,
+            acquired=self._served_at_once + waited,
             timeouts=self._timeouts,
             connect_errors=self._connect_errors,
             leak_warnings=self._leak_warnings,
             leaked=self._leaked,
             wait_time=wait_time,
-            wait_histogram=wait_histogram,
+            wait_histogram=tuple(wait_histogram),
             held_time=self._held_time,
             returned=self._returned,
             connect_time=self._connect_time,
             discards=dict(self._discards),
         )
 
-    def _wait_stats(self) -> tuple[float, tuple[int, ...]]:
-        """Total wait and histogram; called under the pool lock, which guards ``acquired``."""
-        with self._wait_lock:
-            counts = list(self._wait_counts)
-            counts[0] += self._acquired - self._waits_recorded  # served at once: no wait
-            return self._wait_time, tuple(counts)
-
     def _note_wait(self, seconds: float) -> None:
-        """Record the wait of a checkout that was not served at once from the idle stack.
-        Under a lock of its own: a caller just handed a connection need not queue for the pool
-        lock again."""
+        """Count a checkout that was not served at once from the idle stack, with its wait,
+        as the last step before it returns.  Under a lock of its own: a caller just handed a
+        connection need not queue for the pool lock again."""
         with self._wait_lock:
             self._wait_time += seconds
             self._wait_counts[wait_bucket(seconds)] += 1

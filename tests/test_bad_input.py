@@ -149,6 +149,10 @@ BAD_OPTIONS = [
     option("acquire_timeout", -1, ValueError, "must be 0 or more", "-1"),
     option("acquire_timeout", NAN, ValueError, "must be 0 or more", "nan"),
     option("acquire_timeout", -INF, ValueError, "must be 0 or more"),
+    option("acquire_timeout", 10**400, ValueError, "must be at most 1e+300 seconds"),
+    option("idle_timeout", 10**400, ValueError, "must be at most", "or None"),
+    option("max_lifetime", 10**400, ValueError, "must be at most", "or None"),
+    option("validate_after", 10**400, ValueError, "must be at most", "or None"),
     option("idle_timeout", "600", TypeError, "must be a number of seconds or None"),
     option("idle_timeout", True, TypeError, "must be a number of seconds or None"),
     option("idle_timeout", 0, ValueError, "must be greater than 0", "None"),
@@ -262,6 +266,12 @@ BAD_CALLS = [
         TypeError,
         "timeout must be a number of seconds",
         "'x'",
+    ),
+    call(
+        "connection-timeout=10**400",
+        lambda p: p.connection(timeout=10**400),
+        ValueError,
+        "timeout must be at most 1e+300 seconds",
     ),
     call(
         "connection-timeout=nan",

@@ -558,6 +558,80 @@ def test_a_forced_wait_lands_above_the_first_bucket(make_pool, server):
     assert s.wait_time >= pause
 
 
+def test_a_checkout_that_fails_validation_is_never_counted(make_pool, server):
+    """Counters only grow (metrics export them as Prometheus counters, where a fall reads as
+    a restart): a connection is counted in ``acquired`` once it is handed out, not while it
+    is being validated."""
+    seen: list[int] = []
+
+    def check(raw: Any) -> None:
+        seen.append(pool.stats().acquired)  # what a scrape at this moment reports
+        raise RuntimeError("not fit")
+
+    pool = make_pool(min_size=1, max_size=1, check=check, validate_after=0, acquire_timeout=0)
+    pool.wait(timeout=BOUND)
+    with pytest.raises(dbpool.PoolTimeout):
+        pool.connection()
+    assert seen == [0]
+    s = pool.stats()
+    assert (s.acquired, sum(s.wait_histogram)) == (0, 0), s
+
+
+def test_a_waited_checkout_is_counted_once_in_its_own_bucket(make_pool, server):
+    """A checkout handed a connection after a wait is counted with its wait, once: never
+    first as a wait of zero and then moved to its bucket (the first bucket would fall)."""
+    pool = make_pool(min_size=1, max_size=1, validate_after=None)
+    pool.wait(timeout=BOUND)
+    snapshots: list[dbpool.PoolStats] = []
+
+    def take_snapshot(event: dbpool.PoolEvent) -> None:
+        snapshots.append(pool.stats())
+
+    holder = pool.connection()
+    waiter = Caller(lambda: pool.connection(timeout=BOUND).close(), name="waiter")
+    wait_until(lambda: pool.stats().waiting == 1, timeout=BOUND)
+    pool.add_listener("checkout", take_snapshot)
+    time.sleep(0.01)  # a wait above the first bucket's bound, 1 ms
+    holder.close()  # hands the connection to the waiter, whose checkout event takes a snapshot
+    assert waiter.outcome(BOUND) is None
+    (during,) = snapshots
+    after = pool.stats()
+    assert during.acquired == after.acquired == 2
+    assert during.wait_histogram == after.wait_histogram, (during, after)
+    assert after.wait_histogram[0] == 1  # the holder's: served at once
+
+
+def test_counters_never_fall_under_load(make_pool, server):
+    """Snapshots taken while threads queue for one connection: every counter, and every
+    cumulative bucket of the wait histogram, is at least what the one before showed."""
+    pool = make_pool(min_size=1, max_size=1, validate_after=None)
+    pool.wait(timeout=BOUND)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            with pool.connection(timeout=BOUND):
+                pass
+
+    workers = [Caller(work, name=f"worker-{i}") for i in range(4)]
+    falls = []
+    previous = pool.stats()
+    for _ in range(2000):
+        s = pool.stats()
+        for field in ("acquired", "returned", "created", "closed", "wait_time", "held_time"):
+            if getattr(s, field) < getattr(previous, field):
+                falls.append((field, getattr(previous, field), getattr(s, field)))
+        for i in range(len(BUCKETS)):
+            if sum(s.wait_histogram[: i + 1]) < sum(previous.wait_histogram[: i + 1]):
+                falls.append((f"bucket {BUCKETS[i]}", previous.wait_histogram, s.wait_histogram))
+        previous = s
+    stop.set()
+    for worker in workers:
+        assert worker.outcome(BOUND) is None
+    assert not falls, falls[:5]
+    assert previous.acquired > 0
+
+
 def test_the_histogram_sums_to_acquired_through_timeouts_and_failures(make_pool, server):
     pool = make_pool(max_size=2, validate_after=0, reconnect_delay=0.01, reconnect_max_delay=0.02)
     a = pool.connection()
