@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -158,3 +159,39 @@ def test_server_timeouts_round_up_so_the_server_never_stops_a_statement_early() 
     assert milliseconds(0.0000001) == 1
     assert milliseconds(2.0) == 2000
     assert milliseconds(1e12) == MAX_MS
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+def test_pymssql_block_on_an_autocommit_lease_is_one_transaction(fake_server, pools, ending):
+    """With autocommit on, pymssql commits each statement alone and its commit() and
+    rollback() do nothing: the block turns it off (BEGIN TRAN) and back on at its end."""
+
+    class Undo(Exception):
+        pass
+
+    def connect() -> fakedb.FakeMSSQLConnection:
+        conn = fake_server.connect_mssql()
+        conn.autocommit(True)  # as pymssql.connect(autocommit=True)
+        return conn
+
+    pool = dbpool.Pool(connect, min_size=0, max_size=1)
+    pools.append(pool)
+    with pool.connection() as conn:
+        start = len(fake_server.calls)
+        with pytest.raises(Undo) if ending == "rollback" else contextlib.nullcontext():
+            with conn.transaction(isolation="serializable") as tx:
+                tx.execute("update t set v = 1")
+                if ending == "rollback":
+                    raise Undo
+        seen = [c.sql or c.verb for c in fake_server.calls[start:] if c.verb != "cursor"]
+        assert seen == [
+            "autocommit",  # off: BEGIN TRAN
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "update t set v = 1",
+            ending,
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "autocommit",  # back on
+        ]
+        assert conn.raw.autocommit_state is True
+    s = pool.stats()
+    assert s.discarded == 0, s

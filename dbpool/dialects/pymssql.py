@@ -37,16 +37,30 @@ class PymssqlDialect(Dialect):
             )
 
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
-        # every level; pymssql keeps a transaction open at all times; the level is
+        # With autocommit off pymssql keeps a transaction open at all times; with it on,
+        # each statement would commit alone, and commit() and rollback() do nothing: turn it
+        # off for the block (BEGIN TRAN), and back on in end().  Every level; the level is
         # session-scoped, so end() puts back the server default.
-        if isolation is None:
-            return None
-        _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
-        return True
+        autocommit = conn.autocommit_state
+        if autocommit:
+            conn.autocommit(False)
+        if isolation is not None:
+            try:
+                _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
+            except BaseException:
+                if autocommit:
+                    conn.autocommit(True)
+                raise
+        return (isolation is not None, autocommit)
 
     def end(self, conn: Any, token: Any) -> None:
-        if token:
+        if token is None:  # begin() did not finish: it undid its own part
+            return
+        level_set, autocommit = token
+        if level_set:
             _execute(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        if autocommit:
+            conn.autocommit(True)  # ROLLBACK TRAN: the transaction commit() began is empty
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         _execute(conn, f"SET LOCK_TIMEOUT {milliseconds(seconds)}")
