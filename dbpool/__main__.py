@@ -37,6 +37,10 @@ EXIT_FAILED = 1  # could not connect, or every operation failed
 EXIT_USAGE = 2  # bad arguments or URL (argparse uses 2 as well)
 EXIT_INTERRUPTED = 130
 
+# The longest --timeout: a day is more than any connect needs, and drivers refuse some longer
+# connect timeouts only when they connect (PyMySQL: over a year).
+MAX_TIMEOUT = 86400.0
+
 # The query parameter that bounds connecting (for sqlite3: waiting for a lock), per scheme.
 _TIMEOUT_PARAMETERS = {
     "postgresql": "connect_timeout",
@@ -141,6 +145,11 @@ def bench_report(
 
 def with_timeout(url: DatabaseURL, seconds: float) -> DatabaseURL:
     """``url`` with its scheme's connect timeout set to ``seconds``, unless the URL sets it."""
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise ValueError(
+            f"the timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (a day), "
+            f"got {seconds:g}"
+        )
     key = _TIMEOUT_PARAMETERS[url.scheme]
     if any(name == key for name, _ in url.query):
         return url
@@ -471,6 +480,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _timeout(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_TIMEOUT:g} seconds (a day), got {text}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dbpool",
@@ -487,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd = commands.add_parser("check", help="connect, ping, print server version and stats")
     check_cmd.add_argument("url", metavar="URL")
     check_cmd.add_argument(
-        "--timeout", type=_positive_float, default=10.0, help="seconds to connect (default 10)"
+        "--timeout",
+        type=_timeout,
+        default=10.0,
+        help=f"seconds to connect, at most {MAX_TIMEOUT:g} (default 10)",
     )
 
     bench_cmd = commands.add_parser(
@@ -509,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--seconds", type=_positive_float, default=10.0, help="default 10")
     bench_cmd.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_timeout,
         default=10.0,
-        help="seconds to connect and to wait for a connection (default 10)",
+        help=f"seconds to connect and to wait for a connection, at most {MAX_TIMEOUT:g} "
+        "(default 10)",
     )
     return parser
 

@@ -3,7 +3,8 @@
 A pool made from a URL knows its secrets (:meth:`DatabaseURL._secrets`).  A pool given a
 connect callable learns what it can from it with :func:`secrets_in`: the secret-looking
 keyword arguments of a ``functools.partial`` or of a dict of them, and the passwords written
-into the connection strings it holds, whether as ``password=...`` or in a URL.  Errors from
+into the connection strings it holds, whether as ``password=...`` or in a URL.  Both turn
+their passwords into the strings to search for with :func:`secret_forms`.  Errors from
 connecting are then scrubbed in place (:func:`scrub_exception`), keeping their class, before
 anything quotes them; :func:`describe` writes an error's first line for a log line or a
 message, with those secrets and whatever still looks like a password masked.
@@ -105,14 +106,36 @@ def secrets_in(connect: object) -> tuple[str, ...]:
     stopped at.  Nothing else is looked into: reading an attribute of an arbitrary object may
     run code.
     """
-    found: set[str] = set()
+    found: list[str] = []
     for key, value in _candidates(connect):
         if key is not None and is_secret_key(key):
-            _add_secret(found, value)
-        for match in _CONNINFO_SECRET_RE.finditer(value):
-            _add_secret(found, _unquote_keyword_value(match["value"]))
-        for start, end in _url_passwords(value):
-            _add_secret(found, unquote(value[start:end]))
+            found.append(value)
+        found += (_unquote_keyword_value(m["value"]) for m in _CONNINFO_SECRET_RE.finditer(value))
+        found += (unquote(value[start:end]) for start, end in _url_passwords(value))
+    return secret_forms(found, guessed=True)
+
+
+def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, ...]:
+    """The strings to replace to hide the passwords ``values``, longest first: each as given
+    and as it may have been written in a URL, and its part before a NUL character, none
+    shorter than ``_MIN_SECRET``.
+
+    ``guessed``: the values were read out of code and connection strings, not given as
+    passwords.  Each whitespace-separated piece then counts too (a driver that cannot parse a
+    connection string quotes the piece it stopped at), and a template placeholder
+    (``"{}"``, ``"%s"``) is no secret.  A password given as one is never left out for looking
+    like a placeholder: ``{Tr0ub4dor}`` is a password.
+    """
+    found: set[str] = set()
+    for value in values:
+        # a C library reads a string up to its first NUL: libpq keeps that much on its errors
+        pieces = {value, value.partition("\x00")[0]}
+        if guessed:
+            pieces.update(value.split())
+        for piece in pieces:
+            if len(piece) < _MIN_SECRET or (guessed and _PLACEHOLDER_RE.fullmatch(piece)):
+                continue
+            found.update((piece, quote(piece, safe=""), quote(piece)))
     # longest first, so that no shorter secret splits a longer one before it is replaced
     return tuple(sorted(found, key=len, reverse=True))
 
@@ -154,14 +177,6 @@ def _candidates(connect: object) -> Iterable[tuple[str | None, str]]:
                     pending.append((name, value))
 
 
-def _add_secret(found: set[str], value: str) -> None:
-    for piece in (value, *value.split()):
-        if len(piece) < _MIN_SECRET or _PLACEHOLDER_RE.fullmatch(piece):
-            continue
-        # as given, and as it may have been written in a URL
-        found.update((piece, quote(piece, safe=""), quote(piece)))
-
-
 def _unquote_keyword_value(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return re.sub(r"\\(.)", r"\1", value[1:-1])
@@ -190,8 +205,15 @@ def scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
             current.args = _scrub_value(current.args, secrets)
         except (AttributeError, TypeError):
             pass
-        if isinstance(current, OSError):
-            for attr in ("strerror", "filename", "filename2"):
+        if isinstance(current, UnicodeError):
+            try:
+                _scrub_codec_error(current, secrets)
+            except Exception:  # a subclass that computes its fields: the scrub below still runs
+                pass
+        # Kept outside args and __dict__, and str() reads some of them rather than args:
+        # OSError.strerror, ImportError.msg, SyntaxError.msg and .text, __slots__.
+        for attr in _member_attributes(type(current)):
+            if type(getattr(current, attr, None)) not in (int, bool, type(None)):
                 _scrub_attribute(current, attr, secrets)
         for attr in list(getattr(current, "__dict__", {})):
             _scrub_attribute(current, attr, secrets)
@@ -199,6 +221,70 @@ def scrub_exception(exc: BaseException, secrets: tuple[str, ...]) -> None:
         grouped = getattr(current, "exceptions", None)  # an ExceptionGroup's
         if type(grouped) is tuple:
             pending.extend(e for e in grouped if isinstance(e, BaseException))
+
+
+def _member_attributes(cls: type) -> list[str]:
+    """The attributes an exception class stores in slots (C members of the built-in errors,
+    ``__slots__`` of others), but not the sub-errors of a group: they are scrubbed as errors."""
+    return [
+        name
+        for klass in cls.__mro__
+        for name, value in vars(klass).items()
+        if type(value) is types.MemberDescriptorType
+        and not name.startswith("__")
+        and name != "exceptions"
+    ]
+
+
+def _scrub_codec_error(exc: UnicodeError, secrets: Iterable[str]) -> None:
+    """Scrub a codec error's ``object``, the text it failed on.  Its str() quotes
+    ``object[start]`` and the positions, not ``args``: the span moves onto the mask when it
+    fell in a secret, so that neither a character of the secret nor its place is shown."""
+    error: Any = exc  # UnicodeEncodeError, UnicodeDecodeError or UnicodeTranslateError
+    text = getattr(error, "object", None)  # a UnicodeError raised by hand has none
+    start, end = getattr(error, "start", None), getattr(error, "end", None)
+    if type(start) is not int or type(end) is not int:
+        return
+    # longest first: at each place, the longest secret there is the one replaced
+    ordered = sorted((secret for secret in secrets if secret), key=len, reverse=True)
+    if not ordered:
+        return
+    if isinstance(text, str):
+        spans = [m.span() for m in re.finditer("|".join(map(re.escape, ordered)), text)]
+        mask: str | bytes = MASK
+    elif isinstance(text, (bytes, bytearray)):
+        encoded = [re.escape(secret.encode("utf-8", "replace")) for secret in ordered]
+        spans = [m.span() for m in re.finditer(b"|".join(encoded), text)]
+        mask = MASK.encode()
+    else:
+        return
+    if not spans:
+        return
+    pieces: list[Any] = []
+    done = 0
+    for first, last in spans:
+        pieces += [text[done:first], mask]
+        done = last
+    pieces.append(text[done:])
+    error.object = text[:0].join(pieces)
+    error.start = _moved(start, spans, len(mask), is_end=False)
+    error.end = _moved(end, spans, len(mask), is_end=True)
+    args = error.args
+    if len(args) in (4, 5):  # the constructor's ([encoding,] object, start, end, reason)
+        error.args = (*args[:-4], error.object, error.start, error.end, args[-1])
+
+
+def _moved(position: int, spans: list[tuple[int, int]], mask_length: int, *, is_end: bool) -> int:
+    """Where ``position`` is once each of ``spans`` is replaced by a mask: a start inside a
+    span moves to the start of its mask, an end inside one to the end of its mask."""
+    shift = 0
+    for first, last in spans:
+        if position < first or (is_end and position == first):
+            break
+        if position < last or (is_end and position == last):
+            return first + shift + (mask_length if is_end else 0)
+        shift += mask_length - (last - first)
+    return position + shift
 
 
 def _scrub_value(value: Any, secrets: Iterable[str], depth: int = 0) -> Any:

@@ -31,7 +31,9 @@ driver raises while connecting.
 from __future__ import annotations
 
 import importlib
+import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -39,12 +41,16 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from dbpool.pool import Pool
-from dbpool.redact import MASK, is_secret_key, scrub_exception, scrub_text
+from dbpool.redact import MASK, is_secret_key, scrub_exception, scrub_text, secret_forms
 
 __all__ = ["DatabaseURL", "URLConnector", "create_pool", "load_driver", "parse_url"]
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+# ASCII digits only: int(), float() and str.isdigit() also take other scripts' digits, '²',
+# '1_000', and float() takes "nan" and "inf"
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -73,10 +79,28 @@ def _to_number(value: str) -> float:
     text = value.strip()
     if _INT_RE.fullmatch(text):
         return int(text)
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError("a number") from None
+    # nan and inf would reach the driver, which fails on them only when it connects
+    if not _NUMBER_RE.fullmatch(text):
+        infinite = text.lower().lstrip("+-") in ("nan", "inf", "infinity")
+        raise ValueError("a finite number" if infinite else "a number")
+    number = float(text)
+    if not math.isfinite(number):  # 1e400
+        raise ValueError("a finite number")
+    return number
+
+
+def _to_positive_number(value: str) -> float:
+    number = _to_number(value)
+    if number <= 0:
+        raise ValueError("a number of seconds above 0 (leave it out for no timeout)")
+    return number
+
+
+def _to_mysql_connect_timeout(value: str) -> float:
+    number = _to_number(value)
+    if not 0 < number <= 31536000:  # PyMySQL's bounds, checked when it connects
+        raise ValueError("a number of seconds above 0 and at most 31536000 (a year)")
+    return number
 
 
 def _to_optional_int(value: str) -> int | None:
@@ -89,10 +113,15 @@ def _to_optional_str(value: str) -> str | None:
     return None if value.strip().lower() == "none" else value
 
 
-def _to_false(value: str) -> bool:
-    if _to_bool(value):
-        raise ValueError("false (a pool hands each connection to many threads)")
-    return False
+def _only_false(reason: str) -> Callable[[str], bool]:
+    """A boolean that may only be false, for the ``reason`` given."""
+
+    def convert(value: str) -> bool:
+        if _to_bool(value):
+            raise ValueError(f"false ({reason})")
+        return False
+
+    return convert
 
 
 # --- what each scheme means --------------------------------------------------------------------
@@ -120,20 +149,23 @@ _PG_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
     "prepare_threshold": _to_optional_int,
 }
 
+# every bool and number keyword of pymysql.connect(): a string "false" would be true to it
 _MYSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
-    "connect_timeout": _to_number,
-    "read_timeout": _to_number,
-    "write_timeout": _to_number,
+    "connect_timeout": _to_mysql_connect_timeout,
+    "read_timeout": _to_positive_number,
+    "write_timeout": _to_positive_number,
     "client_flag": _to_int,
     "max_allowed_packet": _to_int,
     "autocommit": _to_bool,
     "local_infile": _to_bool,
     "binary_prefix": _to_bool,
     "compress": _to_bool,
+    "named_pipe": _to_bool,
     "ssl_disabled": _to_bool,
     "ssl_verify_cert": _to_bool,
     "ssl_verify_identity": _to_bool,
     "use_unicode": _to_bool,
+    "defer_connect": _only_false("the pool needs connect() to return a connected connection"),
 }
 
 _MSSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
@@ -152,8 +184,12 @@ _SQLITE_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
     "uri": _to_bool,
     "autocommit": _to_bool,
     "isolation_level": _to_optional_str,
-    "check_same_thread": _to_false,
+    "check_same_thread": _only_false("a pool hands each connection to many threads"),
 }
+# sqlite3.connect() takes autocommit from Python 3.12
+_SQLITE_KEYS = frozenset(
+    key for key in _SQLITE_CONVERTERS if key != "autocommit" or sys.version_info >= (3, 12)
+)
 
 _COMMON_PART_KEYS = {"host": "host", "port": "port", "user": "user", "password": "password"}
 
@@ -198,7 +234,7 @@ _SCHEMES: Mapping[str, _Scheme] = {
         database_kw="database",
         part_keys={},
         converters=_SQLITE_CONVERTERS,
-        allowed_keys=frozenset(_SQLITE_CONVERTERS),
+        allowed_keys=_SQLITE_KEYS,
     ),
 }
 
@@ -297,14 +333,9 @@ class DatabaseURL:
         return scrub_text(text, self._secrets())
 
     def _secrets(self) -> tuple[str, ...]:
-        found: set[str] = set()
         values = [self.password] if self.password else []
         values += [value for key, value in self.query if value and is_secret_key(key)]
-        for value in values:
-            # as given, and as it may have been written in the URL
-            found.update((value, quote(value, safe=""), quote(value)))
-        # longest first, so that no shorter secret splits a longer one before it is replaced
-        return tuple(sorted(found, key=len, reverse=True))
+        return secret_forms(values)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -390,16 +421,23 @@ def _refuse_misplaced_userinfo(authority: str, path: str, query_text: str) -> No
     """Catch a '/' or '?' left unescaped in a user name or password.
 
     It would end the host part early and put the rest of the password into the path or the
-    query, where an error message or the masked URL could show it.
+    query, where an error message or the masked URL could show it.  The '@' that ends the
+    user-info then comes after the host: in the database name, or in a query right after the
+    host (``app:2024?Tok=Zq9@db/app``, ``app:p@ss/w0rd@db``).  Either is refused, even with
+    an '@' before the host: that one may be part of the password too.
     """
-    if "@" in authority:
-        return
-    _, colon, after_colon = authority.rpartition(":")
-    port_is_odd = bool(colon) and not after_colon.isdigit() and not authority.endswith("]")
-    if "@" in path or (port_is_odd and "@" in query_text):
+    if "@" in path or ("@" in query_text and not path):
+        misplaced = True
+    elif "@" in query_text and "@" not in authority:
+        # a "port" that is no number is the start of a password a '/' cut off
+        _, colon, port = authority.rpartition(":")
+        misplaced = bool(colon) and not _PORT_RE.fullmatch(port) and not authority.endswith("]")
+    else:
+        misplaced = False
+    if misplaced:
         raise ValueError(
             "the URL cannot be split into user, password and host: percent-encode "
-            "'/', '?', '#' and '@' in the user name, password or database name "
+            "'/', '?', '#' and '@' in the user name, password, database name and query values "
             "(as %2F, %3F, %23 and %40)"
         )
 
@@ -428,7 +466,7 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
 def _parse_port(text: str) -> int:
     # never quoted in the message: with an unescaped '/' in the password, the "port" is
     # the start of the password
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not _PORT_RE.fullmatch(text) or not 0 < int(text) < 65536:
         raise ValueError(
             "the URL's port must be a number from 1 to 65535 "
             "(a password goes before the host: user:password@host:port)"
@@ -489,6 +527,12 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
         )
     scheme = _SCHEMES["sqlite"]
     for key, value in query:
+        if key == "autocommit" and key not in _SQLITE_KEYS:
+            raise ValueError(
+                "the sqlite URL parameter 'autocommit' needs Python 3.12 or later, where "
+                "sqlite3.connect() takes it: remove it (before 3.12, isolation_level=none "
+                "is sqlite3's autocommit mode)"
+            )
         _check_value(scheme, key, value)
     return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
 

@@ -198,6 +198,8 @@ def test_check_unreachable(tmp_path: Path) -> None:
         (f"postgresql://u:{CANARY}@db:port/x", "port must be a number"),
         (f"oracle://u:{CANARY}@db/x", "unsupported URL scheme"),
         (f"postgresql://u:{CANARY}@127.0.0.1:1/x?no_such_option=1", "'no_such_option'"),
+        # a '?' unescaped in the password, digits before it: the rest read as a query
+        (f"postgresql://u:2024?{CANARY}=1@127.0.0.1:1/x", "percent-encode"),
     ],
 )
 def test_check_bad_url(tmp_path: Path, url: str, says: str) -> None:
@@ -215,6 +217,17 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert run("check", cwd=tmp_path).returncode == 2
     help_text = run("bench", "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "--max-size" in help_text.stdout
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_a_timeout_above_a_day_is_a_usage_error(tmp_path: Path, command: str) -> None:
+    # PyMySQL refuses a connect timeout over a year, and only when it connects: that was
+    # "cannot connect" (exit 1) rather than a usage error
+    url = "mysql://root@127.0.0.1:1/test"
+    result = run(command, url, "--timeout", "1e8", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--timeout: must be at most 86400 seconds" in result.stderr
+    assert run(command, url, "--timeout", "86401", cwd=tmp_path).returncode == 2
 
 
 def test_check_postgresql(tmp_path: Path, postgresql_dsn: str) -> None:
@@ -361,6 +374,12 @@ def test_with_timeout_adds_the_schemes_parameter_unless_given() -> None:
     assert cli.with_timeout(parse_url("sqlite:///x"), 30).query == (("timeout", "30"),)
     given = parse_url("postgresql://h/d?connect_timeout=7")
     assert cli.with_timeout(given, 2) is given
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan, math.inf, 1e8])
+def test_with_timeout_refuses_what_a_driver_would_refuse_when_connecting(seconds: float) -> None:
+    with pytest.raises(ValueError, match="at most 86400 seconds"):
+        cli.with_timeout(parse_url("mysql://h/d"), seconds)
 
 
 def test_describe_masks_and_includes_the_cause() -> None:

@@ -140,11 +140,26 @@ class Exposure:
         found = []
         for exc in self.errors:
             for link in links(exc):
-                attributes = {"args": link.args, **getattr(link, "__dict__", {})}
-                for name, value in attributes.items():
+                for name, value in attributes(link).items():
                     if self.canary.token in repr(value):
                         found.append(f"{type(link).__name__}.{name}")
         return found
+
+
+def attributes(exc: BaseException) -> dict[str, Any]:
+    """What a debugger shows of an exception: its args, its ``__dict__``, and the fields a
+    built-in error keeps apart from both (``UnicodeError.object``, ``ImportError.msg``)."""
+    found = {"args": exc.args, **getattr(exc, "__dict__", {})}
+    for name in dir(exc):
+        if name.startswith("__") or name in found:
+            continue
+        try:
+            value = getattr(exc, name)
+        except Exception:  # a property of a driver's error that needs what it no longer has
+            continue
+        if not callable(value):
+            found[name] = value
+    return found
 
 
 def dbpool_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -856,6 +871,67 @@ def test_a_cancel_that_cannot_connect_logs_no_password(
     assert not [r for r in records if "Secret-11" in FORMATTER.format(r)]
 
 
+# -- a password the driver cannot encode ----------------------------------------------------------
+
+
+def encoding_driver(canary: Canary, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fake pymssql that sends the password in latin-1, as PyMySQL does."""
+
+    def connect(**kwargs: Any) -> Any:
+        return kwargs["password"].encode("latin-1")
+
+    module = types.ModuleType("pymssql")
+    module.connect = connect  # type: ignore[attr-defined]
+    module.paramstyle = "pyformat"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pymssql", module)
+    return f"mssql://sa:{canary.in_url}@db.example/app"
+
+
+def pymysql_down(canary: Canary, monkeypatch: pytest.MonkeyPatch) -> str:
+    pytest.importorskip("pymysql")  # it encodes the password before connecting: no server needed
+    return f"mysql://root:{canary.in_url}@127.0.0.1:{CLOSED_PORT}/test"
+
+
+@pytest.mark.parametrize("make_url", [encoding_driver, pymysql_down], ids=["fake", "pymysql"])
+def test_a_password_the_driver_cannot_encode_shows_nowhere(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    make_url: Callable[[Canary, pytest.MonkeyPatch], str],
+) -> None:
+    # The UnicodeEncodeError holds the whole password in .object, and its str() quotes the
+    # character it failed on and where it is, from .object, .start and .end, not from args.
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    token = uuid.uuid4().hex
+    canary = Canary(token, f"Canary-S3cr3t-{token}\u20ac-x")  # the euro sign is not latin-1
+    exposure = Exposure(canary)
+    with dbpool.create_pool(make_url(canary, monkeypatch), min_size=0, max_size=1) as pool:
+        with pytest.raises(UnicodeEncodeError) as info:
+            pool.connection(timeout=5)
+        exposure.error("connection()", info.value)
+        exposure.show(pool=pool, health=pool.health(timeout=5))
+    exposure.logs(dbpool_records(caplog))
+    assert_clean(exposure)
+    assert not exposure.attribute_leaks()
+    assert "u20ac" not in str(info.value), "a character of the password is quoted"
+
+
+def test_a_password_libpq_cuts_at_a_nul_shows_nowhere(caplog: pytest.LogCaptureFixture) -> None:
+    # libpq reads the password as a C string: psycopg's error keeps the part before the NUL
+    pytest.importorskip("psycopg")
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    token = uuid.uuid4().hex
+    canary = Canary(token, f"Canary-S3cr3t-{token}\x00rest")
+    exposure = Exposure(canary)
+    url = f"postgresql://app:{canary.in_url}@127.0.0.1:{CLOSED_PORT}/app?connect_timeout=5"
+    with dbpool.create_pool(url, min_size=0, max_size=1) as pool:
+        with pytest.raises(Exception) as info:
+            pool.connection(timeout=5)
+        exposure.error("connection()", info.value)
+    exposure.logs(dbpool_records(caplog))
+    assert_clean(exposure)
+    assert not exposure.attribute_leaks()
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 
@@ -968,3 +1044,8 @@ def test_the_collector_finds_a_canary_wherever_it_is_put() -> None:
     exposure = Exposure(canary)
     exposure.error("raised", error)
     assert exposure.leaks() == [] and exposure.attribute_leaks() == ["ValueError.info"]
+    codec = UnicodeEncodeError("latin-1", canary.password, 0, 1, "ordinal not in range(256)")
+    codec.args = ("latin-1", "***", 0, 1, "ordinal not in range(256)")
+    exposure = Exposure(canary)
+    exposure.error("raised", codec)
+    assert exposure.leaks() == [] and exposure.attribute_leaks() == ["UnicodeEncodeError.object"]

@@ -12,6 +12,7 @@ import traceback
 import types
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -229,6 +230,10 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         (f"postgresql://me:{CANARY}@db:99999/x", "port must be a number"),
         (f"postgresql://me:{CANARY}@db:0/x", "port must be a number"),
         (f"postgresql://me:{CANARY}@db:54x/x", "port must be a number"),
+        # other scripts' digits and '²' pass str.isdigit(); int() quotes what it cannot read
+        (f"postgresql://me:{CANARY}@db:\u0665\u0664\u0663\u0662/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}@db:\u00b2/x", "port must be a number"),
+        (f"postgresql://me:{CANARY}@db/x?port=\u0665\u0664\u0663\u0662", "port must be a number"),
         (f"postgresql://me:{CANARY}@[::1/x", "closing ']'"),
         (f"postgresql://me:{CANARY}@h1:5432,h2:5432/x", "several hosts"),
         (f"postgresql://me:{CANARY}@db/x?sslmode", "name=value"),
@@ -237,6 +242,17 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         (f"postgresql://me:{CANARY}@db:5432/x?port=5433", "port twice"),
         (f"postgresql://me:{CANARY}@db/x?autocommit=maybe", "'autocommit' must be true or false"),
         (f"mysql://me:{CANARY}@db/x?connect_timeout=soon", "'connect_timeout' must be a number"),
+        # a driver takes these, or float() does, and the connect fails (or never times out)
+        (f"mysql://me:{CANARY}@db/x?read_timeout=nan", "'read_timeout' must be a finite number"),
+        (f"mysql://me:{CANARY}@db/x?write_timeout=inf", "'write_timeout' must be a finite"),
+        (f"mysql://me:{CANARY}@db/x?read_timeout=1e400", "'read_timeout' must be a finite"),
+        ("sqlite:///x.sqlite3?timeout=nan", "'timeout' must be a finite number"),
+        ("sqlite:///x.sqlite3?timeout=-Infinity", "'timeout' must be a finite number"),
+        ("sqlite:///x.sqlite3?timeout=1_0", "'timeout' must be a number"),
+        ("sqlite:///x.sqlite3?timeout=\u0665", "'timeout' must be a number"),
+        (f"mysql://me:{CANARY}@db/x?read_timeout=0", "'read_timeout' must be a number of seconds"),
+        (f"mysql://me:{CANARY}@db/x?connect_timeout=1e8", "at most 31536000"),
+        (f"mysql://me:{CANARY}@db/x?defer_connect=true", "'defer_connect' must be false"),
         (f"mysql://me:{CANARY}@db/x?db=y", "database twice"),
         (f"mssql://me:{CANARY}@db/x?login_timeout=1.5", "whole number"),
         (f"sqlite://me:{CANARY}@host/x.sqlite3", "no host"),
@@ -258,6 +274,44 @@ def test_a_secret_query_value_is_not_quoted_in_errors() -> None:
     with pytest.raises(ValueError) as info:
         parse_url(f"mysql://db/x?ssl_key_password={CANARY}&ssl_key_password=again")
     assert_no_secret(text_of(info.value), CANARY)
+
+
+@pytest.mark.parametrize(
+    ("url", "pieces"),
+    [
+        # a '?' in a password of digits before it: "app:2024" reads as host and port
+        ("postgresql://app:2024?Tok=Zq9@db.example/app", ("Tok", "Zq9")),
+        ("mysql://app:2024?Tok=Zq9@db.example:3306/app", ("Tok", "Zq9")),
+        ("postgresql://app:2024?Tok=Zq9@db.example", ("Tok", "Zq9")),
+        # an '@' and a '/' or '?' in a password: the '@' ends the user-info too early
+        ("postgresql://app:p@ss/w0rd@db.example", ("w0rd",)),
+        ("postgresql://app:p@ss/w0rd@db.example/app", ("w0rd",)),
+        ("postgresql://app:p@ss?w0rd=1@db.example/app", ("w0rd",)),
+    ],
+)
+def test_a_password_with_unescaped_separators_is_refused_unshown(
+    url: str, pieces: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError, match="percent-encode") as info:
+        parse_url(url)
+    assert_no_secret(text_of(info.value), *pieces)
+
+
+@pytest.mark.parametrize(
+    ("url", "query"),
+    [
+        (
+            "postgresql://me:pw@db/app?application_name=ops@corp",
+            (("application_name", "ops@corp"),),
+        ),
+        ("postgresql://db:5432/app?application_name=ops@corp", (("application_name", "ops@corp"),)),
+        ("postgresql://me:pw@db?application_name=ops%40corp", (("application_name", "ops@corp"),)),
+    ],
+)
+def test_an_at_sign_in_a_query_value_after_the_database_is_a_value(
+    url: str, query: tuple[tuple[str, str], ...]
+) -> None:
+    assert parse_url(url).query == query
 
 
 def test_not_a_string() -> None:
@@ -320,12 +374,129 @@ def test_redact_replaces_every_form_of_the_secrets() -> None:
     assert parsed.redact(text) == "a *** b *** c *** d"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:o@127.0.0.1:1/test",
+        "postgresql://postgres:pg@127.0.0.1:1/test",
+        "mysql://root:ion@127.0.0.1:1/test",
+        "postgresql://127.0.0.1:1/test?sslpassword=ab",
+    ],
+)
+def test_a_secret_too_short_to_search_for_leaves_messages_alone(url: str) -> None:
+    # Replacing "o" or "pg" everywhere garbles every message and shows the password: as for
+    # the passwords read in a connect callable, one shorter than 4 characters is not searched.
+    message = 'connection to server at "127.0.0.1", port 1 failed: unable to log in (pg_hba)'
+    parsed = parse_url(url)
+    assert parsed.redact(message) == message
+    connector = URLConnector(parsed, fake_driver(lambda **kwargs: _raise(FakeDriverError(message))))
+    with pytest.raises(FakeDriverError) as info:
+        connector()
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "password", ["o", "pg", "ion", "s3cr", "c@n/ary?#%: 9", "{Tr0ub4dor}", "with\x00nul"]
+)
+def test_a_url_and_a_connect_callable_hide_a_password_alike(password: str) -> None:
+    from functools import partial
+
+    from dbpool.redact import scrub_text, secrets_in
+
+    url = parse_url(f"postgresql://u:{quote(password, safe='')}@h/d")
+    read = secrets_in(partial(dict, password=password))
+    for text in (
+        f"refused: {password} on port 1 for session",
+        f"refused: {quote(password, safe='')} at on",
+        f"refused: {password.partition(chr(0))[0]} (libpq stops at a NUL)",
+    ):
+        expected = scrub_text(text, read)
+        if password == "{Tr0ub4dor}":  # a template placeholder only where passwords are guessed
+            expected = text.replace(password, "***").replace(quote(password, safe=""), "***")
+        assert url.redact(text) == expected
+
+
 def test_parsed_url_is_frozen_and_picklable() -> None:
     parsed = parse_url(f"postgresql://u:{CANARY}@h/d")
     with pytest.raises(AttributeError):
         parsed.password = "other"  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(parsed)) == parsed
     assert hash(parsed) == hash(parse_url(f"postgresql://u:{CANARY}@h/d"))
+
+
+def test_sqlite_autocommit_only_where_sqlite3_connect_takes_it(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/ac.sqlite3?autocommit=false"
+    if sys.version_info >= (3, 12):
+        with create_pool(url, min_size=0, max_size=1) as pool:
+            with pool.connection() as conn:
+                assert conn.raw.autocommit is False
+    else:  # sqlite3.connect() would refuse it at every connect
+        with pytest.raises(ValueError, match=r"'autocommit' needs Python 3\.12") as info:
+            create_pool(url, min_size=0)
+        assert "isolation_level=none" in str(info.value)
+
+
+# every keyword of pymysql.connect() that takes a bool or a number, as PyMySQL 1.x documents them
+MYSQL_BOOL_KEYS = (
+    "autocommit",
+    "binary_prefix",
+    "compress",
+    "local_infile",
+    "named_pipe",
+    "ssl_disabled",
+    "ssl_verify_cert",
+    "ssl_verify_identity",
+    "use_unicode",
+)
+MYSQL_NUMBER_KEYS = (
+    "client_flag",
+    "connect_timeout",
+    "max_allowed_packet",
+    "read_timeout",
+    "write_timeout",
+)
+
+
+@pytest.mark.parametrize("key", MYSQL_BOOL_KEYS)
+def test_mysql_booleans_reach_pymysql_as_booleans(key: str) -> None:
+    # a string "false" is true to PyMySQL
+    assert parse_url(f"mysql://db/x?{key}=false").connect_kwargs()[key] is False
+    assert parse_url(f"mysql://db/x?{key}=on").connect_kwargs()[key] is True
+
+
+def test_mysql_defer_connect_may_only_be_false() -> None:
+    assert parse_url("mysql://db/x?defer_connect=off").connect_kwargs()["defer_connect"] is False
+    with pytest.raises(ValueError, match=r"'defer_connect' must be false .*connected connection"):
+        parse_url("mysql://db/x?defer_connect=1")
+
+
+@pytest.mark.parametrize("key", MYSQL_NUMBER_KEYS)
+def test_mysql_numbers_reach_pymysql_as_numbers(key: str) -> None:
+    assert parse_url(f"mysql://db/x?{key}=5").connect_kwargs()[key] == 5
+
+
+def test_every_bool_and_number_keyword_of_the_installed_pymysql_is_converted() -> None:
+    import inspect
+
+    pymysql = pytest.importorskip("pymysql")
+    parameters = inspect.signature(pymysql.connect).parameters.values()
+    # those whose default is None (named_pipe, read_timeout, ...) are in the lists above
+    names = {p.name for p in parameters}
+    assert {*MYSQL_BOOL_KEYS, *MYSQL_NUMBER_KEYS} <= names
+    typed = {p.name: p.default for p in parameters if type(p.default) in (bool, int, float)}
+    del typed["port"]  # a part of the URL
+    assert typed, "the signature shows no defaults: read it again"
+    for name, default in typed.items():
+        value = parse_url(f"mysql://db/x?{name}={'no' if default is False else '1'}")
+        assert value.connect_kwargs()[name] == (False if default is False else 1), name
+
+
+@pytest.mark.mysql
+def test_mysql_false_booleans_connect(mysql_params: dict[str, Any]) -> None:
+    url = _urls.mysql_url(mysql_params)
+    url += ("&" if "?" in url else "?") + "defer_connect=false&named_pipe=false&compress=no"
+    with create_pool(url, min_size=0, max_size=1) as pool:
+        assert pool.execute("select 1") == [(1,)]
 
 
 def test_unknown_scheme_in_constructor() -> None:
@@ -338,6 +509,10 @@ def test_unknown_scheme_in_constructor() -> None:
 
 class FakeDriverError(Exception):
     pass
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
 
 
 class FakeConnection:
@@ -503,6 +678,88 @@ def test_driver_error_is_scrubbed_and_keeps_its_class(make_error: Any) -> None:
         connector()
     assert "***" in repr(info.value.args) + str(info.value)
     assert_no_secret(text_of(info.value) + repr(info.value.args))
+
+
+def test_a_codec_error_on_the_password_shows_no_piece_of_it() -> None:
+    # PyMySQL encodes the password to latin-1: a character outside it raises an error whose
+    # str() is built from .object, .start and .end, not from args
+    password = f"{CANARY}\u20ac-rest"
+    connector = URLConnector(
+        parse_url(f"mssql://sa:{quote(password, safe='')}@db/x"),
+        fake_driver(lambda **kwargs: kwargs["password"].encode("latin-1")),
+    )
+    with pytest.raises(UnicodeEncodeError) as info:
+        connector()
+    error = info.value
+    assert (error.object, error.start, error.end) == ("***", 0, 3)
+    # neither the character nor where it is in the password
+    assert str(error) == "'latin-1' codec can't encode characters in position 0-2: " + (
+        "ordinal not in range(256)"
+    )
+    assert error.args == ("latin-1", "***", 0, 3, "ordinal not in range(256)")
+    assert_no_secret(text_of(error), CANARY, "\\u20ac")
+
+
+def test_a_codec_error_keeps_its_place_outside_the_password() -> None:
+    password = f"{CANARY}\u20ac"
+
+    def connect(**kwargs: Any) -> Any:
+        (b"user=sa password=%s \xff" % kwargs["password"].encode()).decode("utf-8")
+
+    connector = URLConnector(
+        parse_url(f"mssql://sa:{quote(password, safe='')}@db/x"), fake_driver(connect)
+    )
+    with pytest.raises(UnicodeDecodeError) as info:
+        connector()
+    assert info.value.object == b"user=sa password=*** \xff"
+    assert str(info.value) == (
+        "'utf-8' codec can't decode byte 0xff in position 21: invalid start byte"
+    )
+
+
+class SlottedError(Exception):
+    __slots__ = ("detail",)
+
+
+def _slotted(pw: str) -> SlottedError:
+    error = SlottedError("login failed")
+    error.detail = f"password {pw}"
+    return error
+
+
+@pytest.mark.parametrize(
+    ("make_error", "fields"),
+    [
+        pytest.param(
+            lambda pw: ImportError(f"no module for {pw}", name=pw, path=f"/x/{pw}"),
+            ("msg", "name", "path"),
+            id="ImportError",
+        ),
+        pytest.param(
+            lambda pw: SyntaxError(f"bad {pw}", (f"conf {pw}", 1, 4, f"pw = {pw}\n", 1, 9)),
+            ("msg", "filename", "text"),
+            id="SyntaxError",
+        ),
+        pytest.param(
+            lambda pw: AttributeError("no attribute", name=pw, obj={"password": pw}),
+            ("name", "obj"),
+            id="AttributeError",
+        ),
+        pytest.param(_slotted, ("detail",), id="slots"),
+    ],
+)
+def test_error_fields_kept_outside_args_are_scrubbed(
+    make_error: Any, fields: tuple[str, ...]
+) -> None:
+    # str() of an ImportError or SyntaxError reads .msg, not args; a traceback shows .text
+    connector = URLConnector(
+        parse_url(f"mssql://sa:{ODD_CANARY_ENCODED}@db/x"), raising_driver(make_error)
+    )
+    with pytest.raises(type(make_error("x"))) as info:
+        connector()
+    assert_no_secret(text_of(info.value))
+    for name in fields:
+        assert_no_secret(repr(getattr(info.value, name)))
 
 
 def test_chained_driver_errors_and_attributes_are_scrubbed() -> None:
