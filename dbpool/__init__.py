@@ -12,6 +12,7 @@ from .errors import (
     PoolError,
     PoolTimeout,
     TooManyWaiters,
+    TransactionRolledBack,
     TransactionTimeout,
 )
 from .events import DiscardReason, Event, PoolEvent
@@ -43,6 +44,7 @@ __all__ = [
     "TooManyWaiters",
     "LeaseReleased",
     "ConnectionUnusable",
+    "TransactionRolledBack",
     "TransactionTimeout",
     "CommitOutcomeUnknown",
     "Isolation",

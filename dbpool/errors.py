@@ -9,6 +9,7 @@ __all__ = [
     "TooManyWaiters",
     "LeaseReleased",
     "TransactionTimeout",
+    "TransactionRolledBack",
     "CommitOutcomeUnknown",
 ]
 
@@ -55,6 +56,15 @@ class ConnectionUnusable(PoolError):
 class TransactionTimeout(PoolError, TimeoutError):
     """A transaction ran past its deadline: its statement was cancelled and it was rolled
     back."""
+
+    __module__ = "dbpool"
+
+
+class TransactionRolledBack(PoolError):
+    """A transaction block ended normally, but the server had already ended its transaction
+    after an error inside it (PostgreSQL aborts the transaction, SQLite and MySQL may roll it
+    back): it was rolled back, not committed.  Chained to the first driver error raised in the
+    block."""
 
     __module__ = "dbpool"
 

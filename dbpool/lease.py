@@ -12,10 +12,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from threading import get_ident
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Callable, Generic
 
 from ._types import C
-from .errors import ConnectionUnusable, LeaseReleased
+from .errors import ConnectionUnusable, LeaseReleased, PoolError
 from .isolation import Isolation
 from .transaction import Transaction
 
@@ -52,6 +53,24 @@ def _refusal(slot: _Slot | None, what: str) -> Exception:
     if slot is None or slot.generation < 0:
         return _released(what)
     return _doomed()
+
+
+def _ends_the_block(verb: str) -> PoolError:
+    return PoolError(
+        f"{verb}() inside a transaction block would end the block's transaction: leave the "
+        "block to commit it, raise to roll it back, or use tx.savepoint() to undo a part"
+    )
+
+
+def _call_failed(slot: _Slot, exc: Exception) -> None:
+    """A driver call on ``slot``'s connection raised ``exc``; called before ``slot.busy`` is
+    cleared, so that an interrupt in here leaves it set (the pool then discards the connection).
+    Only this error path pays for it."""
+    slot.dirty = True  # what the call left open is unknown: the return path must look
+    slot.dialect.call_failed(slot.raw)  # where the driver's flags are now stale (PyMySQL)
+    tx = slot.transaction
+    if tx is not None and tx._failed is None:
+        tx._failed = exc  # the server may have aborted or ended it: checked before COMMIT
 
 
 class Connection(Generic[C]):
@@ -157,12 +176,15 @@ class Connection(Generic[C]):
         slot = self._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "connection")
-        if slot.transaction is not None:
-            slot.transaction._check_open()  # past its deadline: raise without committing
+        tx = slot.transaction
+        if tx is not None:
+            tx._check_open()  # past its deadline: TransactionTimeout, as for a statement
+            raise _ends_the_block("commit")
         slot.used = slot.busy = True
         try:
             slot.raw.commit()
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -172,10 +194,15 @@ class Connection(Generic[C]):
         slot = self._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "connection")
+        tx = slot.transaction
+        if tx is not None:
+            tx._check_open()
+            raise _ends_the_block("rollback")
         slot.used = slot.busy = True
         try:
             slot.raw.rollback()
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -195,6 +222,11 @@ class Connection(Generic[C]):
             if slot.doomed:
                 raise _doomed()  # reading an attribute (conn.closed, say) is still allowed
             slot.dirty = True
+            # Inside a transaction block, the driver's statement methods (sqlite3's and
+            # psycopg's conn.execute, PyMySQL's conn.query...) are watched as cursor.execute
+            # is: the deadline can then cancel them.  Not outside one: no cost there.
+            if slot.transaction is not None and name in _CONNECTION_STATEMENTS:
+                return _tracked_call(self, value, "connection", True)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -271,7 +303,8 @@ class Cursor(Generic[C]):
         slot.dirty = slot.busy = True
         try:
             result = raw.execute(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -291,7 +324,8 @@ class Cursor(Generic[C]):
         slot.dirty = slot.busy = True
         try:
             result = raw.executemany(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -308,7 +342,8 @@ class Cursor(Generic[C]):
         slot.busy = True
         try:
             row = self._raw.fetchone()
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -321,7 +356,8 @@ class Cursor(Generic[C]):
         slot.busy = True
         try:
             rows = self._raw.fetchmany(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
@@ -334,15 +370,19 @@ class Cursor(Generic[C]):
         slot.busy = True
         try:
             rows = self._raw.fetchall()
-        except Exception:
+        except Exception as exc:
+            _call_failed(slot, exc)
             slot.busy = False
             raise
         slot.busy = False
         return rows
 
     def __iter__(self) -> Iterator[Any]:
-        self._slot()
-        return iter(self._raw)
+        slot = self._slot()
+        if slot.transaction is None:
+            return iter(self._raw)
+        # A server-side cursor fetches as it goes: inside a block, each step is watched.
+        return _tracked_iteration(self._lease, iter(self._raw))
 
     def close(self) -> None:
         if self._open:
@@ -368,6 +408,13 @@ class Cursor(Generic[C]):
         value = getattr(self._raw, name)
         if callable(value):  # callproc, nextset, scroll...: may run a statement
             slot.dirty = True
+            kind = _CURSOR_STATEMENTS.get(name)
+            if kind is not None:  # watched as execute() is, inside a block or not
+                if kind is _STREAM:
+                    return _tracked_stream(self._lease, value)
+                if kind is _BLOCK:
+                    return _tracked_block(self._lease, value)
+                return _tracked_call(self._lease, value, "cursor", kind is _STATEMENT)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -377,6 +424,151 @@ class Cursor(Generic[C]):
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
         return f"<dbpool.Cursor {state} on {self._lease!r}>"
+
+
+# -- driver methods reached through the pass-through, watched as execute() is -------------------
+
+_STATEMENT = "statement"  # runs a statement: the deadline is checked before and after
+_FETCH = "fetch"  # reads what a statement returned: marked busy only, as fetchone() is
+_STREAM = "stream"  # returns an iterator that fetches as it goes (psycopg's cursor.stream())
+_BLOCK = "block"  # returns a context manager busy for its whole block (psycopg's cursor.copy())
+
+#: The driver connections' statement methods (sqlite3, psycopg, PyMySQL, mysqlclient).
+_CONNECTION_STATEMENTS = frozenset({"execute", "executemany", "executescript", "query"})
+#: The driver cursors' methods that reach the server, other than those Cursor defines.
+_CURSOR_STATEMENTS = {
+    "callproc": _STATEMENT,
+    "executescript": _STATEMENT,  # sqlite3
+    "copy_expert": _STATEMENT,  # psycopg2
+    "copy_from": _STATEMENT,
+    "copy_to": _STATEMENT,
+    "nextset": _FETCH,
+    "scroll": _FETCH,  # a server-side cursor's MOVE
+    "stream": _STREAM,  # psycopg
+    "copy": _BLOCK,  # psycopg
+}
+
+
+def _live_slot(lease: Connection[Any], what: str) -> _Slot:
+    slot = lease._slot
+    if slot is None or slot.generation < 0 or slot.doomed:
+        raise _refusal(slot, what)
+    return slot
+
+
+def _tracked_call(
+    lease: Connection[Any], method: Callable[..., Any], what: str, statement: bool
+) -> Callable[..., Any]:
+    """``method`` of the driver, run as Cursor.execute runs a statement (``statement``) or as
+    Cursor.fetchone reads one: busy while it runs, so the watchdog can cancel it."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        slot = _live_slot(lease, what)
+        tx = slot.transaction
+        if statement and tx is not None:
+            tx._check_open()  # past its deadline: raise without running it
+        slot.dirty = slot.busy = True
+        try:
+            result = method(*args, **kwargs)
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = False
+            raise
+        slot.busy = False
+        if statement and tx is not None and slot.transaction is tx:
+            tx._check_open()  # ended past the deadline, though cancelled (see execute())
+        return result
+
+    return call
+
+
+def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator``'s items, the lease's connection marked busy while each is fetched, and
+    while the iterator is closed early (psycopg then cancels and drains the rest)."""
+    try:
+        while True:
+            slot = _live_slot(lease, "cursor")
+            slot.busy = True
+            try:
+                item = next(iterator)
+            except StopIteration:
+                slot.busy = False
+                return
+            except Exception as exc:
+                _call_failed(slot, exc)
+                slot.busy = False
+                raise
+            slot.busy = False
+            yield item
+    finally:
+        # A generator stopped early (psycopg's) may still talk to the server as it closes; a
+        # cursor that is its own iterator (sqlite3's, psycopg2's) must stay open for reuse.
+        current = lease._slot
+        if type(iterator) is GeneratorType and current is not None and current.generation >= 0:
+            current.busy = True
+            try:
+                iterator.close()
+            except Exception as exc:
+                _call_failed(current, exc)
+                current.busy = False
+                raise
+            current.busy = False
+
+
+def _tracked_stream(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
+    def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        slot = _live_slot(lease, "cursor")
+        if slot.transaction is not None:
+            slot.transaction._check_open()
+        slot.dirty = True
+        return _tracked_iteration(lease, iter(method(*args, **kwargs)))
+
+    return stream
+
+
+class _TrackedBlock:
+    """A driver's context manager (psycopg's ``cursor.copy()``), its connection busy from
+    ``__enter__`` to ``__exit__``: the data goes to and from the server all along."""
+
+    __slots__ = ("_lease", "_manager")
+
+    def __init__(self, lease: Connection[Any], manager: Any) -> None:
+        self._lease = lease
+        self._manager = manager
+
+    def __enter__(self) -> Any:
+        slot = _live_slot(self._lease, "cursor")
+        if slot.transaction is not None:
+            slot.transaction._check_open()
+        slot.dirty = slot.busy = True
+        try:
+            return self._manager.__enter__()
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = False
+            raise
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        slot = self._lease._slot
+        if slot is None or slot.generation < 0:  # released inside the block: not ours now
+            return self._manager.__exit__(*exc_info)
+        try:
+            result = self._manager.__exit__(*exc_info)
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = False
+            raise
+        if exc_info[0] is not None and not issubclass(exc_info[0], Exception):
+            return result  # interrupted: busy stays set, the pool discards the connection
+        slot.busy = False
+        return result
+
+
+def _tracked_block(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
+    def block(*args: Any, **kwargs: Any) -> _TrackedBlock:
+        return _TrackedBlock(lease, method(*args, **kwargs))
+
+    return block
 
 
 def _slot_setter(cls: type, name: str) -> Callable[[Any, Any], None]:

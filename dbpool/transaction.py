@@ -22,8 +22,14 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._types import C
-from .dialects.base import BROKEN, IN_TRANSACTION, UNKNOWN
-from .errors import CommitOutcomeUnknown, ConnectionUnusable, PoolError, TransactionTimeout
+from .dialects.base import BROKEN, BUSY, IDLE, IN_TRANSACTION, UNKNOWN
+from .errors import (
+    CommitOutcomeUnknown,
+    ConnectionUnusable,
+    PoolError,
+    TransactionRolledBack,
+    TransactionTimeout,
+)
 from .isolation import Isolation
 from .watchdog import watchdog
 
@@ -71,8 +77,10 @@ class Transaction(Generic[C]):
 
     Normal exit commits; an exception rolls back and propagates.  Past its deadline the running
     statement is cancelled, the transaction rolled back and :class:`TransactionTimeout` raised.
-    If the connection is lost while COMMIT is in flight, :class:`CommitOutcomeUnknown` is
-    raised and the connection discarded.
+    If the server already ended the transaction (an error inside the block aborted it),
+    :class:`TransactionRolledBack` is raised instead of committing.  If the connection is lost
+    while COMMIT is in flight, :class:`CommitOutcomeUnknown` is raised and the connection
+    discarded.  The object runs one block: make another for the next.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Transaction(Generic[C]):
         self._timeout = timeout
         self._readonly = readonly
         self._source = source
+        self._entered = False  # one block per object: a second run would inherit this one's state
         self._lease: Connection[C] | None = None
         self._owns_lease = False
         self._slot: _Slot | None = None
@@ -111,12 +120,25 @@ class Transaction(Generic[C]):
         # driver's error: the server may have aborted or rolled back the transaction, or kept
         # work a savepoint should have undone, so nothing more runs and nothing is committed.
         self._savepoint_failed: tuple[str, Exception] | None = None
+        # _seen_open: the dialect reported the transaction open once BEGIN went through (not so
+        # where it cannot tell, nor where the driver sends BEGIN with the first statement).
+        # _failed: the first error a driver call raised through the lease inside the block
+        # (lease._call_failed sets it): the server may have aborted or ended the transaction since.
+        self._seen_open = False
+        self._failed: Exception | None = None
 
     # -- the block ----------------------------------------------------------------------------
 
     def __enter__(self) -> Transaction[C]:
         from .lease import Connection
 
+        with self._cancel_lock:  # of two threads entering it at once, one goes on
+            entered, self._entered = self._entered, True
+        if entered:
+            raise PoolError(
+                "this transaction object already ran its block: start another with "
+                "pool.transaction() or conn.transaction()"
+            )
         if isinstance(self._source, Connection):
             lease = self._source
         else:
@@ -137,12 +159,7 @@ class Transaction(Generic[C]):
             raise PoolError("a transaction is already open on this connection: use tx.savepoint()")
         dialect, raw = slot.dialect, slot.raw
         dialect.check_begin(self._isolation, self._readonly)  # ValueError, before any I/O
-        state = dialect.transaction_state(raw)
-        if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
-            raise PoolError(
-                "this connection has work pending: commit or roll back before starting a "
-                "transaction on it"
-            )
+        self._check_startable(slot)
         self._lease, self._slot = lease, slot
         slot.busy = slot.dirty = True  # from here on, a failure leaves work to roll back
         self._active = True
@@ -160,6 +177,7 @@ class Transaction(Generic[C]):
             slot.transaction = self
             if self._timeout is not None and limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
+            self._seen_open = dialect.transaction_state(raw) is IN_TRANSACTION
         except BaseException as exc:
             self._stop_watching()
             if self._open:
@@ -174,6 +192,31 @@ class Transaction(Generic[C]):
                 raise self._timeout_error() from exc
             raise
         slot.busy = False
+
+    def _check_startable(self, slot: _Slot) -> None:
+        """Refuse to BEGIN on a connection that is not idle: START TRANSACTION would commit
+        the work pending on it (MySQL), or a result still being read would be lost."""
+        slot.busy = True  # a dialect whose flags went stale reads them again: a round trip
+        try:
+            state = slot.dialect.fresh_transaction_state(slot.raw)
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        if state is IDLE or (state is UNKNOWN and not slot.dirty):
+            return
+        if state is BUSY:
+            raise PoolError(
+                "this connection has a statement running or a result not read to the end: "
+                "fetch it or close its cursor, then commit or roll back, before starting a "
+                "transaction on it"
+            )
+        if state is BROKEN:
+            raise PoolError("this connection is closed or lost: release it and take a new one")
+        raise PoolError(
+            "this connection has work pending: commit or roll back before starting a "
+            "transaction on it"
+        )
 
     def _stop_watching(self) -> None:
         """After this, the watchdog cancels nothing more for this transaction."""
@@ -219,6 +262,7 @@ class Transaction(Generic[C]):
         try:
             self._commit_or_roll_back(exc)
         finally:
+            self._failed = None  # its traceback holds the block's frames
             self._unguard()
 
     def _commit_or_roll_back(self, exc: BaseException | None) -> None:
@@ -236,16 +280,68 @@ class Transaction(Generic[C]):
         if slot.busy:
             return  # a driver call was interrupted half-way: the pool discards the connection
         if exc is None and not expired and self._savepoint_failed is None:
-            try:
-                self._commit(slot)
-            finally:
-                self._end_quietly(slot, rollback=False)
+            self._commit_unless_rolled_back(slot)
             return
         self._end_quietly(slot)
         if exc is None and self._savepoint_failed is not None:
             raise self._savepoint_failed_error()
-        if expired and not isinstance(exc, TransactionTimeout):
+        # Only an error becomes the timeout: SystemExit or KeyboardInterrupt go on as they are,
+        # or an "except Exception" would swallow them.
+        timed_out = expired and (exc is None or isinstance(exc, Exception))
+        if timed_out and not isinstance(exc, TransactionTimeout):
             raise self._timeout_error() from exc
+
+    def _commit_unless_rolled_back(self, slot: _Slot) -> None:
+        try:
+            rolled_back = self._rolled_back_error(slot)
+        except Exception:
+            self._end_quietly(slot)  # the re-read failed: roll back, or doom the connection
+            raise
+        if rolled_back is not None:
+            self._end_quietly(slot)
+            raise rolled_back from self._failed
+        rollback = False
+        try:
+            self._commit(slot)
+        except CommitOutcomeUnknown:
+            raise  # the connection is doomed: nothing more is sent on it
+        except Exception:
+            # A definite failure; the server may keep the transaction open (SQLite refuses
+            # COMMIT with SQLITE_BUSY and stays in it): roll it back, or the lease's next
+            # commit would commit the block's work.
+            rollback = slot.dialect.transaction_state(slot.raw) is not IDLE
+            raise
+        finally:
+            self._end_quietly(slot, rollback=rollback)
+
+    def _rolled_back_error(self, slot: _Slot) -> TransactionRolledBack | None:
+        """Before COMMIT: the error to raise instead, if the server already ended the
+        transaction (COMMIT would then commit nothing, or only roll back, and report success).
+        A server does so only after an error, so the flags are read again only then."""
+        dialect, raw = slot.dialect, slot.raw
+        if dialect.transaction_aborted(raw):
+            return TransactionRolledBack(
+                "an error inside the transaction block aborted the transaction: it was rolled "
+                "back and nothing was committed"
+            )
+        if self._failed is None or not self._seen_open:
+            return None
+        slot.busy = True
+        try:
+            state = dialect.fresh_transaction_state(raw)  # no I/O unless the flags went stale
+        except Exception:
+            slot.busy = False
+            raise
+        slot.busy = False
+        if state is not IDLE and state is not UNKNOWN:
+            return None
+        # Seen open after BEGIN, now not (UNKNOWN: PyMySQL with autocommit off, whose flags no
+        # longer show the transaction): SQLite after a conflict resolved with ROLLBACK, MySQL
+        # after a deadlock.
+        return TransactionRolledBack(
+            "the transaction was no longer open at COMMIT: the server rolled it back after an "
+            "error inside the block, and the block's work is gone"
+        )
 
     def _commit(self, slot: _Slot) -> None:
         dialect, raw = slot.dialect, slot.raw
@@ -253,6 +349,7 @@ class Transaction(Generic[C]):
         try:
             dialect.commit(raw)
         except Exception as exc:
+            dialect.call_failed(raw)  # the flags of a driver that reads them from OK packets
             slot.busy = False
             if dialect.transaction_state(raw) is BROKEN or dialect.is_disconnect(exc):
                 slot.doomed = True
@@ -260,7 +357,7 @@ class Transaction(Generic[C]):
                     "the connection was lost while COMMIT was in flight: the transaction may "
                     "or may not have been committed; check before doing the work again"
                 ) from exc
-            raise  # a definite failure: the server rolled back (for example 40001)
+            raise  # a definite failure: rolled back, or left open and rolled back by the caller
         slot.busy = False
         slot.dirty = False
 

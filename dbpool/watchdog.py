@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 logger = logging.getLogger("dbpool")
 
+_START_AGAIN = 0.05  # seconds before a deadline whose worker thread could not start is retried
+
 #: A callback returns None when done, or seconds after which to call it again.
 Callback = Callable[[], Optional[float]]
 
@@ -49,7 +51,9 @@ class Watchdog:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         # --- guarded by self._lock: a heap of entries, earliest first; the thread, started on
-        # the first watch() and never stopped (it sleeps while nothing is due).
+        # the first watch() and never stopped (it sleeps while nothing is due).  Should it
+        # ever die, it sets _thread back to None on its way out, and the next watch() (or the
+        # dying thread itself) starts another.
         self._heap: list[_Entry] = []
         self._dead = 0  # unwatched entries still in the heap
         self._order = itertools.count()
@@ -61,12 +65,15 @@ class Watchdog:
             entry = _Entry(when, next(self._order), callback)
             heapq.heappush(self._heap, entry)
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
-                thread.start()  # if this raises, the next watch() tries again
-                self._thread = thread
+                self._start_locked()  # if this raises, the next watch() tries again
             if self._heap[0] is entry:
                 self._wakeup.notify()
         return entry
+
+    def _start_locked(self) -> None:
+        thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
+        thread.start()
+        self._thread = thread
 
     def unwatch(self, entry: _Entry) -> None:
         """Forget ``entry``; its callback is not called again (it may be running now)."""
@@ -82,6 +89,20 @@ class Watchdog:
                 self._dead = 0
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # Not expected (the loop handles its own failures): let a new thread take over.
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                    if self._heap:
+                        try:
+                            self._start_locked()
+                        except Exception as exc:
+                            logger.error("the deadline watchdog thread could not restart: %s", exc)
+
+    def _loop(self) -> None:
         while True:
             with self._lock:
                 while True:
@@ -96,7 +117,25 @@ class Watchdog:
             worker = threading.Thread(
                 target=self._fire, args=(entry,), name="dbpool-watchdog-cancel", daemon=True
             )
-            worker.start()
+            started = False
+            try:
+                worker.start()
+                started = True
+            except Exception as exc:
+                # "can't start new thread": threads or memory ran short.  The callback may
+                # block (a cancel does I/O), so it is not run here, where it would hold up every
+                # other deadline: it is tried again shortly.
+                logger.warning(
+                    "could not start a thread to handle a deadline, trying again in %g s: %s",
+                    _START_AGAIN,
+                    exc,
+                )
+            finally:
+                if not started:  # whatever went wrong, the deadline is not dropped
+                    with self._lock:
+                        if entry.active:
+                            entry.when = monotonic() + _START_AGAIN
+                            heapq.heappush(self._heap, entry)
 
     def _fire(self, entry: _Entry) -> None:
         callback = entry.callback

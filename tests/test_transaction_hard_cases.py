@@ -688,3 +688,167 @@ def test_a_failed_savepoint_or_release_stops_the_transaction_from_committing(
         assert fake_server.count("rollback") == 1
         s = pool.stats()
         assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
+
+
+# == 8. the end of a block, and the Transaction object ==========================================
+
+
+@pytest.mark.timeout(20)
+def test_a_commit_that_failed_leaves_nothing_open(fake_server: fakedb.Server) -> None:
+    # A definite COMMIT failure (not a lost connection) that leaves the transaction open, as
+    # SQLite's SQLITE_BUSY does.  The block used to end without a rollback: on a held lease its
+    # work stayed pending, and the lease's next commit() committed it.
+    with fake_pool(fake_server.connect) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            conn.rollback()
+            fake_server.fail_next("commit", fakedb.OperationalError("database is locked"))
+            with pytest.raises(fakedb.OperationalError, match="locked"):
+                with conn.transaction() as tx:
+                    tx.execute("insert into t values (1)")
+            assert not fake_server.in_transaction(raw), "the block's work is still pending"
+            assert fake_server.count("rollback", failed=False) == 2
+            conn.cursor().execute("insert into t values (2)")  # later work of the lease
+            conn.commit()
+        fake_server.fail_next("commit", fakedb.OperationalError("database is locked"))
+        with pytest.raises(fakedb.OperationalError, match="locked"):
+            with pool.transaction() as tx:
+                tx.execute("insert into t values (3)")
+        assert fake_server.count("rollback", failed=False) == 3
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
+
+
+def test_sqlite_commit_refused_as_busy_leaves_nothing_pending(tmp_path: Any) -> None:
+    # COMMIT needs the exclusive lock; a reader holding a shared one makes it fail with
+    # SQLITE_BUSY once the busy timeout is over, and SQLite keeps the transaction open.
+    path = str(tmp_path / "busy.sqlite3")
+    setup = sqlite3.connect(path)
+    setup.execute("create table t (id int)")
+    setup.commit()
+    setup.close()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(path, timeout=0.05, check_same_thread=False)
+
+        with fake_pool(connect) as pool:
+            with pool.connection() as conn:
+                reader.execute("begin")
+                reader.execute("select * from t").fetchall()  # a shared lock, until rollback
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    with conn.transaction() as tx:
+                        tx.execute("insert into t values (1)")
+                assert not conn.raw.in_transaction, "the block's insert is still pending"
+                reader.rollback()
+                conn.cursor().execute("insert into t values (2)")  # later work of the lease
+                conn.commit()
+            assert pool.stats().discarded == 0
+        assert reader.execute("select id from t").fetchall() == [(2,)]
+    finally:
+        reader.close()
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("interrupt", [SystemExit, KeyboardInterrupt])
+def test_an_interrupt_leaving_a_block_past_its_deadline_is_not_turned_into_a_timeout(
+    fake_server: fakedb.Server, interrupt: type[BaseException]
+) -> None:
+    # SystemExit (from a SIGTERM handler) or KeyboardInterrupt raised inside the block, not in
+    # a driver call, after the deadline: TransactionTimeout, an Exception, used to replace it,
+    # and "except Exception" then swallowed the request to stop.
+    with fake_pool(fake_server.connect) as pool:
+        with pytest.raises(interrupt):
+            with pool.transaction(timeout=0.2) as tx:
+                tx.execute("insert into t values (1)")
+                sleep_past(tx.deadline)
+                raise interrupt()
+        assert fake_server.count("commit") == 0
+        assert fake_server.count("rollback") == 1
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
+
+
+@pytest.mark.timeout(20)
+def test_a_transaction_object_runs_one_block(fake_server: fakedb.Server) -> None:
+    # A second `with` on the same object used to start a new transaction carrying the first
+    # one's state: expired past its old deadline, it timed out at its first statement.
+    with fake_pool(fake_server.connect) as pool:
+        done = pool.transaction()
+        with done as tx:
+            tx.execute("insert into t values (1)")
+        expired = pool.transaction(timeout=0.2)
+        with pytest.raises(TransactionTimeout):
+            with expired as tx:
+                sleep_past(tx.deadline)
+                tx.execute("select 1")
+        for used in (done, expired):
+            with pytest.raises(PoolError, match="already ran its block"):
+                with used:
+                    pytest.fail("a transaction object ran a second block")
+        with pool.connection() as conn:
+            failed = conn.transaction()
+            with pytest.raises(Boom):
+                with failed:
+                    raise Boom
+            with pytest.raises(PoolError, match="already ran its block"):
+                with failed:
+                    pytest.fail("a transaction object ran a second block")
+            with conn.transaction() as tx:  # a new object: fine
+                tx.execute("insert into t values (2)")
+        assert fake_server.count("commit") == 2
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_watchdog_survives_a_thread_that_cannot_start(monkeypatch: Any) -> None:
+    # One "can't start new thread" for a deadline's worker ended the watchdog thread, and
+    # watch() never started another (it was still recorded): no deadline fired again.
+    wd = Watchdog()
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "dbpool-watchdog-cancel" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    first, second = threading.Event(), threading.Event()
+    wd.watch(monotonic(), first.set)
+    assert first.wait(JOIN), "the deadline whose worker could not start never fired"
+    assert refused, "the test did not refuse a thread"
+    wd.watch(monotonic(), second.set)
+    assert second.wait(JOIN), "a later deadline never fired"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_watchdog_thread_is_replaced_if_it_dies(monkeypatch: Any) -> None:
+    # Whatever ends the watchdog thread, the deadlines already registered and those to come
+    # must still fire.
+    wd = Watchdog()
+
+    class Fatal(BaseException):
+        pass
+
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "dbpool-watchdog-cancel" and not refused:
+            refused.append(thread.name)
+            raise Fatal  # not an Exception: it ends the watchdog thread
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    first, pending, later = threading.Event(), threading.Event(), threading.Event()
+    wd.watch(monotonic(), first.set)  # its worker cannot start, which ends the thread
+    wd.watch(monotonic() + 0.05, pending.set)
+    assert pending.wait(JOIN), "a deadline registered before the thread died never fired"
+    assert first.wait(JOIN), "the deadline being handed out as the thread died never fired"
+    assert refused
+    wd.watch(monotonic(), later.set)
+    assert later.wait(JOIN), "a deadline registered after the thread died never fired"

@@ -26,6 +26,7 @@ import pytest
 import dbpool
 from dbpool import Isolation, PoolError, TransactionTimeout
 from dbpool.dialects import PsycopgDialect, PyMySQLDialect
+from dbpool.errors import TransactionRolledBack
 from tests import fakedb
 from tests.conftest import Backend, Connector, rows, scalar, wait_until
 
@@ -1617,3 +1618,343 @@ def test_repr_and_connection_outside_the_block(fake_server: fakedb.Server) -> No
 def test_isolation_names_outside_the_documented_spellings_are_refused(spelling: str) -> None:
     with pytest.raises(ValueError, match="unknown isolation level"):
         Isolation.parse(spelling)
+
+
+# == 8. what a block finds at BEGIN and leaves to COMMIT ========================================
+
+
+def autocommit_connect(db: Backend) -> Callable[[], Any]:
+    """``db``'s connect callable (MariaDB), its connections in autocommit mode."""
+
+    def connect() -> Any:
+        conn = db.connect()
+        conn.autocommit(True)
+        return conn
+
+    return connect
+
+
+def test_mariadb_transaction_on_a_lease_with_an_unread_result_is_refused(my: Backend) -> None:
+    """PyMySQL reports a lease whose unbuffered result is not read to the end as busy; a
+    transaction used to start there anyway, and its START TRANSACTION committed the work
+    pending on the lease."""
+    import pymysql.cursors
+
+    table = my.fresh_table(unique("tx_unread"))
+    with new_pool(my.connect) as pool:
+        with pool.connection() as conn:
+            rows(conn, f"insert into {table} (id, v) values (1, 'pending')")
+            unread = conn.cursor(pymysql.cursors.SSCursor)
+            unread.execute("select 1 union select 2")
+            with pytest.raises(PoolError, match="not read to the end"):
+                with conn.transaction():
+                    pytest.fail("the block ran")
+            unread.close()
+            conn.rollback()
+        assert ids(my, table) == []
+        assert_clean_next_lease(pool, my)
+
+
+def test_postgresql_transaction_on_a_lease_with_a_stream_under_way_is_refused(
+    pg: Backend,
+) -> None:
+    with new_pool(pg.connect) as pool:
+        with pool.connection() as conn:
+            stream = conn.cursor().stream("select generate_series(1, 1000)")
+            assert next(stream) == (1,)  # libpq: a command still active
+            with pytest.raises(PoolError, match="not read to the end"):
+                with conn.transaction():
+                    pytest.fail("the block ran")
+            stream.close()
+            conn.rollback()
+        assert_clean_next_lease(pool, pg)
+
+
+def test_transaction_on_a_lost_connection_is_refused(fake_server: fakedb.Server) -> None:
+    with new_pool(fake_server.connect) as pool:
+        with pool.connection() as conn:
+            conn.raw.close()  # the generic dialect then reads it as broken
+            with pytest.raises(PoolError, match="closed or lost"):
+                with conn.transaction():
+                    pytest.fail("the block ran")
+        s = assert_balanced(pool)
+        assert s.discarded == 1
+
+
+def _create_procedure(db: Backend, name: str, body: str) -> None:
+    direct(db, f"drop procedure if exists {name}")
+    direct(db, f"create procedure {name}() begin {body} end")
+
+
+@pytest.mark.parametrize("call", ["execute", "callproc"])
+def test_pymysql_statement_that_opened_a_transaction_and_failed_leaves_nothing_open(
+    my: Backend, call: str
+) -> None:
+    """PyMySQL takes its transaction flags from OK packets only.  A statement that opened a
+    transaction and then failed (a procedure: START TRANSACTION, INSERT, SIGNAL) left the
+    flags of the call before, "autocommit, no transaction": the pool handed the open
+    transaction to the next borrower, and conn.transaction() began another on top of it
+    (START TRANSACTION committed the insert)."""
+    import pymysql
+
+    table = my.fresh_table(unique("tx_stale"))
+    proc = unique("tx_stale_proc")
+    _create_procedure(
+        my,
+        proc,
+        f"start transaction; insert into {table} (id, v) values (1, 'x'); "
+        "signal sqlstate '45000' set message_text = 'failed inside a transaction';",
+    )
+    try:
+        with new_pool(autocommit_connect(my)) as pool:
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                with pytest.raises(pymysql.err.MySQLError, match="failed inside"):
+                    if call == "execute":
+                        cur.execute(f"call {proc}()")
+                    else:
+                        cur.callproc(proc)
+                with pytest.raises(PoolError, match="pending"):
+                    with conn.transaction():
+                        pytest.fail("a transaction began on top of the open one")
+            with pool.connection() as conn:  # the same connection, rolled back on return
+                assert rows(conn, "select @@in_transaction") == [(0,)]
+            s = assert_balanced(pool)
+            assert (s.created, s.discarded) == (1, 0)
+        assert ids(my, table) == []
+    finally:
+        direct(my, f"drop procedure if exists {proc}")
+
+
+def test_pymysql_transaction_after_a_failed_statement_that_opened_nothing(my: Backend) -> None:
+    """The flags, stale after the failure, are read again before BEGIN: an autocommit
+    statement that failed leaves nothing pending, and the transaction starts."""
+    import pymysql
+
+    table = my.fresh_table(unique("tx_stale_none"))
+    direct(my, f"insert into {table} (id, v) values (1, 'a')")
+    with new_pool(autocommit_connect(my)) as pool:
+        with pool.connection() as conn:
+            with pytest.raises(pymysql.err.IntegrityError):
+                rows(conn, f"insert into {table} (id, v) values (1, 'again')")
+            with conn.transaction() as tx:
+                insert(tx, my, table, 2)
+        assert ids(my, table) == [1, 2]
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_block_that_caught_an_error_commits_only_what_the_server_kept(
+    db: Backend, timeout: float | None
+) -> None:
+    """A statement fails inside the block; the block catches the error and ends normally.
+    PostgreSQL aborted the transaction, and its COMMIT then rolls back and reports success:
+    the block used to "commit" without an error.  SQLite and MariaDB undo the failed statement
+    only, and the rest commits."""
+    table = db.fresh_table(unique("tx_caught"))
+    direct(db, f"insert into {table} (id, v) values (1, 'a')")
+    with new_pool(db.connect) as pool:
+
+        def block() -> None:
+            with pool.transaction(timeout=timeout) as tx:
+                insert(tx, db, table, 2)
+                with pytest.raises(db.driver.IntegrityError):
+                    insert(tx, db, table, 1)
+
+        if db.name == "postgresql":
+            with pytest.raises(TransactionRolledBack, match="rolled back") as info:
+                block()
+            assert isinstance(info.value.__cause__, db.driver.errors.UniqueViolation)
+            assert ids(db, table) == [1]
+        else:
+            block()
+            assert ids(db, table) == [1, 2]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+        assert_clean_next_lease(pool, db)
+
+
+def test_psycopg2_block_that_caught_an_error_is_rolled_back(
+    psycopg2_connect: Connector, pg: Backend
+) -> None:
+    import psycopg2.errors
+
+    table = pg.fresh_table(unique("tx_caught_pg2"))
+    direct(pg, f"insert into {table} (id, v) values (1, 'a')")
+    with new_pool(psycopg2_connect) as pool:
+        with pytest.raises(TransactionRolledBack) as info:
+            with pool.transaction() as tx:
+                insert(tx, pg, table, 2)
+                with pytest.raises(psycopg2.errors.UniqueViolation):
+                    insert(tx, pg, table, 1)
+        assert isinstance(info.value.__cause__, psycopg2.errors.UniqueViolation)
+        assert ids(pg, table) == [1]
+        with pool.connection() as conn:
+            assert conn.raw.get_transaction_status() == 0  # idle
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
+@pytest.mark.parametrize("conflict", ["insert or rollback", "raise(rollback) in a trigger"])
+def test_sqlite_block_whose_transaction_a_conflict_rolled_back_raises(
+    sqlite_path: str, conflict: str
+) -> None:
+    """SQLite resolves these conflicts by rolling the whole transaction back; the block caught
+    the error, and its COMMIT then did nothing and reported success."""
+    setup = sqlite3.connect(sqlite_path)
+    setup.execute("insert into t (id, v) values (1, 'a')")
+    setup.execute(
+        "create trigger refuse before insert on t when new.v = 'refused' "
+        "begin select raise(rollback, 'refused by a trigger'); end"
+    )
+    setup.commit()
+    setup.close()
+    statement = {
+        "insert or rollback": "insert or rollback into t (id, v) values (1, 'again')",
+        "raise(rollback) in a trigger": "insert into t (id, v) values (3, 'refused')",
+    }[conflict]
+    with new_pool(sqlite_connector(sqlite_path)) as pool:
+        with pytest.raises(TransactionRolledBack, match="no longer open") as info:
+            with pool.transaction() as tx:
+                tx.execute("insert into t (id, v) values (2, 'b')")
+                with pytest.raises(sqlite3.IntegrityError):
+                    tx.execute(statement)
+        assert isinstance(info.value.__cause__, sqlite3.IntegrityError)
+        with pool.connection() as conn:
+            assert rows(conn, "select id from t") == [(1,)]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
+def test_mariadb_block_whose_transaction_the_server_rolled_back_raises(my: Backend) -> None:
+    """As after a deadlock caught inside the block: the server rolled the transaction back
+    and reported an error (here a procedure does both).  PyMySQL's flags, read from OK packets
+    only, still said "in a transaction", and COMMIT committed nothing without an error."""
+    import pymysql
+
+    table = my.fresh_table(unique("tx_server_rollback"))
+    proc = unique("tx_rollback_proc")
+    _create_procedure(
+        my, proc, "rollback; signal sqlstate '45000' set message_text = 'rolled back';"
+    )
+    try:
+        with new_pool(my.connect) as pool:
+            with pytest.raises(TransactionRolledBack, match="no longer open") as info:
+                with pool.transaction(timeout=10) as tx:
+                    insert(tx, my, table, 1)
+                    with pytest.raises(pymysql.err.MySQLError, match="rolled back"):
+                        tx.execute(f"call {proc}()")
+            assert isinstance(info.value.__cause__, pymysql.err.MySQLError)
+            assert ids(my, table) == []
+            s = assert_balanced(pool)
+            assert s.discarded == 0
+            assert_clean_next_lease(pool, my)
+    finally:
+        direct(my, f"drop procedure if exists {proc}")
+
+
+@pytest.mark.parametrize("verb", ["commit", "rollback"])
+def test_commit_or_rollback_through_the_lease_inside_a_block_is_refused(
+    db: Backend, verb: str
+) -> None:
+    """They used to go through: the block's transaction ended half-way, and the rest of the
+    block ran outside it (on an autocommit connection, committed statement by statement)."""
+    table = db.fresh_table(unique("tx_inner_commit"))
+    with new_pool(db.connect) as pool:
+        with pool.connection() as conn:
+            with pytest.raises(Boom):
+                with conn.transaction() as tx:
+                    insert(tx, db, table, 1)
+                    with pytest.raises(PoolError, match="inside a transaction block"):
+                        getattr(conn, verb)()
+                    insert(tx, db, table, 2)  # still inside the block's transaction
+                    raise Boom
+            assert not open_transaction(db, conn.raw)
+        with pool.transaction() as tx:
+            insert(tx, db, table, 3)
+            with pytest.raises(PoolError, match="inside a transaction block"):
+                getattr(tx.connection, verb)()
+        assert ids(db, table) == [3]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
+SQLITE_SECONDS_SQL = (  # about a few seconds of work, if nothing interrupts it
+    "with recursive c(x) as (select 1 union all select x + 1 from c where x < 10000000) "
+    "select count(*) from c"
+)
+
+
+def test_sqlite_statement_run_through_the_lease_connection_is_watched(sqlite_path: str) -> None:
+    """sqlite3's conn.execute(), reached through the lease, used to run unseen by the
+    watchdog: never interrupted at the deadline, nor refused after it."""
+    with new_pool(sqlite_connector(sqlite_path)) as pool:
+        with pytest.raises(TransactionTimeout) as info:
+            with pool.transaction(timeout=0.3) as tx:
+                tx.connection.execute("insert into t (id, v) values (1, 'x')")
+                tx.connection.execute(SQLITE_SECONDS_SQL).fetchall()
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError), repr(
+            info.value.__cause__
+        )
+        with pytest.raises(TransactionTimeout):
+            with pool.transaction(timeout=0.3) as tx:
+                raw = tx.connection.raw
+                changes = raw.total_changes
+                sleep_past(tx.deadline)
+                with pytest.raises(TransactionTimeout):
+                    tx.connection.execute("insert into t (id, v) values (2, 'x')")
+                assert raw.total_changes == changes, "the statement ran past the deadline"
+        with pool.connection() as conn:
+            assert rows(conn, "select count(*) from t") == [(0,)]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
+class NoServerTimeouts(PsycopgDialect):
+    """No server-side limits: only the watchdog's cancel can stop a statement at the
+    deadline."""
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        return None
+
+
+@pytest.mark.parametrize("how", ["connection.execute", "server-side cursor", "stream"])
+def test_postgresql_statement_past_the_cursor_methods_is_cancelled_at_the_deadline(
+    pg: Backend, how: str
+) -> None:
+    import psycopg
+
+    slow = f"select pg_sleep({SLOW})"
+    with new_pool(pg.connect, dialect=NoServerTimeouts()) as pool:
+        with pytest.raises(TransactionTimeout) as info:
+            with pool.transaction(timeout=0.3) as tx:
+                if how == "connection.execute":
+                    tx.connection.execute(slow)
+                elif how == "server-side cursor":
+                    cur = tx.connection.cursor(name="slow")
+                    cur.execute(slow)  # DECLARE: the query runs as rows are fetched
+                    for _ in cur:
+                        pass
+                else:
+                    for _ in tx.cursor().stream(slow):
+                        pass
+        assert isinstance(info.value.__cause__, psycopg.errors.QueryCanceled), repr(
+            info.value.__cause__
+        )
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+        assert_clean_next_lease(pool, pg)
+
+
+def test_a_cursor_iterated_inside_a_block_stays_usable(db: Backend) -> None:
+    """Inside a block, iteration is watched step by step; a cursor that is its own iterator
+    (sqlite3's) is not closed when the iteration ends."""
+    table = db.fresh_table(unique("tx_iterate"))
+    direct(db, f"insert into {table} (id, v) values (1, 'a'), (2, 'b')")
+    with new_pool(db.connect) as pool:
+        with pool.transaction(timeout=10) as tx:
+            cur = tx.cursor()
+            cur.execute(f"select id from {table} order by id")
+            assert [tuple(r) for r in cur] == [(1,), (2,)]
+            cur.execute(f"select count(*) from {table}")
+            assert [tuple(r) for r in cur.fetchall()] == [(2,)]
+        assert_clean_next_lease(pool, db)

@@ -11,6 +11,7 @@ import enum
 import math
 import os
 import socket
+import stat
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -51,6 +52,22 @@ class Dialect:
         """The connection's state, read locally: no round trip."""
         closed = getattr(conn, "closed", False)
         return BROKEN if closed else UNKNOWN
+
+    def call_failed(self, conn: Any) -> None:
+        """A driver call on ``conn`` raised.  Where that can leave the driver's transaction
+        flags stale, make :meth:`transaction_state` report ``IN_TRANSACTION`` until the driver
+        hears from the server again (the pool then rolls back on return).  No I/O."""
+
+    def fresh_transaction_state(self, conn: Any) -> TxState:
+        """:meth:`transaction_state`, read again from the server (one round trip) when a
+        failed call left the driver's flags stale; otherwise the same, with no I/O.  For BEGIN
+        and COMMIT, not for the return path."""
+        return self.transaction_state(conn)
+
+    def transaction_aborted(self, conn: Any) -> bool:
+        """Whether the open transaction failed, so that the server accepts only ROLLBACK
+        (PostgreSQL after an error: COMMIT would roll it back).  No I/O."""
+        return False
 
     def ping(self, conn: Any) -> None:
         """One round trip that proves the connection works; raise if it does not.
@@ -205,22 +222,46 @@ def _execute(conn: Any, sql: str, params: Any = None) -> list[Any]:
         cursor.close()
 
 
-def shutdown_socket(fd: int) -> None:
-    """Shut down the socket behind ``fd`` for both directions; anything else is left alone."""
+SocketIdentity = tuple[int, int]
+
+
+def socket_identity(fd: int) -> SocketIdentity | None:
+    """What tells the socket behind ``fd`` from whatever later gets the same number once it is
+    closed: its device and inode.  None if ``fd`` is not an open socket."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
+def shutdown_socket(fd: int, identity: SocketIdentity | None = None) -> bool:
+    """Shut down the socket behind ``fd`` for both directions; anything else is left alone.
+
+    With ``identity`` (from :func:`socket_identity`), only if ``fd`` is still that socket: a
+    number recorded earlier may have been closed and reused since.  Returns False when ``fd``
+    was left alone for not being the socket asked for.
+    """
     if fd < 0:
-        return
+        return False
     duplicate = os.dup(fd)  # a socket object of our own, so that closing it leaves fd open
+    # Checked on the duplicate, which keeps that file open: the check and the shutdown see the
+    # same socket even if fd is closed and reused in between.
+    if identity is not None and socket_identity(duplicate) != identity:
+        os.close(duplicate)
+        return False
     try:
         sock = socket.socket(fileno=duplicate)
     except OSError:  # not a socket
         os.close(duplicate)
-        return
+        return False
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # not connected any more
     finally:
         sock.close()
+    return True
 
 
 def _blind_fd(fd: int) -> None:

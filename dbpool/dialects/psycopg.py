@@ -42,6 +42,9 @@ class PsycopgDialect(Dialect):
         # connection that is closed or broken.
         return LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
 
+    def transaction_aborted(self, conn: Any) -> bool:
+        return bool(conn.pgconn.transaction_status == _PQ_INERROR)
+
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
 

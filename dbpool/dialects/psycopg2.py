@@ -6,7 +6,14 @@ from typing import Any, Callable
 
 from ..isolation import Isolation
 from .base import BROKEN, Dialect, TxState, _execute, milliseconds
-from .psycopg import _LIMIT_TIME_SQL, _PQ_IDLE, _RETRYABLE_SQLSTATES, LIBPQ_STATES, _begin_sql
+from .psycopg import (
+    _LIMIT_TIME_SQL,
+    _PQ_IDLE,
+    _PQ_INERROR,
+    _RETRYABLE_SQLSTATES,
+    LIBPQ_STATES,
+    _begin_sql,
+)
 
 
 class Psycopg2Dialect(Dialect):
@@ -18,6 +25,9 @@ class Psycopg2Dialect(Dialect):
             return BROKEN
         # conn.info makes an object per call
         return LIBPQ_STATES.get(conn.get_transaction_status(), BROKEN)
+
+    def transaction_aborted(self, conn: Any) -> bool:
+        return not conn.closed and conn.get_transaction_status() == _PQ_INERROR
 
     def client_settings(self, conn: Any) -> object:
         return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)

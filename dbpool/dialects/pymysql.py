@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import socket
-from typing import Any, Callable
+import threading
+import weakref
+from typing import Any, Callable, NamedTuple
 
 from ..isolation import Isolation
 from .base import (
@@ -14,10 +16,13 @@ from .base import (
     IN_TRANSACTION,
     UNKNOWN,
     Dialect,
+    SocketIdentity,
     TxState,
     _execute,
     is_database_error,
     milliseconds,
+    shutdown_socket,
+    socket_identity,
 )
 
 _RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
@@ -88,6 +93,16 @@ _AUTOCOMMIT = 0x0002  # SERVER_STATUS_AUTOCOMMIT
 _COM_RESET_CONNECTION = 0x1F  # MySQL 5.7.3+, MariaDB 10.2.4+
 
 
+class _StaleStatus(int):
+    """PyMySQL's ``server_status`` after a call that raised.  PyMySQL reads the flags from OK
+    and EOF packets only, so an error leaves those of the call before, which may predate a
+    transaction the failed statement opened (a procedure's START TRANSACTION).  The other bits
+    are kept (PyMySQL's escaping and autocommit read them); IN_TRANS is set, so that an open
+    transaction is assumed.  The next packet PyMySQL reads replaces it with a plain int."""
+
+    __slots__ = ()
+
+
 class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
 
@@ -105,6 +120,18 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         # With autocommit off, a plain read opens a consistent snapshot that MariaDB does not
         # report in the status flags: only the lease's record of statements can tell.
         return UNKNOWN
+
+    def call_failed(self, conn: Any) -> None:
+        status = conn.server_status
+        if status is not None and type(status) is not _StaleStatus:
+            conn.server_status = _StaleStatus(status | _IN_TRANS)
+
+    def fresh_transaction_state(self, conn: Any) -> TxState:
+        state = self.transaction_state(conn)
+        if state is IN_TRANSACTION and type(conn.server_status) is _StaleStatus:
+            conn.ping(reconnect=False)  # its OK packet carries the server's flags
+            state = self.transaction_state(conn)
+        return state
 
     def client_settings(self, conn: Any) -> object:
         return bool((conn.server_status or 0) & _AUTOCOMMIT)
@@ -140,10 +167,71 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
             conn.autocommit(conn.autocommit_mode)
 
 
+_SOCKET_CHANGED = (
+    "this mysqlclient connection's socket changed since its server session was read: it "
+    "reconnected, or was closed"
+)
+
+
+class _Session(NamedTuple):
+    thread_id: int  # the server's, for KILL QUERY
+    fd: int
+    socket: SocketIdentity | None  # what fd was when thread_id was read
+
+
+class _Sessions:
+    """The server session of each mysqlclient connection, for cancel and sever.
+
+    mysqlclient refuses every call on a connection while another thread is inside one
+    ("already in use from another thread"), ``thread_id()`` and ``fileno()`` included, and
+    cancel and sever run in a watchdog thread exactly then.  So the thread id and the socket are
+    read beforehand, in a thread that may use the connection, and kept here.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Weakly keyed: an entry goes with its connection.
+        self._of: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+
+    def record(self, conn: Any) -> None:
+        """Read ``conn``'s session; only where no other thread can be using it."""
+        fd = conn.fileno()
+        session = _Session(conn.thread_id(), fd, socket_identity(fd))
+        try:
+            with self._lock:
+                self._of[conn] = session
+        except TypeError:  # no weak references: nothing recorded, so no cancel or sever
+            pass
+
+    def current(self, conn: Any) -> _Session:
+        """The recorded session, if the connection still has the socket it had then.
+
+        A reconnect (``ping(True)``, or mysqlclient's automatic reconnect once that turned it
+        on) opens a new socket and a new server session; the recorded thread id is then the
+        old session's, which a restarted server may have given to another client.
+        """
+        try:
+            with self._lock:
+                session = self._of.get(conn)
+        except TypeError:
+            session = None
+        if session is None or session.socket is None:
+            raise RuntimeError("this mysqlclient connection's server session is unknown")
+        if socket_identity(session.fd) != session.socket:
+            raise RuntimeError(_SOCKET_CHANGED)
+        return session
+
+
 class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
     name = "mysqlclient"
+
+    def __init__(self) -> None:
+        self._sessions = _Sessions()
+
+    def check_new(self, conn: Any) -> None:
+        self._sessions.record(conn)  # no other thread has the connection yet
 
     def transaction_state(self, conn: Any) -> TxState:
         return UNKNOWN if conn.open else BROKEN
@@ -156,3 +244,23 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def ping(self, conn: Any) -> None:
         conn.ping()
+        self._sessions.record(conn)  # a ping may have reconnected
+
+    def limit_time(self, conn: Any, seconds: float) -> Any:
+        # First: the deadline may pass during the round trips below, and the cancel needs it.
+        self._sessions.record(conn)
+        return super().limit_time(conn, seconds)
+
+    def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
+        side = side_connect()
+        try:
+            # Looked up after connecting: as close to the KILL as possible.
+            thread_id = self._sessions.current(conn).thread_id
+            _execute(side, "KILL QUERY %s", (thread_id,))
+        finally:
+            side.close()
+
+    def sever(self, conn: Any) -> None:
+        session = self._sessions.current(conn)
+        if not shutdown_socket(session.fd, session.socket):
+            raise RuntimeError(_SOCKET_CHANGED)

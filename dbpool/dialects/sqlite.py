@@ -9,7 +9,9 @@ from typing import Any, Callable
 from ..isolation import Isolation
 from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 
-_BUSY_OR_LOCKED = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+# SQLITE_BUSY, SQLITE_LOCKED: primary codes, the low byte of the extended ones that
+# sqlite_errorcode holds (SQLITE_BUSY_SNAPSHOT is 517, SQLITE_LOCKED_SHAREDCACHE 262...).
+_BUSY_OR_LOCKED = frozenset({5, 6})
 
 
 class SQLiteDialect(Dialect):
@@ -116,7 +118,8 @@ class SQLiteDialect(Dialect):
         conn.interrupt()  # no socket: stopping the statement is all there is to do
 
     def is_retryable(self, exc: BaseException) -> bool:
-        return getattr(exc, "sqlite_errorcode", None) in _BUSY_OR_LOCKED
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(code, int) and code & 0xFF in _BUSY_OR_LOCKED
 
     def detach_after_fork(self, conn: Any) -> None:
         pass
