@@ -172,13 +172,12 @@ def _check_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number of seconds or None" if allow_none else "a number of seconds"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
-    ok = value > 0 if positive else value >= 0
     hint = " (or None to disable it)" if allow_none else ""
-    if not ok:  # also catches NaN
-        bound = "greater than 0" if positive else "0 or more"
+    bound = "greater than 0" if positive else "0 or more"
+    if isinstance(value, int) and abs(value) > _LARGEST_SECONDS:  # not shown: it may be huge
+        raise ValueError(f"{name} must be {bound} and at most {_LARGEST_SECONDS:g} seconds{hint}")
+    if not (value > 0 if positive else value >= 0):  # also catches NaN
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
-    if isinstance(value, int) and value > _LARGEST_SECONDS:  # then no float can stand for it
-        raise ValueError(f"{name} must be at most {_LARGEST_SECONDS:g} seconds{hint}")
     if finite and not value <= threading.TIMEOUT_MAX:
         raise ValueError(f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value!r}")
 

@@ -57,7 +57,11 @@ def check_options(
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if not 0 < timeout < math.inf:
+        try:
+            finite = 0 < float(timeout) < math.inf
+        except OverflowError:  # an int no float can hold (not shown: it may be huge)
+            raise ValueError("timeout must be a finite number of seconds above 0") from None
+        if not finite:
             raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
     if not isinstance(readonly, bool):
         raise TypeError(f"readonly must be True or False, got {readonly!r}")

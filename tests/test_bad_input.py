@@ -111,7 +111,12 @@ def option(name: str, value: Any, error: type[Exception], *hint: str, **others: 
     """A row: ``Pool(connect, name=value, **others)`` raises ``error``; the message names
     ``name`` and says each of ``hint``."""
     options = {**others, name: value}
-    label = value.__name__ if isinstance(value, types.ModuleType) else repr(value)
+    if isinstance(value, types.ModuleType):
+        label = value.__name__
+    elif isinstance(value, int) and value.bit_length() > 64:  # too long to show, or to repr
+        label = f"an int of {value.bit_length()} bits"
+    else:
+        label = repr(value)
     return pytest.param(options, error, (name, *hint), id=f"{name}={label}")
 
 
@@ -149,10 +154,10 @@ BAD_OPTIONS = [
     option("acquire_timeout", -1, ValueError, "must be 0 or more", "-1"),
     option("acquire_timeout", NAN, ValueError, "must be 0 or more", "nan"),
     option("acquire_timeout", -INF, ValueError, "must be 0 or more"),
-    option("acquire_timeout", 10**400, ValueError, "must be at most 1e+300 seconds"),
-    option("idle_timeout", 10**400, ValueError, "must be at most", "or None"),
-    option("max_lifetime", 10**400, ValueError, "must be at most", "or None"),
-    option("validate_after", 10**400, ValueError, "must be at most", "or None"),
+    option("acquire_timeout", 10**400, ValueError, "0 or more and at most 1e+300 seconds"),
+    option("idle_timeout", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
+    option("max_lifetime", -(10**5000), ValueError, "and at most 1e+300 seconds", "or None"),
+    option("validate_after", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
     option("idle_timeout", "600", TypeError, "must be a number of seconds or None"),
     option("idle_timeout", True, TypeError, "must be a number of seconds or None"),
     option("idle_timeout", 0, ValueError, "must be greater than 0", "None"),
@@ -271,7 +276,7 @@ BAD_CALLS = [
         "connection-timeout=10**400",
         lambda p: p.connection(timeout=10**400),
         ValueError,
-        "timeout must be at most 1e+300 seconds",
+        "timeout must be 0 or more and at most 1e+300 seconds",
     ),
     call(
         "connection-timeout=nan",
@@ -354,6 +359,18 @@ BAD_CALLS = [
         lambda p: p.transaction(timeout=-1),
         ValueError,
         "timeout must be a finite number of seconds above 0",
+    ),
+    call(
+        "transaction-timeout=10**400",
+        lambda p: p.transaction(timeout=10**400),
+        ValueError,
+        "timeout must be a finite number",
+    ),
+    call(
+        "run_transaction-timeout=-10**5000",
+        lambda p: p.run_transaction(_block, timeout=-(10**5000)),
+        ValueError,
+        "timeout must be a finite number",
     ),
     call(
         "transaction-timeout=nan",
