@@ -62,6 +62,13 @@ def _ends_the_block(verb: str) -> PoolError:
     )
 
 
+def _commits_first() -> PoolError:
+    return PoolError(
+        "executescript() commits the open transaction before it runs the script (sqlite3): "
+        "inside a transaction block, run the statements one by one with execute()"
+    )
+
+
 def _call_failed(slot: _Slot, exc: Exception) -> None:
     """A driver call on ``slot``'s connection raised ``exc``; called before ``slot.busy`` is
     cleared, so that an interrupt in here leaves it set (the pool then discards the connection).
@@ -69,8 +76,11 @@ def _call_failed(slot: _Slot, exc: Exception) -> None:
     slot.dirty = True  # what the call left open is unknown: the return path must look
     slot.dialect.call_failed(slot.raw)  # where the driver's flags are now stale (PyMySQL)
     tx = slot.transaction
-    if tx is not None and tx._failed is None:
-        tx._failed = exc  # the server may have aborted or ended it: checked before COMMIT
+    if tx is not None:  # checked before each statement and before COMMIT
+        if tx._failed is None:
+            tx._failed = exc
+        if tx._ended_by is None and slot.dialect.ended_transaction(slot.raw, exc):
+            tx._ended_by = exc
 
 
 class Connection(Generic[C]):
@@ -226,6 +236,8 @@ class Connection(Generic[C]):
             # psycopg's conn.execute, PyMySQL's conn.query...) are watched as cursor.execute
             # is: the deadline can then cancel them.  Not outside one: no cost there.
             if slot.transaction is not None and name in _CONNECTION_STATEMENTS:
+                if name == "executescript":
+                    raise _commits_first()
                 return _tracked_call(self, value, "connection", True)
         return value
 
@@ -409,6 +421,8 @@ class Cursor(Generic[C]):
         if callable(value):  # callproc, nextset, scroll...: may run a statement
             slot.dirty = True
             kind = _CURSOR_STATEMENTS.get(name)
+            if name == "executescript" and slot.transaction is not None:
+                raise _commits_first()
             if kind is not None:  # watched as execute() is, inside a block or not
                 if kind is _STREAM:
                     return _tracked_stream(self._lease, value)
@@ -503,8 +517,15 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
     finally:
         # A generator stopped early (psycopg's) may still talk to the server as it closes; a
         # cursor that is its own iterator (sqlite3's, psycopg2's) must stay open for reuse.
+        # Not when busy: a fetch was interrupted (the pool discards the connection), or this
+        # runs in a thread collecting the abandoned iterator while the owner is in a call.
         current = lease._slot
-        if type(iterator) is GeneratorType and current is not None and current.generation >= 0:
+        if (
+            type(iterator) is GeneratorType
+            and current is not None
+            and current.generation >= 0
+            and not current.busy
+        ):
             current.busy = True
             try:
                 iterator.close()

@@ -22,7 +22,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._types import C
-from .dialects.base import BROKEN, BUSY, IDLE, IN_TRANSACTION, UNKNOWN
+from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionUnusable,
@@ -124,12 +124,13 @@ class Transaction(Generic[C]):
         # driver's error: the server may have aborted or rolled back the transaction, or kept
         # work a savepoint should have undone, so nothing more runs and nothing is committed.
         self._savepoint_failed: tuple[str, Exception] | None = None
-        # _seen_open: the dialect reported the transaction open once BEGIN went through (not so
-        # where it cannot tell, nor where the driver sends BEGIN with the first statement).
-        # _failed: the first error a driver call raised through the lease inside the block
-        # (lease._call_failed sets it): the server may have aborted or ended the transaction since.
-        self._seen_open = False
+        # Set by lease._call_failed: _failed, the first error a driver call raised through the
+        # lease inside the block (a server that aborts a transaction, as PostgreSQL does, does
+        # so after one); _ended_by, the error with which the server ended the transaction and
+        # rolled its work back: from then on nothing more runs in the block, and nothing is
+        # committed (a driver would start a new transaction, or autocommit, behind it).
         self._failed: Exception | None = None
+        self._ended_by: Exception | None = None
 
     # -- the block ----------------------------------------------------------------------------
 
@@ -167,13 +168,13 @@ class Transaction(Generic[C]):
         self._lease, self._slot = lease, slot
         slot.busy = slot.dirty = True  # from here on, a failure leaves work to roll back
         self._active = True
-        if self._timeout is not None:  # the deadline runs from BEGIN, and covers it
-            self._deadline = monotonic() + self._timeout
-            self._watch = watchdog.watch(self._deadline, self._on_deadline)
-            self._guarded = True
-            self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
         limit_inside = dialect.limit_time_inside_transaction
         try:
+            if self._timeout is not None:  # the deadline runs from BEGIN, and covers it
+                self._deadline = monotonic() + self._timeout
+                self._watch = watchdog.watch(self._deadline, self._on_deadline)
+                self._guarded = True
+                self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
             if self._timeout is not None and not limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
@@ -181,7 +182,6 @@ class Transaction(Generic[C]):
             slot.transaction = self
             if self._timeout is not None and limit_inside:
                 self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
-            self._seen_open = dialect.transaction_state(raw) is IN_TRANSACTION
         except BaseException as exc:
             self._stop_watching()
             if self._open:
@@ -266,7 +266,7 @@ class Transaction(Generic[C]):
         try:
             self._commit_or_roll_back(exc)
         finally:
-            self._failed = None  # its traceback holds the block's frames
+            self._failed = self._ended_by = None  # their tracebacks hold the block's frames
             self._unguard()
 
     def _commit_or_roll_back(self, exc: BaseException | None) -> None:
@@ -303,7 +303,7 @@ class Transaction(Generic[C]):
             raise
         if rolled_back is not None:
             self._end_quietly(slot)
-            raise rolled_back from self._failed
+            raise rolled_back from rolled_back.__cause__
         rollback = False
         try:
             self._commit(slot)
@@ -319,33 +319,28 @@ class Transaction(Generic[C]):
             self._end_quietly(slot, rollback=rollback)
 
     def _rolled_back_error(self, slot: _Slot) -> TransactionRolledBack | None:
-        """Before COMMIT: the error to raise instead, if the server already ended the
-        transaction (COMMIT would then commit nothing, or only roll back, and report success).
-        A server does so only after an error, so the flags are read again only then."""
-        dialect, raw = slot.dialect, slot.raw
-        if dialect.transaction_aborted(raw):
-            return TransactionRolledBack(
+        """Before COMMIT: the error to raise instead, chained to its cause, if the server
+        already ended or aborted the transaction (COMMIT would then commit nothing, or only
+        roll back, and report success).  No I/O."""
+        if self._ended_by is not None:
+            error = self._ended_error()
+        elif slot.dialect.transaction_aborted(slot.raw):
+            error = TransactionRolledBack(
                 "an error inside the transaction block aborted the transaction: it was rolled "
                 "back and nothing was committed"
             )
-        if self._failed is None or not self._seen_open:
+            error.__cause__ = self._failed
+        else:
             return None
-        slot.busy = True
-        try:
-            state = dialect.fresh_transaction_state(raw)  # no I/O unless the flags went stale
-        except Exception:
-            slot.busy = False
-            raise
-        slot.busy = False
-        if state is not IDLE and state is not UNKNOWN:
-            return None
-        # Seen open after BEGIN, now not (UNKNOWN: PyMySQL with autocommit off, whose flags no
-        # longer show the transaction): SQLite after a conflict resolved with ROLLBACK, MySQL
-        # after a deadlock.
-        return TransactionRolledBack(
-            "the transaction was no longer open at COMMIT: the server rolled it back after an "
-            "error inside the block, and the block's work is gone"
+        return error
+
+    def _ended_error(self) -> TransactionRolledBack:
+        error = TransactionRolledBack(
+            "the server rolled the transaction back at an error inside the block (chained): "
+            "the block's work is gone, and nothing more runs in it"
         )
+        error.__cause__ = self._ended_by
+        return error
 
     def _commit(self, slot: _Slot) -> None:
         dialect, raw = slot.dialect, slot.raw
@@ -463,6 +458,8 @@ class Transaction(Generic[C]):
             raise self._timeout_error()
         if self._savepoint_failed is not None:
             raise self._savepoint_failed_error()
+        if self._ended_by is not None:
+            raise self._ended_error()
 
     def _savepoint_failed_error(self) -> ConnectionUnusable:
         # The same case as a lease whose rollback failed: the connection's state is unknown.

@@ -62,10 +62,12 @@ class Watchdog:
     def watch(self, when: float, callback: Callback) -> _Entry:
         """Call ``callback`` in the watchdog thread at monotonic time ``when``."""
         with self._lock:
+            if self._thread is None:
+                # First: if this raises, nothing was queued (an entry left behind would fire
+                # once a later watch() starts the thread), and the next watch() tries again.
+                self._start_locked()
             entry = _Entry(when, next(self._order), callback)
             heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._start_locked()  # if this raises, the next watch() tries again
             if self._heap[0] is entry:
                 self._wakeup.notify()
         return entry

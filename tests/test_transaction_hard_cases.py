@@ -825,6 +825,30 @@ def test_the_watchdog_survives_a_thread_that_cannot_start(monkeypatch: Any) -> N
     assert second.wait(JOIN), "a later deadline never fired"
 
 
+def test_a_watch_whose_thread_cannot_start_leaves_nothing_queued(monkeypatch: Any) -> None:
+    # The entry went in before the thread was started: a transaction whose BEGIN failed so
+    # could not unwatch it, and once a later watch() started the thread it fired, cancelling
+    # whatever the lease ran next.
+    wd = Watchdog()
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "dbpool-watchdog" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    stray = threading.Event()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        wd.watch(monotonic(), stray.set)
+    fired = threading.Event()
+    wd.watch(monotonic(), fired.set)  # starts the thread
+    assert fired.wait(JOIN)
+    assert not stray.is_set(), "the watch that raised still fired"
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_watchdog_thread_is_replaced_if_it_dies(monkeypatch: Any) -> None:
     # Whatever ends the watchdog thread, the deadlines already registered and those to come

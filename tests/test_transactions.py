@@ -1813,43 +1813,120 @@ def test_sqlite_block_whose_transaction_a_conflict_rolled_back_raises(
         "raise(rollback) in a trigger": "insert into t (id, v) values (3, 'refused')",
     }[conflict]
     with new_pool(sqlite_connector(sqlite_path)) as pool:
-        with pytest.raises(TransactionRolledBack, match="no longer open") as info:
+        with pytest.raises(TransactionRolledBack, match="rolled the transaction back") as info:
             with pool.transaction() as tx:
                 tx.execute("insert into t (id, v) values (2, 'b')")
-                with pytest.raises(sqlite3.IntegrityError):
+                with pytest.raises(sqlite3.IntegrityError) as conflict:
                     tx.execute(statement)
-        assert isinstance(info.value.__cause__, sqlite3.IntegrityError)
+                # refused: sqlite3 would begin a new transaction behind the block's back
+                tx.execute("insert into t (id, v) values (4, 'after')")
+        assert info.value.__cause__ is conflict.value
         with pool.connection() as conn:
             assert rows(conn, "select id from t") == [(1,)]
         s = assert_balanced(pool)
         assert s.discarded == 0
 
 
-def test_mariadb_block_whose_transaction_the_server_rolled_back_raises(my: Backend) -> None:
-    """As after a deadlock caught inside the block: the server rolled the transaction back
-    and reported an error (here a procedure does both).  PyMySQL's flags, read from OK packets
-    only, still said "in a transaction", and COMMIT committed nothing without an error."""
+def test_mariadb_block_that_caught_a_deadlock_raises_and_runs_nothing_more(my: Backend) -> None:
+    """InnoDB rolls the deadlock victim's whole transaction back.  A block that caught the
+    error used to go on: its next statement began a new transaction (or, with autocommit on,
+    committed on its own), and COMMIT reported success with the work before the deadlock
+    gone."""
     import pymysql
 
-    table = my.fresh_table(unique("tx_server_rollback"))
-    proc = unique("tx_rollback_proc")
-    _create_procedure(
-        my, proc, "rollback; signal sqlstate '45000' set message_text = 'rolled back';"
-    )
+    locks = my.fresh_table(unique("tx_deadlock_locks"))
+    work = my.fresh_table(unique("tx_deadlock_work"))
+    bulk = my.fresh_table(unique("tx_deadlock_bulk"))
+    direct(my, f"insert into {locks} (id, v) values (1, 'a'), (2, 'b')")
+    rival = my.connect()
+    rival_holds_two = threading.Event()
+    rival_error: list[BaseException] = []
+
+    def waiting_for_a_lock() -> bool:
+        sql = "select count(*) from information_schema.innodb_trx where trx_state = 'LOCK WAIT'"
+        return bool(direct(my, sql)[0][0])
+
+    def rival_side() -> None:
+        try:
+            cur = rival.cursor()
+            # Many rows changed: InnoDB then picks the block's lighter transaction as victim.
+            cur.executemany(
+                f"insert into {bulk} (id, v) values (%s, 'x')", [(i,) for i in range(200)]
+            )
+            cur.execute(f"update {locks} set v = 'rival' where id = 2")
+            rival_holds_two.set()
+            wait_until(waiting_for_a_lock, timeout=BOUND, message="the block never waited")
+            cur.execute(f"update {locks} set v = 'rival' where id = 1")  # the deadlock
+            rival.commit()
+        except BaseException as exc:
+            rival_error.append(exc)
+            rival_holds_two.set()
+
+    thread = threading.Thread(target=rival_side, name="rival")
     try:
         with new_pool(my.connect) as pool:
-            with pytest.raises(TransactionRolledBack, match="no longer open") as info:
-                with pool.transaction(timeout=10) as tx:
-                    insert(tx, my, table, 1)
-                    with pytest.raises(pymysql.err.MySQLError, match="rolled back"):
-                        tx.execute(f"call {proc}()")
-            assert isinstance(info.value.__cause__, pymysql.err.MySQLError)
-            assert ids(my, table) == []
+            with pytest.raises(TransactionRolledBack, match="rolled the transaction back") as info:
+                with pool.transaction(timeout=BOUND) as tx:
+                    insert(tx, my, work, 1)
+                    tx.execute(f"update {locks} set v = 'block' where id = 1")
+                    thread.start()
+                    assert rival_holds_two.wait(BOUND)
+                    with pytest.raises(pymysql.err.OperationalError) as deadlock:
+                        tx.execute(f"update {locks} set v = 'block' where id = 2")
+                    assert deadlock.value.args[0] == 1213
+                    insert(tx, my, work, 2)  # refused: the transaction is gone
+            thread.join(BOUND)
+            assert not rival_error, rival_error
+            assert info.value.__cause__ is deadlock.value
+            assert ids(my, work) == []
             s = assert_balanced(pool)
             assert s.discarded == 0
             assert_clean_next_lease(pool, my)
     finally:
-        direct(my, f"drop procedure if exists {proc}")
+        rival.close()
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_mariadb_block_that_caught_a_ddl_error_commits(my: Backend, autocommit: bool) -> None:
+    """A DDL statement commits the open transaction before it runs, even one that then
+    fails: the block's transaction was then closed at COMMIT, after an error, and was taken
+    for rolled back (TransactionRolledBack, with the rows committed)."""
+    import pymysql
+
+    table = my.fresh_table(unique("tx_ddl"))
+
+    def connect() -> Any:
+        conn = my.connect()
+        conn.autocommit(autocommit)
+        return conn
+
+    with new_pool(connect) as pool:
+        with pool.transaction() as tx:
+            insert(tx, my, table, 1)
+            with pytest.raises(pymysql.err.MySQLError):
+                tx.execute(f"create table {table} (id int)")  # exists already
+            insert(tx, my, table, 2)
+        assert ids(my, table) == [1, 2]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
+def test_sqlite_executescript_is_refused_inside_a_block(sqlite_path: str) -> None:
+    """sqlite3's executescript() commits the open transaction first: inside a block it would
+    commit half the block's work."""
+    with new_pool(sqlite_connector(sqlite_path)) as pool:
+        with pool.connection() as conn:
+            with pytest.raises(Boom):
+                with conn.transaction() as tx:
+                    tx.execute("insert into t (id, v) values (1, 'a')")
+                    for target in (conn, conn.cursor()):
+                        with pytest.raises(PoolError, match="executescript"):
+                            target.executescript("insert into t (id, v) values (2, 'b');")
+                    raise Boom
+            conn.executescript("insert into t (id, v) values (3, 'c');")  # outside: as before
+            assert rows(conn, "select id from t") == [(3,)]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
 
 
 @pytest.mark.parametrize("verb", ["commit", "rollback"])

@@ -64,6 +64,12 @@ class Dialect:
         and COMMIT, not for the return path."""
         return self.transaction_state(conn)
 
+    def ended_transaction(self, conn: Any, exc: Exception) -> bool:
+        """Whether the failed call that raised ``exc`` made the server end the open
+        transaction, rolling back its work (MySQL's deadlock victim, SQLite's conflict resolved
+        with ROLLBACK).  Read from the error or the driver's local state: no I/O."""
+        return False
+
     def transaction_aborted(self, conn: Any) -> bool:
         """Whether the open transaction failed, so that the server accepts only ROLLBACK
         (PostgreSQL after an error: COMMIT would roll it back).  No I/O."""

@@ -72,6 +72,9 @@ class PymssqlDialect(Dialect):
     def is_retryable(self, exc: BaseException) -> bool:
         return is_database_error(exc) and bool(exc.args) and exc.args[0] == _DEADLOCK_VICTIM
 
+    def ended_transaction(self, conn: Any, exc: Exception) -> bool:
+        return self.is_retryable(exc)  # the deadlock victim's transaction is rolled back
+
     def savepoint(self, conn: Any, name: str) -> None:
         _execute(conn, f"SAVE TRANSACTION {name}")
 

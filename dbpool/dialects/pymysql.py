@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import threading
 import weakref
@@ -25,7 +26,8 @@ from .base import (
     socket_identity,
 )
 
-_RETRYABLE_ERRORS = frozenset({1213, 1205})  # ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT
+_DEADLOCK = 1213  # ER_LOCK_DEADLOCK: the server rolled the whole transaction back
+_RETRYABLE_ERRORS = frozenset({_DEADLOCK, 1205})  # and ER_LOCK_WAIT_TIMEOUT
 # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
 _DISCONNECT_ERRORS = frozenset({2006, 2013, 2055})
 
@@ -82,6 +84,12 @@ class _MySQLTransactions:
 
     def is_retryable(self, exc: BaseException) -> bool:
         return is_database_error(exc) and bool(exc.args) and exc.args[0] in _RETRYABLE_ERRORS
+
+    def ended_transaction(self, conn: Any, exc: Exception) -> bool:
+        # A lock wait timeout (1205) undoes the statement only, unless the server runs with
+        # innodb_rollback_on_timeout; other errors (a DDL statement's, after the implicit
+        # COMMIT it begins with) end nothing.
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] == _DEADLOCK
 
     def is_disconnect(self, exc: BaseException) -> bool:
         # mysqlclient keeps `open` true after a lost connection: its error code says it
@@ -192,6 +200,11 @@ class _Sessions:
         self._lock = threading.Lock()
         # Weakly keyed: an entry goes with its connection.
         self._of: weakref.WeakKeyDictionary[Any, _Session] = weakref.WeakKeyDictionary()
+        if hasattr(os, "register_at_fork"):  # a child forked as another thread held the lock
+            os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def record(self, conn: Any) -> None:
         """Read ``conn``'s session; only where no other thread can be using it."""

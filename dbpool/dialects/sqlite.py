@@ -117,6 +117,15 @@ class SQLiteDialect(Dialect):
     def sever(self, conn: Any) -> None:
         conn.interrupt()  # no socket: stopping the statement is all there is to do
 
+    def ended_transaction(self, conn: Any, exc: Exception) -> bool:
+        # A block's transaction is open from its BEGIN: closed after an error, the error
+        # rolled it back (ON CONFLICT ROLLBACK, RAISE(ROLLBACK)).  executescript(), which
+        # commits first, is refused inside a block.
+        try:
+            return not conn.in_transaction
+        except Exception:  # closed: it is discarded anyway
+            return False
+
     def is_retryable(self, exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
         return isinstance(code, int) and code & 0xFF in _BUSY_OR_LOCKED
