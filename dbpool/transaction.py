@@ -298,8 +298,8 @@ class Transaction(Generic[C]):
     def _commit_unless_rolled_back(self, slot: _Slot) -> None:
         try:
             rolled_back = self._rolled_back_error(slot)
-        except Exception:
-            self._end_quietly(slot)  # the re-read failed: roll back, or doom the connection
+        except Exception:  # a dialect's look at the state failed: end it, or doom it
+            self._end_quietly(slot)
             raise
         if rolled_back is not None:
             self._end_quietly(slot)
