@@ -46,6 +46,9 @@ T = TypeVar("T")
 _CANCEL_AGAIN = 0.05  # seconds between cancels while a statement still runs past the deadline
 _SEVER_GRACE = 1.0  # seconds past the deadline before a call still running is cut off
 _NOT_LIMITED = object()  # limit_time() was not called, or did not get through
+# How far past the deadline a lock wait may last where the dialect narrows its limit (SQLite):
+# the limit is resized to the time left before a statement when it was sized longer ago.
+_NARROW_SLACK = 0.01
 _RETRY_FIRST_DELAY = 0.01
 _RETRY_MAX_DELAY = 1.0
 
@@ -113,6 +116,10 @@ class Transaction(Generic[C]):
         self._open = False
         self._begin_token: Any = None
         self._time_token: Any = _NOT_LIMITED
+        # When the server-side limit was last sized to the time left, if the dialect narrows
+        # it (see Dialect.narrows_time); a wait starting later may outlast the deadline by
+        # the time since.  Infinity: nothing to narrow.
+        self._narrowed_at = math.inf
         self._watch: Any = None
         # _guarded: from BEGIN until COMMIT/ROLLBACK and the session undo are over; the
         # watchdog severs the connection only while it is set (under _sever_lock).
@@ -176,7 +183,10 @@ class Transaction(Generic[C]):
                 self._guarded = True
                 self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
             if self._timeout is not None and not limit_inside:
-                self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
+                now = monotonic()
+                self._time_token = dialect.limit_time(raw, self._deadline - now)
+                if dialect.narrows_time:
+                    self._narrowed_at = now
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
             self._open = True
             slot.transaction = self
@@ -306,14 +316,19 @@ class Transaction(Generic[C]):
             raise rolled_back from rolled_back.__cause__
         rollback = False
         try:
+            now = monotonic()
+            if now - self._narrowed_at > _NARROW_SLACK:
+                self._narrow_time(now)  # COMMIT too may wait for a lock
             self._commit(slot)
         except CommitOutcomeUnknown:
             raise  # the connection is doomed: nothing more is sent on it
-        except Exception:
+        except Exception as exc:
             # A definite failure; the server may keep the transaction open (SQLite refuses
             # COMMIT with SQLITE_BUSY and stays in it): roll it back, or the lease's next
             # commit would commit the block's work.
             rollback = slot.dialect.transaction_state(slot.raw) is not IDLE
+            if self._expired or monotonic() >= self._deadline:  # cancelled, or its wait cut
+                raise self._timeout_error() from exc
             raise
         finally:
             self._end_quietly(slot, rollback=rollback)
@@ -451,15 +466,27 @@ class Transaction(Generic[C]):
         return None if self._deadline == math.inf else self._deadline
 
     def _check_open(self) -> None:
+        """Called before (and after) each statement of the block."""
         if not self._open:
             raise PoolError("the transaction is over: start a new one")
-        if self._expired or monotonic() >= self._deadline:
+        now = monotonic()
+        if self._expired or now >= self._deadline:
             self._expired = True
             raise self._timeout_error()
         if self._savepoint_failed is not None:
             raise self._savepoint_failed_error()
         if self._ended_by is not None:
             raise self._ended_error()
+        if now - self._narrowed_at > _NARROW_SLACK:
+            self._narrow_time(now)
+
+    def _narrow_time(self, now: float) -> None:
+        """Size the server-side limit to the time left, so that a lock wait starting now ends
+        by the deadline (no cancel ends it)."""
+        slot = self._slot
+        assert slot is not None
+        slot.dialect.narrow_time(slot.raw, self._deadline - now)
+        self._narrowed_at = now
 
     def _savepoint_failed_error(self) -> ConnectionUnusable:
         # The same case as a lease whose rollback failed: the connection's state is unknown.

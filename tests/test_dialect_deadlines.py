@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import time
 import warnings
 from typing import Any, Callable
 
@@ -228,9 +229,9 @@ def test_sqlite_busy_snapshot_is_retried(tmp_path: Any) -> None:
 def test_sqlite_lock_wait_that_starts_inside_the_block_ends_in_transaction_timeout(
     tmp_path: Any,
 ) -> None:
-    """busy_timeout is sized to the whole deadline at BEGIN, and interrupt() does not end a
-    lock wait: one that starts inside the block outlasts the deadline, and then the block ends
-    with TransactionTimeout, chained to the driver's "database is locked"."""
+    """interrupt() does not end a lock wait: one that starts inside the block lasts until
+    the deadline (busy_timeout), and then the block ends with TransactionTimeout, chained to
+    the driver's "database is locked"."""
     path = str(tmp_path / "locked.sqlite3")
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("create table t (id int)")
@@ -248,3 +249,75 @@ def test_sqlite_lock_wait_that_starts_inside_the_block_ends_in_transaction_timeo
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_sqlite_lock_wait_that_starts_late_in_the_block_ends_by_the_deadline(
+    tmp_path: Any,
+) -> None:
+    """busy_timeout, set to the whole timeout at BEGIN, is shortened to the time left before
+    a statement that starts later: its lock wait ends by the deadline, not a whole timeout
+    after it started."""
+    path = str(tmp_path / "locked.sqlite3")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("create table t (id int)")
+    holder.execute("BEGIN IMMEDIATE")  # holds the write lock throughout
+    timeout = 2.0
+    try:
+        with dbpool.Pool(
+            lambda: sqlite3.connect(path, check_same_thread=False), min_size=0, max_size=1
+        ) as pool:
+            with pytest.raises(TransactionTimeout) as info:
+                with pool.transaction(timeout=timeout) as tx:  # a plain BEGIN takes no lock
+                    deadline = tx.deadline
+                    assert deadline is not None
+                    time.sleep(timeout / 2)
+                    left_ms = (deadline - time.monotonic()) * 1000
+                    [(busy,)] = tx.execute("pragma busy_timeout").fetchall()
+                    assert busy <= left_ms + 1, f"busy_timeout {busy} ms, {left_ms:.0f} ms left"
+                    try:
+                        tx.execute("insert into t values (1)")
+                    finally:
+                        overrun = time.monotonic() - deadline
+            # A wait sized at BEGIN would have lasted a whole timeout: overrun ~timeout / 2.
+            assert overrun < timeout / 4, f"the lock wait ended {overrun:.2f} s past the deadline"
+            cause = info.value.__cause__
+            assert isinstance(cause, sqlite3.OperationalError), cause
+            assert "locked" in str(cause)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_sqlite_commit_that_waits_for_a_reader_ends_by_the_deadline(tmp_path: Any) -> None:
+    """COMMIT waits for readers to let go of the database (rollback journal): that wait, too,
+    ends by the deadline when COMMIT starts late in the block, and the block then ends with
+    TransactionTimeout, chained to the driver's "database is locked"."""
+    path = str(tmp_path / "read.sqlite3")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("create table t (id int)")
+    reader.execute("insert into t values (0)")
+    reader.execute("BEGIN")
+    reader.execute("select * from t").fetchall()  # holds a shared lock until its rollback
+    timeout = 2.0
+    try:
+        with dbpool.Pool(
+            lambda: sqlite3.connect(path, check_same_thread=False), min_size=0, max_size=1
+        ) as pool:
+            with pytest.raises(TransactionTimeout) as info:
+                try:
+                    with pool.transaction(timeout=timeout) as tx:
+                        deadline = tx.deadline
+                        assert deadline is not None
+                        tx.execute("insert into t values (1)")  # readers do not stop a write
+                        time.sleep(timeout / 2)
+                finally:
+                    overrun = time.monotonic() - deadline
+            # A wait sized at BEGIN would have lasted a whole timeout: overrun ~timeout / 2.
+            assert overrun < timeout / 4, f"COMMIT's lock wait ended {overrun:.2f} s late"
+            cause = info.value.__cause__
+            assert isinstance(cause, sqlite3.OperationalError), cause
+            assert "locked" in str(cause)
+            assert pool.execute("select count(*) from t") == [(1,)]  # rolled back
+    finally:
+        reader.rollback()
+        reader.close()

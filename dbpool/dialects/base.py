@@ -157,6 +157,15 @@ class Dialect:
         Returns what :meth:`unlimit_time` needs."""
         return None
 
+    #: Whether the limit :meth:`limit_time` sets is a length each wait starts afresh, and no
+    #: cancel ends such a wait (SQLite's busy timeout): before each statement and COMMIT, the
+    #: transaction then shortens it to the time left with :meth:`narrow_time`.
+    narrows_time = False
+
+    def narrow_time(self, conn: Any, seconds: float) -> None:
+        """Shorten the limit :meth:`limit_time` set to ``seconds``, the time left before the
+        deadline; :meth:`unlimit_time` undoes both."""
+
     def unlimit_time(self, conn: Any, token: Any) -> None:
         """Undo :meth:`limit_time`; called after COMMIT or ROLLBACK."""
 
