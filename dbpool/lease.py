@@ -110,7 +110,7 @@ class Connection(Generic[C]):
         """The driver's connection.  Statements run on it directly are assumed to leave a
         transaction open, so the pool rolls back on return when it cannot read the state."""
         slot = self._live("connection")
-        slot.dirty = True
+        slot.dirty = slot.exposed = True
         return slot.raw  # type: ignore[no-any-return]
 
     @property
@@ -232,13 +232,14 @@ class Connection(Generic[C]):
             if slot.doomed:
                 raise _doomed()  # reading an attribute (conn.closed, say) is still allowed
             slot.dirty = True
-            # Inside a transaction block, the driver's statement methods (sqlite3's and
-            # psycopg's conn.execute, PyMySQL's conn.query...) are watched as cursor.execute
-            # is: the deadline can then cancel them.  Not outside one: no cost there.
-            if slot.transaction is not None and name in _CONNECTION_STATEMENTS:
-                if name == "executescript":
+            # The driver's statement methods (sqlite3's and psycopg's conn.execute, PyMySQL's
+            # conn.query...) are watched as cursor.execute is: a failure marks what the driver
+            # caches as stale, and inside a block the deadline can cancel them.
+            kind = _CONNECTION_STATEMENTS.get(name)
+            if kind is not None:
+                if name == "executescript" and slot.transaction is not None:
                     raise _commits_first()
-                return _tracked_call(self, value, "connection", True)
+                return _tracked_call(self, value, "connection", kind is _STATEMENT)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -294,7 +295,8 @@ class Cursor(Generic[C]):
     def raw(self) -> Any:
         """The driver's cursor.  Statements run on it directly are assumed to leave a
         transaction open, as with :attr:`Connection.raw`."""
-        self._slot().dirty = True
+        slot = self._slot()
+        slot.dirty = slot.exposed = True
         return self._raw
 
     def _slot(self) -> _Slot:
@@ -447,8 +449,15 @@ _FETCH = "fetch"  # reads what a statement returned: marked busy only, as fetcho
 _STREAM = "stream"  # returns an iterator that fetches as it goes (psycopg's cursor.stream())
 _BLOCK = "block"  # returns a context manager busy for its whole block (psycopg's cursor.copy())
 
-#: The driver connections' statement methods (sqlite3, psycopg, PyMySQL, mysqlclient).
-_CONNECTION_STATEMENTS = frozenset({"execute", "executemany", "executescript", "query"})
+#: The driver connections' methods that reach the server (sqlite3, psycopg, PyMySQL,
+#: mysqlclient), other than those Connection defines.
+_CONNECTION_STATEMENTS = {
+    "execute": _STATEMENT,
+    "executemany": _STATEMENT,
+    "executescript": _STATEMENT,  # sqlite3
+    "query": _STATEMENT,  # PyMySQL, mysqlclient
+    "next_result": _FETCH,  # PyMySQL, mysqlclient: the next result set of a multi-statement
+}
 #: The driver cursors' methods that reach the server, other than those Cursor defines.
 _CURSOR_STATEMENTS = {
     "callproc": _STATEMENT,

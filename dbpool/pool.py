@@ -65,7 +65,7 @@ _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it
 class _Slot:
     """One driver connection and the pool's record of it.
 
-    The lease fields (``dirty`` ... ``restore``, ``used``) are written by the thread that holds
+    The lease fields (``dirty`` ... ``restore``, ``used``, ``exposed``) are written by the thread that holds
     the lease.  Every lease sets ``used`` before it touches the connection; the return path
     then puts them back to their defaults, or discards the connection: so an idle connection
     has them all at their defaults, and a lease that did nothing needs no cleaning.
@@ -89,6 +89,7 @@ class _Slot:
         "transaction",
         "owner",
         "used",
+        "exposed",
         "borrowed",
     )
 
@@ -108,6 +109,9 @@ class _Slot:
         self.transaction: Any = None  # the Transaction whose block is running on it
         self.owner = 0  # threading.get_ident() of the thread that leased it, or is closing it
         self.used = False  # the lease touched the connection: the return path must clean it
+        # The lease handed out the driver's connection or cursor (raw): a call the lease could
+        # not see may have failed, leaving state the driver caches (PyMySQL's flags) stale.
+        self.exposed = False
         # With leak_timeout: (monotonic time, stack, thread name) of the checkout, and whether
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
@@ -1512,6 +1516,8 @@ class Pool(Generic[C]):
         raw = slot.raw
         dialect = slot.dialect
         try:
+            if slot.exposed:
+                dialect.call_failed(raw)  # as if a call had failed: its cached state is not read
             if slot.cursors:
                 cursors, slot.cursors = slot.cursors, None
                 for cursor in cursors:
@@ -1557,7 +1563,7 @@ class Pool(Generic[C]):
         except Exception as exc:
             slot.doomed = True
             return _RESET_FAILED, f"reset failed: {self._describe(exc)}"
-        slot.used = slot.dirty = False
+        slot.used = slot.dirty = slot.exposed = False
         return None
 
     def _discard(

@@ -212,6 +212,8 @@ class Transaction(Generic[C]):
         the work pending on it (MySQL), or a result still being read would be lost."""
         slot.busy = True  # a dialect whose flags went stale reads them again: a round trip
         try:
+            if slot.exposed:  # a call through raw may have failed unseen: flags not trusted
+                slot.dialect.call_failed(slot.raw)
             state = slot.dialect.fresh_transaction_state(slot.raw)
         except Exception:
             slot.busy = False

@@ -1686,7 +1686,7 @@ def _create_procedure(db: Backend, name: str, body: str) -> None:
     direct(db, f"create procedure {name}() begin {body} end")
 
 
-@pytest.mark.parametrize("call", ["execute", "callproc"])
+@pytest.mark.parametrize("call", ["execute", "callproc", "conn.query", "conn.raw"])
 def test_pymysql_statement_that_opened_a_transaction_and_failed_leaves_nothing_open(
     my: Backend, call: str
 ) -> None:
@@ -1712,8 +1712,14 @@ def test_pymysql_statement_that_opened_a_transaction_and_failed_leaves_nothing_o
                 with pytest.raises(pymysql.err.MySQLError, match="failed inside"):
                     if call == "execute":
                         cur.execute(f"call {proc}()")
-                    else:
+                    elif call == "callproc":
                         cur.callproc(proc)
+                    elif call == "conn.query":  # PyMySQL's own method, passed through
+                        conn.query(f"call {proc}()")
+                    else:
+                        raw = conn.raw.cursor()
+                        raw.execute("select 1")  # fresh flags from its reply, then stale
+                        raw.execute(f"call {proc}()")
                 with pytest.raises(PoolError, match="pending"):
                     with conn.transaction():
                         pytest.fail("a transaction began on top of the open one")

@@ -54,7 +54,8 @@ class Dialect:
         return BROKEN if closed else UNKNOWN
 
     def call_failed(self, conn: Any) -> None:
-        """A driver call on ``conn`` raised.  Where that can leave the driver's transaction
+        """A driver call on ``conn`` raised (or may have, unseen: the lease handed out the
+        driver's connection or cursor).  Where that can leave the driver's transaction
         flags stale, make :meth:`transaction_state` report ``IN_TRANSACTION`` until the driver
         hears from the server again (the pool then rolls back on return).  No I/O."""
 
