@@ -393,10 +393,11 @@ class Cursor(Generic[C]):
 
     def __iter__(self) -> Iterator[Any]:
         slot = self._slot()
-        if slot.transaction is None:
-            return iter(self._raw)
+        raw = self._raw
+        if slot.transaction is None or not slot.dialect.fetches_as_it_goes(raw):
+            return iter(raw)
         # A server-side cursor fetches as it goes: inside a block, each step is watched.
-        return _tracked_iteration(self._lease, iter(self._raw))
+        return _tracked_iteration(self._lease, iter(raw))
 
     def close(self) -> None:
         if self._open:

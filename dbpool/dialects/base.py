@@ -76,6 +76,13 @@ class Dialect:
         (PostgreSQL after an error: COMMIT would roll it back).  No I/O."""
         return False
 
+    def fetches_as_it_goes(self, cursor: Any) -> bool:
+        """Whether iterating the driver's ``cursor`` may wait for the server (a server-side
+        cursor, an unbuffered result; SQLite runs its statement step by step): inside a
+        transaction block, such iteration is watched by the deadline, one step at a time.
+        No I/O.  When in doubt, True."""
+        return True
+
     def ping(self, conn: Any) -> None:
         """One round trip that proves the connection works; raise if it does not.
 

@@ -51,6 +51,11 @@ class PsycopgDialect(Dialect):
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings
 
+    def fetches_as_it_goes(self, cursor: Any) -> bool:
+        # A client-side cursor holds its rows, unless the connection is in pipeline mode
+        # (fetching then syncs the pipeline); a server-side cursor has a name.
+        return hasattr(cursor, "name") or cursor.connection.pgconn.pipeline_status != 0
+
     def ping(self, conn: Any) -> None:
         # An empty query is one round trip; in autocommit mode it opens no transaction.
         if conn.autocommit:

@@ -35,6 +35,9 @@ class Psycopg2Dialect(Dialect):
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable = settings
 
+    def fetches_as_it_goes(self, cursor: Any) -> bool:
+        return getattr(cursor, "name", None) is not None  # a named cursor is server-side
+
     def ping(self, conn: Any) -> None:
         # psycopg2 sends BEGIN before the first statement unless in autocommit mode;
         # the autocommit switch itself is local.

@@ -147,6 +147,11 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit(settings)
 
+    def fetches_as_it_goes(self, cursor: Any) -> bool:
+        from pymysql.cursors import SSCursor  # (imported once the driver is in use)
+
+        return isinstance(cursor, SSCursor)  # the others read the whole result at execute()
+
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
 
@@ -254,6 +259,11 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit(settings)
+
+    def fetches_as_it_goes(self, cursor: Any) -> bool:
+        from MySQLdb.cursors import CursorUseResultMixIn  # (imported once the driver is in use)
+
+        return isinstance(cursor, CursorUseResultMixIn)  # SSCursor, SSDictCursor
 
     def ping(self, conn: Any) -> None:
         conn.ping()
