@@ -65,10 +65,11 @@ _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it
 class _Slot:
     """One driver connection and the pool's record of it.
 
-    The lease fields (``dirty`` ... ``restore``, ``used``, ``exposed``) are written by the thread that holds
-    the lease.  Every lease sets ``used`` before it touches the connection; the return path
-    then puts them back to their defaults, or discards the connection: so an idle connection
-    has them all at their defaults, and a lease that did nothing needs no cleaning.
+    The lease fields (``dirty`` ... ``restore``, ``used``, ``exposed``) are written by the
+    thread that holds the lease.  Every lease sets ``used`` before it touches the connection;
+    the return path then puts them back to their defaults, or discards the connection: so an
+    idle connection has them all at their defaults, and a lease that did nothing needs no
+    cleaning.
     """
 
     __slots__ = (

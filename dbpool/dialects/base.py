@@ -216,6 +216,11 @@ class Dialect:
 MAX_MS = 2**31 - 1
 
 
+def derives_from(obj: object, module: str, name: str) -> bool:
+    """Whether ``obj`` is an instance of the class ``module.name``, without importing it."""
+    return any(c.__name__ == name and c.__module__ == module for c in type(obj).__mro__)
+
+
 def milliseconds(seconds: float) -> int:
     """``seconds`` as a server timeout in milliseconds: at least 1, at most :data:`MAX_MS`.
 

@@ -20,6 +20,7 @@ from .base import (
     SocketIdentity,
     TxState,
     _execute,
+    derives_from,
     is_database_error,
     milliseconds,
     shutdown_socket,
@@ -148,9 +149,8 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         conn.autocommit(settings)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
-        from pymysql.cursors import SSCursor  # (imported once the driver is in use)
-
-        return isinstance(cursor, SSCursor)  # the others read the whole result at execute()
+        # SSCursor and its subclasses; the others read the whole result at execute()
+        return derives_from(cursor, "pymysql.cursors", "SSCursor")
 
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
@@ -261,9 +261,7 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         conn.autocommit(settings)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
-        from MySQLdb.cursors import CursorUseResultMixIn  # (imported once the driver is in use)
-
-        return isinstance(cursor, CursorUseResultMixIn)  # SSCursor, SSDictCursor
+        return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
 
     def ping(self, conn: Any) -> None:
         conn.ping()
