@@ -378,6 +378,9 @@ class Pool(Generic[C]):
         # handler may raise as a thread waits for it), and _settle_closes_locked() takes it out.
         self._closing: set[_Slot] = set()
         self._closed_off: deque[_Slot] = deque()  # appended to without the lock
+        # Leased before reopen(), no longer counted: each is closed as it comes back (and
+        # taken out then, without the lock: one borrower holds it); a forked child drops them.
+        self._retired: set[_Slot] = set()
         self._closed = getattr(self, "_closed", False)
         # Closed by drain(): reopen() may open it again, and close() still closes what is out.
         self._drained = getattr(self, "_drained", False)
@@ -723,9 +726,15 @@ class Pool(Generic[C]):
             excess = min(len(self._idle), self._size - new_max)
             surplus = [self._idle.popleft() for _ in range(excess)]
             self._forget_locked(surplus, DiscardReason.RESIZED)  # and lets waiters use new room
+            me = threading.get_ident()
+            for slot in surplus:  # drain() and close() wait for their close too
+                slot.owner = me
+                self._closing.add(slot)
         logger.info("pool %r resized: min_size=%d max_size=%d", self._name, new_min, new_max)
         self._reaper_wakeup.set()  # refill up to the new min_size
-        interrupted = self._close_all(surplus, DiscardReason.RESIZED, "resize() lowered max_size")
+        interrupted = self._close_all(
+            surplus, DiscardReason.RESIZED, "resize() lowered max_size", counted=True
+        )
         if interrupted is not None:
             raise interrupted
 
@@ -864,6 +873,7 @@ class Pool(Generic[C]):
             # generation starts empty, and each of them is closed as it comes back.
             leased = list(self._everyone)  # the idle stack is empty while closed
             self._everyone.clear()
+            self._retired.update(leased)
             self._in_use -= len(leased)
             self._size -= len(leased)
             self._closed_count += len(leased)
@@ -1494,6 +1504,7 @@ class Pool(Generic[C]):
         back.  Its borrower alone holds it, so this runs once."""
         if slot.generation >= 0:
             slot.generation = _FORGOTTEN
+            self._retired.discard(slot)
             self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
@@ -1817,6 +1828,7 @@ class Pool(Generic[C]):
         finally:
             with self._lock:
                 self._refilling = False
+            self._reaper_wakeup.set()  # it times the next attempt, now that one may start
 
     def _sweep_suspects(self) -> None:
         """A broken connection was found: ping every idle connection returned before it now,
@@ -1893,7 +1905,9 @@ class Pool(Generic[C]):
         expired = []
         idle = []
         keep: deque[_Slot] = deque()
+        # Those past max_lifetime go anyway: only what stays above min_size may go for idling.
         surplus = self._size - self._min_size
+        surplus -= sum(1 for slot in self._idle if now >= slot.expires_at)
         for slot in self._idle:  # least recently used first
             if now >= slot.expires_at:
                 expired.append(slot)
@@ -1910,7 +1924,9 @@ class Pool(Generic[C]):
         tick = min(1.0, self._idle_timeout / 2, self._max_lifetime / 2)
         if self._leak_timeout is not None:
             tick = min(tick, self._leak_timeout / 2)
-        if self._connect_failures and (self._waiters or self._size < self._min_size):
+        # While connects fail, run again when the next may start; not while a refill is under
+        # way, nor when none is wanted (its delay past, that would poll every 5 ms).
+        if self._connect_failures and not self._refilling and self._refill_wanted_locked():
             tick = min(tick, self._next_connect_at - monotonic())
         return max(tick, 0.005)
 
@@ -1918,9 +1934,11 @@ class Pool(Generic[C]):
 
     def _after_fork_in_child(self) -> None:
         """Drop every inherited connection without closing it and start afresh."""
-        inherited = list(self._everyone) + list(self._orphans)
+        inherited = list(self._everyone) + list(self._orphans) + list(self._retired)
         self._orphans.clear()
         self._setup_state()
+        # Held by another thread of the parent at fork, it would never be let go here.
+        self._listeners._lock = threading.Lock()
         for slot in inherited:
             slot.generation = _INHERITED
             if slot.raw is not None:
