@@ -329,7 +329,11 @@ class Transaction(Generic[C]):
             # COMMIT with SQLITE_BUSY and stays in it): roll it back, or the lease's next
             # commit would commit the block's work.
             rollback = slot.dialect.transaction_state(slot.raw) is not IDLE
-            if self._expired or monotonic() >= self._deadline:  # cancelled, or its wait cut
+            if (  # its lock wait cut short at the deadline (SQLite): no error of its own
+                slot.dialect.narrows_time
+                and slot.dialect.is_retryable(exc)
+                and monotonic() >= self._deadline
+            ):
                 raise self._timeout_error() from exc
             raise
         finally:
@@ -479,7 +483,7 @@ class Transaction(Generic[C]):
             raise self._savepoint_failed_error()
         if self._ended_by is not None:
             raise self._ended_error()
-        if now - self._narrowed_at > _NARROW_SLACK:
+        if now - self._narrowed_at > _NARROW_SLACK and self._owns_connection():
             self._narrow_time(now)
 
     def _narrow_time(self, now: float) -> None:

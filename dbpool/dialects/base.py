@@ -53,6 +53,10 @@ class Dialect:
         closed = getattr(conn, "closed", False)
         return BROKEN if closed else UNKNOWN
 
+    #: Whether :meth:`call_failed` does anything: a failed call leaves the driver's cached
+    #: transaction flags stale (PyMySQL), so calls that may fail unseen are watched.
+    flags_go_stale = False
+
     def call_failed(self, conn: Any) -> None:
         """A driver call on ``conn`` raised (or may have, unseen: the lease handed out the
         driver's connection or cursor).  Where that can leave the driver's transaction

@@ -114,6 +114,7 @@ class _StaleStatus(int):
 
 class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
+    flags_go_stale = True
 
     def transaction_state(self, conn: Any) -> TxState:
         if not conn.open:
