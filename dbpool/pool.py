@@ -1926,8 +1926,9 @@ class Pool(Generic[C]):
             tick = min(tick, self._leak_timeout / 2)
         # While connects fail, run again when the next may start; not while a refill is under
         # way, nor when none is wanted (its delay past, that would poll every 5 ms).
-        if self._connect_failures and not self._refilling and self._refill_wanted_locked():
-            tick = min(tick, self._next_connect_at - monotonic())
+        with self._lock:
+            if self._connect_failures and not self._refilling and self._refill_wanted_locked():
+                tick = min(tick, self._next_connect_at - monotonic())
         return max(tick, 0.005)
 
     # -- fork -----------------------------------------------------------------------------------
