@@ -44,23 +44,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-@pytest.fixture
-def make_pool(server: fakedb.Server) -> Any:
-    pools: list[Any] = []
-
-    def make(**options: Any) -> Any:
-        options.setdefault("min_size", 0)
-        options.setdefault("acquire_timeout", 5.0)
-        pool = dbpool.Pool(options.pop("connect", server.connect), **options)
-        pools.append(pool)
-        return pool
-
-    yield make
-    server.release_all()
-    for pool in pools:
-        pool.close(timeout=1)
-
-
 def record_maintenance(pool: Any) -> list[tuple[float, Any]]:
     """Record (clock time at return, returned delay) of every run of the reaper.  The reaper
     looks ``pool._maintain`` up on the instance at each run, so this wraps it there."""
