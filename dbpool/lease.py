@@ -407,7 +407,7 @@ class Cursor(Generic[C]):
         watched = slot.transaction is not None or dialect.flags_go_stale
         if not watched or not dialect.fetches_as_it_goes(raw):
             return iter(raw)
-        # A server-side cursor fetches as it goes: inside a block, each step is watched.
+        # A cursor that fetches as it goes: each step is watched, as fetchone() is.
         return _tracked_iteration(self._lease, iter(raw))
 
     def close(self) -> None:

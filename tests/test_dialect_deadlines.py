@@ -226,6 +226,11 @@ def test_sqlite_busy_snapshot_is_retried(tmp_path: Any) -> None:
 # -- SQLite: lock waits ------------------------------------------------------------------------
 
 
+def assert_database_locked(cause: BaseException | None) -> None:
+    assert isinstance(cause, sqlite3.OperationalError), cause
+    assert "locked" in str(cause)
+
+
 def test_sqlite_lock_wait_that_starts_inside_the_block_ends_in_transaction_timeout(
     tmp_path: Any,
 ) -> None:
@@ -243,9 +248,7 @@ def test_sqlite_lock_wait_that_starts_inside_the_block_ends_in_transaction_timeo
             with pytest.raises(TransactionTimeout) as info:
                 with pool.transaction(timeout=1.0) as tx:  # a plain BEGIN takes no lock
                     tx.execute("insert into t values (1)")
-            cause = info.value.__cause__
-            assert isinstance(cause, sqlite3.OperationalError), cause
-            assert "locked" in str(cause)
+            assert_database_locked(info.value.__cause__)
     finally:
         holder.rollback()
         holder.close()
@@ -280,9 +283,7 @@ def test_sqlite_lock_wait_that_starts_late_in_the_block_ends_by_the_deadline(
                         overrun = time.monotonic() - deadline
             # A wait sized at BEGIN would have lasted a whole timeout: overrun ~timeout / 2.
             assert overrun < timeout / 4, f"the lock wait ended {overrun:.2f} s past the deadline"
-            cause = info.value.__cause__
-            assert isinstance(cause, sqlite3.OperationalError), cause
-            assert "locked" in str(cause)
+            assert_database_locked(info.value.__cause__)
     finally:
         holder.rollback()
         holder.close()
@@ -314,9 +315,7 @@ def test_sqlite_commit_that_waits_for_a_reader_ends_by_the_deadline(tmp_path: An
                     overrun = time.monotonic() - deadline
             # A wait sized at BEGIN would have lasted a whole timeout: overrun ~timeout / 2.
             assert overrun < timeout / 4, f"COMMIT's lock wait ended {overrun:.2f} s late"
-            cause = info.value.__cause__
-            assert isinstance(cause, sqlite3.OperationalError), cause
-            assert "locked" in str(cause)
+            assert_database_locked(info.value.__cause__)
             assert pool.execute("select count(*) from t") == [(1,)]  # rolled back
     finally:
         reader.rollback()

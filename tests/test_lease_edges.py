@@ -5,8 +5,10 @@ that fails on its own past the deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -36,9 +38,10 @@ def _run(conn: Any, sql: str) -> list[tuple[Any, ...]]:
 # -- PyMySQL -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def my_proc(mysql_params: dict[str, Any]) -> Any:
-    """A table and a procedure that opens a transaction, inserts, then fails (SIGNAL)."""
+@contextlib.contextmanager
+def _procedure(mysql_params: dict[str, Any], then: str) -> Iterator[tuple[str, str]]:
+    """A table and a procedure that opens a transaction, inserts into it, then runs ``then``;
+    yields their names."""
     import pymysql
 
     table, proc = _name("rv_t"), _name("rv_p")
@@ -47,22 +50,31 @@ def my_proc(mysql_params: dict[str, Any]) -> Any:
     _run(
         admin,
         f"create procedure {proc}() begin start transaction; "
-        f"insert into {table} values (1); "
-        "signal sqlstate '45000' set message_text = 'failed inside a transaction'; end",
+        f"insert into {table} values (1); {then}; end",
     )
     try:
-        yield table, proc, (lambda: pymysql.connect(**mysql_params, autocommit=True))
+        yield table, proc
     finally:
         _run(admin, f"drop procedure if exists {proc}")
         _run(admin, f"drop table if exists {table}")
         admin.close()
 
 
+@pytest.fixture
+def my_proc(mysql_params: dict[str, Any]) -> Any:
+    """A procedure that opens a transaction, inserts, then fails (SIGNAL)."""
+    import pymysql
+
+    signal = "signal sqlstate '45000' set message_text = 'failed inside a transaction'"
+    with _procedure(mysql_params, signal) as (table, proc):
+        yield table, proc, (lambda: pymysql.connect(**mysql_params, autocommit=True))
+
+
 def test_pymysql_cursor_connection_passthrough_hides_open_transaction(my_proc: Any) -> None:
     """``cursor.connection`` (PEP 249) reaches the driver's connection through the lease
-    cursor's pass-through exactly as ``conn.raw`` does, but does not set ``slot.exposed``: a
-    call on it that opened a transaction and failed leaves PyMySQL's stale flags saying
-    "idle", and the open transaction goes to the next borrower."""
+    cursor's pass-through as ``conn.raw`` does: a call on it that opened a transaction and
+    failed leaves PyMySQL's flags saying "idle".  Unless the lease counts it as handed out,
+    the open transaction goes to the next borrower."""
     import pymysql
 
     _table, proc, connect = my_proc
@@ -83,23 +95,17 @@ def test_pymysql_cursor_connection_passthrough_hides_open_transaction(my_proc: A
 def test_pymysql_sscursor_iteration_failure_outside_block_hides_open_transaction(
     mysql_params: dict[str, Any], read: str
 ) -> None:
-    """Outside a transaction block, iterating a lease cursor is not watched (``iter(raw)``):
-    an error mid-stream on an unbuffered cursor never reaches ``_call_failed``, so PyMySQL's
-    flags stay those of the last OK packet ("autocommit, idle") although the CALL opened a
-    transaction.  The same loop with fetchone() is watched and rolled back on return.  So is
-    the cursor's ``fetchall_unbuffered()`` generator, passed through unwatched."""
+    """An error mid-stream on an unbuffered cursor, iterated or read with
+    ``fetchall_unbuffered()`` outside a block, leaves PyMySQL's flags those of the last OK
+    packet ("autocommit, idle") although the CALL opened a transaction: the failure must mark
+    them stale, as one from fetchone() does, or the next borrower gets the transaction."""
     import pymysql
     import pymysql.cursors
 
-    table, proc = _name("rv_t"), _name("rv_p")
-    admin = pymysql.connect(**mysql_params, autocommit=True)
-    _run(admin, f"create table {table} (id int primary key)")
-    _run(
-        admin,
-        f"create procedure {proc}() begin start transaction; insert into {table} values (1); "
-        "select seq, if(seq = 3000, (select 1 union select 2), seq) from seq_1_to_5000; end",
+    fails_at_row_3000 = (
+        "select seq, if(seq = 3000, (select 1 union select 2), seq) from seq_1_to_5000"
     )
-    try:
+    with _procedure(mysql_params, fails_at_row_3000) as (_table, proc):
         with _pool(lambda: pymysql.connect(**mysql_params, autocommit=True)) as pool:
             with pool.connection() as conn:
                 cur = conn.cursor(pymysql.cursors.SSCursor)
@@ -113,10 +119,6 @@ def test_pymysql_sscursor_iteration_failure_outside_block_hides_open_transaction
                 in_tx = _run(conn, "select @@in_transaction")
             assert pool.stats().created == 1
         assert in_tx == [(0,)], "the next borrower got the previous lease's open transaction"
-    finally:
-        _run(admin, f"drop procedure if exists {proc}")
-        _run(admin, f"drop table if exists {table}")
-        admin.close()
 
 
 # -- PostgreSQL: COMMIT failing past the deadline -------------------------------------------------
@@ -125,10 +127,9 @@ def test_pymysql_sscursor_iteration_failure_outside_block_hides_open_transaction
 def test_postgresql_commit_constraint_failure_past_deadline_is_not_a_timeout(
     postgresql_dsn: str,
 ) -> None:
-    """beda304 turns *any* COMMIT failure into TransactionTimeout once the deadline has
-    passed, on every dialect.  On PostgreSQL a deferred constraint that rejects the COMMIT
-    (nothing was cancelled: the watchdog is stopped before COMMIT and statement_timeout did
-    not fire) comes out as "ran past its deadline", hiding the UniqueViolation."""
+    """A deferred constraint that rejects the COMMIT after the deadline (nothing was
+    cancelled: the watchdog stops before COMMIT and statement_timeout did not fire) raises
+    its own UniqueViolation, not TransactionTimeout ("ran past its deadline")."""
     import psycopg
     import psycopg.errors
 
@@ -137,7 +138,7 @@ def test_postgresql_commit_constraint_failure_past_deadline_is_not_a_timeout(
     admin.execute(f"create table {table} (id int)")
     admin.execute(
         f"create function {func}() returns trigger language plpgsql as $$ begin "
-        "perform pg_sleep(1.3); "
+        "perform pg_sleep(0.7); "
         "raise unique_violation using message = 'rejected at commit'; end $$"
     )
     admin.execute(
@@ -147,10 +148,10 @@ def test_postgresql_commit_constraint_failure_past_deadline_is_not_a_timeout(
     try:
         with _pool(lambda: psycopg.connect(postgresql_dsn)) as pool:
             with pytest.raises(psycopg.errors.UniqueViolation):
-                # deadline 2 s (statement_timeout 2 s per statement); COMMIT starts at ~1 s
-                # and is rejected at ~2.3 s, before the 1 s sever grace ends
+                # deadline 2 s (statement_timeout 2 s per statement); COMMIT starts at ~1.5 s
+                # and is rejected at ~2.2 s, well before the 1 s sever grace ends
                 with pool.transaction(timeout=2.0) as tx:
-                    tx.execute("select pg_sleep(1.0)")
+                    tx.execute("select pg_sleep(1.5)")
                     tx.execute(f"insert into {table} values (1)")
     finally:
         admin.execute(f"drop table if exists {table}")
@@ -170,9 +171,9 @@ def _autocommit_off(connect: Callable[[], Any]) -> Callable[[], Any]:
 @pytest.mark.parametrize("call", ["begin", "autocommit"])
 def test_pymysql_passthrough_that_commits_inside_block_is_refused(my_proc: Any, call: str) -> None:
     """Inside a transaction block, PyMySQL's ``conn.begin()`` (BEGIN) and
-    ``conn.autocommit(True)`` (SET autocommit=1) commit the block's work so far, as
-    ``commit()`` and sqlite3's ``executescript()`` would, but the pass-through lets them
-    through: a block that then raises "rolls back" work already committed."""
+    ``conn.autocommit(True)`` (SET autocommit=1) would commit the block's work so far, as
+    ``commit()`` and sqlite3's ``executescript()`` would: refused, a block that then raises
+    leaves nothing behind."""
     table, _proc, connect = my_proc
     if call == "autocommit":  # SET autocommit=1 commits only where autocommit was off
         connect = _autocommit_off(connect)
@@ -199,10 +200,9 @@ def test_sqlite_statement_after_lease_closed_in_block_raises_lease_released(
     sqlite_connect: Any, timeout: float | None
 ) -> None:
     """A lease closed inside its own block gives its connection back (the pool discards and
-    closes it).  The next tx.execute() used to raise LeaseReleased.  With a timeout, beda304's
-    _check_open() now runs ``PRAGMA busy_timeout`` on the slot's driver connection first,
-    without checking the lease still owns it: sqlite3.ProgrammingError ("Cannot operate on a
-    closed database") instead, from a PRAGMA sent to a connection no longer the block's."""
+    closes it); the next tx.execute() raises LeaseReleased, with a timeout too: the busy
+    timeout is not narrowed on a connection no longer the block's (sqlite3.ProgrammingError,
+    "Cannot operate on a closed database")."""
     with _pool(sqlite_connect) as pool:
         with pytest.raises(dbpool.PoolError, match="went back to the pool"):
             with pool.connection() as conn:

@@ -82,9 +82,9 @@ class Dialect:
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         """Whether iterating the driver's ``cursor`` may wait for the server (a server-side
-        cursor, an unbuffered result; SQLite runs its statement step by step): inside a
-        transaction block, such iteration is watched by the deadline, one step at a time.
-        No I/O.  When in doubt, True."""
+        cursor, an unbuffered result; SQLite runs its statement step by step): such iteration
+        is watched one step at a time, inside a transaction block (for the deadline) and,
+        where :attr:`flags_go_stale`, outside one.  No I/O.  When in doubt, True."""
         return True
 
     def ping(self, conn: Any) -> None:
