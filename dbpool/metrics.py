@@ -17,6 +17,7 @@ it, so the package keeps working without the extra.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -66,8 +67,11 @@ class PoolCollector:
     """
 
     def __init__(self, *pools: Pool[Any]) -> None:
-        self._lock = threading.Lock()  # guards _refs; no pool is read while it is held
+        # Guards _refs; no pool is read while it is held.  Made anew in a forked child: one
+        # held by another thread of the parent at the fork would never be let go there.
+        self._lock = threading.Lock()
         self._refs: list[weakref.ref[Pool[Any]]] = []  # in the order the pools were added
+        _collectors.add(self)
         for pool in pools:
             self.add(pool)
 
@@ -132,9 +136,23 @@ class PoolCollector:
         return live
 
 
+_collectors: weakref.WeakSet[PoolCollector] = weakref.WeakSet()
 _defaults_lock = threading.Lock()
 # The collector register() made for each registry; it goes with the registry.
 _defaults: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = weakref.WeakKeyDictionary()
+
+
+def _after_fork_in_child() -> None:
+    # _refs and _defaults change by one assignment or one store, so they are whole whatever
+    # the parent's threads were doing; only the locks they held must be let go.
+    global _defaults_lock
+    _defaults_lock = threading.Lock()
+    for collector in list(_collectors):
+        collector._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register(pool: Pool[Any], registry: CollectorRegistry | None = None) -> PoolCollector:

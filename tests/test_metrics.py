@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -19,13 +20,14 @@ from typing import Any
 import pytest
 
 import dbpool
-from tests.conftest import Caller, wait_until
+from tests.conftest import Caller, wait_for_child, wait_until
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+import dbpool.metrics  # noqa: E402
 from dbpool.metrics import PoolCollector, register  # noqa: E402
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -366,6 +368,27 @@ def test_register_on_the_default_registry(sqlite_pools: Any) -> None:
         assert value(samples, "dbpool_up", pool="default-registry") == 1
     finally:
         collector.remove(pool)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork.*:DeprecationWarning")
+def test_a_forked_child_scrapes_though_a_parent_thread_held_the_locks(sqlite_pools: Any) -> None:
+    """Locks held by a thread of the parent at the fork (one adding a pool, say) would stay
+    held in the child, whose scrapes and registrations then waited forever."""
+    pool = sqlite_pools(name="forked")
+    registry = CollectorRegistry()
+    collector = register(pool, registry=registry)
+    with collector._lock, dbpool.metrics._defaults_lock:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                assert pool_names(scrape(registry)[1]) == {"forked"}
+                assert register(pool, registry=registry) is collector
+                code = 0
+            finally:
+                os._exit(code)
+    assert wait_for_child(pid, timeout=20) == 0
 
 
 def test_registering_reads_no_pool(sqlite_pools: Any, monkeypatch: pytest.MonkeyPatch) -> None:
