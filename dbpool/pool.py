@@ -46,6 +46,9 @@ _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
 _MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
 _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together
+# check() and the sweep start no ping with less than this many times their slowest ping so far
+# left: cut short, it would discard a live connection on a slow link.
+_PING_HEADROOM = 2.0
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
 _INHERITED = -2  # inherited across fork(): must never be touched
@@ -629,8 +632,11 @@ class Pool(Generic[C]):
     def check(self, timeout: float = 5.0) -> int:
         """Ping every idle connection now (with the ``check`` hook if there is one), close the
         dead ones, and open replacements in the background up to ``min_size``.  Returns how
-        many were dead.  All the pings together take at most ``timeout`` seconds; connections
-        leased meanwhile are not touched."""
+        many were dead.  Connections leased meanwhile are not touched.
+
+        The pings share ``timeout`` seconds: none starts once less than twice the slowest so
+        far is left (it would likely be cut short, which discards a live connection on a slow
+        link), and those not pinged go back as they were."""
         _check_number("timeout", timeout, allow_none=False, positive=False)
         deadline = monotonic() + timeout
         probed: deque[_Slot] = deque()
@@ -1132,7 +1138,11 @@ class Pool(Generic[C]):
         self, slot: _Slot, deadline: float, probe: bool
     ) -> tuple[DiscardReason, bool] | None:
         """For _fit_for_use: why the connection is not fit, and whether that suggests the
-        server went away; ``None`` if it is fit."""
+        server went away; ``None`` if it is fit.
+
+        A probe's ping cut off by its budget with less than ``_SWEEP_TIME`` allowed proves
+        nothing about the server (the link may just be slow): the connection, shut down, is
+        discarded, but no sweep follows, which would cut more pings short on such a link."""
         now = monotonic()
         if now >= slot.expires_at:
             return DiscardReason.EXPIRED, False
@@ -1141,8 +1151,10 @@ class Pool(Generic[C]):
             return None
         dialect, raw = slot.dialect, slot.raw
         check = self._check
+        limit = max(deadline, now + _MIN_PING_TIME)
+        guard = None
         try:
-            with Overdue(max(deadline, now + _MIN_PING_TIME), lambda: dialect.sever(raw)) as guard:
+            with Overdue(limit, lambda: dialect.sever(raw)) as guard:
                 if check is None:
                     dialect.ping(raw)
                 else:
@@ -1158,15 +1170,19 @@ class Pool(Generic[C]):
             )
         except Exception as exc:
             what = "validation" if check is None else "its check"
-            logger.info(
-                "pool %r: idle connection failed %s: %s", self._name, what, self._describe(exc)
-            )
+            if guard is not None and guard.fired:
+                why = f"no answer within {limit - now:.3g} s, so it was shut down"
+            else:
+                why = self._describe(exc)
+            logger.info("pool %r: idle connection failed %s: %s", self._name, what, why)
             fit = False
         if fit:
             return None
+        cut_short = guard is not None and guard.fired
+        evidence = not (probe and cut_short and limit - now < _SWEEP_TIME)
         if check is None:
-            return DiscardReason.BROKEN, True
-        return DiscardReason.CHECK_FAILED, _is_broken(slot)
+            return DiscardReason.BROKEN, evidence
+        return DiscardReason.CHECK_FAILED, evidence and _is_broken(slot)
 
     # -- opening connections ------------------------------------------------------------------
 
@@ -1390,10 +1406,10 @@ class Pool(Generic[C]):
                     self._leaked += 1
                 self._give_back(box)
             except BaseException:  # a signal handler raised before _give_back took it
-                if box:
-                    orphans.appendleft(box[0])
-                    with self._lock:
-                        self._leaked -= 1  # counted when it comes back
+                if box:  # counted as leaked already, and a counter never goes down: closed,
+                    slot = box[0]  # as _give_back closes one it was interrupted with, not queued
+                    held = monotonic() - slot.leased_at
+                    self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
                 raise
 
     def _give_back(self, box: list[_Slot]) -> None:
@@ -1855,21 +1871,47 @@ class Pool(Generic[C]):
         """Ping idle connections the pool took out of the stack (counted in use), all by
         ``deadline``; put the live ones back, discard the dead.  Returns how many were dead.
         ``untried`` is emptied as they are pinged: if a ping is interrupted, the connections
-        still in it go back as they were."""
+        still in it go back as they were.
+
+        Once the time left is under ``_PING_HEADROOM`` times the slowest ping so far, the rest
+        go back unpinged, as they were: a suspect one is pinged when next leased."""
         dead = 0
+        slowest = 0.0
+        count = len(untried)
         box: list[_Slot] = []  # one being handed back (see _give_back)
         try:
             while untried:
+                started = monotonic()
+                left = deadline - started
+                if left <= 0 or left < _PING_HEADROOM * slowest:
+                    logger.info(
+                        "pool %r: %d of %d idle connections left unpinged: the time for the "
+                        "pings ran out (the slowest took %.3f s)",
+                        self._name,
+                        len(untried),
+                        count,
+                        slowest,
+                    )
+                    break
                 slot = untried[0]
                 slot.owner = 0  # held by the pool itself
+                if started >= slot.expires_at:  # closed for its age, unpinged: not a dead one
+                    self._discard(slot, DiscardReason.EXPIRED, broken=False)
+                    del untried[0]
+                    continue
                 if self._fit_for_use(slot, deadline, probe=True):
-                    slot.alive_at = monotonic()  # not used_at: a ping is no use of it
+                    slot.alive_at = now = monotonic()  # not used_at: a ping is no use of it
+                    slowest = max(slowest, now - started)
                     box = [slot]
                     del untried[0]
                     self._put_back(box)
                 else:
                     del untried[0]  # discarded already
                     dead += 1
+            while untried:
+                box = [untried[0]]
+                del untried[0]
+                self._put_back(box)
         except BaseException:
             self._drop_lock_if_held()
             untried.extend(box)

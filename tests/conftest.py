@@ -16,7 +16,9 @@ Fixtures:
 * ``pg_connect``, ``mysql_connect``, ``sqlite_connect``, ``mssql_connect``: zero-argument
   callables returning a new driver connection (closed at the end of the test if still open);
 * ``db``: parametrized over sqlite, postgresql and mysql; a :class:`Backend`;
-* ``fake_server``: a :class:`tests.fakedb.Server`.
+* ``fake_server``: a :class:`tests.fakedb.Server`;
+* ``link``: parametrized over postgresql and mysql; a :class:`Link`, the server behind a
+  :class:`tests.faultproxy.FaultProxy` and a connect callable that goes through it.
 
 :func:`wait_until` is how tests wait for a condition; they never sleep and hope.
 """
@@ -38,6 +40,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pytest
 
 from tests import fakedb
+from tests.faultproxy import FaultProxy, Mode
 
 PG_ENV = "DBPOOL_TEST_POSTGRESQL_DSN"
 MYSQL_ENV = "DBPOOL_TEST_MYSQL_DSN"
@@ -532,6 +535,67 @@ def fake_server() -> Iterator[fakedb.Server]:
     server = fakedb.Server()
     yield server
     server.release_all()
+
+
+# -- a real server behind a fault-injecting proxy -----------------------------------------
+
+
+class Link:
+    """A server behind a proxy, and a connect callable that goes through it."""
+
+    def __init__(
+        self, name: str, proxy: FaultProxy, connect: Callable[[], Any], lost: tuple[type, ...]
+    ) -> None:
+        self.name = name
+        self.proxy = proxy
+        self.connect = connect
+        self.lost = lost  # what the driver raises on a connection cut under it
+
+
+def _pg_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(request.getfixturevalue("postgresql_dsn"))
+    params.update(host="127.0.0.1", port=proxy.port, sslmode="disable")
+    params.pop("hostaddr", None)
+    params.pop("connect_timeout", None)  # no driver timeout: the pool's bounds are on trial
+    return Link("postgresql", proxy, lambda: psycopg.connect(**params), (psycopg.OperationalError,))
+
+
+def _mysql_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
+    import pymysql
+
+    params = dict(request.getfixturevalue("mysql_params"))
+    params.update(host="127.0.0.1", port=proxy.port)
+    params.pop("read_timeout", None)
+    params.pop("write_timeout", None)
+    lost = (pymysql.OperationalError, pymysql.InterfaceError)
+    return Link("mysql", proxy, lambda: pymysql.connect(**params), lost)
+
+
+@pytest.fixture(params=["postgresql", "mysql"])
+def link(request: pytest.FixtureRequest) -> Iterator[Link]:
+    upstream_port = 5432 if request.param == "postgresql" else 3306
+    if request.param == "postgresql":
+        from psycopg.conninfo import conninfo_to_dict
+
+        upstream_port = int(
+            conninfo_to_dict(request.getfixturevalue("postgresql_dsn")).get("port", 5432)
+        )
+    else:
+        upstream_port = int(request.getfixturevalue("mysql_params").get("port", 3306))
+    with FaultProxy(upstream=("127.0.0.1", upstream_port)) as proxy:
+        make = _pg_link if request.param == "postgresql" else _mysql_link
+        yield make(request, proxy)
+        proxy.latency = 0.0
+        proxy.set_mode(Mode.PASS)
+        proxy.drop_all()  # hung connects and queries fail now, and their threads end
+
+
+def heal(link: Link) -> None:
+    link.proxy.set_mode(Mode.PASS)
+    link.proxy.drop_all()
 
 
 # -- markers and leak guard --------------------------------------------------------------------

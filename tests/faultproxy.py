@@ -41,6 +41,10 @@ Modes (:class:`Mode`, switched at any time with :meth:`FaultProxy.set_mode`):
     means the server has finished with the COMMIT. The mode stays on for later connections until
     it is changed; ``stats().commits_cut`` counts the cuts.
 
+A slow link is a setting, not a mode: with ``proxy.latency = 0.3`` every reply the server sends
+is held that long before it is relayed, so each round trip takes at least that long (in every
+mode but BLACKHOLE, which holds replies anyway).
+
 Dropping connections is an action, not a mode: :meth:`FaultProxy.drop_all` closes both sockets
 of every open connection now (the client and the server each see the other side close) and
 leaves the mode as it is, so new connections are relayed as before.
@@ -370,6 +374,7 @@ class FaultProxy:
         commit_scanner(protocol)  # validates it
         self.protocol = protocol
         self.port = 0
+        self.latency = 0.0  # seconds each chunk from the server waits before it is relayed
         self._mode = Mode(mode)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified on set_mode() and stop()
@@ -655,6 +660,9 @@ class FaultProxy:
     def _forward(self, link: _Link, dst: socket.socket, data: bytes, to_server: bool) -> bool:
         """Send ``data`` on; False when the link is finished (send failed, or cut)."""
         if not to_server:
+            if self.latency > 0:
+                with self._lock:  # woken early by stop()
+                    self._changed.wait_for(lambda: self._stopping, self.latency)
             return self._send(link, dst, data, "bytes_to_client")
         cut = link.scanner.feed(data)
         if cut is None or self._mode is not Mode.CUT_AFTER_COMMIT:

@@ -13,77 +13,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 
 import dbpool
-from tests.conftest import wait_until
-from tests.faultproxy import FaultProxy, Mode
+from tests.conftest import Link, heal, wait_until
+from tests.faultproxy import Mode
 
 pytestmark = pytest.mark.timeout(60)
 
 #: How far past a deadline a bounded call may return: the ping's floor, the sever grace and
 #: thread scheduling on a loaded machine.  A hang is unbounded, so this still tells them apart.
 SLACK = 3.0
-
-
-class Link:
-    """A server behind a proxy, and a connect callable that goes through it."""
-
-    def __init__(
-        self, name: str, proxy: FaultProxy, connect: Callable[[], Any], lost: tuple[type, ...]
-    ) -> None:
-        self.name = name
-        self.proxy = proxy
-        self.connect = connect
-        self.lost = lost  # what the driver raises on a connection cut under it
-
-
-def _pg_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    params = conninfo_to_dict(request.getfixturevalue("postgresql_dsn"))
-    params.update(host="127.0.0.1", port=proxy.port, sslmode="disable")
-    params.pop("hostaddr", None)
-    params.pop("connect_timeout", None)  # no driver timeout: the pool's bounds are on trial
-    return Link("postgresql", proxy, lambda: psycopg.connect(**params), (psycopg.OperationalError,))
-
-
-def _mysql_link(request: pytest.FixtureRequest, proxy: FaultProxy) -> Link:
-    import pymysql
-
-    params = dict(request.getfixturevalue("mysql_params"))
-    params.update(host="127.0.0.1", port=proxy.port)
-    params.pop("read_timeout", None)
-    params.pop("write_timeout", None)
-    lost = (pymysql.OperationalError, pymysql.InterfaceError)
-    return Link("mysql", proxy, lambda: pymysql.connect(**params), lost)
-
-
-@pytest.fixture(params=["postgresql", "mysql"])
-def link(request: pytest.FixtureRequest) -> Iterator[Link]:
-    upstream_port = 5432 if request.param == "postgresql" else 3306
-    if request.param == "postgresql":
-        from psycopg.conninfo import conninfo_to_dict
-
-        upstream_port = int(
-            conninfo_to_dict(request.getfixturevalue("postgresql_dsn")).get("port", 5432)
-        )
-    else:
-        upstream_port = int(request.getfixturevalue("mysql_params").get("port", 3306))
-    with FaultProxy(upstream=("127.0.0.1", upstream_port)) as proxy:
-        make = _pg_link if request.param == "postgresql" else _mysql_link
-        yield make(request, proxy)
-        proxy.set_mode(Mode.PASS)
-        proxy.drop_all()  # hung connects and queries fail now, and their threads end
-
-
-def heal(link: Link) -> None:
-    link.proxy.set_mode(Mode.PASS)
-    link.proxy.drop_all()
 
 
 def timed(call: Callable[[], Any]) -> tuple[float, BaseException | None]:

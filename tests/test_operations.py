@@ -132,6 +132,21 @@ def test_check_uses_the_check_hook_and_counts_check_failed(make_pool, server):
     wait_until(lambda: pool.stats().idle == 2, timeout=BOUND)
 
 
+def test_check_closes_expired_connections_without_counting_them_dead(make_pool, server):
+    pool = make_pool(min_size=0, max_size=3)
+    for lease in [pool.connection() for _ in range(3)]:
+        lease.close()
+    # Two reach max_lifetime; the reaper sleeps until a later deadline, so check() finds them.
+    with pool._lock:
+        for slot in list(pool._idle)[:2]:
+            slot.expires_at = 0.0
+    pings = server.count("ping")
+    assert pool.check() == 0
+    assert server.count("ping") - pings == 1, "an expired connection was pinged"
+    s = assert_accounting(pool)
+    assert (s.discards["expired"], s.discards["broken"], s.idle) == (2, 0, 1), s
+
+
 def test_check_pings_every_idle_connection_and_leaves_leases_alone(make_pool, server):
     pool = make_pool(min_size=0, max_size=3, validate_after=None)
     leases = [pool.connection() for _ in range(3)]
