@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -307,6 +308,24 @@ def test_blackhole_then_pass_delivers_the_held_query(target: Target) -> None:
     proxy.set_mode(Mode.PASS)
     query.join()
     assert query.error is None and query.result == 4
+
+
+def test_latency_delays_every_reply_and_stop_cuts_it_short(target: Target) -> None:
+    proxy = target.proxy
+    conn = target.through()
+    proxy.latency = 0.2
+    started = time.monotonic()
+    assert target.scalar(conn, "select 7") == 7
+    assert time.monotonic() - started >= 0.2
+    proxy.latency = 60.0  # a reply held this long: stop() ends the wait
+    sent = stat(proxy, "bytes_to_server")
+    query = Outcome(lambda: target.scalar(conn, "select 8"), "query")
+    wait_until(lambda: stat(proxy, "bytes_to_server") > sent)
+    started = time.monotonic()
+    proxy.stop()
+    assert time.monotonic() - started < 5.0
+    query.join()
+    assert query.error is not None
 
 
 def test_refuse_fails_new_connects_and_keeps_open_ones(target: Target) -> None:
