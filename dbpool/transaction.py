@@ -22,7 +22,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._types import C
-from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN
+from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN, Dialect
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionUnusable,
@@ -602,10 +602,11 @@ def run_transaction(
     if retries < 0:
         raise ValueError(f"retries must be 0 or more, got {retries!r}")
     deadline = math.inf if timeout is None else monotonic() + timeout
+    last: Exception | None = None  # the error the last attempt ended with
     for attempt in itertools.count():
         remaining = None if timeout is None else deadline - monotonic()
-        if remaining is not None and remaining <= 0:
-            raise TransactionTimeout(f"run_transaction used up its {timeout:g} s")
+        if remaining is not None and remaining <= 0:  # (the backoff's sleep overshot)
+            raise _out_of_time(timeout, last) from last
         acquire = None if remaining is None else min(remaining, pool._acquire_timeout)
         try:
             with pool.connection(timeout=acquire) as lease:
@@ -620,17 +621,34 @@ def run_transaction(
             raise  # never retried: the work may have happened, or there is no time left
         except Exception as exc:
             dialect = pool._dialect
-            if attempt >= retries or dialect is None or not dialect.is_retryable(exc):
+            if attempt >= retries or dialect is None or not _retryable(dialect, exc):
                 raise
             delay = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2.0 ** min(attempt, 30))
             delay *= random.random()  # full jitter
             if monotonic() + delay >= deadline:
-                raise
+                raise _out_of_time(timeout, exc) from exc
+            last = exc
             logger.info(
                 "retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _retryable(dialect: Dialect, exc: Exception) -> bool:
+    """A serialization failure or deadlock, or the TransactionRolledBack of a block that
+    swallowed one: the server ended or aborted the transaction for it all the same."""
+    if isinstance(exc, TransactionRolledBack):
+        cause = exc.__cause__
+        return cause is not None and dialect.is_retryable(cause)
+    return dialect.is_retryable(exc)
+
+
+def _out_of_time(timeout: float | None, last: Exception | None) -> TransactionTimeout:
+    after = "" if last is None else f" (the last attempt ended in {type(last).__name__}, chained)"
+    return TransactionTimeout(
+        f"run_transaction used up its {timeout:g} s before the transaction could run again{after}"
+    )
 
 
 def deadline_left(deadline: float, timeout: float | None) -> float | None:

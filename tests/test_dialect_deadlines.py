@@ -160,7 +160,6 @@ def test_mysqlclient_cancel_and_sever_refuse_a_session_that_reconnected(
     "code",
     [
         5,  # SQLITE_BUSY
-        6,  # SQLITE_LOCKED
         261,  # SQLITE_BUSY_RECOVERY
         517,  # SQLITE_BUSY_SNAPSHOT
         773,  # SQLITE_BUSY_TIMEOUT
@@ -178,6 +177,7 @@ def test_sqlite_extended_busy_and_locked_codes_are_retryable(code: int) -> None:
     "code",
     [
         1,  # SQLITE_ERROR
+        6,  # SQLITE_LOCKED, plain: a conflict within the connection itself
         8,  # SQLITE_READONLY
         264,  # SQLITE_READONLY_RECOVERY: its low byte is not busy or locked
         2067,  # SQLITE_CONSTRAINT_UNIQUE

@@ -232,7 +232,10 @@ def milliseconds(seconds: float) -> int:
     never stops a statement before the caller's own deadline (which is what makes the caller
     see the stop as its timeout rather than as a plain driver error).
     """
-    return min(MAX_MS, max(1, math.ceil(seconds * 1000)))
+    ms = seconds * 1000
+    if not ms < MAX_MS:  # (also one that overflowed to infinity: above ~1.8e305 s)
+        return MAX_MS
+    return max(1, math.ceil(ms))
 
 
 def is_database_error(exc: BaseException) -> bool:

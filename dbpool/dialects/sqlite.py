@@ -12,6 +12,9 @@ from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, mill
 # SQLITE_BUSY, SQLITE_LOCKED: primary codes, the low byte of the extended ones that
 # sqlite_errorcode holds (SQLITE_BUSY_SNAPSHOT is 517, SQLITE_LOCKED_SHAREDCACHE 262...).
 _BUSY_OR_LOCKED = frozenset({5, 6})
+# Plain SQLITE_LOCKED, with no extended code: a conflict inside the connection itself (a table
+# dropped while one of its statements still reads it), which running the work again meets again.
+_LOCKED_BY_ITSELF = 6
 
 
 class SQLiteDialect(Dialect):
@@ -134,7 +137,9 @@ class SQLiteDialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
-        return isinstance(code, int) and code & 0xFF in _BUSY_OR_LOCKED
+        return (
+            isinstance(code, int) and code != _LOCKED_BY_ITSELF and code & 0xFF in _BUSY_OR_LOCKED
+        )
 
     def detach_after_fork(self, conn: Any) -> None:
         pass

@@ -1,0 +1,236 @@
+"""Pool.run_transaction() at its edges: running out of time, retryable errors that fn swallowed,
+errors that only look retryable, and timeouts too large for the servers' limits.
+
+Each test states what must hold.  Waits are on events, thread joins and the servers' own lock
+waits; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import types
+from time import monotonic
+from typing import Any
+
+import pytest
+
+import dbpool
+import dbpool.transaction
+from dbpool import TransactionTimeout
+from tests import fakedb
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _pool(connect: Any, **options: Any) -> dbpool.Pool[Any]:
+    settings: dict[str, Any] = {"min_size": 0, "max_size": 1, "acquire_timeout": 5}
+    settings.update(options)
+    return dbpool.Pool(connect, **settings)
+
+
+def _balanced(pool: dbpool.Pool[Any]) -> Any:
+    s = pool.stats()
+    assert s.in_use == 0, s
+    assert s.size == s.idle + s.in_use + s.opening, s
+    return s
+
+
+def _deadlock_victim() -> fakedb.OperationalError:
+    return fakedb.OperationalError(1205, "Transaction was deadlocked: chosen as deadlock victim")
+
+
+# == running out of time ======================================================================
+
+
+@pytest.mark.parametrize("oversleep", [False, True], ids=["backoff-overruns", "sleep-overshoots"])
+def test_running_out_of_time_between_attempts_is_a_timeout_chained_to_the_last_error(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, oversleep: bool
+) -> None:
+    """fn deadlocks every time, with retries to spare: when the time budget, not the retry
+    count, ends the run, the caller gets TransactionTimeout chained to the last database
+    error (not the bare deadlock error, which reads as "retries exhausted", and not a timeout
+    with no cause).  ``sleep-overshoots``: the backoff sleep returns after the deadline (a
+    loaded machine), so the attempt loop finds no time left."""
+    timeout = 0.3
+    started = monotonic()
+    if oversleep:
+        real_sleep = time.sleep
+
+        def late_sleep(seconds: float) -> None:
+            real_sleep(max(seconds, started + timeout - monotonic() + 0.01))
+
+        monkeypatch.setattr(dbpool.transaction, "time", types.SimpleNamespace(sleep=late_sleep))
+    calls: list[int] = []
+
+    def fn(tx: dbpool.Transaction[Any]) -> None:
+        calls.append(1)
+        tx.execute("update t set v = 1")
+        raise _deadlock_victim()
+
+    with _pool(fake_server.connect_mssql) as pool:
+        started = monotonic()
+        with pytest.raises(TransactionTimeout) as info:
+            pool.run_transaction(fn, retries=1_000_000, timeout=timeout)
+        elapsed = monotonic() - started
+        cause = info.value.__cause__
+        assert isinstance(cause, fakedb.OperationalError) and cause.args[0] == 1205, repr(cause)
+        assert elapsed < timeout + 0.2, elapsed
+        assert len(calls) >= 1
+        _balanced(pool)
+
+
+# == a timeout larger than the servers' limits =================================================
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_huge_finite_timeout_runs_or_is_refused_before_any_connection(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    """check_options() accepts any finite timeout, but milliseconds() computes
+    ceil(seconds * 1000), which overflows to infinity above ~1.8e305 s: the BEGIN then fails
+    with OverflowError, after a connection was taken.  The timeout must either work (the
+    servers' limits are capped at their maximum anyway) or be refused up front."""
+    connect = request.getfixturevalue("sqlite_connect" if backend == "sqlite" else "pg_connect")
+    with _pool(connect) as pool:
+        try:
+            result = pool.run_transaction(
+                lambda tx: tx.execute("select 1").fetchall(), timeout=1e306
+            )
+        except (ValueError, TypeError):
+            assert pool.stats().acquired == 0, "refused only after taking a connection"
+        else:
+            assert [tuple(r) for r in result] == [(1,)]
+        _balanced(pool)
+
+
+# == errors that only look retryable ===========================================================
+
+
+def test_sqlite_locked_by_the_same_connection_is_not_retried(sqlite_connect: Any) -> None:
+    """Plain SQLITE_LOCKED (6) is a conflict inside one connection (here: DROP TABLE while a
+    SELECT on the same connection is still being read); another connection's conflict is
+    SQLITE_BUSY, or SQLITE_LOCKED_SHAREDCACHE (262) with a shared cache.  fn does the same
+    thing on every run, so re-running it cannot help: the error must propagate at once,
+    unchanged, with fn run once (not `retries` more times, after backoff sleeps)."""
+    setup = sqlite_connect()
+    setup.execute("create table t (id int primary key)")
+    setup.execute("create table u (id int primary key)")
+    setup.executemany("insert into t values (?)", [(i,) for i in range(10)])
+    setup.commit()
+    calls: list[int] = []
+
+    def fn(tx: dbpool.Transaction[Any]) -> None:
+        calls.append(1)
+        reading = tx.execute("select id from t")
+        reading.fetchone()  # the SELECT stays active on this connection
+        tx.execute("drop table u")
+
+    with _pool(sqlite_connect) as pool:
+        with pytest.raises(sqlite3.OperationalError) as info:
+            pool.run_transaction(fn, retries=3)
+        assert getattr(info.value, "sqlite_errorcode", 6) == 6, info.value
+        assert len(calls) == 1, f"fn ran {len(calls)} times for a same-connection SQLITE_LOCKED"
+        _balanced(pool)
+
+
+# == a retryable error that fn swallowed =======================================================
+
+
+def test_postgresql_serialization_failure_swallowed_by_fn_is_retried(pg_connect: Any) -> None:
+    """fn catches a serialization failure (a best-effort step) and returns.  PostgreSQL aborted
+    the transaction, so it cannot commit; the cause is exactly what run_transaction exists to
+    retry, and retries are left: it re-runs fn on a fresh transaction rather than raising
+    TransactionRolledBack."""
+    import psycopg
+
+    table = f"retry_swallow_pg_{os.getpid()}"
+    admin = pg_connect()
+    admin.autocommit = True
+    admin.execute(f"drop table if exists {table}")
+    admin.execute(f"create table {table} (id int primary key, v int)")
+    admin.execute(f"insert into {table} values (1, 0)")
+    other = pg_connect()
+    other.autocommit = True
+    attempts: list[int] = []
+
+    def fn(tx: dbpool.Transaction[Any]) -> str:
+        attempts.append(1)
+        tx.execute(f"select v from {table} where id = 1").fetchall()  # the snapshot
+        if len(attempts) == 1:
+            other.execute(f"update {table} set v = v + 100 where id = 1")  # committed
+        try:
+            tx.execute(f"update {table} set v = v + 1 where id = 1")
+        except psycopg.errors.SerializationFailure:
+            pass  # best effort
+        return "done"
+
+    try:
+        with _pool(pg_connect) as pool:
+            result = pool.run_transaction(fn, isolation="REPEATABLE READ", retries=3, timeout=10)
+            assert result == "done"
+            assert len(attempts) == 2
+            assert admin.execute(f"select v from {table}").fetchall() == [(101,)]
+            _balanced(pool)
+    finally:
+        admin.execute(f"drop table if exists {table}")
+
+
+def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any) -> None:
+    """InnoDB picks fn's transaction (the lighter one) as the deadlock victim and rolls it back
+    whole; fn catches the 1213 and returns.  The transaction cannot commit (it is gone), and
+    the cause is a deadlock with retries left: fn is re-run on a fresh transaction rather than
+    the caller getting TransactionRolledBack."""
+    import pymysql
+
+    table = f"retry_swallow_my_{os.getpid()}"
+    admin = mysql_connect()
+    admin.autocommit(True)
+    admin.cursor().execute(f"drop table if exists {table}")
+    admin.cursor().execute(f"create table {table} (id int primary key, v int) ENGINE=InnoDB")
+    admin.cursor().execute(
+        f"insert into {table} values " + ", ".join(f"({i}, 0)" for i in range(1, 21))
+    )
+    holder = mysql_connect()
+    # The holder is the heavier transaction (19 rows changed): InnoDB rolls back fn's.
+    holder.cursor().execute(f"update {table} set v = v + 10 where id >= 2")
+    attempts: list[int] = []
+    errors: list[BaseException] = []
+
+    def holder_takes_row_1() -> None:
+        try:
+            holder.cursor().execute(f"update {table} set v = v + 10 where id = 1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def fn(tx: dbpool.Transaction[Any]) -> str:
+        attempts.append(1)
+        tx.execute(f"update {table} set v = v + 1 where id = 1")
+        if len(attempts) == 1:
+            closing = threading.Thread(target=holder_takes_row_1, daemon=True)
+            closing.start()  # waits for row 1, or closes the cycle: either way a deadlock
+            try:
+                tx.execute(f"update {table} set v = v + 1 where id = 2")
+            except pymysql.err.OperationalError as exc:
+                assert exc.args[0] == 1213, exc
+            closing.join(10)
+            assert not closing.is_alive() and errors == [], errors
+            holder.rollback()  # the retry finds both rows free
+            return "swallowed"
+        tx.execute(f"update {table} set v = v + 1 where id = 2")
+        return "done"
+
+    try:
+        with _pool(mysql_connect) as pool:
+            result = pool.run_transaction(fn, retries=3, timeout=10)
+            assert result == "done"
+            assert len(attempts) == 2
+            cur = admin.cursor()
+            cur.execute(f"select id, v from {table} where id <= 3 order by id")
+            assert [tuple(r) for r in cur.fetchall()] == [(1, 1), (2, 1), (3, 0)]
+            _balanced(pool)
+    finally:
+        holder.rollback()
+        admin.cursor().execute(f"drop table if exists {table}")
