@@ -23,9 +23,10 @@ from collections import Counter
 from collections.abc import Sequence
 from time import perf_counter
 from types import ModuleType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from dbpool.pool import Pool
+from dbpool.redact import mask_credentials
 from dbpool.url import DatabaseURL, create_pool, load_driver, parse_url
 
 DEFAULT_BENCH_URL = "sqlite:///dbpool-bench.sqlite3"
@@ -164,7 +165,7 @@ def describe(exc: BaseException, url: DatabaseURL) -> str:
     text = f"{type(exc).__name__}: {exc}"
     if cause is not None and str(cause) not in str(exc):
         text += f" (caused by {type(cause).__name__}: {cause})"
-    return url.redact(" ".join(text.split()))
+    return mask_credentials(" ".join(url.redact(text).split()))
 
 
 _DISTRIBUTIONS = {"pymysql": "PyMySQL"}
@@ -411,7 +412,8 @@ def _run(
         waits.extend(worker.waits)
     waits.sort()
     for kind, message in first_errors.items():
-        print(f"dbpool bench: first {kind}: {url.redact(message)}", file=err)
+        message = mask_credentials(url.redact(message))
+        print(f"dbpool bench: first {kind}: {message}", file=err)
     report = bench_report(
         url=url,
         threads=threads,
@@ -489,8 +491,15 @@ def _timeout(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Its usage errors quote what was typed: a URL in the wrong place shows its password."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(mask_credentials(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m dbpool",
         description="Check a database URL, or benchmark a dbpool pool against it.",
         epilog="URLs: postgresql://user:password@host:5432/dbname, mysql://..., mssql://..., "

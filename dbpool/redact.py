@@ -29,7 +29,7 @@ _KEY = (
     r"(?<![\w-])(?P<key>(?:[\w-]*(?:password|passwd|passphrase|pwd|secret|token)"
     r"|(?:[\w-]*[_-])?pass)\s*=\s*)"
 )
-_QUOTED = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\{[^}]*\}"""
+_QUOTED = r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\{(?:[^}]|\}\})*\}"""  # ODBC: }} is }
 _KEYWORD_SECRET_RE = re.compile(_KEY + rf"""(?P<value>{_QUOTED}|[^\s'",;]+)""", re.IGNORECASE)
 # In a connection string, the bare words after an unquoted password are its rest, which the
 # driver refuses to parse (and quotes): "password=two words" reads as "words" lacking an "=".
@@ -110,9 +110,30 @@ def secrets_in(connect: object) -> tuple[str, ...]:
     for key, value in _candidates(connect):
         if key is not None and is_secret_key(key):
             found.append(value)
-        found += (_unquote_keyword_value(m["value"]) for m in _CONNINFO_SECRET_RE.finditer(value))
-        found += (unquote(value[start:end]) for start, end in _url_passwords(value))
+        for match in _CONNINFO_SECRET_RE.finditer(value):
+            found.append(_unquote_keyword_value(match["value"]))
+            if match["value"].startswith("{"):  # ODBC, also as written: each '}' doubled
+                found.append(match["value"][1:-1])
+            if "://" in value:  # a URL's query: the value ends at '&' and is percent-encoded
+                found += _url_forms(match["value"].partition("&")[0])
+        for start, end in _url_passwords(value):
+            found += _url_forms(value[start:end])
     return secret_forms(found, guessed=True)
+
+
+def _url_forms(raw: str) -> tuple[str, ...]:
+    """A password as written in a URL (libpq quotes it so when it cannot decode it), decoded,
+    and decoded to the bytes it stands for when they are no UTF-8 (a driver's codec error
+    holds those)."""
+    return raw, unquote(raw), unquote(raw, errors="surrogateescape")
+
+
+def _encoded(secret: str) -> bytes:
+    """``secret`` as bytes; a byte that was no UTF-8 (kept as a surrogate) as itself."""
+    try:
+        return secret.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return secret.encode("utf-8", "replace")
 
 
 def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, ...]:
@@ -135,7 +156,13 @@ def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, 
         for piece in pieces:
             if len(piece) < _MIN_SECRET or (guessed and _PLACEHOLDER_RE.fullmatch(piece)):
                 continue
-            found.update((piece, quote(piece, safe=""), quote(piece)))
+            found.update(
+                (
+                    piece,
+                    quote(piece, safe="", errors="surrogateescape"),
+                    quote(piece, errors="surrogateescape"),
+                )
+            )
     # longest first, so that no shorter secret splits a longer one before it is replaced
     return tuple(sorted(found, key=len, reverse=True))
 
@@ -181,7 +208,7 @@ def _unquote_keyword_value(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return re.sub(r"\\(.)", r"\1", value[1:-1])
     if len(value) >= 2 and value[0] == "{" and value[-1] == "}":
-        return value[1:-1]
+        return value[1:-1].replace("}}", "}")
     return value
 
 
@@ -253,7 +280,7 @@ def _scrub_codec_error(exc: UnicodeError, secrets: Iterable[str]) -> None:
         spans = [m.span() for m in re.finditer("|".join(map(re.escape, ordered)), text)]
         mask: str | bytes = MASK
     elif isinstance(text, (bytes, bytearray)):
-        encoded = [re.escape(secret.encode("utf-8", "replace")) for secret in ordered]
+        encoded = [re.escape(_encoded(secret)) for secret in ordered]
         spans = [m.span() for m in re.finditer(b"|".join(encoded), text)]
         mask = MASK.encode()
     else:
@@ -289,14 +316,24 @@ def _moved(position: int, spans: list[tuple[int, int]], mask_length: int, *, is_
 
 def _scrub_value(value: Any, secrets: Iterable[str], depth: int = 0) -> Any:
     """``value`` with each secret replaced by ``***``: str, bytes, and tuples/lists of them
-    (a tuple subclass that cannot be rebuilt, a namedtuple, becomes a plain tuple)."""
+    (a tuple subclass that cannot be rebuilt, a namedtuple, becomes a plain tuple), and
+    the keys and values of dicts."""
     if isinstance(value, str):
         return scrub_text(value, secrets)
     if isinstance(value, (bytes, bytearray)):
         for secret in secrets:
             if secret:
-                value = value.replace(secret.encode("utf-8", "replace"), MASK.encode())
+                value = value.replace(_encoded(secret), MASK.encode())
         return value
+    if isinstance(value, dict) and depth < _MAX_DEPTH:
+        pairs = {
+            _scrub_value(k, secrets, depth + 1): _scrub_value(v, secrets, depth + 1)
+            for k, v in value.items()
+        }
+        try:
+            return type(value)(pairs)
+        except Exception:
+            return pairs
     if isinstance(value, (tuple, list)) and depth < _MAX_DEPTH:
         items = [_scrub_value(item, secrets, depth + 1) for item in value]
         try:
@@ -309,8 +346,7 @@ def _scrub_value(value: Any, secrets: Iterable[str], depth: int = 0) -> Any:
 def _shows_secret(text: str, secrets: Iterable[str]) -> bool:
     """Whether ``text`` (a repr) shows a secret, as text or as escaped bytes."""
     return any(
-        secret and (secret in text or repr(secret.encode("utf-8", "replace"))[2:-1] in text)
-        for secret in secrets
+        secret and (secret in text or repr(_encoded(secret))[2:-1] in text) for secret in secrets
     )
 
 

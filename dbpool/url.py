@@ -291,7 +291,7 @@ class DatabaseURL:
             netloc += "@"
         if self.host is not None:
             if ":" in self.host and not self.host.startswith("/"):
-                netloc += f"[{self.host}]"
+                netloc += f"[{quote(self.host, safe=':')}]"
             else:
                 netloc += quote(self.host, safe="")
         if self.port is not None:
@@ -383,8 +383,8 @@ def parse_url(url: str) -> DatabaseURL:
         # the host cannot hold '@', so the last one ends the user-info
         userinfo, _, hostport = authority.rpartition("@")
         user, has_password, password = userinfo.partition(":")
-        parts["user"] = unquote(user) if user else None
-        parts["password"] = unquote(password) if has_password else None
+        parts["user"] = _unquote(user, "user name") if user else None
+        parts["password"] = _unquote(password, "password") if has_password else None
     else:
         hostport = authority
     parts["host"], parts["port"] = _parse_hostport(hostport)
@@ -397,7 +397,7 @@ def parse_url(url: str) -> DatabaseURL:
             raise ValueError(
                 "the URL's path must be just the database name: write a '/' inside it as %2F"
             )
-        parts["database"] = unquote(database)
+        parts["database"] = _unquote(database, "database name")
 
     remaining = []
     for key, value in query:
@@ -415,6 +415,19 @@ def parse_url(url: str) -> DatabaseURL:
     for key, value in remaining:
         _check_value(scheme, key, value)
     return DatabaseURL(scheme=scheme.name, query=tuple(remaining), **parts)
+
+
+def _unquote(text: str, part: str) -> str:
+    """``text`` percent-decoded; ``ValueError`` naming ``part``, not quoting it, if the bytes
+    are no UTF-8 (unquote() would put U+FFFD in their place: another password, silently)."""
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        pass  # raised outside the handler: the codec error, holding the bytes, is not chained
+    raise ValueError(
+        f"the URL's {part} is not UTF-8 once percent-decoded: percent-encode the UTF-8 bytes "
+        "of each character (for example 'ä' as %C3%A4)"
+    )
 
 
 def _refuse_misplaced_userinfo(authority: str, path: str, query_text: str) -> None:
@@ -447,7 +460,7 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
         close = hostport.find("]")
         if close == -1:
             raise ValueError("the URL's IPv6 host has no closing ']'")
-        host = hostport[1:close]
+        host = _unquote(hostport[1:close], "host")  # a zone id: [fe80::1%25eth0]
         after = hostport[close + 1 :]
         if after and not after.startswith(":"):
             raise ValueError("after an IPv6 host in [brackets] only ':port' may follow")
@@ -459,7 +472,7 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
                 "the URL names several hosts: a URL takes one host; for several, build the "
                 "pool from a connect function: Pool(lambda: driver.connect(...))"
             )
-        host = unquote(host)
+        host = _unquote(host, "host")
     return (host or None), (_parse_port(port_text) if port_text else None)
 
 
@@ -482,13 +495,13 @@ def _parse_query(text: str) -> list[tuple[str, str]]:
         if not item:
             continue
         raw_key, has_value, raw_value = item.partition("=")
-        key = unquote(raw_key)
+        key = _unquote(raw_key, "query parameter name")
         if not key or not has_value:
             raise ValueError("each query parameter of the URL must read name=value, joined by '&'")
         if key in seen:
             raise ValueError(f"the query parameter {key!r} is given twice: keep one")
         seen.add(key)
-        pairs.append((key, unquote(raw_value)))
+        pairs.append((key, _unquote(raw_value, f"query parameter {key!r}")))
     return pairs
 
 
@@ -514,7 +527,7 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
             "a sqlite URL has no host: write sqlite:///relative/path.sqlite3 or "
             "sqlite:////absolute/path.sqlite3 (three or four slashes)"
         )
-    database = unquote(path[1:])
+    database = _unquote(path[1:], "file path")
     if not database:
         raise ValueError(
             "the sqlite URL names no file: write sqlite:///relative/path.sqlite3 or "

@@ -1,0 +1,218 @@
+"""Edge cases of secret handling and URL parsing: passwords in unusual forms (percent-encodings
+libpq cannot decode or that are no UTF-8, a query-string password followed by more parameters,
+ODBC's doubled braces, a dict in a driver error's args) never show in an error, a log line,
+``health()`` or the command line's output, and a URL is decoded as the drivers decode it.
+
+None needs a database server: the connects fail before any network traffic, or go to a closed
+port.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dbpool
+from dbpool import __main__ as cli
+from dbpool.url import parse_url
+
+pytestmark = pytest.mark.timeout(20)
+
+CLOSED_PORT = 1  # nothing listens here: a connect that gets that far is refused at once
+
+
+def token() -> str:
+    return uuid.uuid4().hex
+
+
+def everything(exc: BaseException) -> str:
+    """What a user, a log or an error tracker sees of an exception and its chain."""
+    parts = ["".join(traceback.format_exception(type(exc), exc, exc.__traceback__))]
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        parts += [repr(current), str(current), repr(current.args)]
+        parts += [repr(getattr(current, name, None)) for name in ("object", "__dict__")]
+        pending += [current.__cause__, current.__context__]
+    return "\n".join(parts)
+
+
+def fail_through_pool(connect: Any, caplog: pytest.LogCaptureFixture) -> str:
+    """Everything a failing connect through a pool shows: the error, health(), the log."""
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pytest.raises(Exception) as info:
+            pool.connection(timeout=2)
+        health = pool.health(timeout=0.5)
+    return "\n".join([everything(info.value), repr(health), caplog.text])
+
+
+# -- connect callables holding a libpq URI -----------------------------------------------------
+
+
+def test_a_url_password_libpq_cannot_percent_decode_is_scrubbed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # libpq quotes the password as written: 'invalid percent-encoded token: "p%41ss%zz-..."'.
+    # secrets_in() keeps only the decoded form "pAss%zz-...", so nothing matches it.
+    psycopg = pytest.importorskip("psycopg")
+    secret = token()
+    dsn = f"postgresql://app:p%41ss%zz-{secret}@127.0.0.1:{CLOSED_PORT}/app?connect_timeout=2"
+    shown = fail_through_pool(lambda: psycopg.connect(dsn), caplog)
+    assert "percent-encoded" in shown
+    assert secret not in shown
+
+
+def test_a_query_string_password_followed_by_more_parameters_is_scrubbed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # secrets_in() reads the value of ?password= up to the next space, "&connect_timeout=2"
+    # included, so the password alone, which libpq quotes, is no secret form.
+    psycopg = pytest.importorskip("psycopg")
+    secret = token()
+    dsn = (
+        f"postgresql://app@127.0.0.1:{CLOSED_PORT}/app?password=100%pure-{secret}&connect_timeout=2"
+    )
+    shown = fail_through_pool(lambda: psycopg.connect(dsn), caplog)
+    assert "percent-encoded" in shown
+    assert secret not in shown
+
+
+def test_a_url_password_that_is_not_utf8_is_scrubbed_from_the_codec_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # %E4 (latin-1 'ä') is no UTF-8: psycopg raises UnicodeDecodeError holding the raw bytes of
+    # the password in .object and args; secrets_in() decoded it with errors='replace'.
+    psycopg = pytest.importorskip("psycopg")
+    secret = token()
+    dsn = f"postgresql://app:%E4-{secret}@127.0.0.1:{CLOSED_PORT}/app?connect_timeout=2"
+    shown = fail_through_pool(lambda: psycopg.connect(dsn), caplog)
+    assert secret not in shown
+
+
+# -- parse_url -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "postgresql://app:p%E4ss-{s}@db/app",  # a latin-1 percent-encoding
+        "mysql://root:%FF%FE{s}@db/app",
+        "postgresql://app@db/app?sslpassword=%C3-{s}",
+    ],
+)
+def test_a_percent_encoding_that_is_not_utf8_is_refused_not_replaced(template: str) -> None:
+    # unquote() turns the bytes into U+FFFD: the driver gets another password, silently
+    secret = token()
+    with pytest.raises(ValueError, match="UTF-8") as info:
+        parse_url(template.format(s=secret))
+    assert secret not in everything(info.value)
+
+
+def test_an_ipv6_zone_id_is_percent_decoded_as_libpq_does() -> None:
+    # RFC 6874 writes fe80::1%eth0 as [fe80::1%25eth0]; libpq decodes it, dbpool did not
+    parsed = parse_url("postgresql://app:pw-12345@[fe80::1%25eth0]:5432/app")
+    assert parsed.host == "fe80::1%eth0"
+    assert parsed.connect_kwargs()["host"] == "fe80::1%eth0"
+    assert parse_url(parsed.masked).host == "fe80::1%eth0"
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["bench", "--url=postgresql://app:{s}@db/app"], id="unknown-option"),
+        pytest.param(["bench", "--threads", "postgresql://app:{s}@db/app"], id="option-value"),
+        pytest.param(["check", "--timeout", "mysql://root:{s}@db/app"], id="timeout-value"),
+        pytest.param(
+            ["bench", "sqlite:///x.sqlite3", "postgresql://app:{s}@db/app"], id="extra-argument"
+        ),
+    ],
+)
+def test_a_usage_error_does_not_echo_a_password(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = f"Cli-{token()}"
+    with pytest.raises(SystemExit) as info:
+        cli.main([arg.replace("{s}", secret) for arg in argv])
+    assert info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "error:" in err
+    assert secret not in out + err
+
+
+def test_check_masks_a_password_a_driver_error_quotes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # PyMySQL reads read_default_file with configparser; a file missing its [client] header
+    # fails with the offending line quoted.  The pool's own log line keeps the first line
+    # only and masks password=...; the check command prints every line, unmasked.
+    pytest.importorskip("pymysql")
+    secret = f"Cnf-{token()}"
+    option_file = tmp_path / "my.cnf"
+    option_file.write_text(f"password={secret}\n[client]\nuser=root\n")
+    url = f"mysql://root@127.0.0.1:{CLOSED_PORT}/test?read_default_file={option_file}"
+    code = cli.main(["check", url, "--timeout", "2"])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED
+    assert "MissingSectionHeaderError" in err
+    assert secret not in out + err
+
+
+# -- errors a driver raises -----------------------------------------------------------------------
+
+
+class DriverError(Exception):
+    pass
+
+
+def test_a_dict_in_a_driver_errors_args_is_scrubbed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # scrub_exception() walks str, bytes, tuples and lists in args, not dicts: the
+    # connection parameters a driver attaches to its error keep the password
+    def connect(**kwargs: Any) -> Any:
+        raise DriverError("login failed", dict(kwargs))
+
+    module = types.ModuleType("pymssql")
+    module.connect = connect  # type: ignore[attr-defined]
+    module.paramstyle = "pyformat"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pymssql", module)
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    secret = f"Dict-{token()}"
+    with dbpool.create_pool(f"mssql://sa:{secret}@db.example/app", min_size=0) as pool:
+        with pytest.raises(DriverError) as info:
+            pool.connection(timeout=2)
+    assert secret not in everything(info.value) + caplog.text
+
+
+def test_an_odbc_password_with_an_escaped_brace_is_masked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # ODBC writes '}' inside a braced value as '}}': PWD={ab}}cd-...} is the password
+    # "ab}cd-...".  The pattern stops at the first '}', so secrets_in() finds "ab" (too short
+    # to count) and describe() masks "PWD={ab}" only, leaving the rest of the password.
+    secret = token()
+    dsn = f"DRIVER={{ODBC Driver 18}};SERVER=db;PWD={{ab}}}}cd-{secret}}};UID=sa"
+    assert f"PWD={{ab}}}}cd-{secret}}}" in dsn
+
+    def connect(dsn: str) -> Any:
+        raise DriverError(f"cannot connect with {dsn}")
+
+    shown = fail_through_pool(functools.partial(connect, dsn), caplog)
+    assert "cannot connect with" in shown
+    assert secret not in shown
