@@ -104,6 +104,19 @@ DISCARD_REASONS = {
 }
 
 
+def links(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception chained to it (cause and context)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+
+
 def assert_accounting(pool: Any, *, resized: bool = False) -> Any:
     """The pool's invariants, read through its public stats; returns the snapshot.
     ``resized``: max_size was lowered, so size may exceed it until the leases come back."""

@@ -23,6 +23,7 @@ import pytest
 import dbpool
 from dbpool import __main__ as cli
 from dbpool.url import parse_url
+from tests.conftest import links
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -36,16 +37,9 @@ def token() -> str:
 def everything(exc: BaseException) -> str:
     """What a user, a log or an error tracker sees of an exception and its chain."""
     parts = ["".join(traceback.format_exception(type(exc), exc, exc.__traceback__))]
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in links(exc):
         parts += [repr(current), str(current), repr(current.args)]
         parts += [repr(getattr(current, name, None)) for name in ("object", "__dict__")]
-        pending += [current.__cause__, current.__context__]
     return "\n".join(parts)
 
 

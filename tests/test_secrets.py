@@ -41,7 +41,6 @@ import traceback
 import types
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +50,7 @@ import pytest
 
 import dbpool
 from tests import _urls, fakedb
-from tests.conftest import wait_until
+from tests.conftest import links, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,19 +77,6 @@ class Canary:
     @property
     def in_url(self) -> str:
         return quote(self.password, safe="")
-
-
-def links(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception chained to it (cause and context)."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending += [current.__cause__, current.__context__]
 
 
 @dataclass
