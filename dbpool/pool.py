@@ -843,9 +843,17 @@ class Pool(Generic[C]):
         with self._lock:
             if self._closed and not self._drained:
                 return  # closed for good: nothing left to drain
+            held = self._held_by_this_thread_locked()
             self._drained = True
             idle = self._stop_checkouts_locked()
             self._stopping += 1
+        if held:  # a lease may have been handed to another thread to close: not refused
+            logger.warning(
+                "pool %r: drain() waits for every lease to come back, and %d leased by this "
+                "thread are still out: close them first, or drain from another thread",
+                self._name,
+                held,
+            )
         try:
             interrupted = self._close_stopped(idle, timeout)
             if interrupted is not None:
@@ -855,10 +863,12 @@ class Pool(Generic[C]):
                 with self._lock:
                     leased, opening = self._in_use, self._opening
                     closing = self._closes_pending_locked()
+                mine = f" ({held} by this thread)" if held else ""
                 raise PoolTimeout(
                     f"pool {self._name!r}: after draining for {timeout:g} s, {leased} "
-                    f"connections are still leased, {opening} being opened and {closing} being "
-                    "closed; each lease is closed when it comes back (close() closes those now)"
+                    f"connections are still leased{mine}, {opening} being opened and {closing} "
+                    "being closed; each lease is closed when it comes back (close() closes "
+                    "those now)"
                 )
         finally:
             with self._lock:

@@ -687,6 +687,19 @@ def test_drain_timeout_names_the_leases_still_out(make_pool, server, out):
     assert not server.open_connections
 
 
+def test_drain_by_a_thread_holding_a_lease_says_so(make_pool, caplog):
+    # It would wait for its own lease (forever, without a timeout): the log and the timeout
+    # say which leases are the caller's own.
+    caplog.set_level(logging.WARNING, logger="dbpool")
+    pool = make_pool(min_size=0, max_size=2)
+    mine = pool.connection()
+    with pytest.raises(dbpool.PoolTimeout, match=r"still leased \(1 by this thread\)"):
+        pool.drain(timeout=0.05)
+    assert any("1 leased by this thread are still out" in r.getMessage() for r in caplog.records)
+    mine.close()
+    assert_accounting(pool)
+
+
 def test_drain_stops_a_caller_whose_connect_is_under_way(make_pool, server):
     pool = make_pool(min_size=0, max_size=1)
     gate = server.block("connect")
