@@ -275,7 +275,7 @@ class Connection(Generic[C]):
             return
         if not claim:  # released, or never armed; nothing else can reach this lease now
             return
-        # Queued for the next checkout to return, with no call before (see close()), and
+        # Queued for the maintenance thread to return, with no call before (see close()), and
         # before the warning, which may raise (-W error).
         slot = claim[0]
         del claim[0]

@@ -345,8 +345,8 @@ class Pool(Generic[C]):
         self._listeners = Listeners()
 
         # Leases dropped without release are queued here by their finalizer, which may run in
-        # any thread at any moment and so must not take the lock; the reaper and the next
-        # acquire return them.
+        # any thread at any moment and so must not take the lock; the reaper returns them
+        # (the next acquire wakes it), and so do drain() and close().
         self._orphans: deque[_Slot] = deque()
         self._setup_state()
         _fork.register(self)
@@ -809,8 +809,8 @@ class Pool(Generic[C]):
     def _finish_close(self, idle: list[_Slot], timeout: float | None) -> None:
         # An interrupt while closing one connection must not leave the others open, nor stop
         # close() half-way (a second close() does nothing): it is raised at the end.
-        interrupted = self._close_stopped(idle, timeout)
         deadline = _NEVER if timeout is None else monotonic() + timeout
+        interrupted = self._close_stopped(idle, deadline)
         leased = []
         if not self._await_returns(deadline):
             with self._lock:
@@ -855,10 +855,10 @@ class Pool(Generic[C]):
                 held,
             )
         try:
-            interrupted = self._close_stopped(idle, timeout)
+            deadline = _NEVER if timeout is None else monotonic() + timeout
+            interrupted = self._close_stopped(idle, deadline)
             if interrupted is not None:
                 raise interrupted
-            deadline = _NEVER if timeout is None else monotonic() + timeout
             if not self._await_returns(deadline):
                 with self._lock:
                     leased, opening = self._in_use, self._opening
@@ -922,14 +922,15 @@ class Pool(Generic[C]):
         self._cond.notify_all()
         return idle
 
-    def _close_stopped(self, idle: list[_Slot], timeout: float | None) -> BaseException | None:
-        """After _stop_checkouts_locked: stop the reaper and close the idle connections."""
+    def _close_stopped(self, idle: list[_Slot], deadline: float) -> BaseException | None:
+        """After _stop_checkouts_locked: stop the reaper and close the idle connections; the
+        wait for the reaper is part of the caller's time (to ``deadline``), a second at most."""
         self._reaper_wakeup.set()
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
         interrupted = self._close_all(idle, POOL_CLOSED)
         thread = self._reaper_thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=1.0 if timeout is None else min(timeout, 1.0))
+            thread.join(timeout=_bounded(min(deadline - monotonic(), 1.0)))
         return interrupted
 
     def _await_returns(self, deadline: float) -> bool:
@@ -985,8 +986,8 @@ class Pool(Generic[C]):
         elif monotonic() >= deadline:
             raise self._validation_timeout(timeout)
         while True:
-            if self._orphans:
-                self._return_orphans()
+            if self._orphans:  # the reaper returns them: a rollback of one may hang, and this
+                self._reaper_wakeup.set()  # caller's deadline must hold
             slot = self._take(deadline, timeout)
             if slot.raw is None:
                 return self._connect_for_caller(slot, deadline, timeout)

@@ -1,0 +1,99 @@
+"""Timeouts that hold while something else is stuck: drain() and close() return by their
+timeout while the maintenance thread is held in a close, and a checkout by its deadline while
+the return of a dropped lease hangs.  Threads are lined up with fakedb gates and events, never
+with sleeps."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytest
+
+import dbpool
+from tests import fakedb
+from tests.conftest import Caller
+
+# == drain()/close() return by their timeout ====================================================
+
+
+def _reaper_held_in_a_close(make_pool: Any, server: fakedb.Server) -> tuple[Any, fakedb.Gate]:
+    """A pool whose reaper thread is held inside the close of an idle connection it retired."""
+    pool = make_pool(min_size=0, max_size=2, idle_timeout=0.05)
+    with pool.connection() as conn:
+        gate = server.block("close", conn=conn.raw)
+    assert gate.entered.wait(5), "the reaper never closed the idle connection"
+    return pool, gate
+
+
+def test_drain_raises_by_its_timeout_while_the_reaper_is_busy(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool, gate = _reaper_held_in_a_close(make_pool, server)
+    try:
+        started = time.monotonic()
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        gate.release()
+    # The wait for the maintenance thread is part of the timeout, not added to it.
+    assert elapsed < 0.5 + 0.25, f"drain(timeout=0.5) raised after {elapsed:.2f} s"
+
+
+def test_close_returns_by_its_timeout_while_the_reaper_is_busy(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool, gate = _reaper_held_in_a_close(make_pool, server)
+    try:
+        started = time.monotonic()
+        pool.close(timeout=0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        gate.release()
+    assert elapsed < 0.5 + 0.25, f"close(timeout=0.5) returned after {elapsed:.2f} s"
+
+
+# == a checkout returns by its deadline ===========================================================
+
+
+def _stop_reaper(pool: Any) -> None:
+    """End the pool's maintenance thread (it stops once its wakeup is no longer the pool's), so
+    that only the test's own calls return garbage-collected leases."""
+    old = pool._reaper_wakeup
+    pool._reaper_wakeup = threading.Event()
+    old.set()
+    pool._reaper_thread.join(5)
+    assert not pool._reaper_thread.is_alive()
+
+
+def test_checkout_times_out_by_its_deadline_while_returning_an_orphan(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    # A lease dropped without close() is returned by the maintenance thread: its rollback,
+    # unbounded, is not the next caller's to wait for.
+    pool = make_pool(max_size=2, idle_timeout=None, max_lifetime=None)
+    _stop_reaper(pool)
+    conn = pool.connection()
+    conn.cursor().execute("insert into t values (1)")  # a transaction to roll back on return
+    gate = server.block("rollback", conn=server.connections[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del conn
+        gc.collect()
+    assert len(pool._orphans) == 1
+    caller = Caller(lambda: pool.connection(timeout=0.2).close(), name="checkout")
+    try:
+        # A free place (max_size=2, one held by the orphan): the checkout is served, or times
+        # out, within its 0.2 s.
+        finished = caller.done.wait(0.2 + 0.8)
+    finally:
+        gate.release()
+    caller.outcome()
+    assert finished, (
+        f"connection(timeout=0.2) still blocked 1 s later (in the orphan's rollback: "
+        f"{gate.entered.is_set()})"
+    )
