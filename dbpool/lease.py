@@ -232,6 +232,8 @@ class Connection(Generic[C]):
             if slot.doomed:
                 raise _doomed()  # reading an attribute (conn.closed, say) is still allowed
             slot.dirty = True
+            if name in slot.dialect.exposing_methods:
+                slot.exposed = True
             # The driver's statement methods (sqlite3's and psycopg's conn.execute, PyMySQL's
             # conn.query...) are watched as cursor.execute is: a failure marks what the driver
             # caches as stale, and inside a block the deadline can cancel them.

@@ -1577,6 +1577,8 @@ class Pool(Generic[C]):
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
                     setattr(raw, name, value)
+            if slot.exposed:
+                dialect.after_exposure(raw)
             if self._session_reset is not None:
                 if self._session_reset == "reconnect" or not dialect.can_reset_session:
                     return DiscardReason.SESSION_RESET, "session_reset: used, so not reused"

@@ -56,6 +56,15 @@ class Dialect:
     #: Whether :meth:`call_failed` does anything: a failed call leaves the driver's cached
     #: transaction flags stale (PyMySQL), so calls that may fail unseen are watched.
     flags_go_stale = False
+    #: Driver methods that can change what the pool cannot read back, like mysqlclient's
+    #: ping(True), which turns its automatic reconnect on for good: a lease that called one
+    #: counts as having handed out the driver's connection (see :meth:`after_exposure`).
+    exposing_methods: frozenset[str] = frozenset()
+
+    def after_exposure(self, conn: Any) -> None:
+        """On the return of a lease that handed out the driver's connection or cursor, or
+        called one of :attr:`exposing_methods`: undo what the pool cannot read; no transaction
+        is open.  May do I/O (only such leases pay for it)."""
 
     def call_failed(self, conn: Any) -> None:
         """A driver call on ``conn`` raised (or may have, unseen: the lease handed out the

@@ -120,8 +120,11 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         if not conn.open:
             return BROKEN
         result = conn._result
-        if result is not None and result.unbuffered_active:
-            return BUSY
+        if result is not None:
+            if result.unbuffered_active:
+                return BUSY
+            if result.has_next:  # the flags are the first reply's: the unread ones (a CALL's,
+                return IN_TRANSACTION  # say) may open a transaction; ROLLBACK reads them first
         status = conn.server_status or 0
         if status & _IN_TRANS:
             return IN_TRANSACTION
@@ -147,6 +150,8 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         return bool((conn.server_status or 0) & _AUTOCOMMIT)
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        if not settings:  # the lease turned autocommit on: a SET TRANSACTION (for the next
+            conn.rollback()  # transaction, unflagged) may be pending, and ROLLBACK drops it
         conn.autocommit(settings)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
@@ -267,6 +272,13 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     def ping(self, conn: Any) -> None:
         conn.ping()
         self._sessions.record(conn)  # a ping may have reconnected
+
+    exposing_methods = frozenset({"ping"})
+
+    def after_exposure(self, conn: Any) -> None:
+        # ping() with no argument turns off the reconnect that ping(True) turned on for good:
+        # a session lost later would be replaced silently, in autocommit (the server's default)
+        self.ping(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # First: the deadline may pass during the round trips below, and the cancel needs it.
