@@ -16,6 +16,7 @@ import threading
 import traceback
 import warnings
 from collections import deque
+from functools import partial
 from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
@@ -937,7 +938,7 @@ class Pool(Generic[C]):
         """Wait until no connection is leased, being opened or being closed by the thread that
         let it go; False if the deadline passed."""
         while True:
-            self._return_orphans()  # leases garbage-collected meanwhile come back this way
+            self._return_orphans(deadline)  # leases garbage-collected meanwhile come back so
             with self._lock:
                 if self._in_use + self._opening + self._closes_pending_locked() == 0:
                     return True
@@ -1406,7 +1407,10 @@ class Pool(Generic[C]):
             )
         lease.close()
 
-    def _return_orphans(self) -> None:
+    def _return_orphans(self, deadline: float = _NEVER) -> None:
+        """Take back the leases garbage-collected unreleased.  Past ``deadline`` (drain() and
+        close() have one; the pool hands out nothing then), the one being returned is shut
+        down: its rollback may hang on a dead network."""
         orphans = self._orphans
         while orphans:
             box: list[_Slot] = []
@@ -1417,7 +1421,9 @@ class Pool(Generic[C]):
                     box = [orphans[0]]
                     del orphans[0]
                     self._leaked += 1
-                self._give_back(box)
+                slot = box[0]
+                with Overdue(deadline, partial(slot.dialect.sever, slot.raw)):
+                    self._give_back(box)
             except BaseException:  # a signal handler raised before _give_back took it
                 if box:  # counted as leaked already, and a counter never goes down: closed,
                     slot = box[0]  # as _give_back closes one it was interrupted with, not queued

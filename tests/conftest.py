@@ -117,6 +117,16 @@ def links(exc: BaseException) -> Iterator[BaseException]:
         pending += [current.__cause__, current.__context__]
 
 
+def stop_maintenance(pool: Any) -> None:
+    """End the pool's maintenance thread (it stops once its wakeup is no longer the pool's), so
+    that only the test's own calls return garbage-collected leases."""
+    old = pool._reaper_wakeup
+    pool._reaper_wakeup = threading.Event()
+    old.set()
+    pool._reaper_thread.join(5)
+    assert not pool._reaper_thread.is_alive()
+
+
 def assert_accounting(pool: Any, *, resized: bool = False) -> Any:
     """The pool's invariants, read through its public stats; returns the snapshot.
     ``resized``: max_size was lowered, so size may exceed it until the leases come back."""

@@ -10,6 +10,7 @@ responsive meanwhile.  Each test then heals the network and shows the pool recov
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Link, heal, wait_until
+from tests.conftest import Link, heal, stop_maintenance, wait_until
 from tests.faultproxy import Mode
 
 pytestmark = pytest.mark.timeout(60)
@@ -131,3 +132,23 @@ def test_the_pool_threads_stay_responsive(link: Link, caplog: pytest.LogCaptureF
         lease.close()
         heal(link)
         wait_until(lambda: pool.stats().idle >= 2, timeout=15)
+
+
+def test_drain_returns_by_its_timeout_while_a_dropped_lease_cannot_be_rolled_back(
+    link: Link,
+) -> None:
+    # A lease garbage-collected with a transaction open is rolled back as drain() takes it
+    # back; on a blackholed network that rollback never ends, unless drain() cuts it off.
+    with dbpool.Pool(link.connect, min_size=0, max_size=2) as pool:
+        stop_maintenance(pool)  # drain() itself returns the dropped lease
+        lease = pool.connection()
+        lease.cursor().execute("SELECT 1")  # a transaction, or a snapshot, to roll back
+        link.proxy.set_mode(Mode.BLACKHOLE)
+        with pytest.warns(ResourceWarning, match="without being released"):
+            del lease
+            gc.collect()
+        elapsed, _ = timed(lambda: pool.drain(timeout=0.5))
+        assert elapsed < 0.5 + SLACK, f"drain(timeout=0.5) took {elapsed:.1f} s"
+        s = pool.stats()
+        assert (s.in_use, s.size, s.leaked) == (0, 0, 1), s
+        heal(link)

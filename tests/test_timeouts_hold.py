@@ -6,7 +6,6 @@ with sleeps."""
 from __future__ import annotations
 
 import gc
-import threading
 import time
 import warnings
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import Caller
+from tests.conftest import Caller, stop_maintenance
 
 # == drain()/close() return by their timeout ====================================================
 
@@ -60,23 +59,13 @@ def test_close_returns_by_its_timeout_while_the_reaper_is_busy(
 # == a checkout returns by its deadline ===========================================================
 
 
-def _stop_reaper(pool: Any) -> None:
-    """End the pool's maintenance thread (it stops once its wakeup is no longer the pool's), so
-    that only the test's own calls return garbage-collected leases."""
-    old = pool._reaper_wakeup
-    pool._reaper_wakeup = threading.Event()
-    old.set()
-    pool._reaper_thread.join(5)
-    assert not pool._reaper_thread.is_alive()
-
-
 def test_checkout_times_out_by_its_deadline_while_returning_an_orphan(
     make_pool: Any, server: fakedb.Server
 ) -> None:
     # A lease dropped without close() is returned by the maintenance thread: its rollback,
     # unbounded, is not the next caller's to wait for.
     pool = make_pool(max_size=2, idle_timeout=None, max_lifetime=None)
-    _stop_reaper(pool)
+    stop_maintenance(pool)
     conn = pool.connection()
     conn.cursor().execute("insert into t values (1)")  # a transaction to roll back on return
     gate = server.block("rollback", conn=server.connections[-1])
