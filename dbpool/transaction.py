@@ -12,6 +12,7 @@ shut down, and the pool discards the connection.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -596,6 +597,8 @@ def run_transaction(
     serialization failure or deadlock, up to ``retries`` times within ``timeout`` overall."""
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking the transaction, got {fn!r}")
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(_ASYNC_FN.format(fn=fn))
     check_dialect_allows(pool, check_options(isolation, timeout, readonly), readonly)
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
@@ -616,7 +619,12 @@ def run_transaction(
                     timeout=deadline_left(deadline, timeout),
                     readonly=readonly,
                 ) as tx:
-                    return fn(tx)
+                    result = fn(tx)
+                    if inspect.isawaitable(result):  # raised in the block: nothing is committed
+                        if inspect.iscoroutine(result):
+                            result.close()  # never awaited: no "never awaited" warning later
+                        raise TypeError(_ASYNC_FN.format(fn=fn))
+                    return result
         except (CommitOutcomeUnknown, TransactionTimeout):
             raise  # never retried: the work may have happened, or there is no time left
         except Exception as exc:
@@ -633,6 +641,12 @@ def run_transaction(
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+_ASYNC_FN = (
+    "fn must run the transaction and return its result, but {fn!r} returns an awaitable "
+    "(an async function?): dbpool is synchronous; use a plain function"
+)
 
 
 def _retryable(dialect: Dialect, exc: Exception) -> bool:

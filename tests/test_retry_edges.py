@@ -234,3 +234,26 @@ def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any) -> None
     finally:
         holder.rollback()
         admin.cursor().execute(f"drop table if exists {table}")
+
+
+# == an async fn ===================================================================================
+
+
+def test_an_async_fn_is_refused_and_commits_nothing(fake_server: fakedb.Server) -> None:
+    """run_transaction is synchronous: an async fn would return an un-awaited coroutine, and the
+    empty transaction would commit as if fn had run."""
+
+    async def fn(tx: dbpool.Transaction[Any]) -> None:
+        tx.execute("update t set v = 1")
+
+    def returns_a_coroutine(tx: dbpool.Transaction[Any]) -> Any:
+        return fn(tx)
+
+    with _pool(fake_server.connect) as pool:
+        with pytest.raises(TypeError, match="async function"):
+            pool.run_transaction(fn)
+        assert pool.stats().acquired == 0, "refused only after taking a connection"
+        with pytest.raises(TypeError, match="async function"):
+            pool.run_transaction(returns_a_coroutine)
+        assert fake_server.count("commit") == 0
+        _balanced(pool)
