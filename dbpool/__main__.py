@@ -174,6 +174,9 @@ _DISTRIBUTIONS = {"pymysql": "PyMySQL"}
 # --- check -------------------------------------------------------------------------------------
 
 
+_CHECK_SQLITE = "select count(*) from sqlite_master"
+
+
 def _server_version(url: DatabaseURL, driver: ModuleType, conn: Any) -> str:
     if url.scheme == "sqlite":
         return f"SQLite {driver.sqlite_version}"
@@ -221,7 +224,8 @@ def check(url: DatabaseURL, *, timeout: float, out: IO[str], err: IO[str]) -> in
                 connected = perf_counter()
                 cur = conn.cursor()
                 try:
-                    cur.execute("select 1")
+                    # SQLite: "select 1" never reads the file, so any file would pass
+                    cur.execute(_CHECK_SQLITE if url.scheme == "sqlite" else "select 1")
                     cur.fetchone()
                 finally:
                     cur.close()
@@ -381,20 +385,28 @@ def _run(
     workers = [_Worker(i, pool, paramstyle, stop) for i in range(threads)]
     interactive = err.isatty()
     started = perf_counter()
-    for worker in workers:
-        worker.start()
+    running: list[_Worker] = []  # those started: a Ctrl-C or a refusal may stop the starting
     interrupted = False
     try:
+        for worker in workers:
+            worker.start()
+            running.append(worker)
         _show_progress(workers, pool, started, started + seconds, interactive, err)
     except KeyboardInterrupt:
         interrupted = True
+    except RuntimeError as exc:  # can't start new thread: more --threads than the system allows
+        stop.set()
+        for worker in running:
+            worker.join(5.0)
+        print(f"dbpool: cannot start {threads} threads ({len(running)} started): {exc}", file=err)
+        return EXIT_FAILED
     finally:
         stop.set()
         if interactive:
             err.write("\n")
     try:
         join_by = perf_counter() + 5.0
-        for worker in workers:
+        for worker in running:
             worker.join(max(0.0, join_by - perf_counter()))
     except KeyboardInterrupt:  # a second Ctrl-C: report what there is
         interrupted = True

@@ -1,0 +1,124 @@
+"""Edge cases of ``python -m dbpool``: check on a SQLite file that is no database, and bench when
+its threads cannot all be started (the system refuses one, or Ctrl-C comes meanwhile)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dbpool import __main__ as cli
+
+
+def _bench_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if isinstance(t, cli._Worker) and t.is_alive()]
+
+
+@pytest.fixture
+def stop_stray_workers() -> Iterator[None]:
+    """Whatever a test shows, stop bench workers it leaves running (they are daemons)."""
+    yield
+    for worker in _bench_threads():
+        assert isinstance(worker, cli._Worker)
+        worker.stop.set()
+        worker.join(2.0)
+
+
+def test_check_sqlite_refuses_a_file_that_is_not_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `select 1` never reads the file, so a text file (a typo'd path to notes, a config file,
+    # an encrypted database) passes the check; sqlite3 says "file is not a database" as soon
+    # as anything reads the schema, and bench then fails on the same URL.
+    (tmp_path / "notes.txt").write_text("not a database\n" * 20)
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["check", "sqlite:///notes.txt"])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_FAILED, out
+    assert "cannot connect to sqlite:///notes.txt" in err
+
+
+def test_bench_thread_start_failure_is_an_error_not_a_traceback_and_stops_the_workers(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop_stray_workers: None,
+) -> None:
+    # `--threads N` beyond what the OS allows (ulimit -v / -u, threads-max): the third
+    # thread.start() raises RuntimeError("can't start new thread"), as CPython does.
+    real_start = cli._Worker.start
+    started = []
+
+    def start(self: Any) -> None:
+        if len(started) == 2:
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(cli._Worker, "start", start)
+    try:
+        code = cli.main(
+            [
+                "bench",
+                f"sqlite:///{tmp_path}/b.sqlite3",
+                "--threads",
+                "4",
+                "--max-size",
+                "1",
+                "--seconds",
+                "0.3",
+                "--timeout",
+                "2",
+            ]
+        )
+    except RuntimeError as exc:  # the traceback `python -m dbpool` prints
+        pytest.fail(f"bench raised {exc!r} instead of reporting it")
+    finally:
+        leftover = _bench_threads()  # bench joins the workers it started before returning
+    assert code in (cli.EXIT_FAILED, cli.EXIT_USAGE)
+    assert "can't start new thread" in capsys.readouterr().err
+    assert not leftover, f"workers still running after bench returned: {leftover}"
+
+
+def test_bench_ctrl_c_while_starting_the_threads_stops_those_started(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    stop_stray_workers: None,
+) -> None:
+    # Ctrl-C right after the "dbpool bench: ..." line, while --threads N are being started
+    # (a visible window with many threads on a busy machine).
+    real_start = cli._Worker.start
+    started = []
+
+    def start(self: Any) -> None:
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(cli._Worker, "start", start)
+    try:
+        code = cli.main(
+            [
+                "bench",
+                f"sqlite:///{tmp_path}/b.sqlite3",
+                "--threads",
+                "4",
+                "--max-size",
+                "1",
+                "--seconds",
+                "0.3",
+                "--timeout",
+                "2",
+            ]
+        )
+    finally:
+        leftover = _bench_threads()  # bench joins the workers it started before returning
+    capsys.readouterr()
+    assert code in (cli.EXIT_OK, cli.EXIT_INTERRUPTED)
+    # they loop forever on the closed pool: stop is never set
+    assert not leftover, f"workers still running after bench returned: {leftover}"
