@@ -3,6 +3,10 @@ its threads cannot all be started (the system refuses one, or Ctrl-C comes meanw
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +126,22 @@ def test_bench_ctrl_c_while_starting_the_threads_stops_those_started(
     assert code in (cli.EXIT_OK, cli.EXIT_INTERRUPTED)
     # they loop forever on the closed pool: stop is never set
     assert not leftover, f"workers still running after bench returned: {leftover}"
+
+
+def test_output_to_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    # `python -m dbpool check URL | head -0`: the reader is gone before the report is written.
+    sqlite3.connect(tmp_path / "app.sqlite3").close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dbpool", "check", f"sqlite:///{tmp_path}/app.sqlite3"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == cli.EXIT_FAILED, (done.returncode, done.stderr)
