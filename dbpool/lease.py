@@ -693,12 +693,36 @@ class PoolCursor(Cursor[C]):
     def close(self) -> None:
         """Close the cursor and return its connection.  Calling it again does nothing."""
         try:
-            super().close()
+            slot = self._lease._slot
+            if slot is None or slot.generation < 0:
+                # The connection went back (its cursors were closed there) or the pool closed
+                # it: the driver's cursor is no longer this cursor's to touch.
+                _set_cursor_open(self, False)
+            else:
+                super().close()
         finally:
             self._lease.close()
 
     def __enter__(self) -> PoolCursor[C]:
         return self
+
+    # While it is read, the cursor stays referenced: `for row in pool.cursor().execute(...)`
+    # holds only what it iterates, and a PoolCursor collected meanwhile gives its connection
+    # back under the loop.
+
+    def __iter__(self) -> Iterator[Any]:
+        return _held_by(self, super().__iter__())
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        if _CURSOR_STATEMENTS.get(name) is _STREAM:  # stream(), fetchall_unbuffered()
+            method = value
+
+            def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                return _held_by(self, method(*args, **kwargs))
+
+            return stream
+        return value
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -726,6 +750,14 @@ class PoolCursor(Cursor[C]):
             f"a cursor from pool {lease._pool.name!r}.cursor() was garbage-collected without "
             "being closed; use 'with pool.cursor() as cur' or call cur.close()",
         )
+
+
+def _held_by(owner: PoolCursor[Any], iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator``'s items, with ``owner`` referenced until it ends.  A plain loop, not
+    ``yield from``, which would close a cursor that is its own iterator (sqlite3's,
+    psycopg2's) when the loop stops early."""
+    for item in iterator:  # noqa: UP028 (see above)
+        yield item
 
 
 def pool_cursor(conn: Connection[C], cursor: Cursor[C]) -> PoolCursor[C]:

@@ -7,6 +7,7 @@ outside it, so one slow server round trip never stalls another thread's checkout
 from __future__ import annotations
 
 import contextvars
+import inspect
 import itertools
 import logging
 import math
@@ -769,6 +770,13 @@ class Pool(Generic[C]):
     ) -> T:
         """Return ``fn(conn)`` run on a leased connection, returned to the pool afterwards
         whatever happens (without a commit: ``fn`` commits what it wants kept)."""
+        if not callable(fn):
+            raise TypeError(f"fn must be a callable taking the connection, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"fn must use the connection before it goes back, but {fn!r} is an async "
+                "function: dbpool is synchronous; use a plain function"
+            )
         with self.connection(timeout=timeout) as conn:
             return fn(conn)
 
