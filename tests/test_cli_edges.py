@@ -45,44 +45,43 @@ def test_check_sqlite_refuses_a_file_that_is_not_a_database(
     assert "cannot connect to sqlite:///notes.txt" in err
 
 
+def _bench_with_the_third_start_raising(
+    exc: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, list[threading.Thread]]:
+    """Run a small bench whose third thread.start() raises ``exc``; its exit code, and the
+    workers still running once it returned (it joins those it started)."""
+    real_start = cli._Worker.start
+    started = []
+
+    def start(self: Any) -> None:
+        if len(started) == 2:
+            raise exc
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(cli._Worker, "start", start)
+    argv = ["bench", f"sqlite:///{tmp_path}/b.sqlite3", "--threads", "4", "--max-size", "1"]
+    try:
+        code = cli.main([*argv, "--seconds", "0.3", "--timeout", "2"])
+    finally:
+        leftover = _bench_threads()
+    return code, leftover
+
+
 def test_bench_thread_start_failure_is_an_error_not_a_traceback_and_stops_the_workers(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     stop_stray_workers: None,
 ) -> None:
-    # `--threads N` beyond what the OS allows (ulimit -v / -u, threads-max): the third
-    # thread.start() raises RuntimeError("can't start new thread"), as CPython does.
-    real_start = cli._Worker.start
-    started = []
-
-    def start(self: Any) -> None:
-        if len(started) == 2:
-            raise RuntimeError("can't start new thread")
-        started.append(self)
-        real_start(self)
-
-    monkeypatch.setattr(cli._Worker, "start", start)
+    # `--threads N` beyond what the system allows (ulimit -v / -u, threads-max): CPython's
+    # thread.start() raises RuntimeError("can't start new thread").
+    refused = RuntimeError("can't start new thread")
     try:
-        code = cli.main(
-            [
-                "bench",
-                f"sqlite:///{tmp_path}/b.sqlite3",
-                "--threads",
-                "4",
-                "--max-size",
-                "1",
-                "--seconds",
-                "0.3",
-                "--timeout",
-                "2",
-            ]
-        )
+        code, leftover = _bench_with_the_third_start_raising(refused, tmp_path, monkeypatch)
     except RuntimeError as exc:  # the traceback `python -m dbpool` prints
         pytest.fail(f"bench raised {exc!r} instead of reporting it")
-    finally:
-        leftover = _bench_threads()  # bench joins the workers it started before returning
-    assert code in (cli.EXIT_FAILED, cli.EXIT_USAGE)
+    assert code == cli.EXIT_FAILED
     assert "can't start new thread" in capsys.readouterr().err
     assert not leftover, f"workers still running after bench returned: {leftover}"
 
@@ -95,36 +94,9 @@ def test_bench_ctrl_c_while_starting_the_threads_stops_those_started(
 ) -> None:
     # Ctrl-C right after the "dbpool bench: ..." line, while --threads N are being started
     # (a visible window with many threads on a busy machine).
-    real_start = cli._Worker.start
-    started = []
-
-    def start(self: Any) -> None:
-        if len(started) == 2:
-            raise KeyboardInterrupt
-        started.append(self)
-        real_start(self)
-
-    monkeypatch.setattr(cli._Worker, "start", start)
-    try:
-        code = cli.main(
-            [
-                "bench",
-                f"sqlite:///{tmp_path}/b.sqlite3",
-                "--threads",
-                "4",
-                "--max-size",
-                "1",
-                "--seconds",
-                "0.3",
-                "--timeout",
-                "2",
-            ]
-        )
-    finally:
-        leftover = _bench_threads()  # bench joins the workers it started before returning
+    code, leftover = _bench_with_the_third_start_raising(KeyboardInterrupt(), tmp_path, monkeypatch)
     capsys.readouterr()
     assert code in (cli.EXIT_OK, cli.EXIT_INTERRUPTED)
-    # they loop forever on the closed pool: stop is never set
     assert not leftover, f"workers still running after bench returned: {leftover}"
 
 

@@ -28,32 +28,23 @@ def _reaper_held_in_a_close(make_pool: Any, server: fakedb.Server) -> tuple[Any,
     return pool, gate
 
 
-def test_drain_raises_by_its_timeout_while_the_reaper_is_busy(
-    make_pool: Any, server: fakedb.Server
+@pytest.mark.parametrize("call", ["drain", "close"])
+def test_drain_and_close_end_by_their_timeout_while_the_reaper_is_busy(
+    make_pool: Any, server: fakedb.Server, call: str
 ) -> None:
+    # The wait for the maintenance thread is part of the timeout, not added to it: it was
+    # timeout + min(timeout, 1 s).
     pool, gate = _reaper_held_in_a_close(make_pool, server)
     try:
         started = time.monotonic()
-        with pytest.raises(dbpool.PoolTimeout):
-            pool.drain(timeout=0.5)
+        try:
+            getattr(pool, call)(timeout=1.0)
+        except dbpool.PoolTimeout:
+            assert call == "drain"  # drain() says what is still out; close() closes it
         elapsed = time.monotonic() - started
     finally:
         gate.release()
-    # The wait for the maintenance thread is part of the timeout, not added to it.
-    assert elapsed < 0.5 + 0.25, f"drain(timeout=0.5) raised after {elapsed:.2f} s"
-
-
-def test_close_returns_by_its_timeout_while_the_reaper_is_busy(
-    make_pool: Any, server: fakedb.Server
-) -> None:
-    pool, gate = _reaper_held_in_a_close(make_pool, server)
-    try:
-        started = time.monotonic()
-        pool.close(timeout=0.5)
-        elapsed = time.monotonic() - started
-    finally:
-        gate.release()
-    assert elapsed < 0.5 + 0.25, f"close(timeout=0.5) returned after {elapsed:.2f} s"
+    assert elapsed < 1.5, f"{call}(timeout=1.0) took {elapsed:.2f} s"
 
 
 # == a checkout returns by its deadline ===========================================================
