@@ -388,18 +388,21 @@ def _run(
     running: list[_Worker] = []  # those started: a Ctrl-C or a refusal may stop the starting
     interrupted = False
     try:
-        for worker in workers:
-            worker.start()
-            running.append(worker)
+        try:
+            for worker in workers:
+                worker.start()
+                running.append(worker)
+        except RuntimeError as exc:  # can't start new thread: more --threads than allowed
+            stop.set()
+            for worker in running:
+                worker.join(5.0)
+            print(
+                f"dbpool: cannot start {threads} threads ({len(running)} started): {exc}", file=err
+            )
+            return EXIT_FAILED
         _show_progress(workers, pool, started, started + seconds, interactive, err)
     except KeyboardInterrupt:
         interrupted = True
-    except RuntimeError as exc:  # can't start new thread: more --threads than the system allows
-        stop.set()
-        for worker in running:
-            worker.join(5.0)
-        print(f"dbpool: cannot start {threads} threads ({len(running)} started): {exc}", file=err)
-        return EXIT_FAILED
     finally:
         stop.set()
         if interactive:
