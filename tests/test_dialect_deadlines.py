@@ -190,6 +190,76 @@ def test_sqlite_other_codes_are_not_retryable(code: int | None) -> None:
     assert not SQLiteDialect().is_retryable(error)
 
 
+def as_before_python_3_11(error: sqlite3.Error) -> sqlite3.Error:
+    """``error`` as Python 3.9 and 3.10 raise it: with SQLite's message and no code."""
+    for name in ("sqlite_errorcode", "sqlite_errorname"):
+        if hasattr(error, name):
+            delattr(error, name)
+    return error
+
+
+def sqlite_error(run: Callable[[], object]) -> sqlite3.Error:
+    with pytest.raises(sqlite3.Error) as info:
+        run()
+    return as_before_python_3_11(info.value)
+
+
+def test_sqlite_busy_without_an_error_code_is_retryable(tmp_path: Any) -> None:
+    path = str(tmp_path / "busy.sqlite3")
+    writer = sqlite3.connect(path, isolation_level=None)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        writer.execute("begin immediate")
+        error = sqlite_error(lambda: other.execute("begin immediate"))
+    finally:
+        other.close()
+        writer.close()
+    assert SQLiteDialect().is_retryable(error), error
+
+
+def test_sqlite_shared_cache_lock_without_an_error_code_is_retryable() -> None:
+    uri = "file:lock_without_code?mode=memory&cache=shared"
+    writer = sqlite3.connect(uri, uri=True, isolation_level=None)
+    reader = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        writer.execute("create table t (n int)")
+        writer.execute("begin")
+        writer.execute("insert into t values (1)")  # a write lock on the table, shared cache
+        error = sqlite_error(lambda: reader.execute("select * from t").fetchall())
+    finally:
+        reader.close()
+        writer.close()
+    assert str(error).startswith("database table is locked: "), error
+    assert SQLiteDialect().is_retryable(error), error
+
+
+def test_sqlite_lock_within_one_connection_without_an_error_code_is_not_retryable() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.execute("create table t (n int)")
+        conn.executemany("insert into t values (?)", [(1,), (2,)])
+        reading = conn.execute("select * from t")
+        reading.fetchone()  # the statement still reads the table
+        error = sqlite_error(lambda: conn.execute("drop table t"))
+    finally:
+        conn.close()
+    assert str(error) == "database table is locked", error
+    assert not SQLiteDialect().is_retryable(error), error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sqlite3.OperationalError("no such table: t"),
+        sqlite3.IntegrityError("database is locked"),  # not the driver's busy error
+        sqlite3.OperationalError("database is locked", "something else"),
+        sqlite3.OperationalError(5),
+    ],
+)
+def test_sqlite_other_errors_without_an_error_code_are_not_retryable(error: Exception) -> None:
+    assert not SQLiteDialect().is_retryable(error)
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite_errorcode is new in Python 3.11")
 def test_sqlite_busy_snapshot_is_retried(tmp_path: Any) -> None:
     """WAL mode: a transaction whose snapshot another writer made stale fails its first write

@@ -15,6 +15,10 @@ _BUSY_OR_LOCKED = frozenset({5, 6})
 # Plain SQLITE_LOCKED, with no extended code: a conflict inside the connection itself (a table
 # dropped while one of its statements still reads it), which running the work again meets again.
 _LOCKED_BY_ITSELF = 6
+# Before Python 3.11 the errors carry no code, only SQLite's message for it: the same two, told
+# apart the same way (a shared-cache lock names its table or schema; the plain one does not).
+_BUSY_MESSAGE = "database is locked"
+_LOCKED_BY_OTHERS_PREFIXES = ("database table is locked: ", "database schema is locked: ")
 
 
 class SQLiteDialect(Dialect):
@@ -137,8 +141,13 @@ class SQLiteDialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
-        return (
-            isinstance(code, int) and code != _LOCKED_BY_ITSELF and code & 0xFF in _BUSY_OR_LOCKED
+        if isinstance(code, int):
+            return code != _LOCKED_BY_ITSELF and code & 0xFF in _BUSY_OR_LOCKED
+        if not isinstance(exc, sqlite3.OperationalError) or len(exc.args) != 1:
+            return False
+        message = exc.args[0]
+        return isinstance(message, str) and (
+            message == _BUSY_MESSAGE or message.startswith(_LOCKED_BY_OTHERS_PREFIXES)
         )
 
     def detach_after_fork(self, conn: Any) -> None:
