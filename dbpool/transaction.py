@@ -28,6 +28,7 @@ from .errors import (
     CommitOutcomeUnknown,
     ConnectionUnusable,
     PoolError,
+    PoolTimeout,
     TransactionRolledBack,
     TransactionTimeout,
 )
@@ -612,7 +613,18 @@ def run_transaction(
             raise _out_of_time(timeout, last) from last
         acquire = None if remaining is None else min(remaining, pool._acquire_timeout)
         try:
-            with pool.connection(timeout=acquire) as lease:
+            lease = pool.connection(timeout=acquire)
+        except PoolTimeout as exc:
+            if last is not None:
+                exc.__context__ = last  # shown with it: the error this attempt was to retry
+            if acquire is None or acquire >= pool._acquire_timeout:
+                raise  # the pool's own limit, not run_transaction's
+            raise TransactionTimeout(
+                f"run_transaction used up its {timeout:g} s waiting for a connection "
+                "(PoolTimeout chained)"
+            ) from exc
+        try:
+            with lease:
                 with Transaction(
                     lease,
                     isolation=isolation,

@@ -21,6 +21,7 @@ import dbpool
 import dbpool.transaction
 from dbpool import TransactionTimeout
 from tests import fakedb
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -79,6 +80,81 @@ def test_running_out_of_time_between_attempts_is_a_timeout_chained_to_the_last_e
         assert isinstance(cause, fakedb.OperationalError) and cause.args[0] == 1205, repr(cause)
         assert elapsed < timeout + 0.2, elapsed
         assert len(calls) >= 1
+        _balanced(pool)
+
+
+def _retry_finds_every_connection_taken(
+    pool: dbpool.Pool[Any], timeout: float | None
+) -> tuple[BaseException, threading.Event, threading.Thread]:
+    """Run a transaction whose first attempt deadlocks as another caller queues for the pool's
+    only connection: the return hands it over (first in, first out), so the retry waits.
+    Returns what run_transaction raised, the event that lets the other caller go, and its
+    thread."""
+    let_go = threading.Event()
+
+    def hold() -> None:
+        with pool.connection(timeout=10):
+            let_go.wait(10)
+
+    other = threading.Thread(target=hold)
+
+    def fn(tx: dbpool.Transaction[Any]) -> None:
+        if not other.is_alive():
+            other.start()
+            wait_until(lambda: pool.stats().waiting == 1)
+        tx.execute("update t set v = 1")
+        raise _deadlock_victim()
+
+    with pytest.raises(Exception) as info:
+        pool.run_transaction(fn, retries=3, timeout=timeout)
+    return info.value, let_go, other
+
+
+@pytest.mark.timeout(20)
+def test_a_wait_for_a_connection_cut_short_by_run_transactions_time_is_its_timeout(
+    fake_server: fakedb.Server,
+) -> None:
+    """The budget covers waiting for a connection: when it runs out there, the caller gets
+    TransactionTimeout (as for time running out anywhere else), chained to the PoolTimeout,
+    which shows the deadlock that made the attempt a retry."""
+    with _pool(fake_server.connect_mssql, acquire_timeout=10) as pool:
+        error, let_go, other = _retry_finds_every_connection_taken(pool, timeout=0.5)
+        let_go.set()
+        other.join()
+        assert isinstance(error, TransactionTimeout), repr(error)
+        assert "waiting for a connection" in str(error), error
+        waited = error.__cause__
+        assert isinstance(waited, dbpool.PoolTimeout), repr(waited)
+        assert isinstance(waited.__context__, fakedb.OperationalError), repr(waited.__context__)
+        assert waited.__context__.args[0] == 1205
+        _balanced(pool)
+
+
+@pytest.mark.timeout(20)
+def test_the_pools_own_acquire_timeout_on_a_retry_shows_the_error_retried(
+    fake_server: fakedb.Server,
+) -> None:
+    """With no overall timeout, the pool's acquire_timeout bounds each wait: its PoolTimeout
+    stays a PoolTimeout, with the deadlock that made the attempt a retry as its context."""
+    with _pool(fake_server.connect_mssql, acquire_timeout=0.3) as pool:
+        error, let_go, other = _retry_finds_every_connection_taken(pool, timeout=None)
+        let_go.set()
+        other.join()
+        assert type(error) is dbpool.PoolTimeout, repr(error)
+        assert isinstance(error.__context__, fakedb.OperationalError), repr(error.__context__)
+        _balanced(pool)
+
+
+@pytest.mark.timeout(20)
+def test_run_transaction_out_of_time_waiting_for_its_first_connection(
+    fake_server: fakedb.Server,
+) -> None:
+    with _pool(fake_server.connect_mssql, acquire_timeout=10) as pool:
+        with pool.connection():
+            with pytest.raises(TransactionTimeout, match="waiting for a connection") as info:
+                pool.run_transaction(lambda tx: None, timeout=0.2)
+        assert isinstance(info.value.__cause__, dbpool.PoolTimeout), repr(info.value.__cause__)
+        assert info.value.__cause__.__context__ is None
         _balanced(pool)
 
 
