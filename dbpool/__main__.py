@@ -34,13 +34,15 @@ BENCH_TABLE = "dbpool_bench"
 BENCH_ROWS = 100
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # could not connect, or every operation failed
+EXIT_FAILED = 1  # could not connect, or no operation succeeded
 EXIT_USAGE = 2  # bad arguments or URL (argparse uses 2 as well)
 EXIT_INTERRUPTED = 130
 
 # The longest --timeout: a day is more than any connect needs, and drivers refuse some longer
 # connect timeouts only when they connect (PyMySQL: over a year).
 MAX_TIMEOUT = 86400.0
+# The most --threads: far beyond what one pool's bench needs; each is an OS thread.
+MAX_THREADS = 10_000
 
 # The query parameter that bounds connecting (for sqlite3: waiting for a lock), per scheme.
 _TIMEOUT_PARAMETERS = {
@@ -441,7 +443,8 @@ def _run(
     )
     print("\n".join(report), file=out)
     if ops == 0:
-        print("dbpool bench: every operation failed", file=err)
+        failed = "every operation failed" if errors else "no operation completed"
+        print(f"dbpool bench: {failed}", file=err)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -484,6 +487,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS}, got {value}")
     return value
 
 
@@ -549,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BENCH_URL,
         help=f"database URL (default {DEFAULT_BENCH_URL}, in the working directory)",
     )
-    bench_cmd.add_argument("--threads", type=_positive_int, default=32, help="default 32")
+    bench_cmd.add_argument(
+        "--threads", type=_thread_count, default=32, help=f"default 32, at most {MAX_THREADS}"
+    )
     bench_cmd.add_argument("--max-size", type=_positive_int, default=8, help="pool size, default 8")
     bench_cmd.add_argument("--seconds", type=_positive_float, default=10.0, help="default 10")
     bench_cmd.add_argument(

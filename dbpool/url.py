@@ -547,7 +547,38 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
                 "is sqlite3's autocommit mode)"
             )
         _check_value(scheme, key, value)
+    _refuse_unshared_sqlite_uri(database)
     return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
+
+
+def _refuse_unshared_sqlite_uri(database: str) -> None:
+    """A ``file:`` name is a URI to SQLite with uri=true, and even without it where SQLite was
+    built to read URIs always (as Debian's is).  One may give every connection a database of
+    its own: refused for the reason ':memory:' is."""
+    if database[:5].lower() != "file:":
+        return
+    rest = database[5:].partition("#")[0]
+    path, _, query = rest.partition("?")
+    if path.startswith("//"):  # an authority (empty or localhost) before the path
+        slash = path.find("/", 2)
+        path = "" if slash < 0 else path[slash:]
+    params: dict[str, str] = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        params.setdefault(unquote(name), unquote(value))
+    path = unquote(path)
+    in_memory = path == ":memory:" or params.get("mode") == "memory"
+    if in_memory and params.get("cache") != "shared":
+        raise ValueError(
+            "this sqlite URI names an in-memory database, which each connection gets on its "
+            "own, so a pool of them would lose data: use a file, or add cache=shared to the "
+            "URI for one database shared while any connection is open"
+        )
+    if not path and not in_memory:
+        raise ValueError(
+            "this sqlite URI names no file: each connection would get a temporary database of "
+            "its own, so a pool of them would lose data: name a file, e.g. file:app.sqlite3"
+        )
 
 
 # --- connecting --------------------------------------------------------------------------------

@@ -117,3 +117,28 @@ def test_output_to_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
         os.close(write_end)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == cli.EXIT_FAILED, (done.returncode, done.stderr)
+
+
+def test_bench_that_completes_nothing_without_errors_does_not_say_every_operation_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Workers that never get to run one operation (a run cut short, a machine too loaded to
+    # schedule them) failed nothing: the message says what happened.
+    monkeypatch.setattr(cli._Worker, "run", lambda self: None)
+    argv = ["bench", f"sqlite:///{tmp_path}/b.sqlite3", "--threads", "2", "--max-size", "1"]
+    code = cli.main([*argv, "--seconds", "0.1", "--timeout", "2"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILED
+    assert "no operation completed" in err, err
+    assert "every operation failed" not in err, err
+
+
+@pytest.mark.parametrize("threads", [str(cli.MAX_THREADS + 1), "100000000"])
+def test_bench_refuses_more_threads_than_it_can_run_before_making_any(
+    threads: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "_Worker", None)  # any worker made would fail the test
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", f"sqlite:///{tmp_path}/b.sqlite3", "--threads", threads])
+    assert info.value.code == cli.EXIT_USAGE
+    assert f"at most {cli.MAX_THREADS}" in capsys.readouterr().err

@@ -259,6 +259,15 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         ("sqlite://", "names no file"),
         ("sqlite:///", "names no file"),
         ("sqlite:///:memory:", "separate, empty database"),
+        ("sqlite:///file::memory:?uri=true", "in-memory database"),
+        ("sqlite:///FILE::memory:?uri=yes", "in-memory database"),
+        ("sqlite:///file:%3Amemory%3A?uri=1", "in-memory database"),
+        ("sqlite:///file:app%3Fmode%3Dmemory?uri=true", "in-memory database"),
+        ("sqlite:///file:app%3Fmode%3Dmemory%26cache%3Dprivate?uri=on", "in-memory database"),
+        ("sqlite:///file:?uri=true", "names no file"),
+        ("sqlite:///file::memory:", "in-memory database"),  # a URI even so, on some builds
+        ("sqlite:///file://localhost?uri=true", "names no file"),
+        ("sqlite:///file:%3Fmode%3Drw?uri=true", "names no file"),
         ("sqlite:///x.sqlite3?check_same_thread=true", "must be false"),
         ("sqlite:///x.sqlite3?mode=ro", "unknown sqlite URL parameter 'mode'"),
     ],
@@ -917,3 +926,26 @@ def test_postgresql_query_parameters_reach_the_server(postgresql_dsn: str) -> No
             cur = conn.cursor()
             cur.execute("select current_setting('application_name')")
             assert cur.fetchone() == ("dbpool url test",)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///file::memory:%3Fcache%3Dshared?uri=true",
+        "sqlite:///file:shared_by_the_pool%3Fmode%3Dmemory%26cache%3Dshared?uri=true",
+        "sqlite:///file:{dir}/app.sqlite3?uri=true",
+        "sqlite:///file://localhost{dir}/app.sqlite3%3Fmode%3Drwc?uri=true",
+    ],
+)
+def test_sqlite_uris_that_one_database_stands_behind_are_accepted(
+    url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the pool's connections share, they all see: a row one writes, another reads."""
+    monkeypatch.chdir(tmp_path)
+    with create_pool(url.format(dir=tmp_path), min_size=2, max_size=2) as pool:
+        pool.wait(5)
+        with pool.connection() as first, pool.connection() as second:
+            first.execute("create table t (n int)")
+            first.execute("insert into t values (1)")
+            first.commit()
+            assert second.execute("select n from t").fetchall() == [(1,)]
