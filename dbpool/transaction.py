@@ -564,6 +564,13 @@ class _Savepoint(Generic[C]):
         slot = tx._slot
         if not tx._open or slot is None or not tx._owns_connection():
             return  # the transaction is over: nothing to release or roll back to
+        if tx._ended_by is not None:
+            # The server ended the whole transaction (MySQL's deadlock victim), savepoints
+            # included: nothing to send.  The block's own error tells it; else, as any further
+            # statement would, TransactionRolledBack chained to the error that ended it.
+            if exc is None:
+                raise tx._ended_error()
+            return
         slot.busy = True
         if exc is None:
             try:

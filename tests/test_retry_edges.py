@@ -254,11 +254,16 @@ def test_postgresql_serialization_failure_swallowed_by_fn_is_retried(pg_connect:
         admin.execute(f"drop table if exists {table}")
 
 
-def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any) -> None:
+@pytest.mark.parametrize("where", ["block", "savepoint"])
+def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any, where: str) -> None:
     """InnoDB picks fn's transaction (the lighter one) as the deadlock victim and rolls it back
     whole; fn catches the 1213 and returns.  The transaction cannot commit (it is gone), and
     the cause is a deadlock with retries left: fn is re-run on a fresh transaction rather than
-    the caller getting TransactionRolledBack."""
+    the caller getting TransactionRolledBack.  ``savepoint``: fn catches it inside a
+    savepoint's block, whose end cannot release a savepoint the server rolled back with the
+    rest (the server would answer "SAVEPOINT ... does not exist")."""
+    import contextlib
+
     import pymysql
 
     table = f"retry_swallow_my_{os.getpid()}"
@@ -288,12 +293,15 @@ def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any) -> None
             closing = threading.Thread(target=holder_takes_row_1, daemon=True)
             closing.start()  # waits for row 1, or closes the cycle: either way a deadlock
             try:
-                tx.execute(f"update {table} set v = v + 1 where id = 2")
-            except pymysql.err.OperationalError as exc:
-                assert exc.args[0] == 1213, exc
-            closing.join(10)
-            assert not closing.is_alive() and errors == [], errors
-            holder.rollback()  # the retry finds both rows free
+                with tx.savepoint() if where == "savepoint" else contextlib.nullcontext():
+                    try:
+                        tx.execute(f"update {table} set v = v + 1 where id = 2")
+                    except pymysql.err.OperationalError as exc:
+                        assert exc.args[0] == 1213, exc
+            finally:  # the savepoint's end raises
+                closing.join(10)
+                assert not closing.is_alive() and errors == [], errors
+                holder.rollback()  # the retry finds both rows free
             return "swallowed"
         tx.execute(f"update {table} set v = v + 1 where id = 2")
         return "done"
@@ -310,6 +318,30 @@ def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any) -> None
     finally:
         holder.rollback()
         admin.cursor().execute(f"drop table if exists {table}")
+
+
+def test_a_savepoint_block_ended_by_an_error_that_ended_the_transaction_sends_nothing(
+    fake_server: fakedb.Server,
+) -> None:
+    """SQL Server's deadlock victim: the server rolled the whole transaction back, savepoints
+    included.  The savepoint's block raises the deadlock as it was; no ROLLBACK TRANSACTION to
+    a savepoint that is gone is sent; a caller who catches it and goes on is told the
+    transaction was rolled back (retryable, chained to the deadlock), not that its state is
+    unknown."""
+    with _pool(fake_server.connect_mssql) as pool:
+        with pytest.raises(dbpool.TransactionRolledBack) as info:
+            with pool.transaction() as tx:
+                tx.execute("update t set v = 1")
+                with pytest.raises(fakedb.OperationalError):
+                    with tx.savepoint():
+                        fake_server.fail_next("execute", _deadlock_victim())
+                        tx.execute("update t set v = 2")
+                tx.execute("update t set v = 3")
+        assert isinstance(info.value.__cause__, fakedb.OperationalError), info.value.__cause__
+        sent = fake_server.statements()
+        assert not [sql for sql in sent if sql.startswith("ROLLBACK TRANSACTION dbpool_sp")], sent
+        assert "update t set v = 3" not in sent, sent
+        _balanced(pool)
 
 
 # == an async fn ===================================================================================
