@@ -31,7 +31,7 @@ from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWa
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
 from .lease import Connection, PoolCursor, detach, lease, pool_cursor, revoke
-from .redact import describe, scrub_exception, secrets_in
+from .redact import describe, mask_credentials, scrub_exception, scrub_text, secrets_in
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
@@ -1967,7 +1967,8 @@ class Pool(Generic[C]):
                 now - borrowed.at,
                 self._leak_timeout,
                 borrowed.thread,
-                borrowed.where(),
+                # the stack's source lines may hold a DSN or a password typed into the code
+                mask_credentials(scrub_text(borrowed.where(), self._secrets)),
             )
 
     def _pick_retired_locked(self, now: float) -> tuple[list[_Slot], list[_Slot]]:

@@ -480,6 +480,37 @@ def test_the_leak_report_shows_the_borrower_but_not_the_password(
     assert_clean(scene.exposure)
 
 
+def borrow_for(pool: dbpool.Pool[Any], dsn: str) -> dbpool.Connection[Any]:
+    return pool.connection()
+
+
+def test_the_leak_report_masks_a_password_in_the_borrowers_source_lines(
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_server: fakedb.Server,
+) -> None:
+    """The report quotes the source line of each frame on the borrower's stack: a DSN typed
+    into the code there (a literal, as here) or the pool's own password is masked in it."""
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    scene = Scene(Canary.new(odd=False), request, fake_server)
+    url = url_for(scene, "fake", "userinfo", monkeypatch)
+    known = scene.canary.password
+    with dbpool.create_pool(url, min_size=0, max_size=1, name="leaky", leak_timeout=0.05) as pool:
+        with borrow_for(pool, "postgresql://app:Typed1nCode@db/app" + known):
+            record = wait_until(
+                lambda: next(
+                    (r for r in caplog.records if "leak_timeout" in r.getMessage()), None
+                ),
+                timeout=10,
+                message="no leak report was logged",
+            )
+    report = FORMATTER.format(record)
+    assert "borrow_for(pool" in report, report  # the line is quoted...
+    assert "Typed1nCode" not in report, report  # ...masked
+    assert known not in report, report
+
+
 # -- a user's own connect callable -----------------------------------------------------------------
 
 
