@@ -77,3 +77,35 @@ def test_checkout_times_out_by_its_deadline_while_returning_an_orphan(
         f"connection(timeout=0.2) still blocked 1 s later (in the orphan's rollback: "
         f"{gate.entered.is_set()})"
     )
+
+
+# == what close(timeout) leaves behind ==========================================================
+
+
+def test_a_pymysql_stream_cut_off_by_close_leaves_no_finaliser_errors(mysql_connect: Any) -> None:
+    # close(timeout=0) shuts the socket of a lease reading an unbuffered result (SSCursor); when
+    # the lease comes back the pool closes the connection.  PyMySQL's cursor and result then
+    # tried, as they were collected, to read the rest of the rows from the closed socket:
+    # "Exception ignored in ... AttributeError: 'NoneType' object has no attribute 'read'".
+    import sys
+
+    import pymysql.cursors
+
+    unraisable: list[Any] = []
+    pool = dbpool.Pool(mysql_connect, min_size=1, max_size=1)
+    conn = pool.connection()
+    cur = conn.cursor(pymysql.cursors.SSCursor)
+    cur.execute("select seq from seq_1_to_100000")
+    assert cur.fetchone() == (1,)
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        pool.close(timeout=0)
+        with pytest.raises(dbpool.PoolError):
+            cur.fetchone()  # the lease is cut off: an error, never a quiet end of the rows
+        conn.close()
+        del cur, conn
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, [(u.object, u.exc_value) for u in unraisable]
+    assert pool.stats().size == 0

@@ -161,6 +161,17 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
 
+    def close(self, conn: Any) -> None:
+        try:
+            conn.close()
+        finally:
+            # An unbuffered result (an SSCursor's) still reading when the connection was cut
+            # off (sever) would try to read its remaining rows from the closed socket once
+            # collected, and PyMySQL's finalisers print the error.  Nobody reads it any more.
+            result = conn._result
+            if result is not None:
+                result.unbuffered_active = False
+
     def sever(self, conn: Any) -> None:
         sock = conn._sock
         if sock is not None:
