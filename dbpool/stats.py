@@ -55,8 +55,9 @@ class PoolStats:
     leak_warnings: int
     #: leases garbage-collected without being released (their connection was returned)
     leaked: int
-    #: seconds callers spent waiting in ``pool.connection()``, in total (a connection taken at
-    #: once from the idle stack counts as no wait)
+    #: seconds callers spent waiting in ``pool.connection()`` for the connections they got, in
+    #: total (a connection taken at once from the idle stack counts as no wait; a wait that
+    #: ended in :exc:`PoolTimeout` is counted in ``timeouts`` only)
     wait_time: float = 0.0
     #: upper bounds of the histogram's buckets, :data:`WAIT_BUCKETS`
     wait_buckets: tuple[float, ...] = WAIT_BUCKETS
