@@ -135,7 +135,10 @@ def test_bench_that_completes_nothing_without_errors_does_not_say_every_operatio
 
 @pytest.mark.parametrize("threads", [str(cli.MAX_THREADS + 1), "100000000"])
 def test_bench_refuses_more_threads_than_it_can_run_before_making_any(
-    threads: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    threads: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(cli, "_Worker", None)  # any worker made would fail the test
     with pytest.raises(SystemExit) as info:

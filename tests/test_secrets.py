@@ -499,9 +499,7 @@ def test_the_leak_report_masks_a_password_in_the_borrowers_source_lines(
     with dbpool.create_pool(url, min_size=0, max_size=1, name="leaky", leak_timeout=0.05) as pool:
         with borrow_for(pool, "postgresql://app:Typed1nCode@db/app" + known):
             record = wait_until(
-                lambda: next(
-                    (r for r in caplog.records if "leak_timeout" in r.getMessage()), None
-                ),
+                lambda: next((r for r in caplog.records if "leak_timeout" in r.getMessage()), None),
                 timeout=10,
                 message="no leak report was logged",
             )
