@@ -690,6 +690,10 @@ class Pool(Generic[C]):
                 except BaseException as exc:  # failed its ping: never hand it out again
                     if detach(conn) is not None:
                         held = monotonic() - slot.leased_at
+                        if self._listeners.checkin:  # it came back, as every lease does
+                            emit(
+                                self._listeners.checkin, Event.CHECKIN, self._name, raw, None, held
+                            )
                         if isinstance(exc, Exception):
                             self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
                         else:
@@ -1009,11 +1013,15 @@ class Pool(Generic[C]):
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
         with self._lock:
             self._timeouts += 1
+            s = self._stats_locked()
         error = PoolTimeout(
-            f"pool {self._name!r}: no connection within {timeout:g} s: the time ran out while "
-            "an idle connection was being validated, and it failed its ping"
+            f"pool {self._name!r}: no connection within {timeout:g} s "
+            f"(size={s.size}/{s.max_size} in_use={s.in_use} idle={s.idle} "
+            f"opening={s.opening} waiting={s.waiting}): the time ran out while an idle "
+            "connection was being validated, and it failed its ping"
         )
         error.__cause__ = self._last_connect_error
+        logger.warning("%s", error)
         return error
 
     def _take(self, deadline: float, timeout: float) -> _Slot:
@@ -1454,8 +1462,19 @@ class Pool(Generic[C]):
             return
         if slot.generation != self._generation:
             # Inherited across fork(), or closed by close(): not ours to count.  Or leased
-            # before reopen(): close it.
-            self._close_if_retired(slot)
+            # before reopen(): it came back all the same (the counters span reopen()); close it.
+            try:
+                if slot.generation >= 0:
+                    held = monotonic() - slot.leased_at
+                    with self._lock:
+                        self._returned += 1
+                        self._held_time += held
+                    if self._listeners.checkin:
+                        emit(
+                            self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held
+                        )
+            finally:
+                self._close_if_retired(slot)
             return
         held = 0.0
         cleaning = False

@@ -33,6 +33,7 @@ from .errors import (
     TransactionTimeout,
 )
 from .isolation import Isolation
+from .redact import describe
 from .watchdog import watchdog
 
 if TYPE_CHECKING:
@@ -399,7 +400,11 @@ class Transaction(Generic[C]):
                 dialect.unlimit_time(raw, self._time_token)
             dialect.end(raw, self._begin_token)
         except Exception as exc:
-            logger.info("ending a transaction failed, the connection will be discarded: %s", exc)
+            logger.info(
+                "pool %r: ending a transaction failed, the connection will be discarded: %s",
+                self._pool_name(),
+                self._describe(exc),
+            )
             slot.doomed = True
         slot.busy = False
 
@@ -422,7 +427,9 @@ class Transaction(Generic[C]):
                 slot.dialect.cancel(slot.raw, self._side_connect())
             except Exception as exc:
                 logger.warning(
-                    "cancelling a statement past its deadline failed: %s", self._describe(exc)
+                    "pool %r: cancelling a statement past its deadline failed: %s",
+                    self._pool_name(),
+                    self._describe(exc),
                 )
                 slot.doomed = True
                 try:
@@ -440,24 +447,33 @@ class Transaction(Generic[C]):
             if not slot.busy:
                 return _CANCEL_AGAIN  # cut off the next call that starts this late
             logger.warning(
-                "a transaction's statement still runs %g s past its deadline: the cancel did "
-                "not stop it, closing its connection's socket",
+                "pool %r: a transaction's statement still runs %g s past its deadline: the "
+                "cancel did not stop it, closing its connection's socket",
+                self._pool_name(),
                 _SEVER_GRACE,
             )
             slot.doomed = True
             try:
                 slot.dialect.sever(slot.raw)
             except Exception as exc:
-                logger.info("cutting off a connection failed: %s", self._describe(exc))
+                logger.info(
+                    "pool %r: cutting off a connection failed: %s",
+                    self._pool_name(),
+                    self._describe(exc),
+                )
         return None
 
     def _side_connect(self) -> Callable[[], Any]:
         assert self._lease is not None
         return self._lease.pool._side_connect
 
-    def _describe(self, exc: BaseException) -> object:
-        """``exc`` for a log line, the pool's known secrets masked."""
-        return exc if self._lease is None else self._lease.pool._describe(exc)
+    def _describe(self, exc: BaseException) -> str:
+        """``exc`` for a log line, the pool's known secrets and what looks like a password
+        masked."""
+        return describe(exc) if self._lease is None else self._lease.pool._describe(exc)
+
+    def _pool_name(self) -> str | None:
+        return None if self._lease is None else self._lease.pool.name
 
     # -- inside the block ---------------------------------------------------------------------
 
@@ -587,7 +603,11 @@ class _Savepoint(Generic[C]):
             # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
             # the block's own exception is the one that tells what happened, and the
             # transaction may not commit what the savepoint should have undone.
-            logger.info("rolling back to a savepoint failed: %s", undo)
+            logger.info(
+                "pool %r: rolling back to a savepoint failed: %s",
+                tx._pool_name(),
+                tx._describe(undo),
+            )
             tx._savepoint_failed = "rolling back to a savepoint", undo
         slot.busy = False
 
@@ -656,7 +676,10 @@ def run_transaction(
                 raise _out_of_time(timeout, exc) from exc
             last = exc
             logger.info(
-                "retrying a transaction after %s (attempt %d)", type(exc).__name__, attempt + 1
+                "pool %r: retrying a transaction after %s (attempt %d)",
+                pool.name,
+                type(exc).__name__,
+                attempt + 1,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
