@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from threading import get_ident
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Callable, Generic
+from weakref import WeakSet
 
 from ._types import C
 from .errors import ConnectionUnusable, LeaseReleased, PoolError
@@ -519,6 +520,20 @@ def _tracked_call(
             slot.busy = False
             raise
         slot.busy = False
+        if (
+            what == "connection"
+            and callable(getattr(result, "fetchone", None))
+            and slot.dialect.fetches_as_it_goes(result)
+        ):
+            # A driver cursor still running its statement (sqlite3's conn.execute()): closed on
+            # return, as the lease's own cursors are, so that a statement left part-read holds
+            # no lock once the lease is back.  Weakly: a lease may run millions of them.
+            try:
+                if slot.loose_cursors is None:
+                    slot.loose_cursors = WeakSet()
+                slot.loose_cursors.add(result)
+            except TypeError:  # not weakly referable
+                pass
         if statement and tx is not None and slot.transaction is tx:
             tx._check_open()  # ended past the deadline, though cancelled (see execute())
         return result

@@ -16,6 +16,7 @@ import random
 import threading
 import traceback
 import warnings
+import weakref
 from collections import deque
 from functools import partial
 from time import monotonic
@@ -88,6 +89,7 @@ class _Slot:
         "dirty",
         "busy",
         "cursors",
+        "loose_cursors",
         "restore",
         "settings",
         "claim",
@@ -122,6 +124,8 @@ class _Slot:
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
         self.cursors: list[Any] | None = None  # driver cursors the lease made
+        # Driver cursors a driver's conn.execute() returned (sqlite3, psycopg), weakly held
+        self.loose_cursors: weakref.WeakSet[Any] | None = None
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
         # The claim of the lease that has it last (see lease.Connection._claim): empty while
@@ -1595,6 +1599,10 @@ class Pool(Generic[C]):
             if slot.cursors:
                 cursors, slot.cursors = slot.cursors, None
                 for cursor in cursors:
+                    cursor.close()
+            if slot.loose_cursors is not None:
+                loose, slot.loose_cursors = slot.loose_cursors, None
+                for cursor in list(loose):
                     cursor.close()
             state = dialect.transaction_state(raw)
             if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):

@@ -394,6 +394,8 @@ class Transaction(Generic[C]):
         slot.busy = True
         try:
             if rollback:
+                if self._expired and dialect.interrupt_lingers:
+                    _close_cursors(slot)  # the interrupt stays in force while one is active
                 dialect.rollback(raw)
                 slot.dirty = False
             if self._time_token is not _NOT_LIMITED:
@@ -599,6 +601,7 @@ class _Savepoint(Generic[C]):
             return
         try:
             slot.dialect.rollback_to_savepoint(slot.raw, self._name)
+            tx._failed = None  # undone: a later abort is another error's doing
         except Exception as undo:
             # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
             # the block's own exception is the one that tells what happened, and the
@@ -712,3 +715,12 @@ def deadline_left(deadline: float, timeout: float | None) -> float | None:
     if timeout is None:
         return None
     return max(deadline - monotonic(), 1e-3)
+
+
+def _close_cursors(slot: _Slot) -> None:
+    cursors, slot.cursors = slot.cursors, None
+    for cursor in cursors or ():
+        cursor.close()
+    loose, slot.loose_cursors = slot.loose_cursors, None
+    for cursor in list(loose or ()):
+        cursor.close()

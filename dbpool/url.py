@@ -568,11 +568,12 @@ def _refuse_unshared_sqlite_uri(database: str) -> None:
         params.setdefault(unquote(name), unquote(value))
     path = unquote(path)
     in_memory = path == ":memory:" or params.get("mode") == "memory"
-    if in_memory and params.get("cache") != "shared":
+    if in_memory:
         raise ValueError(
-            "this sqlite URI names an in-memory database, which each connection gets on its "
-            "own, so a pool of them would lose data: use a file, or add cache=shared to the "
-            "URI for one database shared while any connection is open"
+            "this sqlite URI names an in-memory database, which lasts only while a connection "
+            "to it is open (each connection gets its own without cache=shared); a pool closes "
+            "and replaces its connections (max_lifetime, idle_timeout, discards), so it would "
+            "lose data: use a file"
         )
     if not path and not in_memory:
         raise ValueError(

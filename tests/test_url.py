@@ -264,6 +264,9 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         ("sqlite:///file:%3Amemory%3A?uri=1", "in-memory database"),
         ("sqlite:///file:app%3Fmode%3Dmemory?uri=true", "in-memory database"),
         ("sqlite:///file:app%3Fmode%3Dmemory%26cache%3Dprivate?uri=on", "in-memory database"),
+        # shared, but only while a connection to it is open: the pool replaces its connections
+        ("sqlite:///file::memory:%3Fcache%3Dshared?uri=true", "in-memory database"),
+        ("sqlite:///file:db%3Fmode%3Dmemory%26cache%3Dshared?uri=true", "in-memory database"),
         ("sqlite:///file:?uri=true", "names no file"),
         ("sqlite:///file::memory:", "in-memory database"),  # a URI even so, on some builds
         ("sqlite:///file://localhost?uri=true", "names no file"),
@@ -931,8 +934,6 @@ def test_postgresql_query_parameters_reach_the_server(postgresql_dsn: str) -> No
 @pytest.mark.parametrize(
     "url",
     [
-        "sqlite:///file::memory:%3Fcache%3Dshared?uri=true",
-        "sqlite:///file:shared_by_the_pool%3Fmode%3Dmemory%26cache%3Dshared?uri=true",
         "sqlite:///file:{dir}/app.sqlite3?uri=true",
         "sqlite:///file://localhost{dir}/app.sqlite3%3Fmode%3Drwc?uri=true",
     ],

@@ -190,6 +190,10 @@ class Dialect:
     def unlimit_time(self, conn: Any, token: Any) -> None:
         """Undo :meth:`limit_time`; called after COMMIT or ROLLBACK."""
 
+    #: Whether a :meth:`cancel` stays in force while any statement of the connection is
+    #: active (SQLite's interrupt()): the cursors are closed before a timed-out block's rollback.
+    interrupt_lingers = False
+
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         """Stop the statement running on ``conn``, from another thread.  The fallback, for
         drivers with no cancel, closes the connection: the statement fails, the pool

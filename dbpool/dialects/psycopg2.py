@@ -40,14 +40,20 @@ class Psycopg2Dialect(Dialect):
 
     def ping(self, conn: Any) -> None:
         # psycopg2 sends BEGIN before the first statement unless in autocommit mode;
-        # the autocommit switch itself is local.
+        # the autocommit switch itself is local, once the session characteristics are at
+        # their defaults (else leaving autocommit sends a SET ... TO default for each).
         autocommit = conn.autocommit
+        saved = (conn.isolation_level, conn.readonly, conn.deferrable)
+        if not autocommit and saved != (None, None, None):
+            conn.isolation_level = conn.readonly = conn.deferrable = None  # local: no I/O
         conn.autocommit = True
         try:
             with conn.cursor() as cursor:
                 cursor.execute("SELECT 1")
         finally:
             conn.autocommit = autocommit
+            if not autocommit and saved != (None, None, None):
+                conn.isolation_level, conn.readonly, conn.deferrable = saved
 
     can_reset_session = True
 
@@ -57,17 +63,35 @@ class Psycopg2Dialect(Dialect):
         try:
             with conn.cursor() as cursor:
                 cursor.execute("DISCARD ALL")
+                if autocommit:
+                    # In autocommit mode psycopg2 keeps these in the session (SET
+                    # default_transaction_...), which DISCARD ALL just reset: set them again.
+                    for name, value in _session_characteristics(conn):
+                        cursor.execute("SELECT set_config(%s, %s, false)", (name, value))
         finally:
             conn.autocommit = autocommit
+        # What the server said to the previous borrower, kept by psycopg2 on the connection
+        for messages in (conn.notices, conn.notifies):
+            try:
+                messages.clear()
+            except AttributeError:
+                pass
 
     def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
         pass  # every level, and read-only
 
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
+        switched = False
         if conn.autocommit:
-            _execute(conn, _begin_sql(isolation, readonly))
-            return None
-        token = (conn.isolation_level, conn.readonly)
+            if (conn.isolation_level, conn.readonly, conn.deferrable) != (None, None, None):
+                # psycopg2 keeps these in the session in autocommit mode: leave it on
+                _execute(conn, _begin_sql(isolation, readonly))
+                return None
+            # Off for the block (no I/O): psycopg2 then sends BEGIN itself and knows it is
+            # in a transaction, so named cursors work
+            conn.autocommit = False
+            switched = True
+        token = (conn.isolation_level, conn.readonly, switched)
         conn.set_session(
             isolation_level=isolation.value if isolation is not None else token[0],
             readonly=True if readonly else token[1],
@@ -76,7 +100,9 @@ class Psycopg2Dialect(Dialect):
 
     def end(self, conn: Any, token: Any) -> None:
         if token is not None:  # None in these attributes means the server default
-            conn.isolation_level, conn.readonly = token
+            conn.isolation_level, conn.readonly, switched = token
+            if switched:
+                conn.autocommit = True
 
     # In autocommit mode psycopg2's commit() and rollback() do nothing, so a transaction
     # opened with an explicit BEGIN must be ended with SQL.
@@ -89,8 +115,13 @@ class Psycopg2Dialect(Dialect):
     def rollback(self, conn: Any) -> None:
         if conn.autocommit and conn.info.transaction_status != _PQ_IDLE:
             _execute(conn, "ROLLBACK")
-        else:
+            return
+        try:
             conn.rollback()
+        except conn.ProgrammingError:
+            if conn.closed:
+                raise
+            conn.tpc_rollback()  # rollback() refuses a two-phase transaction
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(milliseconds(seconds))
@@ -102,3 +133,18 @@ class Psycopg2Dialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES
+
+
+# psycopg2's isolation_level values (psycopg2.extensions.ISOLATION_LEVEL_*)
+_PG2_LEVELS = {1: "read committed", 2: "repeatable read", 3: "serializable", 4: "read uncommitted"}
+
+
+def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
+    settings = []
+    if conn.isolation_level is not None:
+        settings.append(("default_transaction_isolation", _PG2_LEVELS[conn.isolation_level]))
+    if conn.readonly is not None:
+        settings.append(("default_transaction_read_only", "on" if conn.readonly else "off"))
+    if conn.deferrable is not None:
+        settings.append(("default_transaction_deferrable", "on" if conn.deferrable else "off"))
+    return settings

@@ -124,6 +124,8 @@ class SQLiteDialect(Dialect):
         else:
             conn.rollback()
 
+    interrupt_lingers = True
+
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         conn.interrupt()
 

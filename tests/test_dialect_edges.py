@@ -1,0 +1,287 @@
+"""Edge cases of the sqlite3 and psycopg2 dialects, as used through the pool: what a session
+reset, a transaction block, a savepoint, a ping and the return path must leave for the next
+borrower.  Each docstring says what the driver does that makes the case hard.  Against the real
+PostgreSQL server (psycopg2) and SQLite files.  The only waits on time are those that let a
+deadline pass.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+
+import dbpool
+from tests.conftest import Connector, rows
+
+pytestmark = pytest.mark.timeout(30)
+
+# sqlite3 keeps computing this for minutes unless interrupted.
+SQLITE_SLOW_SQL = (
+    "with recursive c(x) as (select 1 union all select x + 1 from c where x < 2000000000) "
+    "select count(*) from c"
+)
+
+
+def new_pool(connect: Any, **options: Any) -> dbpool.Pool[Any]:
+    settings: dict[str, Any] = {"min_size": 0, "max_size": 1, "acquire_timeout": 5}
+    settings.update(options)
+    return dbpool.Pool(connect, **settings)
+
+
+# -- psycopg2 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.postgresql
+def test_psycopg2_discard_reset_hides_notices_and_notifies_from_the_next_borrower(
+    psycopg2_connect: Connector,
+) -> None:
+    """session_reset="discard" is the policy for borrowers that must not see each other's
+    session; psycopg2 keeps the server's notices and notifications in ``conn.notices`` and
+    ``conn.notifies``, Python lists on the connection, which DISCARD ALL does not reach: the
+    reset clears them, or the next borrower reads the previous one's messages."""
+    pool = new_pool(psycopg2_connect, session_reset="discard")
+    try:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("DO $$ BEGIN RAISE NOTICE 'tenant A secret'; END $$")
+            cur.execute("LISTEN dbpool_edges_chan")
+            cur.execute("NOTIFY dbpool_edges_chan, 'tenant A payload'")
+            conn.commit()
+            assert conn.notices and conn.notifies  # what tenant A got
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused: the reset ran, no reconnect
+            leftover = (list(conn.raw.notices), list(conn.raw.notifies))
+        assert leftover == ([], []), f"the next borrower sees {leftover!r}"
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_discard_reset_keeps_a_connection_configured_read_only(
+    psycopg2_connect: Connector,
+) -> None:
+    """In autocommit mode psycopg2 applies ``readonly`` and ``isolation_level`` to the server
+    session (``SET default_transaction_read_only`` ...).  DISCARD ALL resets those, while the
+    driver's attributes still say read-only and serializable (the client settings compare
+    equal): the reset sets them again, or the next borrower gets a writable, READ COMMITTED
+    session."""
+
+    def connect() -> Any:
+        conn = psycopg2_connect()
+        conn.autocommit = True
+        conn.readonly = True
+        conn.isolation_level = "SERIALIZABLE"
+        return conn
+
+    pool = new_pool(connect, session_reset="discard")
+    try:
+        seen = []
+        for _ in range(2):
+            with pool.connection() as conn:
+                seen.append(
+                    (
+                        rows(conn, "show transaction_read_only")[0][0],
+                        rows(conn, "show transaction_isolation")[0][0],
+                    )
+                )
+        assert pool.stats().created == 1
+        assert seen == [("on", "serializable"), ("on", "serializable")], seen
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_run_transaction_retries_a_caught_serialization_failure_after_a_savepoint(
+    psycopg2_connect: Connector,
+) -> None:
+    """An error undone by a savepoint is no longer the block's failure: when a later
+    serialization failure aborts the transaction (and fn catches it), the block's
+    TransactionRolledBack is chained to that one, which run_transaction retries."""
+    import psycopg2.errors
+
+    pool = new_pool(psycopg2_connect)
+    attempts = []
+
+    def fn(tx: dbpool.Transaction[Any]) -> int:
+        attempts.append(1)
+        try:
+            with tx.savepoint():
+                tx.execute("select 1/0")
+        except psycopg2.errors.DivisionByZero:
+            pass  # undone by the savepoint: the transaction goes on
+        if len(attempts) == 1:
+            try:
+                tx.execute(
+                    "DO $$ BEGIN RAISE EXCEPTION 'conflict' "
+                    "USING ERRCODE = 'serialization_failure'; END $$"
+                )
+            except psycopg2.errors.SerializationFailure:
+                pass  # caught (logged, say): the block raises TransactionRolledBack for it
+        return len(attempts)
+
+    try:
+        assert pool.run_transaction(fn, retries=3) == 2
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_named_cursor_works_in_a_block_on_an_autocommit_connection(
+    psycopg2_connect: Connector,
+) -> None:
+    """The docs: a server-side (named) cursor works inside one transaction.  On an autocommit
+    psycopg2 connection a BEGIN sent as SQL leaves psycopg2 believing it is in autocommit mode,
+    refusing the named cursor ("can't use a named cursor outside of transactions"): the block
+    turns autocommit off for its duration instead."""
+
+    def connect() -> Any:
+        conn = psycopg2_connect()
+        conn.autocommit = True
+        return conn
+
+    pool = new_pool(connect)
+    try:
+        with pool.transaction() as tx:
+            cur = tx.cursor(name="dbpool_edges_big")
+            cur.execute("select generate_series(1, 5)")
+            assert [r[0] for r in cur] == [1, 2, 3, 4, 5]
+        with pool.connection() as conn:
+            assert conn.raw.autocommit is True  # and the setting is as configured afterwards
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_two_phase_transaction_left_open_is_rolled_back_not_discarded(
+    psycopg2_connect: Connector,
+) -> None:
+    """psycopg2's rollback() refuses a two-phase transaction ("rollback cannot be used during a
+    two-phase transaction"): a lease returned inside one is ended with tpc_rollback(), rather
+    than failing its reset and costing a reconnect."""
+    pool = new_pool(psycopg2_connect)
+    try:
+        with pool.connection() as conn:
+            conn.tpc_begin(conn.xid(1, "dbpool-edges", "branch"))
+            rows(conn, "select 1")
+            first = conn.raw
+        with pool.connection() as conn:
+            assert rows(conn, "select 1") == [(1,)]
+            again = conn.raw
+        assert pool.stats().discards["reset_failed"] == 0
+        assert again is first
+    finally:
+        pool.close()
+
+
+# -- sqlite3 -----------------------------------------------------------------------------------
+
+
+def test_sqlite_unfinished_conn_execute_cursor_holds_no_lock_once_returned(
+    sqlite_connect: Connector, tmp_path: Any
+) -> None:
+    """sqlite3's ``conn.execute()`` (reached through the lease) returns a driver cursor, not one
+    of the lease's.  Left part-read, its statement keeps a read lock on the file while
+    ``in_transaction`` is False: unless the return path closes it, the connection goes back as
+    clean and, idle in the pool, blocks every writer (``database is locked``)."""
+    pool = new_pool(sqlite_connect)
+    path = str(tmp_path / "db.sqlite3")
+    other = sqlite3.connect(path, timeout=0, check_same_thread=False)
+    try:
+        pool.execute("create table t (x int)")
+        pool.execute("insert into t values (1), (2), (3)")
+        with pool.connection() as conn:
+            cur = conn.execute("select x from t")
+            assert cur.fetchone() == (1,)
+        # The lease is back; `cur` is still referenced here, as after any with block.
+        assert pool.stats().idle == 1
+        try:
+            other.execute("BEGIN EXCLUSIVE")  # any writer's COMMIT needs this lock
+        except sqlite3.OperationalError as exc:
+            pytest.fail(f"an idle pooled connection holds a lock: {exc}")
+        other.rollback()
+        del cur
+    finally:
+        other.close()
+        pool.close()
+
+
+def test_sqlite_timed_out_block_with_a_part_read_cursor_keeps_its_connection(
+    sqlite_connect: Connector,
+) -> None:
+    """Past the deadline the watchdog calls interrupt(); SQLite keeps that flag set while any
+    statement of the connection is still active (a cursor of the block read only in part), so
+    the block's ROLLBACK and the PRAGMA that puts busy_timeout back would fail with
+    "interrupted" (the connection discarded, a lease the caller keeps refusing all further
+    use): the cursors are closed first."""
+    pool = new_pool(sqlite_connect)
+    try:
+        pool.execute("create table t (x int)")
+        pool.execute("insert into t values (1), (2), (3)")
+        with pool.connection() as conn:
+            with pytest.raises(dbpool.TransactionTimeout):
+                with conn.transaction(timeout=0.3) as tx:
+                    cur = tx.execute("select x from t")
+                    assert cur.fetchone() == (1,)
+                    tx.execute(SQLITE_SLOW_SQL)  # interrupted at the deadline
+            # The timed-out transaction was rolled back: the lease goes on.
+            assert rows(conn, "select count(*) from t") == [(3,)]
+        assert pool.stats().discards["reset_failed"] == 0
+    finally:
+        pool.close()
+
+
+def test_sqlite_shared_memory_database_is_refused_as_memory_is() -> None:
+    """A shared in-memory database lasts only while one connection to it is open, and the pool
+    closes its connections by itself (max_lifetime, 1 h by default; idle_timeout; a discard):
+    its data would vanish silently, so the URL is refused as ':memory:' is."""
+    url = "sqlite:///file:dbpool_edges%3Fmode%3Dmemory%26cache%3Dshared?uri=true"
+    with pytest.raises(ValueError, match=r"in-memory database.*use a file"):
+        dbpool.create_pool(url, min_size=1, max_size=1)
+
+
+@pytest.mark.postgresql
+def test_psycopg2_ping_of_a_connection_with_session_characteristics_is_one_statement(
+    postgresql_dsn: str,
+) -> None:
+    """The docs: the ping is one round trip, ``SELECT 1`` on psycopg2.  It turns autocommit on
+    and off around the query, and psycopg2, leaving autocommit with a non-default isolation
+    level, read-only or deferrable setting, sends a ``SET default_transaction_... TO default``
+    for each (three round trips for a pool configured with ``set_session(readonly=True)``)
+    unless they are put aside, locally, first.  Measured as the bytes the client sends for one
+    pool.check()."""
+    import psycopg2
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.faultproxy import FaultProxy
+
+    params = conninfo_to_dict(postgresql_dsn)
+    if params.get("host", "127.0.0.1") != "127.0.0.1":
+        pytest.skip("the fault proxy relays to 127.0.0.1 only")
+    upstream = ("127.0.0.1", int(params.pop("port", 5432)))
+    params.update(host="127.0.0.1", sslmode="disable", connect_timeout=10)
+
+    def ping_bytes(proxy: FaultProxy, configure: Any) -> int:
+        def connect() -> Any:
+            conn = psycopg2.connect(**{**params, "port": proxy.port})
+            configure(conn)
+            return conn
+
+        pool = new_pool(connect)
+        try:
+            with pool.connection():
+                pass  # one idle connection
+            before = proxy.stats().bytes_to_server
+            assert pool.check() == 0
+            return proxy.stats().bytes_to_server - before
+        finally:
+            pool.close()
+
+    with FaultProxy(upstream=upstream) as proxy:
+        plain = ping_bytes(proxy, lambda conn: None)
+        configured = ping_bytes(
+            proxy, lambda conn: conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        )
+    assert configured == plain, f"the ping sent {configured} bytes instead of {plain}"
