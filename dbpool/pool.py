@@ -1599,11 +1599,11 @@ class Pool(Generic[C]):
             if slot.cursors:
                 cursors, slot.cursors = slot.cursors, None
                 for cursor in cursors:
-                    cursor.close()
+                    dialect.close_cursor(cursor)
             if slot.loose_cursors is not None:
                 loose, slot.loose_cursors = slot.loose_cursors, None
                 for cursor in list(loose):
-                    cursor.close()
+                    dialect.close_cursor(cursor)
             state = dialect.transaction_state(raw)
             if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
                 dialect.rollback(raw)

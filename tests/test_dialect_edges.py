@@ -285,3 +285,29 @@ def test_psycopg2_ping_of_a_connection_with_session_characteristics_is_one_state
             proxy, lambda conn: conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         )
     assert configured == plain, f"the ping sent {configured} bytes instead of {plain}"
+
+
+@pytest.mark.postgresql
+def test_psycopg2_named_cursor_committed_through_its_connection_costs_no_reconnect(
+    psycopg2_connect: Connector,
+) -> None:
+    """``pool.cursor()`` work is committed with ``cur.connection.commit()``; the commit also
+    ends a named cursor's transaction, and closing the cursor after that raises psycopg2's
+    "named cursor isn't valid anymore" (with no I/O, as psycopg2 does without a pool).  The
+    connection is fine: the return path must not discard it as failing its reset."""
+    import psycopg2
+
+    pool = new_pool(psycopg2_connect)
+    try:
+        with pytest.raises(psycopg2.ProgrammingError, match="named cursor"):
+            with pool.cursor("dbpool_edges_committed") as cur:
+                cur.execute("select generate_series(1, 10)")
+                assert cur.fetchmany(2) == [(1,), (2,)]
+                first = cur.connection.raw
+                cur.connection.commit()
+        with pool.connection() as conn:
+            assert conn.raw is first
+            assert rows(conn, "select 1") == [(1,)]
+        assert pool.stats().discarded == 0, pool.stats().discards
+    finally:
+        pool.close()

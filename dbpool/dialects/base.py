@@ -109,6 +109,10 @@ class Dialect:
             cursor.close()
         conn.rollback()
 
+    def close_cursor(self, cursor: Any) -> None:
+        """Close a cursor a lease left open, as its connection comes back."""
+        cursor.close()
+
     def client_settings(self, conn: Any) -> object:
         """The driver-side session settings a borrower could change (autocommit, isolation
         level...), read locally.  The pool restores them on return when they differ."""

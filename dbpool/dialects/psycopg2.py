@@ -38,6 +38,16 @@ class Psycopg2Dialect(Dialect):
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side
 
+    def close_cursor(self, cursor: Any) -> None:
+        try:
+            cursor.close()
+        except cursor.connection.ProgrammingError:
+            # A named cursor whose transaction ended (cur.connection.commit()): the server
+            # closed it then, and psycopg2 refuses, with no I/O, "named cursor isn't valid
+            # anymore".  Nothing is left open.
+            if cursor.name is None or cursor.withhold or not _idle(cursor.connection):
+                raise
+
     def ping(self, conn: Any) -> None:
         # psycopg2 sends BEGIN before the first statement unless in autocommit mode;
         # the autocommit switch itself is local, once the session characteristics are at
@@ -148,3 +158,7 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
     if conn.deferrable is not None:
         settings.append(("default_transaction_deferrable", "on" if conn.deferrable else "off"))
     return settings
+
+
+def _idle(conn: Any) -> bool:
+    return not conn.closed and conn.get_transaction_status() == _PQ_IDLE
