@@ -739,6 +739,7 @@ class Pool(Generic[C]):
                 )
             self._min_size = new_min
             self._max_size = new_max
+            self._cond.notify_all()  # wait() compares with min_size
             # The least recently used idle connections above the new cap go now; leased ones
             # as they come back (_put_back).  Until then size may exceed max_size.
             excess = min(len(self._idle), self._size - new_max)
@@ -894,7 +895,8 @@ class Pool(Generic[C]):
 
     def reopen(self) -> None:
         """Open a pool closed by :meth:`drain` or :meth:`close` again: connections are made
-        afresh (``min_size`` of them in the background), with the same options and counters."""
+        afresh (``min_size`` of them in the background), with the same options and counters.
+        Leases still out from before count against ``max_size`` until they come back."""
         with self._lock:
             if not self._closed:
                 raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
@@ -946,7 +948,7 @@ class Pool(Generic[C]):
         logger.debug("pool %r closing: %d idle connections", self._name, len(idle))
         interrupted = self._close_all(idle, POOL_CLOSED)
         thread = self._reaper_thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is not threading.current_thread() and not self._drained:
             thread.join(timeout=_bounded(min(deadline - monotonic(), 1.0)))
         return interrupted
 
@@ -1041,7 +1043,7 @@ class Pool(Generic[C]):
                     return slot
                 if (
                     not self._waiters
-                    and self._size < self._max_size
+                    and self._size + len(self._retired) < self._max_size
                     and self._may_connect_locked(monotonic())
                 ):
                     slot = self._reserve_locked()
@@ -1570,8 +1572,12 @@ class Pool(Generic[C]):
         back.  Its borrower alone holds it, so this runs once."""
         if slot.generation >= 0:
             slot.generation = _FORGOTTEN
-            self._retired.discard(slot)
-            self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
+            try:
+                self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
+            finally:
+                with self._lock:  # its place under max_size is free now
+                    self._retired.discard(slot)
+                    self._grant_room_locked()
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
@@ -1720,7 +1726,9 @@ class Pool(Generic[C]):
             self._cond.notify_all()
             return
         while (
-            self._waiters and self._size < self._max_size and self._may_connect_locked(monotonic())
+            self._waiters
+            and self._size + len(self._retired) < self._max_size
+            and self._may_connect_locked(monotonic())
         ):
             slot = self._reserve_locked()
             waiter = self._waiters[0]
@@ -1838,7 +1846,9 @@ class Pool(Generic[C]):
         me = threading.get_ident()
         with self._lock:
             if self._closed:
-                return None
+                # Drained with leases still out: keep taking back those dropped unreleased,
+                # to close them (close() and reopen() end this thread).
+                return 1.0 if self._drained and self._everyone else None
             expired, idle = self._pick_retired_locked(now)
             self._forget_locked(expired, DiscardReason.EXPIRED)
             self._forget_locked(idle, DiscardReason.IDLE)
@@ -1871,7 +1881,7 @@ class Pool(Generic[C]):
 
     def _refill_wanted_locked(self) -> bool:
         wanted = self._size < self._min_size or bool(self._waiters)
-        return wanted and self._size < self._max_size
+        return wanted and self._size + len(self._retired) < self._max_size
 
     def _start_refill(self) -> None:
         def not_started() -> None:
@@ -2006,7 +2016,7 @@ class Pool(Generic[C]):
         keep: deque[_Slot] = deque()
         # Those past max_lifetime go anyway: only what stays above min_size may go for idling.
         surplus = self._size - self._min_size
-        surplus -= sum(1 for slot in self._idle if now >= slot.expires_at)
+        surplus -= sum(1 for slot in self._everyone if now >= slot.expires_at)
         for slot in self._idle:  # least recently used first
             if now >= slot.expires_at:
                 expired.append(slot)

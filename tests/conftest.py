@@ -39,6 +39,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
+import dbpool
+import dbpool.pool
 from tests import fakedb
 from tests.faultproxy import FaultProxy, Mode
 
@@ -674,3 +676,55 @@ def leak_guard() -> Iterator[None]:
             pool.close(timeout=1.0)
     if problems:
         pytest.fail("test leaked resources:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+class Recorder:
+    """A listener that keeps every event with the thread it ran in, and an optional probe."""
+
+    def __init__(self, also: Callable[[Any], Any] | None = None) -> None:
+        self.events: list[Any] = []
+        self.threads: list[int] = []
+        self.probed: list[Any] = []
+        self._also = also
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Any) -> None:
+        extra = self._also(event) if self._also is not None else None
+        with self._lock:
+            self.events.append(event)
+            self.threads.append(threading.get_ident())
+            self.probed.append(extra)
+
+    def of(self, kind: str) -> list[Any]:
+        with self._lock:
+            return [e for e in self.events if e.event == kind]
+
+    def kinds(self) -> list[str]:
+        with self._lock:
+            return [str(e.event.value) for e in self.events]
+
+    def listen_to_all(self, pool: dbpool.Pool[Any]) -> Recorder:
+        for event in dbpool.Event:
+            pool.add_listener(event, self)
+        return self
+
+
+class FakeClock:
+    """The pool module's clock, shifted forward by ``advance()``: lets a test jump past a
+    backoff delay, an idle timeout or a lifetime without waiting for it."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(dbpool.pool, "monotonic", fake)
+    return fake

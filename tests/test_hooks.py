@@ -28,6 +28,7 @@ from tests.conftest import (
     DISCARD_REASONS,
     Backend,
     Caller,
+    Recorder,
     assert_accounting,
     probe,
     rows,
@@ -93,37 +94,6 @@ def once(action: Callable[[Any], None]) -> Callable[[Any], None]:
             action(raw)
 
     return hook
-
-
-class Recorder:
-    """A listener that keeps every event with the thread it ran in, and an optional probe."""
-
-    def __init__(self, also: Callable[[Any], Any] | None = None) -> None:
-        self.events: list[Any] = []
-        self.threads: list[int] = []
-        self.probed: list[Any] = []
-        self._also = also
-        self._lock = threading.Lock()
-
-    def __call__(self, event: Any) -> None:
-        extra = self._also(event) if self._also is not None else None
-        with self._lock:
-            self.events.append(event)
-            self.threads.append(threading.get_ident())
-            self.probed.append(extra)
-
-    def of(self, kind: str) -> list[Any]:
-        with self._lock:
-            return [e for e in self.events if e.event == kind]
-
-    def kinds(self) -> list[str]:
-        with self._lock:
-            return [str(e.event.value) for e in self.events]
-
-    def listen_to_all(self, pool: dbpool.Pool[Any]) -> Recorder:
-        for event in dbpool.Event:
-            pool.add_listener(event, self)
-        return self
 
 
 # == configure =====================================================================================

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
@@ -18,30 +17,9 @@ import pytest
 import dbpool
 import dbpool.pool as pool_module
 from tests import fakedb
-from tests.conftest import Caller, scalar, wait_for_child, wait_until
+from tests.conftest import Caller, FakeClock, scalar, wait_for_child, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class FakeClock:
-    """The pool module's clock, shifted forward by ``advance()``: lets a test jump past a
-    backoff delay, an idle timeout or a lifetime without waiting for it."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(pool_module, "monotonic", fake)
-    return fake
 
 
 def record_maintenance(pool: Any) -> list[tuple[float, Any]]:

@@ -8,37 +8,15 @@ Interleavings are forced with fakedb gates, Events and wait_until, never with sl
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import wait_until
+from tests.conftest import Recorder, wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class Recorder:
-    """A listener keeping every event it is told of."""
-
-    def __init__(self) -> None:
-        self.events: list[dbpool.PoolEvent] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, event: dbpool.PoolEvent) -> None:
-        with self._lock:
-            self.events.append(event)
-
-    def kinds(self) -> list[str]:
-        with self._lock:
-            return [str(e.event.value) for e in self.events]
-
-    def listen_to_all(self, pool: dbpool.Pool[Any]) -> Recorder:
-        for event in dbpool.Event:
-            pool.add_listener(event, self)
-        return self
 
 
 def dbpool_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
