@@ -124,7 +124,8 @@ class _Slot:
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
         self.cursors: list[Any] | None = None  # driver cursors the lease made
-        # Driver cursors a driver's conn.execute() returned (sqlite3, psycopg), weakly held
+        # Cursors the driver's conn.execute() returned still running their statement (sqlite3's,
+        # which holds a read lock until closed), weakly held: closed on return
         self.loose_cursors: weakref.WeakSet[Any] | None = None
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
