@@ -133,6 +133,18 @@ class _Slot:
         # no lease may return the slot.
         self.claim: list[_Slot] = []
 
+    def close_cursors(self) -> None:
+        """Close the driver cursors the lease left open (its own, and those of conn.execute()
+        still running their statement)."""
+        if self.cursors:
+            cursors, self.cursors = self.cursors, None
+            for cursor in cursors:
+                self.dialect.close_cursor(cursor)
+        if self.loose_cursors is not None:
+            loose, self.loose_cursors = self.loose_cursors, None
+            for cursor in list(loose):
+                self.dialect.close_cursor(cursor)
+
 
 class _Borrowed:
     """Where and when a lease was taken, recorded when leak detection is on."""
@@ -1603,14 +1615,8 @@ class Pool(Generic[C]):
         try:
             if slot.exposed:
                 dialect.call_failed(raw)  # as if a call had failed: its cached state is not read
-            if slot.cursors:
-                cursors, slot.cursors = slot.cursors, None
-                for cursor in cursors:
-                    dialect.close_cursor(cursor)
-            if slot.loose_cursors is not None:
-                loose, slot.loose_cursors = slot.loose_cursors, None
-                for cursor in list(loose):
-                    dialect.close_cursor(cursor)
+            if slot.cursors or slot.loose_cursors is not None:
+                slot.close_cursors()
             state = dialect.transaction_state(raw)
             if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
                 dialect.rollback(raw)

@@ -395,7 +395,7 @@ class Transaction(Generic[C]):
         try:
             if rollback:
                 if self._expired and dialect.interrupt_lingers:
-                    _close_cursors(slot)  # the interrupt stays in force while one is active
+                    slot.close_cursors()  # the interrupt stays in force while one is active
                 dialect.rollback(raw)
                 slot.dirty = False
             if self._time_token is not _NOT_LIMITED:
@@ -715,12 +715,3 @@ def deadline_left(deadline: float, timeout: float | None) -> float | None:
     if timeout is None:
         return None
     return max(deadline - monotonic(), 1e-3)
-
-
-def _close_cursors(slot: _Slot) -> None:
-    cursors, slot.cursors = slot.cursors, None
-    for cursor in cursors or ():
-        cursor.close()
-    loose, slot.loose_cursors = slot.loose_cursors, None
-    for cursor in list(loose or ()):
-        cursor.close()
