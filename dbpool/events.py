@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ._callables import check_callable
+
 __all__ = ["Event", "PoolEvent", "DiscardReason", "Listener"]
 
 logger = logging.getLogger("dbpool")
@@ -104,10 +106,7 @@ class Listeners:
 
     def add(self, event: Event | str, listener: Listener) -> None:
         kind = event_named(event)
-        if not callable(listener):
-            raise TypeError(
-                f"a listener must be a callable taking one dbpool.PoolEvent, got {listener!r}"
-            )
+        check_callable("a listener", listener, 1, "a callable taking one dbpool.PoolEvent")
         with self._lock:
             setattr(self, kind.value, (*getattr(self, kind.value), listener))
 

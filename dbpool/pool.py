@@ -23,6 +23,7 @@ from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
 from . import _fork, reaper
+from ._callables import check_callable
 from ._types import C
 from .dialects import Dialect
 from .dialects import for_connection as _detect_dialect
@@ -287,11 +288,13 @@ class Pool(Generic[C]):
         dialect: Dialect | str | None = None,
         name: str | None = None,
     ) -> None:
-        if not callable(connect):
-            raise TypeError(
-                "connect must be a callable taking no arguments that returns a DB-API "
-                f"connection (for example lambda: psycopg.connect(dsn)), got {type(connect)!r}"
-            )
+        check_callable(
+            "connect",
+            connect,
+            0,
+            "a callable taking no arguments that returns a DB-API connection "
+            "(for example lambda: psycopg.connect(dsn))",
+        )
         _check_count("min_size", min_size, minimum=0)
         _check_count("max_size", max_size, minimum=1)
         if min_size > max_size:
@@ -322,10 +325,9 @@ class Pool(Generic[C]):
             )
         _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)
         for hook_name, hook in (("configure", configure), ("check", check), ("reset", reset)):
-            if hook is not None and not callable(hook):
-                raise TypeError(
-                    f"{hook_name} must be a callable taking the driver's connection, or None; "
-                    f"got {hook!r}"
+            if hook is not None:
+                check_callable(
+                    hook_name, hook, 1, "a callable taking the driver's connection, or None"
                 )
         if isinstance(dialect, str):
             dialect = _dialect_named(dialect)
@@ -577,11 +579,12 @@ class Pool(Generic[C]):
     ) -> T:
         """Return ``fn(tx)`` run in a transaction, re-run on a fresh transaction, after a
         jittered exponential backoff, when the database reports a serialization failure or a
-        deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205, SQLite busy, SQL Server 1205),
-        at most ``retries`` times, all within ``timeout`` seconds.  Such an error that ``fn``
-        caught counts too (the block then raises :class:`dbpool.TransactionRolledBack`).  Never
-        re-run after :class:`dbpool.CommitOutcomeUnknown`; when the time runs out, even
-        between attempts, :class:`dbpool.TransactionTimeout`, chained to the last error."""
+        deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205, SQLite busy, SQL Server
+        1205 / 3960 / 41302), at most ``retries`` times, all within ``timeout`` seconds.  Such
+        an error that ``fn`` caught counts too (the block then raises
+        :class:`dbpool.TransactionRolledBack`).  Never re-run after
+        :class:`dbpool.CommitOutcomeUnknown`; when the time runs out, even between attempts,
+        :class:`dbpool.TransactionTimeout`, chained to the last error."""
         return run_transaction(
             self, fn, isolation=isolation, readonly=readonly, retries=retries, timeout=timeout
         )
@@ -1341,6 +1344,11 @@ class Pool(Generic[C]):
                     # The driver cannot tell whether configure left a transaction open: end
                     # any, so that no idle connection holds locks (what it committed stays).
                     dialect.rollback(raw)
+                if state is BROKEN:
+                    raise PoolError(
+                        f"pool {self._name!r}: configure left the new connection closed or "
+                        "broken: a configure hook must leave it open"
+                    )
                 if state is not IDLE and state is not UNKNOWN:
                     left = state.value.replace("_", " ")
                     raise PoolError(
@@ -1654,6 +1662,15 @@ class Pool(Generic[C]):
                 return _RESET_FAILED, f"the reset hook raised {self._describe(exc)}"
             if state is not IDLE and state is not UNKNOWN:
                 return _RESET_FAILED, f"the reset hook left it {state.value}"
+            if state is UNKNOWN:
+                # The driver cannot tell whether the hook left a transaction open: end any, so
+                # that no idle connection holds its locks (what it committed stays).
+                try:
+                    dialect.rollback(raw)
+                except Exception as exc:
+                    slot.doomed = True
+                    why = self._describe(exc)
+                    return _RESET_FAILED, f"the rollback after the reset hook failed: {why}"
         try:
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)

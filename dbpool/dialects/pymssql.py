@@ -7,7 +7,11 @@ from typing import Any
 from ..isolation import Isolation
 from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, is_database_error, milliseconds
 
-_DEADLOCK_VICTIM = 1205
+# Errors with which SQL Server rolls the whole transaction back, and that running it again may
+# get past: the deadlock victim, a snapshot isolation update conflict, and its counterpart on
+# memory-optimized tables.  (Conflicts found at COMMIT come through pymssql's commit(), which
+# keeps only the message.)
+_TRANSACTION_ABORTED = (1205, 3960, 41302)  # a tuple: compared by ==, whatever args[0] is
 
 
 class PymssqlDialect(Dialect):
@@ -70,10 +74,10 @@ class PymssqlDialect(Dialect):
         _execute(conn, "SET LOCK_TIMEOUT -1")
 
     def is_retryable(self, exc: BaseException) -> bool:
-        return is_database_error(exc) and bool(exc.args) and exc.args[0] == _DEADLOCK_VICTIM
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] in _TRANSACTION_ABORTED
 
     def ended_transaction(self, conn: Any, exc: Exception) -> bool:
-        return self.is_retryable(exc)  # the deadlock victim's transaction is rolled back
+        return self.is_retryable(exc)  # each of them rolled the transaction back
 
     def savepoint(self, conn: Any, name: str) -> None:
         _execute(conn, f"SAVE TRANSACTION {name}")

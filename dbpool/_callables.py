@@ -1,0 +1,37 @@
+"""Checks on the callables a pool is given, made when it is given them: a mistake shows at
+``Pool(...)`` or ``add_listener()``, not as a connect error or a silent discard later on."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+
+def check_callable(what: str, fn: Any, arguments: int, expected: str) -> None:
+    """Raise TypeError unless ``fn`` is a plain (not async) callable that can be called with
+    ``arguments`` positional arguments.  ``expected`` says what it should be, for the message:
+    "a callable taking the driver's connection"."""
+    if not callable(fn):  # by its type only: a DSN given by mistake may hold a password
+        raise TypeError(f"{what} must be {expected}, got {type(fn)!r}")
+    name = _name(fn)
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{what} must be a plain function, but {name} is an async function "
+            "(the pool would never await it): dbpool is synchronous"
+        )
+    try:
+        inspect.signature(fn).bind(*[None] * arguments)
+    except TypeError as exc:
+        raise TypeError(
+            f"{what} must be {expected}, but {name} cannot be called so: {exc}"
+        ) from None
+    except ValueError:  # no signature to read (some built-in functions): it is taken on trust
+        pass
+
+
+def _name(fn: Any) -> str:
+    """What ``fn`` is called, never its repr: a functools.partial's shows its arguments."""
+    if isinstance(fn, functools.partial):
+        return f"a functools.partial of {_name(fn.func)}"
+    return str(getattr(fn, "__qualname__", None) or f"a {type(fn).__qualname__} object")
