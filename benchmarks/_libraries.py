@@ -217,6 +217,37 @@ def contention_fifo(floor: RawFloor, stop: threading.Event, waits: array[float])
     return ops
 
 
+class FloorLease:
+    """The least a lease can be: its connection for a ``with`` block, given back once."""
+
+    __slots__ = ("_floor", "_conn")
+
+    def __init__(self, floor: RawFloor, conn: Any) -> None:
+        self._floor = floor
+        self._conn = conn
+
+    def __enter__(self) -> Any:
+        return self._conn
+
+    def __exit__(self, *exc_info: object) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with self._floor.lock:
+                self._floor.idle.append(conn)
+
+
+def floor_lease(floor: RawFloor) -> FloorLease:
+    with floor.lock:
+        conn = floor.idle.pop()
+    return FloorLease(floor, conn)
+
+
+def cycle_lease_floor(floor: RawFloor, n: int) -> None:
+    for _ in range(n):
+        with floor_lease(floor):
+            pass
+
+
 # -- dbpool --------------------------------------------------------------------------------------
 
 
@@ -435,6 +466,22 @@ FIFO_FLOOR = Library(
     cycle=cycle_raw,
     short_tx=short_tx_raw,
     contention=contention_fifo,
+    is_pool=False,
+)
+# cycle only: the raw floor with a lease object, what any pool that hands out leases pays.
+LEASE_FLOOR = Library(
+    name="lease floor",
+    distribution=None,
+    settings=(
+        "no pool, cycle only: the raw floor's lock and deque behind a function that returns a "
+        "lease object, whose with block gives the connection back (no clock, no checks, no "
+        "counts)"
+    ),
+    open=open_raw,
+    close=_close,
+    cycle=cycle_lease_floor,
+    short_tx=short_tx_raw,
+    contention=contention_raw,
     is_pool=False,
 )
 DBPOOL = Library(

@@ -53,6 +53,7 @@ from _harness import (
 from _libraries import (
     DBPOOL,
     FIFO_FLOOR,
+    LEASE_FLOOR,
     LIBRARIES,
     NULL_SOURCE,
     PEERS,
@@ -88,6 +89,8 @@ Log = Callable[[str], None]
 
 #: The contention table's rows: both floors first, the barging one then the fair one.
 CONTENTION_ROWS = (RAW, FIFO_FLOOR, *LIBRARIES[1:])
+#: The cycle table's rows: the lock floor, then the same with a lease object, then the pools.
+CYCLE_ROWS = (RAW, LEASE_FLOOR, *LIBRARIES[1:])
 
 
 def log(message: str) -> None:
@@ -342,7 +345,7 @@ def scenario_cycle(cfg: Config, env: Env) -> Section:
         log(f"cycle ({label}): checkout + checkin, pools of {cfg.pool_size}")
         contenders = [
             batch_contender(lib, source, cfg.pool_size, lib.cycle, cfg.cycle_seconds)
-            for lib in applicable(source)
+            for lib in [*applicable(source), LEASE_FLOOR]
         ]
         results[label] = run_interleaved(contenders, cfg.rounds, log)
 
@@ -350,7 +353,7 @@ def scenario_cycle(cfg: Config, env: Env) -> Section:
     for label in results:
         headers += [f"{label}: µs/cycle", "× raw floor", "× PooledDB"]
     rows = []
-    for lib in LIBRARIES:
+    for lib in CYCLE_ROWS:
         row = [lib.name]
         for outcomes in results.values():
             row += [
@@ -361,7 +364,9 @@ def scenario_cycle(cfg: Config, env: Env) -> Section:
         rows.append(row)
     notes = [
         "Median µs per checkout + checkin (lower is better); ratios are medians of per-round "
-        "ratios of times (below 1: faster than the reference)."
+        "ratios of times (below 1: faster than the reference). The lease floor is the raw "
+        "floor's lock and deque behind a function that returns a lease object for a with "
+        "block, with no clock, check or count: the least any pool that hands out leases costs."
     ]
     for label, outcomes in results.items():
         notes += error_notes(f"cycle {label}", outcomes)
@@ -386,6 +391,18 @@ def scenario_cycle(cfg: Config, env: Env) -> Section:
             lambda v: v <= 2.0,
         ),
     ]
+    lease_vs_raw = ratio(null, LEASE_FLOOR, RAW, "us")
+    lease_vs_dbutils = ratio(null, LEASE_FLOOR, POOLEDDB, "us")
+    if not math.isnan(lease_vs_raw):
+        section.targets.append(
+            Target(
+                "cycle (no-I/O): what a lease object alone costs, the lease floor (reported)",
+                f"{fmt_ratio(lease_vs_raw, 3)} the raw lock floor, "
+                f"{fmt_ratio(lease_vs_dbutils, 3)} PooledDB "
+                f"({fmt_us(null[LEASE_FLOOR.name].median('us'))} µs)",
+                None,
+            )
+        )
     section.panels.append(
         Panel(
             "cycle: µs per checkout + checkin (lower is better)",
@@ -885,7 +902,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables=[t for s in sections for t in s.tables],
         targets=[t for s in sections for t in s.targets],
         skipped=[r for s in sections for r in s.skipped],
-        settings=[(lib.name, lib.settings) for lib in (*LIBRARIES, FIFO_FLOOR)]
+        settings=[(lib.name, lib.settings) for lib in (*LIBRARIES, LEASE_FLOOR, FIFO_FLOOR)]
         + [("scenarios", scenario_settings(cfg))],
         panels=[p for s in sections for p in s.panels],
     )

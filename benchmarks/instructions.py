@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from _libraries import LIBRARIES, NULL_SOURCE, RAW, Library, Source
+from _libraries import LEASE_FLOOR, LIBRARIES, NULL_SOURCE, RAW, Library, Source
 from _report import Table, fmt_int, md_table, rst_table, rst_text
 from compare import (
     DEFAULT_MYSQL_URL,
@@ -60,6 +60,9 @@ class Case:
     quick_operations: tuple[int, int]
 
 
+#: The table's rows: the lock floor, the same with a lease object (cycle only), the pools.
+ROWS = (RAW, LEASE_FLOOR, *LIBRARIES[1:])
+
 CASES = (
     Case("cycle", "cycle, no-I/O", (10_000, 30_000), (2_000, 6_000)),
     Case("short_tx_pg", "short_tx, PostgreSQL", (1_000, 3_000), (200, 600)),
@@ -76,7 +79,7 @@ def source_for(case: str, args: argparse.Namespace) -> Source:
 
 
 def library_named(name: str) -> Library:
-    return next(lib for lib in LIBRARIES if lib.name == name)
+    return next(lib for lib in ROWS if lib.name == name)
 
 
 def child(case: str, library: str, operations: int, args: argparse.Namespace) -> None:
@@ -137,6 +140,8 @@ def reachable_cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
 
 
 def libraries_for(case: Case) -> list[Library]:
+    if case.name == "cycle":
+        return [lib for lib in ROWS if not lib.psycopg_only]
     return [lib for lib in LIBRARIES if not (lib.psycopg_only and case.name != "short_tx_pg")]
 
 
@@ -160,7 +165,7 @@ def table(cases: Sequence[Case], results: dict[tuple[str, str], float]) -> Table
     for case in cases:
         headers += [f"{case.label}: instructions", "beyond the raw floor"]
     rows = []
-    for lib in LIBRARIES:
+    for lib in ROWS:
         row = [lib.name]
         for case in cases:
             value = results.get((case.name, lib.name))
@@ -179,6 +184,8 @@ def table(cases: Sequence[Case], results: dict[tuple[str, str], float]) -> Table
             "Client instructions per operation counted by valgrind's callgrind: the Python "
             "interpreter, the driver and the pool, not the kernel nor the server. “Beyond the raw "
             "floor” is the pool's own cost: what it adds to the same work done with no pool. "
+            "The lease floor (cycle only) is the raw floor behind a function that returns a "
+            "lease object for a with block: the least any pool that hands out leases costs. "
             "cycle: checkout + return with a no-I/O connection; short_tx: checkout, SELECT 1, "
             f"fetch, commit, return. Pools of {POOL_SIZE}, filled, each library's defaults, as "
             "in compare.py (QueuePool and PooledDB roll back on every return, PooledDB also "
