@@ -112,6 +112,8 @@ class Connection(Generic[C]):
         transaction open, so the pool rolls back on return when it cannot read the state."""
         slot = self._live("connection")
         slot.dirty = slot.exposed = True
+        if slot.transaction is not None:
+            slot.transaction._begin_on_server()
         return slot.raw  # type: ignore[no-any-return]
 
     @property
@@ -307,6 +309,8 @@ class Cursor(Generic[C]):
         transaction open, as with :attr:`Connection.raw`."""
         slot = self._slot()
         slot.dirty = slot.exposed = True
+        if slot.transaction is not None:
+            slot.transaction._begin_on_server()  # its connection is within reach
         return self._raw
 
     def _slot(self) -> _Slot:
@@ -437,6 +441,8 @@ class Cursor(Generic[C]):
         value = getattr(self._raw, name)
         if value is slot.raw:  # cursor.connection: the driver's connection, as conn.raw is
             slot.dirty = slot.exposed = True
+            if slot.transaction is not None:
+                slot.transaction._begin_on_server()
             return value
         if callable(value):  # callproc, nextset, scroll...: may run a statement
             slot.dirty = True
@@ -477,8 +483,9 @@ _CONNECTION_STATEMENTS = {
     "next_result": _FETCH,  # PyMySQL, mysqlclient: the next result set of a multi-statement
 }
 #: The driver connections' methods and attributes that end a transaction (MySQL's BEGIN and SET
-#: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None).
-_ENDS_TRANSACTION = frozenset({"begin", "autocommit", "isolation_level"})
+#: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None;
+#: psycopg's set_autocommit() before the block's first statement leaves it with none).
+_ENDS_TRANSACTION = frozenset({"begin", "autocommit", "isolation_level", "set_autocommit"})
 #: The driver cursors' methods that reach the server, other than those Cursor defines.
 _CURSOR_STATEMENTS = {
     "callproc": _STATEMENT,

@@ -486,6 +486,22 @@ class Transaction(Generic[C]):
             raise PoolError("the transaction has not started: use it in a with block")
         return self._lease
 
+    def _begin_on_server(self) -> None:
+        """The block hands out the driver's connection: see Dialect.begin_on_server."""
+        from .lease import _call_failed
+
+        slot = self._slot
+        if not self._open or slot is None or not self._owns_connection():
+            return
+        slot.busy = True
+        try:
+            slot.dialect.begin_on_server(slot.raw)
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = False
+            raise
+        slot.busy = False
+
     @property
     def deadline(self) -> float | None:
         """The deadline, as a :func:`time.monotonic` value, or None."""

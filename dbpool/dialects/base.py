@@ -162,6 +162,11 @@ class Dialect:
         what :meth:`end` needs to undo session changes."""
         return None  # PEP 249: the transaction starts with the first statement
 
+    def begin_on_server(self, conn: Any) -> None:
+        """Inside a block, before the driver's connection is handed out: have the server's
+        transaction begun, where :meth:`begin` left that to the driver's next statement, so
+        that what the caller does with the driver itself finds it open."""
+
     def commit(self, conn: Any) -> None:
         """Commit the transaction :meth:`begin` started."""
         conn.commit()

@@ -21,6 +21,26 @@ def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:
     return sql + " READ ONLY" if readonly else sql
 
 
+def _begin_sql_for(conn: Any, isolation: Isolation | None, readonly: bool) -> str:
+    """The BEGIN psycopg itself would send on ``conn`` (with its ``isolation_level``,
+    ``read_only`` and ``deferrable``), with the block's isolation level and read-only mode
+    where it sets them."""
+    from psycopg import IsolationLevel
+
+    sql = "BEGIN"
+    if isolation is not None:
+        sql += f" ISOLATION LEVEL {isolation.value}"
+    elif conn.isolation_level is not None:
+        sql += " ISOLATION LEVEL " + IsolationLevel(conn.isolation_level).name.replace("_", " ")
+    if readonly or conn.read_only:
+        sql += " READ ONLY"
+    elif conn.read_only is not None:
+        sql += " READ WRITE"
+    if conn.deferrable is not None:
+        sql += " DEFERRABLE" if conn.deferrable else " NOT DEFERRABLE"
+    return sql
+
+
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
 _PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
 # What libpq's transaction status says (psycopg and psycopg2 both read it); UNKNOWN, or any
@@ -39,7 +59,16 @@ class PsycopgDialect(Dialect):
 
     def transaction_state(self, conn: Any) -> TxState:
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
-        # connection that is closed or broken.
+        # connection that is closed or broken.  A pipeline left open says IDLE once nothing is
+        # pending, but only the borrower's Pipeline object can take the connection out of
+        # pipeline mode: busy.
+        pgconn = conn.pgconn
+        if pgconn.pipeline_status:
+            return BUSY
+        return LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
+
+    def fresh_transaction_state(self, conn: Any) -> TxState:
+        # Before BEGIN: a block may run inside the caller's own conn.pipeline() block.
         return LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
 
     def transaction_aborted(self, conn: Any) -> bool:
@@ -72,7 +101,9 @@ class PsycopgDialect(Dialect):
 
     def begin(self, conn: Any, isolation: Isolation | None, readonly: bool) -> Any:
         if conn.autocommit:
-            conn.execute(_begin_sql(isolation, readonly))
+            # With the connection's own characteristics where the block sets none, as
+            # psycopg's own conn.transaction() would in autocommit mode.
+            conn.execute(_begin_sql_for(conn, isolation, readonly))
             return None
         # psycopg sends BEGIN itself before the next statement, with these settings in it.
         from psycopg import IsolationLevel
@@ -87,6 +118,23 @@ class PsycopgDialect(Dialect):
     def end(self, conn: Any, token: Any) -> None:
         if token is not None:
             conn.isolation_level, conn.read_only = token
+
+    def begin_on_server(self, conn: Any) -> None:
+        # psycopg's own conn.transaction() is BEGIN ... COMMIT when it finds no transaction
+        # open, a savepoint otherwise: it must find the block's.  An empty query, after which
+        # psycopg sends its BEGIN first; not in pipeline mode, where that waits for a sync.
+        pgconn = conn.pgconn
+        idle = pgconn.transaction_status == _PQ_IDLE
+        if idle and not conn.autocommit and not pgconn.pipeline_status:
+            conn.execute("")
+
+    def rollback(self, conn: Any) -> None:
+        try:
+            conn.rollback()
+        except conn.ProgrammingError:
+            if conn.closed:
+                raise
+            conn.tpc_rollback()  # rollback() refuses a two-phase transaction
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(milliseconds(seconds))
@@ -104,12 +152,18 @@ class PsycopgDialect(Dialect):
         # prepared statements when it sees the command go through.
         if conn.autocommit:
             conn.execute("DISCARD ALL")
-            return
-        conn.autocommit = True
-        try:
-            conn.execute("DISCARD ALL")
-        finally:
-            conn.autocommit = False
+        else:
+            conn.autocommit = True
+            try:
+                conn.execute("DISCARD ALL")
+            finally:
+                conn.autocommit = False
+        # What the server said to the previous borrower: the notifications psycopg queued on
+        # the connection while no notifies() ran, for the next one (DISCARD ALL only stops
+        # more from coming).  Private, so looked up.
+        backlog = getattr(conn, "_notifies_backlog", None)
+        if backlog:
+            backlog.clear()
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES

@@ -1,0 +1,200 @@
+"""Edge cases of the psycopg 3 dialect, as used through the pool, against the real PostgreSQL
+server: what a transaction block, a session reset and the return path must leave for the
+block's own work and for the next borrower.  Each docstring says what psycopg does that makes
+the case hard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import dbpool
+from tests.conftest import Connector, rows
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(30)]
+
+TABLE = "dbpool_pg3_edges"
+
+
+def new_pool(connect: Any, **options: Any) -> dbpool.Pool[Any]:
+    settings: dict[str, Any] = {"min_size": 0, "max_size": 1, "acquire_timeout": 5}
+    settings.update(options)
+    return dbpool.Pool(connect, **settings)
+
+
+@pytest.fixture
+def table(pg_connect: Connector) -> Iterator[Any]:
+    """An empty table ``TABLE (x int)``, and an autocommit connection to read it with."""
+    admin = pg_connect()
+    admin.autocommit = True
+    admin.execute("SET lock_timeout = '5s'")
+    admin.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    admin.execute(f"CREATE TABLE {TABLE} (x int)")
+    yield admin
+    pg_connect.close_all()  # first: a transaction left open would hold up the DROP
+    admin = pg_connect()
+    admin.autocommit = True
+    admin.execute(f"DROP TABLE IF EXISTS {TABLE}")
+    admin.close()
+
+
+def count(admin: Any) -> int:
+    return int(admin.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
+
+
+def connect_with(pg_connect: Connector, **attributes: Any) -> Any:
+    """A connect callable whose connections have these attributes set."""
+
+    def connect() -> Any:
+        conn = pg_connect()
+        for name, value in attributes.items():
+            setattr(conn, name, value)
+        return conn
+
+    return connect
+
+
+# -- transaction blocks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])
+def test_psycopg_transaction_inside_a_block_nests_and_rolls_back_with_it(
+    pg_connect: Connector, table: Any, timeout: float | None
+) -> None:
+    """psycopg's own ``conn.transaction()`` is a savepoint when a transaction is open, and
+    BEGIN ... COMMIT when psycopg sees none.  Code written for psycopg uses it inside a pool
+    block (``tx.connection.raw`` handed to a helper): it must nest in the block, so that the
+    block rolling back undoes its work, with a deadline or without one."""
+    pool = new_pool(pg_connect)
+    try:
+        with pytest.raises(LookupError), pool.transaction(timeout=timeout) as tx:
+            raw = tx.connection.raw
+            with raw.transaction():
+                raw.execute(f"INSERT INTO {TABLE} VALUES (1)")
+            raise LookupError("the block fails after the helper's work")
+        assert count(table) == 0, "the block's work was committed half-way"
+    finally:
+        pool.close()
+
+
+def test_psycopg_set_autocommit_inside_a_block_is_refused(
+    pg_connect: Connector, table: Any
+) -> None:
+    """Setting ``autocommit`` through the lease inside a block is refused; psycopg's
+    ``set_autocommit()`` method must not get around that, or the block's statements commit
+    one by one and its rollback undoes nothing."""
+    pool = new_pool(pg_connect)
+    try:
+        with pytest.raises(LookupError), pool.transaction() as tx:
+            try:
+                tx.connection.set_autocommit(True)
+            except (dbpool.PoolError, tx.connection.raw.ProgrammingError):
+                pass  # refused: the block stays one transaction
+            tx.execute(f"INSERT INTO {TABLE} VALUES (1)")
+            raise LookupError("the block fails")
+        assert count(table) == 0, "the block's statement was committed on its own"
+        with pool.connection() as conn:
+            assert conn.raw.autocommit is False  # as the connection was made
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize(
+    ("attribute", "setting", "expected"),
+    [
+        ("read_only", "transaction_read_only", "on"),
+        ("isolation_level", "transaction_isolation", "serializable"),
+    ],
+)
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_block_runs_with_the_connection_transaction_characteristics(
+    pg_connect: Connector, attribute: str, setting: str, expected: str, autocommit: bool
+) -> None:
+    """psycopg's ``read_only`` and ``isolation_level`` are the characteristics of the
+    transactions started on the connection, its own ``conn.transaction()`` included in
+    autocommit mode: a pool block that asks for none of its own runs with them, autocommit on
+    or off."""
+    import psycopg
+
+    value = {"read_only": True, "isolation_level": psycopg.IsolationLevel.SERIALIZABLE}
+    pool = new_pool(
+        connect_with(pg_connect, autocommit=autocommit, **{attribute: value[attribute]})
+    )
+    try:
+        with pool.transaction() as tx:
+            assert rows(tx, f"SHOW {setting}") == [(expected,)]
+    finally:
+        pool.close()
+
+
+# -- what the next borrower gets ---------------------------------------------------------------
+
+
+def test_discard_reset_hides_queued_notifications_from_the_next_borrower(
+    pg_connect: Connector,
+) -> None:
+    """psycopg (3.2 and later) queues the notifications that arrive while nobody iterates
+    ``conn.notifies()``, on the connection, and hands them to the next ``notifies()`` call.
+    DISCARD ALL (UNLISTEN *) does not reach that queue: with session_reset="discard" it is
+    emptied, or the next borrower reads the previous one's messages."""
+    pool = new_pool(pg_connect, session_reset="discard")
+    try:
+        with pool.connection() as conn:
+            conn.execute("LISTEN dbpool_pg3_edges_chan")
+            conn.commit()
+            conn.execute("NOTIFY dbpool_pg3_edges_chan, 'tenant A payload'")
+            conn.commit()  # delivered to this session as the commit returns
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused: the reset ran, no reconnect
+            leftover = [n.payload for n in conn.notifies(timeout=0)]
+        assert leftover == [], f"the next borrower reads {leftover!r}"
+    finally:
+        pool.close()
+
+
+def test_two_phase_transaction_left_open_is_rolled_back_not_discarded(
+    pg_connect: Connector, table: Any
+) -> None:
+    """psycopg's rollback() refuses a two-phase transaction ("rollback() cannot be used during
+    a two-phase transaction"): a lease returned inside one is ended with tpc_rollback(), its
+    work undone, rather than failing its reset and costing a reconnect."""
+    pool = new_pool(pg_connect)
+    try:
+        with pool.connection() as conn:
+            conn.tpc_begin(conn.xid(1, "dbpool-pg3-edges", "branch"))
+            conn.execute(f"INSERT INTO {TABLE} VALUES (1)")
+            first = conn.raw
+        with pool.connection() as conn:
+            conn.execute(f"INSERT INTO {TABLE} VALUES (2)")
+            conn.commit()  # psycopg no longer believes it is in a two-phase transaction
+            again = conn.raw
+        assert again is first
+        assert pool.stats().discards["reset_failed"] == 0
+        assert [r for (r,) in table.execute(f"SELECT x FROM {TABLE}")] == [2]
+    finally:
+        pool.close()
+
+
+def test_connection_returned_in_pipeline_mode_is_not_handed_out(pg_connect: Connector) -> None:
+    """A pipeline entered on the lease and not left (``conn.pipeline().__enter__()``) keeps the
+    connection in pipeline mode with nothing pending: its transaction status says IDLE.  The
+    Pipeline object, the only way out of that mode, is the borrower's: the connection is
+    discarded, or the next borrower gets one where COPY fails and results come late."""
+    pool = new_pool(pg_connect)
+    try:
+        with pool.connection() as conn:
+            pipeline = conn.pipeline()  # kept: a context manager collected would leave it
+            pipeline.__enter__()
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is not first
+            assert conn.raw.pgconn.pipeline_status == 0
+            with conn.cursor().copy("COPY (SELECT 1) TO STDOUT") as copy:
+                assert [bytes(block) for block in copy] == [b"1\n"]
+        assert pool.stats().discarded == 1
+    finally:
+        pool.close()
