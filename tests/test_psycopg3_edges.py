@@ -198,3 +198,35 @@ def test_connection_returned_in_pipeline_mode_is_not_handed_out(pg_connect: Conn
         assert pool.stats().discarded == 1
     finally:
         pool.close()
+
+
+def test_handlers_a_borrower_adds_do_not_outlive_its_lease(pg_connect: Connector) -> None:
+    """psycopg calls every notice and notify handler ever added to a connection: one a
+    borrower adds (through the lease or ``conn.raw``) is removed on return, so that the next
+    borrower's messages do not reach it and handlers do not pile up; those that configure
+    added stay."""
+    kept: list[str] = []
+
+    def configure(raw: Any) -> None:
+        raw.add_notice_handler(lambda diag: kept.append(diag.message_primary))
+
+    pool = new_pool(pg_connect, configure=configure)
+    seen_by_first: list[str] = []
+    try:
+        with pool.connection() as conn:
+            conn.add_notice_handler(lambda diag: seen_by_first.append(diag.message_primary))
+            conn.raw.add_notify_handler(lambda notify: seen_by_first.append(notify.payload))
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused
+            conn.execute("DO $$ BEGIN RAISE NOTICE 'second borrower'; END $$")
+            conn.execute("LISTEN dbpool_pg3_edges_chan")
+            conn.execute("NOTIFY dbpool_pg3_edges_chan, 'second borrower'")
+            conn.commit()
+            conn.execute("UNLISTEN *")
+            conn.commit()
+        assert seen_by_first == []
+        assert kept == ["second borrower"]
+        assert pool.stats().closed == 0  # nothing discarded: the handlers went on return
+    finally:
+        pool.close()

@@ -75,10 +75,24 @@ class PsycopgDialect(Dialect):
         return bool(conn.pgconn.transaction_status == _PQ_INERROR)
 
     def client_settings(self, conn: Any) -> object:
-        return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable)
+        # With how many notice and notify handlers it has (those configure added): a
+        # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
+        # them in lists of its own; looked up, as they are private.
+        return (
+            conn.autocommit,
+            conn.isolation_level,
+            conn.read_only,
+            conn.deferrable,
+            len(getattr(conn, "_notice_handlers", ())),
+            len(getattr(conn, "_notify_handlers", ())),
+        )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings
+        conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
+        for name, count in (("_notice_handlers", settings[4]), ("_notify_handlers", settings[5])):
+            handlers = getattr(conn, name, None)
+            if handlers is not None:
+                del handlers[count:]  # the ones added since, on the end
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # A client-side cursor holds its rows, unless the connection is in pipeline mode
