@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "Cursor", "PoolCursor"]
 
 
+# The pool's generation of a connection inherited across fork() (pool._INHERITED): no call
+# may reach its driver objects, which talk to the parent's session.
+_INHERITED = -2
+
+
 def _released(what: str) -> LeaseReleased:
     subject = "this connection" if what == "connection" else f"this {what}'s connection"
     return LeaseReleased(
@@ -420,8 +425,13 @@ class Cursor(Generic[C]):
     def close(self) -> None:
         if self._open:
             _set_cursor_open(self, False)
-            self._raw.close()
             slot = self._lease._slot
+            if slot is None or slot.generation < 0:
+                # The connection went back (its cursors were closed there), the pool closed
+                # it, or it was inherited across fork(): closing the driver's cursor would
+                # talk to a session that is not this lease's (a named cursor's CLOSE).
+                return
+            self._raw.close()
             if slot is not None and slot.cursors:  # the return path need not close it again
                 try:
                     slot.cursors.remove(self._raw)
@@ -623,6 +633,8 @@ class _TrackedBlock:
 
     def __exit__(self, *exc_info: Any) -> Any:
         slot = self._lease._slot
+        if slot is not None and slot.generation == _INHERITED:
+            return None  # ending the block (a COPY) would end it in the parent's session
         if slot is None or slot.generation < 0:  # released inside the block: not ours now
             return self._manager.__exit__(*exc_info)
         try:

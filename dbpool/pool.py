@@ -32,7 +32,7 @@ from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
-from .lease import Connection, PoolCursor, detach, lease, pool_cursor, revoke
+from .lease import _INHERITED, Connection, PoolCursor, detach, lease, pool_cursor, revoke
 from .redact import describe, mask_credentials, scrub_exception, scrub_text, secrets_in
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
@@ -55,7 +55,7 @@ _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all togethe
 _PING_HEADROOM = 2.0
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
-_INHERITED = -2  # inherited across fork(): must never be touched
+# _INHERITED (-2, from .lease): inherited across fork(): must never be touched
 # An earlier generation (0 or more): leased before reopen(), which stopped counting it; still
 # usable by its borrower, and closed by whoever returns it.
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -1,0 +1,236 @@
+"""fork() with real drivers: what a child does with the driver objects of a lease it inherited.
+
+A child process shares the parent's sockets.  A lease taken before the fork refuses use in the
+child, and releasing it there does nothing; leaving the blocks the forking thread was inside
+(``sys.exit()`` in the child unwinds them) must likewise send nothing on the parent's session.
+
+Each child reports through a pipe and always ends with ``os._exit()``; the parent waits for it
+with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+import dbpool
+from tests.conftest import Connector, rows, scalar, wait_for_child
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()"),
+    pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork.*:DeprecationWarning"),
+]
+
+CHILD_TIMEOUT = 10.0  # seconds; a child still running then is killed and the test fails
+
+
+def in_child(body: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``body`` in a forked child; its result (or error) as the parent sees it."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        report: dict[str, Any] = {}
+        try:
+            os.close(read_fd)
+            report["result"] = body()
+        except BaseException as exc:
+            report["error"] = "".join(traceback.format_exception(exc))[-4000:]
+        finally:
+            try:
+                os.write(write_fd, json.dumps(report, default=repr).encode())
+            finally:
+                os._exit(0)
+    os.close(write_fd)
+    try:
+        code = wait_for_child(pid, timeout=CHILD_TIMEOUT)
+        with os.fdopen(read_fd, "rb") as pipe:
+            read_fd = -1
+            report = json.loads(pipe.read() or b"{}")
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+    assert code == 0, f"child exited {code}: {report}"
+    return report
+
+
+# -- 1. A cursor of an inherited lease, closed in the child --------------------------------------
+
+
+def _psycopg_named(request: pytest.FixtureRequest) -> tuple[Connector, Callable[[Any], Any], str]:
+    connect = request.getfixturevalue("pg_connect")
+    return connect, lambda lease: lease.cursor("dbpool_fork_cursor"), _SERIES_PG
+
+
+def _psycopg2_named(request: pytest.FixtureRequest) -> tuple[Connector, Callable[[Any], Any], str]:
+    connect = request.getfixturevalue("psycopg2_connect")
+    return connect, lambda lease: lease.cursor("dbpool_fork_cursor"), _SERIES_PG
+
+
+def _pymysql_unbuffered(
+    request: pytest.FixtureRequest,
+) -> tuple[Connector, Callable[[Any], Any], str]:
+    import pymysql
+    import pymysql.cursors
+
+    params = request.getfixturevalue("mysql_params")
+    # A parent whose rows were read by the child would wait for them: bounded here.
+    connect = Connector(lambda: pymysql.connect(**{**params, "read_timeout": 5}))
+    request.addfinalizer(connect.close_all)
+    return connect, lambda lease: lease.cursor(pymysql.cursors.SSCursor), _SERIES_MYSQL
+
+
+_SERIES_PG = "SELECT generate_series(1, 200000)"  # more than the socket buffers hold
+_SERIES_MYSQL = "SELECT seq FROM seq_1_to_200000"
+_ROWS = 200000
+
+
+@pytest.mark.parametrize(
+    "case",
+    [_psycopg_named, _psycopg2_named, _pymysql_unbuffered],
+    ids=["psycopg-named", "psycopg2-named", "pymysql-sscursor"],
+)
+def test_closing_an_inherited_cursor_in_the_child_leaves_the_parents_cursor_alone(
+    request: pytest.FixtureRequest, case: Callable[..., Any]
+) -> None:
+    """A server-side cursor of a lease held across the fork, closed in the child (as leaving
+    its ``with`` block does): nothing goes to the parent's session, where the cursor is still
+    being read (psycopg would send CLOSE, PyMySQL would read the rest of the rows off the
+    parent's socket), and the child's close raises nothing."""
+    connect, make_cursor, sql = case(request)
+    pool = dbpool.Pool(connect, min_size=0, max_size=1, name="fork-cursor")
+    try:
+        with pool.connection() as lease:
+            cur = make_cursor(lease)
+            cur.execute(sql)
+            assert cur.fetchone()[0] == 1
+
+            def child() -> bool:
+                cur.close()
+                return True
+
+            report = in_child(child)
+            assert report.get("result") is True, report.get("error")
+            assert cur.fetchone()[0] == 2, "the parent's cursor lost its place"
+            assert len(cur.fetchall()) == _ROWS - 2
+            cur.close()
+            assert scalar(lease, "SELECT 3") == 3
+    finally:
+        pool.close(timeout=1)
+
+
+def test_a_cursor_block_left_in_the_child_by_sys_exit_keeps_the_parents_cursor(
+    pg_connect: Connector,
+) -> None:
+    """The forking thread was inside ``with lease.cursor(name) as cur:``; the child ends with
+    ``sys.exit()``, which unwinds that block there: the parent's cursor and session go on."""
+    pool = dbpool.Pool(pg_connect, min_size=0, max_size=1, name="fork-exit")
+    try:
+        with pool.connection() as lease:
+            backend = scalar(lease, "SELECT pg_backend_pid()")
+            lease.commit()
+            with lease.cursor("dbpool_fork_exit") as cur:
+                cur.execute("SELECT generate_series(1, 10)")
+                assert cur.fetchone() == (1,)
+
+                def child() -> str:
+                    try:
+                        with cur:
+                            sys.exit(0)
+                    except SystemExit:
+                        return "exited"
+                    return "not exited"
+
+                assert in_child(child) == {"result": "exited"}
+                assert cur.fetchall() == [(n,) for n in range(2, 11)]
+            assert scalar(lease, "SELECT pg_backend_pid()") == backend
+    finally:
+        pool.close(timeout=1)
+
+
+def test_an_inherited_cursor_closed_after_its_lease_in_the_child_sends_nothing(
+    pg_connect: Connector,
+) -> None:
+    """In the child, the lease is let go first (which does nothing there), then its cursor:
+    the cursor's CLOSE must not reach the parent's session either."""
+    pool = dbpool.Pool(pg_connect, min_size=0, max_size=1, name="fork-lease-first")
+    try:
+        with pool.connection() as lease:
+            cur = lease.cursor("dbpool_fork_lease_first")
+            cur.execute("SELECT generate_series(1, 10)")
+            assert cur.fetchone() == (1,)
+
+            def child() -> bool:
+                lease.close()
+                cur.close()
+                return True
+
+            assert in_child(child) == {"result": True}
+            assert cur.fetchall() == [(n,) for n in range(2, 11)]
+            cur.close()
+    finally:
+        pool.close(timeout=1)
+
+
+# -- 2. A COPY block of an inherited lease, left in the child ------------------------------------
+
+
+_STATE = "SELECT state FROM pg_stat_activity WHERE pid = %s"
+
+
+@pytest.fixture
+def copy_table(pg_connect: Connector) -> Iterator[str]:
+    admin = pg_connect()
+    admin.autocommit = True
+    admin.execute("DROP TABLE IF EXISTS dbpool_fork_copy")
+    admin.execute("CREATE TABLE dbpool_fork_copy (n int)")
+    yield "dbpool_fork_copy"
+    admin.execute("DROP TABLE IF EXISTS dbpool_fork_copy")
+
+
+def test_a_copy_block_left_in_the_child_leaves_the_parents_copy_running(
+    postgresql_dsn: str, copy_table: str
+) -> None:
+    """The forking thread was inside ``with cur.copy(...)``; the child leaves the block (as
+    ``sys.exit()`` does): it neither finishes nor fails the parent's COPY, nor waits on the
+    parent's connection, and exits at once; the parent's COPY goes on and commits."""
+    import psycopg
+
+    connect = Connector(lambda: psycopg.connect(postgresql_dsn))
+    admin = connect()
+    admin.autocommit = True
+    pool = dbpool.Pool(connect, min_size=0, max_size=1, name="fork-copy")
+    try:
+        with pool.connection() as lease:
+            backend = lease.info.backend_pid
+            block = lease.cursor().copy(f"COPY {copy_table} (n) FROM STDIN")
+            with block as copy:
+                copy.write_row((1,))
+
+                def child() -> str:
+                    try:
+                        sys.exit(0)
+                    except SystemExit as exc:  # leaving the block, as the unwinding would
+                        block.__exit__(SystemExit, exc, exc.__traceback__)
+                    return "exited"
+
+                report = in_child(child)
+                [(state,)] = rows(admin, _STATE, (backend,))
+                if state != "active":  # the COPY ended: the parent would wait forever
+                    with socket.socket(fileno=os.dup(lease.fileno())) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    pytest.fail(f"the child ended the parent's COPY (session {state}): {report}")
+                assert report == {"result": "exited"}
+                copy.write_row((2,))
+            lease.commit()
+            assert rows(lease, f"SELECT n FROM {copy_table} ORDER BY n") == [(1,), (2,)]
+    finally:
+        pool.close(timeout=1)
+        connect.close_all()
