@@ -90,8 +90,9 @@ def test(**overrides: Any) -> dict[str, Any]:
     """Test suites: small, strict and quick to fail.
 
     ``max_size=2`` and ``acquire_timeout=2`` turn two leaked leases, or a lease taken while two
-    are held (nested two deep), into a prompt ``PoolTimeout``; no connection expires mid-test; ``leak_timeout=5`` names the test that held
-    a lease; reconnects retry quickly while a test restarts its server.
+    are held, into a prompt ``PoolTimeout``; no connection expires mid-test;
+    ``leak_timeout=5`` names the test that held a lease; reconnects retry quickly while a test
+    restarts its server.
     """
     return _preset(
         "test",

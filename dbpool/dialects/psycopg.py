@@ -77,15 +77,12 @@ class PsycopgDialect(Dialect):
     def client_settings(self, conn: Any) -> object:
         # With how many notice and notify handlers it has (those configure added): a
         # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
-        # them in lists of its own; looked up, as they are private.
-        return (
-            conn.autocommit,
-            conn.isolation_level,
-            conn.read_only,
-            conn.deferrable,
-            len(getattr(conn, "_notice_handlers", ())),
-            len(getattr(conn, "_notify_handlers", ())),
-        )
+        # them in lists of its own, private: a release without them counts none.
+        try:
+            handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
+        except AttributeError:
+            handlers = (0, 0)
+        return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable, *handlers)
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
