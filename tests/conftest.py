@@ -26,6 +26,7 @@ Fixtures:
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import signal
@@ -165,6 +166,20 @@ def wait_for_child(pid: int, timeout: float) -> int:
         os.waitpid(pid, 0)
         raise
     return os.waitstatus_to_exitcode(status)
+
+
+def child_report(pid: int, read_fd: int, timeout: float) -> tuple[int, dict[str, Any]]:
+    """A forked child's exit code and the JSON report it wrote to the pipe ``read_fd`` (closed
+    here); kill it and fail if it has not exited within ``timeout``."""
+    try:
+        code = wait_for_child(pid, timeout=timeout)
+        with os.fdopen(read_fd, "rb") as pipe:
+            read_fd = -1
+            report: dict[str, Any] = json.loads(pipe.read() or b"{}")
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+    return code, report
 
 
 def servers_required() -> bool:

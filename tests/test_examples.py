@@ -40,9 +40,9 @@ from tests.conftest import (
     MYSQL_DEFAULT,
     MYSQL_ENV,
     Connector,
+    child_report,
     rows,
     scalar,
-    wait_for_child,
     wait_until,
 )
 from tests.pgbouncer import PgBouncer, pgbouncer  # noqa: F401 - pgbouncer is the fixture
@@ -398,14 +398,7 @@ def test_gunicorn_worker_forked_after_the_pool_was_made(
                 os._exit(code)
 
     os.close(write_fd)
-    try:
-        code = wait_for_child(pid, timeout=30)
-        with os.fdopen(read_fd, "rb") as pipe:
-            read_fd = -1
-            report = json.loads(pipe.read() or b"{}")
-    finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+    code, report = child_report(pid, read_fd, timeout=30)
     assert code == 0, report.get("error") or f"child exited {code}: {report}"
     assert report["new_pool"] and report["inherited_closed"] and report["status"] == "200 OK"
     assert parent_backend not in (report["inherited_pool_backend"], report["backend"])

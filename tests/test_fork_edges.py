@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Connector, rows, scalar, wait_for_child
+from tests.conftest import Connector, child_report, rows, scalar
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -49,14 +49,7 @@ def in_child(body: Callable[[], Any]) -> dict[str, Any]:
             finally:
                 os._exit(0)
     os.close(write_fd)
-    try:
-        code = wait_for_child(pid, timeout=CHILD_TIMEOUT)
-        with os.fdopen(read_fd, "rb") as pipe:
-            read_fd = -1
-            report = json.loads(pipe.read() or b"{}")
-    finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+    code, report = child_report(pid, read_fd, timeout=CHILD_TIMEOUT)
     assert code == 0, f"child exited {code}: {report}"
     return report
 

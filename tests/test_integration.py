@@ -26,7 +26,7 @@ import pytest
 
 import dbpool
 from dbpool.dialects import for_connection
-from tests.conftest import Backend, wait_for_child
+from tests.conftest import Backend, child_report
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -569,14 +569,7 @@ def test_forked_child_opens_its_own_connections_and_parent_keeps_its_own(
         os.close(read_fd)
         _child_uses_the_pool(pool, db, parent_ids, write_fd)
     os.close(write_fd)
-    try:
-        code = wait_for_child(pid, timeout=20)
-        with os.fdopen(read_fd, "rb") as pipe:
-            read_fd = -1
-            report = json.loads(pipe.read() or b"{}")
-    finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+    code, report = child_report(pid, read_fd, timeout=20)
     assert code == 0, report.get("error") or f"child exited {code}: {report}"
     assert len(report["ids"]) == 2 and not set(report["ids"]) & parent_ids
 

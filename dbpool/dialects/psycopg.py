@@ -41,6 +41,17 @@ def _begin_sql_for(conn: Any, isolation: Isolation | None, readonly: bool) -> st
     return sql
 
 
+def _rollback_even_two_phase(conn: Any) -> None:
+    """``conn.rollback()``, or ``tpc_rollback()`` inside a two-phase transaction, which
+    rollback() refuses (psycopg and psycopg2 alike)."""
+    try:
+        conn.rollback()
+    except conn.ProgrammingError:
+        if conn.closed:
+            raise
+        conn.tpc_rollback()
+
+
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
 _PQ_IDLE, _PQ_ACTIVE, _PQ_INTRANS, _PQ_INERROR, _PQ_UNKNOWN = range(5)
 # What libpq's transaction status says (psycopg and psycopg2 both read it); UNKNOWN, or any
@@ -140,12 +151,7 @@ class PsycopgDialect(Dialect):
             conn.execute("")
 
     def rollback(self, conn: Any) -> None:
-        try:
-            conn.rollback()
-        except conn.ProgrammingError:
-            if conn.closed:
-                raise
-            conn.tpc_rollback()  # rollback() refuses a two-phase transaction
+        _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(milliseconds(seconds))

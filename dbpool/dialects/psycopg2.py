@@ -13,6 +13,7 @@ from .psycopg import (
     _RETRYABLE_SQLSTATES,
     LIBPQ_STATES,
     _begin_sql,
+    _rollback_even_two_phase,
 )
 
 
@@ -126,12 +127,7 @@ class Psycopg2Dialect(Dialect):
         if conn.autocommit and conn.info.transaction_status != _PQ_IDLE:
             _execute(conn, "ROLLBACK")
             return
-        try:
-            conn.rollback()
-        except conn.ProgrammingError:
-            if conn.closed:
-                raise
-            conn.tpc_rollback()  # rollback() refuses a two-phase transaction
+        _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(milliseconds(seconds))
