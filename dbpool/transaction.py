@@ -291,6 +291,8 @@ class Transaction(Generic[C]):
         self._open = False
         expired = self._expired or monotonic() >= self._deadline
         if not self._owns_connection():
+            if exc is not None and not isinstance(exc, Exception):
+                return  # SystemExit, KeyboardInterrupt: not turned into an error to catch
             raise PoolError(
                 "the connection went back to the pool inside its transaction block; the pool "
                 "discarded it and its work was not committed"

@@ -215,3 +215,25 @@ def test_sqlite_statement_after_lease_closed_in_block_raises_lease_released(
                     except Exception as exc:
                         error = exc
         assert isinstance(error, dbpool.LeaseReleased), repr(error)
+
+
+@pytest.mark.parametrize("leaving", [KeyboardInterrupt, SystemExit])
+def test_a_block_left_by_an_interrupt_after_its_lease_went_back_lets_it_through(
+    sqlite_connect: Any, leaving: type[BaseException]
+) -> None:
+    """A block whose connection went back to the pool meanwhile (closed inside it, taken by
+    close(), inherited across fork()) and left by SystemExit or KeyboardInterrupt lets that go
+    on: as a PoolError, an ``except Exception`` would stop a Ctrl-C or an exit.  Left
+    normally, it still raises PoolError (its work was not committed)."""
+    with _pool(sqlite_connect) as pool:
+        with pool.connection() as conn:
+            with pytest.raises(leaving):
+                with conn.transaction() as tx:
+                    tx.execute("select 1").fetchall()
+                    conn.close()
+                    raise leaving()
+        with pytest.raises(dbpool.PoolError, match="its work was not committed"):
+            with pool.connection() as conn, conn.transaction() as tx:
+                tx.execute("select 1").fetchall()
+                conn.close()
+        assert pool.stats().in_use == 0
