@@ -166,12 +166,23 @@ def register(pool: Pool[Any], registry: CollectorRegistry | None = None) -> Pool
     target = REGISTRY if registry is None else registry
     with _defaults_lock:
         collector = _defaults.get(target)
-        if collector is None:
+        if collector is None or not _registered(target, collector):
+            # None yet, or the one made before was taken off with registry.unregister(): a
+            # new one, so that what was unregistered stays so.
             collector = PoolCollector()
             target.register(collector)
             _defaults[target] = collector
     collector.add(pool)
     return collector
+
+
+def _registered(registry: CollectorRegistry, collector: PoolCollector) -> bool:
+    """Whether ``collector`` is still registered on ``registry`` (assumed so for a registry
+    that does not say)."""
+    registered = getattr(registry, "_collector_to_names", None)
+    if registered is None:
+        return True
+    return collector in registered
 
 
 def _bound_label(bound: float) -> str:

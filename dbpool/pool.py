@@ -1463,7 +1463,8 @@ class Pool(Generic[C]):
                         return
                     box = [orphans[0]]
                     del orphans[0]
-                    self._leaked += 1
+                    if box[0].generation != _INHERITED:  # a lease of the parent's: not ours
+                        self._leaked += 1
                 slot = box[0]
                 with Overdue(deadline, partial(slot.dialect.sever, slot.raw)):
                     self._give_back(box)
