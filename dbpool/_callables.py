@@ -15,19 +15,30 @@ def check_callable(what: str, fn: Any, arguments: int, expected: str) -> None:
     if not callable(fn):  # by its type only: a DSN given by mistake may hold a password
         raise TypeError(f"{what} must be {expected}, got {type(fn)!r}")
     name = _name(fn)
-    if inspect.iscoroutinefunction(fn):
+    try:
+        is_async = inspect.iscoroutinefunction(fn)
+    except Exception:  # an object posing as a function (a Mock with a function as its spec)
+        is_async = False
+    if is_async:
         raise TypeError(
             f"{what} must be a plain function, but {name} is an async function "
             "(the pool would never await it): dbpool is synchronous"
         )
     try:
-        inspect.signature(fn).bind(*[None] * arguments)
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some built-ins): taken on trust
+        return
+    try:
+        signature.bind(*[None] * arguments)
     except TypeError as exc:
-        raise TypeError(
-            f"{what} must be {expected}, but {name} cannot be called so: {exc}"
-        ) from None
-    except ValueError:  # no signature to read (some built-in functions): it is taken on trust
-        pass
+        # A decorator's wrapper (functools.wraps) shows the signature of the function it wraps,
+        # which may take an argument the wrapper supplies: the wrapper's own decides.
+        try:
+            inspect.signature(fn, follow_wrapped=False).bind(*[None] * arguments)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{what} must be {expected}, but {name} cannot be called so: {exc}"
+            ) from None
 
 
 def _name(fn: Any) -> str:

@@ -494,8 +494,18 @@ _CONNECTION_STATEMENTS = {
 }
 #: The driver connections' methods and attributes that end a transaction (MySQL's BEGIN and SET
 #: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None;
-#: psycopg's set_autocommit() before the block's first statement leaves it with none).
-_ENDS_TRANSACTION = frozenset({"begin", "autocommit", "isolation_level", "set_autocommit"})
+#: psycopg's set_autocommit() and psycopg2's set_session(autocommit=True) before the block's
+#: first statement leave it with none; psycopg2's set_isolation_level() rolls back first).
+_ENDS_TRANSACTION = frozenset(
+    {
+        "begin",
+        "autocommit",
+        "isolation_level",
+        "set_autocommit",
+        "set_session",
+        "set_isolation_level",
+    }
+)
 #: The driver cursors' methods that reach the server, other than those Cursor defines.
 _CURSOR_STATEMENTS = {
     "callproc": _STATEMENT,

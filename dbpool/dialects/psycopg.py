@@ -72,11 +72,12 @@ class PsycopgDialect(Dialect):
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
         # connection that is closed or broken.  A pipeline left open says IDLE once nothing is
         # pending, but only the borrower's Pipeline object can take the connection out of
-        # pipeline mode: busy.
+        # pipeline mode: busy.  A connection lost in a pipeline stays in that mode: broken.
         pgconn = conn.pgconn
-        if pgconn.pipeline_status:
+        state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
+        if pgconn.pipeline_status and state is not BROKEN:
             return BUSY
-        return LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
+        return state
 
     def fresh_transaction_state(self, conn: Any) -> TxState:
         # Before BEGIN: a block may run inside the caller's own conn.pipeline() block.
