@@ -46,10 +46,13 @@ def _rollback_even_two_phase(conn: Any) -> None:
     rollback() refuses (psycopg and psycopg2 alike)."""
     try:
         conn.rollback()
-    except conn.ProgrammingError:
+    except conn.ProgrammingError as refused:
         if conn.closed:
             raise
-        conn.tpc_rollback()
+        try:
+            conn.tpc_rollback()
+        except conn.ProgrammingError:  # no two-phase transaction: rollback()'s reason stands
+            raise refused from None
 
 
 # psycopg.pq.TransactionStatus values, kept as ints so the return path needs no import.
