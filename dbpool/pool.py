@@ -1627,7 +1627,9 @@ class Pool(Generic[C]):
             if slot.cursors or slot.loose_cursors is not None:
                 slot.close_cursors()
             state = dialect.transaction_state(raw)
-            if state is IN_TRANSACTION or (state is UNKNOWN and slot.dirty):
+            # A driver connection or cursor handed out may have run statements since the last
+            # commit or rollback through the lease: the record cannot tell, so it counts too.
+            if state is IN_TRANSACTION or (state is UNKNOWN and (slot.dirty or slot.exposed)):
                 dialect.rollback(raw)
                 state = dialect.transaction_state(raw)
                 if state is not IDLE and state is not UNKNOWN:

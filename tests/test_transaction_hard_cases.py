@@ -700,7 +700,7 @@ def test_a_commit_that_failed_leaves_nothing_open(fake_server: fakedb.Server) ->
     # work stayed pending, and the lease's next commit() committed it.
     with fake_pool(fake_server.connect) as pool:
         with pool.connection() as conn:
-            raw = conn.raw
+            raw = fake_server.connections[0]  # not conn.raw: handing it out costs a rollback
             conn.rollback()
             fake_server.fail_next("commit", fakedb.OperationalError("database is locked"))
             with pytest.raises(fakedb.OperationalError, match="locked"):
