@@ -860,11 +860,18 @@ def test_error_arguments_of_any_shape_are_scrubbed() -> None:
 
 @pytest.mark.mysql
 def test_a_cancel_that_cannot_connect_logs_no_password(
-    mysql_params: dict[str, Any], caplog: pytest.LogCaptureFixture
+    mysql_params: dict[str, Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MySQL cancels a statement from a second connection; when that connect fails, the
     warning quotes the scrubbed error."""
     import pymysql
+
+    from dbpool.dialects.pymysql import _MySQLTransactions
+
+    # Without the server's own limit (MariaDB's max_statement_time bounds DO SLEEP too), which
+    # would otherwise race the cancel and could end the statement before the watchdog looks.
+    monkeypatch.setattr(_MySQLTransactions, "limit_time", lambda self, conn, seconds: None)
+    monkeypatch.setattr(_MySQLTransactions, "unlimit_time", lambda self, conn, token: None)
 
     secret = "cancel-Secret-11"
     params = {k: v for k, v in mysql_params.items() if k != "password"}
@@ -880,7 +887,7 @@ def test_a_cancel_that_cannot_connect_logs_no_password(
     with dbpool.Pool(functools.partial(connect, password=secret), max_size=1) as pool:
         with pytest.raises(dbpool.PoolError):
             with pool.transaction(timeout=0.5) as tx:
-                tx.execute("DO SLEEP(3)")  # not a SELECT: max_execution_time leaves it alone
+                tx.execute("DO SLEEP(3)")
     records = dbpool_records(caplog)
     assert any("cancelling a statement" in r.getMessage() for r in records)
     assert not [r for r in records if "Secret-11" in FORMATTER.format(r)]
