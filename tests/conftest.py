@@ -34,6 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -180,6 +181,30 @@ def child_report(pid: int, read_fd: int, timeout: float) -> tuple[int, dict[str,
         if read_fd >= 0:
             os.close(read_fd)
     return code, report
+
+
+def in_child(body: Callable[[], Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Run ``body`` in a forked child: ``{"result": ...}`` or ``{"error": traceback}`` as the
+    parent reads it.  The child always ends with os._exit(); one still running after
+    ``timeout`` seconds is killed and the test fails."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        report: dict[str, Any] = {}
+        try:
+            os.close(read_fd)
+            report["result"] = body()
+        except BaseException as exc:
+            report["error"] = "".join(traceback.format_exception(exc))[-4000:]
+        finally:
+            try:
+                os.write(write_fd, json.dumps(report, default=repr).encode())
+            finally:
+                os._exit(0)
+    os.close(write_fd)
+    code, report = child_report(pid, read_fd, timeout=timeout)
+    assert code == 0, f"child exited {code}: {report}"
+    return report
 
 
 def servers_required() -> bool:

@@ -10,48 +10,22 @@ with a timeout.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
-import traceback
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
 
 import dbpool
-from tests.conftest import Connector, child_report, rows, scalar
+from tests.conftest import Connector, in_child, rows, scalar
 
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()"),
     pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork.*:DeprecationWarning"),
 ]
-
-CHILD_TIMEOUT = 10.0  # seconds; a child still running then is killed and the test fails
-
-
-def in_child(body: Callable[[], Any]) -> dict[str, Any]:
-    """Run ``body`` in a forked child; its result (or error) as the parent sees it."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        report: dict[str, Any] = {}
-        try:
-            os.close(read_fd)
-            report["result"] = body()
-        except BaseException as exc:
-            report["error"] = "".join(traceback.format_exception(exc))[-4000:]
-        finally:
-            try:
-                os.write(write_fd, json.dumps(report, default=repr).encode())
-            finally:
-                os._exit(0)
-    os.close(write_fd)
-    code, report = child_report(pid, read_fd, timeout=CHILD_TIMEOUT)
-    assert code == 0, f"child exited {code}: {report}"
-    return report
 
 
 # -- 1. A cursor of an inherited lease, closed in the child --------------------------------------

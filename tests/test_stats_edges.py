@@ -7,7 +7,6 @@ Interleavings are forced with events and wait_until, never with sleeps.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import warnings
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import child_report
+from tests.conftest import in_child
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,30 +61,19 @@ def test_a_lease_inherited_across_fork_and_dropped_in_the_child_is_not_counted_a
     """The child's counters start at the fork and count its own leases: a lease of the parent,
     dropped in the child, is no lease of the child's pool (nor is its connection returned)."""
     pool = make_pool(max_size=2, name="forked")
-    lease = pool.connection()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        report: dict[str, Any] = {}
-        try:
-            os.close(read_fd)
-            warnings.simplefilter("ignore")
-            del lease
-            gc.collect()
-            pool.close()  # takes back whatever leases were dropped
-            s = pool.stats()
-            report = {"leaked": s.leaked, "acquired": s.acquired, "returned": s.returned}
-        except BaseException as exc:
-            report = {"error": repr(exc)}
-        finally:
-            try:
-                os.write(write_fd, json.dumps(report).encode())
-            finally:
-                os._exit(0)
-    os.close(write_fd)
-    code, report = child_report(pid, read_fd, timeout=20)
-    assert code == 0, report
+    held = [pool.connection()]
+
+    def drop_the_lease() -> dict[str, int]:
+        warnings.simplefilter("ignore")
+        held.clear()
+        gc.collect()
+        pool.close()  # takes back whatever leases were dropped
+        s = pool.stats()
+        return {"leaked": s.leaked, "acquired": s.acquired, "returned": s.returned}
+
+    report = in_child(drop_the_lease, timeout=20)
+    lease = held[0]
     lease.close()
-    assert report == {"leaked": 0, "acquired": 0, "returned": 0}, report
+    assert report == {"result": {"leaked": 0, "acquired": 0, "returned": 0}}, report
     s = pool.stats()
     assert (s.leaked, s.acquired, s.returned, s.in_use) == (0, 1, 1, 0), s
