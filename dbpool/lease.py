@@ -432,7 +432,7 @@ class Cursor(Generic[C]):
                 # talk to a session that is not this lease's (a named cursor's CLOSE).
                 return
             self._raw.close()
-            if slot is not None and slot.cursors:  # the return path need not close it again
+            if slot.cursors:  # the return path need not close it again
                 try:
                     slot.cursors.remove(self._raw)
                 except ValueError:
