@@ -92,7 +92,7 @@ class PsycopgDialect(Dialect):
     def client_settings(self, conn: Any) -> object:
         # With how many notice and notify handlers it has (those configure added): a
         # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
-        # them in lists of its own, private: a release without them counts none.
+        # them in private lists: a psycopg version without them counts none.
         try:
             handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
         except AttributeError:
