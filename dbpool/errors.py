@@ -8,6 +8,7 @@ __all__ = [
     "PoolClosed",
     "TooManyWaiters",
     "LeaseReleased",
+    "ConnectionUnusable",
     "TransactionTimeout",
     "TransactionRolledBack",
     "CommitOutcomeUnknown",

@@ -7,8 +7,9 @@
     register(pool)  # on prometheus_client.REGISTRY, served by whatever exposes it
 
 A :class:`PoolCollector` reads :meth:`dbpool.Pool.stats` once per pool at each scrape, so the
-numbers of one pool always come from one consistent snapshot, and the pool does no extra work
-between scrapes.  Every series has the label ``pool``, the pool's name.
+numbers of one pool, ``dbpool_up`` included, always come from one consistent snapshot, and the
+pool does no extra work between scrapes.  Every series has the label ``pool``, the pool's name
+(a lone surrogate in it, which UTF-8 cannot carry, written as ``\\udcff``).
 
 This module is the only one that imports ``prometheus_client``; ``import dbpool`` never imports
 it, so the package keeps working without the extra.
@@ -94,14 +95,15 @@ class PoolCollector:
             live = self._live_locked()
             if any(other is pool for other in live):
                 return
+            label = _label(pool.name)
             for other in live:
-                if other.name == pool.name and not other.closed:
+                if _label(other.name) == label and not other.closed:
                     raise ValueError(
                         f"a pool named {pool.name!r} is already reported: pool names are the "
                         "'pool' label and must be unique; give each pool its own name= "
                         "(or close the old pool first)"
                     )
-            kept = [other for other in live if other.name != pool.name]
+            kept = [other for other in live if _label(other.name) != label]
             self._refs = [weakref.ref(other) for other in kept] + [weakref.ref(pool)]
 
     def remove(self, pool: Pool[Any]) -> None:
@@ -120,8 +122,9 @@ class PoolCollector:
         """The metric families with one snapshot of every pool's statistics."""
         families = _Families()
         for pool in self.pools:
-            stats = pool.stats()
-            families.add(stats, up=not pool.closed)
+            # dbpool_up from the snapshot too: pool.closed, read apart, could already tell
+            # of a close() or reopen() that came after it.
+            families.add(pool.stats())
         return iter(families)
 
     def __repr__(self) -> str:
@@ -188,6 +191,13 @@ def _registered(registry: CollectorRegistry, collector: PoolCollector) -> bool:
 def _bound_label(bound: float) -> str:
     """A bucket's upper bound as the ``le`` label writes it: ``0.005``, ``1.0``, ``+Inf``."""
     return "+Inf" if bound == math.inf else repr(float(bound))
+
+
+def _label(name: str) -> str:
+    """A pool name as the ``pool`` label: prometheus_client writes UTF-8, so a lone surrogate
+    (in a name made with ``os.fsdecode()`` from bytes that are not UTF-8, say) would fail the
+    whole scrape; it is written as its escape, ``\\udcff``, instead."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _text(value: object) -> str:
@@ -265,11 +275,12 @@ class _Families:
             "dbpool_leaked", "Leases garbage-collected without being released.", labels=pool
         )
 
-    def add(self, stats: PoolStats, *, up: bool) -> None:
-        name = [stats.name]
-        self.up.add_metric(name, 1.0 if up else 0.0)
+    def add(self, stats: PoolStats) -> None:
+        label = _label(stats.name)
+        name = [label]
+        self.up.add_metric(name, 0.0 if stats.pool_closed else 1.0)
         for state, count in zip(_STATES, (stats.idle, stats.in_use, stats.opening)):
-            self.connections.add_metric([stats.name, state], count)
+            self.connections.add_metric([label, state], count)
         self.max.add_metric(name, stats.max_size)
         self.min.add_metric(name, stats.min_size)
         self.waiting.add_metric(name, stats.waiting)
@@ -291,7 +302,7 @@ class _Families:
         self.connect_time.add_metric(name, stats.connect_time)
         self.connect_errors.add_metric(name, stats.connect_errors)
         for reason, count in sorted(stats.discards.items()):
-            self.discards.add_metric([stats.name, _text(reason)], count)
+            self.discards.add_metric([label, _text(reason)], count)
         self.timeouts.add_metric(name, stats.timeouts)
         self.leak_warnings.add_metric(name, stats.leak_warnings)
         self.leaked.add_metric(name, stats.leaked)

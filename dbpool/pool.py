@@ -723,15 +723,15 @@ class Pool(Generic[C]):
                 reachable = True
         except Exception as exc:
             error = self._describe(exc)
-        closed = self.closed
+        stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
         return {
             "pool": self._name,
-            "ok": reachable and not closed,
+            "ok": reachable and not stats.pool_closed,
             "reachable": reachable,
             "latency": latency,
             "error": error,
-            "closed": closed,
-            "stats": self.stats().as_dict(),
+            "closed": stats.pool_closed,
+            "stats": stats.as_dict(),
         }
 
     def resize(self, *, min_size: int | None = None, max_size: int | None = None) -> None:
@@ -775,10 +775,11 @@ class Pool(Generic[C]):
 
     # -- convenience ----------------------------------------------------------------------------
 
-    def execute(self, sql: str, params: Any = None, *, timeout: float | None = None) -> list[Any]:
+    def execute(self, sql: Any, params: Any = None, *, timeout: float | None = None) -> list[Any]:
         """Run one statement on a connection of its own and commit; return all its rows (``[]``
-        for a statement with no result set).  On error the transaction is rolled back, the
-        connection returned and the error raised."""
+        for a statement with no result set).  ``sql`` is whatever the driver's
+        ``cursor.execute()`` takes (a str, or psycopg's ``sql.Composed``, say).  On error the
+        transaction is rolled back, the connection returned and the error raised."""
         with self.connection(timeout=timeout) as conn:
             cursor = conn.cursor()
             if params is None:
@@ -2113,6 +2114,7 @@ class Pool(Generic[C]):
             returned=self._returned,
             connect_time=self._connect_time,
             discards=dict(self._discards),
+            pool_closed=self._closed,
         )
 
     def _note_wait(self, seconds: float) -> None:

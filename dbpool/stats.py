@@ -29,7 +29,12 @@ def no_discards() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class PoolStats:
-    """A consistent snapshot of a pool's gauges and counters."""
+    """A consistent snapshot of a pool's gauges and counters.
+
+    Snapshots are values: two are equal when all their fields are, and equal ones hash alike,
+    so a set deduplicates them.  The hash leaves out ``discards``, a dict, which has none; that
+    dict is the snapshot's own copy: read it, do not change it.
+    """
 
     name: str
     min_size: int
@@ -72,7 +77,9 @@ class PoolStats:
     connect_time: float = 0.0
     #: connections the pool dropped while open, by :class:`dbpool.DiscardReason` value (every
     #: reason is a key)
-    discards: dict[str, int] = dataclasses.field(default_factory=no_discards)
+    discards: dict[str, int] = dataclasses.field(default_factory=no_discards, hash=False)
+    #: the pool was closed (or drained) when the snapshot was taken: ``pool.closed`` then
+    pool_closed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as plain values that strict JSON accepts: the last bucket, which has no

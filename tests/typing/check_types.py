@@ -7,11 +7,13 @@ holds what must NOT type-check.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from typing import Any
 
 import psycopg
-from psycopg.rows import TupleRow
+from psycopg import sql
+from psycopg.rows import DictRow, TupleRow, dict_row
 from typing_extensions import assert_type
 
 import dbpool
@@ -47,6 +49,16 @@ def leases() -> None:
     assert_type(lite, Pool[sqlite3.Connection])
     assert_type(lite.connection().raw, sqlite3.Connection)
 
+    # The driver's own connect(), generic over its row type: mypy cannot pick the default row
+    # type of a generic function passed bare, so the pool's type is spelt out (or connect is
+    # wrapped in a lambda, or a partial).
+    bare: Pool[PgConnection] = Pool(psycopg.connect, min_size=0)
+    assert_type(bare.connection().raw, PgConnection)
+    assert_type(Pool[PgConnection](psycopg.connect), Pool[PgConnection])
+    dicts = Pool(functools.partial(psycopg.connect, "dbname=test", row_factory=dict_row))
+    assert_type(dicts, Pool[psycopg.Connection[DictRow]])
+    assert_type(dicts.connection().raw, psycopg.Connection[DictRow])
+
     # A pool made from a URL cannot know its driver statically.
     assert_type(dbpool.create_pool("sqlite:///:memory:"), Pool[Any])
 
@@ -74,6 +86,30 @@ def conveniences(pool: Pool[PgConnection]) -> None:
     assert_type(pool.with_connection(server_version), int)
     assert_type(pool.with_connection(lambda conn: conn.raw.info.dbname), str)
     assert_type(pool.execute("select 1"), list[Any])
+    # Whatever the driver's execute() takes, as tx.execute() does.
+    assert_type(pool.execute(sql.SQL("select {}").format(sql.Literal(1))), list[Any])
+    assert_type(pool.execute(b"select 1"), list[Any])
+    with pool.cursor(name="big") as cursor:
+        assert_type(cursor, dbpool.PoolCursor[PgConnection])
+        assert_type(cursor.connection.raw, PgConnection)
+
+
+def observing(pool: Pool[PgConnection]) -> None:
+    stats = pool.stats()
+    assert_type(stats, dbpool.PoolStats)
+    assert_type(stats.pool_closed, bool)
+    assert_type(stats.discards, dict[str, int])
+    assert_type({stats, pool.stats()}, set[dbpool.PoolStats])  # snapshots hash
+
+    def on_checkout(event: dbpool.PoolEvent) -> None:
+        pass
+
+    pool.add_listener(dbpool.Event.CHECKOUT, on_checkout)
+    pool.add_listener("discard", lambda event: assert_type(event.reason, str | None))
+    try:
+        pool.execute("select 1")
+    except (dbpool.ConnectionUnusable, dbpool.PoolTimeout) as exc:
+        assert_type(exc, dbpool.ConnectionUnusable | dbpool.PoolTimeout)
 
 
 # Hooks receive the driver connection: Callable[[C], object].

@@ -55,3 +55,8 @@ def pool_of_another_driver(pool: Pool[PgConnection]) -> Pool[sqlite3.Connection]
 
 def lease_for_another_driver(pool: Pool[PgConnection]) -> None:
     pool.with_connection(takes_sqlite)  # error: arg-type
+
+
+def listener_of_another_kind(pool: Pool[PgConnection]) -> None:
+    # A listener is told a dbpool.PoolEvent.
+    pool.add_listener("checkout", takes_str)  # error: arg-type
