@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import socket
 import threading
 import weakref
@@ -269,7 +270,11 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         self._sessions.record(conn)  # no other thread has the connection yet
 
     def transaction_state(self, conn: Any) -> TxState:
-        return UNKNOWN if conn.open else BROKEN
+        if not conn.open:
+            return BROKEN
+        # `open` stays true once the connection is lost; the last call's error, kept locally,
+        # says so (the driver's next calls fail with CR_SERVER_GONE_ERROR until it reconnects)
+        return BROKEN if conn.errno() in _DISCONNECT_ERRORS else UNKNOWN
 
     def client_settings(self, conn: Any) -> object:
         return conn.get_autocommit()
@@ -284,12 +289,29 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         conn.ping()
         self._sessions.record(conn)  # a ping may have reconnected
 
-    exposing_methods = frozenset({"ping"})
+    exposing_methods = frozenset({"ping", "send_query"})
 
     def after_exposure(self, conn: Any) -> None:
         # ping() with no argument turns off the reconnect that ping(True) turned on for good:
         # a session lost later would be replaced silently, in autocommit (the server's default)
         self.ping(conn)
+        # send_query() leaves its reply to read_query_result(); unread, the driver takes the
+        # connection for idle all the same, and each later call reads the reply of the call
+        # before it, without an error.  A statement whose answer is known shows it: its column
+        # name, which no cursor class or converter of the connection's changes.
+        name = f"dbpool_{random.getrandbits(62):x}"
+        cursor = conn.cursor()
+        try:
+            cursor.execute(f"SELECT 1 AS {name}")
+            described = cursor.description
+            cursor.fetchall()
+        finally:
+            cursor.close()
+        if not described or described[0][0] != name:
+            raise RuntimeError(
+                "this mysqlclient connection's replies are out of step with its statements: "
+                "a reply was left unread (send_query() without read_query_result())"
+            )
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # First: the deadline may pass during the round trips below, and the cancel needs it.

@@ -1,0 +1,129 @@
+"""mysqlclient (MySQLdb) against the real MariaDB server: what a borrower leaves on a
+connection through the driver's own calls, and a connection lost inside a lease.
+
+Each pool has max_size=1, so the second lease gets the connection the first one returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+import dbpool
+from tests.conftest import rows, scalar, wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def admin(mysqlclient_connect: Callable[[], Any]) -> Iterator[Any]:
+    conn = mysqlclient_connect()
+    conn.autocommit(True)
+    yield conn
+    conn.close()
+
+
+def _pool(connect: Callable[[], Any]) -> dbpool.Pool[Any]:
+    return dbpool.Pool(connect, min_size=0, max_size=1, acquire_timeout=5)
+
+
+def _kill(admin: Any, session: int) -> None:
+    """End a session from the server's side, and wait until it is gone."""
+    rows(admin, f"KILL CONNECTION {int(session)}")
+    gone = "SELECT id FROM information_schema.processlist WHERE id = %s"
+    wait_until(lambda: not rows(admin, gone, (session,)))
+
+
+# -- a reply send_query() left unread ------------------------------------------------------------
+
+
+def _tuples(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of one statement, as tuples whatever the connection's cursor class."""
+    import MySQLdb.cursors
+
+    cursor = conn.cursor(MySQLdb.cursors.Cursor)
+    try:
+        cursor.execute(sql)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+@pytest.mark.parametrize("via", ["lease", "raw"])
+def test_a_reply_left_unread_by_send_query_never_shifts_the_next_borrowers_results(
+    mysqlclient_connect: Callable[[], Any], mysql_params: dict[str, Any], via: str
+) -> None:
+    """send_query() sends a statement and leaves its reply to read_query_result(); unread, the
+    driver still takes the connection for idle, so every later call reads the reply of the call
+    before it, with no error: the next borrower's SELECT would return the previous reply.  A
+    lease that read its replies keeps its connection (rows as dicts, here: a common setting)."""
+    import MySQLdb.cursors
+
+    def connect() -> Any:
+        return MySQLdb.connect(**mysql_params, cursorclass=MySQLdb.cursors.DictCursor)
+
+    with _pool(connect) as pool:
+        with pool.connection() as conn:
+            target = conn if via == "lease" else conn.raw
+            target.send_query("SELECT 2")
+            target.read_query_result()
+            target.store_result()
+            [(session,)] = _tuples(conn, "SELECT connection_id()")
+        with pool.connection() as conn:
+            assert _tuples(conn, "SELECT connection_id()") == [(session,)]
+            target = conn if via == "lease" else conn.raw
+            target.send_query("DO 1")  # an OK reply, never read
+        with pool.connection() as conn:
+            got = [_tuples(conn, "SELECT 'first'"), _tuples(conn, "SELECT 'second'")]
+        assert got == [[("first",)], [("second",)]]
+        assert pool.stats().discards["reset_failed"] == 1
+
+
+# -- a connection lost inside a lease ------------------------------------------------------------
+
+
+def test_a_connection_lost_inside_a_lease_is_discarded_as_broken(
+    mysqlclient_connect: Callable[[], Any], admin: Any
+) -> None:
+    """mysqlclient keeps `open` true once the server is gone (PyMySQL's turns false): the
+    connection is discarded all the same, for being broken, not for a failed reset."""
+    import MySQLdb
+
+    with _pool(mysqlclient_connect) as pool:
+        with pool.connection() as conn:
+            _kill(admin, scalar(conn, "SELECT connection_id()"))
+            with pytest.raises(MySQLdb.OperationalError):
+                rows(conn, "SELECT 1")
+            assert conn.open  # the driver's own flag
+        assert pool.stats().discards == {**pool.stats().discards, "broken": 1, "reset_failed": 0}
+        with pool.connection() as conn:  # a new one
+            assert scalar(conn, "SELECT 1") == 1
+
+
+# -- inside a transaction block ------------------------------------------------------------------
+
+
+def test_change_user_is_refused_inside_a_transaction_block(
+    mysqlclient_connect: Callable[[], Any], mysql_params: dict[str, Any], admin: Any
+) -> None:
+    """change_user() resets the server session: the block's transaction is rolled back, and
+    what the block runs next is committed statement by statement, in the server's autocommit,
+    even when the block ends in a rollback."""
+    table = "myc_edges_change_user"
+    rows(admin, f"DROP TABLE IF EXISTS {table}")
+    rows(admin, f"CREATE TABLE {table} (x INT) ENGINE=InnoDB")
+    try:
+        with _pool(mysqlclient_connect) as pool:
+            with pytest.raises(dbpool.PoolError, match="change_user"):
+                with pool.transaction() as tx:
+                    tx.execute(f"INSERT INTO {table} VALUES (1)")
+                    params = mysql_params
+                    tx.connection.change_user(
+                        params["user"], params["password"], params.get("database", "")
+                    )
+                    tx.execute(f"INSERT INTO {table} VALUES (2)")
+            assert rows(admin, f"SELECT x FROM {table}") == []
+    finally:
+        rows(admin, f"DROP TABLE IF EXISTS {table}")
