@@ -148,12 +148,18 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         return state
 
     def client_settings(self, conn: Any) -> object:
-        return bool((conn.server_status or 0) & _AUTOCOMMIT)
+        # With the character set: set_character_set() also changes the encoding PyMySQL
+        # sends statements in, which the next borrower's text would be encoded with.
+        return bool((conn.server_status or 0) & _AUTOCOMMIT), conn.charset, conn.collation
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        if not settings:  # the lease turned autocommit on: a SET TRANSACTION (for the next
-            conn.rollback()  # transaction, unflagged) may be pending, and ROLLBACK drops it
-        conn.autocommit(settings)
+        autocommit, charset, collation = settings
+        if bool((conn.server_status or 0) & _AUTOCOMMIT) != autocommit:
+            if not autocommit:  # the lease turned autocommit on: a SET TRANSACTION (for the
+                conn.rollback()  # next transaction, unflagged) may be pending; ROLLBACK drops it
+            conn.autocommit(autocommit)
+        if (conn.charset, conn.collation) != (charset, collation):
+            conn.set_character_set(charset, collation)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # SSCursor and its subclasses; the others read the whole result at execute()
@@ -186,10 +192,19 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
     def reset_session(self, conn: Any) -> None:
         # COM_RESET_CONNECTION: the session as if new, without authenticating again.  It also
         # resets the character set, sql_mode and autocommit to the server's defaults, so what
-        # PyMySQL set up when it connected is applied again, as it did then.
+        # PyMySQL set up when it connected is applied again, as it did then (the character
+        # set the connection had before the lease: the return path restores it after this).
         conn._execute_command(_COM_RESET_CONNECTION, b"")
         conn._read_ok_packet()
-        conn.set_character_set(conn.charset, conn.collation)
+        # The reset keeps the session's current database, which select_db() or USE changed.
+        if conn.db is not None:
+            conn.select_db(conn.db)
+        elif _execute(conn, "SELECT 1 FROM DUAL WHERE DATABASE() IS NOT NULL"):
+            raise RuntimeError(  # no statement leaves a session with no database again
+                "a borrower selected a database on a connection made without one: only a new "
+                "connection has none"
+            )
+        conn.set_character_set(conn.charset, conn.collation)  # the lease's, if it changed it
         if conn.sql_mode is not None:
             _execute(conn, "SET sql_mode=%s", (conn.sql_mode,))
         if conn.init_command is not None:
