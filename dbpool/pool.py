@@ -50,6 +50,7 @@ _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
 _MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
 _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together
+_MIN_TICK = 0.005  # the reaper's shortest sleep between two runs
 # check() and the sweep start no ping with less than this many times their slowest ping so far
 # left: cut short, it would discard a live connection on a slow link.
 _PING_HEADROOM = 2.0
@@ -1371,8 +1372,10 @@ class Pool(Generic[C]):
                 _close_quietly(_dialect_of(self, raw), raw)
             self._scrub(exc)  # before the caller, health() or a log line can quote it
             with self._lock:
-                if isinstance(exc, Exception):
-                    self._note_connect_failure_locked(exc)
+                # Whatever it raised: this runs in a connect or refill thread, where no signal
+                # handler runs, so a SystemExit came from the callable, a hook or a listener,
+                # and comes again; not backed off from, the refill would retry without pause.
+                self._note_connect_failure_locked(exc)
                 self._unreserve_locked()
                 if waiter is not None and not waiter.abandoned:
                     waiter.error = exc
@@ -1433,7 +1436,7 @@ class Pool(Generic[C]):
         logger.debug("pool %r: opened a connection", self._name)
         return True
 
-    def _note_connect_failure_locked(self, exc: Exception) -> None:
+    def _note_connect_failure_locked(self, exc: BaseException) -> None:
         self._connect_errors += 1
         self._connect_failures += 1
         self._last_connect_error = exc
@@ -1494,6 +1497,8 @@ class Pool(Generic[C]):
             # before reopen(): it came back all the same (the counters span reopen()); close it.
             try:
                 if slot.generation >= 0:
+                    if slot.borrowed is not None:  # the reaper reports it no more
+                        self._note_return_of_borrowed(slot)
                     held = monotonic() - slot.leased_at
                     with self._lock:
                         self._returned += 1
@@ -1872,17 +1877,23 @@ class Pool(Generic[C]):
             self._return_orphans()
         now = monotonic()
         me = threading.get_ident()
+        expired: list[_Slot] = []
+        idle: list[_Slot] = []
         with self._lock:
-            if self._closed:
+            draining = self._closed
+            if draining:
                 # Drained with leases still out: keep taking back those dropped unreleased,
-                # to close them (close() and reopen() end this thread).
-                return 1.0 if self._drained and self._everyone else None
-            expired, idle = self._pick_retired_locked(now)
-            self._forget_locked(expired, DiscardReason.EXPIRED)
-            self._forget_locked(idle, DiscardReason.IDLE)
-            for slot in (*expired, *idle):  # drain() waits for their close too
-                slot.owner = me
-                self._closing.add(slot)
+                # to close them, and reporting those held too long, which drain() waits for
+                # (close() and reopen() end this thread).
+                if not (self._drained and self._everyone):
+                    return None
+            else:
+                expired, idle = self._pick_retired_locked(now)
+                self._forget_locked(expired, DiscardReason.EXPIRED)
+                self._forget_locked(idle, DiscardReason.IDLE)
+                for slot in (*expired, *idle):  # drain() waits for their close too
+                    slot.owner = me
+                    self._closing.add(slot)
         interrupted = self._close_all(expired, DiscardReason.EXPIRED, counted=True)
         interrupted = self._close_all(idle, DiscardReason.IDLE, counted=True) or interrupted
         if interrupted is not None:
@@ -1891,6 +1902,9 @@ class Pool(Generic[C]):
             logger.debug("pool %r: reaped %d connections", self._name, len(expired) + len(idle))
         if self._leak_timeout is not None:
             self._report_leaks(now)
+        if draining:
+            leak = self._leak_timeout
+            return 1.0 if leak is None else max(min(1.0, leak / 2), _MIN_TICK)
         if self._broken_at > self._swept_at:
             self._sweep_suspects()
         with self._lock:
@@ -2018,7 +2032,8 @@ class Pool(Generic[C]):
         assert self._leak_timeout is not None
         overdue = []
         with self._lock:
-            for slot in self._everyone:
+            # Leases from before reopen() too: still out, though no longer counted.
+            for slot in itertools.chain(self._everyone, self._retired):
                 borrowed = slot.borrowed
                 if borrowed and not borrowed.reported and now - borrowed.at > self._leak_timeout:
                     borrowed.reported = True
@@ -2066,7 +2081,7 @@ class Pool(Generic[C]):
         with self._lock:
             if self._connect_failures and not self._refilling and self._refill_wanted_locked():
                 tick = min(tick, self._next_connect_at - monotonic())
-        return max(tick, 0.005)
+        return max(tick, _MIN_TICK)
 
     # -- fork -----------------------------------------------------------------------------------
 
