@@ -75,10 +75,16 @@ def create_app(
     app.config["NOTES_TABLE"] = table
 
     if create_schema:
-        with pool.connection() as conn:
-            cur = conn.cursor()
-            cur.execute(statement(conn, "schema", table))
-            conn.commit()
+        try:
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute(statement(conn, "schema", table))
+                conn.commit()
+        except BaseException:
+            # No application comes out of this call: left open, the pool would keep trying to
+            # connect in the background until the process exits.
+            pool.close()
+            raise
 
     app.register_error_handler(dbpool.PoolTimeout, pool_exhausted)
     app.add_url_rule("/notes", view_func=list_notes, methods=["GET"])

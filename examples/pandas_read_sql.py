@@ -39,8 +39,7 @@ def sqlite_roundtrip(pool: dbpool.Pool[Any], table: str) -> pd.DataFrame:
         # conn.raw is the sqlite3.Connection, which pandas supports directly. The lease stays
         # in charge: the connection goes back to the pool at the end of the block, and a
         # transaction left open is rolled back then.
-        PRICES.to_sql(table, conn.raw, index=False)
-        conn.commit()
+        PRICES.to_sql(table, conn.raw, index=False)  # commits by itself (pandas)
         return pd.read_sql(
             f"SELECT item, price FROM {table} WHERE price > ? ORDER BY item",
             conn.raw,
