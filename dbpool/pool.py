@@ -50,6 +50,14 @@ _LIFETIME_JITTER = 0.05  # each connection lives max_lifetime * uniform(0.95, 1.
 _CLOSE_POLL = 0.1  # close() looks for garbage-collected leases this often
 _MIN_PING_TIME = 0.1  # a validation ping may take this long even past the caller's deadline
 _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all together
+# The reaper's time for the return of one lease garbage-collected unreleased (its rollback and
+# resets), and for all of a run's: then the connection is shut down, and the rest wait.  While
+# it runs nothing else is maintained (refill, connects for queued callers, reaping, leak
+# reports), and on a dead network the rollback would last until the TCP timeout, minutes.
+# PostgreSQL rolls back in milliseconds whatever the work; InnoDB undoes it row by row, but
+# finishes the rollback when the client goes, so cutting one off costs only a reconnect.  A
+# fixed time: acquire_timeout bounds a caller's wait, and may be far below what a rollback needs.
+_ORPHAN_RETURN_TIME = 5.0
 _MIN_TICK = 0.005  # the reaper's shortest sleep between two runs
 # check() and the sweep start no ping with less than this many times their slowest ping so far
 # left: cut short, it would discard a live connection on a slow link.
@@ -1454,12 +1462,17 @@ class Pool(Generic[C]):
             )
         lease.close()
 
-    def _return_orphans(self, deadline: float = _NEVER) -> None:
-        """Take back the leases garbage-collected unreleased.  Past ``deadline`` (drain() and
-        close() have one; the pool hands out nothing then), the one being returned is shut
-        down: its rollback may hang on a dead network."""
+    def _return_orphans(self, deadline: float | None = None) -> None:
+        """Take back the leases garbage-collected unreleased.  Cleaning one may roll back,
+        which hangs on a dead network: past its time the connection is shut down and
+        discarded.  drain() and close() give them all until ``deadline`` (the pool hands out
+        nothing then); the reaper (no ``deadline``) gives each ``_ORPHAN_RETURN_TIME``, and
+        starts none after that long: the rest wait for its next run."""
         orphans = self._orphans
+        until = monotonic() + _ORPHAN_RETURN_TIME if deadline is None else _NEVER
         while orphans:
+            if monotonic() >= until:
+                return
             box: list[_Slot] = []
             try:
                 with self._lock:  # finalisers only ever append: the head stays until taken
@@ -1470,7 +1483,12 @@ class Pool(Generic[C]):
                     if box[0].generation != _INHERITED:  # a lease of the parent's: not ours
                         self._leaked += 1
                 slot = box[0]
-                with Overdue(deadline, partial(slot.dialect.sever, slot.raw)):
+                began = monotonic()
+                if deadline is None:
+                    limit, allowed = began + _ORPHAN_RETURN_TIME, _ORPHAN_RETURN_TIME
+                else:
+                    limit, allowed = deadline, None
+                with Overdue(limit, partial(self._cut_off, slot, slot.alive_at, allowed)):
                     self._give_back(box)
             except BaseException:  # a signal handler raised before _give_back took it
                 if box:  # counted as leaked already, and a counter never goes down: closed,
@@ -1478,6 +1496,27 @@ class Pool(Generic[C]):
                     held = monotonic() - slot.leased_at
                     self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
                 raise
+
+    def _cut_off(self, slot: _Slot, alive_at: float, allowed: float | None) -> None:
+        """Called by the watchdog when _return_orphans' time for ``slot`` is up: shut its
+        connection down, unless the return is past cleaning it.  Back in the pool (its
+        ``alive_at`` set anew), a borrower may hold it; counted off, it may be closed and its
+        socket's number reused.  Both take the lock first, so the check and the shutdown (which
+        does not block) are made under it.  ``allowed``: the reaper's time, to log."""
+        with self._lock:
+            if slot.generation != self._generation or slot.alive_at != alive_at:
+                return
+            # Past its lifetime, so that whatever meets it next (the return's own check, a
+            # checkout, the reaper) discards it, even if the call cut off ended well.
+            slot.expires_at = -math.inf
+            slot.dialect.sever(slot.raw)
+        if allowed is not None:
+            logger.warning(
+                "pool %r: a lease garbage-collected unreleased was still being taken back after "
+                "%g s (its rollback got no answer?): its connection was shut down and discarded",
+                self._name,
+                allowed,
+            )
 
     def _give_back(self, box: list[_Slot]) -> None:
         """Take back a connection from its borrower: clean it, then reuse or discard it.
@@ -1874,7 +1913,9 @@ class Pool(Generic[C]):
         if wakeup is not self._reaper_wakeup:
             return None
         if self._orphans:
-            self._return_orphans()
+            self._return_orphans()  # each bounded, so that the rest below goes on
+            if self._orphans:  # more than one run's share: the next run comes at once
+                wakeup.set()
         now = monotonic()
         me = threading.get_ident()
         expired: list[_Slot] = []
