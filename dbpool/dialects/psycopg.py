@@ -90,6 +90,8 @@ class PsycopgDialect(Dialect):
         return bool(conn.pgconn.transaction_status == _PQ_INERROR)
 
     def client_settings(self, conn: Any) -> object:
+        # The row and cursor factories shape what the next borrower's cursors return (tuples,
+        # dicts), and prepare_threshold=None is what lets PgBouncer's transaction mode work.
         # With how many notice and notify handlers it has (those configure added): a
         # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
         # them in private lists: a psycopg version without them counts none.
@@ -97,11 +99,21 @@ class PsycopgDialect(Dialect):
             handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
         except AttributeError:
             handlers = (0, 0)
-        return (conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable, *handlers)
+        return (
+            conn.autocommit,
+            conn.isolation_level,
+            conn.read_only,
+            conn.deferrable,
+            conn.row_factory,
+            conn.cursor_factory,
+            conn.prepare_threshold,
+            *handlers,
+        )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
-        for name, count in (("_notice_handlers", settings[4]), ("_notify_handlers", settings[5])):
+        conn.row_factory, conn.cursor_factory, conn.prepare_threshold = settings[4:7]
+        for name, count in (("_notice_handlers", settings[7]), ("_notify_handlers", settings[8])):
             handlers = getattr(conn, name, None)
             if handlers is not None:
                 del handlers[count:]  # the ones added since, on the end

@@ -31,10 +31,18 @@ class Psycopg2Dialect(Dialect):
         return not conn.closed and conn.get_transaction_status() == _PQ_INERROR
 
     def client_settings(self, conn: Any) -> object:
-        return (conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable)
+        # With the cursor factory: it decides what the next borrower's cursors return.
+        return (
+            conn.autocommit,
+            conn.isolation_level,
+            conn.readonly,
+            conn.deferrable,
+            conn.cursor_factory,
+        )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable = settings
+        conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable = settings[:4]
+        conn.cursor_factory = settings[4]
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side

@@ -1,0 +1,91 @@
+"""Row and cursor factories a borrower sets on the driver's connection (psycopg's row_factory,
+cursor_factory and prepare_threshold; psycopg2's cursor_factory) are put back on return, as
+autocommit is: they decide what the next borrower's cursors return, or (prepare_threshold=None)
+whether the connection works behind PgBouncer's transaction mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import dbpool
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def one_connection_pool() -> Any:
+    pools: list[dbpool.Pool[Any]] = []
+
+    def make(connect: Any) -> dbpool.Pool[Any]:
+        pool = dbpool.Pool(connect, min_size=0, max_size=1)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close(timeout=5)
+
+
+def first_row(conn: Any) -> Any:
+    cursor = conn.cursor()
+    try:
+        cursor.execute("SELECT 1 AS one")
+        return cursor.fetchone()
+    finally:
+        cursor.close()
+
+
+@pytest.mark.parametrize("through", ["lease", "raw"])
+def test_psycopg_factories_a_borrower_set_are_put_back(
+    one_connection_pool: Any, postgresql_dsn: str, through: str
+) -> None:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    pool = one_connection_pool(lambda: psycopg.connect(postgresql_dsn))
+    with pool.connection() as conn:
+        target = conn if through == "lease" else conn.raw
+        target.row_factory = dict_row
+        target.cursor_factory = psycopg.ClientCursor
+        target.prepare_threshold = None
+        assert first_row(conn) == {"one": 1}
+    with pool.connection() as conn:
+        assert first_row(conn) == (1,)
+        raw = conn.raw
+        assert raw.cursor_factory is psycopg.Cursor
+        assert raw.prepare_threshold == 5
+    assert pool.stats().created == 1  # put back, not replaced
+
+
+def test_psycopg_factories_given_at_connect_are_kept(
+    one_connection_pool: Any, postgresql_dsn: str
+) -> None:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    pool = one_connection_pool(
+        lambda: psycopg.connect(postgresql_dsn, row_factory=dict_row, prepare_threshold=None)
+    )
+    for _ in range(2):
+        with pool.connection() as conn:
+            assert first_row(conn) == {"one": 1}
+            assert conn.raw.prepare_threshold is None
+
+
+@pytest.mark.parametrize("through", ["lease", "raw"])
+def test_psycopg2_cursor_factory_a_borrower_set_is_put_back(
+    one_connection_pool: Any, postgresql_dsn: str, through: str
+) -> None:
+    import psycopg2
+    import psycopg2.extras
+
+    pool = one_connection_pool(lambda: psycopg2.connect(postgresql_dsn))
+    with pool.connection() as conn:
+        target = conn if through == "lease" else conn.raw
+        target.cursor_factory = psycopg2.extras.RealDictCursor
+        assert first_row(conn) == {"one": 1}
+    with pool.connection() as conn:
+        assert first_row(conn) == (1,)
+    assert pool.stats().created == 1
