@@ -128,8 +128,12 @@ class Connection(Generic[C]):
 
     @property
     def released(self) -> bool:
-        """Whether the lease went back to the pool."""
-        return not self._claim  # its slot goes first (close()): a lease can refuse use sooner
+        """Whether the lease is over: it went back to the pool, or the pool closed its
+        connection (``close()`` past its timeout), or it was inherited across ``fork()``.
+        A lease that is over refuses use: take a new one."""
+        # Its slot goes first (close()): a lease can refuse use a little sooner
+        slot = self._slot
+        return not self._claim or (slot is not None and slot.generation < 0)
 
     def close(self) -> None:
         """Return the connection to the pool.  Calling it again does nothing."""
@@ -284,6 +288,8 @@ class Connection(Generic[C]):
         except AttributeError:  # never set up
             return
         if not claim:  # released, or never armed; nothing else can reach this lease now
+            return
+        if claim[0].generation < 0:  # the pool closed it, or it is the parent's: not leaked
             return
         # Queued for the maintenance thread to return, with no call before (see close()), and
         # before the warning, which may raise (-W error).
@@ -779,9 +785,11 @@ class PoolCursor(Cursor[C]):
             lease = self._lease
         except AttributeError:  # never set up
             return
-        if not lease._claim:
-            return  # closed
         claim = lease._claim
+        if not claim:
+            return  # closed
+        if claim[0].generation < 0:
+            return  # the pool closed it, or it is the parent's: as in Connection.__del__
         slot = None
         try:
             _set_slot(lease, None)  # the lease may still be referenced elsewhere
