@@ -605,7 +605,9 @@ class Pool(Generic[C]):
                 f"release() takes the dbpool.Connection that pool.connection() returned "
                 f"(not the driver's connection, conn.raw), got {type(conn)!r}"
             )
-        if conn._pool is self and conn.released:
+        # By the claim, not conn.released: a lease the pool ended (close() past its timeout,
+        # fork()) was never given back, and its release() does nothing, as its close() does.
+        if conn._pool is self and not conn._claim:
             raise LeaseReleased(
                 "this connection was already returned to the pool: release it once "
                 "(conn.close() and leaving 'with' may be repeated, release() may not)"
@@ -1482,13 +1484,15 @@ class Pool(Generic[C]):
                     del orphans[0]
                     if box[0].generation != _INHERITED:  # a lease of the parent's: not ours
                         self._leaked += 1
+                    generation = self._generation
                 slot = box[0]
                 began = monotonic()
                 if deadline is None:
                     limit, allowed = began + _ORPHAN_RETURN_TIME, _ORPHAN_RETURN_TIME
                 else:
                     limit, allowed = deadline, None
-                with Overdue(limit, partial(self._cut_off, slot, slot.alive_at, allowed)):
+                cut_off = partial(self._cut_off, slot, generation, slot.alive_at, allowed)
+                with Overdue(limit, cut_off):
                     self._give_back(box)
             except BaseException:  # a signal handler raised before _give_back took it
                 if box:  # counted as leaked already, and a counter never goes down: closed,
@@ -1497,14 +1501,18 @@ class Pool(Generic[C]):
                     self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
                 raise
 
-    def _cut_off(self, slot: _Slot, alive_at: float, allowed: float | None) -> None:
+    def _cut_off(
+        self, slot: _Slot, generation: int, alive_at: float, allowed: float | None
+    ) -> None:
         """Called by the watchdog when _return_orphans' time for ``slot`` is up: shut its
         connection down, unless the return is past cleaning it.  Back in the pool (its
-        ``alive_at`` set anew), a borrower may hold it; counted off, it may be closed and its
-        socket's number reused.  Both take the lock first, so the check and the shutdown (which
-        does not block) are made under it.  ``allowed``: the reaper's time, to log."""
+        ``alive_at`` set anew), a borrower may hold it; counted off (its ``generation`` no
+        longer the pool's when the return began), it may be closed and its socket's number
+        reused.  Both take the lock first, so the check and the shutdown (which does not
+        block) are made under it.  A reopen() meanwhile leaves the connection to the return,
+        which closes it: still cut off.  ``allowed``: the reaper's time, to log."""
         with self._lock:
-            if slot.generation != self._generation or slot.alive_at != alive_at:
+            if slot.generation != generation or slot.alive_at != alive_at:
                 return
             # Past its lifetime, so that whatever meets it next (the return's own check, a
             # checkout, the reaper) discards it, even if the call cut off ended well.

@@ -16,6 +16,9 @@ from .psycopg import (
     _rollback_even_two_phase,
 )
 
+# What client_settings() reads, in the order restore_client_settings() sets them back.
+_CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "cursor_factory")
+
 
 class Psycopg2Dialect(Dialect):
     name = "psycopg2"
@@ -31,7 +34,8 @@ class Psycopg2Dialect(Dialect):
         return not conn.closed and conn.get_transaction_status() == _PQ_INERROR
 
     def client_settings(self, conn: Any) -> object:
-        # With the cursor factory: it decides what the next borrower's cursors return.
+        # With the cursor factory: it decides what the next borrower's cursors return.  In
+        # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.
         return (
             conn.autocommit,
             conn.isolation_level,
@@ -41,8 +45,11 @@ class Psycopg2Dialect(Dialect):
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        conn.autocommit, conn.isolation_level, conn.readonly, conn.deferrable = settings[:4]
-        conn.cursor_factory = settings[4]
+        # Only those that differ, in this order: in autocommit mode psycopg2 sends a SET for
+        # each session characteristic assigned, even the value it has.
+        for name, value in zip(_CLIENT_SETTINGS, settings):
+            if getattr(conn, name) != value:
+                setattr(conn, name, value)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side

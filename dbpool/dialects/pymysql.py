@@ -196,15 +196,17 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         # set the connection had before the lease: the return path restores it after this).
         conn._execute_command(_COM_RESET_CONNECTION, b"")
         conn._read_ok_packet()
-        # The reset keeps the session's current database, which select_db() or USE changed.
-        if conn.db is not None:
+        conn.set_character_set(conn.charset, conn.collation)  # the lease's, if it changed it
+        # The reset keeps the session's current database, which select_db() or USE changed;
+        # its name goes in the connection's character set, set just now.  An empty name is no
+        # database, as PyMySQL itself connects.
+        if conn.db:
             conn.select_db(conn.db)
         elif _execute(conn, "SELECT 1 FROM DUAL WHERE DATABASE() IS NOT NULL"):
             raise RuntimeError(  # no statement leaves a session with no database again
                 "a borrower selected a database on a connection made without one: only a new "
                 "connection has none"
             )
-        conn.set_character_set(conn.charset, conn.collation)  # the lease's, if it changed it
         if conn.sql_mode is not None:
             _execute(conn, "SET sql_mode=%s", (conn.sql_mode,))
         if conn.init_command is not None:
