@@ -89,3 +89,47 @@ def test_psycopg2_cursor_factory_a_borrower_set_is_put_back(
     with pool.connection() as conn:
         assert first_row(conn) == (1,)
     assert pool.stats().created == 1
+
+
+def test_sqlite3_factories_a_borrower_set_are_put_back(
+    one_connection_pool: Any, tmp_path: Any
+) -> None:
+    import sqlite3
+
+    path = str(tmp_path / "factories.sqlite3")
+    pool = one_connection_pool(lambda: sqlite3.connect(path, check_same_thread=False))
+    with pool.connection() as conn:
+        conn.raw.row_factory = sqlite3.Row
+        conn.raw.text_factory = bytes
+        row = first_row(conn)
+        assert isinstance(row, sqlite3.Row) and row["one"] == 1
+    with pool.connection() as conn:
+        assert first_row(conn) == (1,)
+        cursor = conn.cursor()
+        cursor.execute("SELECT 'text'")
+        assert cursor.fetchall() == [("text",)]
+    assert pool.stats().created == 1
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_mysql_cursor_class_a_borrower_set_is_put_back(
+    one_connection_pool: Any, mysql_params: dict[str, Any], driver: str
+) -> None:
+    if driver == "pymysql":
+        import pymysql
+        import pymysql.cursors
+
+        connect, dict_cursor = pymysql.connect, pymysql.cursors.DictCursor
+    else:
+        import MySQLdb
+        import MySQLdb.cursors
+
+        connect, dict_cursor = MySQLdb.connect, MySQLdb.cursors.DictCursor
+    params = {k: v for k, v in mysql_params.items() if k != "connect_timeout"}
+    pool = one_connection_pool(lambda: connect(**params))
+    with pool.connection() as conn:
+        conn.raw.cursorclass = dict_cursor
+        assert first_row(conn) == {"one": 1}
+    with pool.connection() as conn:
+        assert first_row(conn) == (1,)
+    assert pool.stats().created == 1

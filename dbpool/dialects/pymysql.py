@@ -149,11 +149,13 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
 
     def client_settings(self, conn: Any) -> object:
         # With the character set: set_character_set() also changes the encoding PyMySQL
-        # sends statements in, which the next borrower's text would be encoded with.
-        return bool((conn.server_status or 0) & _AUTOCOMMIT), conn.charset, conn.collation
+        # sends statements in, which the next borrower's text would be encoded with; and the
+        # cursor class, which decides what the next borrower's cursors return.
+        autocommit = bool((conn.server_status or 0) & _AUTOCOMMIT)
+        return autocommit, conn.charset, conn.collation, conn.cursorclass
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        autocommit, charset, collation = settings
+        autocommit, charset, collation, conn.cursorclass = settings
         if bool((conn.server_status or 0) & _AUTOCOMMIT) != autocommit:
             if not autocommit:  # the lease turned autocommit on: a SET TRANSACTION (for the
                 conn.rollback()  # next transaction, unflagged) may be pending; ROLLBACK drops it
@@ -294,10 +296,12 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         return BROKEN if conn.errno() in _DISCONNECT_ERRORS else UNKNOWN
 
     def client_settings(self, conn: Any) -> object:
-        return conn.get_autocommit()
+        return conn.get_autocommit(), conn.cursorclass  # as PyMySQL's, read locally
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        conn.autocommit(settings)
+        autocommit, conn.cursorclass = settings
+        if conn.get_autocommit() != autocommit:
+            conn.autocommit(autocommit)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...

@@ -52,10 +52,13 @@ class SQLiteDialect(Dialect):
         return IN_TRANSACTION if in_transaction else IDLE
 
     def client_settings(self, conn: Any) -> object:
-        return conn.isolation_level
+        # With the row and text factories: they decide what the next borrower's rows are.
+        return conn.isolation_level, conn.row_factory, conn.text_factory
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        conn.isolation_level = settings
+        isolation_level, conn.row_factory, conn.text_factory = settings
+        if conn.isolation_level != isolation_level:
+            conn.isolation_level = isolation_level
 
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.
