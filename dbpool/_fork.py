@@ -1,15 +1,23 @@
-"""Fork safety: a child process drops the connections it inherited, without closing them.
+"""What every pool goes through when the process forks, and when it exits.
 
-Closing an inherited connection would send a goodbye on a socket the parent still uses and end
-the parent's session.  The child keeps the inherited driver objects referenced for the rest of
-its life, so that their finalizers never run, after each dialect has made them harmless.
+Fork: a child process drops the connections it inherited, without closing them.  Closing an
+inherited connection would send a goodbye on a socket the parent still uses and end the
+parent's session.  The child keeps the inherited driver objects referenced for the rest of its
+life, so that their finalizers never run, after each dialect has made them harmless.
+
+Exit: the connects still under way in the pools' threads are waited for, a second at most, and
+no more are started.  Those are daemon threads, which the interpreter does not wait for; one
+still inside a C library as the process exits can crash it (OpenSSL frees its state in exit(),
+and recent PyMySQL sets up a TLS context in every connect, TLS or not).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import weakref
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,6 +28,8 @@ logger = logging.getLogger("dbpool")
 
 _pools: weakref.WeakSet[Pool[Any]] = weakref.WeakSet()
 _inherited: list[Any] = []
+
+_EXIT_WAIT = 1.0  # seconds the interpreter's exit waits, at most, for connects under way
 
 
 def register(pool: Pool[Any]) -> None:
@@ -41,3 +51,14 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    # Registered as dbpool is imported: it runs after the handlers the program registers
+    # later (which may still use a pool), and before those it registered earlier.
+    deadline = monotonic() + _EXIT_WAIT
+    for pool in list(_pools):
+        pool._settle_at_exit(deadline)
+
+
+atexit.register(_at_exit)

@@ -439,6 +439,7 @@ class Pool(Generic[C]):
         self._waits_recorded = 0
         self._discards = no_discards()
         self._refilling = False  # a refill thread is running
+        self._exiting = False  # the interpreter is exiting: no more refills (_settle_at_exit)
         self._stopping = 0  # close() and drain() calls under way: reopen() must wait for them
         # Callers waiting for a connect made for them (not in the queue); close() tells them.
         self._connecting: set[_Waiter] = set()
@@ -993,6 +994,19 @@ class Pool(Generic[C]):
                     return False
                 self._cond.wait(min(remaining, _CLOSE_POLL))
 
+    def _settle_at_exit(self, deadline: float) -> None:
+        """At interpreter exit (see _fork): start no more refills, and wait until ``deadline``
+        for the connects under way to end.  Never past it: an exit must not hang, even on a
+        lock some thread holds."""
+        if not self._lock.acquire(timeout=max(0.0, deadline - monotonic())):
+            return
+        try:
+            self._exiting = True
+            while self._opening and monotonic() < deadline:
+                self._cond.wait(min(deadline - monotonic(), _CLOSE_POLL))
+        finally:
+            self._lock.release()
+
     def __enter__(self) -> Pool[C]:
         return self
 
@@ -1011,15 +1025,16 @@ class Pool(Generic[C]):
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
+        self._closed = True
+        self._reaper_wakeup.set()
+        # Before the warning, which may raise (-W error).
+        self._close_all(list(self._idle), POOL_CLOSED, "the pool was garbage-collected")
         warnings.warn(
             f"pool {self._name!r} was garbage-collected while open; call pool.close() or use "
             "'with Pool(...) as pool'",
             ResourceWarning,
             stacklevel=2,
         )
-        self._closed = True
-        self._reaper_wakeup.set()
-        self._close_all(list(self._idle), POOL_CLOSED, "the pool was garbage-collected")
 
     # -- acquire ------------------------------------------------------------------------------
 
@@ -1991,6 +2006,7 @@ class Pool(Generic[C]):
                 with self._lock:
                     if (
                         self._closed
+                        or self._exiting
                         or not self._refill_wanted_locked()
                         or not self._may_connect_locked(monotonic())
                     ):

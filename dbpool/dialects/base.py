@@ -226,9 +226,9 @@ class Dialect:
     def detach_after_fork(self, conn: Any) -> None:
         """Make a connection inherited across ``fork()`` harmless in the child, without I/O.
 
-        Closing it would send a goodbye message on the socket the parent still uses.  Drivers
-        whose finalizer sends one get their socket replaced by ``/dev/null``, so that nothing
-        the child does reaches the server.
+        Closing it would send a goodbye message on the socket the parent still uses.  The
+        socket is replaced by ``/dev/null``: nothing the child does reaches the server, and the
+        child no longer holds the parent's sessions open once the parent is gone.
         """
         fileno = getattr(conn, "fileno", None)
         if callable(fileno):

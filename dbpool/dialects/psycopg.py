@@ -200,7 +200,3 @@ class PsycopgDialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
-
-    def detach_after_fork(self, conn: Any) -> None:
-        # psycopg's finalizer skips PQfinish in a process other than the one that connected.
-        pass

@@ -20,6 +20,7 @@ from .base import (
     Dialect,
     SocketIdentity,
     TxState,
+    _blind_fd,
     _execute,
     derives_from,
     is_database_error,
@@ -188,6 +189,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # not connected any more
+
+    def detach_after_fork(self, conn: Any) -> None:
+        # No fileno() on a PyMySQL connection: its socket is reached directly.
+        sock = conn._sock
+        if sock is not None:
+            _blind_fd(sock.fileno())
 
     can_reset_session = True
 

@@ -1,0 +1,174 @@
+"""How a process that uses dbpool ends.
+
+Each program runs in a subprocess of its own (``sys.executable``, a small script, a timeout):
+what is checked is what its exit leaves behind, in its exit code, its stderr and on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import rows, wait_until
+
+SCRIPT_TIMEOUT = 20  # seconds: a script still running then is hung
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python(code: str, *flags: str, **popen: Any) -> subprocess.Popen[str]:
+    """Start ``code`` in a new interpreter, with dbpool from this tree; the caller waits for
+    it, with a timeout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, *flags, "-c", textwrap.dedent(code)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+def run(code: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` to its end (killed past SCRIPT_TIMEOUT: the test then fails)."""
+    process = python(code, *flags)
+    try:
+        out, err = process.communicate(timeout=SCRIPT_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+# == fork: a child that outlives its parent ======================================================
+
+_CONNECT = {  # one line each: they go into an indented script
+    "psycopg": "import psycopg; connect = lambda: psycopg.connect(PARAMS)",
+    "pymysql": "import pymysql; connect = lambda: pymysql.connect(**PARAMS)",
+}
+_SESSION_ID = {"psycopg": "select pg_backend_pid()", "pymysql": "select connection_id()"}
+
+
+@pytest.fixture(params=["psycopg", "pymysql"])
+def server(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
+    """(driver, its connect parameters, a driver connection of the test's own)."""
+    driver = request.param
+    if driver == "psycopg":
+        params = request.getfixturevalue("postgresql_dsn")
+        connect = request.getfixturevalue("pg_connect")
+    else:
+        params = request.getfixturevalue("mysql_params")
+        connect = request.getfixturevalue("mysql_connect")
+    own = connect()
+    if driver == "psycopg":
+        own.autocommit = True  # each look at pg_stat_activity a fresh one
+    else:
+        own.autocommit(True)
+    return driver, params, own
+
+
+def _session_alive(driver: str, own: Any, session: int) -> bool:
+    if driver == "psycopg":
+        sql = "select count(*) from pg_stat_activity where pid = %s"
+    else:
+        sql = "select count(*) from information_schema.processlist where id = %s"
+    return bool(rows(own, sql, (session,))[0][0])
+
+
+def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_is_gone(
+    server: tuple[str, Any, Any],
+) -> None:
+    # The parent leaves a transaction open on a lease, forks a child that lives on, and ends
+    # (os._exit, as a crash or a kill would).  The child's copy of the socket kept the server
+    # session, and the transaction's locks, until the child ended too.
+    driver, params, own = server
+    code = f"""
+        import json, os, signal
+        import dbpool
+        PARAMS = json.loads({json.dumps(json.dumps(params))})
+        {_CONNECT[driver]}
+        pool = dbpool.Pool(connect, min_size=0, max_size=1)
+        lease = pool.connection()
+        cur = lease.cursor()
+        cur.execute({_SESSION_ID[driver]!r})  # a transaction left open
+        print(cur.fetchone()[0], flush=True)
+        if os.fork() == 0:
+            signal.alarm({SCRIPT_TIMEOUT})  # ends even if the test never closes our stdin
+            os.read(0, 1)  # until the test closes our stdin
+            os._exit(0)
+        os._exit(0)
+    """
+    parent = python(code, stdin=subprocess.PIPE)
+    assert parent.stdin is not None and parent.stdout is not None
+    try:
+        session = int(parent.stdout.readline())
+        assert parent.wait(SCRIPT_TIMEOUT) == 0
+        wait_until(
+            lambda: not _session_alive(driver, own, session),
+            timeout=10,
+            message=f"the parent is gone, and its session {session} is still open",
+        )
+    finally:
+        parent.stdin.close()  # the child ends
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        assert parent.stderr is not None
+        parent.stderr.close()
+
+
+# == a pool left open at exit ====================================================================
+
+
+def test_a_pool_left_open_at_exit_closes_its_idle_connections_when_warnings_are_errors(
+    postgresql_dsn: str,
+) -> None:
+    # Pool.__del__ warned first: with -W error the warning raised, and the idle connections
+    # were left for psycopg's finaliser ("... was deleted while still open").
+    done = run(
+        f"""
+        import psycopg
+        import dbpool
+        pool = dbpool.Pool(lambda: psycopg.connect({postgresql_dsn!r}), min_size=2)
+        pool.wait()
+        """,
+        "-W",
+        "error::ResourceWarning",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "garbage-collected while open" in done.stderr  # dbpool's own warning, asked for
+    assert "deleted while still open" not in done.stderr, done.stderr
+
+
+def test_the_interpreter_exit_waits_for_a_connect_under_way(tmp_path: Path) -> None:
+    # dbpool's threads are daemon threads, stopped wherever they are as the process exits; one
+    # still inside a C library then can crash the process (OpenSSL, set up by PyMySQL in each
+    # connect, frees its state in exit()).  A handler registered before dbpool was imported
+    # runs after dbpool's: by then the connect has ended.
+    database = str(tmp_path / "exit.db")
+    done = run(
+        f"""
+        import atexit, sqlite3, threading
+        atexit.register(lambda: print("after dbpool:", pool.stats().opening, flush=True))
+        import dbpool
+        started, go = threading.Event(), threading.Event()
+        def connect():
+            started.set()
+            go.wait({SCRIPT_TIMEOUT})
+            return sqlite3.connect({database!r}, check_same_thread=False)
+        pool = dbpool.Pool(connect, min_size=1)
+        started.wait()
+        atexit.register(go.set)  # registered after dbpool's handler: runs before it
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "after dbpool: 0\n", (done.stdout, done.stderr)
