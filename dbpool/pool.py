@@ -64,6 +64,9 @@ _MIN_TICK = 0.005  # the reaper's shortest sleep between two runs
 _PING_HEADROOM = 2.0
 # Slot generations below 0: the pool no longer counts the connection.
 _FORGOTTEN = -1  # closed (or being closed) by whoever forgot it
+# Let go by close() past its timeout but left open, as its driver cannot be closed under a call
+# (Dialect.closes_under_a_call): cut off, and closed by whoever returns it.
+_LEFT_OPEN = -3
 # _INHERITED (-2, from .lease): inherited across fork(): must never be touched
 # An earlier generation (0 or more): leased before reopen(), which stopped counting it; still
 # usable by its borrower, and closed by whoever returns it.
@@ -109,6 +112,7 @@ class _Slot:
         "used",
         "exposed",
         "borrowed",
+        "__weakref__",
     )
 
     def __init__(self, generation: int) -> None:
@@ -414,6 +418,9 @@ class Pool(Generic[C]):
         # Leased before reopen(), no longer counted: each is closed as it comes back (and
         # taken out then, without the lock: one borrower holds it); a forked child drops them.
         self._retired: set[_Slot] = set()
+        # Left open by close() for their borrowers to close (_LEFT_OPEN): a forked child drops
+        # them.  Weakly: a lease dropped unreleased takes its connection along.
+        self._left_open: weakref.WeakSet[_Slot] = weakref.WeakSet()
         self._closed = getattr(self, "_closed", False)
         # Closed by drain(): reopen() may open it again, and close() still closes what is out.
         self._drained = getattr(self, "_drained", False)
@@ -865,6 +872,17 @@ class Pool(Generic[C]):
                 leased = list(self._everyone)
                 self._in_use -= len(leased)
                 self._forget_locked(leased)
+                left_open = [slot for slot in leased if not slot.dialect.closes_under_a_call]
+                for slot in left_open:
+                    self._leave_open_locked(slot)
+            leased = [slot for slot in leased if slot.dialect.closes_under_a_call]
+            if left_open:
+                logger.warning(
+                    "pool %r closed: %d connections still leased cut off, each closed as it "
+                    "comes back",
+                    self._name,
+                    len(left_open),
+                )
         if leased:
             logger.warning(
                 "pool %r closed: closing %d connections still leased", self._name, len(leased)
@@ -1657,17 +1675,37 @@ class Pool(Generic[C]):
         if reason is None:
             self._close_if_retired(slot)
 
+    def _leave_open_locked(self, slot: _Slot) -> None:
+        """For close(): cut off a leased connection its driver cannot close under a call in
+        another thread (sqlite3 may crash the interpreter), and leave its close to its return.
+        Under the lock, which that return takes to see it (_close_if_retired): the cut off (no
+        I/O) never meets the close."""
+        try:
+            slot.dialect.sever(slot.raw)
+        except Exception as exc:
+            logger.debug("cutting off a connection failed: %s", self._describe(exc))
+        slot.generation = _LEFT_OPEN
+        self._left_open.add(slot)
+
     def _close_if_retired(self, slot: _Slot) -> None:
-        """Close a connection leased before reopen(), which stopped counting it, as it comes
-        back.  Its borrower alone holds it, so this runs once."""
-        if slot.generation >= 0:
-            slot.generation = _FORGOTTEN
-            try:
-                self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
-            finally:
-                with self._lock:  # its place under max_size is free now
-                    self._retired.discard(slot)
-                    self._grant_room_locked()
+        """Close a connection leased before reopen(), which stopped counting it, or one
+        close() left open, as it comes back.  Its borrower alone holds it, so this runs once."""
+        if slot.generation < 0:
+            with self._lock:  # close() may be leaving it open just now
+                left_open = slot.generation == _LEFT_OPEN
+                if left_open:
+                    slot.generation = _FORGOTTEN
+                    self._left_open.discard(slot)
+            if left_open:
+                self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
+            return
+        slot.generation = _FORGOTTEN
+        try:
+            self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
+        finally:
+            with self._lock:  # its place under max_size is free now
+                self._retired.discard(slot)
+                self._grant_room_locked()
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
@@ -2152,7 +2190,7 @@ class Pool(Generic[C]):
 
     def _after_fork_in_child(self) -> None:
         """Drop every inherited connection without closing it and start afresh."""
-        inherited = list(self._everyone) + list(self._orphans) + list(self._retired)
+        inherited = [*self._everyone, *self._orphans, *self._retired, *self._left_open]
         self._orphans.clear()
         self._setup_state()
         # Held by another thread of the parent at fork, it would never be let go here.

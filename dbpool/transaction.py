@@ -27,6 +27,7 @@ from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN, Dialect
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionUnusable,
+    LeaseReleased,
     PoolError,
     PoolTimeout,
     TransactionRolledBack,
@@ -293,6 +294,16 @@ class Transaction(Generic[C]):
         if not self._owns_connection():
             if exc is not None and not isinstance(exc, Exception):
                 return  # SystemExit, KeyboardInterrupt: not turned into an error to catch
+            if self._lease is not None and self._lease._slot is slot:
+                # Still leased, but the pool closed it under the block (close() past its
+                # timeout), or it is the parent's (fork()): the lease refuses use, and says so.
+                if isinstance(exc, LeaseReleased):
+                    return  # the block's own error says it already
+                raise LeaseReleased(
+                    "the pool closed this connection inside its transaction block (close() "
+                    "past its timeout), or it was inherited across fork(): its work was not "
+                    "committed; take a new one with pool.connection()"
+                ) from exc
             raise PoolError(
                 "the connection went back to the pool inside its transaction block; the pool "
                 "discarded it and its work was not committed"

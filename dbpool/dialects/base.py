@@ -135,6 +135,12 @@ class Dialect:
         if callable(fileno):
             shutdown_socket(fileno())
 
+    #: Whether :meth:`close` may run while another thread is inside a call on the connection,
+    #: as ``pool.close()`` does past its timeout.  Where it may not (sqlite3: the call fails
+    #: with any error, or the interpreter crashes), the connection is only cut off with
+    #: :meth:`sever`, and closed when its borrower returns it.
+    closes_under_a_call = True
+
     #: Whether :meth:`reset_session` exists for this driver; without it, the ``"discard"``
     #: session reset policy reconnects instead.
     can_reset_session = False

@@ -181,8 +181,7 @@ class PsycopgDialect(Dialect):
     can_reset_session = True
 
     def reset_session(self, conn: Any) -> None:
-        # DISCARD ALL refuses to run inside a transaction block; psycopg drops its cache of
-        # prepared statements when it sees the command go through.
+        # DISCARD ALL refuses to run inside a transaction block.
         if conn.autocommit:
             conn.execute("DISCARD ALL")
         else:
@@ -191,6 +190,16 @@ class PsycopgDialect(Dialect):
                 conn.execute("DISCARD ALL")
             finally:
                 conn.autocommit = False
+        # It drops the session's prepared statements, but psycopg forgets its own only when it
+        # sees DISCARD ALL for the first time with some prepared (once counted, the statement
+        # goes by unnoticed), and before 3.3.5 never: the next borrower's would not exist.
+        # Private, so looked up.
+        prepared = getattr(conn, "_prepared", None)
+        if prepared is not None and prepared.clear():
+            # clear() leaves a DEALLOCATE ALL for the next statement to send: none are left
+            flush = getattr(prepared, "_to_flush", None)
+            if flush is not None:
+                flush.clear()
         # What the server said to the previous borrower: the notifications psycopg queued on
         # the connection while no notifies() ran, for the next one (DISCARD ALL only stops
         # more from coming).  Private, so looked up.

@@ -48,7 +48,10 @@ class _MySQLTransactions:
             _execute(conn, "START TRANSACTION READ ONLY" if readonly else "START TRANSACTION")
         except Exception:
             if isolation is not None:  # the one-time level would apply to the next one
-                conn.rollback()
+                try:
+                    conn.rollback()
+                except Exception:  # lost, say: the error that tells it goes on; the caller's
+                    pass  # own rollback fails too, and then the connection is not reused
             raise
         return None
 

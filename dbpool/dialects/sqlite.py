@@ -135,6 +135,10 @@ class SQLiteDialect(Dialect):
     def sever(self, conn: Any) -> None:
         conn.interrupt()  # no socket: stopping the statement is all there is to do
 
+    # sqlite3 closed in one thread while another is inside a call on the connection makes
+    # that call fail with MemoryError or "bad parameter or other API misuse", or crashes.
+    closes_under_a_call = False
+
     def ended_transaction(self, conn: Any, exc: Exception) -> bool:
         # A block's transaction is open from its BEGIN: closed after an error, the error
         # rolled it back (ON CONFLICT ROLLBACK, RAISE(ROLLBACK)).  executescript(), which

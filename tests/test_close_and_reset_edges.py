@@ -1,0 +1,137 @@
+"""Where several features meet: psycopg's prepared statements across session resets after
+leases that committed, a lost connection at START TRANSACTION with an isolation level,
+close() past its timeout with a borrower inside a call (sqlite3) or inside a transaction block."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+from typing import Any
+
+import pytest
+
+import dbpool
+from tests import fakedb
+from tests.conftest import Connector
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_psycopg_prepared_statements_keep_working_across_resets_after_commits(
+    pg_connect: Any,
+) -> None:
+    # psycopg forgets its prepared statements when it sees DISCARD ALL only the first time it
+    # meets that statement with some prepared: one run while none were (the first lease) is
+    # counted, and the next ones go by unnoticed.  Leases that commit leave no rollback (which
+    # would also clear psycopg's cache) for the return path to run.
+    with dbpool.Pool(pg_connect, min_size=0, max_size=1, session_reset="discard") as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute("SELECT 1")
+            conn.commit()
+        for n in range(3):
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT %s::int + 1", (n,), prepare=True)
+                assert cur.fetchone() == (n + 1,)
+                conn.commit()
+
+
+def test_a_connection_lost_at_start_transaction_is_the_error_the_block_raises(
+    mysql_params: dict[str, Any],
+) -> None:
+    # With an isolation level, BEGIN is two statements; when the second fails, the one-time
+    # level is dropped with a rollback, which on a lost connection fails too (PyMySQL's
+    # InterfaceError(0, '')): that must not hide the error that says the connection is gone.
+    import pymysql
+
+    class CutAtStart(pymysql.connections.Connection):
+        def query(self, sql: Any, unbuffered: bool = False) -> Any:
+            if str(sql).startswith("START TRANSACTION"):
+                self._sock.shutdown(socket.SHUT_RDWR)  # the network goes as it is sent
+            return super().query(sql, unbuffered)
+
+    connector = Connector(lambda: CutAtStart(**mysql_params))
+    try:
+        with dbpool.Pool(connector, min_size=0, max_size=1, dialect="pymysql") as pool:
+            with pytest.raises(pymysql.err.OperationalError) as raised:
+                with pool.transaction(isolation="SERIALIZABLE"):
+                    pass
+            assert raised.value.args[0] in (2006, 2013)  # gone away, lost
+            assert pool.stats().discards["broken"] + pool.stats().discards["reset_failed"] == 1
+    finally:
+        connector.close_all()
+
+
+@pytest.mark.parametrize("then", ["ends", "runs a statement"])
+def test_a_transaction_block_whose_connection_close_took_ends_in_lease_released(
+    fake_server: fakedb.Server, then: str
+) -> None:
+    # close() past its timeout closes a lease's connection under its borrower, and the lease
+    # refuses use with LeaseReleased: the end of a transaction block on it says the same (not
+    # that the borrower returned the connection inside the block, which it did not).
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    try:
+        with pytest.raises(dbpool.LeaseReleased) as raised:
+            with pool.transaction() as tx:
+                tx.execute("insert into t values (1)")
+                pool.close(timeout=0)  # the connection is closed under the block
+                if then == "runs a statement":
+                    tx.execute("insert into t values (2)")
+        assert "went back to the pool inside" not in str(raised.value)
+        assert fake_server.count("commit") == 0
+        assert pool.stats().in_use == 0
+    finally:
+        pool.close(timeout=0)
+
+
+def test_close_past_its_timeout_leaves_a_sqlite_connection_in_a_call_to_its_borrower(
+    tmp_path: Any,
+) -> None:
+    # sqlite3 must not be closed while another thread is inside a call on the connection: the
+    # call then fails with MemoryError or "bad parameter or other API misuse", or the
+    # interpreter crashes.  close() past its timeout interrupts such a connection, and leaves
+    # the close to its borrower's return.
+    closed_by: list[threading.Thread] = []
+    inside, leave = threading.Event(), threading.Event()
+
+    class Recording(sqlite3.Connection):
+        def close(self) -> None:
+            closed_by.append(threading.current_thread())
+            if threading.current_thread() is borrower:  # (not under the call: no crash here)
+                super().close()
+
+    def wait_here() -> int:
+        inside.set()
+        leave.wait(10)
+        return 1
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(tmp_path / "db.sqlite3"), factory=Recording, check_same_thread=False
+        )
+        conn.create_function("wait_here", 0, wait_here)
+        return conn
+
+    failures: list[BaseException] = []
+
+    def borrow() -> None:
+        try:
+            with pool.connection() as conn:
+                conn.cursor().execute("SELECT wait_here()")
+        except BaseException as exc:
+            failures.append(exc)
+
+    pool = dbpool.Pool(connect, min_size=0, max_size=1, dialect="sqlite3")
+    borrower = threading.Thread(target=borrow)
+    borrower.start()
+    try:
+        assert inside.wait(10)
+        pool.close(timeout=0)
+        assert closed_by == []  # cut off (interrupted), not closed under the call
+    finally:
+        leave.set()
+        borrower.join(10)
+    assert closed_by == [borrower]  # closed once, by its borrower on the way back
+    assert not [exc for exc in failures if not isinstance(exc, sqlite3.Error)]
+    assert pool.stats().size == pool.stats().in_use == 0
