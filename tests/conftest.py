@@ -412,6 +412,23 @@ def sqlite_connect(tmp_path: Any) -> Iterator[Connector]:
     connector.close_all()
 
 
+@pytest.fixture
+def sqlite_pools(sqlite_connect: Any) -> Iterator[Any]:
+    """A factory of SQLite pools (min_size 0), closed at the end of the test."""
+    pools: list[dbpool.Pool[Any]] = []
+
+    def make(**options: Any) -> dbpool.Pool[Any]:
+        options.setdefault("min_size", 0)
+        options.setdefault("acquire_timeout", 5.0)
+        pool = dbpool.Pool(sqlite_connect, **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close(timeout=1)
+
+
 # -- the fake driver's pools, and calls run in threads ------------------------------------------
 
 
@@ -768,3 +785,18 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(dbpool.pool, "monotonic", fake)
     return fake
+
+
+def count_maintenance(pool: Any) -> Callable[[], int]:
+    """Count the reaper's completed runs (it looks ``pool._maintain`` up at each run)."""
+    runs = [0]
+    original = pool._maintain
+
+    def maintain(wakeup: threading.Event) -> Any:
+        try:
+            return original(wakeup)
+        finally:
+            runs[0] += 1
+
+    pool._maintain = maintain
+    return lambda: runs[0]

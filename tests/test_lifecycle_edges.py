@@ -8,31 +8,15 @@ timeout or a lifetime must pass, and tests wait on conditions (``wait_until``, e
 from __future__ import annotations
 
 import gc
-import threading
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import Caller, FakeClock, wait_until
+from tests.conftest import Caller, FakeClock, count_maintenance, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def count_maintenance(pool: Any) -> Callable[[], int]:
-    """Count the reaper's completed runs (it looks ``pool._maintain`` up at each run)."""
-    runs = [0]
-    original = pool._maintain
-
-    def maintain(wakeup: threading.Event) -> Any:
-        try:
-            return original(wakeup)
-        finally:
-            runs[0] += 1
-
-    pool._maintain = maintain
-    return lambda: runs[0]
 
 
 # == A lease dropped after drain() timed out is taken back =======================================

@@ -9,31 +9,15 @@ the tests wait on conditions (``wait_until``), never on sleeps.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Callable
 
 import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import FakeClock, wait_until
+from tests.conftest import FakeClock, count_maintenance, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def count_maintenance(pool: Any) -> Callable[[], int]:
-    """Count the reaper's completed runs (it looks ``pool._maintain`` up at each run)."""
-    runs = [0]
-    original = pool._maintain
-
-    def maintain(wakeup: threading.Event) -> Any:
-        try:
-            return original(wakeup)
-        finally:
-            runs[0] += 1
-
-    pool._maintain = maintain
-    return lambda: runs[0]
 
 
 def run_maintenance(pool: Any, runs: Callable[[], int], times: int = 2) -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -120,23 +119,6 @@ def check_against_stats(samples: Samples, stats: dbpool.PoolStats, *, up: bool) 
 def connect(request: pytest.FixtureRequest) -> Any:
     fixture = "sqlite_connect" if request.param == "sqlite" else "pg_connect"
     return request.getfixturevalue(fixture)
-
-
-@pytest.fixture
-def sqlite_pools(sqlite_connect: Any) -> Iterator[Any]:
-    """A factory of SQLite pools (min_size 0), closed at the end of the test."""
-    pools: list[dbpool.Pool[Any]] = []
-
-    def make(**options: Any) -> dbpool.Pool[Any]:
-        options.setdefault("min_size", 0)
-        options.setdefault("acquire_timeout", 5.0)
-        pool = dbpool.Pool(sqlite_connect, **options)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close(timeout=1)
 
 
 def drive(pool: dbpool.Pool[Any]) -> None:

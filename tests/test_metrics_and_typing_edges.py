@@ -10,7 +10,6 @@ took its snapshot, never by sleeps.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,23 +17,6 @@ import pytest
 import dbpool
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def sqlite_pools(sqlite_connect: Any) -> Iterator[Any]:
-    """A factory of SQLite pools (min_size 0), closed at the end of the test."""
-    pools: list[dbpool.Pool[Any]] = []
-
-    def make(**options: Any) -> dbpool.Pool[Any]:
-        options.setdefault("min_size", 0)
-        options.setdefault("acquire_timeout", 5.0)
-        pool = dbpool.Pool(sqlite_connect, **options)
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.close(timeout=1)
 
 
 def samples(registry: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
