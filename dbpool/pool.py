@@ -2024,6 +2024,8 @@ class Pool(Generic[C]):
         return self._tick()
 
     def _refill_wanted_locked(self) -> bool:
+        if self._exiting:  # else the reaper starts refills that stop at once, again and again
+            return False
         wanted = self._size < self._min_size or bool(self._waiters)
         return wanted and self._size + len(self._retired) < self._max_size
 
@@ -2044,7 +2046,6 @@ class Pool(Generic[C]):
                 with self._lock:
                     if (
                         self._closed
-                        or self._exiting
                         or not self._refill_wanted_locked()
                         or not self._may_connect_locked(monotonic())
                     ):
