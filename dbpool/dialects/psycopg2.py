@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -150,7 +153,14 @@ class Psycopg2Dialect(Dialect):
         return None
 
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
-        conn.cancel()
+        # psycopg2's cancel() keeps the GIL while libpq connects to the server and waits for
+        # its answer: every thread of the process stops meanwhile, for as long as a connect to
+        # a server that does not answer takes.  libpq's own calls, made here, let it go.
+        send = _libpq_cancel()
+        if send is None or conn.closed:
+            conn.cancel()  # (closed: psycopg2 raises InterfaceError, as it should)
+            return
+        send(conn)
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES
@@ -173,3 +183,38 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
 
 def _idle(conn: Any) -> bool:
     return not conn.closed and conn.get_transaction_status() == _PQ_IDLE
+
+
+@functools.cache
+def _libpq_cancel() -> Callable[[Any], None] | None:
+    """A cancel of a psycopg2 connection's running statement through the libpq psycopg2 itself
+    uses (found through its extension module), with the GIL let go while the request is sent;
+    ``None`` where that libpq or ``pgconn_ptr`` (psycopg2 2.8+) is out of reach."""
+    try:
+        _psycopg = importlib.import_module("psycopg2._psycopg")
+        if not hasattr(_psycopg.connection, "pgconn_ptr"):
+            return None
+        # PyDLL keeps the GIL while the cancel key is copied out of the connection, as
+        # psycopg2's cancel() does; CDLL lets it go for the request, which uses that copy only.
+        holding, releasing = ctypes.PyDLL(_psycopg.__file__), ctypes.CDLL(_psycopg.__file__)
+        get_cancel, free_cancel = holding.PQgetCancel, holding.PQfreeCancel
+        request = releasing.PQcancel
+    except (ImportError, OSError, AttributeError):
+        return None
+    get_cancel.restype, get_cancel.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    free_cancel.restype, free_cancel.argtypes = None, [ctypes.c_void_p]
+    request.restype = ctypes.c_int
+    request.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+
+    def send(conn: Any) -> None:
+        key = get_cancel(conn.pgconn_ptr)
+        if not key:
+            raise conn.OperationalError("libpq could not make a cancel request")
+        try:
+            error = ctypes.create_string_buffer(256)
+            if not request(key, error, len(error)):
+                raise conn.OperationalError(error.value.decode(errors="replace"))
+        finally:
+            free_cancel(key)
+
+    return send
