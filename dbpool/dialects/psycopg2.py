@@ -194,9 +194,16 @@ def _libpq_cancel() -> Callable[[Any], None] | None:
         _psycopg = importlib.import_module("psycopg2._psycopg")
         if not hasattr(_psycopg.connection, "pgconn_ptr"):
             return None
+        # The loader binds psycopg2's libpq calls to a libpq already in the process's global
+        # scope (preloaded, or linked by an application embedding Python) before the one its
+        # wheel ships: look there first too.  Another libpq than psycopg2's would misread its
+        # connections (another layout): a version that is not psycopg2's is not used.
+        name = None if hasattr(ctypes.CDLL(None), "PQgetCancel") else _psycopg.__file__
         # PyDLL keeps the GIL while the cancel key is copied out of the connection, as
         # psycopg2's cancel() does; CDLL lets it go for the request, which uses that copy only.
-        holding, releasing = ctypes.PyDLL(_psycopg.__file__), ctypes.CDLL(_psycopg.__file__)
+        holding, releasing = ctypes.PyDLL(name), ctypes.CDLL(name)
+        if holding.PQlibVersion() != _psycopg.libpq_version():
+            return None
         get_cancel, free_cancel = holding.PQgetCancel, holding.PQfreeCancel
         request = releasing.PQcancel
     except (ImportError, OSError, AttributeError):
