@@ -159,7 +159,8 @@ def test_the_interpreter_exit_waits_for_a_connect_under_way(tmp_path: Path) -> N
         f"""
         import atexit, sqlite3, threading
         atexit.register(lambda: print("after dbpool:", pool.stats().opening, flush=True))
-        import dbpool
+        import dbpool, dbpool._fork
+        dbpool._fork._EXIT_WAIT = {SCRIPT_TIMEOUT}  # the waiting on trial, not its bound
         started, go = threading.Event(), threading.Event()
         def connect():
             started.set()
