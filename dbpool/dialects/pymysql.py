@@ -287,6 +287,23 @@ class _Sessions:
         return session
 
 
+class _MySQLdbSettings(NamedTuple):
+    """What a mysqlclient borrower can change on the connection object, read locally."""
+
+    autocommit: bool
+    cursorclass: Any
+    # The client library's character set, which it escapes with and the driver decodes
+    # results with; set_character_set() changes it, and so does a SET NAMES statement, which
+    # MariaDB Connector/C follows through the server's session tracking.
+    charset: str
+    encoding: str  # the Python codec the driver encodes statements and parameters with
+    executemany_fallback: str | None  # mysqlclient 2.3 and later: "multi" batches statements
+    # Copies, so that an entry changed in place (converter[FIELD_TYPE.NEWDECIMAL] = float)
+    # shows: the type converters results are made with, and the encoders parameters are.
+    converter: dict[Any, Any]
+    encoders: dict[Any, Any]
+
+
 class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
@@ -306,12 +323,33 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         return BROKEN if conn.errno() in _DISCONNECT_ERRORS else UNKNOWN
 
     def client_settings(self, conn: Any) -> object:
-        return conn.get_autocommit(), conn.cursorclass  # as PyMySQL's, read locally
+        return _MySQLdbSettings(
+            conn.get_autocommit(),
+            conn.cursorclass,
+            conn.character_set_name(),
+            conn.encoding,
+            getattr(conn, "executemany_fallback", None),
+            dict(conn.converter),
+            dict(conn.encoders),
+        )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        autocommit, conn.cursorclass = settings
-        if conn.get_autocommit() != autocommit:
-            conn.autocommit(autocommit)
+        if conn.get_autocommit() != settings.autocommit:
+            conn.autocommit(settings.autocommit)
+        if conn.character_set_name() != settings.charset:
+            # One SET NAMES, with the character set's default collation: mysqlclient keeps no
+            # record of one given to connect().  (A collation set alone is the server's, and
+            # stays, as after SET collation_connection.)
+            conn.set_character_set(settings.charset)
+        conn.cursorclass = settings.cursorclass
+        conn.encoding = settings.encoding
+        if settings.executemany_fallback is not None:
+            conn.executemany_fallback = settings.executemany_fallback
+        # Copies: the settings stay as connected whatever the next lease does to the dicts.
+        if conn.converter != settings.converter:
+            conn.converter = dict(settings.converter)
+        if conn.encoders != settings.encoders:
+            conn.encoders = dict(settings.encoders)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
