@@ -872,6 +872,13 @@ class Pool(Generic[C]):
                 leased = list(self._everyone)
                 self._in_use -= len(leased)
                 self._forget_locked(leased)
+                # And so are those leased before reopen(), counted off then, that no return
+                # is closing yet (it sets their generation under the lock too).
+                retired = [slot for slot in self._retired if slot.generation >= 0]
+                self._retired.difference_update(retired)
+                for slot in retired:
+                    slot.generation = _FORGOTTEN
+                leased += retired
                 left_open = [slot for slot in leased if not slot.dialect.closes_under_a_call]
                 for slot in left_open:
                     self._leave_open_locked(slot)
@@ -926,7 +933,7 @@ class Pool(Generic[C]):
                 raise interrupted
             if not self._await_returns(deadline):
                 with self._lock:
-                    leased, opening = self._in_use, self._opening
+                    leased, opening = self._in_use + len(self._retired), self._opening
                     closing = self._closes_pending_locked()
                 mine = f" ({held} by this thread)" if held else ""
                 raise PoolTimeout(
@@ -943,7 +950,8 @@ class Pool(Generic[C]):
     def reopen(self) -> None:
         """Open a pool closed by :meth:`drain` or :meth:`close` again: connections are made
         afresh (``min_size`` of them in the background), with the same options and counters.
-        Leases still out from before count against ``max_size`` until they come back."""
+        Leases still out from before count against ``max_size`` until they come back, and
+        :meth:`drain` and :meth:`close` treat them as any lease."""
         with self._lock:
             if not self._closed:
                 raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
@@ -1005,7 +1013,8 @@ class Pool(Generic[C]):
         while True:
             self._return_orphans(deadline)  # leases garbage-collected meanwhile come back so
             with self._lock:
-                if self._in_use + self._opening + self._closes_pending_locked() == 0:
+                pending = self._in_use + len(self._retired) + self._opening
+                if pending + self._closes_pending_locked() == 0:
                     return True
                 remaining = deadline - monotonic()
                 if remaining <= 0:
@@ -1690,22 +1699,23 @@ class Pool(Generic[C]):
     def _close_if_retired(self, slot: _Slot) -> None:
         """Close a connection leased before reopen(), which stopped counting it, or one
         close() left open, as it comes back.  Its borrower alone holds it, so this runs once."""
-        if slot.generation < 0:
-            with self._lock:  # close() may be leaving it open just now
-                left_open = slot.generation == _LEFT_OPEN
-                if left_open:
-                    slot.generation = _FORGOTTEN
-                    self._left_open.discard(slot)
-            if left_open:
-                self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
+        with self._lock:  # close() may be leaving it open, or closing it, just now
+            generation = slot.generation
+            if generation == _LEFT_OPEN:
+                self._left_open.discard(slot)
+            if generation >= 0 or generation == _LEFT_OPEN:
+                slot.generation = _FORGOTTEN  # closed here, and by nobody else
+        if generation == _LEFT_OPEN:
+            self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
+        if generation < 0:
             return
-        slot.generation = _FORGOTTEN
         try:
             self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
         finally:
             with self._lock:  # its place under max_size is free now
                 self._retired.discard(slot)
                 self._grant_room_locked()
+                self._cond.notify_all()  # drain() and close() wait for it
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
