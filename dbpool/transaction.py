@@ -202,7 +202,10 @@ class Transaction(Generic[C]):
                 self._open = False
                 slot.transaction = None
             if not isinstance(exc, Exception):
-                raise  # interrupted mid-call: busy stays set, the pool discards the connection
+                # Interrupted mid-call: busy stays set, the pool discards the connection; the
+                # lease may still run statements, which this block's deadline must not cut off.
+                self._unguard()
+                raise
             slot.busy = False
             self._end_quietly(slot)  # roll back what began, put the session back
             self._unguard()
