@@ -139,6 +139,26 @@ def test_sqlite_without_check_same_thread_is_refused(tmp_path, pools):
     assert pool.stats().size == 0
 
 
+class _AlwaysInTransaction(sqlite3.Connection):
+    """What Python 3.12's sqlite3.connect(..., autocommit=False) makes, as far as the pool can
+    see: a connection whose autocommit attribute is False."""
+
+    autocommit = False
+
+
+def test_sqlite_with_autocommit_off_is_refused(tmp_path, pools):
+    def connect():
+        return sqlite3.connect(
+            tmp_path / "x.db", check_same_thread=False, factory=_AlwaysInTransaction
+        )
+
+    pool = dbpool.Pool(connect, min_size=0)
+    pools.append(pool)
+    with pytest.raises(TypeError, match="autocommit=False"):
+        pool.connection()
+    assert pool.stats().size == 0
+
+
 def test_statements_on_the_raw_cursor_are_rolled_back(fake_server, pools):
     pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
     pools.append(pool)

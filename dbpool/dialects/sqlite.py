@@ -43,6 +43,14 @@ class SQLiteDialect(Dialect):
                 "a pooled sqlite3 connection is used by many threads: make it with "
                 "sqlite3.connect(..., check_same_thread=False)"
             ) from refused[0]
+        # Python 3.12's autocommit=False opens a new transaction as each one ends: the pool
+        # could never tell a returned connection from one with work to undo, nor BEGIN a block.
+        if getattr(conn, "autocommit", None) is False:
+            raise TypeError(
+                "a pooled sqlite3 connection with autocommit=False always has a transaction "
+                "open, and the pool begins and ends transactions itself: leave autocommit at "
+                "its default (sqlite3.LEGACY_TRANSACTION_CONTROL), or set it to True"
+            )
 
     def transaction_state(self, conn: Any) -> TxState:
         try:
