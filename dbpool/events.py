@@ -54,6 +54,8 @@ class DiscardReason(str, enum.Enum):
     RESIZED = "resized"
     #: an exception such as ``KeyboardInterrupt`` stopped a validation or a return half-way
     INTERRUPTED = "interrupted"
+    #: the borrower asked for it: ``pool.discard(conn)``
+    REQUESTED = "requested"
 
 
 #: The reason given with :attr:`Event.CLOSE` when the pool itself closes or drains.

@@ -622,6 +622,41 @@ class Pool(Generic[C]):
             )
         self._release(conn)
 
+    def discard(self, conn: Connection[C]) -> None:
+        """End a lease and close its connection instead of returning it, for a connection
+        the caller knows is unfit for the next borrower (a protocol error the driver did not
+        notice, session state it cannot undo).  Counted in ``discards`` as ``"requested"``;
+        the pool opens another as needed.  Like ``release()``, it refuses a lease already
+        returned, and does nothing for one the pool ended itself."""
+        if not isinstance(conn, Connection):
+            raise TypeError(
+                f"discard() takes the dbpool.Connection that pool.connection() returned "
+                f"(not the driver's connection, conn.raw), got {type(conn)!r}"
+            )
+        if conn._pool is not self:
+            raise PoolError(
+                f"this connection was leased from pool {conn._pool.name!r}, not from "
+                f"pool {self._name!r}: discard it through the pool it came from"
+            )
+        slot = detach(conn)
+        if slot is None:
+            raise LeaseReleased(
+                "this connection was already returned to the pool: it can no longer be "
+                "discarded (pool.discard() takes a lease still held)"
+            )
+        if slot.generation != self._generation:
+            # Leased before reopen() (closed as it comes back), or ended by the pool: as close()
+            self._give_back([slot])
+            return
+        held = monotonic() - slot.leased_at
+        try:
+            if slot.borrowed is not None:
+                self._note_return_of_borrowed(slot)
+            if self._listeners.checkin:  # it came back, as every lease does
+                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+        finally:  # whatever a listener raised, the connection is not reused
+            self._discard(slot, DiscardReason.REQUESTED, broken=False, held=held)
+
     def wait(self, timeout: float = 30.0) -> None:
         """Block until ``min_size`` connections are open.
 

@@ -105,6 +105,7 @@ DISCARD_REASONS = {
     "session_reset",
     "resized",
     "interrupted",
+    "requested",
 }
 
 
