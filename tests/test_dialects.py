@@ -181,6 +181,11 @@ def test_server_timeouts_round_up_so_the_server_never_stops_a_statement_early() 
     assert milliseconds(1e12) == MAX_MS
 
 
+MSSQL_CURRENT_LEVEL = (
+    "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID"
+)
+
+
 @pytest.mark.parametrize("ending", ["commit", "rollback"])
 def test_pymssql_block_on_an_autocommit_lease_is_one_transaction(fake_server, pools, ending):
     """With autocommit on, pymssql commits each statement alone and its commit() and
@@ -194,6 +199,7 @@ def test_pymssql_block_on_an_autocommit_lease_is_one_transaction(fake_server, po
         conn.autocommit(True)  # as pymssql.connect(autocommit=True)
         return conn
 
+    fake_server.set_result(MSSQL_CURRENT_LEVEL, [(2,)])  # READ COMMITTED, the default
     pool = dbpool.Pool(connect, min_size=0, max_size=1)
     pools.append(pool)
     with pool.connection() as conn:
@@ -206,6 +212,7 @@ def test_pymssql_block_on_an_autocommit_lease_is_one_transaction(fake_server, po
         seen = [c.sql or c.verb for c in fake_server.calls[start:] if c.verb != "cursor"]
         assert seen == [
             "autocommit",  # off: BEGIN TRAN
+            MSSQL_CURRENT_LEVEL,
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "update t set v = 1",
             ending,

@@ -138,3 +138,23 @@ def test_killed_idle_connection_is_replaced(driver):
         with pool.connection() as conn:
             assert backend_id(name, conn) != session
         assert pool.stats().discarded == 1
+
+
+def test_pymssql_block_puts_back_the_sessions_level_and_lock_timeout(
+    mssql_connect: Callable[[], Any],
+) -> None:
+    def connect() -> Any:
+        conn = mssql_connect()
+        cursor = conn.cursor()
+        cursor.execute("SET LOCK_TIMEOUT 5000")
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.commit()
+        return conn
+
+    level = "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID"
+    with dbpool.Pool(connect, min_size=0, max_size=1, acquire_timeout=5) as pool:
+        with pool.transaction(isolation="SERIALIZABLE", timeout=5) as tx:
+            assert tx.execute(level).fetchall() == [(4,)]
+        with pool.connection() as conn:
+            assert rows(conn, "SELECT @@LOCK_TIMEOUT") == [(5000,)]
+            assert rows(conn, level) == [(3,)]  # REPEATABLE READ

@@ -296,15 +296,22 @@ def test_isolation_names_parse_in_any_case_with_spaces_or_underscores(
     assert dbpool.Isolation is Isolation
 
 
+# SQL Server's session isolation level, which a block reads before setting its own
+_MSSQL_LEVEL = (
+    "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID"
+)
+
+
 @pytest.mark.parametrize("expected, text", SPELLINGS)
 def test_only_the_canonical_level_reaches_the_server(
     fake_server: fakedb.Server, expected: Isolation, text: str
 ) -> None:
     """What the caller wrote is never sent: the SQL carries the enum's own spelling."""
+    fake_server.set_result(_MSSQL_LEVEL, [(5,)])  # SNAPSHOT: every level asked for is set
     with new_pool(fake_server.connect_mssql) as pool:
         with pool.transaction(isolation=text) as tx:
             tx.execute("select 1 as x")
-    assert fake_server.statements()[0] == f"SET TRANSACTION ISOLATION LEVEL {expected.value}"
+    assert fake_server.statements()[1] == f"SET TRANSACTION ISOLATION LEVEL {expected.value}"
 
 
 BAD_LEVELS = [
@@ -731,33 +738,57 @@ def _verbs(fake_server: fakedb.Server) -> list[str]:
     return [c.sql if c.sql is not None else c.verb for c in fake_server.calls if c.verb != "cursor"]
 
 
-def test_pymssql_sets_the_level_and_puts_the_default_back(fake_server: fakedb.Server) -> None:
+@pytest.mark.parametrize(
+    ("level", "name", "lock_timeout"),
+    [(2, "READ COMMITTED", -1), (5, "SNAPSHOT", 5000), (0, "READ COMMITTED", -1)],
+    ids=["defaults", "configured", "unspecified"],
+)
+def test_pymssql_sets_the_level_and_puts_back_the_sessions_own(
+    fake_server: fakedb.Server, level: int, name: str, lock_timeout: int
+) -> None:
+    """SET TRANSACTION ISOLATION LEVEL and SET LOCK_TIMEOUT last for the session: the block
+    puts back what the session had, a configure hook's SNAPSHOT and 5000 ms as the defaults."""
+    fake_server.set_result(_MSSQL_LEVEL, [(level,)])
+    fake_server.set_result("SELECT @@LOCK_TIMEOUT", [(lock_timeout,)])
     with new_pool(fake_server.connect_mssql) as pool:
         with pool.transaction(isolation="serializable") as tx:
             tx.execute("update t set v = 1")
         assert _verbs(fake_server)[1:] == [
+            _MSSQL_LEVEL,
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "update t set v = 1",
             "commit",
-            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            f"SET TRANSACTION ISOLATION LEVEL {name}",
         ]
         with pool.connection() as conn:  # a held lease, with a deadline this time
             with conn.transaction(isolation=Isolation.REPEATABLE_READ, timeout=5) as tx:
                 tx.execute("update t set v = 2")
-            seen = _verbs(fake_server)[5:]
-            assert seen[0] == "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+            seen = _verbs(fake_server)[6:]
+            assert seen[:3] == [
+                _MSSQL_LEVEL,
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+                "SELECT @@LOCK_TIMEOUT",
+            ]
             assert (
-                re.fullmatch(r"SET LOCK_TIMEOUT (\d+)", seen[1])
-                and 1 <= int(seen[1].split()[-1]) <= 5000
+                re.fullmatch(r"SET LOCK_TIMEOUT (\d+)", seen[3])
+                and 1 <= int(seen[3].split()[-1]) <= 5000
             )
-            assert seen[2:] == [
+            assert seen[4:] == [
                 "update t set v = 2",
                 "commit",
-                "SET LOCK_TIMEOUT -1",
-                "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                f"SET LOCK_TIMEOUT {lock_timeout}",
+                f"SET TRANSACTION ISOLATION LEVEL {name}",
             ]
         s = assert_balanced(pool)
         assert (s.created, s.discarded) == (1, 0)
+
+
+def test_pymssql_sends_no_level_the_session_has_already(fake_server: fakedb.Server) -> None:
+    fake_server.set_result(_MSSQL_LEVEL, [(4,)])  # SERIALIZABLE
+    with new_pool(fake_server.connect_mssql) as pool:
+        with pool.transaction(isolation="serializable") as tx:
+            tx.execute("update t set v = 1")
+        assert _verbs(fake_server)[1:] == [_MSSQL_LEVEL, "update t set v = 1", "commit"]
 
 
 def test_pymssql_refuses_read_only_before_sending_anything(fake_server: fakedb.Server) -> None:

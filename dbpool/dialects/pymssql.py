@@ -13,6 +13,21 @@ from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, is_database_error
 # keeps only the message.)
 _TRANSACTION_ABORTED = (1205, 3960, 41302)  # a tuple: compared by ==, whatever args[0] is
 
+# The session's isolation level and lock timeout, which SET changes for the whole session: read
+# before a block changes them, and put back after it (a session sees its own row of
+# sys.dm_exec_sessions with no extra permission).
+_CURRENT_LEVEL = (
+    "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID"
+)
+_LEVELS = {
+    1: "READ UNCOMMITTED",
+    2: "READ COMMITTED",
+    3: "REPEATABLE READ",
+    4: "SERIALIZABLE",
+    5: "SNAPSHOT",
+}  # 0, unspecified: the server's default, READ COMMITTED
+_CURRENT_LOCK_TIMEOUT = "SELECT @@LOCK_TIMEOUT"
+
 
 class PymssqlDialect(Dialect):
     """pymssql has no local transaction flag: the lease's record of statements decides."""
@@ -44,34 +59,40 @@ class PymssqlDialect(Dialect):
         # With autocommit off pymssql keeps a transaction open at all times; with it on,
         # each statement would commit alone, and commit() and rollback() do nothing: turn it
         # off for the block (BEGIN TRAN), and back on in end().  Every level; the level is
-        # session-scoped, so end() puts back the server default.
+        # session-scoped, so end() puts back the one the session had (a configure hook's).
         autocommit = conn.autocommit_state
         if autocommit:
             conn.autocommit(False)
+        previous = None  # the level to put back, if the block changed it
         if isolation is not None:
             try:
-                _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
+                [(number,)] = _execute(conn, _CURRENT_LEVEL)
+                current = _LEVELS.get(number, "READ COMMITTED")
+                if current != isolation.value:
+                    _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
+                    previous = current
             except BaseException:
                 if autocommit:
                     conn.autocommit(True)
                 raise
-        return (isolation is not None, autocommit)
+        return (previous, autocommit)
 
     def end(self, conn: Any, token: Any) -> None:
         if token is None:  # begin() did not finish: it undid its own part
             return
-        level_set, autocommit = token
-        if level_set:
-            _execute(conn, "SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        previous, autocommit = token
+        if previous is not None:
+            _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {previous}")
         if autocommit:
             conn.autocommit(True)  # ROLLBACK TRAN: the transaction commit() began is empty
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
+        [(previous,)] = _execute(conn, _CURRENT_LOCK_TIMEOUT)
         _execute(conn, f"SET LOCK_TIMEOUT {milliseconds(seconds)}")
-        return None
+        return int(previous)
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
-        _execute(conn, "SET LOCK_TIMEOUT -1")
+        _execute(conn, f"SET LOCK_TIMEOUT {int(token)}")
 
     def is_retryable(self, exc: BaseException) -> bool:
         return is_database_error(exc) and bool(exc.args) and exc.args[0] in _TRANSACTION_ABORTED
