@@ -648,8 +648,9 @@ class Pool(Generic[C]):
             # Leased before reopen() (closed as it comes back), or ended by the pool: as close()
             self._give_back([slot])
             return
-        held = monotonic() - slot.leased_at
+        held = 0.0
         try:
+            held = monotonic() - slot.leased_at  # (a signal handler may raise as it returns)
             if slot.borrowed is not None:
                 self._note_return_of_borrowed(slot)
             if self._listeners.checkin:  # it came back, as every lease does
@@ -1734,23 +1735,25 @@ class Pool(Generic[C]):
     def _close_if_retired(self, slot: _Slot) -> None:
         """Close a connection leased before reopen(), which stopped counting it, or one
         close() left open, as it comes back.  Its borrower alone holds it, so this runs once."""
-        with self._lock:  # close() may be leaving it open, or closing it, just now
-            generation = slot.generation
-            if generation == _LEFT_OPEN:
-                self._left_open.discard(slot)
-            if generation >= 0 or generation == _LEFT_OPEN:
-                slot.generation = _FORGOTTEN  # closed here, and by nobody else
-        if generation == _LEFT_OPEN:
-            self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
-        if generation < 0:
-            return
+        generation = _FORGOTTEN  # until it is read under the lock
         try:
-            self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
-        finally:
-            with self._lock:  # its place under max_size is free now
-                self._retired.discard(slot)
-                self._grant_room_locked()
-                self._cond.notify_all()  # drain() and close() wait for it
+            with self._lock:  # close() may be leaving it open, or closing it, just now
+                generation = slot.generation
+                if generation == _LEFT_OPEN:
+                    self._left_open.discard(slot)
+                if generation >= 0 or generation == _LEFT_OPEN:
+                    slot.generation = _FORGOTTEN  # closed here, and by nobody else
+        finally:  # even if a signal handler raised as the lock was let go: nobody else closes it
+            if generation == _LEFT_OPEN:
+                self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
+            elif generation >= 0:
+                try:
+                    self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
+                finally:
+                    with self._lock:  # its place under max_size is free now
+                        self._retired.discard(slot)
+                        self._grant_room_locked()
+                        self._cond.notify_all()  # drain() and close() wait for it
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None

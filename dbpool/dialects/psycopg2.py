@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import os
+import weakref
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -26,6 +28,15 @@ _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "
 class Psycopg2Dialect(Dialect):
     name = "psycopg2"
     limit_time_inside_transaction = True
+
+    def check_new(self, conn: Any) -> None:
+        # The cancel key is copied out of the connection now, while no other thread has it:
+        # psycopg2's close() frees what it is copied from with the GIL let go, so a cancel
+        # copying it from another thread could read freed memory.  (psycopg2's own cancel()
+        # uses a key it copied as it connected, kept as long as the connection object.)
+        libpq = _libpq_cancel()
+        if libpq is not None:
+            libpq.remember(conn)
 
     def transaction_state(self, conn: Any) -> TxState:
         if conn.closed:
@@ -156,11 +167,11 @@ class Psycopg2Dialect(Dialect):
         # psycopg2's cancel() keeps the GIL while libpq connects to the server and waits for
         # its answer: every thread of the process stops meanwhile, for as long as a connect to
         # a server that does not answer takes.  libpq's own calls, made here, let it go.
-        send = _libpq_cancel()
-        if send is None or conn.closed:
+        libpq = _libpq_cancel()
+        if libpq is None or conn.closed:
             conn.cancel()  # (closed: psycopg2 raises InterfaceError, as it should)
             return
-        send(conn)
+        libpq.send(conn)
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES
@@ -185,20 +196,80 @@ def _idle(conn: Any) -> bool:
     return not conn.closed and conn.get_transaction_status() == _PQ_IDLE
 
 
+class _CancelKey:
+    """A libpq ``PGcancel``: what a cancel request needs, copied out of a connection; freed
+    with this object, which a cancel under way holds."""
+
+    __slots__ = ("pointer", "_free")
+
+    def __init__(self, pointer: int, free: Callable[[int], None]) -> None:
+        self.pointer = pointer
+        self._free = free
+
+    def __del__(self) -> None:
+        self._free(self.pointer)
+
+
+class _Libpq:
+    """The cancel calls of the libpq psycopg2 itself uses, and the cancel key of each
+    connection the pool made."""
+
+    def __init__(
+        self,
+        get_cancel: Callable[[Any], int | None],
+        free_cancel: Callable[[int], None],
+        request: Callable[[int, Any, int], int],
+    ) -> None:
+        self._get_cancel = get_cancel
+        self._free_cancel = free_cancel
+        self._request = request
+        # Weakly keyed: a key goes with its connection object.
+        self._keys: weakref.WeakKeyDictionary[Any, _CancelKey] = weakref.WeakKeyDictionary()
+
+    def _copy_key(self, conn: Any) -> _CancelKey | None:
+        pointer = self._get_cancel(conn.pgconn_ptr)
+        return None if not pointer else _CancelKey(pointer, self._free_cancel)
+
+    def remember(self, conn: Any) -> None:
+        """Keep ``conn``'s cancel key; only where no other thread can be closing it."""
+        key = self._copy_key(conn)
+        if key is not None:
+            try:
+                self._keys[conn] = key
+            except TypeError:  # no weak references: its cancels copy the key as they go
+                pass
+
+    def send(self, conn: Any) -> None:
+        """Cancel ``conn``'s running statement, the GIL let go while the request is sent."""
+        try:
+            key = self._keys.get(conn)
+        except TypeError:
+            key = None
+        if key is None:  # a connection the pool did not make (so not closed by the pool)
+            key = self._copy_key(conn)
+            if key is None:
+                raise conn.OperationalError("libpq could not make a cancel request")
+        error = ctypes.create_string_buffer(256)
+        if not self._request(key.pointer, error, len(error)):
+            raise conn.OperationalError(error.value.decode(errors="replace"))
+
+
 @functools.cache
-def _libpq_cancel() -> Callable[[Any], None] | None:
-    """A cancel of a psycopg2 connection's running statement through the libpq psycopg2 itself
-    uses (found through its extension module), with the GIL let go while the request is sent;
-    ``None`` where that libpq or ``pgconn_ptr`` (psycopg2 2.8+) is out of reach."""
+def _libpq_cancel() -> _Libpq | None:
+    """The cancel of a psycopg2 connection's running statement through the libpq psycopg2
+    itself uses (found through its extension module), with the GIL let go while the request
+    is sent; ``None`` where that libpq or ``pgconn_ptr`` (psycopg2 2.8+) is out of reach."""
     try:
         _psycopg = importlib.import_module("psycopg2._psycopg")
         if not hasattr(_psycopg.connection, "pgconn_ptr"):
             return None
         # The loader binds psycopg2's libpq calls to a libpq already in the process's global
         # scope (preloaded, or linked by an application embedding Python) before the one its
-        # wheel ships: look there first too.  Another libpq than psycopg2's would misread its
-        # connections (another layout): a version that is not psycopg2's is not used.
-        name = None if hasattr(ctypes.CDLL(None), "PQgetCancel") else _psycopg.__file__
+        # wheel ships: look there first too (Windows has no such scope, and its ctypes cannot
+        # open None).  Another libpq than psycopg2's would misread its connections (another
+        # layout): a version that is not psycopg2's is not used.
+        in_scope = os.name != "nt" and hasattr(ctypes.CDLL(None), "PQgetCancel")
+        name = None if in_scope else _psycopg.__file__
         # PyDLL keeps the GIL while the cancel key is copied out of the connection, as
         # psycopg2's cancel() does; CDLL lets it go for the request, which uses that copy only.
         holding, releasing = ctypes.PyDLL(name), ctypes.CDLL(name)
@@ -212,16 +283,4 @@ def _libpq_cancel() -> Callable[[Any], None] | None:
     free_cancel.restype, free_cancel.argtypes = None, [ctypes.c_void_p]
     request.restype = ctypes.c_int
     request.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-
-    def send(conn: Any) -> None:
-        key = get_cancel(conn.pgconn_ptr)
-        if not key:
-            raise conn.OperationalError("libpq could not make a cancel request")
-        try:
-            error = ctypes.create_string_buffer(256)
-            if not request(key, error, len(error)):
-                raise conn.OperationalError(error.value.decode(errors="replace"))
-        finally:
-            free_cancel(key)
-
-    return send
+    return _Libpq(get_cancel, free_cancel, request)
