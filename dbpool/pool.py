@@ -2341,7 +2341,7 @@ class Pool(Generic[C]):
     def _held_by_this_thread_locked(self) -> int:
         me = threading.get_ident()
         leased = self._everyone.difference(self._idle)
-        return sum(1 for slot in leased if slot.owner == me)
+        return sum(1 for slot in itertools.chain(leased, self._retired) if slot.owner == me)
 
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._secrets)
