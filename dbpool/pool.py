@@ -1699,6 +1699,9 @@ class Pool(Generic[C]):
                         self._returned += 1
                         self._held_time += held
                     if not self._closed and self._size <= self._max_size:  # the common case
+                        # No borrower's until its next lease: the thread that returned it no
+                        # longer holds it while another validates it or wakes up with it.
+                        slot.owner = 0
                         if self._waiters:
                             self._free_locked(slot)
                         else:
