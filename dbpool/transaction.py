@@ -370,6 +370,14 @@ class Transaction(Generic[C]):
                 "back and nothing was committed"
             )
             error.__cause__ = self._failed
+        elif slot.dialect.transaction_state(slot.raw) is BROKEN:
+            # Closed (conn.raw.close()) or lost before COMMIT: the server rolls back as the
+            # session ends, and no COMMIT can go out, so the outcome is known.
+            error = TransactionRolledBack(
+                "the connection was closed or lost inside the transaction block, before "
+                "COMMIT: the transaction was not committed"
+            )
+            error.__cause__ = self._failed
         else:
             return None
         return error
