@@ -64,8 +64,8 @@ class TransactionTimeout(PoolError, TimeoutError):
 class TransactionRolledBack(PoolError):
     """A transaction block ended normally, but the server had already ended its transaction
     after an error inside it (PostgreSQL aborts the transaction, SQLite and MySQL may roll it
-    back): it was rolled back, not committed.  Chained to the first driver error raised in the
-    block."""
+    back), or its connection was closed or lost before COMMIT: it was rolled back, not
+    committed.  Chained to the first driver error raised in the block."""
 
     __module__ = "dbpool"
 
