@@ -95,10 +95,13 @@ class PsycopgDialect(Dialect):
         # With how many notice and notify handlers it has (those configure added): a
         # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
         # them in private lists: a psycopg version without them counts none.
+        # Then how many notifications wait for the next conn.notifies() (psycopg 3.2+): those
+        # a lease received are its borrower's, and may name its data.
         try:
             handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
         except AttributeError:
             handlers = (0, 0)
+        backlog = getattr(conn, "_notifies_backlog", None)
         return (
             conn.autocommit,
             conn.isolation_level,
@@ -108,6 +111,7 @@ class PsycopgDialect(Dialect):
             conn.cursor_factory,
             conn.prepare_threshold,
             *handlers,
+            0 if backlog is None else len(backlog),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
@@ -117,6 +121,9 @@ class PsycopgDialect(Dialect):
             handlers = getattr(conn, name, None)
             if handlers is not None:
                 del handlers[count:]  # the ones added since, on the end
+        backlog = getattr(conn, "_notifies_backlog", None)
+        while backlog and len(backlog) > settings[9]:
+            backlog.pop()  # the newest: those received since it was opened
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # A client-side cursor holds its rows, unless the connection is in pipeline mode

@@ -49,13 +49,17 @@ class Psycopg2Dialect(Dialect):
 
     def client_settings(self, conn: Any) -> object:
         # With the cursor factory: it decides what the next borrower's cursors return.  In
-        # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.
+        # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.  Then how
+        # many server messages (notices, notifications) the connection holds: those a lease
+        # received are its borrower's, and may name its data.
         return (
             conn.autocommit,
             conn.isolation_level,
             conn.readonly,
             conn.deferrable,
             conn.cursor_factory,
+            len(conn.notices),
+            len(conn.notifies),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
@@ -64,6 +68,11 @@ class Psycopg2Dialect(Dialect):
         for name, value in zip(_CLIENT_SETTINGS, settings):
             if getattr(conn, name) != value:
                 setattr(conn, name, value)
+        # The messages received since it was opened, on the end (a list, or the deque a
+        # configure hook may have put in its place); those from before stay.
+        for messages, count in zip((conn.notices, conn.notifies), settings[-2:]):
+            while len(messages) > count:
+                messages.pop()
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side

@@ -1,0 +1,78 @@
+"""psycopg2 keeps the server's messages on the connection (``conn.notices``, ``conn.notifies``),
+psycopg 3 the notifications received outside ``conn.notifies()``:
+those a lease received are its borrower's, and the next borrower must not read them."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import pytest
+
+import dbpool
+
+pytestmark = pytest.mark.timeout(30)
+
+NOTICE = "DO $$ BEGIN RAISE NOTICE 'account 42 overdrawn'; END $$"
+
+
+def test_a_leases_notices_and_notifications_do_not_reach_the_next_borrower(
+    psycopg2_connect: Any,
+) -> None:
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            cursor = conn.cursor()
+            cursor.execute(NOTICE)
+            cursor.execute("LISTEN dbpool_messages")
+            cursor.execute("NOTIFY dbpool_messages, 'payload'")
+            conn.commit()
+            assert any("overdrawn" in notice for notice in raw.notices)
+            assert [n.payload for n in raw.notifies] == ["payload"]
+            cursor.execute("UNLISTEN *")
+            conn.commit()
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            assert raw.notices == []
+            assert raw.notifies == []
+
+
+def test_messages_from_before_the_first_lease_stay(psycopg2_connect: Any) -> None:
+    """A configure hook's own (in a deque of its choosing, as psycopg2's docs suggest)."""
+
+    def configure(raw: Any) -> None:
+        raw.notices = collections.deque(maxlen=10)
+        cursor = raw.cursor()
+        cursor.execute(NOTICE.replace("account 42 overdrawn", "configured"))
+        raw.commit()
+
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            conn.cursor().execute(NOTICE)
+            assert len(raw.notices) == 2
+        with pool.connection() as conn:
+            assert [notice for notice in raw.notices if "configured" in notice]
+            assert len(raw.notices) == 1
+
+
+def test_a_psycopg_leases_notifications_do_not_reach_the_next_borrower(
+    postgresql_dsn: str,
+) -> None:
+    """psycopg 3 keeps the notifications received outside conn.notifies() for its next call."""
+    import psycopg
+
+    def connect() -> Any:
+        return psycopg.connect(postgresql_dsn, autocommit=True)
+
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            conn.execute("LISTEN dbpool_messages")
+            conn.execute("NOTIFY dbpool_messages, 'payload'")
+            conn.execute("UNLISTEN *")
+            if not getattr(raw, "_notifies_backlog", None):
+                pytest.skip("this psycopg keeps no notifications for a later notifies()")
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            assert list(conn.notifies(timeout=0)) == []
