@@ -258,9 +258,10 @@ class Pool(Generic[C]):
         temporary tables, user variables, prepared statements) before the next borrower:
         ``None`` (default) nothing beyond the rollback and the driver settings;
         ``"discard"`` the server's own reset (``DISCARD ALL`` on PostgreSQL, a connection
-        reset on MySQL/MariaDB with PyMySQL), one round trip after each lease that ran
-        something, or a reconnect where the driver has no reset; ``"reconnect"`` closes every
-        connection a lease ran something on.
+        reset on MySQL/MariaDB with PyMySQL, then PyMySQL's connect-time setup) after each
+        lease that ran something (one round trip on PostgreSQL, four on MariaDB with
+        PyMySQL's defaults), or a reconnect where the driver has no reset; ``"reconnect"``
+        closes every connection a lease ran something on.
     :param leak_timeout: a lease held longer than this many seconds is logged as a warning
         with the stack of the code that took it (``None``: off; costs a stack capture per
         checkout when on).

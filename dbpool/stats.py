@@ -49,8 +49,11 @@ class PoolStats:
     created: int
     #: connections closed, for any reason
     closed: int
-    #: connections closed while leased or at checkout: broken, dirty, interrupted, failing
-    #: validation, or past max_lifetime
+    #: of those, the ones thrown away at checkout or on return (broken, interrupted, busy,
+    #: failing validation or a reset, or past max_lifetime), found dead by a ping of
+    #: ``check()``, ``health()`` or the background sweep, or closed by ``pool.discard()``; not
+    #: the idle ones the background thread retires for age or idleness, nor those ``resize()``
+    #: closes
     discarded: int
     #: leases handed out
     acquired: int
