@@ -67,6 +67,23 @@ LIBPQ_STATES = {
 }
 
 
+def _reading(conn: Any) -> bool:
+    """Whether a result is still being read, outside pipeline mode: a ``cursor.stream()`` left
+    part-read holds the connection's lock (not reentrant) until it ends, and a statement the
+    pool sent now would wait for it forever in the same thread (psycopg, with the lock free,
+    refuses it at once)."""
+    pgconn = conn.pgconn
+    return bool(pgconn.transaction_status == _PQ_ACTIVE and not pgconn.pipeline_status)
+
+
+def _refuse_while_reading(conn: Any) -> None:
+    if _reading(conn):
+        raise conn.OperationalError(
+            "another command is already in progress: a result is still being read on this "
+            "connection (a cursor.stream() left part-read, or a copy() not finished)"
+        )
+
+
 class PsycopgDialect(Dialect):
     name = "psycopg"
     limit_time_inside_transaction = True
@@ -125,6 +142,29 @@ class PsycopgDialect(Dialect):
         while backlog and len(backlog) > settings[9]:
             backlog.pop()  # the newest: those received since it was opened
 
+    def close_cursor(self, cursor: Any) -> None:
+        # A server-side cursor's close sends CLOSE: not while a result is being read (the
+        # connection then goes back busy and is discarded, which ends the cursor with it).
+        if hasattr(cursor, "name") and _reading(cursor.connection):
+            return
+        cursor.close()
+
+    def commit(self, conn: Any) -> None:
+        _refuse_while_reading(conn)
+        conn.commit()
+
+    def savepoint(self, conn: Any, name: str) -> None:
+        _refuse_while_reading(conn)
+        super().savepoint(conn, name)
+
+    def release_savepoint(self, conn: Any, name: str) -> None:
+        _refuse_while_reading(conn)
+        super().release_savepoint(conn, name)
+
+    def rollback_to_savepoint(self, conn: Any, name: str) -> None:
+        _refuse_while_reading(conn)
+        super().rollback_to_savepoint(conn, name)
+
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # A client-side cursor holds its rows, unless the connection is in pipeline mode
         # (fetching then syncs the pipeline); a server-side cursor has a name.
@@ -174,6 +214,7 @@ class PsycopgDialect(Dialect):
             conn.execute("")
 
     def rollback(self, conn: Any) -> None:
+        _refuse_while_reading(conn)
         _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
