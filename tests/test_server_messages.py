@@ -76,3 +76,28 @@ def test_a_psycopg_leases_notifications_do_not_reach_the_next_borrower(
         with pool.connection() as conn:
             assert conn.raw is raw
             assert list(conn.notifies(timeout=0)) == []
+
+
+def test_a_notices_sink_of_the_borrowers_own_is_left_alone(psycopg2_connect: Any) -> None:
+    """psycopg2 takes any object with an append() as conn.notices."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.received: list[str] = []
+
+        def append(self, notice: str) -> None:
+            self.received.append(notice)
+
+    sink = Sink()
+
+    def configure(raw: Any) -> None:
+        raw.notices = sink
+
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            conn.cursor().execute(NOTICE)
+        with pool.connection() as conn:
+            assert conn.raw is raw  # reused, not discarded
+        assert pool.stats().discarded == 0
+    assert any("overdrawn" in notice for notice in sink.received)

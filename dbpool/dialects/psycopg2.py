@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import importlib
@@ -58,8 +59,8 @@ class Psycopg2Dialect(Dialect):
             conn.readonly,
             conn.deferrable,
             conn.cursor_factory,
-            len(conn.notices),
-            len(conn.notifies),
+            _held(conn.notices),
+            _held(conn.notifies),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
@@ -68,10 +69,9 @@ class Psycopg2Dialect(Dialect):
         for name, value in zip(_CLIENT_SETTINGS, settings):
             if getattr(conn, name) != value:
                 setattr(conn, name, value)
-        # The messages received since it was opened, on the end (a list, or the deque a
-        # configure hook may have put in its place); those from before stay.
+        # The messages received since it was opened, on the end; those from before stay.
         for messages, count in zip((conn.notices, conn.notifies), settings[-2:]):
-            while len(messages) > count:
+            while count is not None and len(messages) > count:
                 messages.pop()
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
@@ -203,6 +203,13 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
 
 def _idle(conn: Any) -> bool:
     return not conn.closed and conn.get_transaction_status() == _PQ_IDLE
+
+
+def _held(messages: Any) -> int | None:
+    """How many messages psycopg2 holds in ``messages`` (a list, or the deque its docs
+    suggest): ``None`` for another object with an ``append()``, which psycopg2 also takes
+    (a logger's, say), and whose messages are not the pool's to drop."""
+    return len(messages) if isinstance(messages, (list, collections.deque)) else None
 
 
 class _CancelKey:
