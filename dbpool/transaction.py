@@ -257,8 +257,15 @@ class Transaction(Generic[C]):
 
     def _unguard(self) -> None:
         """After this, the watchdog severs nothing for this transaction."""
-        with self._sever_lock:
+        slot = self._slot
+        if slot is not None and slot.generation < 0:
+            # The pool closed it, or it is the parent's (fork()): it is never handed out again,
+            # so a late cut-off reaches nobody; and in a child forked while the watchdog's
+            # thread held the lock, nothing would ever let it go.
             self._guarded = False
+        else:
+            with self._sever_lock:
+                self._guarded = False
         if self._sever_watch is not None:
             watchdog.unwatch(self._sever_watch)
 

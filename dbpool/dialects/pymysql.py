@@ -198,6 +198,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         sock = conn._sock
         if sock is not None:
             _blind_fd(sock.fileno())
+        # An unbuffered result (an SSCursor's) the parent is reading: the child's copy, once
+        # collected, would try to read the rest of it (PyMySQL's finalisers), and print the
+        # error.  Nobody reads it in the child.
+        result = conn._result
+        if result is not None:
+            result.unbuffered_active = False
 
     can_reset_session = True
 
