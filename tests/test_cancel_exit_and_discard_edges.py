@@ -11,7 +11,6 @@ in a process where glibc fills freed memory (``MALLOC_PERTURB_``): reading it th
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import types
 from typing import Any
@@ -21,11 +20,10 @@ import pytest
 import dbpool
 from dbpool.lease import detach
 from tests.conftest import in_child
+from tests.test_psycopg2_cancel import cancel_a_running_statement, run_script
 from tests.test_signal_windows import _leased, _problems, exact_after_each
 
 pytestmark = pytest.mark.timeout(60)
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CLOSED_AS_THE_CANCEL_STARTS = """
 import sys
@@ -58,15 +56,7 @@ pool.close()
 
 def test_a_psycopg2_cancel_reads_nothing_a_close_frees(postgresql_dsn: str) -> None:
     pytest.importorskip("psycopg2")
-    env = {**os.environ, "MALLOC_PERTURB_": "85"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-    child = subprocess.run(
-        [sys.executable, "-c", _CLOSED_AS_THE_CANCEL_STARTS, postgresql_dsn],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
+    child = run_script(_CLOSED_AS_THE_CANCEL_STARTS, postgresql_dsn, env={"MALLOC_PERTURB_": "85"})
     # Without the fix the child reads freed memory and dies of SIGSEGV (-11).
     assert (child.returncode, child.stdout.strip()) == (0, "sent 0"), child.stderr
 
@@ -76,7 +66,6 @@ def test_a_psycopg2_cancel_where_ctypes_cannot_open_the_process_itself(
 ) -> None:
     psycopg2 = pytest.importorskip("psycopg2")
     from dbpool.dialects import psycopg2 as dialect_module
-    from tests.test_psycopg2_cancel import cancel_a_running_statement
 
     def body() -> list[str]:
         # ctypes as on Windows, where CDLL(None) raises TypeError (there is no global scope);

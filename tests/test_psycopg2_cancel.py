@@ -26,6 +26,24 @@ from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(
+    script: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a new interpreter, with ``args``, this project importable, and ``env``
+    added to the environment."""
+    environ = {**os.environ, **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=30,
+    )
+
 
 def cancel_a_running_statement(conn: Any, admin: Any) -> list[str]:
     """Run a long statement on ``conn`` in a thread and cancel it with the dialect once the
@@ -98,18 +116,10 @@ def test_a_psycopg2_cancel_uses_the_libpq_in_the_global_scope(postgresql_dsn: st
     system_libpq = ctypes.util.find_library("pq")
     if system_libpq is None:
         pytest.skip("no system libpq to preload")
-    env = {**os.environ, "LD_PRELOAD": system_libpq}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env = {"LD_PRELOAD": system_libpq}
     probe = "import psycopg2.extensions as e; print(e.libpq_version())"
-    own = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    own = run_script(probe, env=env)
     if own.stdout.strip() == str(psycopg2.extensions.libpq_version()):
         pytest.skip("psycopg2 uses the system libpq already")
-    child = subprocess.run(
-        [sys.executable, "-c", _PRELOADED_CHILD, postgresql_dsn],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-    )
+    child = run_script(_PRELOADED_CHILD, postgresql_dsn, env=env)
     assert (child.returncode, child.stdout.strip()) == (0, "['cancelled']"), child.stderr
