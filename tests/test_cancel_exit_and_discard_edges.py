@@ -82,13 +82,7 @@ def test_a_psycopg2_cancel_where_ctypes_cannot_open_the_process_itself(
         finally:
             del sys.modules["nt"]
             os.name = "posix"
-        conn, admin = psycopg2.connect(postgresql_dsn), psycopg2.connect(postgresql_dsn)
-        admin.autocommit = True
-        try:
-            return cancel_a_running_statement(conn, admin)
-        finally:
-            admin.close()
-            conn.close()
+        return cancel_a_running_statement(lambda: psycopg2.connect(postgresql_dsn))
 
     # Without the fix, looking for the libpq raises TypeError, and every cancel with it.
     assert in_child(body, timeout=30) == {"result": ["cancelled"]}

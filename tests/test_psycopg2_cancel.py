@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -45,10 +45,28 @@ def run_script(
     )
 
 
-def cancel_a_running_statement(conn: Any, admin: Any) -> list[str]:
-    """Run a long statement on ``conn`` in a thread and cancel it with the dialect once the
-    server runs it (seen through ``admin``, in autocommit): how the statement ended, or why the
-    cancel failed."""
+def cancel_a_running_statement(
+    connect: Callable[[], Any], connect_admin: Callable[[], Any] | None = None
+) -> list[str]:
+    """Run a long statement on a connection from ``connect`` in a thread and cancel it with the
+    dialect once the server runs it (seen through a second connection, from ``connect_admin``
+    or else ``connect``): how the statement ended, or why the cancel failed.  Both connections
+    are closed at the end."""
+    conn = connect()
+    try:
+        admin = (connect_admin or connect)()
+    except BaseException:
+        conn.close()
+        raise
+    admin.autocommit = True
+    try:
+        return _cancel_on(conn, admin)
+    finally:
+        admin.close()
+        conn.close()
+
+
+def _cancel_on(conn: Any, admin: Any) -> list[str]:
     import psycopg2
 
     marker = "SELECT pg_sleep(20) AS dbpool_cancelled_statement"
@@ -87,14 +105,10 @@ def test_a_psycopg2_cancel_lets_the_other_threads_run(postgresql_dsn: str) -> No
     def body() -> list[str]:
         with FaultProxy(upstream=("127.0.0.1", upstream)) as proxy:
             proxied = {**params, "host": "127.0.0.1", "port": proxy.port, "sslmode": "disable"}
-            conn = psycopg2.connect(**proxied)
-            admin = psycopg2.connect(**{**params, "host": "127.0.0.1", "port": upstream})
-            admin.autocommit = True
-            try:
-                return cancel_a_running_statement(conn, admin)
-            finally:
-                admin.close()
-                conn.close()
+            return cancel_a_running_statement(
+                lambda: psycopg2.connect(**proxied),
+                lambda: psycopg2.connect(**{**params, "host": "127.0.0.1", "port": upstream}),
+            )
 
     # Without the fix the child never comes back: killed at the timeout, the test fails.
     assert in_child(body, timeout=20) == {"result": ["cancelled"]}
@@ -105,9 +119,7 @@ import sys
 import psycopg2
 from tests.test_psycopg2_cancel import cancel_a_running_statement
 
-conn, admin = psycopg2.connect(sys.argv[1]), psycopg2.connect(sys.argv[1])
-admin.autocommit = True
-print(cancel_a_running_statement(conn, admin))
+print(cancel_a_running_statement(lambda: psycopg2.connect(sys.argv[1])))
 """
 
 
