@@ -126,18 +126,26 @@ def test_a_lease_held_while_the_pool_is_drained_is_reported_as_held_too_long(
     with pytest.raises(dbpool.PoolTimeout):
         pool.drain(timeout=0)
     runs = count_maintenance(pool)
-    clock.advance(61)
-    pool._reaper_wakeup.set()
-    wait_until(
-        lambda: pool.stats().leak_warnings == 1,
-        message="the drained pool never reported the lease held past leak_timeout",
+    report = _reported_past_leak_timeout(
+        pool, clock, caplog, "the drained pool never reported the lease held past leak_timeout"
     )
-    [report] = leak_reports(caplog)
     assert "hold_a_lease_across_a_drain" in report, report
     run_maintenance(pool, runs)
     assert pool.stats().leak_warnings == 1, "reported more than once"
     lease.close()
     assert any("came back after" in r.getMessage() for r in caplog.records)
+
+
+def _reported_past_leak_timeout(
+    pool: Any, clock: FakeClock, caplog: pytest.LogCaptureFixture, message: str
+) -> str:
+    """Move the clock past leak_timeout (60 s), wake the maintenance thread, and return the one
+    report it logs."""
+    clock.advance(61)
+    pool._reaper_wakeup.set()
+    wait_until(lambda: pool.stats().leak_warnings == 1, message=message)
+    [report] = leak_reports(caplog)
+    return report
 
 
 def hold_a_lease_across_reopen(pool: Any) -> Any:
@@ -157,13 +165,9 @@ def test_a_lease_taken_before_reopen_is_reported_as_held_too_long_once(
         pool.drain(timeout=0)
     pool.reopen()
     runs = count_maintenance(pool)
-    clock.advance(61)
-    pool._reaper_wakeup.set()
-    wait_until(
-        lambda: pool.stats().leak_warnings == 1,
-        message="the lease from before reopen() was never reported past leak_timeout",
+    report = _reported_past_leak_timeout(
+        pool, clock, caplog, "the lease from before reopen() was never reported past leak_timeout"
     )
-    [report] = leak_reports(caplog)
     assert "hold_a_lease_across_reopen" in report, report
     lease.close()
     assert any("came back after" in r.getMessage() for r in caplog.records)
