@@ -518,8 +518,8 @@ def test_the_watchdog_survives_a_callback_raising_a_base_exception() -> None:
 def test_statement_on_a_tx_cursor_after_the_deadline_raises_at_once(
     fake_server: fakedb.Server,
 ) -> None:
-    """Issue 3: "A statement issued after the deadline raises at once."  Only tx.execute()
-    checks; a cursor from tx.cursor() sends the statement to the server."""
+    """A statement issued after the deadline raises at once, on a cursor from tx.cursor() as
+    through tx.execute(): it is never sent to the server."""
     with fake_pool(fake_server.connect) as pool:
         with pytest.raises(TransactionTimeout):
             with pool.transaction(timeout=0.2) as tx:

@@ -1,6 +1,5 @@
-"""Defects found reviewing the background connects, bounded pings, transaction severing and the
-checkout/return fast paths.  Each test fails on the code it was written against and passes once
-the defect it names is fixed.
+"""Races and interrupts around the background connects, bounded pings, transaction severing and
+the checkout/return fast paths: the pool's accounting stays exact and nobody is left waiting.
 
 Interleavings are forced with fakedb gates, Events, a stand-in for the pool's lock, or a line
 trace, never with sleeps.  Two techniques stand for a signal handler that raises in the main
