@@ -69,7 +69,10 @@ class PoolEvent:
     event: Event
     #: the pool's name
     pool: str
-    #: the driver's connection the event is about
+    #: the driver's connection the event is about: to identify it (``id()``, the driver's
+    #: process id), not to run statements on; the pool does not know what a listener sends, so
+    #: work done here is not undone before the next borrower (``configure`` and ``reset`` are
+    #: the hooks that may use the connection)
     connection: Any
     #: for DISCARD, a :class:`DiscardReason` value; for CLOSE, that or ``"pool_closed"``
     reason: str | None = None
