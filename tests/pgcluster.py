@@ -3,7 +3,8 @@
 The cluster is made once per test session (``initdb`` takes a second or two; starting and
 stopping it afterwards is quick), listens on 127.0.0.1 on a free port with trust
 authentication, keeps its unix socket in its own temporary directory, and runs with
-``fsync=off`` and small memory settings: it holds nothing worth keeping.
+``fsync=off``, small memory settings and room for a few prepared (two-phase) transactions:
+it holds nothing worth keeping.
 
 ``initdb`` and the server refuse to run as root, so under root every ``initdb`` and ``pg_ctl``
 runs as the ``postgres`` system user (through ``runuser``); as any other user they run as that
@@ -63,6 +64,7 @@ max_wal_senders = 0
 wal_level = minimal
 logging_collector = off
 log_min_messages = warning
+max_prepared_transactions = 4
 """
 
 

@@ -64,7 +64,8 @@ class Dialect:
     def after_exposure(self, conn: Any) -> None:
         """On the return of a lease that handed out the driver's connection or cursor, or
         called one of :attr:`exposing_methods`: undo what the pool cannot read; no transaction
-        is open.  May do I/O (only such leases pay for it)."""
+        is open.  May do I/O (only such leases pay for it).  Raises if the connection cannot
+        be made fit for the next borrower: it is discarded."""
 
     def call_failed(self, conn: Any) -> None:
         """A driver call on ``conn`` raised (or may have, unseen: the lease handed out the

@@ -84,9 +84,27 @@ def _refuse_while_reading(conn: Any) -> None:
         )
 
 
+def prepared_two_phase_left() -> RuntimeError:
+    return RuntimeError(
+        "returned with a prepared two-phase transaction that neither tpc_commit() nor "
+        "tpc_rollback() finished: the driver refuses commit() from then on; the transaction "
+        "stays prepared on the server, for tpc_recover()"
+    )
+
+
 class PsycopgDialect(Dialect):
     name = "psycopg"
     limit_time_inside_transaction = True
+
+    # tpc_prepare() ends the session's transaction (libpq says idle) but leaves the driver in
+    # two-phase mode until tpc_commit() or tpc_rollback().  The prepared transaction is its
+    # transaction manager's to finish, from any connection: the pool leaves it prepared, and
+    # discards the connection (psycopg keeps the mode in a private attribute).
+    exposing_methods = frozenset({"tpc_prepare"})
+
+    def after_exposure(self, conn: Any) -> None:
+        if getattr(conn, "_tpc", None) is not None:
+            raise prepared_two_phase_left()
 
     def transaction_state(self, conn: Any) -> TxState:
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a

@@ -20,7 +20,10 @@ from .psycopg import (
     LIBPQ_STATES,
     _begin_sql,
     _rollback_even_two_phase,
+    prepared_two_phase_left,
 )
+
+_STATUS_PREPARED = 5  # psycopg2.extensions.STATUS_PREPARED
 
 # What client_settings() reads, in the order restore_client_settings() sets them back.
 _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "cursor_factory")
@@ -29,6 +32,13 @@ _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "
 class Psycopg2Dialect(Dialect):
     name = "psycopg2"
     limit_time_inside_transaction = True
+
+    # As for psycopg (its dialect says why), but psycopg2 refuses every statement meanwhile.
+    exposing_methods = frozenset({"tpc_prepare"})
+
+    def after_exposure(self, conn: Any) -> None:
+        if conn.status == _STATUS_PREPARED:
+            raise prepared_two_phase_left()
 
     def check_new(self, conn: Any) -> None:
         # The cancel key is copied out of the connection now, while no other thread has it:
