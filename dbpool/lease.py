@@ -31,6 +31,10 @@ __all__ = ["Connection", "Cursor", "PoolCursor"]
 # may reach its driver objects, which talk to the parent's session.
 _INHERITED = -2
 
+# In a slot's record of what to restore on return, for a driver method the lease called whose
+# effect cannot be undone (Dialect.irreversible_methods): the connection is discarded instead.
+CANNOT_UNDO = object()
+
 
 def _released(what: str) -> LeaseReleased:
     subject = "this connection" if what == "connection" else f"this {what}'s connection"
@@ -246,6 +250,10 @@ class Connection(Generic[C]):
             slot.dirty = True
             if name in slot.dialect.exposing_methods:
                 slot.exposed = True
+            if name in slot.dialect.irreversible_methods:
+                if slot.restore is None:
+                    slot.restore = {}
+                slot.restore[name] = CANNOT_UNDO
             # The driver's statement methods (sqlite3's and psycopg's conn.execute, PyMySQL's
             # conn.query...) are watched as cursor.execute is: a failure marks what the driver
             # caches as stale, and inside a block the deadline can cancel them.

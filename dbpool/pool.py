@@ -32,7 +32,16 @@ from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
-from .lease import _INHERITED, Connection, PoolCursor, detach, lease, pool_cursor, revoke
+from .lease import (
+    _INHERITED,
+    CANNOT_UNDO,
+    Connection,
+    PoolCursor,
+    detach,
+    lease,
+    pool_cursor,
+    revoke,
+)
 from .redact import describe, mask_credentials, scrub_exception, scrub_text, secrets_in
 from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
@@ -1799,6 +1808,8 @@ class Pool(Generic[C]):
             if slot.restore:
                 restore, slot.restore = slot.restore, None
                 for name, value in restore.items():
+                    if value is CANNOT_UNDO:
+                        return _RESET_FAILED, f"the lease called {name}(), which cannot be undone"
                     setattr(raw, name, value)
             if slot.exposed:
                 dialect.after_exposure(raw)

@@ -8,7 +8,7 @@ deadline pass.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -155,6 +155,75 @@ def test_psycopg2_named_cursor_works_in_a_block_on_an_autocommit_connection(
 
 
 @pytest.mark.postgresql
+def test_psycopg2_client_encoding_a_lease_set_is_undone_on_return(
+    psycopg2_connect: Connector,
+) -> None:
+    """``set_client_encoding()`` changes both the server session's client_encoding and what
+    psycopg2 encodes and decodes text with: left as it is, the next borrower's euro sign
+    cannot be sent at all."""
+    pool = new_pool(psycopg2_connect)
+    try:
+        with pool.connection() as conn:
+            connected_with = conn.encoding
+            conn.set_client_encoding("LATIN1")
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused, not discarded
+            assert conn.encoding == connected_with
+            assert rows(conn, "SELECT '\u20ac', current_setting('client_encoding')") == [
+                ("\u20ac", connected_with)
+            ]
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_discard_reset_keeps_the_client_encoding_configure_set(
+    psycopg2_connect: Connector,
+) -> None:
+    """DISCARD ALL sets the session's client_encoding back to what it started with, and
+    psycopg2, which does not read it again, goes on encoding in the one ``configure`` set:
+    unless the reset sets it again, an accented letter sent in LATIN1 reaches a UTF8 session
+    as an invalid byte sequence."""
+    pool = new_pool(
+        psycopg2_connect,
+        session_reset="discard",
+        configure=lambda conn: conn.set_client_encoding("LATIN1"),
+    )
+    try:
+        for _ in range(2):  # the second lease runs after a reset
+            with pool.connection() as conn:
+                assert rows(conn, "SELECT '\u00e9', current_setting('client_encoding')") == [
+                    ("\u00e9", "LATIN1")
+                ]
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+def test_psycopg2_discard_reset_keeps_dates_readable_whatever_the_datestyle(
+    postgresql_dsn: str,
+) -> None:
+    """psycopg2 parses dates in the ISO style only, and sets it as it connects when the
+    session's is another; DISCARD ALL sets the session's back: unless the reset sets ISO
+    again, the next borrower's dates fail to parse ("unable to parse date")."""
+    import psycopg2
+
+    def connect() -> Any:
+        return psycopg2.connect(postgresql_dsn, options="-c DateStyle=SQL,DMY")
+
+    pool = new_pool(connect, session_reset="discard")
+    try:
+        for _ in range(2):
+            with pool.connection() as conn:
+                (day,) = rows(conn, "SELECT date '2024-03-01'")[0]
+                assert (day.year, day.month, day.day) == (2024, 3, 1)
+        assert pool.stats().created == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
 def test_psycopg2_two_phase_transaction_left_open_is_rolled_back_not_discarded(
     psycopg2_connect: Connector,
 ) -> None:
@@ -177,6 +246,49 @@ def test_psycopg2_two_phase_transaction_left_open_is_rolled_back_not_discarded(
 
 
 # -- sqlite3 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "install",
+    [
+        pytest.param(lambda conn, seen: conn.set_trace_callback(seen.append), id="trace"),
+        pytest.param(
+            lambda conn, seen: conn.set_authorizer(
+                lambda *request: seen.append(request) or sqlite3.SQLITE_DENY
+            ),
+            id="authorizer",
+        ),
+        pytest.param(
+            lambda conn, seen: conn.set_progress_handler(lambda: seen.append("step") or 1, 1),
+            id="progress-handler",
+        ),
+        pytest.param(lambda conn, seen: conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 8), id="limit"),
+    ],
+)
+def test_sqlite_callbacks_and_limits_a_lease_set_do_not_reach_the_next_borrower(
+    sqlite_connect: Connector, install: Callable[[Any, list[Any]], None]
+) -> None:
+    """sqlite3 reads none of these back, so none can be undone: the previous borrower's trace
+    callback would see the next borrower's statements, its authorizer or progress handler
+    deny or interrupt them, its limit refuse their longer strings.  The connection is
+    discarded instead (a file database keeps its data)."""
+    pool = new_pool(sqlite_connect)
+    seen: list[Any] = []
+    try:
+        with pool.connection() as conn:
+            rows(conn, "CREATE TABLE kept (x TEXT)")
+            rows(conn, "INSERT INTO kept VALUES ('a value past eight characters')")
+            conn.commit()
+            install(conn, seen)
+            first = conn.raw
+        seen.clear()
+        with pool.connection() as conn:
+            assert conn.raw is not first
+            assert rows(conn, "SELECT x FROM kept") == [("a value past eight characters",)]
+        assert seen == []
+        assert pool.stats().discards["reset_failed"] == 1
+    finally:
+        pool.close()
 
 
 def test_sqlite_unfinished_conn_execute_cursor_holds_no_lock_once_returned(

@@ -60,6 +60,10 @@ class Dialect:
     #: ping(True), which turns its automatic reconnect on for good: a lease that called one
     #: counts as having handed out the driver's connection (see :meth:`after_exposure`).
     exposing_methods: frozenset[str] = frozenset()
+    #: Driver methods whose effect the pool can neither read back nor undo, like sqlite3's
+    #: set_authorizer(): a lease that called one through the lease has its connection
+    #: discarded on return, so that the next borrower gets one as ``configure`` left it.
+    irreversible_methods: frozenset[str] = frozenset()
 
     def after_exposure(self, conn: Any) -> None:
         """On the return of a lease that handed out the driver's connection or cursor, or

@@ -62,13 +62,16 @@ class Psycopg2Dialect(Dialect):
         # With the cursor factory: it decides what the next borrower's cursors return.  In
         # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.  Then how
         # many server messages (notices, notifications) the connection holds: those a lease
-        # received are its borrower's, and may name its data.
+        # received are its borrower's, and may name its data.  The client encoding
+        # (set_client_encoding()) before them: the next borrower's text would be sent and
+        # decoded in it.
         return (
             conn.autocommit,
             conn.isolation_level,
             conn.readonly,
             conn.deferrable,
             conn.cursor_factory,
+            conn.encoding,
             _held(conn.notices),
             _held(conn.notifies),
         )
@@ -79,6 +82,8 @@ class Psycopg2Dialect(Dialect):
         for name, value in zip(_CLIENT_SETTINGS, settings):
             if getattr(conn, name) != value:
                 setattr(conn, name, value)
+        if conn.encoding != settings[5]:
+            conn.set_client_encoding(settings[5])
         # The messages received since it was opened, on the end; those from before stay.
         for messages, count in zip((conn.notices, conn.notifies), settings[-2:]):
             while count is not None and len(messages) > count:
@@ -122,6 +127,16 @@ class Psycopg2Dialect(Dialect):
         try:
             with conn.cursor() as cursor:
                 cursor.execute("DISCARD ALL")
+                # It also set client_encoding and DateStyle back to what the session started
+                # with, which psycopg2 does not read again: it would go on sending and decoding
+                # text in the encoding it set last (set_client_encoding(), or configure's), and
+                # parses dates in the ISO style only, which it set as it connected if the
+                # server's was another.
+                encoding = conn.encoding
+                if conn.get_parameter_status("client_encoding") != encoding:
+                    cursor.execute("SELECT set_config('client_encoding', %s, false)", (encoding,))
+                if not (conn.get_parameter_status("DateStyle") or "").startswith("ISO"):
+                    cursor.execute("SELECT set_config('DateStyle', 'ISO', false)")
                 if autocommit:
                     # In autocommit mode psycopg2 keeps these in the session (SET
                     # default_transaction_...), which DISCARD ALL just reset: set them again.

@@ -24,6 +24,19 @@ _LOCKED_BY_OTHERS_PREFIXES = ("database table is locked: ", "database schema is 
 class SQLiteDialect(Dialect):
     name = "sqlite3"
 
+    # Callbacks every later statement runs through (one that denies or interrupts them, or
+    # sees their text), loaded code and lowered limits: sqlite3 reads none of them back.
+    irreversible_methods = frozenset(
+        {
+            "set_authorizer",
+            "set_progress_handler",
+            "set_trace_callback",
+            "enable_load_extension",
+            "load_extension",
+            "setlimit",
+        }
+    )
+
     def check_new(self, conn: Any) -> None:
         # sqlite3 has no public flag for check_same_thread: use the connection from another
         # thread once, as every pooled connection will be.
