@@ -304,8 +304,14 @@ def test_a_lease_held_too_long_is_reported_once_with_its_stack(
     caplog.set_level(logging.WARNING, logger="dbpool")
     with dbpool.Pool(fake_server.connect, min_size=0, name="orders", leak_timeout=0.05) as pool:
         lease = hold_a_lease_too_long(pool)
-        wait_until(lambda: pool.stats().leak_warnings == 1)
-        [report] = [r for r in caplog.records if "leak_timeout" in r.getMessage()]
+
+        def reports() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "leak_timeout" in r.getMessage()]
+
+        # The maintenance thread counts the report, then logs it: wait for the record itself.
+        wait_until(lambda: bool(reports()))
+        [report] = reports()
+        assert pool.stats().leak_warnings == 1
         text = report.getMessage()
         assert "'orders'" in text and "leak_timeout=0.05" in text
         assert "hold_a_lease_too_long" in text and __file__ in text  # the borrower's code
