@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from threading import get_ident
+from time import monotonic
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Callable, Generic
 from weakref import WeakSet
@@ -386,6 +387,9 @@ class Cursor(Generic[C]):
         slot = self._lease._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "cursor")
+        tx = slot.transaction
+        if tx is not None and (tx._expired or monotonic() >= tx._deadline):
+            tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
             row = self._raw.fetchone()
@@ -400,6 +404,9 @@ class Cursor(Generic[C]):
         slot = self._lease._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "cursor")
+        tx = slot.transaction
+        if tx is not None and (tx._expired or monotonic() >= tx._deadline):
+            tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
             rows = self._raw.fetchmany(*args, **kwargs)
@@ -414,6 +421,9 @@ class Cursor(Generic[C]):
         slot = self._lease._slot
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "cursor")
+        tx = slot.transaction
+        if tx is not None and (tx._expired or monotonic() >= tx._deadline):
+            tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
             rows = self._raw.fetchall()
@@ -445,7 +455,19 @@ class Cursor(Generic[C]):
                 # it, or it was inherited across fork(): closing the driver's cursor would
                 # talk to a session that is not this lease's (a named cursor's CLOSE).
                 return
-            self._raw.close()
+            # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's
+            # SSCursor reads the rest of its rows): busy meanwhile, so that inside a block the
+            # deadline cancels or cuts it off as it does a fetch.  Put back as it was: a call
+            # interrupted earlier leaves it set, for the pool to discard the connection.
+            busy = slot.busy
+            slot.busy = True
+            try:
+                self._raw.close()
+            except Exception as exc:
+                _call_failed(slot, exc)
+                slot.busy = busy
+                raise
+            slot.busy = busy
             if slot.cursors:  # the return path need not close it again
                 try:
                     slot.cursors.remove(self._raw)
@@ -553,8 +575,11 @@ def _tracked_call(
     def call(*args: Any, **kwargs: Any) -> Any:
         slot = _live_slot(lease, what)
         tx = slot.transaction
-        if statement and tx is not None:
-            tx._check_open()  # past its deadline: raise without running it
+        if tx is not None:  # past its deadline: raise without running it
+            if statement:
+                tx._check_open()
+            else:
+                tx._check_deadline()  # as in Cursor.fetchone()
         slot.dirty = slot.busy = True
         try:
             result = method(*args, **kwargs)
@@ -590,6 +615,9 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
     try:
         while True:
             slot = _live_slot(lease, "cursor")
+            tx = slot.transaction
+            if tx is not None and (tx._expired or monotonic() >= tx._deadline):
+                tx._check_deadline()  # as in Cursor.fetchone()
             slot.busy = True
             try:
                 item = next(iterator)

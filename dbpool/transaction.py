@@ -553,6 +553,14 @@ class Transaction(Generic[C]):
         if now - self._narrowed_at > _NARROW_SLACK and self._owns_connection():
             self._narrow_time(now)
 
+    def _check_deadline(self) -> None:
+        """Called before each fetch of the block: past the deadline, a fetch from a server-side
+        cursor is one more statement on the server (PostgreSQL's FETCH), too short for a
+        cancel to catch; it raises instead, without reading on."""
+        if self._expired or monotonic() >= self._deadline:
+            self._expired = True
+            raise self._timeout_error()
+
     def _narrow_time(self, now: float) -> None:
         """Size the server-side limit to the time left, so that a lock wait starting now ends
         by the deadline (no cancel ends it)."""
@@ -629,6 +637,15 @@ class _Savepoint(Generic[C]):
         slot = tx._slot
         if not tx._open or slot is None or not tx._owns_connection():
             return  # the transaction is over: nothing to release or roll back to
+        if tx._expired or monotonic() >= tx._deadline:
+            # Past the deadline the block's end rolls the whole transaction back, savepoints
+            # included: nothing is sent (a statement sent this late reaches the server after
+            # the deadline, and meets the watchdog's cancel or cut-off).  The block's own error
+            # tells it, or, as any further statement would, TransactionTimeout.
+            tx._expired = True
+            if exc is None:
+                raise tx._timeout_error()
+            return
         if tx._ended_by is not None:
             # The server ended the whole transaction (MySQL's deadlock victim), savepoints
             # included: nothing to send.  The block's own error tells it; else, as any further
