@@ -264,7 +264,7 @@ class Connection(Generic[C]):
             if kind is not None:
                 if name == "executescript" and slot.transaction is not None:
                     raise _commits_first()
-                return _tracked_call(self, value, "connection", kind is _STATEMENT)
+                return _tracked_call(self, value, "connection", kind is _STATEMENT, kind is _HANDLE)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -518,6 +518,7 @@ _STATEMENT = "statement"  # runs a statement: the deadline is checked before and
 _FETCH = "fetch"  # reads what a statement returned: marked busy only, as fetchone() is
 _STREAM = "stream"  # returns an iterator that fetches as it goes (psycopg's cursor.stream())
 _BLOCK = "block"  # returns a context manager busy for its whole block (psycopg's cursor.copy())
+_HANDLE = "handle"  # returns an object that holds the connection until closed: closed on return
 
 #: The driver connections' methods that reach the server (sqlite3, psycopg, PyMySQL,
 #: mysqlclient), other than those Connection defines.
@@ -527,6 +528,13 @@ _CONNECTION_STATEMENTS = {
     "executescript": _STATEMENT,  # sqlite3
     "query": _STATEMENT,  # PyMySQL, mysqlclient
     "next_result": _FETCH,  # PyMySQL, mysqlclient: the next result set of a multi-statement
+    # sqlite3: a Blob, which holds a lock on the file, and reads and writes the row, until
+    # closed; iterdump()'s generator, whose statement holds a lock until it is done or closed.
+    "blobopen": _HANDLE,
+    "iterdump": _HANDLE,
+    # psycopg: a generator that holds the connection's lock (not reentrant) while suspended:
+    # every later call on the connection, the return path's and the next borrower's, waits.
+    "notifies": _HANDLE,
 }
 #: The driver connections' methods and attributes that end a transaction (MySQL's BEGIN and SET
 #: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None;
@@ -567,10 +575,15 @@ def _live_slot(lease: Connection[Any], what: str) -> _Slot:
 
 
 def _tracked_call(
-    lease: Connection[Any], method: Callable[..., Any], what: str, statement: bool
+    lease: Connection[Any],
+    method: Callable[..., Any],
+    what: str,
+    statement: bool,
+    handle: bool = False,
 ) -> Callable[..., Any]:
     """``method`` of the driver, run as Cursor.execute runs a statement (``statement``) or as
-    Cursor.fetchone reads one: busy while it runs, so the watchdog can cancel it."""
+    Cursor.fetchone reads one: busy while it runs, so the watchdog can cancel it.  What a
+    ``handle`` method returns is closed as the lease comes back."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         slot = _live_slot(lease, what)
@@ -588,14 +601,15 @@ def _tracked_call(
             slot.busy = False
             raise
         slot.busy = False
-        if (
+        if handle or (
             what == "connection"
             and callable(getattr(result, "fetchone", None))
             and slot.dialect.fetches_as_it_goes(result)
         ):
-            # A driver cursor still running its statement (sqlite3's conn.execute()): closed on
-            # return, as the lease's own cursors are, so that a statement left part-read holds
-            # no lock once the lease is back.  Weakly: a lease may run millions of them.
+            # A driver cursor still running its statement (sqlite3's conn.execute()), or a
+            # handle: closed on return, as the lease's own cursors are, so that what a lease
+            # left open holds no lock once the lease is back, nor reaches the connection from
+            # the borrower's hands.  Weakly: a lease may run millions of them.
             try:
                 if slot.loose_cursors is None:
                     slot.loose_cursors = WeakSet()

@@ -320,6 +320,49 @@ def test_sqlite_unfinished_conn_execute_cursor_holds_no_lock_once_returned(
         pool.close()
 
 
+@pytest.mark.parametrize(
+    "open_handle",
+    [
+        pytest.param(lambda conn: conn.blobopen("t", "b", 1), id="blob"),
+        pytest.param(lambda conn: conn.iterdump(), id="iterdump"),
+    ],
+)
+def test_sqlite_blob_or_dump_left_open_holds_no_lock_nor_reaches_the_connection(
+    sqlite_connect: Connector, tmp_path: Any, open_handle: Callable[[Any], Any]
+) -> None:
+    """A Blob from ``conn.blobopen()``, and the generator of ``conn.iterdump()`` read in part,
+    hold a lock on the file until closed, and both are the driver's own objects: left open as
+    the lease goes back, the idle connection blocks every writer, and the previous borrower
+    goes on reading (and, with the Blob, writing) through the connection the next borrower
+    has.  The return path closes them."""
+    pool = new_pool(sqlite_connect)
+    path = str(tmp_path / "db.sqlite3")
+    other = sqlite3.connect(path, timeout=0, check_same_thread=False)
+    try:
+        pool.execute("create table t (b blob)")
+        pool.execute("insert into t values (zeroblob(8)), (zeroblob(8))")
+        with pool.connection() as conn:
+            handle = open_handle(conn)
+            if hasattr(handle, "read"):
+                assert handle.read(2) == b"\0\0"
+            else:
+                next(handle)
+        try:
+            other.execute("BEGIN EXCLUSIVE")  # any writer's COMMIT needs this lock
+        except sqlite3.OperationalError as exc:
+            pytest.fail(f"an idle pooled connection holds a lock: {exc}")
+        other.rollback()
+        if hasattr(handle, "write"):
+            with pytest.raises(sqlite3.ProgrammingError, match="closed blob"):
+                handle.write(b"xx")
+        else:
+            with pytest.raises(StopIteration):
+                next(handle)
+    finally:
+        other.close()
+        pool.close()
+
+
 def test_sqlite_timed_out_block_with_a_part_read_cursor_keeps_its_connection(
     sqlite_connect: Connector,
 ) -> None:

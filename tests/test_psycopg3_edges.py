@@ -323,3 +323,31 @@ def test_savepoint_ends_with_a_stream_part_read(table: Any, pool: dbpool.Pool[An
     assert isinstance(Caller(block).outcome(), psycopg.OperationalError)
     assert count(table) == 0
     works(pool)
+
+
+def test_lease_returned_with_a_notifies_generator_suspended(pg_connect: Connector) -> None:
+    """psycopg's ``conn.notifies()`` generator holds the connection's lock (not reentrant)
+    while it is suspended at a notification: left so as the lease goes back, every later call
+    on the connection waits for it, the next borrower's included, for as long as the
+    generator is referenced.  The return path closes it."""
+    pool = new_pool(connect_with(pg_connect, autocommit=True))
+    kept: list[Any] = []
+    try:
+        with pool.connection() as conn:
+            conn.execute("LISTEN dbpool_pg3_edges_chan")
+            conn.execute("NOTIFY dbpool_pg3_edges_chan, 'one'")
+            notifications = conn.notifies(timeout=5)
+            assert next(notifications).payload == "one"
+            kept.append(notifications)  # still referenced as the lease goes back
+            first = conn.raw
+
+        def next_borrower() -> None:
+            with pool.connection(timeout=5) as conn:
+                assert conn.raw is first  # reused: nothing needed discarding
+                conn.execute("SELECT 1")
+
+        assert Caller(next_borrower).outcome(timeout=10) is None
+        with pytest.raises(StopIteration):  # over for the previous borrower
+            next(kept[0])
+    finally:
+        pool.close()
