@@ -9,6 +9,7 @@ when there is something to roll back.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from threading import get_ident
@@ -35,6 +36,29 @@ _INHERITED = -2
 # In a slot's record of what to restore on return, for a driver method the lease called whose
 # effect cannot be undone (Dialect.irreversible_methods): the connection is discarded instead.
 CANNOT_UNDO = object()
+_MISSING = object()
+
+
+def _keep_copies(slot: _Slot, names: frozenset[str]) -> None:
+    """Record copies of the driver connection's ``names`` (of the dialect's
+    ``restored_attributes``) as they are now, unless recorded already, for the return path to
+    put back: a borrower may change them where the return path does not look."""
+    restore = slot.restore
+    if restore is None:
+        restore = slot.restore = {}
+    raw = slot.raw
+    for name in names:
+        if name not in restore:
+            value = getattr(raw, name, _MISSING)
+            if value is not _MISSING:  # else an attribute this driver's version lacks
+                restore[name] = copy.copy(value)
+
+
+def _exposed(slot: _Slot) -> None:
+    """The lease hands out the driver's connection, or a cursor that reaches it."""
+    slot.dirty = slot.exposed = True
+    if slot.dialect.restored_attributes:
+        _keep_copies(slot, slot.dialect.restored_attributes)
 
 
 def _released(what: str) -> LeaseReleased:
@@ -121,7 +145,7 @@ class Connection(Generic[C]):
         """The driver's connection.  Statements run on it directly are assumed to leave a
         transaction open, so the pool rolls back on return when it cannot read the state."""
         slot = self._live("connection")
-        slot.dirty = slot.exposed = True
+        _exposed(slot)
         if slot.transaction is not None:
             slot.transaction._begin_on_server()
         return slot.raw  # type: ignore[no-any-return]
@@ -265,6 +289,8 @@ class Connection(Generic[C]):
                 if name == "executescript" and slot.transaction is not None:
                     raise _commits_first()
                 return _tracked_call(self, value, "connection", kind is _STATEMENT, kind is _HANDLE)
+        elif name in slot.dialect.restored_attributes:  # conn.decoders[...] = ... changes it
+            _keep_copies(slot, frozenset((name,)))
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -328,7 +354,7 @@ class Cursor(Generic[C]):
         """The driver's cursor.  Statements run on it directly are assumed to leave a
         transaction open, as with :attr:`Connection.raw`."""
         slot = self._slot()
-        slot.dirty = slot.exposed = True
+        _exposed(slot)
         if slot.transaction is not None:
             slot.transaction._begin_on_server()  # its connection is within reach
         return self._raw
@@ -486,7 +512,7 @@ class Cursor(Generic[C]):
         slot = self._slot()
         value = getattr(self._raw, name)
         if value is slot.raw:  # cursor.connection: the driver's connection, as conn.raw is
-            slot.dirty = slot.exposed = True
+            _exposed(slot)
             if slot.transaction is not None:
                 slot.transaction._begin_on_server()
             return value

@@ -89,3 +89,66 @@ def test_session_reset_of_a_connection_made_without_a_database(
     stats = pool.stats()
     assert stats.created == 2
     assert stats.discards["reset_failed"] == 1
+
+
+def converted(conn: Any) -> tuple[type, Any]:
+    """What a lease's results and parameters are made of: the type of a DECIMAL result, and
+    an integer parameter as the server got it."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute("SELECT 1.5, %s", (5,))
+        ((decimal, echoed),) = cursor.fetchall()
+    finally:
+        cursor.close()
+    return type(decimal), echoed
+
+
+@pytest.mark.parametrize("session_reset", [None, "discard"])
+@pytest.mark.parametrize("through", ["lease", "raw"])
+def test_converters_a_borrower_changed_in_place_are_put_back(
+    pymysql_pool: Any, session_reset: str | None, through: str
+) -> None:
+    from decimal import Decimal
+
+    from pymysql.constants import FIELD_TYPE
+
+    pool = pymysql_pool(session_reset=session_reset)
+    with pool.connection() as conn:
+        target = conn if through == "lease" else conn.raw
+        target.decoders[FIELD_TYPE.NEWDECIMAL] = float
+        target.encoders[int] = lambda value, mapping=None: "-1"
+        assert converted(conn) == (float, -1)
+    with pool.connection() as conn:
+        assert converted(conn) == (Decimal, 5)
+    assert pool.stats().created == 1  # put back, not replaced
+
+
+def test_an_encoding_set_on_the_driver_connection_is_put_back(pymysql_pool: Any) -> None:
+    pool = pymysql_pool()
+    with pool.connection() as conn:
+        before = session(conn)
+        conn.raw.encoding = "latin1"
+    with pool.connection() as conn:
+        assert session(conn) == before
+        cursor = conn.cursor()
+        cursor.execute("SELECT CHAR_LENGTH(%s)", ("€😀",))
+        assert cursor.fetchall() == ((2,),)
+
+
+def test_the_session_reset_replays_the_connect_time_setup_whatever_a_borrower_set(
+    pymysql_pool: Any,
+) -> None:
+    """sql_mode and init_command, which the reset applies again, changed on the driver's
+    connection by a borrower: the next borrower's session is set up as the connection was."""
+    pool = pymysql_pool(
+        session_reset="discard",
+        connect={"sql_mode": "ANSI_QUOTES", "init_command": "SET @setup = 'as connected'"},
+    )
+    with pool.connection() as conn:
+        conn.raw.sql_mode = "NO_BACKSLASH_ESCAPES"
+        conn.raw.init_command = "SET @setup = 'as a borrower left it'"
+    with pool.connection() as conn:
+        cursor = conn.cursor()
+        cursor.execute("SELECT @@session.sql_mode, @setup")
+        assert cursor.fetchall() == (("ANSI_QUOTES", "as connected"),)
+    assert pool.stats().created == 1

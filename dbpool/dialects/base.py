@@ -64,6 +64,12 @@ class Dialect:
     #: set_authorizer(): a lease that called one through the lease has its connection
     #: discarded on return, so that the next borrower gets one as ``configure`` left it.
     irreversible_methods: frozenset[str] = frozenset()
+    #: Attributes of the driver's connection a borrower can change where no cheap comparison
+    #: sees it: in place (PyMySQL's converter dicts), or on the driver's connection itself
+    #: (what the session reset replays).  The lease takes a copy of one as it is read through
+    #: the lease, and of each as it hands out the driver's connection or cursor; the return
+    #: path puts the copies back.  Leases that touch none of them pay nothing.
+    restored_attributes: frozenset[str] = frozenset()
 
     def after_exposure(self, conn: Any) -> None:
         """On the return of a lease that handed out the driver's connection or cursor, or

@@ -151,6 +151,16 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
             state = self.transaction_state(conn)
         return state
 
+    # The converter dicts, changed in place (decoders[FIELD_TYPE.NEWDECIMAL] = float), would
+    # change what the next borrower's parameters and results are made of; comparing them on
+    # every return would cost every lease.  The encoding PyMySQL writes statements in, set
+    # directly, is not in the character set compared below.  And what the session reset
+    # replays from the connection (sql_mode, init_command), changed on conn.raw, would reach
+    # the next borrower's session with session_reset="discard".
+    restored_attributes = frozenset(
+        {"encoders", "decoders", "encoding", "sql_mode", "init_command"}
+    )
+
     def client_settings(self, conn: Any) -> object:
         # With the character set: set_character_set() also changes the encoding PyMySQL
         # sends statements in, which the next borrower's text would be encoded with; and the
