@@ -245,6 +245,37 @@ def test_psycopg2_two_phase_transaction_left_open_is_rolled_back_not_discarded(
         pool.close()
 
 
+@pytest.mark.postgresql
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK"])
+def test_psycopg2_transaction_ended_by_a_statement_leaves_the_next_borrower_transactional(
+    psycopg2_connect: Connector, statement: str
+) -> None:
+    """psycopg2 keeps its own record of the transaction it began (``conn.status``) and sends
+    BEGIN only when that record says none is open.  A ``COMMIT`` or ``ROLLBACK`` run as a
+    statement ends the server's transaction but not the record, while libpq reports the
+    connection idle: unless the return path rolls back, the next borrower's statements each
+    commit at once, and its ``rollback()`` undoes nothing."""
+    pool = new_pool(psycopg2_connect)
+    try:
+        with pool.connection() as conn:
+            rows(conn, "create temp table kept (x int)")
+            conn.commit()
+            rows(conn, "select 1")
+            rows(conn, statement)
+            first = conn.raw
+        with pool.connection() as conn:
+            rows(conn, "insert into kept values (1)")
+            conn.rollback()
+        with pool.connection() as conn:
+            assert rows(conn, "select count(*) from kept") == [(0,)], (
+                "the next borrower's rolled-back insert was committed"
+            )
+            assert conn.raw is first
+        assert pool.stats().discarded == 0
+    finally:
+        pool.close()
+
+
 # -- sqlite3 -----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import weakref
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import BROKEN, Dialect, TxState, _execute, milliseconds
+from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 from .psycopg import (
     _LIMIT_TIME_SQL,
     _PQ_IDLE,
@@ -27,6 +27,9 @@ _STATUS_PREPARED = 5  # psycopg2.extensions.STATUS_PREPARED
 
 # What client_settings() reads, in the order restore_client_settings() sets them back.
 _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "cursor_factory")
+# psycopg2.extensions.STATUS_READY: psycopg2 has no transaction of its own open, so it sends
+# BEGIN before the next statement (unless in autocommit).
+_STATUS_READY = 1
 
 
 class Psycopg2Dialect(Dialect):
@@ -53,7 +56,16 @@ class Psycopg2Dialect(Dialect):
         if conn.closed:
             return BROKEN
         # conn.info makes an object per call
-        return LIBPQ_STATES.get(conn.get_transaction_status(), BROKEN)
+        state = LIBPQ_STATES.get(conn.get_transaction_status(), BROKEN)
+        if state is IDLE and conn.status != _STATUS_READY and conn.status != _STATUS_PREPARED:
+            # psycopg2 keeps its own record of the transaction it began and trusts it over
+            # libpq's: a COMMIT or ROLLBACK run as a statement ends the server's transaction
+            # but not that record, and psycopg2 then sends no BEGIN, so the next borrower's
+            # statements would each commit at once and its rollback() undo nothing.  A
+            # rollback (one ROLLBACK) puts the record back in step.  Not after tpc_prepare():
+            # the prepared transaction is not the pool's to roll back (after_exposure).
+            return IN_TRANSACTION
+        return state
 
     def transaction_aborted(self, conn: Any) -> bool:
         return not conn.closed and conn.get_transaction_status() == _PQ_INERROR
