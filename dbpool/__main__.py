@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import IO, Any, NoReturn
 
 from dbpool.pool import Pool
-from dbpool.redact import mask_credentials
+from dbpool.redact import mask_credentials, scrub_text
 from dbpool.url import DatabaseURL, create_pool, load_driver, parse_url
 
 DEFAULT_BENCH_URL = "sqlite:///dbpool-bench.sqlite3"
@@ -517,14 +517,39 @@ def _timeout(text: str) -> float:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Its usage errors quote what was typed: a URL in the wrong place shows its password."""
+    """Its usage errors quote what was typed: a URL in the wrong place shows its password.
+
+    ``secrets``: the passwords of the URLs on the command line, scrubbed from those errors
+    whatever they hold (``mask_credentials`` reads a URL up to a space, which an unescaped
+    password may contain).
+    """
+
+    def __init__(self, *args: Any, secrets: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._secrets = secrets
 
     def error(self, message: str) -> NoReturn:
-        super().error(mask_credentials(message))
+        super().error(mask_credentials(scrub_text(message, self._secrets)))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _secrets_on(argv: Sequence[str]) -> tuple[str, ...]:
+    """The passwords of the arguments that are database URLs (``--option=URL`` too)."""
+    found: list[str] = []
+    for arg in argv:
+        for text in (arg, arg.partition("=")[2]):
+            try:
+                found += parse_url(text)._secrets()
+            except (TypeError, ValueError):
+                pass
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The command line's parser; ``argv``, the arguments it will parse, for the passwords to
+    keep out of its usage errors."""
+    secrets = _secrets_on(argv)
     parser = _Parser(
+        secrets=secrets,
         prog="python -m dbpool",
         description="Check a database URL, or benchmark a dbpool pool against it.",
         epilog="URLs: postgresql://user:password@host:5432/dbname, mysql://..., mssql://..., "
@@ -534,9 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log pool events to stderr (-vv: debug)"
     )
+    # each command's parser is a _Parser too (argparse makes them of the parent's class)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    check_cmd = commands.add_parser("check", help="connect, ping, print server version and stats")
+    check_cmd = commands.add_parser(
+        "check", help="connect, ping, print server version and stats", secrets=secrets
+    )
     check_cmd.add_argument("url", metavar="URL")
     check_cmd.add_argument(
         "--timeout",
@@ -547,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cmd = commands.add_parser(
         "bench",
+        secrets=secrets,
         help="run a concurrent short-transaction workload",
         description=f"Run short transactions (update one row, read it, commit) from --threads "
         f"threads through one pool of --max-size connections, on a table {BENCH_TABLE} of "
@@ -575,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if args.verbose:
         logging.basicConfig(
             level=logging.DEBUG if args.verbose > 1 else logging.INFO,

@@ -14,7 +14,7 @@ def check_callable(what: str, fn: Any, arguments: int, expected: str) -> None:
     "a callable taking the driver's connection"."""
     if not callable(fn):  # by its type only: a DSN given by mistake may hold a password
         raise TypeError(f"{what} must be {expected}, got {type(fn)!r}")
-    name = _name(fn)
+    name = callable_name(fn)
     try:
         is_async = inspect.iscoroutinefunction(fn)
     except Exception:  # an object posing as a function (a Mock with a function as its spec)
@@ -41,8 +41,8 @@ def check_callable(what: str, fn: Any, arguments: int, expected: str) -> None:
             ) from None
 
 
-def _name(fn: Any) -> str:
+def callable_name(fn: Any) -> str:
     """What ``fn`` is called, never its repr: a functools.partial's shows its arguments."""
     if isinstance(fn, functools.partial):
-        return f"a functools.partial of {_name(fn.func)}"
+        return f"a functools.partial of {callable_name(fn.func)}"
     return str(getattr(fn, "__qualname__", None) or f"a {type(fn).__qualname__} object")

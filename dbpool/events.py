@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ._callables import check_callable
+from ._callables import callable_name, check_callable
 
 __all__ = ["Event", "PoolEvent", "DiscardReason", "Listener"]
 
@@ -120,7 +120,10 @@ class Listeners:
         with self._lock:
             current: tuple[Listener, ...] = getattr(self, kind.value)
             if listener not in current:
-                raise ValueError(f"{listener!r} is not listening to {kind.value!r} events")
+                # named, not its repr: a functools.partial's shows its arguments
+                raise ValueError(
+                    f"{callable_name(listener)} is not listening to {kind.value!r} events"
+                )
             index = current.index(listener)
             setattr(self, kind.value, current[:index] + current[index + 1 :])
 

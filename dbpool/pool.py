@@ -23,7 +23,7 @@ from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
 from . import _fork, reaper
-from ._callables import check_callable
+from ._callables import callable_name, check_callable
 from ._types import C
 from .dialects import Dialect
 from .dialects import for_connection as _detect_dialect
@@ -861,12 +861,14 @@ class Pool(Generic[C]):
     ) -> T:
         """Return ``fn(conn)`` run on a leased connection, returned to the pool afterwards
         whatever happens (without a commit: ``fn`` commits what it wants kept)."""
+        # the type and the name, never the repr: a SQL string or a partial's arguments may
+        # hold a password
         if not callable(fn):
-            raise TypeError(f"fn must be a callable taking the connection, got {fn!r}")
+            raise TypeError(f"fn must be a callable taking the connection, got {type(fn)!r}")
         if inspect.iscoroutinefunction(fn):
             raise TypeError(
-                f"fn must use the connection before it goes back, but {fn!r} is an async "
-                "function: dbpool is synchronous; use a plain function"
+                f"fn must use the connection before it goes back, but {callable_name(fn)} is "
+                "an async function: dbpool is synchronous; use a plain function"
             )
         with self.connection(timeout=timeout) as conn:
             return fn(conn)

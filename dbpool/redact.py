@@ -1,7 +1,8 @@
 """Keeping passwords out of errors and log lines.
 
-A pool made from a URL knows its secrets (:meth:`DatabaseURL._secrets`).  A pool given a
-connect callable learns what it can from it with :func:`secrets_in`: the secret-looking
+A pool made from a URL knows its secrets (:meth:`DatabaseURL._secrets`), through its connect
+callable, a :class:`KnownSecrets`.  A pool given another connect callable learns what it can
+from it with :func:`secrets_in`: the secret-looking
 keyword arguments of a ``functools.partial`` or of a dict of them, and the passwords written
 into the connection strings it holds, whether as ``password=...`` or in a URL.  Both turn
 their passwords into the strings to search for with :func:`secret_forms`.  Errors from
@@ -16,7 +17,7 @@ import functools
 import re
 import types
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote
 
 MASK = "***"
@@ -94,6 +95,17 @@ def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+class KnownSecrets:
+    """A connect callable that knows its passwords (:class:`dbpool.url.URLConnector`):
+    :func:`secrets_in` takes them as they are, rather than guessing at what it holds."""
+
+    __slots__ = ()
+
+    def _known_secrets(self) -> tuple[str, ...]:
+        """The strings to replace, as :func:`secret_forms` makes them."""
+        raise NotImplementedError
+
+
 def secrets_in(connect: object) -> tuple[str, ...]:
     """The passwords a connect callable holds where the pool can see them, longest first.
 
@@ -106,6 +118,9 @@ def secrets_in(connect: object) -> tuple[str, ...]:
     stopped at.  Nothing else is looked into: reading an attribute of an arbitrary object may
     run code.
     """
+    # type(), not isinstance(), which reads __class__ (a lazy proxy computes it)
+    if issubclass(type(connect), KnownSecrets):
+        return cast(KnownSecrets, connect)._known_secrets()
     found: list[str] = []
     for key, value in _candidates(connect):
         if key is not None and is_secret_key(key):
@@ -356,9 +371,20 @@ def _scrub_attribute(obj: object, attr: str, secrets: tuple[str, ...]) -> None:
         scrubbed = _scrub_value(value, secrets)
         if scrubbed is not value and scrubbed != value:
             setattr(obj, attr, scrubbed)
-        elif _shows_secret(repr(value), secrets):
+        elif _shows_secret(repr(value), secrets) or _keeps_secret(value, secrets):
             # An object that holds the secret and cannot be scrubbed (psycopg's pgconn keeps
             # the connection parameters): drop it rather than let a debugger show it.
             setattr(obj, attr, None)
     except Exception:  # a read-only or computed attribute: nothing to do about it
         pass
+
+
+def _keeps_secret(value: object, secrets: Iterable[str]) -> bool:
+    """Whether ``value`` keeps a secret behind a repr that hides it: the live PGconn psycopg
+    puts on an error when libpq refuses the parameters at once ("connection is bad: invalid
+    sslmode value") shows none, but its ``password`` and ``info`` hold them all."""
+    if type(value) in (str, bytes, bytearray, int, float, bool, type(None), tuple, list, dict):
+        return False  # scrubbed as values, or holding nothing
+    return any(
+        _shows_secret(repr(getattr(value, name, None)), secrets) for name in ("password", "info")
+    )

@@ -22,6 +22,7 @@ import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
+from ._callables import callable_name
 from ._types import C
 from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN, Dialect
 from .errors import (
@@ -690,10 +691,11 @@ def run_transaction(
 ) -> T:
     """Call ``fn(tx)`` in a transaction, again on a fresh one when the database reports a
     serialization failure or deadlock, up to ``retries`` times within ``timeout`` overall."""
+    # the type and the name, never the repr: a partial's arguments may hold a password
     if not callable(fn):
-        raise TypeError(f"fn must be a callable taking the transaction, got {fn!r}")
+        raise TypeError(f"fn must be a callable taking the transaction, got {type(fn)!r}")
     if inspect.iscoroutinefunction(fn):
-        raise TypeError(_ASYNC_FN.format(fn=fn))
+        raise TypeError(_ASYNC_FN.format(fn=callable_name(fn)))
     check_dialect_allows(pool, check_options(isolation, timeout, readonly), readonly)
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
@@ -729,7 +731,7 @@ def run_transaction(
                     if inspect.isawaitable(result):  # raised in the block: nothing is committed
                         if inspect.iscoroutine(result):
                             result.close()  # never awaited: no "never awaited" warning later
-                        raise TypeError(_ASYNC_FN.format(fn=fn))
+                        raise TypeError(_ASYNC_FN.format(fn=callable_name(fn)))
                     return result
         except (CommitOutcomeUnknown, TransactionTimeout):
             raise  # never retried: the work may have happened, or there is no time left
@@ -753,7 +755,7 @@ def run_transaction(
 
 
 _ASYNC_FN = (
-    "fn must run the transaction and return its result, but {fn!r} returns an awaitable "
+    "fn must run the transaction and return its result, but {fn} returns an awaitable "
     "(an async function?): dbpool is synchronous; use a plain function"
 )
 

@@ -41,7 +41,14 @@ from typing import Any, Callable
 from urllib.parse import quote, unquote
 
 from dbpool.pool import Pool
-from dbpool.redact import MASK, is_secret_key, scrub_exception, scrub_text, secret_forms
+from dbpool.redact import (
+    MASK,
+    KnownSecrets,
+    is_secret_key,
+    scrub_exception,
+    scrub_text,
+    secret_forms,
+)
 
 __all__ = ["DatabaseURL", "URLConnector", "create_pool", "load_driver", "parse_url"]
 
@@ -267,6 +274,27 @@ class DatabaseURL:
             raise ValueError(
                 f"unsupported scheme {self.scheme!r}: use one of {', '.join(_SCHEMES)}"
             )
+        # One built by hand is checked as parse_url() checks what it parses: a wrong type or
+        # value failed later, in create_pool() or at every connect, with an error that named
+        # neither the field nor the parameter.  No value is quoted: it may be the password.
+        for part in ("host", "user", "password", "database"):
+            if not isinstance(getattr(self, part), (str, type(None))):
+                raise TypeError(f"the URL's {part} must be a str or None")
+        port = self.port
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+            raise TypeError("the URL's port must be an int or None")
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("the URL's port must be from 1 to 65535")
+        if not isinstance(self.query, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in self.query
+        ):
+            raise TypeError("the URL's query must be a tuple of (name, value) pairs of str")
+        scheme = _SCHEMES[self.scheme]
+        for key, value in self.query:
+            _check_value(scheme, key, value)
+        if self.scheme == "sqlite":
+            _check_sqlite_database(self.database or "")
 
     @property
     def driver(self) -> str:
@@ -465,6 +493,7 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
         if after and not after.startswith(":"):
             raise ValueError("after an IPv6 host in [brackets] only ':port' may follow")
         port_text = after[1:]
+        unbracketed_ipv6 = False
     else:
         host, _, port_text = hostport.partition(":")
         if "," in hostport:
@@ -473,16 +502,21 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
                 "pool from a connect function: Pool(lambda: driver.connect(...))"
             )
         host = _unquote(host, "host")
-    return (host or None), (_parse_port(port_text) if port_text else None)
+        # "::1" or "fe80::1:5432": an IPv6 address without its brackets reads as host ""
+        # and port ":1"; the port's error then says where it goes
+        unbracketed_ipv6 = hostport.count(":") > 1
+    port = _parse_port(port_text, ipv6_hint=unbracketed_ipv6) if port_text else None
+    return (host or None), port
 
 
-def _parse_port(text: str) -> int:
+def _parse_port(text: str, *, ipv6_hint: bool = False) -> int:
     # never quoted in the message: with an unescaped '/' in the password, the "port" is
     # the start of the password
     if not _PORT_RE.fullmatch(text) or not 0 < int(text) < 65536:
+        hint = "; an IPv6 address goes in brackets: [::1]:5432" if ipv6_hint else ""
         raise ValueError(
             "the URL's port must be a number from 1 to 65535 "
-            "(a password goes before the host: user:password@host:port)"
+            f"(a password goes before the host: user:password@host:port{hint})"
         )
     return int(text)
 
@@ -528,6 +562,20 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
             "sqlite:////absolute/path.sqlite3 (three or four slashes)"
         )
     database = _unquote(path[1:], "file path")
+    _check_sqlite_database(database)
+    scheme = _SCHEMES["sqlite"]
+    for key, value in query:
+        if key == "autocommit" and key not in _SQLITE_KEYS:
+            raise ValueError(
+                "the sqlite URL parameter 'autocommit' needs Python 3.12 or later, where "
+                "sqlite3.connect() takes it: remove it (before 3.12, isolation_level=none "
+                "is sqlite3's autocommit mode)"
+            )
+        _check_value(scheme, key, value)
+    return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
+
+
+def _check_sqlite_database(database: str) -> None:
     if not database:
         raise ValueError(
             "the sqlite URL names no file: write sqlite:///relative/path.sqlite3 or "
@@ -538,17 +586,7 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
             "each sqlite3 connection to ':memory:' is a separate, empty database, so a pool of "
             "them would lose data: use a file, e.g. sqlite:///app.sqlite3"
         )
-    scheme = _SCHEMES["sqlite"]
-    for key, value in query:
-        if key == "autocommit" and key not in _SQLITE_KEYS:
-            raise ValueError(
-                "the sqlite URL parameter 'autocommit' needs Python 3.12 or later, where "
-                "sqlite3.connect() takes it: remove it (before 3.12, isolation_level=none "
-                "is sqlite3's autocommit mode)"
-            )
-        _check_value(scheme, key, value)
     _refuse_unshared_sqlite_uri(database)
-    return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
 
 
 def _refuse_unshared_sqlite_uri(database: str) -> None:
@@ -601,11 +639,12 @@ def load_driver(url: DatabaseURL) -> ModuleType:
         ) from exc
 
 
-class URLConnector:
+class URLConnector(KnownSecrets):
     """The connect callable :func:`create_pool` gives the pool: takes no arguments.
 
     Errors the driver raises pass through with their class unchanged, the password scrubbed
-    from their message first.
+    from their message first.  The pool learns the URL's secrets from it, to scrub them from
+    what else it reports (its hooks' errors, the leak report).
     """
 
     __slots__ = ("_url", "_connect", "_kwargs", "_secrets")
@@ -630,6 +669,9 @@ class URLConnector:
 
     def __repr__(self) -> str:
         return f"<URLConnector {self._url.masked}>"
+
+    def _known_secrets(self) -> tuple[str, ...]:
+        return self._secrets
 
 
 def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool[Any]:

@@ -135,6 +135,12 @@ def test_an_ipv6_zone_id_is_percent_decoded_as_libpq_does() -> None:
         pytest.param(
             ["bench", "sqlite:///x.sqlite3", "postgresql://app:{s}@db/app"], id="extra-argument"
         ),
+        # a password with spaces, unescaped: the URL still parses, but no pattern finds its end
+        pytest.param(["postgresql://app:{s} two words@db/app"], id="url-as-command-spaces"),
+        pytest.param(
+            ["check", "--timeout", "mysql://root:a {s} b@db/app"], id="timeout-value-spaces"
+        ),
+        pytest.param(["bench", "--threads=mysql://root:{s} x@db/app"], id="option-equals-spaces"),
     ],
 )
 def test_a_usage_error_does_not_echo_a_password(
@@ -210,3 +216,194 @@ def test_an_odbc_password_with_an_escaped_brace_is_masked(
     shown = fail_through_pool(functools.partial(connect, dsn), caplog)
     assert "cannot connect with" in shown
     assert secret not in shown
+
+
+# -- psycopg's connection object on a connect error ------------------------------------------------
+
+
+def held_by_pgconn(exc: BaseException) -> str:
+    """What the libpq connections that ``exc`` and its chain keep show of their parameters:
+    psycopg's ``pgconn`` has a repr that hides them, but ``password`` and ``info`` hold them."""
+    parts = []
+    for current in links(exc):
+        pgconn = getattr(current, "pgconn", None)
+        if pgconn is not None:
+            parts += [repr(pgconn.password), repr(pgconn.info)]
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize(
+    "make_pool",
+    [
+        pytest.param(
+            lambda secret: dbpool.create_pool(
+                f"postgresql://app:{secret}@127.0.0.1:{CLOSED_PORT}/app?sslmode=bogus",
+                min_size=0,
+            ),
+            id="url-password",
+        ),
+        pytest.param(
+            lambda secret: dbpool.create_pool(
+                f"postgresql://app@127.0.0.1:{CLOSED_PORT}/app?sslmode=bogus&sslpassword={secret}",
+                min_size=0,
+            ),
+            id="url-sslpassword",
+        ),
+        pytest.param(
+            lambda secret: dbpool.Pool(
+                functools.partial(
+                    sys.modules["psycopg"].connect,
+                    host="127.0.0.1",
+                    port=CLOSED_PORT,
+                    password=secret,
+                    sslmode="bogus",
+                ),
+                min_size=0,
+            ),
+            id="partial-password",
+        ),
+    ],
+)
+def test_a_connect_libpq_refuses_at_once_keeps_no_password_on_the_error(
+    make_pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # libpq refuses a bad parameter value before it connects ("connection is bad: invalid
+    # sslmode value"); psycopg's error then keeps the live connection object, whose repr shows
+    # no parameters while its password and info attributes hold them all.
+    psycopg = pytest.importorskip("psycopg")
+    secret = f"Bad-{token()}"
+    with pytest.raises(psycopg.OperationalError) as raw:
+        psycopg.connect(host="127.0.0.1", port=CLOSED_PORT, password=secret, sslmode="bogus")
+    assert secret in held_by_pgconn(raw.value), "psycopg's error was clean already"
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    with make_pool(secret) as pool:
+        with pytest.raises(psycopg.OperationalError) as info:
+            pool.connection(timeout=2)
+    assert "invalid sslmode" in str(info.value)
+    assert secret not in everything(info.value) + held_by_pgconn(info.value) + caplog.text
+
+
+# -- what a pool made from a URL reports besides connect errors ------------------------------------
+
+TYPED_PASSWORD = "Typed-S3cret-in-code"  # as a password written into the code would be
+
+
+def fake_mssql_url(
+    monkeypatch: pytest.MonkeyPatch, fake_server: Any, password: str = TYPED_PASSWORD
+) -> str:
+    module = types.ModuleType("pymssql")
+    module.connect = lambda **kwargs: fake_server.connect_mssql()  # type: ignore[attr-defined]
+    module.paramstyle = "pyformat"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pymssql", module)
+    return f"mssql://sa:{password}@db.example/app"
+
+
+def test_a_url_pool_scrubs_its_password_from_what_its_configure_hook_raises(
+    monkeypatch: pytest.MonkeyPatch, fake_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failing configure fails the connect: the pool scrubs what it knows of the error, as
+    # it does for a connect callable holding the password.
+    secret = f"Hook-{token()}"
+
+    def configure(conn: Any) -> None:
+        raise DriverError(f"cannot set up the session of sa:{secret}")
+
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    url = fake_mssql_url(monkeypatch, fake_server, secret)
+    with dbpool.create_pool(url, min_size=0, max_size=1, configure=configure) as pool:
+        with pytest.raises(DriverError) as info:
+            pool.connection(timeout=2)
+        health = pool.health(timeout=0.5)
+    assert "cannot set up the session" in str(info.value)
+    assert secret not in everything(info.value) + repr(health) + caplog.text
+
+
+def borrow(pool: dbpool.Pool[Any], password: str) -> dbpool.Connection[Any]:
+    return pool.connection()
+
+
+def test_a_url_pools_leak_report_masks_its_password_in_the_borrowers_source_lines(
+    monkeypatch: pytest.MonkeyPatch, fake_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import wait_until
+
+    caplog.set_level(logging.DEBUG, logger="dbpool")
+    url = fake_mssql_url(monkeypatch, fake_server)
+    with dbpool.create_pool(url, min_size=0, max_size=1, leak_timeout=0.05) as pool:
+        with borrow(pool, "Typed-S3cret-in-code"):
+            report = wait_until(
+                lambda: next((r for r in caplog.records if "leak_timeout" in r.getMessage()), None),
+                timeout=10,
+                message="no leak report was logged",
+            )
+    text = logging.Formatter().format(report)
+    assert 'with borrow(pool, "***")' in text, text
+    assert TYPED_PASSWORD not in caplog.text
+
+
+# -- a callable refused by with_connection() and run_transaction() --------------------------------
+
+
+async def handle(tx: Any, token: str) -> None:
+    """An async handler: refused by the synchronous pool."""
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        pytest.param(
+            lambda pool, secret: pool.with_connection(functools.partial(handle, token=secret)),
+            "a functools.partial of handle is an async function",
+            id="with_connection-async-partial",
+        ),
+        pytest.param(
+            lambda pool, secret: pool.run_transaction(functools.partial(handle, token=secret)),
+            "a functools.partial of handle returns an awaitable",
+            id="run_transaction-async-partial",
+        ),
+        pytest.param(
+            lambda pool, secret: pool.run_transaction(
+                functools.partial(lambda tx, token: handle(tx, token), token=secret)
+            ),
+            "returns an awaitable",
+            id="run_transaction-partial-returning-a-coroutine",
+        ),
+        pytest.param(
+            lambda pool, secret: pool.with_connection(f"alter role app password '{secret}'"),
+            "got <class 'str'>",
+            id="with_connection-sql-string",
+        ),
+        pytest.param(
+            lambda pool, secret: pool.run_transaction(f"alter role app password '{secret}'"),
+            "got <class 'str'>",
+            id="run_transaction-sql-string",
+        ),
+    ],
+)
+def test_a_refused_fn_is_named_not_shown_with_its_arguments(
+    fake_server: Any, call: Any, says: str
+) -> None:
+    # check_callable() names a hook, never quoting its repr: a partial's shows its arguments.
+    # These two quoted it, and a value given in place of the function.
+    secret = f"Fn-{token()}"
+    with dbpool.Pool(fake_server.connect, min_size=0, max_size=1) as pool:
+        with pytest.raises(TypeError) as info:
+            call(pool, secret)
+    assert says in str(info.value)
+    assert secret not in everything(info.value)
+
+
+def test_removing_a_listener_that_does_not_listen_names_it_without_its_arguments(
+    fake_server: Any,
+) -> None:
+    secret = f"Hook-{token()}"
+
+    def send(event: Any, token: str) -> None:
+        pass
+
+    with dbpool.Pool(fake_server.connect, min_size=0, max_size=1) as pool:
+        with pytest.raises(ValueError) as info:
+            pool.remove_listener("checkout", functools.partial(send, token=secret))
+    assert "a functools.partial of" in str(info.value)
+    assert "is not listening to 'checkout' events" in str(info.value)
+    assert secret not in everything(info.value)

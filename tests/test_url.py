@@ -235,6 +235,9 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         (f"postgresql://me:{CANARY}@db:\u00b2/x", "port must be a number"),
         (f"postgresql://me:{CANARY}@db/x?port=\u0665\u0664\u0663\u0662", "port must be a number"),
         (f"postgresql://me:{CANARY}@[::1/x", "closing ']'"),
+        # an IPv6 address without brackets reads as a host and a bad port
+        (f"postgresql://me:{CANARY}@::1/x", "an IPv6 address goes in brackets: [::1]:5432"),
+        (f"postgresql://me:{CANARY}@fe80::1:5432/x", "an IPv6 address goes in brackets"),
         (f"postgresql://me:{CANARY}@h1:5432,h2:5432/x", "several hosts"),
         (f"postgresql://me:{CANARY}@db/x?sslmode", "name=value"),
         (f"postgresql://me:{CANARY}@db/x?a=1&a=2", "given twice"),
@@ -514,6 +517,35 @@ def test_mysql_false_booleans_connect(mysql_params: dict[str, Any]) -> None:
 def test_unknown_scheme_in_constructor() -> None:
     with pytest.raises(ValueError, match="unsupported scheme"):
         DatabaseURL(scheme="oracle")
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "says"),
+    [
+        (dict(password=12345678), TypeError, "password must be a str or None"),
+        (dict(password=CANARY.encode()), TypeError, "password must be a str or None"),
+        (dict(host=("db", 5432)), TypeError, "host must be a str or None"),
+        (dict(port="5432"), TypeError, "port must be an int or None"),
+        (dict(port=True), TypeError, "port must be an int or None"),
+        (dict(port=70000), ValueError, "port must be from 1 to 65535"),
+        (dict(query={"sslmode": "require"}), TypeError, "tuple of (name, value) pairs"),
+        (dict(query=(("sslpassword", 5),)), TypeError, "tuple of (name, value) pairs"),
+        (dict(query=(("autocommit", "maybe"),)), ValueError, "'autocommit' must be true or false"),
+        (dict(scheme="mysql", query=(("connect_timeout", "soon"),)), ValueError, "a number"),
+        (dict(scheme="sqlite", database=":memory:"), ValueError, "separate, empty database"),
+        (dict(scheme="sqlite"), ValueError, "names no file"),
+    ],
+)
+def test_a_url_built_by_hand_is_checked_as_a_parsed_one(
+    fields: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    # these failed later, in create_pool() or at every connect, naming neither the field nor
+    # the parameter ("ValueError: a number", "'int' object has no attribute 'partition'")
+    fields = {"scheme": "postgresql", "host": "db", "password": CANARY, **fields}
+    with pytest.raises(error) as info:
+        DatabaseURL(**fields)
+    assert says in str(info.value)
+    assert CANARY not in text_of(info.value)
 
 
 # -- drivers ---------------------------------------------------------------------------------------
