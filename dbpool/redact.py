@@ -208,9 +208,11 @@ def _candidates(connect: object) -> Iterable[tuple[str | None, str]]:
             pending += [(None, value) for value in code.co_consts]
             pending += [(None, value) for value in current.__defaults__ or ()]
             pending += (current.__kwdefaults__ or {}).items()
-            for cell in current.__closure__ or ():
+            # A closure's variables by name (one for each of co_freevars, in order): the
+            # factory "def make(password): return lambda: connect(password=password)".
+            for name, cell in zip(code.co_freevars, current.__closure__ or ()):
                 try:
-                    pending.append((None, cell.cell_contents))
+                    pending.append((name, cell.cell_contents))
                 except ValueError:  # an empty cell
                     pass
             for name in code.co_names:

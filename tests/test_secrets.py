@@ -687,11 +687,16 @@ def _closure_connect() -> Callable[[], Any]:
     return lambda: dsn
 
 
+def _factory_connect(password: str) -> Callable[[], Any]:
+    return lambda: dict(host="db", user="app", password=password)
+
+
 @pytest.mark.parametrize(
     ("connect", "secrets"),
     [
         pytest.param(lambda: MODULE_DSN, {"module-Secret-1"}, id="module-level-name"),
         pytest.param(_closure_connect(), {"closure%2FSecret-2", "closure/Secret-2"}, id="closure"),
+        pytest.param(_factory_connect("factory-Secret-7"), {"factory-Secret-7"}, id="factory"),
         pytest.param(
             lambda: "host=db password='quo\\'ted Secret-3' user=app",
             {"quo'ted Secret-3", "Secret-3"},
