@@ -565,8 +565,9 @@ _CONNECTION_STATEMENTS = {
 #: The driver connections' methods and attributes that end a transaction (MySQL's BEGIN and SET
 #: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None;
 #: psycopg's set_autocommit() and psycopg2's set_session(autocommit=True) before the block's
-#: first statement leave it with none; psycopg2's set_isolation_level() rolls back first, and
-#: so does mysqlclient's change_user(), which leaves the session in the server's autocommit).
+#: first statement leave it with none; psycopg2's set_isolation_level() and set_client_encoding()
+#: roll back first, and so does mysqlclient's change_user(), which leaves the session in the
+#: server's autocommit).
 _ENDS_TRANSACTION = frozenset(
     {
         "begin",
@@ -575,6 +576,7 @@ _ENDS_TRANSACTION = frozenset(
         "set_autocommit",
         "set_session",
         "set_isolation_level",
+        "set_client_encoding",
         "change_user",
     }
 )

@@ -187,3 +187,20 @@ def test_psycopg2_set_isolation_level_inside_a_block_is_refused(
             tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (2)")
         assert pg2_values(pg2_table) == [1, 2], "the block committed only part of its work"
         assert_accounting(pool)
+
+
+@pytest.mark.postgresql
+def test_psycopg2_set_client_encoding_inside_a_block_is_refused(
+    psycopg2_connect: Connector, pg2_table: Any
+) -> None:
+    """psycopg2's ``set_client_encoding()`` rolls back the transaction in progress before it
+    sets the encoding, as ``set_isolation_level()`` does: the block lost its first insert and
+    committed the second, with no error."""
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1) as pool:
+        with pool.transaction(timeout=BOUND) as tx:
+            tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (1)")
+            with pytest.raises(dbpool.PoolError):
+                tx.connection.set_client_encoding("LATIN1")
+            tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (2)")
+        assert pg2_values(pg2_table) == [1, 2], "the block committed only part of its work"
+        assert_accounting(pool)

@@ -201,6 +201,41 @@ def test_psycopg2_discard_reset_keeps_the_client_encoding_configure_set(
 
 
 @pytest.mark.postgresql
+@pytest.mark.parametrize("encoding", ["EUC_JP", "SQL_ASCII"])
+def test_psycopg2_discard_reset_sends_no_encoding_for_a_name_spelled_with_an_underscore(
+    postgresql_dsn: str, encoding: str
+) -> None:
+    """psycopg2 writes an encoding's name without its underscore (``conn.encoding`` is
+    ``EUCJP``, ``SQLASCII``), the server with it: compared as they are, the names never
+    matched, and every reset sent the client encoding again, a round trip more per lease."""
+    import psycopg2
+    import psycopg2.extensions
+
+    sent: list[str] = []
+
+    class Recording(psycopg2.extensions.cursor):
+        def execute(self, query: Any, vars: Any = None) -> None:
+            sent.append(str(query))
+            super().execute(query, vars)
+
+    def connect() -> Any:
+        conn = psycopg2.connect(postgresql_dsn, client_encoding=encoding)
+        conn.cursor_factory = Recording
+        return conn
+
+    pool = new_pool(connect, session_reset="discard")
+    try:
+        with pool.connection() as conn:
+            rows(conn, "SELECT 1")
+            del sent[:]
+        assert sent == ["DISCARD ALL"]
+        with pool.connection() as conn:  # the session still reads and writes in it
+            assert rows(conn, "SELECT current_setting('client_encoding')") == [(encoding,)]
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
 def test_psycopg2_discard_reset_keeps_dates_readable_whatever_the_datestyle(
     postgresql_dsn: str,
 ) -> None:
@@ -320,6 +355,30 @@ def test_sqlite_callbacks_and_limits_a_lease_set_do_not_reach_the_next_borrower(
         assert pool.stats().discards["reset_failed"] == 1
     finally:
         pool.close()
+
+
+def test_sqlite_database_a_lease_deserialized_into_memory_does_not_reach_the_next_borrower(
+    sqlite_connect: Connector, tmp_path: Any
+) -> None:
+    """``deserialize()`` puts an in-memory image in place of the connection's file: the next
+    borrowers of that connection committed to memory only, and their work never reached the
+    file.  The connection is discarded instead."""
+    pool = new_pool(sqlite_connect)
+    try:
+        pool.execute("create table t (x int)")
+        with pool.connection() as conn:
+            conn.deserialize(conn.serialize())
+        with pool.connection() as conn:
+            rows(conn, "insert into t values (1)")
+            conn.commit()
+        assert pool.stats().discards["reset_failed"] == 1
+    finally:
+        pool.close()
+    other = sqlite3.connect(str(tmp_path / "db.sqlite3"))
+    try:
+        assert other.execute("select x from t").fetchall() == [(1,)]
+    finally:
+        other.close()
 
 
 def test_sqlite_unfinished_conn_execute_cursor_holds_no_lock_once_returned(

@@ -32,6 +32,12 @@ _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "
 _STATUS_READY = 1
 
 
+def _encoding_name(server_name: str | None) -> str:
+    """The server's name of an encoding (``EUC_JP``, ``SQL_ASCII``) as psycopg2 writes it in
+    ``conn.encoding``: its letters and digits only, upper-cased."""
+    return "".join(c for c in server_name or "" if c.isalnum()).upper()
+
+
 class Psycopg2Dialect(Dialect):
     name = "psycopg2"
     limit_time_inside_transaction = True
@@ -145,7 +151,7 @@ class Psycopg2Dialect(Dialect):
                 # parses dates in the ISO style only, which it set as it connected if the
                 # server's was another.
                 encoding = conn.encoding
-                if conn.get_parameter_status("client_encoding") != encoding:
+                if _encoding_name(conn.get_parameter_status("client_encoding")) != encoding:
                     cursor.execute("SELECT set_config('client_encoding', %s, false)", (encoding,))
                 if not (conn.get_parameter_status("DateStyle") or "").startswith("ISO"):
                     cursor.execute("SELECT set_config('DateStyle', 'ISO', false)")

@@ -25,7 +25,9 @@ class SQLiteDialect(Dialect):
     name = "sqlite3"
 
     # Callbacks every later statement runs through (one that denies or interrupts them, or
-    # sees their text), loaded code and lowered limits: sqlite3 reads none of them back.
+    # sees their text), loaded code and lowered limits: sqlite3 reads none of them back.  And
+    # deserialize(), which puts an in-memory image in place of the file: the next borrowers'
+    # commits would reach memory only, and be lost with the connection.
     irreversible_methods = frozenset(
         {
             "set_authorizer",
@@ -34,6 +36,7 @@ class SQLiteDialect(Dialect):
             "enable_load_extension",
             "load_extension",
             "setlimit",
+            "deserialize",
         }
     )
 
