@@ -381,50 +381,43 @@ def test_sqlite_database_a_lease_deserialized_into_memory_does_not_reach_the_nex
         other.close()
 
 
-def test_sqlite_unfinished_conn_execute_cursor_holds_no_lock_once_returned(
-    sqlite_connect: Connector, tmp_path: Any
-) -> None:
-    """sqlite3's ``conn.execute()`` (reached through the lease) returns a driver cursor, not one
-    of the lease's.  Left part-read, its statement keeps a read lock on the file while
-    ``in_transaction`` is False: unless the return path closes it, the connection goes back as
-    clean and, idle in the pool, blocks every writer (``database is locked``)."""
-    pool = new_pool(sqlite_connect)
-    path = str(tmp_path / "db.sqlite3")
-    other = sqlite3.connect(path, timeout=0, check_same_thread=False)
-    try:
-        pool.execute("create table t (x int)")
-        pool.execute("insert into t values (1), (2), (3)")
-        with pool.connection() as conn:
-            cur = conn.execute("select x from t")
-            assert cur.fetchone() == (1,)
-        # The lease is back; `cur` is still referenced here, as after any with block.
-        assert pool.stats().idle == 1
-        try:
-            other.execute("BEGIN EXCLUSIVE")  # any writer's COMMIT needs this lock
-        except sqlite3.OperationalError as exc:
-            pytest.fail(f"an idle pooled connection holds a lock: {exc}")
-        other.rollback()
-        del cur
-    finally:
-        other.close()
-        pool.close()
+def _read_part(handle: Any) -> None:
+    if hasattr(handle, "read"):  # a Blob
+        assert handle.read(2) == b"\0\0"
+    else:  # a cursor, or iterdump()'s generator
+        next(handle)
+
+
+def _refuses_use(handle: Any) -> None:
+    if hasattr(handle, "write"):
+        with pytest.raises(sqlite3.ProgrammingError, match="closed blob"):
+            handle.write(b"xx")
+    elif hasattr(handle, "fetchone"):
+        with pytest.raises(sqlite3.ProgrammingError, match="closed cursor"):
+            handle.fetchone()
+    else:
+        with pytest.raises(StopIteration):
+            next(handle)
 
 
 @pytest.mark.parametrize(
     "open_handle",
     [
+        pytest.param(lambda conn: conn.execute("select b from t"), id="execute-cursor"),
         pytest.param(lambda conn: conn.blobopen("t", "b", 1), id="blob"),
         pytest.param(lambda conn: conn.iterdump(), id="iterdump"),
     ],
 )
-def test_sqlite_blob_or_dump_left_open_holds_no_lock_nor_reaches_the_connection(
+def test_sqlite_statement_left_running_holds_no_lock_nor_reaches_the_connection(
     sqlite_connect: Connector, tmp_path: Any, open_handle: Callable[[Any], Any]
 ) -> None:
-    """A Blob from ``conn.blobopen()``, and the generator of ``conn.iterdump()`` read in part,
-    hold a lock on the file until closed, and both are the driver's own objects: left open as
-    the lease goes back, the idle connection blocks every writer, and the previous borrower
-    goes on reading (and, with the Blob, writing) through the connection the next borrower
-    has.  The return path closes them."""
+    """What sqlite3 returns from ``conn.execute()`` (reached through the lease: a driver cursor,
+    not one of the lease's), ``conn.blobopen()`` and ``conn.iterdump()``, read in part, holds
+    a lock on the file until closed while ``in_transaction`` is False; and each is the
+    driver's own object.  Left open as the lease goes back, the connection goes back as clean
+    and, idle in the pool, blocks every writer (``database is locked``), and the previous
+    borrower goes on reading (and, with the Blob, writing) through the connection the next
+    borrower has.  The return path closes them."""
     pool = new_pool(sqlite_connect)
     path = str(tmp_path / "db.sqlite3")
     other = sqlite3.connect(path, timeout=0, check_same_thread=False)
@@ -433,21 +426,15 @@ def test_sqlite_blob_or_dump_left_open_holds_no_lock_nor_reaches_the_connection(
         pool.execute("insert into t values (zeroblob(8)), (zeroblob(8))")
         with pool.connection() as conn:
             handle = open_handle(conn)
-            if hasattr(handle, "read"):
-                assert handle.read(2) == b"\0\0"
-            else:
-                next(handle)
+            _read_part(handle)
+        # The lease is back; `handle` is still referenced here, as after any with block.
+        assert pool.stats().idle == 1
         try:
             other.execute("BEGIN EXCLUSIVE")  # any writer's COMMIT needs this lock
         except sqlite3.OperationalError as exc:
             pytest.fail(f"an idle pooled connection holds a lock: {exc}")
         other.rollback()
-        if hasattr(handle, "write"):
-            with pytest.raises(sqlite3.ProgrammingError, match="closed blob"):
-                handle.write(b"xx")
-        else:
-            with pytest.raises(StopIteration):
-                next(handle)
+        _refuses_use(handle)
     finally:
         other.close()
         pool.close()
