@@ -822,8 +822,9 @@ class Pool(Generic[C]):
             self._max_size = new_max
             self._cond.notify_all()  # wait() compares with min_size
             # The least recently used idle connections above the new cap go now; leased ones
-            # as they come back (_put_back).  Until then size may exceed max_size.
-            excess = min(len(self._idle), self._size - new_max)
+            # as they come back (_put_back).  Until then size may exceed max_size.  Leases
+            # from before a reopen() count against the cap until they come back.
+            excess = min(len(self._idle), self._size + len(self._retired) - new_max)
             surplus = [self._idle.popleft() for _ in range(excess)]
             self._forget_locked(surplus, DiscardReason.RESIZED)  # and lets waiters use new room
             me = threading.get_ident()
@@ -1511,7 +1512,7 @@ class Pool(Generic[C]):
                     self._in_use += 1
                     caller.slot = slot
                     self._serve_locked(caller, _HANDED)
-                elif self._size > self._max_size:  # resize() lowered max_size meanwhile
+                elif self._size + len(self._retired) > self._max_size:  # resize() lowered it
                     surplus = True
                     self._forget_locked([slot], DiscardReason.RESIZED)
                     slot.owner = threading.get_ident()  # the thread closing it
@@ -1706,11 +1707,16 @@ class Pool(Generic[C]):
         try:
             try:
                 if slot.generation == self._generation:  # else close() or reopen() let it go
+                    # Over the cap resize() lowered, counting the leases from before a reopen()
+                    # (worked out before the counts change: no call among them, see _discard).
+                    over = self._size > self._max_size
+                    if self._retired:
+                        over = self._size + len(self._retired) > self._max_size
                     self._in_use -= 1
                     if held is not None:
                         self._returned += 1
                         self._held_time += held
-                    if not self._closed and self._size <= self._max_size:  # the common case
+                    if not self._closed and not over:  # the common case
                         # No borrower's until its next lease: the thread that returned it no
                         # longer holds it while another validates it or wakes up with it.
                         slot.owner = 0
@@ -2051,8 +2057,9 @@ class Pool(Generic[C]):
             if draining:
                 # Drained with leases still out: keep taking back those dropped unreleased,
                 # to close them, and reporting those held too long, which drain() waits for
-                # (close() and reopen() end this thread).
-                if not (self._drained and self._everyone):
+                # (close() and reopen() end this thread).  Those leased before a reopen() are
+                # out too, though no longer counted in `everyone`.
+                if not (self._drained and (self._everyone or self._retired)):
                     return None
             else:
                 expired, idle = self._pick_retired_locked(now)
@@ -2222,23 +2229,24 @@ class Pool(Generic[C]):
 
     def _pick_retired_locked(self, now: float) -> tuple[list[_Slot], list[_Slot]]:
         """Take out of the idle stack the connections past max_lifetime, and those idle too
-        long above min_size."""
+        long above min_size, least recently used first."""
         expired = []
-        idle = []
-        keep: deque[_Slot] = deque()
+        stale = []
         # Those past max_lifetime go anyway: only what stays above min_size may go for idling.
         surplus = self._size - self._min_size
         surplus -= sum(1 for slot in self._everyone if now >= slot.expires_at)
-        for slot in self._idle:  # least recently used first
+        for slot in self._idle:
             if now >= slot.expires_at:
                 expired.append(slot)
-            elif surplus > 0 and now - slot.used_at > self._idle_timeout:
-                idle.append(slot)
-                surplus -= 1
-            else:
-                keep.append(slot)
+            elif now - slot.used_at > self._idle_timeout:
+                stale.append(slot)
+        # By their last use, not their place in the stack: check() and the sweep put what they
+        # pinged back on top, above connections returned meanwhile, used later.
+        stale.sort(key=_last_use)
+        idle = stale[: max(surplus, 0)]
         if expired or idle:
-            self._idle = keep
+            gone = {*expired, *idle}
+            self._idle = deque(slot for slot in self._idle if slot not in gone)
         return expired, idle
 
     def _tick(self) -> float:
@@ -2397,6 +2405,10 @@ def _start_thread(target: Callable[[], object], name: str, not_started: Callable
         if token.acquire(False):
             not_started()
         raise
+
+
+def _last_use(slot: _Slot) -> float:
+    return slot.used_at
 
 
 def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:
