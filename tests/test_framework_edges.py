@@ -7,6 +7,7 @@ framework that behaves otherwise fails here, and the page must change with it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Connector, in_child, scalar
+from tests.conftest import Connector, in_child, rows, scalar, wait_until
 from tests.test_examples import load, unique
 
 
@@ -230,6 +231,80 @@ def test_sqlalchemy_invalidate_gives_the_lease_back_for_reuse(pg_connect: Connec
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == first
         stats = pool.stats()
         assert stats.created == 1 and stats.discarded == 0 and no_lease_out(pool)
+
+
+def _kill_mysql_session(admin: Any, session: int) -> None:
+    """End a session from the server's side, and wait until it is gone."""
+    rows(admin, f"KILL CONNECTION {int(session)}")
+    gone = "SELECT id FROM information_schema.processlist WHERE id = %s"
+    wait_until(lambda: not rows(admin, gone, (session,)))
+
+
+def test_sqlalchemy_isolation_level_on_mysql_is_session_state_the_pool_keeps(
+    mysql_connect: Connector,
+) -> None:
+    """On MySQL, SQLAlchemy sets a level with SET SESSION, which the pool does not undo:
+    SQLAlchemy sets it back when its connection closes, but not after invalidate(), and never
+    for an engine's isolation_level. session_reset="discard" undoes both."""
+    import sqlalchemy as sa
+
+    def level_of_next_borrower(pool: dbpool.Pool[Any]) -> str:
+        with sa_engine("mysql+pymysql://", pool).connect() as conn:
+            return str(conn.get_isolation_level())  # read from the server
+
+    with dbpool.Pool(mysql_connect, min_size=0, max_size=1) as pool:
+        default = level_of_next_borrower(pool)
+        assert default != "SERIALIZABLE"
+        engine = sa_engine("mysql+pymysql://", pool)
+        with engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+            assert conn.get_isolation_level() == "SERIALIZABLE"
+        assert level_of_next_borrower(pool) == default
+        with engine.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
+            conn.invalidate()
+        assert level_of_next_borrower(pool) == "SERIALIZABLE"
+        assert pool.stats().created == 1
+
+    for session_reset, expected in ((None, "SERIALIZABLE"), ("discard", default)):
+        with dbpool.Pool(
+            mysql_connect, min_size=0, max_size=1, session_reset=session_reset
+        ) as pool:
+            engine = sa_engine("mysql+pymysql://", pool, isolation_level="SERIALIZABLE")
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            assert level_of_next_borrower(pool) == expected
+
+
+def test_sqlalchemy_drops_the_lease_when_setting_the_mysql_level_back_fails(
+    mysql_connect: Connector,
+) -> None:
+    """A session lost after SQLAlchemy's rollback and before it sets the level back: its
+    close() raises the driver's error and never closes the lease, which comes back to the pool
+    only when it is garbage-collected."""
+    import pymysql
+    import sqlalchemy as sa
+
+    admin = mysql_connect()
+    admin.autocommit(True)
+    with dbpool.Pool(mysql_connect, min_size=0, max_size=1) as pool:
+        engine = sa_engine("mysql+pymysql://", pool)
+
+        @sa.event.listens_for(engine, "reset")
+        def lose_the_session(dbapi_connection: Any, record: Any, state: Any) -> None:
+            # Its transaction is rolled back already; the level is set back after this event.
+            _kill_mysql_session(admin, dbapi_connection.thread_id())
+
+        conn = engine.connect().execution_options(isolation_level="SERIALIZABLE")
+        conn.execute(sa.text("SELECT 1"))
+        # Only the traceback refers to the lease once close() raised: it goes with it.
+        with pytest.warns(ResourceWarning, match="garbage-collected without being released"):
+            with pytest.raises(pymysql.OperationalError):  # the driver's, not SQLAlchemy's
+                conn.close()
+            assert pool.stats().in_use == 1  # not given back
+            gc.collect()
+        with pool.connection() as lease:  # the next checkout takes the dropped one back first
+            assert scalar(lease, "SELECT 1") == 1
+        stats = pool.stats()
+        assert stats.leaked == 1 and stats.discards["broken"] == 1 and no_lease_out(pool)
 
 
 # -- pandas ------------------------------------------------------------------------------------
