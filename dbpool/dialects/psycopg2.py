@@ -23,13 +23,13 @@ from .psycopg import (
     prepared_two_phase_left,
 )
 
-_STATUS_PREPARED = 5  # psycopg2.extensions.STATUS_PREPARED
+# psycopg2.extensions.STATUS_READY: psycopg2 has no transaction of its own open, so it sends
+# BEGIN before the next statement (unless in autocommit); STATUS_PREPARED: after tpc_prepare().
+_STATUS_READY = 1
+_STATUS_PREPARED = 5
 
 # What client_settings() reads, in the order restore_client_settings() sets them back.
 _CLIENT_SETTINGS = ("autocommit", "isolation_level", "readonly", "deferrable", "cursor_factory")
-# psycopg2.extensions.STATUS_READY: psycopg2 has no transaction of its own open, so it sends
-# BEGIN before the next statement (unless in autocommit).
-_STATUS_READY = 1
 
 
 def _encoding_name(server_name: str | None) -> str:
@@ -63,7 +63,7 @@ class Psycopg2Dialect(Dialect):
             return BROKEN
         # conn.info makes an object per call
         state = LIBPQ_STATES.get(conn.get_transaction_status(), BROKEN)
-        if state is IDLE and conn.status != _STATUS_READY and conn.status != _STATUS_PREPARED:
+        if state is IDLE and conn.status not in (_STATUS_READY, _STATUS_PREPARED):
             # psycopg2 keeps its own record of the transaction it began and trusts it over
             # libpq's: a COMMIT or ROLLBACK run as a statement ends the server's transaction
             # but not that record, and psycopg2 then sends no BEGIN, so the next borrower's
