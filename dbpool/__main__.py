@@ -563,9 +563,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     check_cmd = commands.add_parser(
-        "check", help="connect, ping, print server version and stats", secrets=secrets
+        "check",
+        secrets=secrets,
+        help="connect, ping, print server version and stats",
+        description="Connect to URL through a pool of one connection, ping the database, and "
+        "print the driver, the server's version, the connect and ping times and the pool's "
+        "statistics; exit 1 if the database cannot be reached.",
     )
-    check_cmd.add_argument("url", metavar="URL")
+    check_cmd.add_argument("url", metavar="URL", help="database URL")
     check_cmd.add_argument(
         "--timeout",
         type=_timeout,

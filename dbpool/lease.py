@@ -566,7 +566,8 @@ _CONNECTION_STATEMENTS = {
 #: autocommit = 1 commit first; so do sqlite3's autocommit = True and isolation_level = None;
 #: psycopg's set_autocommit() and psycopg2's set_session(autocommit=True) before the block's
 #: first statement leave it with none; psycopg2's set_isolation_level() and set_client_encoding()
-#: roll back first, and so does mysqlclient's change_user(), which leaves the session in the
+#: roll back first, and so do psycopg2's reset(), which also puts the session's settings back to
+#: the server's defaults, and mysqlclient's change_user(), which leaves the session in the
 #: server's autocommit).
 _ENDS_TRANSACTION = frozenset(
     {
@@ -577,6 +578,7 @@ _ENDS_TRANSACTION = frozenset(
         "set_session",
         "set_isolation_level",
         "set_client_encoding",
+        "reset",
         "change_user",
     }
 )

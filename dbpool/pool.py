@@ -229,7 +229,9 @@ def _check_number(
     if not (value > 0 if positive else value >= 0):  # also catches NaN
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
     if finite and not value <= threading.TIMEOUT_MAX:
-        raise ValueError(f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds, got {value!r}")
+        raise ValueError(
+            f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds{hint}, got {value!r}"
+        )
 
 
 def _bounded(seconds: float) -> float:
@@ -249,7 +251,9 @@ class Pool(Generic[C]):
     """A thread-safe pool of DB-API 2.0 connections made by ``connect()``.
 
     :param connect: called with no arguments for every new connection; returns a DB-API
-        connection of any driver.
+        connection of any driver.  The pool's type is inferred from it, except from a
+        driver's ``connect`` generic in its row type passed bare: write
+        ``Pool[psycopg.Connection](psycopg.connect)`` for ``Pool(psycopg.connect)``.
     :param min_size: connections kept open, opened in the background from the start.
     :param max_size: hard cap on connections open or being opened.
     :param acquire_timeout: seconds a caller may wait for a connection.
@@ -318,6 +322,15 @@ class Pool(Generic[C]):
             "a callable taking no arguments that returns a DB-API connection "
             "(for example lambda: psycopg.connect(dsn))",
         )
+        if not isinstance(connect, type) and _detect_dialect(connect).name != "generic":
+            # A driver's connection given for the function that makes them: sqlite3's is
+            # callable (it makes statements), and would fail only at the first connect.
+            driver = type(connect).__module__.partition(".")[0]
+            raise TypeError(
+                f"connect must be a callable that returns a new DB-API connection, got a "
+                f"{driver} connection: pass the function that makes one (for example "
+                f"lambda: {driver}.connect(...))"
+            )
         _check_count("min_size", min_size, minimum=0)
         _check_count("max_size", max_size, minimum=1)
         if min_size > max_size:

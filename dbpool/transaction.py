@@ -57,6 +57,10 @@ _NARROW_SLACK = 0.01
 _RETRY_FIRST_DELAY = 0.01
 _RETRY_MAX_DELAY = 1.0
 
+_NOT_STARTED = (
+    "the transaction has not started: use it in a with block ('with pool.transaction() as tx:')"
+)
+
 
 def check_options(
     isolation: Isolation | str | None, timeout: float | None, readonly: bool
@@ -515,7 +519,7 @@ class Transaction(Generic[C]):
     def connection(self) -> Connection[C]:
         """The lease the transaction runs on."""
         if self._lease is None:
-            raise PoolError("the transaction has not started: use it in a with block")
+            raise PoolError(_NOT_STARTED)
         return self._lease
 
     def _begin_on_server(self) -> None:
@@ -542,6 +546,8 @@ class Transaction(Generic[C]):
     def _check_open(self) -> None:
         """Called before (and after) each statement of the block."""
         if not self._open:
+            if not self._entered:  # pool.transaction().execute(...): the 'with' was left out
+                raise PoolError(_NOT_STARTED)
             raise PoolError("the transaction is over: start a new one")
         now = monotonic()
         if self._expired or now >= self._deadline:

@@ -184,6 +184,11 @@ BAD_OPTIONS = [
     option("reconnect_max_delay", NAN, ValueError, "must be greater than 0"),
     option("reconnect_max_delay", INF, ValueError, "must be at most"),
     option("reconnect_max_delay", 1, ValueError, "(1)", "reconnect_delay (2)", reconnect_delay=2),
+    option("leak_timeout", "30", TypeError, "must be a number of seconds or None"),
+    option("leak_timeout", True, TypeError, "must be a number of seconds or None"),
+    option("leak_timeout", 0, ValueError, "must be greater than 0", "None"),
+    option("leak_timeout", NAN, ValueError, "must be greater than 0"),
+    option("leak_timeout", INF, ValueError, "must be at most", "(or None to disable it)", "inf"),
     # the rest
     option(
         "dialect", "oracle", ValueError, "unknown dialect 'oracle'", "sqlite3", "Dialect instance"
@@ -225,6 +230,25 @@ def test_connect_that_is_not_callable_is_refused(connect: Any, words: tuple[str,
     assert dbpool_threads() <= threads
 
 
+def test_a_driver_connection_given_for_connect_is_refused_though_callable(
+    tmp_path: Path,
+) -> None:
+    # sqlite3's connections are callable (they make statements): Pool(sqlite3.connect(...))
+    # would otherwise fail only at the first connect, with "function takes exactly 1 argument"
+    conn = sqlite3.connect(tmp_path / "app.sqlite3", check_same_thread=False)
+    try:
+        threads = dbpool_threads()
+        refused(
+            lambda: dbpool.Pool(conn),
+            TypeError,
+            ("connect must be a callable", "sqlite3 connection", "lambda: sqlite3.connect("),
+        )
+        assert dbpool_threads() <= threads
+        assert conn.total_changes == 0 and not conn.in_transaction
+    finally:
+        conn.close()
+
+
 def test_misspelled_or_positional_option_is_refused(fake_server: fakedb.Server) -> None:
     refused(lambda: dbpool.Pool(fake_server.connect, max_sise=3), TypeError, ("max_sise",))
     refused(lambda: dbpool.Pool(fake_server.connect, 3), TypeError, ("positional",))
@@ -238,8 +262,8 @@ def test_infinite_times_are_accepted_where_they_mean_no_limit(
     fake_server: fakedb.Server, name: str
 ) -> None:
     # The contrast to the table above: these read as "wait as long as it takes" / "never",
-    # as docs/configuration.rst says; only the reconnect delays and transaction deadlines must
-    # be finite.
+    # as docs/configuration.rst says; only the reconnect delays, leak_timeout and transaction
+    # deadlines must be finite.
     with dbpool.Pool(fake_server.connect, min_size=0, **{name: INF}) as pool:
         works(pool)
 
@@ -768,6 +792,19 @@ def test_transaction_inside_a_transaction_on_one_lease_points_to_savepoints(
                 tx.execute("insert into t values (2)")  # the outer transaction goes on
             assert conn.execute("select x from t order by x").fetchall() == [(1,), (2,)]
         works(pool)
+
+
+def test_a_transaction_used_before_its_with_block_says_so_and_takes_nothing(
+    pool: dbpool.Pool[Any], fake_server: fakedb.Server
+) -> None:
+    tx = pool.transaction()  # the 'with' left out
+    before = Snapshot.of(pool, fake_server)
+    for use in (lambda: tx.execute("select 1"), tx.cursor, tx.savepoint, lambda: tx.connection):
+        refused(use, dbpool.PoolError, ("has not started", "with pool.transaction() as tx:"))
+    before.unchanged(pool, fake_server)
+    with tx:  # it has not run its block yet
+        tx.execute("select 1")
+    works(pool)
 
 
 def test_transaction_on_a_lease_with_pending_work_says_to_end_it_first(

@@ -204,3 +204,22 @@ def test_psycopg2_set_client_encoding_inside_a_block_is_refused(
             tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (2)")
         assert pg2_values(pg2_table) == [1, 2], "the block committed only part of its work"
         assert_accounting(pool)
+
+
+@pytest.mark.postgresql
+def test_psycopg2_reset_inside_a_block_is_refused(
+    psycopg2_connect: Connector, pg2_table: Any
+) -> None:
+    """psycopg2's ``reset()`` rolls back the transaction in progress and puts the session back
+    to the server's defaults: the block lost its first insert, and committed the second outside
+    its isolation level and server-side time limits, with no error."""
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1) as pool:
+        with pool.transaction(isolation="SERIALIZABLE", timeout=BOUND) as tx:
+            tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (1)")
+            with pytest.raises(dbpool.PoolError, match="reset"):
+                tx.connection.reset()
+            level = tx.execute("SELECT current_setting('transaction_isolation')").fetchone()
+            assert level == ("serializable",)
+            tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (2)")
+        assert pg2_values(pg2_table) == [1, 2], "the block committed only part of its work"
+        assert_accounting(pool)

@@ -219,6 +219,15 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert help_text.returncode == 0 and "--max-size" in help_text.stdout
 
 
+def test_check_help_says_what_the_command_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser(["check", "--help"]).parse_args(["check", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
+    assert "ping the database" in help_text and "the server's version" in help_text
+    assert "URL database URL" in help_text  # the argument is described, not just named
+
+
 @pytest.mark.parametrize("command", ["check", "bench"])
 def test_a_timeout_above_a_day_is_a_usage_error(tmp_path: Path, command: str) -> None:
     # PyMySQL refuses a connect timeout over a year, and only when it connects: that was

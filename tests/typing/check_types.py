@@ -55,6 +55,7 @@ def leases() -> None:
     bare: Pool[PgConnection] = Pool(psycopg.connect, min_size=0)
     assert_type(bare.connection().raw, PgConnection)
     assert_type(Pool[PgConnection](psycopg.connect), Pool[PgConnection])
+    assert_type(Pool[psycopg.Connection](psycopg.connect), Pool[PgConnection])  # as in README
     dicts = Pool(functools.partial(psycopg.connect, "dbname=test", row_factory=dict_row))
     assert_type(dicts, Pool[psycopg.Connection[DictRow]])
     assert_type(dicts.connection().raw, psycopg.Connection[DictRow])

@@ -44,6 +44,12 @@ def not_a_connection() -> None:
     Pool(lambda: 42)  # error: type-var
 
 
+def bare_generic_connect() -> None:
+    # psycopg.connect is generic in its row type, which mypy cannot pick for it: the README
+    # says to spell the pool's type out (check_types.py), and why.
+    Pool(psycopg.connect)  # error: arg-type
+
+
 def raw_of_another_driver(pool: Pool[PgConnection]) -> sqlite3.Connection:
     return pool.connection().raw  # error: return-value
 
