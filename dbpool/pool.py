@@ -234,6 +234,10 @@ def _check_number(
         )
 
 
+def _connections(count: int) -> str:
+    return "1 connection" if count == 1 else f"{count} connections"
+
+
 def _bounded(seconds: float) -> float:
     """A wait of ``seconds``, clamped to what the threading primitives accept."""
     return min(max(seconds, 0.0), threading.TIMEOUT_MAX)
@@ -947,14 +951,13 @@ class Pool(Generic[C]):
             leased = [slot for slot in leased if slot.dialect.closes_under_a_call]
             if left_open:
                 logger.warning(
-                    "pool %r closed: %d connections still leased cut off, each closed as it "
-                    "comes back",
+                    "pool %r closed: %s still leased cut off, each closed as it comes back",
                     self._name,
-                    len(left_open),
+                    _connections(len(left_open)),
                 )
         if leased:
             logger.warning(
-                "pool %r closed: closing %d connections still leased", self._name, len(leased)
+                "pool %r closed: closing %s still leased", self._name, _connections(len(leased))
             )
         interrupted = (
             self._close_all(leased, POOL_CLOSED, "still leased", sever=True) or interrupted
@@ -999,10 +1002,10 @@ class Pool(Generic[C]):
                     closing = self._closes_pending_locked()
                 mine = f" ({held} by this thread)" if held else ""
                 raise PoolTimeout(
-                    f"pool {self._name!r}: after draining for {timeout:g} s, {leased} "
-                    f"connections are still leased{mine}, {opening} being opened and {closing} "
-                    "being closed; each lease is closed when it comes back (close() closes "
-                    "those now)"
+                    f"pool {self._name!r}: after draining for {timeout:g} s, "
+                    f"{_connections(leased)} still leased{mine}, {opening} being opened and "
+                    f"{closing} being closed; each lease is closed when it comes back "
+                    "(close() closes those now)"
                 )
         finally:
             with self._lock:

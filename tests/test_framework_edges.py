@@ -183,7 +183,7 @@ def test_sqlalchemy_own_pool_holds_leases_until_engine_dispose(
             conn.execute(sa.text("SELECT 1"))
         with caplog.at_level(logging.WARNING, logger="dbpool"):
             pool.close(timeout=0)
-        assert "closing 1 connections still leased" in caplog.text
+        assert "closing 1 connection still leased" in caplog.text
         with pytest.raises(dbpool.LeaseReleased):
             pinged.connect()
         pinged.dispose()

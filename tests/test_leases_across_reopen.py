@@ -93,7 +93,7 @@ def test_close_past_its_timeout_cuts_off_a_sqlite_lease_from_before_reopen(
 def test_drain_counts_a_lease_from_before_reopen_held_by_its_own_thread(make_pool: Any) -> None:
     pool = make_pool(max_size=1)
     old = _left_out_by_reopen(pool)
-    with pytest.raises(dbpool.PoolTimeout, match=r"1 connections are still leased \(1 by this"):
+    with pytest.raises(dbpool.PoolTimeout, match=r"1 connection still leased \(1 by this"):
         pool.drain(timeout=0)
     old.close()
 
