@@ -19,7 +19,7 @@ from .events import DiscardReason, Event, PoolEvent
 from .isolation import Isolation
 from .lease import Connection, Cursor, PoolCursor
 from .pool import Pool
-from .stats import WAIT_BUCKETS, PoolStats
+from .stats import WAIT_BUCKETS, HealthReport, PoolStats
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Pool",
     "PoolStats",
+    "HealthReport",
     "Connection",
     "Cursor",
     "PoolCursor",

@@ -43,7 +43,7 @@ from .lease import (
     revoke,
 )
 from .redact import describe, mask_credentials, scrub_exception, scrub_text, secrets_in
-from .stats import WAIT_BUCKETS, PoolStats, no_discards, wait_bucket
+from .stats import WAIT_BUCKETS, HealthReport, PoolStats, no_discards, wait_bucket
 from .transaction import Transaction, run_transaction
 from .watchdog import Overdue
 
@@ -765,7 +765,7 @@ class Pool(Generic[C]):
             self._reaper_wakeup.set()  # refill to min_size
         return dead
 
-    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+    def health(self, timeout: float = 5.0) -> HealthReport:
         """A small report for readiness probes: whether a pooled connection answers a ping
         within ``timeout`` seconds, how long the ping took, and the stats.
 

@@ -6,11 +6,11 @@ import dataclasses
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from .events import DiscardReason
 
-__all__ = ["PoolStats", "WAIT_BUCKETS"]
+__all__ = ["HealthReport", "PoolStats", "WAIT_BUCKETS"]
 
 #: Upper bounds, in seconds, of the acquire-wait histogram's buckets; the last catches the rest.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -91,3 +91,23 @@ class PoolStats:
         values["wait_buckets"] = [None if math.isinf(b) else b for b in self.wait_buckets]
         values["wait_histogram"] = list(self.wait_histogram)
         return values
+
+
+class HealthReport(TypedDict):
+    """What :meth:`dbpool.Pool.health` returns: plain values, ready for a readiness probe's
+    JSON."""
+
+    #: the pool's name
+    pool: str
+    #: a pooled connection answered the ping, and the pool is open
+    ok: bool
+    #: a pooled connection answered the ping within the timeout
+    reachable: bool
+    #: seconds the ping took (``None`` when it did not answer)
+    latency: float | None
+    #: why it is not ok: the exception's type and first line, secrets masked (else ``None``)
+    error: str | None
+    #: the pool was closed (or drained) when the report was made
+    closed: bool
+    #: :meth:`PoolStats.as_dict` of the snapshot taken with the report
+    stats: dict[str, Any]

@@ -101,6 +101,10 @@ def observing(pool: Pool[PgConnection]) -> None:
     assert_type(stats.pool_closed, bool)
     assert_type(stats.discards, dict[str, int])
     assert_type({stats, pool.stats()}, set[dbpool.PoolStats])  # snapshots hash
+    report = pool.health()
+    assert_type(report, dbpool.HealthReport)
+    assert_type(report["ok"], bool)
+    assert_type(report["latency"], float | None)
 
     def on_checkout(event: dbpool.PoolEvent) -> None:
         pass

@@ -63,6 +63,10 @@ def lease_for_another_driver(pool: Pool[PgConnection]) -> None:
     pool.with_connection(takes_sqlite)  # error: arg-type
 
 
+def health_report_key_misspelt(pool: Pool[PgConnection]) -> object:
+    return pool.health()["healthy"]  # error: typeddict-item
+
+
 def listener_of_another_kind(pool: Pool[PgConnection]) -> None:
     # A listener is told a dbpool.PoolEvent.
     pool.add_listener("checkout", takes_str)  # error: arg-type
