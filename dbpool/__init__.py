@@ -20,7 +20,7 @@ from .isolation import Isolation
 from .lease import Connection, Cursor, PoolCursor
 from .pool import Pool
 from .stats import WAIT_BUCKETS, HealthReport, PoolStats
-from .transaction import Transaction
+from .transaction import Savepoint, Transaction
 
 if TYPE_CHECKING:
     from .url import create_pool
@@ -50,6 +50,7 @@ __all__ = [
     "CommitOutcomeUnknown",
     "Isolation",
     "Transaction",
+    "Savepoint",
 ]
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .lease import Connection, Cursor
     from .pool import Pool, _Slot
 
-__all__ = ["Transaction", "Isolation", "run_transaction"]
+__all__ = ["Transaction", "Savepoint", "Isolation", "run_transaction"]
 
 logger = logging.getLogger("dbpool")
 
@@ -603,11 +603,11 @@ class Transaction(Generic[C]):
             cursor.execute(sql, params)
         return cursor
 
-    def savepoint(self) -> _Savepoint[C]:
+    def savepoint(self) -> Savepoint[C]:
         """A nested unit: ``with tx.savepoint():`` rolls back to it on exception (and
         re-raises), releases it otherwise; the outer transaction stays usable either way."""
         self._check_open()
-        return _Savepoint(self, f"dbpool_sp_{next(self._savepoints)}")
+        return Savepoint(self, f"dbpool_sp_{next(self._savepoints)}")
 
     def __repr__(self) -> str:
         state = "open" if self._open else "not open"
@@ -615,10 +615,17 @@ class Transaction(Generic[C]):
         return f"<dbpool.Transaction {state}, {level}>"
 
 
-class _Savepoint(Generic[C]):
+class Savepoint(Generic[C]):
+    """A savepoint inside a transaction block, made by :meth:`Transaction.savepoint`; use it
+    as a context manager.  The object runs one block: make another for the next."""
+
     def __init__(self, tx: Transaction[C], name: str) -> None:
         self._tx = tx
-        self._name = name  # generated: never caller input
+        self._name = name  # generated: never caller input, and one per object
+        self._entered = False  # a second block would reuse the name, shadowing the first
+
+    def __repr__(self) -> str:
+        return f"<dbpool.Savepoint {self._name} of {self._tx!r}>"
 
     def _slot(self) -> _Slot:
         self._tx._check_open()
@@ -627,8 +634,13 @@ class _Savepoint(Generic[C]):
             raise PoolError("the transaction's connection went back to the pool")
         return slot
 
-    def __enter__(self) -> _Savepoint[C]:
+    def __enter__(self) -> Savepoint[C]:
         slot = self._slot()
+        if self._entered:
+            raise PoolError(
+                "this savepoint object already ran its block: take another with tx.savepoint()"
+            )
+        self._entered = True
         slot.busy = True
         try:
             slot.dialect.savepoint(slot.raw, self._name)

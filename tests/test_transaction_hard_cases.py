@@ -193,7 +193,7 @@ def test_mariadb_deadlock_inside_a_savepoint_is_retried(
     mysql_connect: Any, mysql_params: dict[str, Any]
 ) -> None:
     """InnoDB rolls the whole transaction back on a deadlock, savepoints included, so
-    _Savepoint.__exit__'s ROLLBACK TO SAVEPOINT fails with 1305 and that error replaces the
+    Savepoint.__exit__'s ROLLBACK TO SAVEPOINT fails with 1305 and that error replaces the
     1213: run_transaction no longer sees a retryable error and gives up."""
     import pymysql
 

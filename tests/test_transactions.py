@@ -1539,6 +1539,32 @@ def test_nested_savepoints(db: Backend) -> None:
         assert_clean_next_lease(pool, db)
 
 
+def test_a_savepoint_object_runs_one_block(db: Backend) -> None:
+    """Entered again, inside its own block or after it, a savepoint object would send its
+    SAVEPOINT name a second time: on MySQL the inner one replaces the outer, whose RELEASE then
+    fails and stops the commit.  It is refused before anything is sent."""
+    table = db.fresh_table(unique("tx_savepoint_twice"))
+    with new_pool(db.connect) as pool:
+        with pool.transaction() as tx:
+            insert(tx, db, table, 1)
+            savepoint = tx.savepoint()
+            with savepoint:
+                insert(tx, db, table, 2)
+                with pytest.raises(dbpool.PoolError, match="already ran its block"):
+                    with savepoint:
+                        insert(tx, db, table, 3)
+                insert(tx, db, table, 4)
+            with pytest.raises(dbpool.PoolError, match=r"take another with tx\.savepoint\(\)"):
+                with savepoint:
+                    insert(tx, db, table, 5)
+            with tx.savepoint():
+                insert(tx, db, table, 6)
+        assert ids(db, table) == [1, 2, 4, 6]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+        assert_clean_next_lease(pool, db)
+
+
 # == 7. nothing leaks ==========================================================================
 
 

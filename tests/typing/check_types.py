@@ -71,6 +71,8 @@ def transactions(pool: Pool[PgConnection]) -> None:
         assert_type(tx, Transaction[PgConnection])
         assert_type(tx.connection, dbpool.Connection[PgConnection])
         assert_type(tx.connection.raw, PgConnection)
+        with tx.savepoint() as savepoint:
+            assert_type(savepoint, dbpool.Savepoint[PgConnection])
     with pool.connection() as conn:
         assert_type(conn.transaction(), Transaction[PgConnection])
 
