@@ -623,9 +623,9 @@ class Pool(Generic[C]):
     ) -> T:
         """Return ``fn(tx)`` run in a transaction, re-run on a fresh transaction, after a
         jittered exponential backoff, when the database reports a serialization failure or a
-        deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205, SQLite busy, SQL Server
-        1205 / 3960 / 41302), at most ``retries`` times, all within ``timeout`` seconds.  Such
-        an error that ``fn`` caught counts too (the block then raises
+        deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205 and MariaDB's 1020, SQLite busy,
+        SQL Server 1205 / 3960 / 41302), at most ``retries`` times, all within ``timeout``
+        seconds.  Such an error that ``fn`` caught counts too (the block then raises
         :class:`dbpool.TransactionRolledBack`).  Never re-run after
         :class:`dbpool.CommitOutcomeUnknown`; when the time runs out, even between attempts,
         :class:`dbpool.TransactionTimeout`, chained to the last error."""

@@ -124,6 +124,7 @@ class Transaction(Generic[C]):
         self._active = False
         self._open = False
         self._begin_token: Any = None
+        self._session: object = None  # the server session BEGIN went to (Dialect.server_session)
         self._time_token: Any = _NOT_LIMITED
         # When the server-side limit was last sized to the time left, if the dialect narrows
         # it (see Dialect.narrows_time); a wait starting later may outlast the deadline by
@@ -197,6 +198,7 @@ class Transaction(Generic[C]):
                 if dialect.narrows_time:
                     self._narrowed_at = now
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
+            self._session = dialect.server_session(raw)
             self._open = True
             slot.transaction = self
             if self._timeout is not None and limit_inside:
@@ -388,6 +390,14 @@ class Transaction(Generic[C]):
             error = TransactionRolledBack(
                 "the connection was closed or lost inside the transaction block, before "
                 "COMMIT: the transaction was not committed"
+            )
+            error.__cause__ = self._failed
+        elif slot.dialect.server_session(slot.raw) != self._session:
+            # The driver reconnected (PyMySQL's ping(reconnect=True)): the transaction went
+            # with the old session, and COMMIT would commit what ran since, in the new one.
+            error = TransactionRolledBack(
+                "the connection reconnected inside the transaction block: the server rolled "
+                "the transaction back as its session ended, and what ran since ran outside it"
             )
             error.__cause__ = self._failed
         else:

@@ -13,12 +13,13 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import rows, scalar
+from tests.conftest import rows, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
 T_OTHER = "dirty_handout_other"
 PROC = "dirty_handout_opens_tx"
+PROC_FAILS = "dirty_handout_opens_tx_and_fails"
 
 
 def _admin(connect: Callable[[], Any]) -> Any:
@@ -45,8 +46,16 @@ def mysql_tables(mysql_connect: Callable[[], Any]) -> Iterator[Any]:
         f"CREATE PROCEDURE {PROC}() BEGIN SELECT 1; START TRANSACTION; "
         f"INSERT INTO {T_OTHER} VALUES (42); SELECT 2; END",
     )
+    rows(admin, f"DROP PROCEDURE IF EXISTS {PROC_FAILS}")
+    # A transaction opened by a CALL whose reply is an error: no flags say it is open.
+    rows(
+        admin,
+        f"CREATE PROCEDURE {PROC_FAILS}() BEGIN START TRANSACTION; "
+        f"INSERT INTO {T_OTHER} VALUES (43); SIGNAL SQLSTATE '45000'; END",
+    )
     yield admin
     # the tests close their pools first: nothing holds a lock by now
+    rows(admin, f"DROP PROCEDURE IF EXISTS {PROC_FAILS}")
     rows(admin, f"DROP PROCEDURE IF EXISTS {PROC}")
     rows(admin, f"DROP TABLE IF EXISTS {T_OTHER}")
     admin.close()
@@ -105,6 +114,46 @@ def test_pymysql_autocommit_pending_results_hand_over_open_transaction(mysql_con
     assert (in_transaction, committed) == (0, 0)
 
 
+# -- a multi-statement string whose unread statement failed (PyMySQL and mysqlclient) ---------
+
+
+def _multi_statement_connect(driver: str, params: dict[str, Any]) -> Callable[[], Any]:
+    """Autocommit connections that take several statements in one string (mysqlclient does
+    by default)."""
+    if driver == "pymysql":
+        import pymysql
+        from pymysql.constants import CLIENT
+
+        flag = CLIENT.MULTI_STATEMENTS
+        return lambda: pymysql.connect(**params, client_flag=flag, autocommit=True)
+    import MySQLdb
+
+    return lambda: MySQLdb.connect(**params, autocommit=True)
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_a_statement_that_failed_unread_in_a_multi_statement_string_keeps_the_connection(
+    request: pytest.FixtureRequest, mysql_params: dict[str, Any], mysql_tables: Any, driver: str
+) -> None:
+    # The borrower reads the first statement's result and leaves the cursor; the CALL's error
+    # comes only as the return path closes it.  An error reply leaves the connection in step:
+    # it is rolled back and reused, not discarded.  The CALL opened a transaction that its
+    # error reply does not flag: the rollback must end it all the same.
+    if driver == "mysqlclient":
+        request.getfixturevalue("mysqlclient_connect")  # skips if mysqlclient is missing
+    with _pool(_multi_statement_connect(driver, mysql_params)) as pool:
+        with pool.connection() as conn:
+            session = scalar(conn, "SELECT CONNECTION_ID()")
+            cursor = conn.cursor()
+            cursor.execute(f"SELECT 1; CALL {PROC_FAILS}()")
+            assert cursor.fetchall() == ((1,),)
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT CONNECTION_ID()") == session  # the same connection
+            assert scalar(conn, "SELECT @@in_transaction") == 0
+        assert pool.stats().discarded == 0
+    assert scalar(mysql_tables, f"SELECT COUNT(*) FROM {T_OTHER}") == 0
+
+
 # -- mysqlclient's persistent reconnect flag, turned on by one borrower ----------------------
 
 
@@ -129,3 +178,40 @@ def test_mysqlclient_reconnect_turned_on_by_borrower_gives_next_one_autocommit(
                 pass  # the driver's error: what the docs promise
         committed = scalar(mysql_tables, f"SELECT COUNT(*) FROM {T_OTHER}")
     assert committed == 0, "the next borrower's INSERT was autocommitted; its rollback did nothing"
+
+
+# -- a session the driver opened again by itself (PyMySQL and mysqlclient) -------------------
+
+
+def _end_session(admin: Any, session: int) -> None:
+    """End a session from the server's side, and wait until it is gone."""
+    rows(admin, f"KILL CONNECTION {int(session)}")
+    gone = "SELECT id FROM information_schema.processlist WHERE id = %s"
+    wait_until(lambda: not rows(admin, gone, (session,)))
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_a_session_the_driver_reconnected_inside_a_lease_is_not_handed_on(
+    request: pytest.FixtureRequest, mysql_tables: Any, driver: str
+) -> None:
+    # The borrower's session is lost (wait_timeout, a failover...) and the borrower pings with
+    # reconnect, as both drivers allow: the driver connects again, on the same connection
+    # object.  The new session never saw configure; the next borrower must get one that did.
+    connect = request.getfixturevalue(
+        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
+    )
+
+    def configure(raw: Any) -> None:
+        rows(raw, "SET SESSION time_zone = '+05:00'")
+
+    with _pool(connect, configure=configure) as pool:
+        with pool.connection() as conn:
+            session = scalar(conn, "SELECT CONNECTION_ID()")
+            _end_session(mysql_tables, session)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                conn.ping(True)
+            assert scalar(conn, "SELECT CONNECTION_ID()") != session  # a new session
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT @@session.time_zone") == "+05:00"
+        assert pool.stats().discards["reset_failed"] == 1

@@ -5,13 +5,15 @@ again."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any
 
 import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import assert_accounting
+from tests.conftest import assert_accounting, rows, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -41,3 +43,41 @@ def test_a_psycopg2_block_whose_raw_connection_was_closed_was_not_committed(
             cursor = conn.cursor()
             cursor.execute("SELECT 1")
             assert cursor.fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_a_block_whose_driver_reconnected_is_not_committed(
+    request: pytest.FixtureRequest, driver: str
+) -> None:
+    """The block's session is lost and the driver connects again when told to (ping with
+    reconnect): the server rolled the transaction back with the old session, and COMMIT would
+    commit only what ran since, in the new one.  The block raises TransactionRolledBack."""
+    connect = request.getfixturevalue(
+        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
+    )
+    table = f"lost_before_commit_{driver}_{os.getpid()}"
+    admin = connect()
+    admin.autocommit(True)
+    rows(admin, f"DROP TABLE IF EXISTS {table}")
+    rows(admin, f"CREATE TABLE {table} (x INT) ENGINE=InnoDB")
+    try:
+        with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+            with pytest.raises(dbpool.TransactionRolledBack, match="reconnected"):
+                with pool.transaction() as tx:
+                    tx.execute(f"INSERT INTO {table} VALUES (1)")
+                    session = scalar(tx, "SELECT CONNECTION_ID()")
+                    rows(admin, f"KILL CONNECTION {int(session)}")
+                    gone = "SELECT id FROM information_schema.processlist WHERE id = %s"
+                    wait_until(lambda: not rows(admin, gone, (session,)))
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        tx.connection.ping(True)
+                    tx.execute(f"INSERT INTO {table} VALUES (2)")
+            # mysqlclient's new session is in the server's default autocommit mode, where the
+            # second INSERT committed as it ran; PyMySQL's turns autocommit off again.
+            left = [(2,)] if driver == "mysqlclient" else []
+            assert rows(admin, f"SELECT x FROM {table}") == left
+            assert_accounting(pool)
+    finally:
+        rows(admin, f"DROP TABLE IF EXISTS {table}")
+        admin.close()

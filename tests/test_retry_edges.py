@@ -21,7 +21,7 @@ import dbpool
 import dbpool.transaction
 from dbpool import TransactionTimeout
 from tests import fakedb
-from tests.conftest import wait_until
+from tests.conftest import rows, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -318,6 +318,66 @@ def test_mariadb_deadlock_swallowed_by_fn_is_retried(mysql_connect: Any, where: 
     finally:
         holder.rollback()
         admin.cursor().execute(f"drop table if exists {table}")
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_mariadb_snapshot_write_conflict_swallowed_by_fn_is_retried(
+    request: pytest.FixtureRequest, driver: str
+) -> None:
+    """With innodb_snapshot_isolation (MariaDB; on by default from 11.6), a write to a row
+    changed since the transaction's snapshot fails with ER_CHECKREAD (1020), and the server
+    rolls the whole transaction back, as for a deadlock victim.  fn catches it and goes on:
+    what it did before the error is gone, and what it does after runs in a new transaction
+    behind the block's back.  Nothing of that attempt may be committed, and fn is re-run."""
+    connect = request.getfixturevalue(
+        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
+    )
+    table = f"retry_checkread_{driver}_{os.getpid()}"
+    admin = connect()
+    admin.autocommit(True)
+    try:
+        rows(admin, "select @@innodb_snapshot_isolation")
+    except Exception as exc:  # MySQL, or an older MariaDB
+        admin.close()
+        pytest.skip(f"the server has no innodb_snapshot_isolation: {exc}")
+    rows(admin, f"drop table if exists {table}")
+    rows(admin, f"create table {table} (id int primary key, v int) ENGINE=InnoDB")
+    rows(admin, f"insert into {table} values (1, 0)")
+    attempts: list[int] = []
+
+    def fn(tx: dbpool.Transaction[Any]) -> str:
+        attempts.append(1)
+        n = len(attempts)
+        tx.execute(f"select v from {table} where id = 1").fetchall()  # the snapshot
+        tx.execute(f"insert into {table} values ({10 + n}, 0)")
+        if n == 1:
+            rows(admin, f"update {table} set v = v + 1 where id = 1")  # committed since
+            try:
+                tx.execute(f"update {table} set v = v + 10 where id = 1")
+            except Exception as exc:
+                assert exc.args[0] == 1020, exc
+            tx.execute(f"insert into {table} values ({20 + n}, 0)")
+            return "swallowed"
+        tx.execute(f"update {table} set v = v + 10 where id = 1")
+        tx.execute(f"insert into {table} values ({20 + n}, 0)")
+        return "done"
+
+    def snapshot_isolation(raw: Any) -> None:
+        rows(raw, "set session innodb_snapshot_isolation = ON")
+
+    try:
+        with _pool(connect, configure=snapshot_isolation) as pool:
+            result = pool.run_transaction(fn, retries=3, timeout=10)
+            assert (result, len(attempts)) == ("done", 2)
+            assert rows(admin, f"select id, v from {table} order by id") == [
+                (1, 11),
+                (12, 0),
+                (22, 0),
+            ]
+            _balanced(pool)
+    finally:
+        rows(admin, f"drop table if exists {table}")
+        admin.close()
 
 
 def test_a_savepoint_block_ended_by_an_error_that_ended_the_transaction_sends_nothing(

@@ -130,7 +130,16 @@ class Dialect:
         return None
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        """Put back what :meth:`client_settings` returned; called with no transaction open."""
+        """Put back what :meth:`client_settings` returned; called with no transaction open.
+        Raises if the connection cannot be made fit for the next borrower: it is discarded."""
+
+    def server_session(self, conn: Any) -> object:
+        """Which server session ``conn`` is on, read locally: no I/O.  For drivers that can
+        open a new one on the same connection object by themselves (PyMySQL's and
+        mysqlclient's reconnect), so that a connection that did is told from one that did not:
+        the server rolled back the old session's transaction, and the new session has nothing
+        ``configure`` set up.  ``None`` where the driver never does."""
+        return None
 
     def rollback(self, conn: Any) -> None:
         conn.rollback()

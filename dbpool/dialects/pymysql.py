@@ -29,10 +29,29 @@ from .base import (
     socket_identity,
 )
 
-_DEADLOCK = 1213  # ER_LOCK_DEADLOCK: the server rolled the whole transaction back
-_RETRYABLE_ERRORS = frozenset({_DEADLOCK, 1205})  # and ER_LOCK_WAIT_TIMEOUT
+# The errors with which the server rolled the whole transaction back: ER_LOCK_DEADLOCK, and
+# ER_CHECKREAD, MariaDB's write conflict under innodb_snapshot_isolation (on by default from
+# MariaDB 11.6).
+_ENDED_TRANSACTION = frozenset({1213, 1020})
+_RETRYABLE_ERRORS = _ENDED_TRANSACTION | {1205}  # and ER_LOCK_WAIT_TIMEOUT
 # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
 _DISCONNECT_ERRORS = frozenset({2006, 2013, 2055})
+# Why a connection whose driver connected again by itself (PyMySQL's ping(reconnect=True),
+# mysqlclient's reconnect once ping(True) turned it on) is not handed on: a connect of the
+# pool's own would have run configure on the new session.
+_RECONNECTED = (
+    "this connection reconnected while lent out (ping(reconnect=True), or mysqlclient's "
+    "automatic reconnect), to a server session that configure never set up"
+)
+
+
+def _replied_with_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error reply of the server's, which leaves the connection in step
+    (the client library's own errors, 2000 to 2999, say it was lost or out of step)."""
+    if not is_database_error(exc) or not exc.args:
+        return False
+    code = exc.args[0]
+    return isinstance(code, int) and code >= 1000 and not 2000 <= code < 3000
 
 
 class _MySQLTransactions:
@@ -95,7 +114,7 @@ class _MySQLTransactions:
         # A lock wait timeout (1205) undoes the statement only, unless the server runs with
         # innodb_rollback_on_timeout; other errors (a DDL statement's, after the implicit
         # COMMIT it begins with) end nothing.
-        return is_database_error(exc) and bool(exc.args) and exc.args[0] == _DEADLOCK
+        return is_database_error(exc) and bool(exc.args) and exc.args[0] in _ENDED_TRANSACTION
 
     def is_disconnect(self, exc: BaseException) -> bool:
         # mysqlclient keeps `open` true after a lost connection: its error code says it
@@ -164,18 +183,38 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
     def client_settings(self, conn: Any) -> object:
         # With the character set: set_character_set() also changes the encoding PyMySQL
         # sends statements in, which the next borrower's text would be encoded with; and the
-        # cursor class, which decides what the next borrower's cursors return.
+        # cursor class, which decides what the next borrower's cursors return.  Last, the
+        # server session, which is not put back: see restore_client_settings().
         autocommit = bool((conn.server_status or 0) & _AUTOCOMMIT)
-        return autocommit, conn.charset, conn.collation, conn.cursorclass
+        return autocommit, conn.charset, conn.collation, conn.cursorclass, conn.server_thread_id
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
-        autocommit, charset, collation, conn.cursorclass = settings
+        autocommit, charset, collation, cursorclass, session = settings
+        if conn.server_thread_id != session:
+            raise RuntimeError(_RECONNECTED)
+        conn.cursorclass = cursorclass
         if bool((conn.server_status or 0) & _AUTOCOMMIT) != autocommit:
             if not autocommit:  # the lease turned autocommit on: a SET TRANSACTION (for the
                 conn.rollback()  # next transaction, unflagged) may be pending; ROLLBACK drops it
             conn.autocommit(autocommit)
         if (conn.charset, conn.collation) != (charset, collation):
             conn.set_character_set(charset, collation)
+
+    def server_session(self, conn: Any) -> object:
+        return conn.server_thread_id  # the handshake's, which ping(reconnect=True) does again
+
+    def close_cursor(self, cursor: Any) -> None:
+        conn = cursor.connection  # None once closed
+        try:
+            cursor.close()
+        except Exception as exc:
+            # Closing reads the replies of a multi-statement string's statements left unread:
+            # one that failed ended the string there, and its error left the connection in
+            # step, as any failed call does, with its flags stale (a failed CALL may have
+            # opened a transaction).
+            if conn is None or not _replied_with_error(exc):
+                raise
+            self.call_failed(conn)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # SSCursor and its subclasses; the others read the whole result at execute()
@@ -318,6 +357,7 @@ class _MySQLdbSettings(NamedTuple):
     # shows: the type converters results are made with, and the encoders parameters are.
     converter: dict[Any, Any]
     encoders: dict[Any, Any]
+    session: int  # the server's thread id: not put back, see restore_client_settings()
 
 
 class MySQLdbDialect(_MySQLTransactions, Dialect):
@@ -347,9 +387,12 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
             getattr(conn, "executemany_fallback", None),
             dict(conn.converter),
             dict(conn.encoders),
+            conn.thread_id(),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        if conn.thread_id() != settings.session:
+            raise RuntimeError(_RECONNECTED)
         if conn.get_autocommit() != settings.autocommit:
             conn.autocommit(settings.autocommit)
         if conn.character_set_name() != settings.charset:
@@ -366,6 +409,18 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
             conn.converter = dict(settings.converter)
         if conn.encoders != settings.encoders:
             conn.encoders = dict(settings.encoders)
+
+    def server_session(self, conn: Any) -> object:
+        return conn.thread_id()  # a new one once the driver reconnected
+
+    def close_cursor(self, cursor: Any) -> None:
+        try:
+            cursor.close()
+        except Exception as exc:
+            # As with PyMySQL: a multi-statement string's statement that failed, read as the
+            # cursor closes, ended the string; the connection is in step after its error.
+            if not _replied_with_error(exc):
+                raise
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
