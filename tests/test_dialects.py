@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
 
 import pytest
 
@@ -157,6 +158,47 @@ def test_sqlite_with_autocommit_off_is_refused(tmp_path, pools):
     with pytest.raises(TypeError, match="autocommit=False"):
         pool.connection()
     assert pool.stats().size == 0
+
+
+class _LegacyTransactionControl(sqlite3.Connection):
+    """A connection with the autocommit attribute of Python 3.12, at its default
+    (sqlite3.LEGACY_TRANSACTION_CONTROL), on any Python."""
+
+    autocommit = -1
+
+
+@pytest.mark.parametrize("through", ["raw", "cursor.connection"])
+def test_sqlite_autocommit_set_on_the_driver_connection_is_put_back(tmp_path, pools, through):
+    def connect():
+        return sqlite3.connect(
+            tmp_path / "x.db", check_same_thread=False, factory=_LegacyTransactionControl
+        )
+
+    pool = dbpool.Pool(connect, min_size=0, max_size=1)
+    pools.append(pool)
+    with pool.connection() as conn:
+        raw = conn.raw if through == "raw" else conn.cursor().connection
+        raw.autocommit = True
+    with pool.connection() as conn:
+        assert conn.raw is raw
+        assert raw.autocommit == -1
+    assert pool.stats().discarded == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sqlite3's autocommit is Python 3.12+")
+def test_sqlite_next_borrower_rolls_back_after_autocommit_was_set_on_raw(tmp_path, pools):
+    """With autocommit left True, the next borrower's statements would each commit at once,
+    and its rollback() would undo nothing."""
+    path = tmp_path / "x.db"
+    pool = dbpool.Pool(lambda: sqlite3.connect(path, check_same_thread=False), max_size=1)
+    pools.append(pool)
+    with pool.connection() as conn:
+        conn.raw.autocommit = True
+        conn.execute("create table t (x int)")
+    with pool.connection() as conn:
+        conn.execute("insert into t values (1)")
+        conn.rollback()
+    assert pool.execute("select count(*) from t") == [(0,)]
 
 
 def test_statements_on_the_raw_cursor_are_rolled_back(fake_server, pools):

@@ -669,6 +669,33 @@ def test_sqlite_read_only_transaction_keeps_a_connection_configured_read_only(
         assert s.created == 1
 
 
+def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {column[0]: value for column, value in zip(cursor.description, row)}
+
+
+def test_sqlite_read_only_and_timed_transactions_work_with_rows_as_dicts(
+    sqlite_path: str,
+) -> None:
+    """A row factory that makes dicts (a common configure) does not change what BEGIN reads
+    back: query_only is set for a read-only block, busy_timeout saved and put back."""
+
+    def configure(raw: sqlite3.Connection) -> None:
+        raw.row_factory = _dict_row
+
+    with new_pool(sqlite_connector(sqlite_path), configure=configure) as pool:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            with pool.transaction(readonly=True) as tx:
+                tx.execute("insert into t (id, v) values (1, 'x')")
+        with pool.transaction(timeout=30) as tx:
+            tx.execute("insert into t (id, v) values (2, 'x')")
+        with pool.connection() as conn:
+            assert conn.execute("select id from t").fetchall() == [{"id": 2}]
+            assert conn.execute("PRAGMA query_only").fetchall() == [{"query_only": 0}]
+            assert conn.execute("PRAGMA busy_timeout").fetchall() == [{"timeout": 5000}]
+        s = assert_balanced(pool)
+        assert s.discarded == 0
+
+
 def test_sqlite_serializable_read_only_transaction_works(sqlite_path: str) -> None:
     """A read-only SERIALIZABLE transaction is meaningful on SQLite (a consistent snapshot):
     it reads, refuses writes, and leaves the connection writable."""

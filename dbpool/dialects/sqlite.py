@@ -21,6 +21,18 @@ _BUSY_MESSAGE = "database is locked"
 _LOCKED_BY_OTHERS_PREFIXES = ("database table is locked: ", "database schema is locked: ")
 
 
+def _pragma(conn: Any, name: str) -> Any:
+    """The value PRAGMA ``name`` reads, whatever rows the connection's row_factory makes (a
+    dict's one item is its key: a truthy name for query_only, no number for busy_timeout)."""
+    cursor = conn.cursor()
+    cursor.row_factory = None  # the connection's, copied as the cursor was made
+    try:
+        [(value,)] = cursor.execute(f"PRAGMA {name}").fetchall()
+    finally:
+        cursor.close()
+    return value
+
+
 class SQLiteDialect(Dialect):
     name = "sqlite3"
 
@@ -39,6 +51,11 @@ class SQLiteDialect(Dialect):
             "deserialize",
         }
     )
+
+    # Python 3.12's autocommit, which a borrower may set on conn.raw: left True, the next
+    # borrower's rollback() would undo nothing.  Copied as the lease hands out the driver's
+    # connection, so that only such leases pay for it (client_settings runs on every return).
+    restored_attributes = frozenset({"autocommit"})
 
     def check_new(self, conn: Any) -> None:
         # sqlite3 has no public flag for check_same_thread: use the connection from another
@@ -105,11 +122,9 @@ class SQLiteDialect(Dialect):
         # The token: whether query_only was turned on here, to turn off at the end (a
         # connection configured read-only stays so).
         restore = False
-        if readonly:
-            [(already,)] = conn.execute("PRAGMA query_only").fetchall()
-            if not already:
-                conn.execute("PRAGMA query_only = ON")
-                restore = True
+        if readonly and not _pragma(conn, "query_only"):
+            conn.execute("PRAGMA query_only = ON")
+            restore = True
         try:
             conn.execute(begin)
         except BaseException:
@@ -124,7 +139,7 @@ class SQLiteDialect(Dialect):
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # interrupt() cannot stop a wait for another connection's lock: bound that wait
-        [(previous,)] = conn.execute("PRAGMA busy_timeout").fetchall()
+        previous = _pragma(conn, "busy_timeout")
         conn.execute(f"PRAGMA busy_timeout = {milliseconds(seconds)}")
         return int(previous)
 
