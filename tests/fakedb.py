@@ -626,6 +626,16 @@ class FakeCursor:
             raise InterfaceError("fakedb: connection already closed")
 
 
+class FakeDictCursor(FakeCursor):
+    """pymssql's cursor with ``as_dict``: each row a dict keyed by column name."""
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        super().execute(sql, params)
+        if self.description is not None:
+            names = [column[0] for column in self.description]
+            self._rows = [dict(zip(names, row)) for row in self._rows]  # type: ignore[misc]
+
+
 # -- the pymssql flavour ----------------------------------------------------------------------
 
 
@@ -674,8 +684,13 @@ class FakeMSSQLConnection(_BaseConnection):
             self._autocommit = bool(status)
             self._dirty = False  # turning it on rolls back, turning it off begins afresh
 
-    def cursor(self) -> FakeCursor:
+    #: pymssql.connect(as_dict=True): cursors make dicts, keyed by column name
+    as_dict = False
+
+    def cursor(self, as_dict: bool | None = None) -> FakeCursor:
         self._call("cursor")
+        if self.as_dict if as_dict is None else as_dict:
+            return FakeDictCursor(self)
         return FakeCursor(self)
 
     def commit(self) -> None:

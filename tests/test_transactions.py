@@ -28,7 +28,7 @@ from dbpool import Isolation, PoolError, TransactionTimeout
 from dbpool.dialects import PsycopgDialect, PyMySQLDialect
 from dbpool.errors import TransactionRolledBack
 from tests import fakedb
-from tests.conftest import Backend, Connector, rows, scalar, wait_until
+from tests.conftest import Backend, Connector, rows, scalar, unavailable, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -696,6 +696,47 @@ def test_sqlite_read_only_and_timed_transactions_work_with_rows_as_dicts(
         assert s.discarded == 0
 
 
+@pytest.mark.mysql
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_mysql_timed_transactions_work_with_dict_cursors(
+    mysql_params: dict[str, Any], driver: str
+) -> None:
+    """With a connection whose cursors make dicts (cursorclass=DictCursor), a timed block
+    reads the session's time limits back as values, and puts them back: a dict row unpacked
+    to its column names, which the block's end sent back as the limits (MySQL refused them,
+    and the connection was discarded)."""
+    if driver == "pymysql":
+        import pymysql
+        import pymysql.cursors
+
+        def connect() -> Any:
+            return pymysql.connect(**mysql_params, cursorclass=pymysql.cursors.DictCursor)
+    else:
+        try:
+            import MySQLdb
+            import MySQLdb.cursors
+        except ImportError as exc:
+            unavailable(f"mysqlclient is not installed: {exc}")
+
+        def connect() -> Any:
+            return MySQLdb.connect(**mysql_params, cursorclass=MySQLdb.cursors.DictCursor)
+
+    limits = "SELECT @@session.innodb_lock_wait_timeout AS l, @@session.max_statement_time AS s"
+    with new_pool(connect) as pool:
+        with pool.connection() as conn:
+            before = conn.raw.cursor()
+            before.execute(limits)
+            expected = before.fetchall()
+        with pool.transaction(timeout=30) as tx:
+            assert list(tx.execute("SELECT 1 AS one").fetchall()) == [{"one": 1}]
+        with pool.connection() as conn:
+            after = conn.raw.cursor()
+            after.execute(limits)
+            assert after.fetchall() == expected
+        s = assert_balanced(pool)
+        assert s.discarded == 0, s.discards
+
+
 def test_sqlite_serializable_read_only_transaction_works(sqlite_path: str) -> None:
     """A read-only SERIALIZABLE transaction is meaningful on SQLite (a consistent snapshot):
     it reads, refuses writes, and leaves the connection writable."""
@@ -806,6 +847,31 @@ def test_pymssql_sets_the_level_and_puts_back_the_sessions_own(
                 f"SET LOCK_TIMEOUT {lock_timeout}",
                 f"SET TRANSACTION ISOLATION LEVEL {name}",
             ]
+        s = assert_balanced(pool)
+        assert (s.created, s.discarded) == (1, 0)
+
+
+def test_pymssql_reads_the_sessions_level_and_lock_timeout_with_dict_cursors(
+    fake_server: fakedb.Server,
+) -> None:
+    """pymssql.connect(as_dict=True) makes every cursor's rows dicts: the block reads the values
+    it puts back through a cursor of tuples (pymssql refuses dicts for unnamed columns)."""
+    fake_server.set_result(_MSSQL_LEVEL, [(5,)])
+    fake_server.set_result("SELECT @@LOCK_TIMEOUT", [(5000,)], columns=("",))
+
+    def connect() -> fakedb.FakeMSSQLConnection:
+        conn = fake_server.connect_mssql()
+        conn.as_dict = True
+        return conn
+
+    with new_pool(connect) as pool:
+        with pool.transaction(isolation="serializable", timeout=5) as tx:
+            tx.execute("update t set v = 1")
+        assert _verbs(fake_server)[-3:] == [
+            "commit",
+            "SET LOCK_TIMEOUT 5000",
+            "SET TRANSACTION ISOLATION LEVEL SNAPSHOT",
+        ]
         s = assert_balanced(pool)
         assert (s.created, s.discarded) == (1, 0)
 

@@ -293,8 +293,14 @@ def is_database_error(exc: BaseException) -> bool:
 
 
 def _execute(conn: Any, sql: str, params: Any = None) -> list[Any]:
-    """Run one statement on a driver connection; its rows, if it returned any."""
-    cursor = conn.cursor()
+    """Run one statement on a driver connection; its rows, if it returned any, as the
+    connection's cursors make them (dicts, say): to read values, use :func:`_run` on a cursor
+    that makes tuples."""
+    return _run(conn.cursor(), sql, params)
+
+
+def _run(cursor: Any, sql: str, params: Any = None) -> list[Any]:
+    """Run one statement on ``cursor``, then close it; its rows, if it returned any."""
     try:
         if params is None:
             cursor.execute(sql)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..isolation import Isolation
-from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, is_database_error, milliseconds
+from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, _run, is_database_error, milliseconds
 
 # Errors with which SQL Server rolls the whole transaction back, and that running it again may
 # get past: the deadlock victim, a snapshot isolation update conflict, and its counterpart on
@@ -66,7 +66,7 @@ class PymssqlDialect(Dialect):
         previous = None  # the level to put back, if the block changed it
         if isolation is not None:
             try:
-                [(number,)] = _execute(conn, _CURRENT_LEVEL)
+                [(number,)] = _run(conn.cursor(as_dict=False), _CURRENT_LEVEL)
                 current = _LEVELS.get(number, "READ COMMITTED")
                 if current != isolation.value:
                     _execute(conn, f"SET TRANSACTION ISOLATION LEVEL {isolation.value}")
@@ -87,7 +87,7 @@ class PymssqlDialect(Dialect):
             conn.autocommit(True)  # ROLLBACK TRAN: the transaction commit() began is empty
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        [(previous,)] = _execute(conn, _CURRENT_LOCK_TIMEOUT)
+        [(previous,)] = _run(conn.cursor(as_dict=False), _CURRENT_LOCK_TIMEOUT)
         _execute(conn, f"SET LOCK_TIMEOUT {milliseconds(seconds)}")
         return int(previous)
 

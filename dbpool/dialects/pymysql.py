@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from .base import (
     TxState,
     _blind_fd,
     _execute,
+    _run,
     derives_from,
     is_database_error,
     milliseconds,
@@ -81,8 +83,9 @@ class _MySQLTransactions:
             variable, value = "max_statement_time", max(seconds, 0.001)
         else:
             variable, value = "max_execution_time", milliseconds(seconds)
-        [previous] = _execute(
-            conn, f"SELECT @@session.innodb_lock_wait_timeout, @@session.{variable}"
+        [previous] = _run(
+            self._tuple_cursor(conn),
+            f"SELECT @@session.innodb_lock_wait_timeout, @@session.{variable}",
         )
         _execute(
             conn,
@@ -109,6 +112,11 @@ class _MySQLTransactions:
 
     def is_retryable(self, exc: BaseException) -> bool:
         return is_database_error(exc) and bool(exc.args) and exc.args[0] in _RETRYABLE_ERRORS
+
+    def _tuple_cursor(self, conn: Any) -> Any:
+        """A cursor whose rows are tuples, whatever cursor class the connection was made with
+        (a DictCursor's row would unpack to its column names)."""
+        raise NotImplementedError
 
     def ended_transaction(self, conn: Any, exc: Exception) -> bool:
         # A lock wait timeout (1205) undoes the statement only, unless the server runs with
@@ -139,6 +147,10 @@ class _StaleStatus(int):
 class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
     flags_go_stale = True
+
+    def _tuple_cursor(self, conn: Any) -> Any:
+        # The driver's base cursor class (imported by now: a PyMySQL connection exists).
+        return conn.cursor(importlib.import_module("pymysql.cursors").Cursor)
 
     def transaction_state(self, conn: Any) -> TxState:
         if not conn.open:
@@ -367,6 +379,9 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def __init__(self) -> None:
         self._sessions = _Sessions()
+
+    def _tuple_cursor(self, conn: Any) -> Any:
+        return conn.cursor(importlib.import_module("MySQLdb.cursors").Cursor)
 
     def check_new(self, conn: Any) -> None:
         self._sessions.record(conn)  # no other thread has the connection yet
