@@ -1834,7 +1834,7 @@ class Pool(Generic[C]):
                 for name, value in restore.items():
                     if value is CANNOT_UNDO:
                         return _RESET_FAILED, f"the lease called {name}(), which cannot be undone"
-                    setattr(raw, name, value)
+                    dialect.restore_attribute(raw, name, value)
             if slot.exposed:
                 dialect.after_exposure(raw)
             if self._session_reset is not None:

@@ -94,6 +94,51 @@ def test_psycopg2_discard_reset_keeps_a_connection_configured_read_only(
 
 
 @pytest.mark.postgresql
+@pytest.mark.parametrize("through", ["lease", "raw", "set_session", "lease, and on again"])
+def test_psycopg2_autocommit_a_lease_turned_off_comes_back_with_the_session_read_only(
+    psycopg2_connect: Connector, through: str
+) -> None:
+    """On a connection configured with autocommit and ``readonly``/``isolation_level``,
+    psycopg2 keeps those in the server session (``SET default_transaction_read_only`` ...).
+    Turning autocommit off sets them back to the server's defaults (each BEGIN carries them
+    then), and turning it on again, as the return path does, sends nothing: the driver's
+    attributes still say read-only and serializable, and the next borrower gets a writable,
+    READ COMMITTED session unless the return path sets them again (also when the lease turned
+    autocommit on again itself, through the lease)."""
+
+    def connect() -> Any:
+        conn = psycopg2_connect()
+        conn.autocommit = True
+        conn.readonly = True
+        conn.isolation_level = "SERIALIZABLE"
+        return conn
+
+    pool = new_pool(connect)
+    try:
+        with pool.connection() as conn:
+            if through.startswith("lease"):
+                conn.autocommit = False
+            elif through == "raw":
+                conn.raw.autocommit = False
+            else:
+                conn.set_session(autocommit=False)
+            assert rows(conn, "show transaction_read_only") == [("on",)]
+            conn.commit()
+            if through == "lease, and on again":
+                conn.autocommit = True  # psycopg2 sends nothing: this lease's session is writable
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first
+            seen = (
+                rows(conn, "show transaction_read_only")[0][0],
+                rows(conn, "show transaction_isolation")[0][0],
+            )
+        assert seen == ("on", "serializable"), seen
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
 def test_psycopg2_run_transaction_retries_a_caught_serialization_failure_after_a_savepoint(
     psycopg2_connect: Connector,
 ) -> None:

@@ -1,7 +1,7 @@
 """Row and cursor factories a borrower sets on the driver's connection (psycopg's row_factory,
-cursor_factory and prepare_threshold; psycopg2's cursor_factory) are put back on return, as
-autocommit is: they decide what the next borrower's cursors return, or (prepare_threshold=None)
-whether the connection works behind PgBouncer's transaction mode."""
+cursor_factory, server_cursor_factory and prepare_threshold; psycopg2's cursor_factory) are put
+back on return, as autocommit is: they decide what the next borrower's cursors return, or
+(prepare_threshold=None) whether the connection works behind PgBouncer's transaction mode."""
 
 from __future__ import annotations
 
@@ -44,17 +44,22 @@ def test_psycopg_factories_a_borrower_set_are_put_back(
     import psycopg
     from psycopg.rows import dict_row
 
+    class TaggedServerCursor(psycopg.ServerCursor[Any]):
+        pass
+
     pool = one_connection_pool(lambda: psycopg.connect(postgresql_dsn))
     with pool.connection() as conn:
         target = conn if through == "lease" else conn.raw
         target.row_factory = dict_row
         target.cursor_factory = psycopg.ClientCursor
+        target.server_cursor_factory = TaggedServerCursor
         target.prepare_threshold = None
         assert first_row(conn) == {"one": 1}
     with pool.connection() as conn:
         assert first_row(conn) == (1,)
         raw = conn.raw
         assert raw.cursor_factory is psycopg.Cursor
+        assert raw.server_cursor_factory is psycopg.ServerCursor
         assert raw.prepare_threshold == 5
     assert pool.stats().created == 1  # put back, not replaced
 

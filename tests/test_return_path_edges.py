@@ -160,3 +160,35 @@ def test_restoring_psycopg2s_cursor_factory_sends_nothing_to_the_server(
             cursor.execute("SHOW default_transaction_read_only")
             assert cursor.fetchall() == [("on",)]
         assert pool.stats().discarded == 0
+
+
+# == PostgreSQL: server-side cursors gone with their transaction ==================================
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("withhold", [False, True])
+def test_a_server_side_cursor_gone_with_its_transaction_costs_no_reconnect(
+    request: pytest.FixtureRequest, driver: str, withhold: bool
+) -> None:
+    # A named cursor left open dies with its transaction: a block's commit (unless WITH HOLD)
+    # or rollback.  The return path closes it with the lease's other cursors, before it rolls
+    # back what the lease did after the block; its CLOSE then finds no cursor (psycopg2 refuses
+    # one not WITH HOLD itself, with no I/O): nothing is left open, and the connection is fine.
+    connect = request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            first = conn.raw
+            with pytest.raises(ValueError):
+                with conn.transaction() as tx:
+                    cursor = tx.cursor("dbpool_gone", withhold=withhold)
+                    cursor.execute("SELECT generate_series(1, 10)")
+                    assert cursor.fetchmany(2) == [(1,), (2,)]
+                    raise ValueError("the block fails: rolled back")
+            conn.cursor().execute("SELECT 1")  # the lease's next transaction
+        with pool.connection() as conn:
+            assert conn.raw is first
+            cursor = conn.cursor()
+            cursor.execute("SELECT count(*) FROM pg_cursors")
+            assert cursor.fetchall() == [(0,)]
+        assert pool.stats().discarded == 0, pool.stats().discards

@@ -101,3 +101,80 @@ def test_a_notices_sink_of_the_borrowers_own_is_left_alone(psycopg2_connect: Any
             assert conn.raw is raw  # reused, not discarded
         assert pool.stats().discarded == 0
     assert any("overdrawn" in notice for notice in sink.received)
+
+
+def test_a_leases_notices_are_dropped_after_it_read_those_from_before(
+    psycopg2_connect: Any,
+) -> None:
+    """A configure hook's own notice stays for the next borrowers, counted as it was; a
+    borrower that takes it off the front (psycopg2's docs do so with conn.notifies.pop(0))
+    leaves as many of its own in its place, and those are its, not configure's."""
+
+    def configure(raw: Any) -> None:
+        raw.cursor().execute(NOTICE.replace("account 42 overdrawn", "configured"))
+        raw.commit()
+
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            assert [notice for notice in raw.notices if "configured" in notice]
+            while raw.notices:
+                raw.notices.pop(0)
+            conn.cursor().execute(NOTICE)
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            assert not [notice for notice in raw.notices if "overdrawn" in notice]
+
+
+@pytest.mark.parametrize("queue", ["list", "deque"])
+def test_a_leases_notices_are_dropped_after_psycopg2_dropped_the_oldest(
+    psycopg2_connect: Any, queue: str
+) -> None:
+    """psycopg2 keeps the newest 50 notices of a list (a deque, as many as its maxlen): a lease
+    that received more pushed those from before out, and what it leaves in their place is
+    its own."""
+
+    def configure(raw: Any) -> None:
+        if queue == "deque":
+            raw.notices = collections.deque(maxlen=10)
+        raw.cursor().execute(NOTICE.replace("account 42 overdrawn", "configured"))
+        raw.commit()
+
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            cursor = conn.cursor()
+            for _ in range(60):
+                cursor.execute(NOTICE)
+            conn.commit()
+            assert not [notice for notice in raw.notices if "configured" in notice]
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            assert not [notice for notice in raw.notices if "overdrawn" in notice]
+
+
+def test_a_psycopg_leases_notifications_are_dropped_after_it_read_those_from_before(
+    postgresql_dsn: str,
+) -> None:
+    """psycopg's conn.notifies() takes the notifications it kept off the front, those from
+    before the lease included: those the lease received afterwards are its own."""
+    import psycopg
+
+    def connect() -> Any:
+        return psycopg.connect(postgresql_dsn, autocommit=True)
+
+    def configure(raw: Any) -> None:
+        raw.execute("LISTEN dbpool_messages")
+        raw.execute("NOTIFY dbpool_messages, 'configured'")
+
+    with dbpool.Pool(connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            if not getattr(raw, "_notifies_backlog", None):
+                pytest.skip("this psycopg keeps no notifications for a later notifies()")
+            assert [n.payload for n in conn.notifies(timeout=0)] == ["configured"]
+            conn.execute("NOTIFY dbpool_messages, 'payload'")
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            assert list(conn.notifies(timeout=0)) == []
+            conn.execute("UNLISTEN *")

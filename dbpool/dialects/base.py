@@ -141,6 +141,11 @@ class Dialect:
         ``configure`` set up.  ``None`` where the driver never does."""
         return None
 
+    def restore_attribute(self, conn: Any, name: str, value: Any) -> None:
+        """Put back an attribute a lease set through the lease, before
+        :meth:`restore_client_settings`; called with no transaction open."""
+        setattr(conn, name, value)
+
     def rollback(self, conn: Any) -> None:
         conn.rollback()
 

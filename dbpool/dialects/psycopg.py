@@ -8,6 +8,7 @@ from ..isolation import Isolation
 from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, milliseconds
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+_INVALID_CURSOR_NAME = "34000"
 _LIMIT_TIME_SQL = (
     "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
     "set_config('idle_in_transaction_session_timeout', %s, true)"
@@ -84,6 +85,18 @@ def _refuse_while_reading(conn: Any) -> None:
         )
 
 
+def drop_received(messages: Any, held: tuple[int, Any]) -> None:
+    """Drop the messages received since ``held`` was read from a driver's queue of server
+    messages (notices, notifications): how many it held, and the newest, read inline in
+    client_settings().  Those after that newest one go, or all of them once it is gone.  Not
+    by count: the borrower may have taken some off the front (conn.notifies() does, as
+    psycopg2's docs do with pop(0)), and psycopg2 drops the oldest notices past 50 (a deque,
+    past its maxlen)."""
+    newest = held[1]
+    while messages and messages[-1] is not newest:
+        messages.pop()
+
+
 def prepared_two_phase_left() -> RuntimeError:
     return RuntimeError(
         "returned with a prepared two-phase transaction that neither tpc_commit() nor "
@@ -125,12 +138,13 @@ class PsycopgDialect(Dialect):
         return bool(conn.pgconn.transaction_status == _PQ_INERROR)
 
     def client_settings(self, conn: Any) -> object:
-        # The row and cursor factories shape what the next borrower's cursors return (tuples,
-        # dicts), and prepare_threshold=None is what lets PgBouncer's transaction mode work.
+        # The row and cursor factories (server-side cursors' too) shape what the next
+        # borrower's cursors return (tuples, dicts), and prepare_threshold=None is what lets
+        # PgBouncer's transaction mode work.
         # With how many notice and notify handlers it has (those configure added): a
         # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
         # them in private lists: a psycopg version without them counts none.
-        # Then how many notifications wait for the next conn.notifies() (psycopg 3.2+): those
+        # Then the notifications waiting for the next conn.notifies() (psycopg 3.2+): those
         # a lease received are its borrower's, and may name its data.
         try:
             handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
@@ -144,28 +158,44 @@ class PsycopgDialect(Dialect):
             conn.deferrable,
             conn.row_factory,
             conn.cursor_factory,
+            conn.server_cursor_factory,
             conn.prepare_threshold,
             *handlers,
-            0 if backlog is None else len(backlog),
+            (len(backlog), backlog[-1]) if backlog else (0, None),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
-        conn.row_factory, conn.cursor_factory, conn.prepare_threshold = settings[4:7]
-        for name, count in (("_notice_handlers", settings[7]), ("_notify_handlers", settings[8])):
+        conn.row_factory, conn.cursor_factory, conn.server_cursor_factory = settings[4:7]
+        conn.prepare_threshold = settings[7]
+        for name, count in (("_notice_handlers", settings[8]), ("_notify_handlers", settings[9])):
             handlers = getattr(conn, name, None)
             if handlers is not None:
                 del handlers[count:]  # the ones added since, on the end
         backlog = getattr(conn, "_notifies_backlog", None)
-        while backlog and len(backlog) > settings[9]:
-            backlog.pop()  # the newest: those received since it was opened
+        if backlog:
+            drop_received(backlog, settings[10])  # those received since it was opened
 
     def close_cursor(self, cursor: Any) -> None:
         # A server-side cursor's close sends CLOSE: not while a result is being read (the
         # connection then goes back busy and is discarded, which ends the cursor with it).
         if hasattr(cursor, "name") and _reading(cursor.connection):
             return
-        cursor.close()
+        try:
+            cursor.close()
+        except Exception as exc:
+            # One whose transaction ended without keeping it (rolled back, or committed and
+            # not WITH HOLD) while another is open now, or a WITH HOLD one rolled back: the
+            # server dropped it then, and its CLOSE finds none.  Nothing is left open (the
+            # transaction the CLOSE aborted is rolled back next); psycopg, which marks the
+            # cursor closed only once the CLOSE went through, is told so locally.
+            if getattr(exc, "sqlstate", None) != _INVALID_CURSOR_NAME or not hasattr(
+                cursor, "name"
+            ):
+                raise
+            close_locally = getattr(cursor, "_close", None)  # private, so looked up
+            if close_locally is not None:
+                close_locally()
 
     def commit(self, conn: Any) -> None:
         _refuse_while_reading(conn)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from ..isolation import Isolation
 from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 from .psycopg import (
+    _INVALID_CURSOR_NAME,
     _LIMIT_TIME_SQL,
     _PQ_IDLE,
     _PQ_INERROR,
@@ -20,6 +21,7 @@ from .psycopg import (
     LIBPQ_STATES,
     _begin_sql,
     _rollback_even_two_phase,
+    drop_received,
     prepared_two_phase_left,
 )
 
@@ -78,8 +80,8 @@ class Psycopg2Dialect(Dialect):
 
     def client_settings(self, conn: Any) -> object:
         # With the cursor factory: it decides what the next borrower's cursors return.  In
-        # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.  Then how
-        # many server messages (notices, notifications) the connection holds: those a lease
+        # the order of _CLIENT_SETTINGS; spelled out, as every return reads them.  Then the
+        # server messages (notices, notifications) the connection holds: those a lease
         # received are its borrower's, and may name its data.  The client encoding
         # (set_client_encoding()) before them: the next borrower's text would be sent and
         # decoded in it.
@@ -95,6 +97,11 @@ class Psycopg2Dialect(Dialect):
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        if settings[0] and not conn.autocommit:
+            # The session characteristics first, locally while autocommit is off, then
+            # autocommit on with them in force.
+            conn.isolation_level, conn.readonly, conn.deferrable = settings[1:4]
+            _autocommit_on(conn)
         # Only those that differ, in this order: in autocommit mode psycopg2 sends a SET for
         # each session characteristic assigned, even the value it has.
         for name, value in zip(_CLIENT_SETTINGS, settings):
@@ -103,9 +110,16 @@ class Psycopg2Dialect(Dialect):
         if conn.encoding != settings[5]:
             conn.set_client_encoding(settings[5])
         # The messages received since it was opened, on the end; those from before stay.
-        for messages, count in zip((conn.notices, conn.notifies), settings[-2:]):
-            while count is not None and len(messages) > count:
-                messages.pop()
+        for messages, held in zip((conn.notices, conn.notifies), settings[-2:]):
+            if held is not None:
+                drop_received(messages, held)
+
+    def restore_attribute(self, conn: Any, name: str, value: Any) -> None:
+        if name == "autocommit" and value:
+            # Even if on: the lease may have turned it off and on again (_autocommit_on).
+            _autocommit_on(conn)
+        else:
+            setattr(conn, name, value)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side
@@ -113,11 +127,17 @@ class Psycopg2Dialect(Dialect):
     def close_cursor(self, cursor: Any) -> None:
         try:
             cursor.close()
-        except cursor.connection.ProgrammingError:
-            # A named cursor whose transaction ended (cur.connection.commit()): the server
-            # closed it then, and psycopg2 refuses, with no I/O, "named cursor isn't valid
-            # anymore".  Nothing is left open.
-            if cursor.name is None or cursor.withhold or not _idle(cursor.connection):
+        except cursor.connection.Error as exc:
+            # A named cursor whose transaction ended (cur.connection.commit(), a block's
+            # rollback): the server closed it then, and psycopg2 refuses, with no I/O, "named
+            # cursor isn't valid anymore", whatever transaction is open now.  A WITH HOLD one
+            # it closes whatever the transaction, and if that one was rolled back its CLOSE
+            # finds none.  Nothing is left open (a transaction the CLOSE aborted is rolled back
+            # next).
+            code = getattr(exc, "pgcode", None)
+            refused = code is None and isinstance(exc, cursor.connection.ProgrammingError)
+            gone = (refused and not cursor.withhold) or code == _INVALID_CURSOR_NAME
+            if cursor.name is None or not gone:
                 raise
 
     def ping(self, conn: Any) -> None:
@@ -244,15 +264,27 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
     return settings
 
 
-def _idle(conn: Any) -> bool:
-    return not conn.closed and conn.get_transaction_status() == _PQ_IDLE
+def _autocommit_on(conn: Any) -> None:
+    """Turn autocommit on with the session characteristics in force.  In autocommit mode
+    psycopg2 keeps them in the session (SET default_transaction_...), and turning it off sets
+    them back to the server's defaults (each BEGIN then carries them), but turning it on again
+    sends nothing: the session would be writable under ``readonly=True``.  Assigned again once
+    it is on, each sends its SET."""
+    conn.autocommit = True
+    for name in _CLIENT_SETTINGS[1:4]:
+        value = getattr(conn, name)
+        if value is not None:
+            setattr(conn, name, value)
 
 
-def _held(messages: Any) -> int | None:
+def _held(messages: Any) -> tuple[int, Any] | None:
     """How many messages psycopg2 holds in ``messages`` (a list, or the deque its docs
-    suggest): ``None`` for another object with an ``append()``, which psycopg2 also takes
-    (a logger's, say), and whose messages are not the pool's to drop."""
-    return len(messages) if isinstance(messages, (list, collections.deque)) else None
+    suggest), and the newest, for ``drop_received()``: ``None`` for another object with an
+    ``append()``, which psycopg2 also takes (a logger's, say), and whose messages are not the
+    pool's to drop."""
+    if not isinstance(messages, (list, collections.deque)):
+        return None
+    return (len(messages), messages[-1]) if messages else (0, None)
 
 
 class _CancelKey:
