@@ -1426,7 +1426,8 @@ class Pool(Generic[C]):
             assert failure is not None
             raise failure
         if grant is _CLOSED:
-            raise PoolClosed(f"pool {self._name!r} was closed while connecting")
+            how = "drained" if self._drained else "closed"
+            raise PoolClosed(f"pool {self._name!r} was {how} while connecting")
         return slot
 
     def _start_connect(self, slot: _Slot, waiter: _Waiter, token: threading.Lock) -> None:
@@ -1452,6 +1453,12 @@ class Pool(Generic[C]):
         try:
             started = monotonic()
             raw = self._connect()
+            if raw is None:  # None marks a slot still being opened: never a connection
+                raise TypeError(
+                    f"pool {self._name!r}: connect returned None instead of a DB-API "
+                    "connection: the callable must return what it opens (for example "
+                    "lambda: psycopg.connect(dsn))"
+                )
             dialect = self._dialect
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
@@ -1745,6 +1752,11 @@ class Pool(Generic[C]):
                     self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
+                elif held is not None and slot.generation >= 0:
+                    # A lease from before a reopen() that came while this return ran: counted
+                    # as _give_back counts those (and closed below)
+                    self._returned += 1
+                    self._held_time += held
             finally:
                 self._lock.release()
         finally:  # even if a signal handler raised as the lock was let go
@@ -1913,6 +1925,11 @@ class Pool(Generic[C]):
                         self._broken_at = max(self._broken_at, monotonic())
                     self._grant_room_locked()
                     self._everyone.discard(slot)
+                elif held is not None and slot.generation >= 0:
+                    # A lease from before a reopen() that came while this return ran: counted
+                    # as _give_back counts those (and closed below)
+                    self._returned += 1
+                    self._held_time += held
         finally:  # closed even if a signal handler raised once it was counted off
             if counted:
                 try:

@@ -249,6 +249,16 @@ def test_a_driver_connection_given_for_connect_is_refused_though_callable(
         conn.close()
 
 
+def test_connect_that_returns_none_fails_the_connect_and_holds_no_place() -> None:
+    """A connect callable that forgets its ``return``.  The pool marks a slot still being
+    opened with None: its connection handed to a waiter was taken for a place to open one
+    in, and opened again over it (``in_use`` 2 and ``opening`` -1 with ``max_size=1``)."""
+    with dbpool.Pool(lambda: None, min_size=0, max_size=1, acquire_timeout=NO_HANG) as pool:
+        refused(pool.connection, TypeError, ("connect returned None", "return"))
+        s = pool.stats()
+        assert (s.size, s.idle, s.in_use, s.opening, s.connect_errors) == (0, 0, 0, 0, 1), s
+
+
 def test_misspelled_or_positional_option_is_refused(fake_server: fakedb.Server) -> None:
     refused(lambda: dbpool.Pool(fake_server.connect, max_sise=3), TypeError, ("max_sise",))
     refused(lambda: dbpool.Pool(fake_server.connect, 3), TypeError, ("positional",))

@@ -90,6 +90,37 @@ def test_close_past_its_timeout_cuts_off_a_sqlite_lease_from_before_reopen(
     assert pool.stats().size == 0
 
 
+@pytest.mark.parametrize("rollback", ["succeeds", "fails"])
+def test_a_lease_being_returned_as_the_pool_is_reopened_is_counted_as_returned(
+    make_pool: Any, server: fakedb.Server, rollback: str
+) -> None:
+    """A lease from before reopen() is counted in ``returned`` as it comes back (docs); one
+    whose return was rolling back when drain() timed out and reopen() ran is one too.  The
+    return path found its connection no longer the pool's and closed it without counting it:
+    ``returned`` and ``held_time`` missed it, whether its rollback succeeded or failed."""
+    pool = make_pool(max_size=1)
+    lease = pool.connection()
+    lease.cursor().execute("update t set v = 1")
+    raw = lease.raw
+    gate = server.block("rollback", conn=raw)
+    returning = Caller(lease.close, name="return")
+    try:
+        assert gate.entered.wait(5)
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0)
+        pool.reopen()
+    finally:
+        gate.release(
+            fakedb.OperationalError("rollback failed (test)") if rollback == "fails" else None
+        )
+    assert returning.outcome() is None
+    s = pool.stats()
+    assert (s.acquired, s.returned) == (1, 1), s
+    assert s.held_time > 0, s
+    assert raw.closed
+    assert_accounting(pool)
+
+
 def test_drain_counts_a_lease_from_before_reopen_held_by_its_own_thread(make_pool: Any) -> None:
     pool = make_pool(max_size=1)
     old = _left_out_by_reopen(pool)
