@@ -28,7 +28,7 @@ from ._types import C
 from .dialects import Dialect
 from .dialects import for_connection as _detect_dialect
 from .dialects import get as _dialect_named
-from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN
+from .dialects.base import BROKEN, IDLE, IN_TRANSACTION, UNKNOWN, TxState
 from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWaiters
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
@@ -1430,6 +1430,23 @@ class Pool(Generic[C]):
             raise PoolClosed(f"pool {self._name!r} was {how} while connecting")
         return slot
 
+    def _check_left_open(self, dialect: Dialect, raw: Any, culprit: str) -> TxState:
+        """Refuse a new connection that ``culprit`` ("connect" or "configure") left inside a
+        transaction, or closed; returns the state read."""
+        state = dialect.transaction_state(raw)
+        if state is BROKEN:
+            raise PoolError(
+                f"pool {self._name!r}: {culprit} left the new connection closed or broken: "
+                f"{culprit} must leave it open"
+            )
+        if state is not IDLE and state is not UNKNOWN:
+            left = state.value.replace("_", " ")
+            raise PoolError(
+                f"pool {self._name!r}: {culprit} left the new connection {left}: end its "
+                "transaction with conn.commit() (or set autocommit first)"
+            )
+        return state
+
     def _start_connect(self, slot: _Slot, waiter: _Waiter, token: threading.Lock) -> None:
         """Connect into ``slot`` for ``waiter`` in a thread of its own, if that thread is the
         first to take ``token``; otherwise the caller gives the reservation back."""
@@ -1463,24 +1480,16 @@ class Pool(Generic[C]):
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
             dialect.check_new(raw)
+            # What the callable ran is checked as configure's is, where the driver can tell
+            # with no round trip: a transaction it left open would be rolled back at the
+            # first borrower's return, with its SET, or committed by that borrower.
+            self._check_left_open(dialect, raw, "connect")
             if self._configure is not None:
                 self._configure(raw)
-                state = dialect.transaction_state(raw)
-                if state is UNKNOWN:
+                if self._check_left_open(dialect, raw, "configure") is UNKNOWN:
                     # The driver cannot tell whether configure left a transaction open: end
                     # any, so that no idle connection holds locks (what it committed stays).
                     dialect.rollback(raw)
-                if state is BROKEN:
-                    raise PoolError(
-                        f"pool {self._name!r}: configure left the new connection closed or "
-                        "broken: a configure hook must leave it open"
-                    )
-                if state is not IDLE and state is not UNKNOWN:
-                    left = state.value.replace("_", " ")
-                    raise PoolError(
-                        f"pool {self._name!r}: configure left the new connection {left}: end "
-                        "its transaction with conn.commit() (or set autocommit first)"
-                    )
             now = monotonic()
             slot.raw = raw
             slot.dialect = dialect

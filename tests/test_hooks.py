@@ -392,6 +392,36 @@ def test_configure_leaving_a_transaction_open_fails_the_connect(db: Backend) -> 
         assert_accounting(pool)
 
 
+def test_connect_leaving_a_transaction_open_fails_the_connect(db: Backend) -> None:
+    """The connect callable's own statements are held to configure's rule: a SET left in an
+    open transaction was rolled back at the first borrower's return, or committed by it."""
+    leave_open = threading.Event()
+    leave_open.set()
+
+    def connect() -> Any:
+        raw = db.connect()
+        if leave_open.is_set():
+            open_transaction(db.name, raw)
+        return raw
+
+    with dbpool.Pool(
+        connect, min_size=0, max_size=2, reconnect_delay=0.01, reconnect_max_delay=0.02
+    ) as pool:
+        with pytest.raises(dbpool.PoolError) as info:
+            pool.connection(timeout=BOUND)
+        message = str(info.value)
+        assert "connect left the new connection in transaction" in message, message
+        assert "commit()" in message, message
+        s = assert_accounting(pool)
+        assert s.connect_errors == 1
+        assert (s.size, s.idle, s.in_use) == (0, 0, 0), s
+
+        leave_open.clear()
+        with pool.connection(timeout=BOUND) as conn:
+            assert rows(conn, "SELECT 1") == [(1,)]
+        assert_accounting(pool)
+
+
 def _autocommit_hooks(
     db: Backend,
 ) -> tuple[
