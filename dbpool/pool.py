@@ -7,6 +7,7 @@ outside it, so one slow server round trip never stalls another thread's checkout
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 import itertools
 import logging
@@ -232,6 +233,25 @@ def _check_number(
         raise ValueError(
             f"{name} must be at most {threading.TIMEOUT_MAX:g} seconds{hint}, got {value!r}"
         )
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """A copy of a connect error, caught in ``Pool._open``, for the pool to keep (it chains
+    later timeouts to it), with the traceback of the connect alone: the caller that raises
+    ``exc`` adds its own frames to it, and so would ``_open``'s frame (its waiter holds
+    ``exc``); kept, they would keep the caller's locals alive, a lease it dropped among them,
+    until the next connect.  ``exc`` itself if it cannot be copied."""
+    try:
+        kept = copy.copy(exc)
+    except Exception:
+        return exc
+    if type(kept) is not type(exc):
+        return exc
+    caught = exc.__traceback__  # _open's frame first: it caught the error
+    kept.__traceback__ = None if caught is None else caught.tb_next
+    kept.__cause__, kept.__context__ = exc.__cause__, exc.__context__
+    kept.__suppress_context__ = exc.__suppress_context__
+    return kept
 
 
 def _connections(count: int) -> str:
@@ -1572,7 +1592,7 @@ class Pool(Generic[C]):
     def _note_connect_failure_locked(self, exc: BaseException) -> None:
         self._connect_errors += 1
         self._connect_failures += 1
-        self._last_connect_error = exc
+        self._last_connect_error = _detached(exc)
         self._next_connect_at = monotonic() + self._backoff_delay()
         if self._waiters or self._size - 1 < self._min_size:
             self._reaper_wakeup.set()  # it retries when the delay is up

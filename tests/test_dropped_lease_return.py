@@ -222,3 +222,36 @@ def test_the_maintenance_thread_checks_idle_connections_between_two_cut_off_retu
     s = wait_until(lambda: (s := pool.stats()).discarded == 2 and s.in_use == 0 and s)
     assert (s.leaked, s.idle) == (2, 1), s
     assert sorted(c.id for c in dialect.severed) == sorted([first.id, second.id])
+
+
+# == a lease dropped in a frame that a connect error passed through ============================
+
+
+def test_a_lease_dropped_where_a_connect_failed_comes_back(tmp_path: Any) -> None:
+    """The pool keeps the last connect error (later timeouts are chained to it); the caller's
+    frames that error passed through, the one holding an unreleased lease among them, must not
+    be kept with it: the lease would not come back until the next connect."""
+    import sqlite3
+
+    paths = iter([tmp_path / "app.sqlite3", tmp_path / "missing" / "app.sqlite3"])
+    with dbpool.Pool(
+        lambda: sqlite3.connect(next(paths), check_same_thread=False),
+        min_size=0,
+        max_size=2,
+        reconnect_delay=60,  # no connect after the failed one: the lease must come back alone
+        reconnect_max_delay=60,
+    ) as pool:
+
+        def handler() -> None:
+            lease = pool.connection()  # left to the garbage collector when the frame goes
+            lease.cursor().execute("select 1")
+            pool.connection()  # needs a connect, which fails
+
+        with pytest.warns(ResourceWarning, match="without being released"):
+            with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+                handler()
+            gc.collect()
+        s = wait_until(lambda: (s := pool.stats()).in_use == 0 and s)
+        assert (s.leaked, s.idle, s.connect_errors) == (1, 1, 1), s
+        with pool.connection() as conn:  # the connection the dropped lease held, reused
+            assert conn.cursor().execute("select 1").fetchall() == [(1,)]
