@@ -185,7 +185,7 @@ def _server_version(url: DatabaseURL, driver: ModuleType, conn: Any) -> str:
     query = {
         "postgresql": "show server_version",
         "mysql": "select version()",
-        "mssql": "select @@version",
+        "mssql": "select @@version as version",  # named: pymssql's as_dict refuses none
     }[url.scheme]
     cur = conn.cursor()
     try:
@@ -193,8 +193,13 @@ def _server_version(url: DatabaseURL, driver: ModuleType, conn: Any) -> str:
         row = cur.fetchone()
     finally:
         cur.close()
-    version = str(row[0]).strip().splitlines()[0] if row else "unknown"
+    version = str(_first_value(row)).strip().splitlines()[0] if row else "unknown"
     return f"PostgreSQL {version}" if url.scheme == "postgresql" else version
+
+
+def _first_value(row: Any) -> Any:
+    """A row's first column, from a tuple or from a dict (pymssql's ``as_dict=true``)."""
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
 
 
 def _driver_version(driver: ModuleType) -> str:
@@ -270,7 +275,7 @@ def _prepare(url: DatabaseURL, paramstyle: str, conn: Any) -> None:
             cur.fetchall()
         cur.execute(_CREATE.get(url.scheme, _CREATE_PORTABLE))
         cur.execute(f"select id from {BENCH_TABLE}")
-        present = {row[0] for row in cur.fetchall()}
+        present = {_first_value(row) for row in cur.fetchall()}
         missing = [i for i in range(1, BENCH_ROWS + 1) if i not in present]
         if missing:
             cur.executemany(

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from dbpool import __main__ as cli
+from dbpool.url import parse_url
+from tests import fakedb
 
 
 def _bench_threads() -> list[threading.Thread]:
@@ -145,3 +147,23 @@ def test_bench_refuses_more_threads_than_it_can_run_before_making_any(
         cli.main(["bench", f"sqlite:///{tmp_path}/b.sqlite3", "--threads", threads])
     assert info.value.code == cli.EXIT_USAGE
     assert f"at most {cli.MAX_THREADS}" in capsys.readouterr().err
+
+
+def test_check_and_bench_read_rows_made_as_dicts(fake_server: fakedb.Server) -> None:
+    """``mssql://...?as_dict=true`` makes pymssql's rows dicts: the version and the bench
+    table's ids are read from them too (a dict row has no ``[0]``), and the version's column
+    is named (pymssql refuses dicts for a column without a name)."""
+    url = parse_url("mssql://sa@db.example/app?as_dict=true")
+    fake_server.set_result("select @@version as version", [("Microsoft SQL Server 2022\nx",)])
+    fake_server.set_result(f"select id from {cli.BENCH_TABLE}", [(1,), (2,)], columns=("id",))
+    conn = fake_server.connect_mssql()
+    conn.as_dict = True
+    try:
+        assert cli._server_version(url, sqlite3, conn) == "Microsoft SQL Server 2022"
+        cli._prepare(url, "pyformat", conn)
+    finally:
+        conn.close()
+    # ids 1 and 2 were read as present: the rest were inserted, in one batch
+    assert [s for s in fake_server.statements() if s.startswith("insert")] == [
+        f"insert into {cli.BENCH_TABLE} (id, n) values (%s, 0)"
+    ]
