@@ -115,6 +115,7 @@ class _Slot:
         "loose_cursors",
         "restore",
         "settings",
+        "session",
         "claim",
         "doomed",
         "transaction",
@@ -153,6 +154,9 @@ class _Slot:
         self.loose_cursors: weakref.WeakSet[Any] | None = None
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
+        # The server session configure set up (Dialect.server_session): a driver that connects
+        # again by itself, on the same connection object, opens one configure never saw.
+        self.session: object = None
         # The claim of the lease that has it last (see lease.Connection._claim): empty while
         # no lease may return the slot.
         self.claim: list[_Slot] = []
@@ -210,6 +214,13 @@ _OPEN = "a reserved slot to open a connection in"
 _FAILED = "the connect made for it failed"
 _CLOSED = "the pool closed"
 
+
+# Why a connection whose check hook connected it again is not handed out.  PyMySQL's ping()
+# reconnects by default before 1.2, and mysqlclient's ping(True) does.
+_CHECK_RECONNECTED = (
+    "the check connected it again (ping() with reconnect), to a server session that "
+    "configure never set up"
+)
 
 # A bound on times given as ints: a larger one has no float, nor a deadline, to stand for it.
 _LARGEST_SECONDS = 1e300
@@ -1350,6 +1361,8 @@ class Pool(Generic[C]):
                     dialect.ping(raw)
                 else:
                     check(raw)
+                    if dialect.server_session(raw) != slot.session:
+                        raise RuntimeError(_CHECK_RECONNECTED)
                     # A check that ran a query opened a transaction on most drivers: end it
                     # (where the driver cannot tell, end whatever may be open).
                     state = dialect.transaction_state(raw)
@@ -1514,6 +1527,7 @@ class Pool(Generic[C]):
             slot.raw = raw
             slot.dialect = dialect
             slot.settings = dialect.client_settings(raw)
+            slot.session = dialect.server_session(raw)
             slot.used_at = slot.alive_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             if self._listeners.connect:

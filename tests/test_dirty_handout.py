@@ -215,3 +215,32 @@ def test_a_session_the_driver_reconnected_inside_a_lease_is_not_handed_on(
         with pool.connection() as conn:
             assert scalar(conn, "SELECT @@session.time_zone") == "+05:00"
         assert pool.stats().discards["reset_failed"] == 1
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_a_session_a_check_hook_reconnected_is_not_handed_out(
+    request: pytest.FixtureRequest, mysql_tables: Any, driver: str
+) -> None:
+    # A check hook that pings with reconnect (PyMySQL's ping() does by default before 1.2, as
+    # DBUtils' ping=1 calls it) replaces a session lost while the connection sat idle with a
+    # new one, on the same connection object, that configure never set up.
+    connect = request.getfixturevalue(
+        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
+    )
+
+    def configure(raw: Any) -> None:
+        rows(raw, "SET SESSION time_zone = '+05:00'")
+
+    def check(raw: Any) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            raw.ping(True)
+
+    with _pool(connect, configure=configure, check=check) as pool:
+        with pool.connection() as conn:
+            session = scalar(conn, "SELECT CONNECTION_ID()")
+        _end_session(mysql_tables, session)
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT @@session.time_zone") == "+05:00"
+        s = pool.stats()
+        assert (s.created, s.discards["check_failed"], s.discarded) == (2, 1, 1), s
