@@ -1538,11 +1538,12 @@ class Pool(Generic[C]):
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
             self._scrub(exc)  # before the caller, health() or a log line can quote it
+            kept = _detached(exc)  # outside the lock: it runs the exception's copy code
             with self._lock:
                 # Whatever it raised: this runs in a connect or refill thread, where no signal
                 # handler runs, so a SystemExit came from the callable, a hook or a listener,
                 # and comes again; not backed off from, the refill would retry without pause.
-                self._note_connect_failure_locked(exc)
+                self._note_connect_failure_locked(kept)
                 self._unreserve_locked()
                 if waiter is not None and not waiter.abandoned:
                     waiter.error = exc
@@ -1603,10 +1604,11 @@ class Pool(Generic[C]):
         logger.debug("pool %r: opened a connection", self._name)
         return True
 
-    def _note_connect_failure_locked(self, exc: BaseException) -> None:
+    def _note_connect_failure_locked(self, kept: BaseException) -> None:
+        """Count a failed connect; ``kept``: its error as the pool keeps it (_detached)."""
         self._connect_errors += 1
         self._connect_failures += 1
-        self._last_connect_error = _detached(exc)
+        self._last_connect_error = kept
         self._next_connect_at = monotonic() + self._backoff_delay()
         if self._waiters or self._size - 1 < self._min_size:
             self._reaper_wakeup.set()  # it retries when the delay is up

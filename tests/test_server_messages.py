@@ -5,6 +5,7 @@ those a lease received are its borrower's, and the next borrower must not read t
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any
 
 import pytest
@@ -14,6 +15,8 @@ import dbpool
 pytestmark = pytest.mark.timeout(30)
 
 NOTICE = "DO $$ BEGIN RAISE NOTICE 'account 42 overdrawn'; END $$"
+# This process's own channel: another test run on the same server notifies its own
+CHANNEL = f"dbpool_messages_{os.getpid()}"
 
 
 def test_a_leases_notices_and_notifications_do_not_reach_the_next_borrower(
@@ -24,8 +27,8 @@ def test_a_leases_notices_and_notifications_do_not_reach_the_next_borrower(
             raw = conn.raw
             cursor = conn.cursor()
             cursor.execute(NOTICE)
-            cursor.execute("LISTEN dbpool_messages")
-            cursor.execute("NOTIFY dbpool_messages, 'payload'")
+            cursor.execute(f"LISTEN {CHANNEL}")
+            cursor.execute(f"NOTIFY {CHANNEL}, 'payload'")
             conn.commit()
             assert any("overdrawn" in notice for notice in raw.notices)
             assert [n.payload for n in raw.notifies] == ["payload"]
@@ -68,8 +71,8 @@ def test_a_psycopg_leases_notifications_do_not_reach_the_next_borrower(
     with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
         with pool.connection() as conn:
             raw = conn.raw
-            conn.execute("LISTEN dbpool_messages")
-            conn.execute("NOTIFY dbpool_messages, 'payload'")
+            conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"NOTIFY {CHANNEL}, 'payload'")
             conn.execute("UNLISTEN *")
             if not getattr(raw, "_notifies_backlog", None):
                 pytest.skip("this psycopg keeps no notifications for a later notifies()")
@@ -164,8 +167,8 @@ def test_a_psycopg_leases_notifications_are_dropped_after_it_read_those_from_bef
         return psycopg.connect(postgresql_dsn, autocommit=True)
 
     def configure(raw: Any) -> None:
-        raw.execute("LISTEN dbpool_messages")
-        raw.execute("NOTIFY dbpool_messages, 'configured'")
+        raw.execute(f"LISTEN {CHANNEL}")
+        raw.execute(f"NOTIFY {CHANNEL}, 'configured'")
 
     with dbpool.Pool(connect, min_size=0, max_size=1, configure=configure) as pool:
         with pool.connection() as conn:
@@ -173,7 +176,7 @@ def test_a_psycopg_leases_notifications_are_dropped_after_it_read_those_from_bef
             if not getattr(raw, "_notifies_backlog", None):
                 pytest.skip("this psycopg keeps no notifications for a later notifies()")
             assert [n.payload for n in conn.notifies(timeout=0)] == ["configured"]
-            conn.execute("NOTIFY dbpool_messages, 'payload'")
+            conn.execute(f"NOTIFY {CHANNEL}, 'payload'")
         with pool.connection() as conn:
             assert conn.raw is raw
             assert list(conn.notifies(timeout=0)) == []

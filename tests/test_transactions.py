@@ -721,9 +721,12 @@ def test_mysql_timed_transactions_work_with_dict_cursors(
         def connect() -> Any:
             return MySQLdb.connect(**mysql_params, cursorclass=MySQLdb.cursors.DictCursor)
 
-    limits = "SELECT @@session.innodb_lock_wait_timeout AS l, @@session.max_statement_time AS s"
     with new_pool(connect) as pool:
         with pool.connection() as conn:
+            # The statement limit the dialect sets: MariaDB's, or MySQL's
+            mariadb = "MariaDB" in conn.raw.get_server_info()
+            statement = "max_statement_time" if mariadb else "max_execution_time"
+            limits = f"SELECT @@session.innodb_lock_wait_timeout AS l, @@session.{statement} AS s"
             before = conn.raw.cursor()
             before.execute(limits)
             expected = before.fetchall()
