@@ -247,11 +247,16 @@ def test_a_lease_dropped_where_a_connect_failed_comes_back(tmp_path: Any) -> Non
             lease.cursor().execute("select 1")
             pool.connection()  # needs a connect, which fails
 
+        def returned() -> dbpool.PoolStats | None:
+            # The connect thread holds the error until it ends: collected once it has
+            gc.collect()
+            s = pool.stats()
+            return s if s.in_use == 0 else None
+
         with pytest.warns(ResourceWarning, match="without being released"):
             with pytest.raises(sqlite3.OperationalError, match="unable to open"):
                 handler()
-            gc.collect()
-        s = wait_until(lambda: (s := pool.stats()).in_use == 0 and s)
+            s = wait_until(returned)
         assert (s.leaked, s.idle, s.connect_errors) == (1, 1, 1), s
         with pool.connection() as conn:  # the connection the dropped lease held, reused
             assert conn.cursor().execute("select 1").fetchall() == [(1,)]
