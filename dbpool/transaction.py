@@ -469,6 +469,8 @@ class Transaction(Generic[C]):
             if not self._active or slot is None or not self._owns_connection():
                 return None
             self._expired = True
+            if not slot.dialect.can_cancel:
+                return None  # it runs on; still running at _on_overdue, its connection is doomed
             if not slot.busy:
                 return _CANCEL_AGAIN  # nothing running: cancel what starts before the block ends
             try:
@@ -494,12 +496,22 @@ class Transaction(Generic[C]):
                 return None
             if not slot.busy:
                 return _CANCEL_AGAIN  # cut off the next call that starts this late
-            logger.warning(
-                "pool %r: a transaction's statement still runs %g s past its deadline: the "
-                "cancel did not stop it, closing its connection's socket",
-                self._pool_name(),
-                _SEVER_GRACE,
-            )
+            if slot.dialect.can_cancel:
+                logger.warning(
+                    "pool %r: a transaction's statement still runs %g s past its deadline: the "
+                    "cancel did not stop it, closing its connection's socket",
+                    self._pool_name(),
+                    _SEVER_GRACE,
+                )
+            else:
+                logger.warning(
+                    "pool %r: a transaction's statement still runs %g s past its deadline, "
+                    "and the %s driver cannot stop it from another thread: its connection "
+                    "will be discarded once it ends",
+                    self._pool_name(),
+                    _SEVER_GRACE,
+                    slot.dialect.name,
+                )
             slot.doomed = True
             try:
                 slot.dialect.sever(slot.raw)

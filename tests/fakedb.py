@@ -34,7 +34,11 @@ classes claim pymssql's module names so a pool picks its pymssql dialect.  It mi
 pymssql exposes to a pool: ``conn._conn.connected``, ``conn.autocommit(bool)``,
 ``conn.autocommit_state``, no local transaction flag, and pymssql's behaviour on a dead
 connection: ``_conn.connected`` stays True until a call notices the dead socket, and rollback
-then raises ``_mssql`` exceptions that are not DB-API errors.
+then raises ``_mssql`` exceptions that are not DB-API errors.  Cursors made with ``as_dict``
+refuse a result with an unnamed column (``SELECT 1`` has one), as pymssql does.  Closing such a
+connection while another thread is held inside a call on it is recorded in
+``server.closed_under_a_call``: pymssql's ``close()`` frees the FreeTDS structures that call is
+still using (the real driver may crash).
 
 Every wait inside the fake is bounded (``Gate.timeout``), so a broken test fails instead of
 hanging.
@@ -106,13 +110,30 @@ class NotSupportedError(DatabaseError):
     pass
 
 
+class ColumnsWithoutNamesError(InterfaceError):
+    """pymssql's refusal of an unnamed column in a cursor made with ``as_dict``."""
+
+    def __init__(self, columns_without_names: list[int]) -> None:
+        super().__init__(columns_without_names)
+        self.columns_without_names = columns_without_names
+
+
 # pymssql's low-level exceptions: they do not derive from the DB-API ``Error``.
 class MSSQLException(Exception):
     __module__ = "pymssql._mssql"
 
 
 class MSSQLDatabaseException(MSSQLException):
+    """As pymssql raises it: one argument, ``(number, message)``, and the number again as
+    ``number`` (``cursor.execute()`` turns it into a DB-API error whose ``args`` are that pair;
+    ``cursor.executemany()`` with a ``batch_size`` above 1 lets it through as it is)."""
+
     __module__ = "pymssql._mssql"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        first = args[0] if args else None
+        self.number = first[0] if isinstance(first, tuple) and first else 0
 
 
 class MSSQLDriverException(MSSQLException):
@@ -240,6 +261,7 @@ class Server:
         self._down = False
         self._next_id = 1
         self.peak_open = 0
+        self._closed_under_a_call: list[int] = []
         #: Seconds every connect takes before it succeeds or fails.
         self.connect_delay = 0.0
 
@@ -399,6 +421,13 @@ class Server:
         with self._lock:
             return [c for c in self._conns if not c._closed]
 
+    @property
+    def closed_under_a_call(self) -> list[int]:
+        """Ids of pymssql-flavour connections closed while another thread was held inside a
+        call on them (see the module's docstring)."""
+        with self._lock:
+            return list(self._closed_under_a_call)
+
     def in_transaction(self, conn: Any) -> bool:
         """Whether ``conn`` has work since its last commit/rollback (the server's view)."""
         raw = _unwrap(conn)
@@ -420,9 +449,17 @@ class Server:
         with self._lock:
             self._calls.append(call)
             gate = next((g for g in self._gates if g._claim(verb, conn_id)), None)
+            inside = gate is not None and conn is not None and verb != "close"
+            if inside:
+                conn._held += 1  # type: ignore[union-attr]
         try:
             if gate is not None:
-                gate._hold()
+                try:
+                    gate._hold()
+                finally:
+                    if inside:
+                        with self._lock:
+                            conn._held -= 1  # type: ignore[union-attr]
             with self._lock:
                 fault = self._pop_fault(verb, conn_id)
             if fault is not None:
@@ -442,13 +479,16 @@ class Server:
                 return f.exc
         return None
 
-    def _result(self, sql: str) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
+    def _result(
+        self, sql: str, columns: Sequence[str] = ("col",)
+    ) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
+        """The rows of ``sql``: scripted, or ``[(1,)]`` in ``columns`` for a SELECT."""
         with self._lock:
             scripted = self._results.get(_key(sql))
         if scripted is not None:
             return list(scripted[0]), scripted[1]
         if _key(sql).startswith("select"):
-            return [(1,)], ("col",)
+            return [(1,)], columns
         return [], None
 
     def __repr__(self) -> str:
@@ -471,6 +511,7 @@ class _BaseConnection:
         self._killed = False
         self._dirty = False  # the server's view: work since the last commit/rollback
         self._autocommit = False
+        self._held = 0  # threads held at a gate inside a call on this connection
 
     @property
     def closed(self) -> bool:
@@ -500,12 +541,16 @@ class _BaseConnection:
     def _raise_dead(self, verb: str) -> None:
         raise OperationalError("fakedb: server closed the connection unexpectedly")
 
+    #: The column of an unscripted ``SELECT 1`` (the ping).
+    _ping_columns: Sequence[str] = ("col",)
+
     def _run(self, sql: str) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
-        self._call("ping" if PING_SQL.match(sql) else "execute", sql)
+        ping = PING_SQL.match(sql) is not None
+        self._call("ping" if ping else "execute", sql)
         with self.server._lock:
             if not self._autocommit:
                 self._dirty = True
-        return self.server._result(sql)
+        return self.server._result(sql, self._ping_columns if ping else ("col",))
 
     def _end_transaction(self, verb: str) -> None:
         self._call(verb)
@@ -627,16 +672,23 @@ class FakeCursor:
 
 
 class FakeDictCursor(FakeCursor):
-    """pymssql's cursor with ``as_dict``: each row a dict keyed by column name."""
+    """pymssql's cursor with ``as_dict``: each row a dict keyed by column name; a result with
+    an unnamed column raises ColumnsWithoutNamesError (an InterfaceError) from execute()."""
 
     def execute(self, sql: str, params: Any = None) -> None:
         super().execute(sql, params)
         if self.description is not None:
             names = [column[0] for column in self.description]
+            unnamed = [i for i, name in enumerate(names) if not name]
+            if unnamed:
+                raise ColumnsWithoutNamesError(unnamed)
             self._rows = [dict(zip(names, row)) for row in self._rows]  # type: ignore[misc]
 
 
 # -- the pymssql flavour ----------------------------------------------------------------------
+
+#: FreeTDS's message for a call on a connection whose socket died.
+_DEAD_MESSAGE = b"DB-Lib error message 20047, severity 9:\nDBPROCESS is dead or not enabled\n"
 
 
 class FakeMSSQLSocket:
@@ -661,6 +713,8 @@ class FakeMSSQLConnection(_BaseConnection):
     """
 
     __module__ = "pymssql._pymssql"
+
+    _ping_columns = ("",)  # SQL Server names no column of SELECT 1
 
     def __init__(self, server: Server, conn_id: int) -> None:
         super().__init__(server, conn_id)
@@ -704,6 +758,11 @@ class FakeMSSQLConnection(_BaseConnection):
         self._end_transaction("rollback")
 
     def close(self) -> None:
+        with self.server._lock:
+            if self._held and self._socket is not None:
+                # pymssql's close() runs FreeTDS's dbclose(), which frees the DBPROCESS the
+                # other thread's call is still using.
+                self.server._closed_under_a_call.append(self.id)
         try:
             self._close()
         finally:
@@ -726,12 +785,15 @@ class FakeMSSQLConnection(_BaseConnection):
         if verb in ("rollback", "autocommit"):
             # pymssql re-raises the low-level exception here, not a DB-API error.
             if first:
-                raise MSSQLDatabaseException("DBPROCESS is dead or not enabled")
+                raise MSSQLDatabaseException((20047, _DEAD_MESSAGE))
             raise MSSQLDriverException("Not connected to any MS SQL server")
         if verb == "commit":
-            raise OperationalError("Cannot commit transaction: DBPROCESS is dead or not enabled")
-        if first:
-            raise OperationalError("DBPROCESS is dead or not enabled")
+            # commit() wraps whatever the low-level call raised, with str() of its args[0]
+            if first:
+                raise OperationalError(f"Cannot commit transaction: {(20047, _DEAD_MESSAGE)}")
+            raise OperationalError("Cannot commit transaction: Not connected to any MS SQL server")
+        if first:  # cursor.execute(): the error's number and message, as two arguments
+            raise OperationalError(20047, _DEAD_MESSAGE)
         raise InterfaceError("Not connected to any MS SQL server")
 
 
@@ -773,4 +835,5 @@ __all__ = [
     "MSSQLException",
     "MSSQLDatabaseException",
     "MSSQLDriverException",
+    "ColumnsWithoutNamesError",
 ]

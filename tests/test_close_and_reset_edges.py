@@ -1,6 +1,7 @@
 """Where several features meet: psycopg's prepared statements across session resets after
 leases that committed, a lost connection at START TRANSACTION with an isolation level,
-close() past its timeout with a borrower inside a call (sqlite3) or inside a transaction block."""
+close() past its timeout with a borrower inside a call (sqlite3, pymssql) or inside a
+transaction block."""
 
 from __future__ import annotations
 
@@ -134,4 +135,38 @@ def test_close_past_its_timeout_leaves_a_sqlite_connection_in_a_call_to_its_borr
         borrower.join(10)
     assert closed_by == [borrower]  # closed once, by its borrower on the way back
     assert not [exc for exc in failures if not isinstance(exc, sqlite3.Error)]
+    assert pool.stats().size == pool.stats().in_use == 0
+
+
+def test_close_past_its_timeout_leaves_a_pymssql_connection_in_a_call_to_its_borrower(
+    fake_server: fakedb.Server,
+) -> None:
+    # pymssql's close() runs FreeTDS's dbclose(), which frees the DBPROCESS that a call in
+    # another thread is still using (that call waits with the GIL released): close() past its
+    # timeout leaves such a connection open, and its borrower's return closes it.
+    failures: list[BaseException] = []
+
+    def borrow() -> None:
+        try:
+            with pool.connection() as conn:
+                conn.cursor().execute("SELECT slow()")
+        except BaseException as exc:
+            failures.append(exc)
+
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1)
+    gate = fake_server.block("execute")
+    borrower = threading.Thread(target=borrow)
+    borrower.start()
+    try:
+        assert gate.entered.wait(10)
+        [raw] = fake_server.connections
+        pool.close(timeout=0)
+        assert fake_server.closed_under_a_call == []
+        assert not raw.closed
+    finally:
+        gate.release()
+        borrower.join(10)
+    assert raw.closed  # by its borrower, on the way back
+    assert fake_server.closed_under_a_call == []
+    assert not [exc for exc in failures if not isinstance(exc, dbpool.PoolError)]
     assert pool.stats().size == pool.stats().in_use == 0

@@ -116,6 +116,30 @@ def test_pymssql_killed_idle_connection_fails_validation(fake_server, pools):
     assert pool.stats().discarded == 1
 
 
+def test_pymssql_ping_passes_on_a_connection_made_with_as_dict(fake_server, pools):
+    """pymssql.connect(as_dict=True) makes every cursor's rows dicts, and such a cursor
+    refuses the unnamed column of SELECT 1: the ping reads it through a cursor of tuples, so
+    a live connection passes its check instead of being replaced at every checkout."""
+
+    def connect():
+        conn = fake_server.connect_mssql()
+        conn.as_dict = True
+        return conn
+
+    fake_server.set_result("select 2 as v", [(2,)], columns=("v",))
+    pool = dbpool.Pool(connect, min_size=0, max_size=1, validate_after=0)
+    pools.append(pool)
+    for _ in range(3):
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("select 2 as v")
+            assert cur.fetchall() == [{"v": 2}]  # the borrower still gets its dicts
+            conn.commit()
+    assert fake_server.count("ping") == 2
+    s = pool.stats()
+    assert (s.created, s.discarded) == (1, 0)
+
+
 def test_generic_dialect_rolls_back_only_after_statements(fake_server, pools):
     pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
     pools.append(pool)

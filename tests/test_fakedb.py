@@ -250,3 +250,50 @@ def test_mssql_flavour_notices_a_kill_on_next_use(fake_server: fakedb.Server) ->
     assert not isinstance(info.value, fakedb.Error)  # as in pymssql: not a DB-API error
     conn.close()
     assert conn.closed and fake_server.open_connections == []
+
+
+def test_mssql_flavour_errors_and_dict_cursors_are_shaped_as_pymssqls(
+    fake_server: fakedb.Server,
+) -> None:
+    conn = fake_server.connect_mssql()
+    fake_server.kill(conn)
+    with pytest.raises(fakedb.OperationalError) as failed:
+        conn.cursor().execute("update t set v = 1")
+    assert failed.value.args[0] == 20047  # cursor.execute(): the number, then the message
+    low = fakedb.MSSQLDatabaseException((1205, b"chosen as deadlock victim"))
+    assert low.number == 1205 and low.args == ((1205, b"chosen as deadlock victim"),)
+
+    conn = fake_server.connect_mssql()
+    conn.as_dict = True
+    with pytest.raises(fakedb.ColumnsWithoutNamesError) as unnamed:
+        conn.cursor().execute("SELECT 1")  # SQL Server names no column of it
+    assert isinstance(unnamed.value, fakedb.InterfaceError)
+    cur = conn.cursor(as_dict=False)
+    cur.execute("SELECT 1")
+    assert cur.fetchall() == [(1,)]
+
+
+def test_mssql_flavour_records_a_close_under_a_call(fake_server: fakedb.Server) -> None:
+    conn = fake_server.connect_mssql()
+    gate = fake_server.block("execute")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            conn.cursor().execute("select slow()")
+        except BaseException as exc:
+            errors.append(exc)
+
+    inside = threading.Thread(target=run)
+    inside.start()
+    try:
+        assert gate.entered.wait(10)
+        conn.close()
+        assert fake_server.closed_under_a_call == [conn.id]
+    finally:
+        gate.release()
+        inside.join(10)
+    assert [type(exc) for exc in errors] == [fakedb.InterfaceError]  # closed, once let go
+    other = fake_server.connect_mssql()
+    other.close()  # nothing running on it
+    assert fake_server.closed_under_a_call == [conn.id]

@@ -196,3 +196,40 @@ def test_pymssql_block_goes_no_further_once_sql_server_aborted_its_transaction(
         assert info.value.__cause__ is error
         assert server.count("commit") == 0
         assert_accounting(pool)
+
+
+@pytest.mark.parametrize("number", sorted(TRANSACTION_ENDING))
+def test_pymssql_reads_the_number_of_a_low_level_error_from_a_batched_executemany(
+    server: fakedb.Server, number: int
+) -> None:
+    """cursor.executemany() with a batch_size above 1 (the cursor's arraysize by default)
+    lets pymssql's _mssql.MSSQLDatabaseException through unwrapped: its args[0] is the
+    (number, message) pair, and the number is in exc.number.  SQL Server rolled the
+    transaction back all the same: the block goes no further, and run_transaction() retries."""
+    error = fakedb.MSSQLDatabaseException((number, TRANSACTION_ENDING[number]))
+    rows = [(1, 1), (2, 2)]
+    sql = "UPDATE t SET v = %s WHERE id = %s"
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        with pytest.raises(dbpool.TransactionRolledBack) as info:
+            with pool.transaction() as tx:
+                server.fail_next("execute", error)
+                with pytest.raises(fakedb.MSSQLDatabaseException):
+                    tx.cursor().executemany(sql, rows)
+                before = len(server.statements())
+                with pytest.raises(dbpool.TransactionRolledBack):
+                    tx.execute("UPDATE t SET v = 0 WHERE id = 3")
+                assert len(server.statements()) == before
+        assert info.value.__cause__ is error
+        assert server.count("commit") == 0
+
+        attempts: list[int] = []
+
+        def work(tx: Any) -> int:
+            attempts.append(1)
+            if len(attempts) == 1:
+                server.fail_next("execute", error)
+            tx.cursor().executemany(sql, rows)
+            return len(attempts)
+
+        assert pool.run_transaction(work, timeout=BOUND) == 2
+        assert_accounting(pool)

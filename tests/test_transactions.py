@@ -25,7 +25,7 @@ import pytest
 
 import dbpool
 from dbpool import Isolation, PoolError, TransactionTimeout
-from dbpool.dialects import PsycopgDialect, PyMySQLDialect
+from dbpool.dialects import PsycopgDialect, PymssqlDialect, PyMySQLDialect
 from dbpool.errors import TransactionRolledBack
 from tests import fakedb
 from tests.conftest import Backend, Connector, rows, scalar, unavailable, wait_until
@@ -1237,6 +1237,54 @@ def test_generic_dialect_closes_the_connection_at_the_deadline(fake_server: fake
             tx.execute("select 1 as x")
         assert fake_server.connects == 2
         assert_balanced(pool)
+
+
+def test_pymssql_deadline_never_closes_the_connection_under_its_statement(
+    fake_server: fakedb.Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pymssql has no cancel another thread may call, and its close() frees what the running
+    call still uses (FreeTDS's dbclose()): past the deadline the statement runs on, bounded by
+    SET LOCK_TIMEOUT and pymssql's own timeout.  The connection is never closed under the call;
+    one still running a second past the deadline is doomed, and discarded once the call ends,
+    and the block ends with TransactionTimeout."""
+    overdue = threading.Event()
+
+    class Observed(PymssqlDialect):
+        def limit_time(self, conn: Any, seconds: float) -> Any:
+            return None  # no statements at BEGIN: the held one is the block's own
+
+        def unlimit_time(self, conn: Any, token: Any) -> None:
+            pass
+
+        def sever(self, conn: Any) -> None:
+            try:
+                super().sever(conn)
+            finally:
+                overdue.set()
+
+    with new_pool(fake_server.connect_mssql, dialect=Observed()) as pool:
+        gate = fake_server.block("execute")
+
+        def run() -> None:
+            with pool.transaction(timeout=0.3) as tx:
+                tx.execute("select slow()")
+
+        worker = Worker(run, "held-statement")
+        try:
+            assert gate.entered.wait(JOIN), "the statement never reached the server"
+            assert overdue.wait(JOIN), "the watchdog never gave up on the statement"
+            [raw] = fake_server.connections
+            assert fake_server.closed_under_a_call == []
+            assert not raw.closed
+        finally:
+            gate.release()
+        worker.join()
+        assert isinstance(worker.error, TransactionTimeout), repr(worker.error)
+        assert "cannot stop it from another thread" in caplog.text
+        assert fake_server.closed_under_a_call == []
+        assert fake_server.count("commit") == 0
+        s = assert_balanced(pool)
+        assert s.discarded == 1 and raw.closed  # by the thread that returned it
 
 
 class HeldCancel:

@@ -234,6 +234,13 @@ class Dialect:
     #: active (SQLite's interrupt()): the cursors are closed before a timed-out block's rollback.
     interrupt_lingers = False
 
+    #: Whether :meth:`cancel` may be called while another thread is inside a call on the
+    #: connection.  Where it may not (pymssql: neither its cancel nor its close is safe then),
+    #: a statement past a transaction's deadline runs on, stopped only by the server-side
+    #: limits and the driver's own timeouts; a call still running :meth:`sever`'s grace period
+    #: later dooms the connection, which the pool discards once the call ends.
+    can_cancel = True
+
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         """Stop the statement running on ``conn``, from another thread.  The fallback, for
         drivers with no cancel, closes the connection: the statement fails, the pool

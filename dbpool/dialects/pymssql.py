@@ -5,13 +5,36 @@ from __future__ import annotations
 from typing import Any
 
 from ..isolation import Isolation
-from .base import BROKEN, UNKNOWN, Dialect, TxState, _execute, _run, is_database_error, milliseconds
+from .base import (
+    BROKEN,
+    UNKNOWN,
+    Dialect,
+    TxState,
+    _execute,
+    _run,
+    derives_from,
+    is_database_error,
+    milliseconds,
+)
 
 # Errors with which SQL Server rolls the whole transaction back, and that running it again may
 # get past: the deadlock victim, a snapshot isolation update conflict, and its counterpart on
-# memory-optimized tables.  (Conflicts found at COMMIT come through pymssql's commit(), which
-# keeps only the message.)
+# memory-optimized tables.  (Conflicts found at COMMIT come through pymssql's commit(), whose
+# OperationalError has one argument, a message with the number only inside its text.)
 _TRANSACTION_ABORTED = (1205, 3960, 41302)  # a tuple: compared by ==, whatever args[0] is
+
+
+def _error_number(exc: BaseException) -> object:
+    """SQL Server's error number in ``exc``, or None.  pymssql's DB-API errors carry it as
+    args[0] (cursor.execute() raises them with the number and the message as two arguments);
+    its low-level _mssql.MSSQLDatabaseException, which cursor.executemany() with a batch_size
+    above 1 lets through unwrapped, as ``number`` (its args[0] is the (number, message) pair)."""
+    if is_database_error(exc):
+        return exc.args[0] if exc.args else None
+    if derives_from(exc, "pymssql._mssql", "MSSQLDatabaseException"):
+        return getattr(exc, "number", None)
+    return None
+
 
 # The session's isolation level and lock timeout, which SET changes for the whole session: read
 # before a block changes them, and put back after it (a session sees its own row of
@@ -41,6 +64,12 @@ class PymssqlDialect(Dialect):
         except Exception:  # pymssql refuses to reach a closed connection's socket
             return BROKEN
         return UNKNOWN if connected else BROKEN
+
+    def ping(self, conn: Any) -> None:
+        # Through a cursor of tuples: a connection made with as_dict=True makes cursors that
+        # refuse a result with an unnamed column (ColumnsWithoutNamesError), as SELECT 1's is.
+        _run(conn.cursor(as_dict=False), "SELECT 1")
+        conn.rollback()
 
     def client_settings(self, conn: Any) -> object:
         return conn.autocommit_state
@@ -95,7 +124,7 @@ class PymssqlDialect(Dialect):
         _execute(conn, f"SET LOCK_TIMEOUT {int(token)}")
 
     def is_retryable(self, exc: BaseException) -> bool:
-        return is_database_error(exc) and bool(exc.args) and exc.args[0] in _TRANSACTION_ABORTED
+        return _error_number(exc) in _TRANSACTION_ABORTED
 
     def ended_transaction(self, conn: Any, exc: Exception) -> bool:
         return self.is_retryable(exc)  # each of them rolled the transaction back
@@ -108,6 +137,16 @@ class PymssqlDialect(Dialect):
 
     def rollback_to_savepoint(self, conn: Any, name: str) -> None:
         _execute(conn, f"ROLLBACK TRANSACTION {name}")
+
+    # pymssql has no cancel that another thread may call while a statement runs: its
+    # _conn.cancel() clears the error and result state the running call is filling in, and
+    # its dbcancel() reads the server's reply itself unless that call has begun to read; and
+    # close() is dbclose(), which frees the DBPROCESS that call goes on using once its wait
+    # (the GIL released) ends.  Nor does pymssql expose a socket to shut down.  A statement
+    # past its deadline runs on, bounded by the server's LOCK_TIMEOUT (set for the block) and
+    # pymssql's own timeout; the block then ends with TransactionTimeout.
+    can_cancel = False
+    closes_under_a_call = False
 
     def detach_after_fork(self, conn: Any) -> None:
         # FreeTDS has no file descriptor to reach from Python; the pool keeps the inherited
