@@ -181,17 +181,30 @@ class Transaction(Generic[C]):
             raise PoolError("a transaction is already open on this connection: use tx.savepoint()")
         dialect, raw = slot.dialect, slot.raw
         dialect.check_begin(self._isolation, self._readonly)  # ValueError, before any I/O
-        self._check_startable(slot)
         self._lease, self._slot = lease, slot
+        if self._timeout is not None:
+            # The deadline runs from here: it covers BEGIN, and the look at the connection's
+            # state before it, which may be a round trip (PyMySQL's flags after a failed call)
+            # that a network gone silent would hold up for as long as the driver waits.
+            self._deadline = monotonic() + self._timeout
+            self._guarded = True
+            self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
+        try:
+            self._check_startable(slot)
+            if monotonic() >= self._deadline:
+                raise self._timeout_error()  # nothing began: the block would only fail
+        except BaseException as exc:
+            self._unguard()
+            late = monotonic() >= self._deadline  # cut off a second past it, say
+            if late and isinstance(exc, Exception) and not isinstance(exc, TransactionTimeout):
+                raise self._timeout_error() from exc
+            raise
         slot.busy = slot.dirty = True  # from here on, a failure leaves work to roll back
         self._active = True
         limit_inside = dialect.limit_time_inside_transaction
         try:
-            if self._timeout is not None:  # the deadline runs from BEGIN, and covers it
-                self._deadline = monotonic() + self._timeout
+            if self._timeout is not None:
                 self._watch = watchdog.watch(self._deadline, self._on_deadline)
-                self._guarded = True
-                self._sever_watch = watchdog.watch(self._deadline + _SEVER_GRACE, self._on_overdue)
             if self._timeout is not None and not limit_inside:
                 now = monotonic()
                 self._time_token = dialect.limit_time(raw, self._deadline - now)

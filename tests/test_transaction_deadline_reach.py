@@ -168,6 +168,30 @@ def test_a_server_side_cursor_close_on_a_stalled_network_ends_by_the_deadline(
         assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
 
 
+# == before BEGIN ================================================================================
+
+
+@pytest.mark.timeout(20)  # it hung for ever before BEGIN: fail sooner than the module's limit
+def test_the_look_at_a_handed_out_connection_before_begin_ends_by_the_deadline(
+    link: Link,
+) -> None:
+    # The lease handed out the driver's connection: what ran on it is unknown, so the block
+    # reads its state again before BEGIN, a round trip with PyMySQL (a ping, for its flags).
+    # That ping ran before the deadline was set, and on a network that stopped answering it
+    # waited as long as the driver does (this link sets no read_timeout: for ever).
+    with dbpool.Pool(link.connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.raw  # noqa: B018 (handed out, unused)
+            link.proxy.set_mode(Mode.BLACKHOLE)
+            with pytest.raises(TransactionTimeout):
+                with conn.transaction(timeout=TIMEOUT) as tx:
+                    tx.execute("select 1")
+            with pytest.raises(dbpool.ConnectionUnusable):
+                conn.cursor()  # cut off: it refuses further use
+        s = pool.stats()
+        assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
+
+
 # == savepoints =================================================================================
 
 
