@@ -59,6 +59,19 @@ def test_psycopg2_discard_reset_hides_notices_and_notifies_from_the_next_borrowe
         pool.close()
 
 
+def _read_only_autocommit(psycopg2_connect: Connector) -> Callable[[], Any]:
+    """psycopg2 connections in autocommit mode, read-only and serializable."""
+
+    def connect() -> Any:
+        conn = psycopg2_connect()
+        conn.autocommit = True
+        conn.readonly = True
+        conn.isolation_level = "SERIALIZABLE"
+        return conn
+
+    return connect
+
+
 @pytest.mark.postgresql
 def test_psycopg2_discard_reset_keeps_a_connection_configured_read_only(
     psycopg2_connect: Connector,
@@ -69,14 +82,7 @@ def test_psycopg2_discard_reset_keeps_a_connection_configured_read_only(
     equal): the reset sets them again, or the next borrower gets a writable, READ COMMITTED
     session."""
 
-    def connect() -> Any:
-        conn = psycopg2_connect()
-        conn.autocommit = True
-        conn.readonly = True
-        conn.isolation_level = "SERIALIZABLE"
-        return conn
-
-    pool = new_pool(connect, session_reset="discard")
+    pool = new_pool(_read_only_autocommit(psycopg2_connect), session_reset="discard")
     try:
         seen = []
         for _ in range(2):
@@ -106,14 +112,7 @@ def test_psycopg2_autocommit_a_lease_turned_off_comes_back_with_the_session_read
     READ COMMITTED session unless the return path sets them again (also when the lease turned
     autocommit on again itself, through the lease)."""
 
-    def connect() -> Any:
-        conn = psycopg2_connect()
-        conn.autocommit = True
-        conn.readonly = True
-        conn.isolation_level = "SERIALIZABLE"
-        return conn
-
-    pool = new_pool(connect)
+    pool = new_pool(_read_only_autocommit(psycopg2_connect))
     try:
         with pool.connection() as conn:
             if through.startswith("lease"):

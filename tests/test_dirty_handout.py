@@ -183,6 +183,18 @@ def test_mysqlclient_reconnect_turned_on_by_borrower_gives_next_one_autocommit(
 # -- a session the driver opened again by itself (PyMySQL and mysqlclient) -------------------
 
 
+def _driver_connect(request: pytest.FixtureRequest, driver: str) -> Any:
+    """The connect fixture of ``driver``, PyMySQL's or mysqlclient's."""
+    return request.getfixturevalue(
+        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
+    )
+
+
+def _set_time_zone(raw: Any) -> None:
+    """A configure hook whose setting a new session would not have."""
+    rows(raw, "SET SESSION time_zone = '+05:00'")
+
+
 def _end_session(admin: Any, session: int) -> None:
     """End a session from the server's side, and wait until it is gone."""
     rows(admin, f"KILL CONNECTION {int(session)}")
@@ -197,14 +209,7 @@ def test_a_session_the_driver_reconnected_inside_a_lease_is_not_handed_on(
     # The borrower's session is lost (wait_timeout, a failover...) and the borrower pings with
     # reconnect, as both drivers allow: the driver connects again, on the same connection
     # object.  The new session never saw configure; the next borrower must get one that did.
-    connect = request.getfixturevalue(
-        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
-    )
-
-    def configure(raw: Any) -> None:
-        rows(raw, "SET SESSION time_zone = '+05:00'")
-
-    with _pool(connect, configure=configure) as pool:
+    with _pool(_driver_connect(request, driver), configure=_set_time_zone) as pool:
         with pool.connection() as conn:
             session = scalar(conn, "SELECT CONNECTION_ID()")
             _end_session(mysql_tables, session)
@@ -224,19 +229,12 @@ def test_a_session_a_check_hook_reconnected_is_not_handed_out(
     # A check hook that pings with reconnect (PyMySQL's ping() does by default before 1.2, as
     # DBUtils' ping=1 calls it) replaces a session lost while the connection sat idle with a
     # new one, on the same connection object, that configure never set up.
-    connect = request.getfixturevalue(
-        "mysql_connect" if driver == "pymysql" else "mysqlclient_connect"
-    )
-
-    def configure(raw: Any) -> None:
-        rows(raw, "SET SESSION time_zone = '+05:00'")
-
     def check(raw: Any) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             raw.ping(True)
 
-    with _pool(connect, configure=configure, check=check) as pool:
+    with _pool(_driver_connect(request, driver), configure=_set_time_zone, check=check) as pool:
         with pool.connection() as conn:
             session = scalar(conn, "SELECT CONNECTION_ID()")
         _end_session(mysql_tables, session)

@@ -362,55 +362,36 @@ def test_configure_sets_session_state_every_lease_sees(db: Backend) -> None:
         assert len(configured) == s.created == 3
 
 
-def test_configure_leaving_a_transaction_open_fails_the_connect(db: Backend) -> None:
+@pytest.mark.parametrize("culprit", ["configure", "connect"])
+def test_a_transaction_left_open_on_a_new_connection_fails_the_connect(
+    db: Backend, culprit: str
+) -> None:
+    """configure, or the connect callable itself: a SET left in an open transaction would be
+    rolled back at the first borrower's return, or committed by that borrower."""
     leave_open = threading.Event()
     leave_open.set()
 
-    def configure(raw: Any) -> None:
+    def open_one(raw: Any) -> Any:
         if leave_open.is_set():
             open_transaction(db.name, raw)
+        return raw
 
+    hooks: dict[str, Any] = (
+        {"configure": open_one}
+        if culprit == "configure"
+        else {"connect": lambda: open_one(db.connect())}
+    )
     with dbpool.Pool(
-        db.connect,
+        **{"connect": db.connect, **hooks},
         min_size=0,
         max_size=2,
-        configure=configure,
         reconnect_delay=0.01,
         reconnect_max_delay=0.02,
     ) as pool:
         with pytest.raises(dbpool.PoolError) as info:
             pool.connection(timeout=BOUND)
         message = str(info.value)
-        assert "transaction" in message and "commit()" in message, message
-        s = assert_accounting(pool)
-        assert s.connect_errors == 1
-        assert (s.size, s.idle, s.in_use) == (0, 0, 0), s
-
-        leave_open.clear()
-        with pool.connection(timeout=BOUND) as conn:
-            assert rows(conn, "SELECT 1") == [(1,)]
-        assert_accounting(pool)
-
-
-def test_connect_leaving_a_transaction_open_fails_the_connect(db: Backend) -> None:
-    """The connect callable's own statements are held to configure's rule: a SET left in an
-    open transaction was rolled back at the first borrower's return, or committed by it."""
-    leave_open = threading.Event()
-    leave_open.set()
-
-    def connect() -> Any:
-        raw = db.connect()
-        if leave_open.is_set():
-            open_transaction(db.name, raw)
-        return raw
-
-    with dbpool.Pool(
-        connect, min_size=0, max_size=2, reconnect_delay=0.01, reconnect_max_delay=0.02
-    ) as pool:
-        with pytest.raises(dbpool.PoolError) as info:
-            pool.connection(timeout=BOUND)
-        message = str(info.value)
-        assert "connect left the new connection in transaction" in message, message
+        assert f"{culprit} left the new connection in transaction" in message, message
         assert "commit()" in message, message
         s = assert_accounting(pool)
         assert s.connect_errors == 1
