@@ -128,8 +128,10 @@ class Transaction(Generic[C]):
         self._time_token: Any = _NOT_LIMITED
         # When the server-side limit was last sized to the time left, if the dialect narrows
         # it (see Dialect.narrows_time); a wait starting later may outlast the deadline by
-        # the time since.  Infinity: nothing to narrow.
+        # the time since.  Infinity: nothing to narrow.  _commit_sized_at: the same, for the
+        # limit a lock wait of COMMIT gets (Dialect.narrows_commit_wait).
         self._narrowed_at = math.inf
+        self._commit_sized_at = math.inf
         self._watch: Any = None
         # _guarded: from BEGIN until COMMIT/ROLLBACK and the session undo are over; the
         # watchdog severs the connection only while it is set (under _sever_lock).
@@ -210,12 +212,17 @@ class Transaction(Generic[C]):
                 self._time_token = dialect.limit_time(raw, self._deadline - now)
                 if dialect.narrows_time:
                     self._narrowed_at = now
+                if dialect.narrows_commit_wait:
+                    self._commit_sized_at = now
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
             self._session = dialect.server_session(raw)
             self._open = True
             slot.transaction = self
             if self._timeout is not None and limit_inside:
-                self._time_token = dialect.limit_time(raw, self._deadline - monotonic())
+                now = monotonic()
+                self._time_token = dialect.limit_time(raw, self._deadline - now)
+                if dialect.narrows_commit_wait:
+                    self._commit_sized_at = now
         except BaseException as exc:
             self._stop_watching()
             if self._open:
@@ -365,8 +372,18 @@ class Transaction(Generic[C]):
         rollback = False
         try:
             now = monotonic()
-            if now - self._narrowed_at > _NARROW_SLACK:
-                self._narrow_time(now)  # COMMIT too may wait for a lock
+            if now - self._commit_sized_at > _NARROW_SLACK:
+                # COMMIT too may wait for a lock, and no cancel stops it: a wait as long as
+                # the limit sized at BEGIN would outlast the deadline, and meet the cut-off.
+                slot.busy = True  # a round trip: cut off, too, on a network gone silent
+                try:
+                    self._narrow_time(now)
+                except Exception as exc:
+                    slot.busy = False
+                    if slot.doomed:  # cut off past the deadline; COMMIT was never sent
+                        raise self._timeout_error() from exc
+                    raise
+                slot.busy = False
             self._commit(slot)
         except CommitOutcomeUnknown:
             raise  # the connection is doomed: nothing more is sent on it
@@ -375,11 +392,9 @@ class Transaction(Generic[C]):
             # COMMIT with SQLITE_BUSY and stays in it): roll it back, or the lease's next
             # commit would commit the block's work.
             rollback = slot.dialect.transaction_state(slot.raw) is not IDLE
-            if (  # its lock wait cut short at the deadline (SQLite): no error of its own
-                slot.dialect.narrows_time
-                and slot.dialect.is_retryable(exc)
-                and monotonic() >= self._deadline
-            ):
+            # Its lock wait cut short by the limit sized to the deadline (SQLite's busy
+            # timeout, PostgreSQL's lock_timeout at a deferred constraint): no error of its own.
+            if slot.dialect.stopped_by_limit(exc) and monotonic() >= self._deadline:
                 raise self._timeout_error() from exc
             raise
         finally:
@@ -609,7 +624,7 @@ class Transaction(Generic[C]):
         slot = self._slot
         assert slot is not None
         slot.dialect.narrow_time(slot.raw, self._deadline - now)
-        self._narrowed_at = now
+        self._narrowed_at = self._commit_sized_at = now
 
     def _savepoint_failed_error(self) -> ConnectionUnusable:
         # The same case as a lease whose rollback failed: the connection's state is unknown.

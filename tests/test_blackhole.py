@@ -90,6 +90,28 @@ def test_transaction_deadline_holds_when_the_cancel_cannot_reach_the_server(link
             tx.execute("SELECT 1")
 
 
+@pytest.mark.parametrize("link", ["postgresql"], indirect=True)
+def test_transaction_deadline_holds_when_the_network_stalls_as_the_block_ends(link: Link) -> None:
+    """Before a COMMIT that starts late, PostgreSQL's lock wait limit is narrowed to the time
+    left: a round trip that a stalled network holds up is cut off as COMMIT would be, and the
+    block ends with TransactionTimeout (COMMIT was never sent: nothing was committed)."""
+    with dbpool.Pool(link.connect, min_size=0, max_size=1) as pool:
+
+        def block() -> None:
+            with pool.transaction(timeout=0.5) as tx:
+                tx.execute("SELECT pg_sleep(0.05)")  # COMMIT starts later than BEGIN's limit
+                link.proxy.set_mode(Mode.BLACKHOLE)
+
+        elapsed, error = timed(block)
+        assert isinstance(error, dbpool.TransactionTimeout), error
+        assert elapsed < 0.5 + SLACK, f"a 0.5 s transaction ran {elapsed:.1f} s"
+        s = pool.stats()
+        assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
+        heal(link)
+        with pool.transaction(timeout=5) as tx:
+            tx.execute("SELECT 1")
+
+
 def test_close_returns_while_a_borrower_is_stuck_in_a_query(link: Link) -> None:
     pool = dbpool.Pool(link.connect, min_size=0, max_size=1)
     lease = pool.connection()

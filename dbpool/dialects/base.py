@@ -223,9 +223,15 @@ class Dialect:
     #: transaction then shortens it to the time left with :meth:`narrow_time`.
     narrows_time = False
 
+    #: Whether a lock wait of COMMIT, which the watchdog does not cancel, is bounded by a limit
+    #: each wait starts afresh (SQLite's busy timeout, PostgreSQL's lock_timeout at a deferred
+    #: constraint): before a COMMIT that starts more than a few milliseconds after the limit
+    #: was sized, the transaction shortens it to the time left with :meth:`narrow_time`.
+    narrows_commit_wait = False
+
     def narrow_time(self, conn: Any, seconds: float) -> None:
-        """Shorten the limit :meth:`limit_time` set to ``seconds``, the time left before the
-        deadline; :meth:`unlimit_time` undoes both."""
+        """Shorten the limit :meth:`limit_time` set on lock waits to ``seconds``, the time
+        left before the deadline; :meth:`unlimit_time` undoes both."""
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         """Undo :meth:`limit_time`; called after COMMIT or ROLLBACK."""
@@ -250,6 +256,13 @@ class Dialect:
     def is_retryable(self, exc: BaseException) -> bool:
         """Whether ``exc`` reports a serialization failure or deadlock: the transaction was
         rolled back and may succeed if run again."""
+        return False
+
+    def stopped_by_limit(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the server stopping a statement at a limit :meth:`limit_time` or
+        :meth:`narrow_time` set (a lock wait or a statement cut short), rather than an error of
+        the statement's own.  A COMMIT that fails so once the deadline has passed ends the
+        block with :class:`TransactionTimeout`.  No I/O."""
         return False
 
     def savepoint(self, conn: Any, name: str) -> None:

@@ -8,6 +8,10 @@ from ..isolation import Isolation
 from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, milliseconds
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+# Before a late COMMIT: its deferred constraint checks may wait for another session's lock.
+_NARROW_TIME_SQL = "SELECT set_config('lock_timeout', %s, true)"
+# query_canceled (statement_timeout), lock_not_available (lock_timeout): a deadline's limits
+_STOPPED_BY_LIMIT_SQLSTATES = frozenset({"57014", "55P03"})
 _INVALID_CURSOR_NAME = "34000"
 _LIMIT_TIME_SQL = (
     "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
@@ -270,6 +274,12 @@ class PsycopgDialect(Dialect):
         conn.execute(_LIMIT_TIME_SQL, (ms, ms, ms))  # SET LOCAL: ends with the transaction
         return None
 
+    narrows_commit_wait = True
+
+    def narrow_time(self, conn: Any, seconds: float) -> None:
+        _refuse_while_reading(conn)  # before COMMIT, which refuses it too
+        conn.execute(_NARROW_TIME_SQL, (str(milliseconds(seconds)),))
+
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         cancel = getattr(conn, "cancel_safe", None) or conn.cancel
         cancel()
@@ -305,3 +315,7 @@ class PsycopgDialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+    def stopped_by_limit(self, exc: BaseException) -> bool:
+        # COMMIT runs the deferred constraint checks, which may wait for another session's lock
+        return getattr(exc, "sqlstate", None) in _STOPPED_BY_LIMIT_SQLSTATES

@@ -15,9 +15,11 @@ from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, mill
 from .psycopg import (
     _INVALID_CURSOR_NAME,
     _LIMIT_TIME_SQL,
+    _NARROW_TIME_SQL,
     _PQ_IDLE,
     _PQ_INERROR,
     _RETRYABLE_SQLSTATES,
+    _STOPPED_BY_LIMIT_SQLSTATES,
     LIBPQ_STATES,
     _begin_sql,
     _rollback_even_two_phase,
@@ -235,6 +237,11 @@ class Psycopg2Dialect(Dialect):
         _execute(conn, _LIMIT_TIME_SQL, (ms, ms, ms))
         return None
 
+    narrows_commit_wait = True
+
+    def narrow_time(self, conn: Any, seconds: float) -> None:
+        _execute(conn, _NARROW_TIME_SQL, (str(milliseconds(seconds)),))
+
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         # psycopg2's cancel() keeps the GIL while libpq connects to the server and waits for
         # its answer: every thread of the process stops meanwhile, for as long as a connect to
@@ -247,6 +254,9 @@ class Psycopg2Dialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES
+
+    def stopped_by_limit(self, exc: BaseException) -> bool:
+        return getattr(exc, "pgcode", None) in _STOPPED_BY_LIMIT_SQLSTATES
 
 
 # psycopg2's isolation_level values (psycopg2.extensions.ISOLATION_LEVEL_*)

@@ -145,12 +145,16 @@ class SQLiteDialect(Dialect):
 
     # A wait for the lock that starts inside the block would otherwise last the whole timeout
     narrows_time = True
+    narrows_commit_wait = True
 
     def narrow_time(self, conn: Any, seconds: float) -> None:
         conn.execute(f"PRAGMA busy_timeout = {milliseconds(seconds)}")
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(token)}")
+
+    def stopped_by_limit(self, exc: BaseException) -> bool:
+        return self.is_retryable(exc)  # busy: the wait busy_timeout bounds
 
     # With the autocommit attribute of Python 3.12+ set to True, commit() and rollback() do
     # nothing: the explicit BEGIN must be ended with SQL.
