@@ -123,7 +123,8 @@ class Connection(Generic[C]):
 
     A transaction still open on return is rolled back, never committed.  Attributes and methods
     the lease does not define are those of the driver's connection, :attr:`raw`; attributes set
-    through the lease are restored to their previous value on return.
+    through the lease are restored to their previous value on return (one the driver's connection
+    lacks raises :exc:`AttributeError`: set it on :attr:`raw`).
     """
 
     __slots__ = ("_pool", "_slot", "_claim", "__weakref__")
@@ -304,7 +305,18 @@ class Connection(Generic[C]):
         if slot.restore is None:
             slot.restore = {}
         if name not in slot.restore:
-            slot.restore[name] = getattr(raw, name)
+            previous = getattr(raw, name, _MISSING)
+            if previous is _MISSING:
+                # Nothing to restore it to; and a misspelt setting (conn.autocomit = True) that
+                # the driver would take silently fails here, where the message says so.
+                driver = type(raw)
+                raise AttributeError(
+                    f"{driver.__module__}.{driver.__qualname__} has no attribute {name!r}: a "
+                    "lease sets only the driver connection's own attributes, restored on "
+                    "return; check the name, or set it on conn.raw (it then stays with the "
+                    "connection)"
+                )
+            slot.restore[name] = previous
         setattr(raw, name, value)
 
     def __repr__(self) -> str:

@@ -1864,6 +1864,10 @@ class Pool(Generic[C]):
         if slot.busy:
             return _RESET_FAILED, "returned with a driver call interrupted"
         if slot.doomed:
+            # Lost or closed, the usual reason its rollback failed (a session killed inside a
+            # transaction block): counted as broken, as it is when no block ran.
+            if _driver_says_broken(slot):
+                return DiscardReason.BROKEN, "returned broken"
             return _RESET_FAILED, "its transaction could not be cancelled, rolled back or reset"
         if slot.transaction is not None:
             return _RESET_FAILED, "returned inside its transaction block"

@@ -717,6 +717,21 @@ def test_a_released_lease_and_its_cursor_refuse_use(
             assert again.cursor().execute("select 2").fetchall() == [(2,)]
 
 
+def test_setting_an_attribute_the_driver_connection_lacks_names_it_and_the_way_out(
+    pool: dbpool.Pool[Any],
+) -> None:
+    with pool.connection() as conn:
+        raw = conn.raw
+        refused(
+            lambda: setattr(conn, "autocomit", True),  # a typo the driver would accept silently
+            AttributeError,
+            ("autocomit", "FakeConnection", "has no attribute", "conn.raw"),
+        )
+        assert not hasattr(raw, "autocomit")
+        conn.cursor().execute("select 1")
+    works(pool)
+
+
 # -- nested acquire: a thread waiting for itself ---------------------------------------------------
 
 

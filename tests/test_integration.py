@@ -467,6 +467,21 @@ def test_connection_killed_while_leased_fails_and_is_discarded(db: Backend, make
     assert (s.created, s.discarded, s.in_use) == (2, 1, 0)
 
 
+def test_connection_killed_inside_a_transaction_block_is_counted_as_broken(
+    db: Backend, make_pool: Any
+) -> None:
+    pool = make_pool(db.connect, max_size=1, validate_after=None)
+    with pytest.raises(db.driver.Error):
+        with pool.transaction() as tx:
+            assert [tuple(row) for row in tx.execute("select 1").fetchall()] == [(1,)]
+            db.kill(tx.connection)
+            tx.execute("select 1")
+    s = pool.stats()
+    assert (s.discarded, s.size, s.in_use) == (1, 0, 0)
+    # As for a lease's connection lost outside a block, not as a clean-up that failed.
+    assert s.discards["broken"] == 1, s.discards
+
+
 def test_idle_connections_older_than_a_broken_one_are_checked(db: Backend, make_pool: Any) -> None:
     # Within validate_after nothing is pinged, until a dead connection shows that others
     # returned before it may be dead too.
