@@ -28,7 +28,8 @@ class Event(str, enum.Enum):
     CHECKOUT = "checkout"
     #: a lease came back, before the pool cleans the connection
     CHECKIN = "checkin"
-    #: the pool dropped a connection while open; ``reason`` says why
+    #: the pool dropped a connection rather than keep it (even while the pool closes);
+    #: ``reason`` says why
     DISCARD = "discard"
     #: the pool closed a connection, for any reason (including closing the pool)
     CLOSE = "close"

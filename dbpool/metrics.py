@@ -262,7 +262,7 @@ class _Families:
         )
         self.discards = CounterMetricFamily(
             "dbpool_discards",
-            "Connections the pool closed while open, by reason.",
+            "Connections the pool dropped rather than keep them, by reason.",
             labels=["pool", "reason"],
         )
         self.timeouts = CounterMetricFamily(

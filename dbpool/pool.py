@@ -594,6 +594,7 @@ class Pool(Generic[C]):
             conn = lease(self, slot)
             slot.claim.append(slot)
             self._note_wait(now - started)
+            fresh = True  # counted in acquired, as one served at once is
             if self._listeners.checkout:
                 emit(
                     self._listeners.checkout,
@@ -613,7 +614,7 @@ class Pool(Generic[C]):
                 slot.claim.clear()
                 if conn is not None:
                     revoke(conn)
-                self._untake(slot)
+                self._untake(slot, counted=fresh)
             raise
 
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
@@ -976,6 +977,14 @@ class Pool(Generic[C]):
                 for slot in retired:
                     slot.generation = _FORGOTTEN
                 leased += retired
+                # The leases end here (the pool's own pings, owned by no thread, are none):
+                # counted as come back, with their time so far, as a return would count them;
+                # forgotten now, a return under way counts nothing more.
+                now = monotonic()
+                for slot in leased:
+                    if slot.owner:
+                        self._returned += 1
+                        self._held_time += now - slot.leased_at
                 left_open = [slot for slot in leased if not slot.dialect.closes_under_a_call]
                 for slot in left_open:
                     self._leave_open_locked(slot)
@@ -1286,15 +1295,16 @@ class Pool(Generic[C]):
         del idle[-depth]
         return slot
 
-    def _untake(self, slot: _Slot) -> None:
+    def _untake(self, slot: _Slot, *, counted: bool = False) -> None:
         """Undo a checkout that took or was granted ``slot`` (a connection, or a reservation
         to open one) and does not hand it out after all.  One interrupted after it was counted
-        in ``acquired`` stays counted: that counter never goes down."""
+        in ``acquired`` (``counted``) stays counted, since that counter never goes down, and
+        is counted as returned at once, so that ``acquired - returned`` stays the leases out."""
         if slot.raw is None:
             with self._lock:
                 self._unreserve_locked()
             return
-        self._put_back([slot])
+        self._put_back([slot], 0.0 if counted else None)
 
     def _drop_lock_if_held(self) -> None:
         """Called first by a handler that undoes an interrupted step: if the exception landed
@@ -1699,22 +1709,21 @@ class Pool(Generic[C]):
         except IndexError:  # released already
             return
         if slot.generation != self._generation:
-            # Inherited across fork(), or closed by close(): not ours to count.  Or leased
-            # before reopen(): it came back all the same (the counters span reopen()); close it.
+            # Inherited across fork(), or ended by close() (counted then): not ours to count.
+            # Or leased before reopen(): it came back all the same (the counters span
+            # reopen()); close it.
+            held: float | None = None
             try:
                 if slot.generation >= 0:
                     if slot.borrowed is not None:  # the reaper reports it no more
                         self._note_return_of_borrowed(slot)
                     held = monotonic() - slot.leased_at
-                    with self._lock:
-                        self._returned += 1
-                        self._held_time += held
                     if self._listeners.checkin:
                         emit(
                             self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held
                         )
             finally:
-                self._close_if_retired(slot)
+                self._close_if_retired(slot, held)
             return
         held = 0.0
         cleaning = False
@@ -1797,11 +1806,6 @@ class Pool(Generic[C]):
                     self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
-                elif held is not None and slot.generation >= 0:
-                    # A lease from before a reopen() that came while this return ran: counted
-                    # as _give_back counts those (and closed below)
-                    self._returned += 1
-                    self._held_time += held
             finally:
                 self._lock.release()
         finally:  # even if a signal handler raised as the lock was let go
@@ -1812,7 +1816,9 @@ class Pool(Generic[C]):
                     self._closed_off.append(slot)  # a function is entered (CPython runs one)
                     self._wake_closers()
         if reason is None:
-            self._close_if_retired(slot)
+            # A lease from before a reopen() that came while this return ran, or one close()
+            # ended meanwhile
+            self._close_if_retired(slot, held)
 
     def _leave_open_locked(self, slot: _Slot) -> None:
         """For close(): cut off a leased connection its driver cannot close under a call in
@@ -1826,9 +1832,10 @@ class Pool(Generic[C]):
         slot.generation = _LEFT_OPEN
         self._left_open.add(slot)
 
-    def _close_if_retired(self, slot: _Slot) -> None:
+    def _close_if_retired(self, slot: _Slot, held: float | None = None) -> None:
         """Close a connection leased before reopen(), which stopped counting it, or one
-        close() left open, as it comes back.  Its borrower alone holds it, so this runs once."""
+        close() left open, as it comes back.  Its borrower alone holds it, so this runs once.
+        ``held``: how long the lease had it, counted here for one from before reopen()."""
         generation = _FORGOTTEN  # until it is read under the lock
         try:
             with self._lock:  # close() may be leaving it open, or closing it, just now
@@ -1837,6 +1844,11 @@ class Pool(Generic[C]):
                     self._left_open.discard(slot)
                 if generation >= 0 or generation == _LEFT_OPEN:
                     slot.generation = _FORGOTTEN  # closed here, and by nobody else
+                if generation >= 0 and held is not None:
+                    # Counted with the claim of its close: a close() that ends it first counts
+                    # it there instead, once.
+                    self._returned += 1
+                    self._held_time += held
         finally:  # even if a signal handler raised as the lock was let go: nobody else closes it
             if generation == _LEFT_OPEN:
                 self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
@@ -1950,7 +1962,6 @@ class Pool(Generic[C]):
         ``held``: how long its borrower had it, when it comes back from a lease."""
         key = reason._value_  # a plain attribute (.value is a property: a function call)
         counted: bool | None = None  # None until it is decided under the lock
-        closing_reason: str = POOL_CLOSED
         try:
             with self._lock:
                 counted = slot.generation == self._generation
@@ -1961,33 +1972,29 @@ class Pool(Generic[C]):
                     self._size -= 1
                     self._closed_count += 1
                     slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
+                    # By its reason even while the pool closes: it was found unfit (or the
+                    # borrower asked), which ``discarded``, ``discards`` and the DISCARD event
+                    # all tell alike.
                     self._discarded += 1
+                    self._discards[key] += 1
                     if held is not None:
                         self._returned += 1
                         self._held_time += held
-                    if not self._closed:  # else not a discard: the pool closes everything
-                        closing_reason = reason
-                        self._discards[key] += 1
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
                     if broken:
                         self._broken_at = max(self._broken_at, monotonic())
                     self._grant_room_locked()
                     self._everyone.discard(slot)
-                elif held is not None and slot.generation >= 0:
-                    # A lease from before a reopen() that came while this return ran: counted
-                    # as _give_back counts those (and closed below)
-                    self._returned += 1
-                    self._held_time += held
         finally:  # closed even if a signal handler raised once it was counted off
             if counted:
                 try:
-                    self._close_raw(slot, closing_reason, detail)
+                    self._close_raw(slot, reason, detail)
                 finally:  # _close_counted's work, written out: see _put_back
                     self._closed_off.append(slot)
                     self._wake_closers()
             elif counted is not None:  # close() took it back; or it was leased before reopen()
-                self._close_if_retired(slot)
+                self._close_if_retired(slot, held)
 
     # -- hand-off (all under the lock) ---------------------------------------------------------
 

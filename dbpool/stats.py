@@ -74,12 +74,16 @@ class PoolStats:
     wait_histogram: tuple[int, ...] = (0,) * len(WAIT_BUCKETS)
     #: seconds leases held their connections, in total, counted as they come back
     held_time: float = 0.0
-    #: leases that came back
+    #: leases that came back, or that ended otherwise: ended by ``close()`` past its timeout,
+    #: or undone by an exception after they were counted in ``acquired``; ``acquired -
+    #: returned`` is the number of leases out
     returned: int = 0
     #: seconds spent opening connections that opened (``configure`` included), in total
     connect_time: float = 0.0
-    #: connections the pool dropped while open, by :class:`dbpool.DiscardReason` value (every
-    #: reason is a key)
+    #: connections the pool dropped rather than keep them, by :class:`dbpool.DiscardReason`
+    #: value (every reason is a key): those of ``discarded``, even while the pool closes, and
+    #: the idle ones the background thread retires and ``resize()`` closes; not those closed
+    #: only because the pool closed
     discards: dict[str, int] = dataclasses.field(default_factory=no_discards, hash=False)
     #: the pool was closed (or drained) when the snapshot was taken: ``pool.closed`` then
     pool_closed: bool = False

@@ -1,5 +1,6 @@
 """Observability at its edges: events, counters and log lines on the less common paths (a failed
-health() ping, a lease out across reopen(), a checkout timing out in validation, a transaction
+health() ping, a lease out across reopen(), leases close() ends, a checkout undone by a listener
+that raised, a discard while the pool drains, a checkout timing out in validation, a transaction
 whose end fails).
 
 Interleavings are forced with fakedb gates, Events and wait_until, never with sleeps.
@@ -14,7 +15,7 @@ import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import Recorder, wait_until
+from tests.conftest import Caller, Recorder, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,6 +76,86 @@ def test_a_lease_taken_before_reopen_is_counted_as_returned_and_fires_checkin(
     # acquires_total - returns_total (leases out) stays off by one for good after the deploy.
     assert stats.returned == 1 and stats.held_time > 0, stats
     assert kinds.count("checkin") == 1, kinds
+
+
+# == Leases that close() ends past its timeout are counted as returned ==========================
+
+
+@pytest.mark.parametrize("driver", ["fake", "sqlite"])  # closed under the borrower, or left open
+def test_leases_close_ends_past_its_timeout_are_counted_as_returned(
+    make_pool: Any, server: fakedb.Server, sqlite_connect: Any, driver: str
+) -> None:
+    pool = make_pool(max_size=3, connect=server.connect if driver == "fake" else sqlite_connect)
+    before_reopen = pool.connection()
+    with pytest.raises(dbpool.PoolTimeout):
+        pool.drain(timeout=0)
+    pool.reopen()
+    after_reopen = pool.connection()
+
+    pool.close(timeout=0)  # ends both leases: conn.released is true for them now
+
+    assert before_reopen.released and after_reopen.released
+    s = pool.stats()
+    # Every lease is over: acquired - returned is the number still out, 0, as in_use says.
+    assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
+    assert s.held_time > 0, s
+    before_reopen.close()  # the borrowers let go: nothing more to count
+    after_reopen.close()
+    s = pool.stats()
+    assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
+
+
+# == A checkout undone after it was counted is counted as returned too ==========================
+
+
+def test_a_checkout_undone_by_a_listener_raising_keyboardinterrupt_is_counted_as_returned(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    pool = make_pool(max_size=2)
+
+    def interrupt(event: Any) -> None:
+        raise KeyboardInterrupt  # not an Exception: it goes through to the caller
+
+    pool.add_listener("checkout", interrupt)
+    for _ in range(2):  # a connect made for the caller, then an idle connection served at once
+        with pytest.raises(KeyboardInterrupt):
+            pool.connection()
+
+    s = pool.stats()
+    # Counted as handed out (a counter never goes down), and back in the pool: a lease that
+    # came back, or acquired - returned tells of two leases out for good.
+    assert (s.acquired, s.in_use, s.idle) == (2, 0, 1), s
+    assert s.returned == s.acquired, s
+    assert sum(s.wait_histogram) == s.acquired, s
+
+
+# == A connection discarded while the pool drains is counted by its reason =====================
+
+
+@pytest.mark.parametrize("how", ["requested", "reset_failed"])
+def test_a_discard_while_draining_is_counted_by_reason_and_fires_discard(
+    make_pool: Any, server: fakedb.Server, how: str
+) -> None:
+    pool = make_pool(max_size=2)
+    rec = Recorder().listen_to_all(pool)
+    lease = pool.connection()
+    lease.cursor().execute("UPDATE t SET x = 1")  # a transaction for the return to roll back
+    draining = Caller(lambda: pool.drain(timeout=5))
+    wait_until(lambda: pool.stats().pool_closed)
+
+    if how == "requested":
+        pool.discard(lease)  # "counted in discards as 'requested'", pool open or not
+    else:
+        server.fail_next("rollback", fakedb.OperationalError("fakedb: rollback failed"))
+        lease.close()
+    assert draining.outcome() is None
+
+    s = pool.stats()
+    assert s.discarded == 1 and s.discards[how] == 1, s
+    # Every connection counted in ``discarded`` is in ``discards`` too, by its reason.
+    assert s.discarded <= sum(s.discards.values()), s
+    assert [e.reason for e in rec.of("discard")] == [how], rec.kinds()
+    assert [e.reason for e in rec.of("close")] == [how], rec.kinds()
 
 
 # == A checkout that times out validating an idle connection is logged ===========================
