@@ -90,6 +90,17 @@ _ROTATION = 4
 _WIDEN_AFTER = 8
 _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
 
+# Per thread, the hooks and listeners it is running on a connection of a pool, as (pool, what)
+# pairs, innermost last: drain() and close() called from one of them would wait for that very
+# connection, which the pool gets back only once the call returns, and refuse at once instead.
+_handling = threading.local()
+_CONFIGURE_HOOK = "the configure hook"
+_CHECK_HOOK = "the check hook"
+_RESET_HOOK = "the reset hook"
+_CONNECT_LISTENER = "a connect listener"
+_CHECKOUT_LISTENER = "a checkout listener"
+_CHECKIN_LISTENER = "a checkin listener"
+
 
 class _Slot:
     """One driver connection and the pool's record of it.
@@ -588,7 +599,9 @@ class Pool(Generic[C]):
                 conn = lease(self, slot)
                 slot.claim.append(slot)  # the lease is stored: its first close() returns it
                 if self._listeners.checkout:
-                    emit(self._listeners.checkout, Event.CHECKOUT, self._name, slot.raw, None, 0.0)
+                    self._emit_handling(
+                        _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, 0.0
+                    )
                 return conn
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
@@ -596,12 +609,11 @@ class Pool(Generic[C]):
             self._note_wait(now - started)
             fresh = True  # counted in acquired, as one served at once is
             if self._listeners.checkout:
-                emit(
+                self._emit_handling(
+                    _CHECKOUT_LISTENER,
                     self._listeners.checkout,
                     Event.CHECKOUT,
-                    self._name,
                     slot.raw,
-                    None,
                     now - started,
                 )
             return conn
@@ -713,7 +725,9 @@ class Pool(Generic[C]):
             if slot.borrowed is not None:
                 self._note_return_of_borrowed(slot)
             if self._listeners.checkin:  # it came back, as every lease does
-                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+                self._emit_handling(
+                    _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, slot.raw, held
+                )
         finally:  # whatever a listener raised, the connection is not reused
             self._discard(slot, DiscardReason.REQUESTED, broken=False, held=held)
 
@@ -825,8 +839,8 @@ class Pool(Generic[C]):
                     if detach(conn) is not None:
                         held = monotonic() - slot.leased_at
                         if self._listeners.checkin:  # it came back, as every lease does
-                            emit(
-                                self._listeners.checkin, Event.CHECKIN, self._name, raw, None, held
+                            self._emit_handling(
+                                _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, raw, held
                             )
                         if isinstance(exc, Exception):
                             self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
@@ -942,6 +956,11 @@ class Pool(Generic[C]):
         are closed as they come back; those still out after ``timeout`` seconds are closed
         under their borrowers (``None``: wait for them as long as it takes).  After a
         :meth:`drain` that timed out, closes what is still out the same way.
+
+        Raises :class:`PoolError` at once, changing nothing, when called from a hook or a
+        connect, checkout or checkin listener of this pool (it would wait for the connection
+        the calling thread is handling), or with ``timeout=None`` by a thread that holds
+        leases.
         """
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=True, positive=False)
@@ -949,6 +968,11 @@ class Pool(Generic[C]):
             # Done already, unless a signal handler cut a first close() short.
             if self._closed and not self._drained and not (self._idle or self._waiters):
                 return
+            self._refuse_inside_a_hook("close()")
+            if timeout is None:
+                held = self._held_by_this_thread_locked()
+                if held:
+                    raise self._own_leases_error("close(timeout=None)", held)
             self._drained = False
             idle = self._stop_checkouts_locked()
             self._stopping += 1
@@ -1014,17 +1038,24 @@ class Pool(Generic[C]):
         and this call returns once every lease is back and closed.  Past ``timeout`` seconds
         (``None``: no limit) it raises :class:`PoolTimeout`; the leases still out are closed as
         they come back (or by :meth:`close`).
+
+        Raises :class:`PoolError` at once, changing nothing, when called from a hook or a
+        connect, checkout or checkin listener of this pool, or with ``timeout=None`` by a thread
+        that holds leases: it would wait for a connection the calling thread itself holds.
         """
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=True, positive=False)
         with self._lock:
             if self._closed and not self._drained:
                 return  # closed for good: nothing left to drain
+            self._refuse_inside_a_hook("drain()")
             held = self._held_by_this_thread_locked()
+            if held and timeout is None:
+                raise self._own_leases_error("drain()", held)
             self._drained = True
             idle = self._stop_checkouts_locked()
             self._stopping += 1
-        if held:  # a lease may have been handed to another thread to close: not refused
+        if held:  # handed to another thread to close, maybe: waited for, until the timeout
             logger.warning(
                 "pool %r: drain() waits for every lease to come back, and %d leased by this "
                 "thread are still out: close them first, or drain from another thread",
@@ -1155,6 +1186,12 @@ class Pool(Generic[C]):
         )
 
     def __del__(self) -> None:
+        # Leases dropped unreleased as the pool goes (they held its last references): queued
+        # for the maintenance thread, which will not run again.  Closed here, open or closed
+        # (drained) pool alike; not those inherited across fork(), which are the parent's.
+        orphans = [s for s in self.__dict__.get("_orphans", ()) if s.generation != _INHERITED]
+        if orphans:
+            self._close_all(orphans, POOL_CLOSED, "its lease and the pool were garbage-collected")
         if getattr(self, "_closed", True):
             return
         self._closed = True
@@ -1333,7 +1370,8 @@ class Pool(Generic[C]):
 
         The ping (or the ``check`` hook) is bounded by the deadline (at least
         ``_MIN_PING_TIME``): past it, the connection's socket is shut down, so a blackholed
-        connection fails at once.
+        connection fails at once.  Raises :class:`PoolClosed` (not for a ``probe``) if the
+        pool closed meanwhile.
         """
         try:
             problem = self._problem_of(slot, deadline, probe)
@@ -1341,6 +1379,22 @@ class Pool(Generic[C]):
             self._discard(slot, DiscardReason.INTERRUPTED, broken=False)
             raise
         if problem is None:
+            if self._closed and not probe:
+                # Closed or drained while this caller's ping or check ran: told so, as a
+                # caller whose connect was under way is, rather than lent a connection that
+                # drain() then waits for and close() shuts under it.  _put_back closes it.
+                back = [slot]
+                try:
+                    self._put_back(back)
+                except BaseException:
+                    if back:  # a signal handler raised as _put_back was entered
+                        self._discard(slot, DiscardReason.INTERRUPTED, broken=False)
+                    raise
+                how = "drained" if self._drained else "closed"
+                raise PoolClosed(
+                    f"pool {self._name!r} was {how} while an idle connection was being "
+                    "validated for this caller"
+                )
             return True
         reason, broken = problem
         self._discard(slot, reason, broken=broken)
@@ -1370,7 +1424,7 @@ class Pool(Generic[C]):
                 if check is None:
                     dialect.ping(raw)
                 else:
-                    check(raw)
+                    _while_handling(self, _CHECK_HOOK, check, raw)
                     if dialect.server_session(raw) != slot.session:
                         raise RuntimeError(_CHECK_RECONNECTED)
                     # A check that ran a query opened a transaction on most drivers: end it
@@ -1528,7 +1582,7 @@ class Pool(Generic[C]):
             # first borrower's return, with its SET, or committed by that borrower.
             self._check_left_open(dialect, raw, "connect")
             if self._configure is not None:
-                self._configure(raw)
+                _while_handling(self, _CONFIGURE_HOOK, self._configure, raw)
                 if self._check_left_open(dialect, raw, "configure") is UNKNOWN:
                     # The driver cannot tell whether configure left a transaction open: end
                     # any, so that no idle connection holds locks (what it committed stays).
@@ -1541,7 +1595,9 @@ class Pool(Generic[C]):
             slot.used_at = slot.alive_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             if self._listeners.connect:
-                emit(self._listeners.connect, Event.CONNECT, self._name, raw, None, now - started)
+                self._emit_handling(
+                    _CONNECT_LISTENER, self._listeners.connect, Event.CONNECT, raw, now - started
+                )
             self._lock.acquire()
         except BaseException as exc:  # nothing counted yet: give the reservation back
             self._drop_lock_if_held()
@@ -1719,8 +1775,12 @@ class Pool(Generic[C]):
                         self._note_return_of_borrowed(slot)
                     held = monotonic() - slot.leased_at
                     if self._listeners.checkin:
-                        emit(
-                            self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held
+                        self._emit_handling(
+                            _CHECKIN_LISTENER,
+                            self._listeners.checkin,
+                            Event.CHECKIN,
+                            slot.raw,
+                            held,
                         )
             finally:
                 self._close_if_retired(slot, held)
@@ -1731,7 +1791,9 @@ class Pool(Generic[C]):
             now = monotonic()
             held = now - slot.leased_at
             if self._listeners.checkin:
-                emit(self._listeners.checkin, Event.CHECKIN, self._name, slot.raw, None, held)
+                self._emit_handling(
+                    _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, slot.raw, held
+                )
             if slot.borrowed is not None:
                 self._note_return_of_borrowed(slot)
             problem = None
@@ -1920,7 +1982,7 @@ class Pool(Generic[C]):
             return reason, f"reset failed: {self._describe(exc)}"
         if self._reset is not None:
             try:
-                self._reset(raw)
+                _while_handling(self, _RESET_HOOK, self._reset, raw)
                 state = dialect.transaction_state(raw)
             except Exception as exc:
                 logger.warning(
@@ -2407,6 +2469,37 @@ class Pool(Generic[C]):
             self._wait_counts[wait_bucket(seconds)] += 1
             self._waits_recorded += 1
 
+    def _emit_handling(
+        self, what: str, listeners: tuple[Listener, ...], event: Event, raw: Any, duration: float
+    ) -> None:
+        """Tell connect, checkout or checkin listeners (``what``) of the connection this thread
+        handles: drain() and close() called from one of them refuse (see _handling)."""
+        _while_handling(self, what, emit, listeners, event, self._name, raw, None, duration)
+
+    def _refuse_inside_a_hook(self, call: str) -> None:
+        """Raise if this thread is running a hook or a listener on one of this pool's
+        connections: ``call`` (drain() or close()) would wait for that connection forever, or
+        until its timeout and then close it under the hook."""
+        for pool, what in reversed(getattr(_handling, "running", ())):
+            if pool is self:
+                kind = what.rpartition(" ")[2]  # hook or listener
+                raise PoolError(
+                    f"pool {self._name!r}: {call} called from {what}, which runs while this "
+                    f"thread handles one of the pool's connections: {call} would wait for that "
+                    f"connection, which comes back only once the {kind} returns; call it from "
+                    "another thread"
+                )
+
+    def _own_leases_error(self, call: str, held: int) -> PoolError:
+        """Why drain() or close(timeout=None), which wait with no deadline for every lease, are
+        refused to a thread that holds ``held`` leases: they cannot come back while it waits
+        (unless it handed them to another thread, for which a timeout says how long to wait)."""
+        return PoolError(
+            f"pool {self._name!r}: {call} waits for every lease to come back, and this thread "
+            f"holds {held} of them, which cannot come back while it waits: close them first "
+            "(or, if another thread returns them, pass a timeout)"
+        )
+
     def _closed_message(self) -> str:
         if self._drained:
             return f"pool {self._name!r} was drained and hands out no connections: reopen() it"
@@ -2476,6 +2569,22 @@ class Pool(Generic[C]):
         except BaseException as exc:
             self._scrub(exc)
             raise
+
+
+def _while_handling(pool: Pool[Any], what: str, call: Callable[..., object], *args: Any) -> None:
+    """``call(*args)``, a hook or listener (``what``) run on a connection this thread handles
+    for ``pool``, recorded meanwhile in ``_handling``."""
+    try:
+        running = _handling.running
+    except AttributeError:
+        running = _handling.running = []
+    entry = (pool, what)
+    try:
+        running.append(entry)  # inside the try: a signal handler may raise as it returns
+        call(*args)
+    finally:
+        if running and running[-1] is entry:
+            del running[-1]
 
 
 def _start_thread(target: Callable[[], object], name: str, not_started: Callable[[], None]) -> None:

@@ -1197,6 +1197,44 @@ def test_listeners_added_and_removed_while_events_fire(make_pool, server):
     assert_accounting(pool)
 
 
+# The hooks, and the listeners told of a connection the calling thread is handling: drain() or
+# close() called from one of them would wait for that very connection.
+HANDLING = ["configure", "check", "reset", "connect", "checkout", "checkin"]
+
+
+@pytest.mark.parametrize("call", ["drain", "close"])
+@pytest.mark.parametrize("kind", HANDLING)
+def test_drain_or_close_from_a_hook_or_listener_refuses_at_once(make_pool, server, kind, call):
+    refused: list[BaseException | None] = []
+
+    def stop(raw_or_event: Any) -> None:
+        try:
+            getattr(pool, call)(timeout=None)  # with no timeout, a wait that cannot end hangs
+        except dbpool.PoolError as exc:
+            refused.append(exc)
+        else:
+            refused.append(None)
+
+    hook = once(stop)
+    hooks = {kind: hook} if kind in ("configure", "check", "reset") else {}
+    pool = make_pool(max_size=2, **hooks)
+    if not hooks:
+        pool.add_listener(kind, hook)
+
+    def scenario() -> None:
+        for _ in range(2):  # the check runs on the second checkout, on the idle connection
+            with pool.connection(timeout=BOUND) as conn:
+                use(conn)
+
+    assert Caller(scenario, name="scenario").outcome(BOUND) is None, f"{call}() hung in {kind}"
+    assert len(refused) == 1 and refused[0] is not None, refused
+    assert f"{call}() called from" in str(refused[0]) and kind in str(refused[0]), refused[0]
+    assert not pool.closed, "refused, yet it closed the pool"
+    with pool.connection(timeout=BOUND) as conn:
+        use(conn)
+    assert_accounting(pool)
+
+
 @pytest.mark.parametrize("kind", sorted(EVENT_NAMES))
 def test_a_listener_raising_a_base_exception_keeps_the_accounting(make_pool, server, kind):
     armed = threading.Event()

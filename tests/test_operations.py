@@ -700,6 +700,72 @@ def test_drain_by_a_thread_holding_a_lease_says_so(make_pool, caplog):
     assert_accounting(pool)
 
 
+@pytest.mark.parametrize("call", ["drain", "close"])
+def test_a_wait_with_no_timeout_for_this_threads_own_lease_is_refused(make_pool, call):
+    # It could end only if another thread returned the lease: with a timeout, drain() and
+    # close() still wait for that (see the test above), without one they would hang.
+    pool = make_pool(min_size=0, max_size=2)
+
+    def holding() -> BaseException | None:
+        with pool.connection() as mine:
+            try:
+                getattr(pool, call)(timeout=None)
+            except dbpool.PoolError as exc:
+                mine.cursor().execute("SELECT 2")  # still usable: nothing was closed
+                return exc
+        return None
+
+    run = Caller(holding, name=f"{call}-holding")
+    assert run.outcome(BOUND) is None, f"{call}() raised instead of refusing"
+    assert isinstance(run.value, dbpool.PoolError), repr(run.value)
+    assert "this thread holds 1 of them" in str(run.value), run.value
+    assert not pool.closed, "refused, yet it closed the pool"
+    with pool.connection(timeout=BOUND):
+        pass
+    assert_accounting(pool)
+
+
+@pytest.mark.parametrize("validation", ["ping", "check"])
+@pytest.mark.parametrize("call", ["drain", "close"])
+def test_drain_or_close_stops_a_caller_whose_validation_is_under_way(
+    make_pool, server, call, validation
+):
+    # As a caller whose connect was under way: told the pool closed, not lent a connection
+    # that drain() then waits for, or close() shuts down under it past its timeout.
+    armed, held, go = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_check(raw: Any) -> None:
+        if armed.is_set():
+            held.set()
+            assert go.wait(BOUND)
+
+    if validation == "check":
+        pool = make_pool(min_size=0, max_size=1, check=slow_check)
+        with pool.connection(timeout=BOUND) as conn:  # a new connection: not checked
+            raw = conn.raw
+        armed.set()
+    else:
+        pool = make_pool(min_size=0, max_size=1, validate_after=0)
+        with pool.connection(timeout=BOUND) as conn:
+            raw = conn.raw
+        gate = server.block("ping")
+        held, go.set = gate.entered, gate.release
+    taker = Caller(lambda: pool.connection(timeout=BOUND), name="validated")
+    try:
+        assert held.wait(BOUND)
+        stopping = Caller(lambda: getattr(pool, call)(timeout=BOUND), name=call)
+        wait_until(lambda: pool.closed, timeout=BOUND)
+    finally:
+        go.set()
+    error = taker.outcome(BOUND)
+    if error is None:
+        taker.value.close()
+    assert isinstance(error, dbpool.PoolClosed), repr(error)
+    assert stopping.outcome(BOUND) is None
+    assert raw.closed and not server.open_connections
+    assert_accounting(pool)
+
+
 def test_drain_stops_a_caller_whose_connect_is_under_way(make_pool, server):
     pool = make_pool(min_size=0, max_size=1)
     gate = server.block("connect")

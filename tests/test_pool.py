@@ -7,6 +7,8 @@ import logging
 import signal
 import threading
 import time
+import warnings
+from typing import Any
 
 import pytest
 
@@ -651,6 +653,32 @@ def test_unclosed_pool_warns_when_collected(server):
     with pytest.warns(ResourceWarning, match="garbage-collected while open"):
         del pool
         gc.collect()
+
+
+@pytest.mark.parametrize("drained", [False, True])
+def test_a_lease_dropped_with_its_pool_has_its_connection_closed(server, drained):
+    # The lease held the pool's last reference: the maintenance thread that takes dropped
+    # leases back goes with the pool, so the pool closes that connection as it is collected.
+    def lease_only() -> Any:
+        pool = dbpool.Pool(server.connect, min_size=0, max_size=2)
+        lease = pool.connection()
+        lease.cursor().execute("SELECT 2")
+        if drained:
+            with pytest.raises(dbpool.PoolTimeout):
+                pool.drain(timeout=0)
+        return lease
+
+    lease = lease_only()
+    raw = lease.raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del lease
+        gc.collect()
+    # (the maintenance thread may hold the pool for a moment, and let it go last)
+    wait_until(
+        lambda: raw.closed, message="the connection of a lease dropped with its pool stayed open"
+    )
+    assert not server.open_connections
 
 
 # -- BaseException accounting -------------------------------------------------------------
