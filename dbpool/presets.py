@@ -5,7 +5,8 @@ overrides applied::
 
     pool = dbpool.Pool(connect, **dbpool.presets.production(max_size=20))
 
-A fresh dict is returned on every call; options not named keep ``Pool``'s defaults.
+A fresh dict is returned on every call; options not named keep ``Pool``'s defaults, and a size
+given moves the preset's other size where the two would clash.
 """
 
 from __future__ import annotations
@@ -36,7 +37,20 @@ def _preset(name: str, values: dict[str, Any], overrides: dict[str, Any]) -> dic
         raise TypeError(
             f"presets.{name}() got unknown Pool options {', '.join(unknown)}; valid: {valid}"
         )
-    return {**values, **overrides}
+    options = {**values, **overrides}
+    # A size given overrides the preset's other size where the two would clash: with
+    # production(max_size=1), Pool() refused the preset's min_size=2, which the caller never gave.
+    low, high = options["min_size"], options["max_size"]
+    if _is_int(low) and _is_int(high) and low > high:
+        if "max_size" in overrides and "min_size" not in overrides:
+            options["min_size"] = high
+        elif "min_size" in overrides and "max_size" not in overrides:
+            options["max_size"] = low
+    return options
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # a bool or a float is Pool()'s to refuse, as given
 
 
 def production(**overrides: Any) -> dict[str, Any]:

@@ -149,6 +149,8 @@ class _Scheme:
     converters: Mapping[str, Callable[[str], Any]]
     # the query keys the driver accepts; None = let the driver check them at connect time
     allowed_keys: frozenset[str] | None = None
+    # keywords the driver takes only as Python objects: key -> what to do instead
+    objects: Mapping[str, str] = field(default_factory=dict)
 
 
 _PG_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
@@ -173,6 +175,20 @@ _MYSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
     "ssl_verify_identity": _to_bool,
     "use_unicode": _to_bool,
     "defer_connect": _only_false("the pool needs connect() to return a connected connection"),
+}
+
+# PyMySQL takes a string for these as well, and fails on it later: at every connect
+# ("'str' object has no attribute 'get'") or at every cursor() ('str' object is not callable)
+_IN_A_CONNECT_FUNCTION = (
+    "pass it to pymysql.connect() in a connect function: "
+    "Pool(functools.partial(pymysql.connect, host=..., {key}=...))"
+)
+_MYSQL_OBJECTS: Mapping[str, str] = {
+    "ssl": "use ssl_ca, ssl_cert and ssl_key (file paths), ssl_verify_cert, "
+    "ssl_verify_identity or ssl_disabled",
+    "conv": _IN_A_CONNECT_FUNCTION,
+    "cursorclass": _IN_A_CONNECT_FUNCTION,
+    "auth_plugin_map": _IN_A_CONNECT_FUNCTION,
 }
 
 _MSSQL_CONVERTERS: Mapping[str, Callable[[str], Any]] = {
@@ -223,6 +239,7 @@ _SCHEMES: Mapping[str, _Scheme] = {
             "db": "database",
         },
         converters=_MYSQL_CONVERTERS,
+        objects=_MYSQL_OBJECTS,
     ),
     "mssql": _Scheme(
         name="mssql",
@@ -295,6 +312,13 @@ class DatabaseURL:
             _check_value(scheme, key, value)
         if self.scheme == "sqlite":
             _check_sqlite_database(self.database or "")
+        if self.scheme == "mysql" and (self.host or "").startswith("/"):
+            # libpq reads such a host as a socket's directory; PyMySQL looks it up as a name,
+            # and every connect failed with "Name or service not known"
+            raise ValueError(
+                "a mysql:// URL's host is a host name: for a Unix socket, give its path as the "
+                "unix_socket parameter (mysql://user@/db?unix_socket=/run/mysqld/mysqld.sock)"
+            )
 
     @property
     def driver(self) -> str:
@@ -334,7 +358,8 @@ class DatabaseURL:
         return f"DatabaseURL({self.masked!r})"
 
     def connect_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments for the driver's ``connect()``, password included."""
+        """The keyword arguments for the driver's ``connect()``, password included (for
+        ``mysql://``, a password outside ASCII as its UTF-8 bytes)."""
         scheme = _SCHEMES[self.scheme]
         kwargs: dict[str, Any] = {}
         if self.scheme == "sqlite":
@@ -345,7 +370,7 @@ class DatabaseURL:
                 # pymssql takes the port as a string
                 ("port", str(self.port) if self.scheme == "mssql" and self.port else self.port),
                 ("user", self.user),
-                ("password", self.password),
+                ("password", self._driver_password()),
                 (scheme.database_kw, self.database),
             )
             kwargs.update((key, value) for key, value in parts if value is not None)
@@ -355,6 +380,15 @@ class DatabaseURL:
         if self.scheme == "sqlite":
             kwargs["check_same_thread"] = False
         return kwargs
+
+    def _driver_password(self) -> str | bytes | None:
+        password = self.password
+        if self.scheme == "mysql" and password is not None and not password.isascii():
+            # PyMySQL sends a str password encoded as latin-1 (the server, which got it from
+            # clients in UTF-8, refused it; past latin-1 it raised UnicodeEncodeError), and
+            # sends bytes as they are: the UTF-8 bytes the URL's percent-encoding stands for
+            return password.encode()
+        return password
 
     def redact(self, text: str) -> str:
         """``text`` with this URL's password and secret query values replaced by ``***``."""
@@ -440,8 +474,9 @@ def parse_url(url: str) -> DatabaseURL:
             )
         parts[part] = _parse_port(value) if part == "port" else value
 
+    after_secret = _refuse_split_secret(scheme, query)
     for key, value in remaining:
-        _check_value(scheme, key, value)
+        _check_value(scheme, key, value, show=key not in after_secret)
     return DatabaseURL(scheme=scheme.name, query=tuple(remaining), **parts)
 
 
@@ -509,6 +544,43 @@ def _parse_hostport(hostport: str) -> tuple[str | None, int | None]:
     return (host or None), port
 
 
+def _refuse_split_secret(scheme: _Scheme, query: list[tuple[str, str]]) -> frozenset[str]:
+    """Catch an '&' left unescaped in a secret given as a query parameter (``?password=``).
+
+    It ends the value early, and the rest of the secret reads as more parameters, whose names
+    the driver's parameter check (and the driver) would quote.  A parameter right after a
+    secret that the driver does not take is refused here, without naming it.  Returns the
+    names that follow a secret: their values are not quoted either.
+    """
+    after = {
+        key: before for (before, _), (key, _) in zip(query, query[1:]) if is_secret_key(before)
+    }
+    if not after:
+        return frozenset()
+    known = _known_keys(scheme)
+    for key, secret_key in after.items():
+        if known is not None and key not in known:
+            raise ValueError(
+                f"the URL's query parameter after {secret_key!r} is not one the {scheme.module} "
+                f"driver takes: if {secret_key!r} holds an '&', write it as %26; "
+                "else remove that parameter"
+            )
+    return frozenset(after)
+
+
+def _known_keys(scheme: _Scheme) -> frozenset[str] | None:
+    """The query keys ``scheme``'s driver takes, or ``None`` where they cannot be known (the
+    driver is missing, or checks them itself): only here does parsing import the driver."""
+    if scheme.allowed_keys is not None:
+        return scheme.allowed_keys
+    try:
+        driver = importlib.import_module(scheme.module)
+    except ImportError:  # create_pool() says what to install
+        return None
+    keys = _driver_keys(scheme.name, driver)
+    return None if keys is None else keys | frozenset(scheme.part_keys)
+
+
 def _parse_port(text: str, *, ipv6_hint: bool = False) -> int:
     # never quoted in the message: with an unescaped '/' in the password, the "port" is
     # the start of the password
@@ -531,7 +603,10 @@ def _parse_query(text: str) -> list[tuple[str, str]]:
         raw_key, has_value, raw_value = item.partition("=")
         key = _unquote(raw_key, "query parameter name")
         if not key or not has_value:
-            raise ValueError("each query parameter of the URL must read name=value, joined by '&'")
+            raise ValueError(
+                "each query parameter of the URL must read name=value, joined by '&': write an "
+                "'&' inside a value (a password, say) as %26"
+            )
         if key in seen:
             raise ValueError(f"the query parameter {key!r} is given twice: keep one")
         seen.add(key)
@@ -539,11 +614,17 @@ def _parse_query(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_value(scheme: _Scheme, key: str, value: str) -> None:
+def _check_value(scheme: _Scheme, key: str, value: str, *, show: bool = True) -> None:
     if scheme.allowed_keys is not None and key not in scheme.allowed_keys:
         raise ValueError(
             f"unknown {scheme.name} URL parameter {key!r}: use "
             f"{', '.join(sorted(scheme.allowed_keys))}"
+        )
+    instead = scheme.objects.get(key)
+    if instead is not None:
+        raise ValueError(
+            f"the {scheme.name} URL parameter {key!r} takes a Python object, which a URL "
+            f"cannot give: {instead.format(key=key)}"
         )
     convert = scheme.converters.get(key)
     if convert is None:
@@ -551,7 +632,7 @@ def _check_value(scheme: _Scheme, key: str, value: str) -> None:
     try:
         convert(value)
     except ValueError as exc:
-        shown = "" if is_secret_key(key) else f", not {value!r}"
+        shown = f", not {value!r}" if show and not is_secret_key(key) else ""
         raise ValueError(f"the URL parameter {key!r} must be {exc}{shown}") from None
 
 
@@ -688,6 +769,7 @@ def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool[Any]:
 
 def _check_driver_keys(url: DatabaseURL, driver: ModuleType) -> None:
     """Refuse query parameters the driver would refuse, now rather than at every connect."""
+    _check_mysql_charset(url, driver)
     allowed = _driver_keys(url.scheme, driver)
     if allowed is None:
         return
@@ -696,6 +778,24 @@ def _check_driver_keys(url: DatabaseURL, driver: ModuleType) -> None:
         raise ValueError(
             f"the {url.driver} driver takes no connection parameter "
             f"{', '.join(repr(key) for key in unknown)}: remove it from the URL's query"
+        )
+
+
+def _check_mysql_charset(url: DatabaseURL, driver: ModuleType) -> None:
+    """PyMySQL fails at every connect on a character set it does not know, with
+    "'NoneType' object has no attribute 'encoding'"."""
+    charset = dict(url.query).get("charset") if url.scheme == "mysql" else None
+    if not charset:  # an empty one is PyMySQL's default
+        return
+    try:
+        known = driver.charset.charset_by_name(charset) is not None
+    except Exception:  # another PyMySQL: let it check the name at connect time
+        return
+    if not known:
+        # the value is not quoted: after an unescaped '&' in a password, it is a piece of it
+        raise ValueError(
+            "the URL parameter 'charset' names no character set PyMySQL knows: use a MySQL "
+            "character set's name, such as utf8mb4 (not a Python codec's, such as utf-8)"
         )
 
 

@@ -200,6 +200,10 @@ def test_check_unreachable(tmp_path: Path) -> None:
         (f"postgresql://u:{CANARY}@127.0.0.1:1/x?no_such_option=1", "'no_such_option'"),
         # a '?' unescaped in the password, digits before it: the rest read as a query
         (f"postgresql://u:2024?{CANARY}=1@127.0.0.1:1/x", "percent-encode"),
+        # an '&' unescaped in a password given as a parameter: the rest read as a parameter
+        (f"postgresql://u@127.0.0.1:1/x?password=Pw&{CANARY}=1", "write it as %26"),
+        # PyMySQL failed at the connect: "'NoneType' object has no attribute 'encoding'"
+        (f"mysql://u:{CANARY}@127.0.0.1:1/x?charset=utf-8", "such as utf8mb4"),
     ],
 )
 def test_check_bad_url(tmp_path: Path, url: str, says: str) -> None:

@@ -440,6 +440,31 @@ def test_a_preset_takes_overrides(name, server):
         assert pool.max_size == 20
 
 
+@pytest.mark.parametrize(
+    ("name", "override", "sizes"),
+    [
+        ("production", dict(max_size=1), (1, 1)),
+        ("test", dict(min_size=3), (3, 3)),
+        ("development", dict(max_size=3), (0, 3)),
+    ],
+)
+def test_a_size_override_moves_the_presets_other_size_it_would_clash_with(
+    name, override, sizes, server
+):
+    # production(max_size=1) kept the preset's min_size=2, which Pool() refused: "min_size (2)
+    # must not exceed max_size (1)", though the caller gave no min_size
+    options = getattr(presets(), name)(**override)
+    with dbpool.Pool(server.connect, **options) as pool:
+        assert (pool.min_size, pool.max_size) == sizes
+
+
+def test_sizes_both_given_to_a_preset_are_left_for_pool_to_check(server):
+    options = presets().production(min_size=3, max_size=1)
+    assert (options["min_size"], options["max_size"]) == (3, 1)
+    with pytest.raises(ValueError, match="min_size"):
+        dbpool.Pool(server.connect, **options)
+
+
 def test_a_preset_takes_any_pool_option_as_an_override(server):
     """Demanding reading: the overrides are Pool keywords, so one the preset does not set (a
     name, a hook) is accepted too."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import sqlite3
@@ -10,6 +11,7 @@ import sys
 import threading
 import traceback
 import types
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -257,6 +259,15 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         (f"mysql://me:{CANARY}@db/x?connect_timeout=1e8", "at most 31536000"),
         (f"mysql://me:{CANARY}@db/x?defer_connect=true", "'defer_connect' must be false"),
         (f"mysql://me:{CANARY}@db/x?db=y", "database twice"),
+        # PyMySQL looked the socket's path up as a host name, at every connect
+        (f"mysql://me:{CANARY}@%2Frun%2Fmysqld%2Fmysqld.sock/x", "?unix_socket=/run/mysqld"),
+        (f"mysql://me:{CANARY}@/x?host=/run/mysqld/mysqld.sock", "give its path as the unix"),
+        # PyMySQL takes these as Python objects, and failed on a string later: at every
+        # connect ('str' object has no attribute 'get'), or at every cursor()
+        (f"mysql://me:{CANARY}@db/x?ssl=true", "cannot give: use ssl_ca, ssl_cert"),
+        (f"mysql://me:{CANARY}@db/x?cursorclass=DictCursor", "functools.partial(pymysql"),
+        (f"mysql://me:{CANARY}@db/x?conv=x", "'conv' takes a Python object"),
+        (f"mysql://me:{CANARY}@db/x?auth_plugin_map=x", "'auth_plugin_map' takes a Python"),
         (f"mssql://me:{CANARY}@db/x?login_timeout=1.5", "whole number"),
         (f"sqlite://me:{CANARY}@host/x.sqlite3", "no host"),
         ("sqlite://", "names no file"),
@@ -289,6 +300,53 @@ def test_a_secret_query_value_is_not_quoted_in_errors() -> None:
     with pytest.raises(ValueError) as info:
         parse_url(f"mysql://db/x?ssl_key_password={CANARY}&ssl_key_password=again")
     assert_no_secret(text_of(info.value), CANARY)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app@db/app?password=Zq9&Xk7Wv=Pm4",
+        "postgresql://app@db/app?sslmode=disable&password=Zq9&Xk7Wv=Pm4&connect_timeout=5",
+        "postgresql://app:pw@db/app?sslpassword=Zq9&Xk7Wv=Pm4",
+        "mysql://app@db/app?password=Zq9&Xk7Wv=Pm4",
+        "mysql://app@db/app?passwd=Zq9&Xk7Wv=Pm4",
+        "mysql://app:pw@db/app?ssl_key_password=Zq9&Xk7Wv=Pm4",
+    ],
+)
+def test_an_unescaped_ampersand_in_a_query_password_is_refused_unshown(url: str) -> None:
+    # The rest of the password reads as another parameter, which the driver does not take:
+    # the error said so, quoting its name, a piece of the password.
+    driver = "psycopg" if url.startswith("postgresql") else "pymysql"
+    pytest.importorskip(driver)
+    for make in (parse_url, create_pool):
+        with pytest.raises(ValueError, match="write it as %26") as info:
+            make(url)
+        assert_no_secret(text_of(info.value), "Zq9", "Xk7Wv", "Pm4")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql://app@db/app?password=Zq9&Xk7Wv", "write an '&' inside a value"),
+        ("mysql://app@db/app?password=Zq9&autocommit=Xk7Wv", "must be true or false"),
+        ("postgresql://app@db/app?password=Zq9&prepare_threshold=Xk7Wv", "a whole number"),
+    ],
+)
+def test_the_rest_of_a_query_password_cut_at_an_ampersand_is_not_quoted(
+    url: str, says: str
+) -> None:
+    # What follows the '&' is no name=value, or a parameter the driver takes with a value
+    # that does not convert, which the error quoted: a piece of the password.
+    pytest.importorskip("psycopg" if url.startswith("postgresql") else "pymysql")
+    with pytest.raises(ValueError, match=says) as info:
+        parse_url(url)
+    assert_no_secret(text_of(info.value), "Zq9", "Xk7Wv")
+
+
+def test_parameters_after_a_query_password_that_the_driver_takes_are_read() -> None:
+    pytest.importorskip("psycopg")
+    parsed = parse_url(f"postgresql://app@db/app?password={CANARY}&sslmode=require")
+    assert (parsed.password, parsed.query) == (CANARY, (("sslmode", "require"),))
 
 
 @pytest.mark.parametrize(
@@ -506,6 +564,40 @@ def test_every_bool_and_number_keyword_of_the_installed_pymysql_is_converted() -
         assert value.connect_kwargs()[name] == (False if default is False else 1), name
 
 
+def test_a_mysql_password_outside_ascii_reaches_pymysql_as_its_utf8_bytes() -> None:
+    # PyMySQL encodes a str password as latin-1: "ä" as one byte the server refuses, "€" not at
+    # all (UnicodeEncodeError); an ASCII one is the same either way, and stays a str
+    assert parse_url("mysql://u:p%C3%A4%E2%82%AC@db/x").connect_kwargs()["password"] == (
+        "pä€".encode()
+    )
+    assert parse_url("mysql://u:pw@db/x").connect_kwargs()["password"] == "pw"
+    assert parse_url("postgresql://u:p%C3%A4@db/x").connect_kwargs()["password"] == "pä"
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("start", ["Pä-", "P€-"], ids=["latin-1", "past-latin-1"])
+def test_a_mysql_password_outside_ascii_logs_in(mysql_params: dict[str, Any], start: str) -> None:
+    # "Access denied" for the first (PyMySQL sent it in latin-1), UnicodeEncodeError for the
+    # second, though each is the password the server has
+    import pymysql
+
+    user, password = f"dbpool_utf8_{uuid.uuid4().hex[:8]}", start + uuid.uuid4().hex
+    admin = pymysql.connect(**mysql_params)  # utf8mb4: the password is set in UTF-8
+    try:
+        try:
+            admin.cursor().execute("create user %s@'%%' identified by %s", (user, password))
+        except pymysql.Error as exc:
+            pytest.skip(f"cannot create a user to log in as: {exc}")
+        params = {**mysql_params, "user": user, "database": None}
+        url = _urls.mysql_url(params, password=password)
+        with create_pool(url, min_size=0, max_size=1) as pool:
+            assert pool.execute("select current_user()")[0][0].startswith(user)
+    finally:
+        with contextlib.suppress(pymysql.Error):
+            admin.cursor().execute("drop user if exists %s@'%%'", (user,))
+        admin.close()
+
+
 @pytest.mark.mysql
 def test_mysql_false_booleans_connect(mysql_params: dict[str, Any]) -> None:
     url = _urls.mysql_url(mysql_params)
@@ -534,6 +626,7 @@ def test_unknown_scheme_in_constructor() -> None:
         (dict(scheme="mysql", query=(("connect_timeout", "soon"),)), ValueError, "a number"),
         (dict(scheme="sqlite", database=":memory:"), ValueError, "separate, empty database"),
         (dict(scheme="sqlite"), ValueError, "names no file"),
+        (dict(scheme="mysql", host="/run/mysqld/mysqld.sock"), ValueError, "unix_socket"),
     ],
 )
 def test_a_url_built_by_hand_is_checked_as_a_parsed_one(
@@ -683,6 +776,15 @@ def test_connector_takes_no_arguments_and_hides_the_password() -> None:
     with pytest.raises(TypeError):
         connector("extra")  # type: ignore[call-arg]
     assert repr(connector) == "<URLConnector mssql://sa:***@db/x>"
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "bogus"])
+def test_a_mysql_charset_pymysql_does_not_know_is_refused_at_create_pool(charset: str) -> None:
+    # PyMySQL failed at every connect: "'NoneType' object has no attribute 'encoding'"
+    pytest.importorskip("pymysql")
+    with pytest.raises(ValueError, match="such as utf8mb4") as info:
+        create_pool(f"mysql://u:{CANARY}@127.0.0.1:1/x?charset={charset}")
+    assert_no_secret(text_of(info.value))
 
 
 def test_unknown_driver_parameter_is_refused_at_create_pool() -> None:
