@@ -1261,8 +1261,10 @@ class Pool(Generic[C]):
                     slot = self._reserve_locked()
                     return slot
                 if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                    waiting = len(self._waiters)
                     raise TooManyWaiters(
-                        f"pool {self._name!r}: {len(self._waiters)} callers are already waiting "
+                        f"pool {self._name!r}: {waiting} caller{'s are' if waiting > 1 else ' is'} "
+                        "already waiting "
                         f"(max_waiting={self._max_waiting}); raise max_waiting or max_size, or "
                         "shed load"
                     )
@@ -2476,19 +2478,28 @@ class Pool(Generic[C]):
         handles: drain() and close() called from one of them refuse (see _handling)."""
         _while_handling(self, what, emit, listeners, event, self._name, raw, None, duration)
 
+    def _hook_running(self) -> str | None:
+        """The innermost hook or listener this thread runs on one of this pool's connections,
+        if any (see _handling)."""
+        running: list[tuple[object, str]] = getattr(_handling, "running", [])
+        for pool, what in reversed(running):
+            if pool is self:
+                return what
+        return None
+
     def _refuse_inside_a_hook(self, call: str) -> None:
         """Raise if this thread is running a hook or a listener on one of this pool's
         connections: ``call`` (drain() or close()) would wait for that connection forever, or
         until its timeout and then close it under the hook."""
-        for pool, what in reversed(getattr(_handling, "running", ())):
-            if pool is self:
-                kind = what.rpartition(" ")[2]  # hook or listener
-                raise PoolError(
-                    f"pool {self._name!r}: {call} called from {what}, which runs while this "
-                    f"thread handles one of the pool's connections: {call} would wait for that "
-                    f"connection, which comes back only once the {kind} returns; call it from "
-                    "another thread"
-                )
+        what = self._hook_running()
+        if what is not None:
+            kind = what.rpartition(" ")[2]  # hook or listener
+            raise PoolError(
+                f"pool {self._name!r}: {call} called from {what}, which runs while this "
+                f"thread handles one of the pool's connections: {call} would wait for that "
+                f"connection, which comes back only once the {kind} returns; call it from "
+                "another thread"
+            )
 
     def _own_leases_error(self, call: str, held: int) -> PoolError:
         """Why drain() or close(timeout=None), which wait with no deadline for every lease, are
@@ -2522,6 +2533,12 @@ class Pool(Generic[C]):
                 message += (
                     f"; this thread itself holds {held} of them: a nested acquire needs a pool "
                     "larger than the nesting depth, or pass the connection down instead"
+                )
+            running = self._hook_running()
+            if running is not None:
+                message += (
+                    f"; this thread is running {running} on one of them, which the pool counts "
+                    "as in use until it returns"
                 )
         return PoolTimeout(message)
 

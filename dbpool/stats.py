@@ -57,7 +57,10 @@ class PoolStats:
     discarded: int
     #: leases handed out
     acquired: int
+    #: checkouts that ended in :exc:`PoolTimeout`
     timeouts: int
+    #: connects that failed: the connect callable, the ``configure`` hook or a connect
+    #: listener raised
     connect_errors: int
     #: leases reported as held longer than ``leak_timeout``
     leak_warnings: int

@@ -1235,6 +1235,25 @@ def test_drain_or_close_from_a_hook_or_listener_refuses_at_once(make_pool, serve
     assert_accounting(pool)
 
 
+def test_a_checkout_from_configure_that_times_out_says_the_hook_holds_a_connection(
+    make_pool, server
+):
+    timeouts: list[dbpool.PoolTimeout] = []
+
+    def nested(raw: Any) -> None:
+        try:
+            pool.connection(timeout=0.05).close()
+        except dbpool.PoolTimeout as exc:
+            timeouts.append(exc)
+
+    pool = make_pool(min_size=0, max_size=1, configure=once(nested))
+    with pool.connection(timeout=BOUND) as conn:
+        use(conn)
+    assert len(timeouts) == 1, timeouts
+    assert "this thread is running the configure hook on one of them" in str(timeouts[0])
+    assert_accounting(pool)
+
+
 @pytest.mark.parametrize("kind", sorted(EVENT_NAMES))
 def test_a_listener_raising_a_base_exception_keeps_the_accounting(make_pool, server, kind):
     armed = threading.Event()

@@ -951,13 +951,13 @@ def test_drain_leaves_no_session_of_the_pool_on_the_server(db: Backend) -> None:
     lock = threading.Lock()
 
     def configure(raw: Any) -> None:
+        # Noted here, not by a connect listener added after Pool(): the refill may open a
+        # connection before the listener is in place
+        with lock:
+            sessions.add(db.backend_id(raw))
         if db.name == "postgresql":
             raw.execute(f"SET application_name = '{tag}'")
             raw.commit()
-
-    def note(event: Any) -> None:
-        with lock:
-            sessions.add(db.backend_id(event.connection))
 
     admin = db.connect()
     if db.name == "postgresql":
@@ -985,7 +985,6 @@ def test_drain_leaves_no_session_of_the_pool_on_the_server(db: Backend) -> None:
             cur.close()
 
     with dbpool.Pool(db.connect, min_size=2, max_size=3, configure=configure) as pool:
-        pool.add_listener("connect", note)
         pool.wait(timeout=BOUND)
         holder = hold(pool)
         wait_until(lambda: ours() == len(sessions) >= 2, timeout=BOUND)
