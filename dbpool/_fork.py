@@ -3,7 +3,8 @@
 Fork: a child process drops the connections it inherited, without closing them.  Closing an
 inherited connection would send a goodbye on a socket the parent still uses and end the
 parent's session.  The child keeps the inherited driver objects referenced for the rest of its
-life, so that their finalizers never run, after each dialect has made them harmless.
+life, its interpreter's exit included, so that their finalizers never run, after each dialect
+has made them harmless.
 
 Exit: the connects still under way in the pools' threads are waited for, a second at most, and
 no more are started.  Those are daemon threads, which the interpreter does not wait for; one
@@ -28,6 +29,7 @@ logger = logging.getLogger("dbpool")
 
 _pools: weakref.WeakSet[Pool[Any]] = weakref.WeakSet()
 _inherited: list[Any] = []
+_pinned = False  # _pin(_inherited) was done, here or in the parent
 
 _EXIT_WAIT = 1.0  # seconds the interpreter's exit waits, at most, for connects under way
 
@@ -37,11 +39,28 @@ def register(pool: Pool[Any]) -> None:
 
 
 def keep_forever(dialect: Dialect, raw: Any) -> None:
+    global _pinned
     try:
         dialect.detach_after_fork(raw)
     except Exception as exc:  # the reference below still keeps it from being finalized
         logger.debug("detaching an inherited connection failed: %r", exc)
+    if not _pinned:
+        _pinned = True
+        _pin(_inherited)
     _inherited.append(raw)
+
+
+def _pin(obj: object) -> None:
+    """Take a reference to ``obj`` that nothing lets go, not even the interpreter's exit, which
+    clears every module's globals: a driver connection they alone held would then be finalized
+    in the child.  sqlite3 would close it, rolling the parent's transaction back in the files
+    both share; a driver whose socket its dialect cannot reach would say goodbye on it."""
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    except Exception as exc:  # no ctypes, or not CPython: held until the exit only
+        logger.debug("keeping inherited connections past the exit failed: %r", exc)
 
 
 def _after_fork_in_child() -> None:

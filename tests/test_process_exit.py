@@ -52,23 +52,35 @@ def run(code: str, *flags: str) -> subprocess.CompletedProcess[str]:
 
 _CONNECT = {  # one line each: they go into an indented script
     "psycopg": "import psycopg; connect = lambda: psycopg.connect(PARAMS)",
+    "psycopg2": "import psycopg2; connect = lambda: psycopg2.connect(PARAMS)",
     "pymysql": "import pymysql; connect = lambda: pymysql.connect(**PARAMS)",
+    "mysqlclient": "import MySQLdb; connect = lambda: MySQLdb.connect(**PARAMS)",
 }
-_SESSION_ID = {"psycopg": "select pg_backend_pid()", "pymysql": "select connection_id()"}
+_SESSION_ID = {
+    "psycopg": "select pg_backend_pid()",
+    "psycopg2": "select pg_backend_pid()",
+    "pymysql": "select connection_id()",
+    "mysqlclient": "select connection_id()",
+}
+_POSTGRESQL = ("psycopg", "psycopg2")
 
 
-@pytest.fixture(params=["psycopg", "pymysql"])
+@pytest.fixture(params=["psycopg", "psycopg2", "pymysql", "mysqlclient"])
 def server(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
     """(driver, its connect parameters, a driver connection of the test's own)."""
     driver = request.param
-    if driver == "psycopg":
+    if driver == "psycopg2":
+        request.getfixturevalue("psycopg2_connect")  # skipped without the driver
+    elif driver == "mysqlclient":
+        request.getfixturevalue("mysqlclient_connect")
+    if driver in _POSTGRESQL:
         params = request.getfixturevalue("postgresql_dsn")
         connect = request.getfixturevalue("pg_connect")
     else:
         params = request.getfixturevalue("mysql_params")
         connect = request.getfixturevalue("mysql_connect")
     own = connect()
-    if driver == "psycopg":
+    if driver in _POSTGRESQL:
         own.autocommit = True  # each look at pg_stat_activity a fresh one
     else:
         own.autocommit(True)
@@ -76,22 +88,21 @@ def server(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
 
 
 def _session_alive(driver: str, own: Any, session: int) -> bool:
-    if driver == "psycopg":
+    if driver in _POSTGRESQL:
         sql = "select count(*) from pg_stat_activity where pid = %s"
     else:
         sql = "select count(*) from information_schema.processlist where id = %s"
     return bool(rows(own, sql, (session,))[0][0])
 
 
-def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_is_gone(
-    server: tuple[str, Any, Any],
-) -> None:
-    # The parent leaves a transaction open on a lease, forks a child that lives on, and ends
-    # (os._exit, as a crash or a kill would).  The child's copy of the socket kept the server
-    # session, and the transaction's locks, until the child ended too.
+def _ends_with_its_parent(server: tuple[str, Any, Any], start_child: str) -> None:
+    """A parent leaves a transaction open on a lease, runs ``start_child`` (a child that lives
+    on until the test closes the stdin it shares), and ends with os._exit(), as a crash or a
+    kill would: the parent's session must end with it, whatever the child holds."""
     driver, params, own = server
-    code = f"""
-        import json, os, signal
+    code = textwrap.dedent(
+        f"""
+        import json, os, signal, subprocess, sys
         import dbpool
         PARAMS = json.loads({json.dumps(json.dumps(params))})
         {_CONNECT[driver]}
@@ -100,13 +111,9 @@ def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_
         cur = lease.cursor()
         cur.execute({_SESSION_ID[driver]!r})  # a transaction left open
         print(cur.fetchone()[0], flush=True)
-        if os.fork() == 0:
-            signal.alarm({SCRIPT_TIMEOUT})  # ends even if the test never closes our stdin
-            os.read(0, 1)  # until the test closes our stdin
-            os._exit(0)
-        os._exit(0)
-    """
-    parent = python(code, stdin=subprocess.PIPE)
+        """
+    ) + textwrap.dedent(start_child).format(timeout=SCRIPT_TIMEOUT)
+    parent = python(code + "os._exit(0)\n", stdin=subprocess.PIPE)
     assert parent.stdin is not None and parent.stdout is not None
     try:
         session = int(parent.stdout.readline())
@@ -124,6 +131,109 @@ def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_
         parent.stdout.close()
         assert parent.stderr is not None
         parent.stderr.close()
+
+
+def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_is_gone(
+    server: tuple[str, Any, Any],
+) -> None:
+    # The child's copy of the socket kept the server session, and the transaction's locks,
+    # until the child ended too.
+    _ends_with_its_parent(
+        server,
+        """
+        if os.fork() == 0:
+            signal.alarm({timeout})  # ends even if the test never closes our stdin
+            os.read(0, 1)  # until the test closes our stdin
+            os._exit(0)
+        """,
+    )
+
+
+def test_a_program_started_by_the_parent_does_not_hold_its_sessions_open_once_it_is_gone(
+    server: tuple[str, Any, Any],
+) -> None:
+    # A program started with the parent's descriptors open (subprocess with close_fds=False,
+    # os.system(), os.posix_spawn()) inherited mysqlclient's socket, which libmariadb leaves
+    # inheritable: it kept the session, and the transaction's locks, until it ended too.
+    _ends_with_its_parent(
+        server,
+        """
+        child = "import os, signal; signal.alarm({timeout}); os.read(0, 1)"
+        subprocess.Popen([sys.executable, "-c", child], close_fds=False)
+        """,
+    )
+
+
+def test_a_child_exiting_normally_leaves_the_parents_sqlite_transaction_alone(
+    tmp_path: Path,
+) -> None:
+    # The child left the block (which does nothing there), and its exit then finalized the
+    # inherited connection: sqlite3 closed it, rolling the parent's transaction back in the
+    # files both share (it deleted the journal), and the parent's commit() failed with "disk
+    # I/O error".
+    database = str(tmp_path / "fork.db")
+    done = run(
+        f"""
+        import os, signal, sqlite3, sys
+        import dbpool
+        def fork_and_exit():  # as a program ends, not with os._exit(): all globals go
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm({SCRIPT_TIMEOUT})
+                sys.exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        setup = sqlite3.connect({database!r})
+        setup.execute("CREATE TABLE t (n integer)")
+        setup.commit()
+        setup.close()
+        pool = dbpool.Pool(
+            lambda: sqlite3.connect({database!r}, check_same_thread=False), max_size=1
+        )
+        with pool.connection() as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+            fork_and_exit()
+            conn.commit()
+        print(pool.execute("SELECT n FROM t"), flush=True)
+        pool.close()
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[(1,)]\n", (done.stdout, done.stderr)
+
+
+def test_a_child_exiting_normally_never_finalizes_an_inherited_connection() -> None:
+    # A driver with no socket dbpool can reach (pymssql's FreeTDS): finalized in the child as
+    # its interpreter exited, it would say goodbye on the parent's session.
+    done = run(
+        f"""
+        import os, signal, sys
+        import dbpool
+        def fork_and_exit():  # as a program ends, not with os._exit(): all globals go
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm({SCRIPT_TIMEOUT})
+                sys.exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        PARENT = os.getpid()
+
+        class Connection:  # a driver connection whose finalizer talks to the server
+            def cursor(self): raise AssertionError("not used")
+            def commit(self): pass
+            def rollback(self): pass
+            def close(self): pass
+            def __del__(self):
+                if os.getpid() != PARENT:
+                    os.write(1, b"finalized in the child\\n")
+
+        pool = dbpool.Pool(Connection, max_size=1, dialect="generic")
+        pool.connection().close()  # idle at the fork; the child opens none
+        fork_and_exit()
+        print("parent done", flush=True)
+        pool.close()
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "parent done\n", (done.stdout, done.stderr)
 
 
 # == a pool left open at exit ====================================================================

@@ -385,6 +385,11 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def check_new(self, conn: Any) -> None:
         self._sessions.record(conn)  # no other thread has the connection yet
+        if os.name == "posix":  # (on Windows, fileno() is a socket handle, not a descriptor)
+            # libmariadb leaves its socket inheritable: a program this process starts with
+            # its descriptors open (os.system(), close_fds=False) would hold the session, and
+            # a transaction's locks, after this process is gone.  Python's own are not (PEP 446).
+            os.set_inheritable(conn.fileno(), False)
 
     def transaction_state(self, conn: Any) -> TxState:
         if not conn.open:
