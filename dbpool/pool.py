@@ -784,26 +784,20 @@ class Pool(Generic[C]):
     def check(self, timeout: float = 5.0) -> int:
         """Ping every idle connection now (with the ``check`` hook if there is one), close the
         dead ones, and open replacements in the background up to ``min_size``.  Returns how
-        many were dead.  Connections leased meanwhile are not touched.
+        many were dead.  Connections leased meanwhile are not touched: each is taken out of the
+        idle ones only for its own ping, so callers get the others meanwhile.
 
         The pings share ``timeout`` seconds: none starts once less than twice the slowest so
         far is left (it would likely be cut short, which discards a live connection on a slow
-        link), and those not pinged go back as they were."""
+        link), and those not pinged stay as they were."""
         _check_number("timeout", timeout, allow_none=False, positive=False)
         deadline = monotonic() + timeout
-        probed: deque[_Slot] = deque()
-        try:
-            with self._lock:
-                if self._closed:
-                    raise PoolClosed(self._closed_message())
-                count = len(self._idle)  # first: no call once they are taken (_pop_idle_locked)
-                probed, self._idle = self._idle, probed  # held by the pool itself meanwhile
-                self._in_use += count
-            dead = self._probe_all(probed, deadline)
-        except BaseException:  # a signal handler raised before _probe_all took them over
-            while probed:
-                self._put_back([probed.popleft()])
-            raise
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(self._closed_message())
+            idle = list(self._idle)
+        count = len(idle)
+        dead = self._probe_all(idle, deadline)
         if dead:
             logger.info(
                 "pool %r: check() found %d of %d idle connections dead", self._name, dead, count
@@ -829,8 +823,9 @@ class Pool(Generic[C]):
                 assert slot is not None
                 dialect, raw = slot.dialect, slot.raw
                 started = monotonic()
+                limit = max(deadline, started + _MIN_PING_TIME)
+                guard = None
                 try:
-                    limit = max(deadline, started + _MIN_PING_TIME)
                     with Overdue(limit, lambda: dialect.sever(raw)) as guard:
                         dialect.ping(raw)
                     if guard.fired:  # answered, but its socket was shut down meanwhile
@@ -843,7 +838,12 @@ class Pool(Generic[C]):
                                 _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, raw, held
                             )
                         if isinstance(exc, Exception):
-                            self._discard(slot, DiscardReason.BROKEN, broken=True, held=held)
+                            # As for check(): cut short by a budget under _SWEEP_TIME, the
+                            # ping proves nothing about the server (the link may be slow), and
+                            # starts no sweep, which would ping every idle connection again.
+                            cut_short = guard is not None and guard.fired
+                            evidence = not (cut_short and limit - started < _SWEEP_TIME)
+                            self._discard(slot, DiscardReason.BROKEN, broken=evidence, held=held)
                         else:
                             self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
                     raise
@@ -2289,11 +2289,9 @@ class Pool(Generic[C]):
         at a time.  They count as in use meanwhile."""
         with self._lock:
             broken_at = self._swept_at = self._broken_at
-            suspects = deque(slot for slot in self._idle if slot.alive_at <= broken_at)
-            if not suspects:
-                return
-            self._idle = deque(slot for slot in self._idle if slot.alive_at > broken_at)
-            self._in_use += len(suspects)  # held by the pool itself meanwhile
+            suspects = [slot for slot in self._idle if slot.alive_at <= broken_at]
+        if not suspects:
+            return
         count = len(suspects)
         dead = self._probe_all(suspects, monotonic() + _SWEEP_TIME)
         logger.info(
@@ -2304,20 +2302,22 @@ class Pool(Generic[C]):
             count,
         )
 
-    def _probe_all(self, untried: deque[_Slot], deadline: float) -> int:
-        """Ping idle connections the pool took out of the stack (counted in use), all by
-        ``deadline``; put the live ones back, discard the dead.  Returns how many were dead.
-        ``untried`` is emptied as they are pinged: if a ping is interrupted, the connections
-        still in it go back as they were.
+    def _probe_all(self, slots: list[_Slot], deadline: float) -> int:
+        """Ping the idle connections ``slots``, all by ``deadline``; put the live ones back,
+        discard the dead.  Returns how many were dead.
 
-        Once the time left is under ``_PING_HEADROOM`` times the slowest ping so far, the rest
-        go back unpinged, as they were: a suspect one is pinged when next leased."""
+        Each is taken out of the idle stack only for its own ping (counted in use meanwhile):
+        the others stay there for checkouts, so that a slow ping never keeps a caller waiting,
+        nor makes it open a connection, while idle ones are left.  One no longer idle (leased,
+        reaped, closed) is skipped.  Once the time left is under ``_PING_HEADROOM`` times the
+        slowest ping so far, the rest stay as they are: a suspect one is pinged when next
+        leased."""
         dead = 0
         slowest = 0.0
-        count = len(untried)
-        box: list[_Slot] = []  # one being handed back (see _give_back)
+        count = len(slots)
+        box: list[_Slot] = []  # the one being pinged, to hand back (see _give_back)
         try:
-            while untried:
+            for done, slot in enumerate(slots):
                 started = monotonic()
                 left = deadline - started
                 if left <= 0 or left < _PING_HEADROOM * slowest:
@@ -2325,35 +2325,37 @@ class Pool(Generic[C]):
                         "pool %r: %d of %d idle connections left unpinged: the time for the "
                         "pings ran out (the slowest took %.3f s)",
                         self._name,
-                        len(untried),
+                        count - done,
                         count,
                         slowest,
                     )
                     break
-                slot = untried[0]
-                slot.owner = 0  # held by the pool itself
+                with self._lock:
+                    idle = self._idle
+                    if slot not in idle:
+                        continue
+                    # An index and a del, and no call until it is counted: see _pop_idle_locked.
+                    where = idle.index(slot)
+                    box = [slot]
+                    del idle[where]
+                    self._in_use += 1  # held by the pool itself meanwhile
+                slot.owner = 0
                 if started >= slot.expires_at:  # closed for its age, unpinged: not a dead one
                     self._discard(slot, DiscardReason.EXPIRED, broken=False)
-                    del untried[0]
+                    del box[0]
                     continue
                 if self._fit_for_use(slot, deadline, probe=True):
                     slot.alive_at = now = monotonic()  # not used_at: a ping is no use of it
                     slowest = max(slowest, now - started)
-                    box = [slot]
-                    del untried[0]
                     self._put_back(box)
                 else:
-                    del untried[0]  # discarded already
+                    del box[0]  # discarded already
                     dead += 1
-            while untried:
-                box = [untried[0]]
-                del untried[0]
-                self._put_back(box)
         except BaseException:
+            # One handed back already, or discarded, is not the pool's to count again: a
+            # discarded one's generation is no longer the pool's, and _put_back leaves it.
             self._drop_lock_if_held()
-            untried.extend(box)
-            while untried:
-                self._put_back([untried.popleft()])
+            self._put_back(box)
             raise
         return dead
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
+from tests import fakedb
 from tests.conftest import Backend, Caller, assert_accounting, probe, rows, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,6 +181,57 @@ def test_check_runs_its_pings_outside_the_pool_lock(make_pool, server):
     assert_accounting(pool)
 
 
+def test_a_checkout_takes_an_idle_connection_check_is_not_pinging(make_pool, server):
+    """check() pings the idle connections one at a time: while one ping is slow, the others
+    stay idle for callers.  A full pool whose check() held them all out of the idle stack made
+    a caller wait for every ping, and time out saying every connection was in use."""
+    pool = make_pool(min_size=0, max_size=2, validate_after=None)
+    first, second = pool.connection(), pool.connection()
+    raws = {first.raw, second.raw}
+    first.close()
+    second.close()
+    gate = server.block("ping")
+    checking = Caller(pool.check, name="checking")
+    try:
+        assert gate.entered.wait(BOUND), "check() pinged nothing"
+        with pool.connection(timeout=0) as conn:  # the one not being pinged, at once
+            assert conn.raw in raws
+            s = assert_accounting(pool)
+            assert (s.size, s.in_use, s.idle) == (2, 2, 0), s
+    finally:
+        gate.release()
+    assert checking.outcome(BOUND) is None
+    assert checking.value == 0
+    assert server.count("ping") == 2, "check() skipped the connection leased meanwhile"
+    s = assert_accounting(pool)
+    assert (s.size, s.idle, s.timeouts) == (2, 2, 0), s
+
+
+def test_a_checkout_takes_a_suspect_connection_the_sweep_is_not_pinging(make_pool, server):
+    """The sweep after a broken connection pings the suspects one at a time, so a caller
+    gets one of the others (pinged at its checkout) rather than opening a new connection."""
+    pool = make_pool(min_size=3, max_size=3, validate_after=None)
+    pool.wait(timeout=BOUND)
+    gate = server.block("ping")  # the sweep's first ping, in the maintenance thread
+    with pool.connection() as conn:
+        server.kill(conn.raw)
+        with pytest.raises(fakedb.OperationalError):
+            use(conn)
+    suspects = set(server.open_connections)  # the two others; the broken one is closed
+    assert len(suspects) == 2
+    connects = server.connects
+    try:
+        assert gate.entered.wait(BOUND), "no sweep after a broken connection"
+        with pool.connection(timeout=BOUND) as other:
+            assert other.raw in suspects
+            assert server.connects == connects, "connected while a suspect one was idle"
+    finally:
+        gate.release()
+    wait_until(lambda: pool.stats().idle == 3, timeout=BOUND, message="no refill to min_size")
+    s = assert_accounting(pool)
+    assert (s.discarded, s.created) == (1, 4), s
+
+
 def test_check_against_real_servers(db: Backend) -> None:
     with dbpool.Pool(db.connect, min_size=3, max_size=3, validate_after=None) as pool:
         pool.wait(timeout=BOUND)
@@ -279,6 +331,38 @@ def test_health_never_raises_on_a_connect_callable_error(make_pool, server):
     assert_health_shape(pool, health)
     assert health["ok"] is False
     assert health["error"] == "ValueError: no such host in this configuration"
+
+
+class SeverFailsPing(dbpool.dialects.Dialect):
+    """The generic dialect, for a driver whose sever() makes the ping held at ``gate`` fail,
+    as a shut-down socket would."""
+
+    name = "sever-fails-ping"
+    gate: Any = None
+
+    def sever(self, conn: Any) -> None:
+        if self.gate is not None:
+            self.gate.release(fakedb.OperationalError)
+
+
+def test_a_health_ping_cut_short_by_its_timeout_makes_no_connection_suspect(make_pool, server):
+    """A ping cut short by health()'s own short timeout says nothing about the server (the
+    link may just be slow): its connection, shut down, is discarded, but as for check(), no
+    sweep follows and the other idle connections are not pinged again, by it or at checkout."""
+    dialect = SeverFailsPing()
+    pool = make_pool(min_size=3, max_size=3, validate_after=None, dialect=dialect)
+    pool.wait(timeout=BOUND)
+    dialect.gate = server.block("ping")
+    health = pool.health(timeout=0)  # the ping still gets its 0.1 s, then is cut short
+    assert health["reachable"] is False, health
+    assert "took longer" in health["error"] or "OperationalError" in health["error"], health
+    wait_until(lambda: pool.stats().idle == 3, timeout=BOUND, message="no refill to min_size")
+    leases = [pool.connection(timeout=BOUND) for _ in range(3)]
+    for lease in leases:
+        lease.close()
+    assert server.count("ping") == 1, "idle connections were pinged as suspects"
+    s = assert_accounting(pool)
+    assert (s.discards["broken"], s.created) == (1, 4), s
 
 
 def test_health_of_an_exhausted_pool_does_not_raise(make_pool, server):
