@@ -28,6 +28,7 @@ PIP_INSTALL := $(PIP) install --progress-bar off
 
 # Each stamp records that an extra was installed from the current pyproject.toml;
 # editing pyproject.toml makes the next run reinstall.
+DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 DOCS_STAMP := $(VENV)/.installed-docs
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -52,6 +53,12 @@ venv: $(TEST_STAMP)
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
+# The demo needs dbpool alone (sqlite3 is in the standard library): the test extras build
+# mysqlclient from source, which needs a compiler and the MySQL client headers.
+$(DEMO_STAMP): pyproject.toml | $(VPY)
+	$(PIP_INSTALL) -e .
+	touch $@
+
 $(TEST_STAMP): pyproject.toml | $(VPY)
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
@@ -70,7 +77,7 @@ $(LINT_STAMP): pyproject.toml | $(TEST_STAMP)
 	$(PIP_INSTALL) -e '.[lint]'
 	touch $@
 
-demo: venv
+demo: $(DEMO_STAMP)
 	$(VPY) -m dbpool bench $(DEMO_ARGS)
 
 test: venv

@@ -9,6 +9,7 @@ prints throughput, acquire-wait percentiles and the final stats.  URLs are those
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
@@ -20,7 +21,7 @@ import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from time import perf_counter
 from types import ModuleType
 from typing import IO, Any, NoReturn
@@ -43,6 +44,8 @@ EXIT_INTERRUPTED = 130
 MAX_TIMEOUT = 86400.0
 # The most --threads: far beyond what one pool's bench needs; each is an OS thread.
 MAX_THREADS = 10_000
+# Seconds the bench waits, once stopped, for its threads to finish their last operation.
+JOIN_GRACE = 5.0
 
 # The query parameter that bounds connecting (for sqlite3: waiting for a lock), per scheme.
 _TIMEOUT_PARAMETERS = {
@@ -173,6 +176,21 @@ def describe(exc: BaseException, url: DatabaseURL) -> str:
 _DISTRIBUTIONS = {"pymysql": "PyMySQL"}
 
 
+@contextlib.contextmanager
+def _pool_of_one(url: DatabaseURL, timeout: float, name: str) -> Iterator[Pool[Any]]:
+    """A pool of one connection, for a command's first connect.
+
+    Closed without waiting for a connect the command gave up on (past ``timeout``, or on
+    Ctrl-C): against a server that accepts and never answers (PyMySQL's handshake has no
+    timeout), close() waited its 5 s more; the exit waits for it a second at most.
+    """
+    pool = create_pool(url, min_size=0, max_size=1, acquire_timeout=timeout, name=name)
+    try:
+        yield pool
+    finally:
+        pool.close(timeout=0)
+
+
 # --- check -------------------------------------------------------------------------------------
 
 
@@ -222,9 +240,7 @@ def check(url: DatabaseURL, *, timeout: float, out: IO[str], err: IO[str]) -> in
     ):
         print(f"dbpool: cannot connect to {url.masked}: no such file", file=err)
         return EXIT_FAILED
-    with create_pool(
-        with_timeout(url, timeout), min_size=0, max_size=1, acquire_timeout=timeout, name="check"
-    ) as pool:
+    with _pool_of_one(with_timeout(url, timeout), timeout, "check") as pool:
         try:
             started = perf_counter()
             with pool.connection() as conn:
@@ -300,6 +316,7 @@ class _Worker(threading.Thread):
         self.paramstyle = paramstyle
         self.random = random.Random(number)
         self.ops = 0
+        self.done_at = 0.0  # when its last operation ended (perf_counter)
         self.waits = array("d")
         self.errors: Counter[str] = Counter()
         self.first_errors: dict[str, str] = {}
@@ -319,6 +336,7 @@ class _Worker(threading.Thread):
                     finally:
                         cur.close()
                     conn.commit()
+                self.done_at = perf_counter()
                 self.ops += 1
             except Exception as exc:
                 kind = type(exc).__name__
@@ -342,9 +360,7 @@ def bench(
     paramstyle = driver.paramstyle
     # One connection first, through a pool of one: a server that is down shows its own error
     # at once, instead of a pool timeout later.
-    with create_pool(
-        url, min_size=0, max_size=1, acquire_timeout=timeout, name="bench-setup"
-    ) as setup:
+    with _pool_of_one(url, timeout, "bench-setup") as setup:
         try:
             conn = setup.connection()
         except Exception as exc:
@@ -412,16 +428,26 @@ def _run(
         interrupted = True
     finally:
         stop.set()
+        stopped = perf_counter()
         if interactive:
             err.write("\n")
     try:
-        join_by = perf_counter() + 5.0
+        join_by = perf_counter() + JOIN_GRACE
         for worker in running:
             worker.join(max(0.0, join_by - perf_counter()))
     except KeyboardInterrupt:  # a second Ctrl-C: report what there is
         interrupted = True
-    elapsed = perf_counter() - started
+    # The run ends when it is stopped, or when the last operation under way then ends: the
+    # wait for a thread that never finishes (a lost server) is no run time.
+    elapsed = max(stopped, *(w.done_at for w in workers)) - started
     stats = pool.stats()
+    busy = sum(w.is_alive() for w in running)
+    if busy:
+        print(
+            f"dbpool bench: {busy} thread{'s' if busy > 1 else ''} still busy {JOIN_GRACE:g} s "
+            "after the end, left out of the time",
+            file=err,
+        )
 
     ops = sum(w.ops for w in workers)
     errors: Counter[str] = Counter()

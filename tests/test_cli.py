@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -157,6 +158,28 @@ def test_bench_progress_on_a_terminal_is_one_updating_line(tmp_path: Path) -> No
     assert progress.startswith("\r") and progress.endswith("\n")
     assert progress.count("\n") == 1  # one line, rewritten in place
     assert "throughput" in out.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_demo_installs_dbpool_without_extras(tmp_path: Path) -> None:
+    # The demo needs sqlite3 only. It installed the test extras, and with them mysqlclient,
+    # which builds from source (a compiler, pkg-config and the MySQL client headers): on a
+    # fresh machine without those, `make demo` failed before running anything.
+    repo = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv"
+    dry_run = subprocess.run(
+        ["make", "--dry-run", "--no-print-directory", "demo", f"VENV={venv}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    installs = [line for line in dry_run.stdout.splitlines() if " install " in line]
+    assert installs, dry_run.stdout
+    assert all("[" not in line for line in installs), installs
+    assert f"{venv}/bin/python -m dbpool bench" in dry_run.stdout
+    assert not venv.exists()
 
 
 # -- check -----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ its threads cannot all be started (the system refuses one, or Ctrl-C comes meanw
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import subprocess
@@ -14,9 +15,11 @@ from typing import Any
 
 import pytest
 
+import dbpool
 from dbpool import __main__ as cli
 from dbpool.url import parse_url
 from tests import fakedb
+from tests.conftest import wait_until
 
 
 def _bench_threads() -> list[threading.Thread]:
@@ -167,3 +170,74 @@ def test_check_and_bench_read_rows_made_as_dicts(fake_server: fakedb.Server) -> 
     assert [s for s in fake_server.statements() if s.startswith("insert")] == [
         f"insert into {cli.BENCH_TABLE} (id, n) values (%s, 0)"
     ]
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_a_connect_given_up_on_is_not_waited_for(
+    command: str,
+    fake_server: fakedb.Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A server that accepts and never answers (PyMySQL's handshake has no timeout): past
+    # --timeout, or on Ctrl-C, closing the pool waited 5 s more for that connect.
+    monkeypatch.setattr(cli, "load_driver", lambda url: fakedb)
+    monkeypatch.setattr(
+        cli, "create_pool", lambda url, **options: dbpool.Pool(fake_server.connect, **options)
+    )
+    gate = fake_server.block("connect", timeout=3.0)  # gives up before close()'s 5 s
+    try:
+        code = cli.main([command, "mysql://root@db.example/app", "--timeout", "0.2"])
+        still_held = gate.inside
+    finally:
+        gate.release()
+    assert code == cli.EXIT_FAILED
+    assert "PoolTimeout" in capsys.readouterr().err
+    assert still_held == 1, "the command waited for the connect it had given up on"
+    # the connect ends on its own, and its connection is closed: the pool is closed
+    wait_until(lambda: fake_server.connects == 1 and not fake_server.open_connections)
+
+
+def test_bench_time_leaves_out_the_wait_for_a_thread_that_never_finished(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server went away mid-run: a thread is stuck in a statement (or waits for a
+    # connection up to --timeout). The wait for it at the end, up to 5 s, was counted as run
+    # time, and the throughput divided by it. A fake clock makes the numbers exact.
+    clock = [0.0]
+    monkeypatch.setattr(cli, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(cli, "JOIN_GRACE", 0.1, raising=False)
+    gate = fake_server.block("execute")
+    out, err = io.StringIO(), io.StringIO()
+    codes = []
+    with dbpool.Pool(fake_server.connect, max_size=1) as pool:
+        run = threading.Thread(
+            target=lambda: codes.append(
+                cli._run(
+                    parse_url("mysql://root@db.example/app"),
+                    pool,
+                    "format",
+                    threads=1,
+                    seconds=0.05,
+                    out=out,
+                    err=err,
+                )
+            )
+        )
+        run.start()
+        try:
+            assert gate.entered.wait(10)
+            (worker,) = _bench_threads()
+            assert isinstance(worker, cli._Worker)
+            clock[0] = 0.05  # the run's end
+            assert worker.stop.wait(10)
+            clock[0] = 100.0  # and a long wait for the stuck thread
+            run.join(10)
+        finally:
+            gate.release()
+        wait_until(lambda: not worker.is_alive())
+    assert not run.is_alive()
+    assert codes == [cli.EXIT_FAILED]  # no operation completed
+    report = dict(line.strip().split(":", 1) for line in out.getvalue().splitlines() if ":" in line)
+    assert report["seconds"].strip() == "0.05", out.getvalue()
+    assert "1 thread still busy" in err.getvalue(), err.getvalue()
