@@ -223,3 +223,33 @@ def test_psycopg2_reset_inside_a_block_is_refused(
             tx.execute(f"INSERT INTO {PG2_TABLE} VALUES (2)")
         assert pg2_values(pg2_table) == [1, 2], "the block committed only part of its work"
         assert_accounting(pool)
+
+
+@pytest.mark.postgresql
+def test_psycopg2_reset_outside_a_block_does_not_reach_the_next_borrower(
+    psycopg2_connect: Connector,
+) -> None:
+    """psycopg2's ``reset()`` undoes what configure set on the server, the role included: the
+    next borrower would run as the login user, with no statement_timeout.  The connection is
+    discarded on return, and the next borrower gets a new one that configure set up."""
+
+    def configure(raw: Any) -> None:
+        with raw.cursor() as cur:
+            cur.execute("SET ROLE pg_read_all_data")
+            cur.execute("SET statement_timeout = '7s'")
+        raw.commit()
+
+    def session(conn: Any) -> Any:
+        cur = conn.cursor()
+        cur.execute("SELECT current_user, current_setting('statement_timeout')")
+        return cur.fetchone()
+
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, configure=configure) as pool:
+        with pool.connection() as conn:
+            assert session(conn) == ("pg_read_all_data", "7s")
+            conn.reset()
+            assert session(conn)[0] != "pg_read_all_data"
+        with pool.connection() as conn:
+            assert session(conn) == ("pg_read_all_data", "7s")
+        assert pool.stats().discards["reset_failed"] == 1
+        assert_accounting(pool)

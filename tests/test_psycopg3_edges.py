@@ -232,6 +232,35 @@ def test_handlers_a_borrower_adds_do_not_outlive_its_lease(pg_connect: Connector
         pool.close()
 
 
+def test_a_handler_a_borrower_put_in_place_of_configures_does_not_outlive_its_lease(
+    pg_connect: Connector,
+) -> None:
+    """A borrower that removes configure's notice handler and adds its own leaves the
+    connection with as many handlers as it had: its own goes on return all the same, and
+    configure's is back, for the next borrower's notices."""
+    kept: list[str] = []
+
+    def log_notice(diag: Any) -> None:
+        kept.append(diag.message_primary)
+
+    pool = new_pool(pg_connect, configure=lambda raw: raw.add_notice_handler(log_notice))
+    seen_by_first: list[str] = []
+    try:
+        with pool.connection() as conn:
+            conn.raw.remove_notice_handler(log_notice)
+            conn.raw.add_notice_handler(lambda diag: seen_by_first.append(diag.message_primary))
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused
+            conn.execute("DO $$ BEGIN RAISE NOTICE 'second borrower'; END $$")
+            conn.commit()
+        assert seen_by_first == []
+        assert kept == ["second borrower"]
+        assert pool.stats().closed == 0
+    finally:
+        pool.close()
+
+
 # -- A cursor.stream() left part-read --------------------------------------------------------------
 
 # psycopg 3: a ``cursor.stream()`` left part-read, its iterator still referenced, when the pool

@@ -135,6 +135,21 @@ def test_an_encoding_set_on_the_driver_connection_is_put_back(pymysql_pool: Any)
         assert cursor.fetchall() == ((2,),)
 
 
+def test_text_as_bytes_set_on_the_driver_connection_is_put_back(pymysql_pool: Any) -> None:
+    """PyMySQL reads conn.use_unicode as it reads each result."""
+    pool = pymysql_pool()
+    with pool.connection() as conn:
+        conn.raw.use_unicode = False
+        cursor = conn.cursor()
+        cursor.execute("SELECT 'text'")
+        assert cursor.fetchall() == ((b"text",),)
+    with pool.connection() as conn:
+        cursor = conn.cursor()
+        cursor.execute("SELECT 'text'")
+        assert cursor.fetchall() == (("text",),)
+    assert pool.stats().created == 1  # put back, not replaced
+
+
 def test_the_session_reset_replays_the_connect_time_setup_whatever_a_borrower_set(
     pymysql_pool: Any,
 ) -> None:

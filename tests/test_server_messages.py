@@ -106,6 +106,39 @@ def test_a_notices_sink_of_the_borrowers_own_is_left_alone(psycopg2_connect: Any
     assert any("overdrawn" in notice for notice in sink.received)
 
 
+@pytest.mark.parametrize("replaced", ["notices", "notifies"])
+def test_a_messages_sink_a_borrower_put_on_the_driver_connection_is_put_back(
+    psycopg2_connect: Any, replaced: str
+) -> None:
+    """psycopg2's docs suggest replacing conn.notices with a deque: one that a borrower put
+    there, on conn.raw, goes with its lease, even when it compares equal (a new, empty list),
+    and the next borrower's messages reach the connection's own."""
+    sink: collections.deque[Any] = collections.deque(maxlen=10)
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            raw = conn.raw
+            own = getattr(raw, replaced)
+            setattr(raw, replaced, [])  # equal to the connection's own: empty
+            setattr(raw, replaced, sink)
+        with pool.connection() as conn:
+            assert conn.raw is raw
+            cursor = conn.cursor()
+            cursor.execute(NOTICE)
+            cursor.execute(f"LISTEN {CHANNEL}")
+            cursor.execute(f"NOTIFY {CHANNEL}, 'payload'")
+            conn.commit()
+            cursor.execute("UNLISTEN *")
+            conn.commit()
+            assert list(sink) == []  # what the first borrower's code still holds
+            assert getattr(raw, replaced) is own
+        with pool.connection() as conn:
+            lent = []
+            setattr(conn.raw, replaced, lent)  # the same, equal to the connection's own
+        with pool.connection() as conn:
+            assert getattr(conn.raw, replaced) is own
+        assert pool.stats().discarded == 0
+
+
 def test_a_leases_notices_are_dropped_after_it_read_those_from_before(
     psycopg2_connect: Any,
 ) -> None:

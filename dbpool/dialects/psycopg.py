@@ -145,15 +145,16 @@ class PsycopgDialect(Dialect):
         # The row and cursor factories (server-side cursors' too) shape what the next
         # borrower's cursors return (tuples, dicts), and prepare_threshold=None is what lets
         # PgBouncer's transaction mode work.
-        # With how many notice and notify handlers it has (those configure added): a
-        # borrower's own would get the next borrowers' messages, and pile up.  psycopg keeps
-        # them in private lists: a psycopg version without them counts none.
-        # Then the notifications waiting for the next conn.notifies() (psycopg 3.2+): those
-        # a lease received are its borrower's, and may name its data.
+        # With the notice and notify handlers it has (those configure added), not only how
+        # many: a borrower's own would get the next borrowers' messages, and pile up, and one
+        # that removed configure's (to add its own in its place, say) would leave the next
+        # borrowers without it.  psycopg keeps them in private lists: a psycopg version
+        # without them has none.  Then the notifications waiting for the next conn.notifies()
+        # (psycopg 3.2+): those a lease received are its borrower's, and may name its data.
         try:
-            handlers = (len(conn._notice_handlers), len(conn._notify_handlers))
+            handlers = (tuple(conn._notice_handlers), tuple(conn._notify_handlers))
         except AttributeError:
-            handlers = (0, 0)
+            handlers = ((), ())
         backlog = getattr(conn, "_notifies_backlog", None)
         return (
             conn.autocommit,
@@ -172,10 +173,10 @@ class PsycopgDialect(Dialect):
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
         conn.row_factory, conn.cursor_factory, conn.server_cursor_factory = settings[4:7]
         conn.prepare_threshold = settings[7]
-        for name, count in (("_notice_handlers", settings[8]), ("_notify_handlers", settings[9])):
+        for name, kept in (("_notice_handlers", settings[8]), ("_notify_handlers", settings[9])):
             handlers = getattr(conn, name, None)
             if handlers is not None:
-                del handlers[count:]  # the ones added since, on the end
+                handlers[:] = kept  # in place: psycopg reads the list it made
         backlog = getattr(conn, "_notifies_backlog", None)
         if backlog:
             drop_received(backlog, settings[10])  # those received since it was opened

@@ -48,6 +48,10 @@ class Psycopg2Dialect(Dialect):
 
     # As for psycopg (its dialect says why), but psycopg2 refuses every statement meanwhile.
     exposing_methods = frozenset({"tpc_prepare"})
+    # reset() is RESET ALL and SET SESSION AUTHORIZATION DEFAULT: what configure set on the
+    # server (a role, statement_timeout, search_path) is gone, and the next borrowers would
+    # run as the login user, without its limits.  Only a new connection has it again.
+    irreversible_methods = frozenset({"reset"})
 
     def after_exposure(self, conn: Any) -> None:
         if conn.status == _STATUS_PREPARED:
@@ -86,7 +90,11 @@ class Psycopg2Dialect(Dialect):
         # server messages (notices, notifications) the connection holds: those a lease
         # received are its borrower's, and may name its data.  The client encoding
         # (set_client_encoding()) before them: the next borrower's text would be sent and
-        # decoded in it.
+        # decoded in it.  And which objects receive those messages (psycopg2 takes any with an
+        # append() in their place): one a borrower put there would get the next borrowers'.
+        # By identity, as a new empty list equals the one it replaced; the objects themselves
+        # too, to put back.
+        notices, notifies = conn.notices, conn.notifies
         return (
             conn.autocommit,
             conn.isolation_level,
@@ -94,8 +102,12 @@ class Psycopg2Dialect(Dialect):
             conn.deferrable,
             conn.cursor_factory,
             conn.encoding,
-            _held(conn.notices),
-            _held(conn.notifies),
+            id(notices),
+            id(notifies),
+            notices,
+            notifies,
+            _held(notices),
+            _held(notifies),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
@@ -111,8 +123,12 @@ class Psycopg2Dialect(Dialect):
                 setattr(conn, name, value)
         if conn.encoding != settings[5]:
             conn.set_client_encoding(settings[5])
+        if conn.notices is not settings[8]:
+            conn.notices = settings[8]
+        if conn.notifies is not settings[9]:
+            conn.notifies = settings[9]
         # The messages received since it was opened, on the end; those from before stay.
-        for messages, held in zip((conn.notices, conn.notifies), settings[-2:]):
+        for messages, held in zip(settings[8:10], settings[10:12]):
             if held is not None:
                 drop_received(messages, held)
 

@@ -185,11 +185,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
     # The converter dicts, changed in place (decoders[FIELD_TYPE.NEWDECIMAL] = float), would
     # change what the next borrower's parameters and results are made of; comparing them on
     # every return would cost every lease.  The encoding PyMySQL writes statements in, set
-    # directly, is not in the character set compared below.  And what the session reset
-    # replays from the connection (sql_mode, init_command), changed on conn.raw, would reach
-    # the next borrower's session with session_reset="discard".
+    # directly, is not in the character set compared below, and use_unicode=False has the
+    # next borrower's text come back as bytes.  And what the session reset replays from the
+    # connection (sql_mode, init_command), changed on conn.raw, would reach the next
+    # borrower's session with session_reset="discard".
     restored_attributes = frozenset(
-        {"encoders", "decoders", "encoding", "sql_mode", "init_command"}
+        {"encoders", "decoders", "encoding", "use_unicode", "sql_mode", "init_command"}
     )
 
     def client_settings(self, conn: Any) -> object:
