@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from threading import get_ident
 from time import monotonic
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Callable, Generic
@@ -809,8 +808,8 @@ def lease(pool: Pool[C], slot: _Slot) -> Connection[C]:
     claim: list[_Slot] = []
     _set_claim(conn, claim)
     slot.claim = claim
-    # The slot's lease fields are at their defaults: the return path saw to it.
-    slot.owner = get_ident()
+    # The slot's lease fields are at their defaults (the return path saw to it), but for its
+    # owner and leased_at, which the checkout set as it counted the lease.
     return conn
 
 

@@ -20,6 +20,7 @@ import warnings
 import weakref
 from collections import deque
 from functools import partial
+from threading import get_ident
 from time import monotonic
 from typing import Any, Callable, Generic, TypeVar
 
@@ -577,6 +578,10 @@ class Pool(Generic[C]):
                         )
                         if fresh:  # served at once: counted now, under the lock
                             self._served_at_once += 1
+                            # Leased from now on: a close() past its timeout that ends it
+                            # before the lease is made counts it as returned
+                            slot.owner = get_ident()
+                            slot.leased_at = now
                 finally:
                     self._lock.release()
             deadline = None
@@ -595,7 +600,6 @@ class Pool(Generic[C]):
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
             if started is None:
-                slot.leased_at = now
                 conn = lease(self, slot)
                 slot.claim.append(slot)  # the lease is stored: its first close() returns it
                 if self._listeners.checkout:
@@ -603,6 +607,17 @@ class Pool(Generic[C]):
                         _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, 0.0
                     )
                 return conn
+            if slot.generation < 0:
+                # close() past its timeout ended it as this caller validated it or woke up with
+                # it, and counted no return of it (not lent yet): told so, rather than lent it.
+                # (Read without the lock, which a waiter served by hand-off does not take: a
+                # close() landing right after this look ends the lease instead, counted then.)
+                ended, slot = slot, None
+                self._close_if_retired(ended)  # closes it if close() left it open (sqlite3)
+                raise PoolClosed(
+                    f"pool {self._name!r} was closed while this caller waited for a connection"
+                )
+            slot.owner = get_ident()
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
             slot.claim.append(slot)
@@ -1908,22 +1923,24 @@ class Pool(Generic[C]):
                     self._left_open.discard(slot)
                 if generation >= 0 or generation == _LEFT_OPEN:
                     slot.generation = _FORGOTTEN  # closed here, and by nobody else
-                if generation >= 0 and held is not None:
-                    # Counted with the claim of its close: a close() that ends it first counts
-                    # it there instead, once.
-                    self._returned += 1
-                    self._held_time += held
+                if generation >= 0:
+                    # Let go as a discarded connection is: its place under max_size is free,
+                    # and drain() and close() wait for its close, except in this thread (a
+                    # close listener may call them).
+                    self._retired.discard(slot)
+                    slot.owner = threading.get_ident()  # now the thread closing it
+                    self._closing.add(slot)
+                    self._grant_room_locked()
+                    if held is not None:
+                        # Counted with the claim of its close: a close() that ends it first
+                        # counts it there instead, once.
+                        self._returned += 1
+                        self._held_time += held
         finally:  # even if a signal handler raised as the lock was let go: nobody else closes it
             if generation == _LEFT_OPEN:
                 self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")
             elif generation >= 0:
-                try:
-                    self._close_raw(slot, POOL_CLOSED, "leased before the pool was reopened")
-                finally:
-                    with self._lock:  # its place under max_size is free now
-                        self._retired.discard(slot)
-                        self._grant_room_locked()
-                        self._cond.notify_all()  # drain() and close() wait for it
+                self._close_counted(slot, POOL_CLOSED, "leased before the pool was reopened")
 
     def _note_return_of_borrowed(self, slot: _Slot) -> None:
         borrowed, slot.borrowed = slot.borrowed, None
@@ -2565,9 +2582,14 @@ class Pool(Generic[C]):
         return PoolTimeout(message)
 
     def _held_by_this_thread_locked(self) -> int:
+        """The leases this thread holds: not those it dropped unreleased (their claim is
+        emptied as they are queued for the maintenance thread, which takes them back) nor
+        those being returned."""
         me = threading.get_ident()
         leased = self._everyone.difference(self._idle)
-        return sum(1 for slot in itertools.chain(leased, self._retired) if slot.owner == me)
+        return sum(
+            1 for slot in itertools.chain(leased, self._retired) if slot.owner == me and slot.claim
+        )
 
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._secrets)

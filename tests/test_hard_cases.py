@@ -392,6 +392,43 @@ def test_drain_from_a_listener_of_the_close_does_not_wait_for_that_close(
     assert pool.closed and not server.open_connections
 
 
+@pytest.mark.parametrize("returned_by", ["the borrower", "another thread"])
+def test_drain_from_a_close_listener_of_a_lease_from_before_reopen_does_not_wait_for_it(
+    make_pool: Any, server: fakedb.Server, returned_by: str
+) -> None:
+    # Closed as it comes back, like a discarded connection: the listener told of that close
+    # may drain the pool without waiting for it.
+    pool = make_pool(max_size=2)
+    lease = pool.connect()
+    raw = lease.raw
+    with pytest.raises(dbpool.PoolTimeout):
+        pool.drain(timeout=0)
+    pool.reopen()
+    outcomes: list[BaseException | None] = []
+
+    def drain_on_close(event: dbpool.PoolEvent) -> None:
+        if event.connection is not raw:
+            return
+        try:
+            pool.drain(timeout=2)
+        except BaseException as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+
+    pool.add_listener("close", drain_on_close)
+    if returned_by == "the borrower":
+        lease.close()
+    else:
+        t = threading.Thread(target=lease.close, daemon=True)
+        t.start()
+        t.join(10)
+    assert outcomes == [None]
+    assert pool.closed and not server.open_connections
+    s = pool.stats()
+    assert s.acquired == s.returned == 1, s
+
+
 def test_drain_waits_for_another_threads_close_of_a_connection_it_leased(
     make_pool: Any, server: fakedb.Server
 ) -> None:

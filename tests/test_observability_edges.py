@@ -105,6 +105,31 @@ def test_leases_close_ends_past_its_timeout_are_counted_as_returned(
     assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
 
 
+@pytest.mark.parametrize("served", ["at once", "after a ping"])
+def test_a_checkout_close_ends_before_its_lease_is_made_is_counted_as_returned(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, served: str
+) -> None:
+    # close() past its timeout, in another thread, lands between the checkout's count and the
+    # lease it makes (forced here by running it as the lease is made): that checkout is
+    # counted in acquired, so close() must count it as returned, as it does a lease.
+    pool = make_pool(max_size=2, validate_after=None if served == "at once" else 0)
+    with pool.connection():
+        pass
+    make_lease = dbpool.pool.lease
+
+    def close_first(*args: Any) -> Any:
+        monkeypatch.undo()
+        pool.close(timeout=0)
+        return make_lease(*args)
+
+    monkeypatch.setattr(dbpool.pool, "lease", close_first)
+    lease = pool.connection()
+    assert lease.released, "lent as if close() had not ended it"
+    lease.close()
+    s = pool.stats()
+    assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
+
+
 # == A checkout undone after it was counted is counted as returned too ==========================
 
 

@@ -8,12 +8,15 @@ bounded, and no test sleeps to let something happen.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
 import re
+import sqlite3
 import threading
 import uuid
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -809,6 +812,30 @@ def test_a_wait_with_no_timeout_for_this_threads_own_lease_is_refused(make_pool,
     assert_accounting(pool)
 
 
+@pytest.mark.parametrize("call", ["drain", "close"])
+def test_a_wait_with_no_timeout_after_dropping_a_lease_unreleased_takes_it_back(
+    make_pool, server, call
+):
+    # The dropped lease is queued for the pool to take back, as drain() and close() do: the
+    # thread that dropped it no longer holds it.
+    pool = make_pool(min_size=0, max_size=2)
+
+    def dropping() -> None:
+        conn = pool.connection()
+        use(conn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del conn
+            gc.collect()
+        getattr(pool, call)(timeout=None)
+
+    run = Caller(dropping, name=f"{call}-after-dropping")
+    assert run.outcome(BOUND) is None, f"{call}() refused: {run.error!r}"
+    assert pool.closed and not server.open_connections
+    s = assert_accounting(pool)
+    assert s.leaked == 1 and s.acquired == s.returned == 1, s
+
+
 @pytest.mark.parametrize("validation", ["ping", "check"])
 @pytest.mark.parametrize("call", ["drain", "close"])
 def test_drain_or_close_stops_a_caller_whose_validation_is_under_way(
@@ -848,6 +875,44 @@ def test_drain_or_close_stops_a_caller_whose_validation_is_under_way(
     assert stopping.outcome(BOUND) is None
     assert raw.closed and not server.open_connections
     assert_accounting(pool)
+
+
+def test_a_connection_close_left_open_under_its_validation_is_not_lent_after_reopen(
+    make_pool, sqlite_connect
+):
+    # close() past its timeout ends the connection a caller's check is validating (sqlite3's
+    # is left open, to be closed once the caller lets go), and reopen() follows before the
+    # check ends: the caller was lent that ended connection, and counted as holding a lease
+    # for good (close() counted no return of a connection not lent yet).
+    armed, held, go = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_check(raw: Any) -> None:
+        if armed.is_set():
+            held.set()
+            assert go.wait(BOUND)
+
+    pool = make_pool(min_size=0, max_size=1, check=slow_check, connect=sqlite_connect)
+    with pool.connection(timeout=BOUND) as conn:  # a new connection: not checked
+        raw = conn.raw
+    armed.set()
+    taker = Caller(lambda: pool.connection(timeout=BOUND), name="validated")
+    try:
+        assert held.wait(BOUND)
+        pool.close(timeout=0)
+        pool.reopen()
+    finally:
+        go.set()
+    error = taker.outcome(BOUND)
+    if error is None:
+        taker.value.close()
+    assert isinstance(error, dbpool.PoolClosed), repr(error)
+    with pytest.raises(sqlite3.ProgrammingError):  # closed, not left open
+        raw.execute("SELECT 1")
+    s = assert_accounting(pool)
+    assert s.acquired == s.returned == 1, s
+    armed.clear()
+    with pool.connection(timeout=BOUND) as conn:
+        use(conn)
 
 
 def test_drain_stops_a_caller_whose_connect_is_under_way(make_pool, server):

@@ -288,6 +288,31 @@ def test_return_to_a_drained_pool(make_pool: Any, why: str) -> None:
     )
 
 
+def test_return_of_a_lease_from_before_reopen(make_pool: Any) -> None:
+    def from_before(pool: dbpool.Pool[Any]) -> Connection[Any]:
+        conn = pool.connection()
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0)
+        pool.reopen()
+        return conn
+
+    handing = (Connection.close, dbpool.Pool._give_back)
+    exact_after_each(
+        make_pool,
+        from_before,
+        lambda pool, conn: conn.close(),
+        [
+            *handing,
+            dbpool.Pool._close_if_retired,
+            dbpool.Pool._grant_room_locked,
+            dbpool.Pool._close_counted,
+            dbpool.Pool._close_raw,
+            dbpool.Pool._wake_closers,
+        ],
+        entries=handing,
+    )
+
+
 def _dropped_lease(pool: dbpool.Pool[Any]) -> None:
     """A lease garbage-collected unreleased: its connection waits among the orphans."""
     conn = pool.connection()
