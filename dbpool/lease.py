@@ -10,6 +10,7 @@ when there is something to roll back.
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Iterator
 from time import monotonic
@@ -37,6 +38,12 @@ _INHERITED = -2
 CANNOT_UNDO = object()
 _MISSING = object()
 
+# A lease lets go of the driver cursors dropped unclosed when it holds this many, then each
+# time their number doubles (see _let_go_of_dropped_cursors).
+_FIRST_CURSOR_CHECK = 64
+# CPython's: other interpreters keep every cursor until the lease comes back.
+_getrefcount: Callable[[Any], int] | None = getattr(sys, "getrefcount", None)
+
 
 def _keep_copies(slot: _Slot, names: frozenset[str]) -> None:
     """Record copies of the driver connection's ``names`` (of the dialect's
@@ -58,6 +65,30 @@ def _exposed(slot: _Slot) -> None:
     slot.dirty = slot.exposed = True
     if slot.dialect.restored_attributes:
         _keep_copies(slot, slot.dialect.restored_attributes)
+
+
+def _let_go_of_dropped_cursors(slot: _Slot, cursors: list[Any]) -> None:
+    """Drop the driver cursors in ``cursors`` (the lease's) that nobody else refers to any
+    more and that the driver frees entirely as they are collected: code that never closes its
+    cursors (``conn.cursor().execute(...)``) would otherwise pile them up, with their rows,
+    for as long as the lease is held.  The others stay for the return path to close.  Called
+    as their number doubles, so its cost per cursor stays constant."""
+    if _getrefcount is not None:
+        # References are counted against an object that only the list holds, counted the same
+        # way: what the interpreter adds while counting is the same for all.
+        cursors.append(object())
+        try:
+            counts = [_getrefcount(cursor) for cursor in cursors]
+        finally:
+            del cursors[-1]
+        alone = counts.pop()
+        drops_cleanly = slot.dialect.drops_cursor_cleanly
+        cursors[:] = [
+            cursor
+            for cursor, count in zip(cursors, counts)
+            if count > alone or not drops_cleanly(cursor)
+        ]
+    slot.cursors_checked_at = max(_FIRST_CURSOR_CHECK, 2 * len(cursors))
 
 
 def _released(what: str) -> LeaseReleased:
@@ -213,10 +244,13 @@ class Connection(Generic[C]):
         raw = slot.raw.cursor(*args, **kwargs)
         # The slot keeps the driver's cursor, never the wrapper: the wrapper refers to this
         # lease, which must stay collectable so a dropped lease finds its way back.
-        if slot.cursors is None:
+        cursors = slot.cursors
+        if cursors is None:
             slot.cursors = [raw]
         else:
-            slot.cursors.append(raw)
+            cursors.append(raw)
+            if len(cursors) >= slot.cursors_checked_at:
+                _let_go_of_dropped_cursors(slot, cursors)
         cursor: Cursor[C] = _new(Cursor)
         _set_cursor_lease(cursor, self)
         _set_cursor_raw(cursor, raw)
@@ -470,6 +504,28 @@ class Cursor(Generic[C]):
             raise
         slot.busy = False
         return rows
+
+    def __next__(self) -> Any:
+        # Every driver's cursor is its own iterator (``first = next(cur, None)``); read as
+        # fetchone() reads.
+        slot = self._lease._slot
+        if slot is None or slot.generation < 0 or slot.doomed:
+            raise _refusal(slot, "cursor")
+        tx = slot.transaction
+        if tx is not None and (tx._expired or monotonic() >= tx._deadline):
+            tx._check_deadline()  # past the block's deadline: raise without reading on
+        slot.busy = True
+        try:
+            row = next(self._raw)
+        except StopIteration:
+            slot.busy = False
+            raise
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = False
+            raise
+        slot.busy = False
+        return row
 
     def __iter__(self) -> Iterator[Any]:
         slot = self._slot()

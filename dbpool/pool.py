@@ -35,6 +35,7 @@ from .errors import LeaseReleased, PoolClosed, PoolError, PoolTimeout, TooManyWa
 from .events import POOL_CLOSED, DiscardReason, Event, Listener, Listeners, emit
 from .isolation import Isolation
 from .lease import (
+    _FIRST_CURSOR_CHECK,
     _INHERITED,
     CANNOT_UNDO,
     Connection,
@@ -124,6 +125,7 @@ class _Slot:
         "dirty",
         "busy",
         "cursors",
+        "cursors_checked_at",
         "loose_cursors",
         "restore",
         "settings",
@@ -161,6 +163,8 @@ class _Slot:
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
         self.cursors: list[Any] | None = None  # driver cursors the lease made
+        # How many there are when the lease next lets go of those dropped unclosed (lease.py)
+        self.cursors_checked_at = _FIRST_CURSOR_CHECK
         # Cursors the driver's conn.execute() returned still running their statement (sqlite3's,
         # which holds a read lock until closed), weakly held: closed on return
         self.loose_cursors: weakref.WeakSet[Any] | None = None

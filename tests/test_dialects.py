@@ -321,3 +321,36 @@ def test_only_cursors_that_fetch_as_they_go_are_watched_when_iterated(
     assert mysqldb.fetches_as_it_goes(mc.cursor(MySQLdb.cursors.SSCursor))
     with contextlib.closing(sqlite3.connect(str(tmp_path / "db.sqlite3"))) as lite:
         assert dialects.SQLiteDialect().fetches_as_it_goes(lite.cursor())  # steps the statement
+
+
+def test_only_cursors_that_leave_nothing_behind_may_be_dropped_unclosed(
+    pg_connect, mysql_params, psycopg2_connect, mysqlclient_connect, tmp_path
+):
+    """A lease lets go of the cursors it dropped unclosed only where the driver's own
+    collection of them leaves nothing on the server or the connection."""
+    import pymysql.cursors
+    from pymysql.constants import CLIENT
+
+    pg = pg_connect()
+    psycopg = dialects.PsycopgDialect()
+    assert psycopg.drops_cursor_cleanly(pg.cursor())
+    assert not psycopg.drops_cursor_cleanly(pg.cursor(name="server_side", withhold=True))
+    pg2 = psycopg2_connect()
+    psycopg2 = dialects.Psycopg2Dialect()
+    assert psycopg2.drops_cursor_cleanly(pg2.cursor())
+    assert not psycopg2.drops_cursor_cleanly(pg2.cursor(name="server_side", withhold=True))
+    my = pymysql.connect(**mysql_params, client_flag=CLIENT.MULTI_STATEMENTS)
+    pymysql_dialect = dialects.PyMySQLDialect()
+    plain = my.cursor()
+    assert pymysql_dialect.drops_cursor_cleanly(plain)
+    plain.execute("SELECT 1")
+    assert pymysql_dialect.drops_cursor_cleanly(plain)
+    multi = my.cursor()
+    multi.execute("SELECT 1; SELECT 2")  # the second result is still to read
+    assert not pymysql_dialect.drops_cursor_cleanly(multi)
+    multi.close()
+    assert not pymysql_dialect.drops_cursor_cleanly(my.cursor(pymysql.cursors.SSCursor))
+    my.close()
+    assert not dialects.MySQLdbDialect().drops_cursor_cleanly(mysqlclient_connect().cursor())
+    with contextlib.closing(sqlite3.connect(str(tmp_path / "db.sqlite3"))) as lite:
+        assert dialects.SQLiteDialect().drops_cursor_cleanly(lite.cursor())

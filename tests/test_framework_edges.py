@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Connector, in_child, rows, scalar, wait_until
+from tests.conftest import Backend, Connector, in_child, rows, scalar, wait_until
 from tests.test_examples import load, unique
 
 
@@ -393,3 +393,23 @@ def test_psycopg_with_block_commits_where_a_lease_rolls_back(
     finally:
         with psycopg.connect(postgresql_dsn, autocommit=True) as admin:
             admin.execute(f"DROP TABLE {table}")
+
+
+def test_a_lease_cursor_is_an_iterator_as_the_drivers_are(db: Backend) -> None:
+    """``next(cur)`` works on every driver's cursor (``first = next(cur, None)``), so it must
+    on a lease's; a released lease's cursor refuses it as it refuses fetchone()."""
+    import collections.abc
+
+    with dbpool.Pool(db.connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            assert isinstance(cur.raw, collections.abc.Iterator)
+            assert isinstance(cur, collections.abc.Iterator)
+            cur.execute("SELECT 1 UNION ALL SELECT 2")
+            assert tuple(next(cur)) == (1,)
+            assert [tuple(row) for row in cur] == [(2,)]
+            assert next(cur, None) is None
+            cur.execute("SELECT 3")
+        with pytest.raises(dbpool.LeaseReleased):
+            next(cur)
+        assert no_lease_out(pool) and pool.stats().discarded == 0

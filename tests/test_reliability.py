@@ -13,6 +13,7 @@ import gc
 import logging
 import sqlite3
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -424,6 +425,45 @@ def test_a_long_held_lease_does_not_keep_its_closed_cursors(fake_server: fakedb.
                 cur.close()
             open_cursor = conn.cursor()
             assert conn._slot.cursors == [open_cursor.raw]  # only what the return must close
+
+
+def test_a_long_held_lease_lets_go_of_the_cursors_it_dropped_unclosed(
+    sqlite_connect: Any, pg_connect: Any
+) -> None:
+    """DB-API code that never closes its cursors (``conn.cursor().execute(...)``) on a lease
+    held for a long time: each dropped cursor, and the rows it holds, is let go as it would be
+    on the driver's own connection, not kept until the lease comes back."""
+    for connect in (sqlite_connect, pg_connect):
+        with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+            with pool.connection() as conn:
+                kept = conn.cursor()
+                kept.execute("SELECT 1 UNION ALL SELECT 2")
+                dropped = []
+                for _ in range(500):
+                    cur = conn.cursor()
+                    cur.execute("SELECT 1")
+                    dropped.append(weakref.ref(cur.raw))
+                del cur
+                alive = sum(ref() is not None for ref in dropped)
+                assert alive < 100, f"{alive} of 500 dropped cursors still held"
+                assert kept.fetchall() == [(1,), (2,)]  # the one still referenced stays
+
+
+def test_a_dropped_server_side_cursor_is_still_closed_on_return(pg_connect: Any) -> None:
+    """A cursor whose collection would leave something on the server (a WITH HOLD cursor
+    outlives the transaction) stays the lease's to close, however many cursors it drops."""
+    with dbpool.Pool(pg_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.autocommit = True
+            held = conn.cursor("dbpool_dropped_held", withhold=True)
+            held.execute("SELECT generate_series(1, 10)")
+            held.fetchone()
+            del held
+            for _ in range(500):
+                conn.cursor().execute("SELECT 1")
+            assert scalar(conn, "SELECT count(*) FROM pg_cursors") == 1
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT count(*) FROM pg_cursors") == 0
 
 
 def test_an_unusable_lease_still_answers_attribute_reads(fake_server: fakedb.Server) -> None:

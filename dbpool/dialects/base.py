@@ -124,6 +124,13 @@ class Dialect:
         """Close a cursor a lease left open, as its connection comes back."""
         cursor.close()
 
+    def drops_cursor_cleanly(self, cursor: Any) -> bool:
+        """Whether ``cursor``, once nobody refers to it, may be let go unclosed: the driver
+        frees all it holds as it is collected, with no I/O, and leaves nothing for the next
+        statement on the connection (no server-side cursor, no result still to read).  Else
+        the lease keeps it, for the return path to close.  No I/O.  When in doubt, False."""
+        return False
+
     def client_settings(self, conn: Any) -> object:
         """The driver-side session settings a borrower could change (autocommit, isolation
         level...), read locally.  The pool restores them on return when they differ."""

@@ -223,6 +223,11 @@ class PsycopgDialect(Dialect):
         # (fetching then syncs the pipeline); a server-side cursor has a name.
         return hasattr(cursor, "name") or cursor.connection.pgconn.pipeline_status != 0
 
+    def drops_cursor_cleanly(self, cursor: Any) -> bool:
+        # A client-side cursor holds its result in memory only; a server-side one (WITH HOLD)
+        # may outlive the transaction on the server
+        return not self.fetches_as_it_goes(cursor)
+
     def ping(self, conn: Any) -> None:
         # An empty query is one round trip; in autocommit mode it opens no transaction.
         if conn.autocommit:

@@ -142,6 +142,9 @@ class Psycopg2Dialect(Dialect):
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return getattr(cursor, "name", None) is not None  # a named cursor is server-side
 
+    def drops_cursor_cleanly(self, cursor: Any) -> bool:
+        return not self.fetches_as_it_goes(cursor)  # as with psycopg
+
     def close_cursor(self, cursor: Any) -> None:
         try:
             cursor.close()

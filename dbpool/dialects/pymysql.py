@@ -233,6 +233,13 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         # SSCursor and its subclasses; the others read the whole result at execute()
         return derives_from(cursor, "pymysql.cursors", "SSCursor")
 
+    def drops_cursor_cleanly(self, cursor: Any) -> bool:
+        # Not an SSCursor, whose collection reads the rest of its rows, nor one with results of
+        # a multi-statement string still to read: the next statement would read them, and
+        # raise the error of one that failed.  Private, so looked up.
+        result = getattr(cursor, "_result", None)
+        return not getattr(result, "has_next", False) and not self.fetches_as_it_goes(cursor)
+
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
 

@@ -101,6 +101,9 @@ class SQLiteDialect(Dialect):
         if conn.isolation_level != isolation_level:
             conn.isolation_level = isolation_level
 
+    def drops_cursor_cleanly(self, cursor: Any) -> bool:
+        return True  # collected, it resets its statement, which lets go of its lock
+
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.
         _ = conn.total_changes  # raises ProgrammingError once closed
