@@ -15,13 +15,13 @@ import warnings
 from collections.abc import Iterator
 from time import monotonic
 from types import GeneratorType
-from typing import TYPE_CHECKING, Any, Callable, Generic
+from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, SupportsIndex
 from weakref import WeakSet
 
 from ._types import C
 from .errors import ConnectionUnusable, LeaseReleased, PoolError
 from .isolation import Isolation
-from .transaction import Transaction
+from .transaction import INTERRUPTED, Transaction
 
 if TYPE_CHECKING:
     from .pool import Pool, _Slot
@@ -110,6 +110,13 @@ def _doomed() -> ConnectionUnusable:
 def _warn_unreleased(message: str) -> None:
     """From a finaliser that gave the pool back an unreleased connection."""
     warnings.warn(message, ResourceWarning, stacklevel=3)
+
+
+def _not_copyable(what: str) -> TypeError:
+    return TypeError(
+        f"a dbpool.{what} cannot be copied or pickled: it stands for one lease of one driver "
+        "connection; take another with pool.connection()"
+    )
 
 
 def _refusal(slot: _Slot | None, what: str) -> Exception:
@@ -272,6 +279,9 @@ class Connection(Generic[C]):
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED  # no thread is inside the call any more
+            raise
         slot.busy = False
         slot.dirty = False
 
@@ -289,6 +299,9 @@ class Connection(Generic[C]):
         except Exception as exc:
             _call_failed(slot, exc)
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
         slot.dirty = False
@@ -351,6 +364,11 @@ class Connection(Generic[C]):
                 )
             slot.restore[name] = previous
         setattr(raw, name, value)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # Else copy.copy() fails on the copy's unset slots (AttributeError: _slot), and
+        # pickle and deepcopy on whatever of the pool they meet first.
+        raise _not_copyable("Connection")
 
     def __repr__(self) -> str:
         slot = self._slot
@@ -426,6 +444,9 @@ class Cursor(Generic[C]):
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         if slot.transaction is not None:
             # Ended past the deadline, though cancelled: a server may let it finish (MySQL's
@@ -446,6 +467,9 @@ class Cursor(Generic[C]):
         except Exception as exc:
             _call_failed(slot, exc)
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
         if slot.transaction is not None:
@@ -468,6 +492,9 @@ class Cursor(Generic[C]):
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         return row
 
@@ -485,6 +512,9 @@ class Cursor(Generic[C]):
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         return rows
 
@@ -501,6 +531,9 @@ class Cursor(Generic[C]):
         except Exception as exc:
             _call_failed(slot, exc)
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
         return rows
@@ -523,6 +556,9 @@ class Cursor(Generic[C]):
         except Exception as exc:
             _call_failed(slot, exc)
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
         return row
@@ -559,6 +595,9 @@ class Cursor(Generic[C]):
             except Exception as exc:
                 _call_failed(slot, exc)
                 slot.busy = busy
+                raise
+            except BaseException:
+                slot.busy = INTERRUPTED
                 raise
             slot.busy = busy
             if slot.cursors:  # the return path need not close it again
@@ -599,6 +638,9 @@ class Cursor(Generic[C]):
     def __setattr__(self, name: str, value: Any) -> None:
         self._slot()
         setattr(self._raw, name, value)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise _not_copyable(type(self).__name__)  # as for Connection
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -697,6 +739,9 @@ def _tracked_call(
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         if handle or (
             what == "connection"
@@ -739,6 +784,9 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 _call_failed(slot, exc)
                 slot.busy = False
                 raise
+            except BaseException:
+                slot.busy = INTERRUPTED
+                raise
             slot.busy = False
             yield item
     finally:
@@ -759,6 +807,9 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
             except Exception as exc:
                 _call_failed(current, exc)
                 current.busy = False
+                raise
+            except BaseException:
+                current.busy = INTERRUPTED
                 raise
             current.busy = False
 
@@ -795,6 +846,9 @@ class _TrackedBlock:
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
 
     def __exit__(self, *exc_info: Any) -> Any:
         slot = self._lease._slot
@@ -808,8 +862,12 @@ class _TrackedBlock:
             _call_failed(slot, exc)
             slot.busy = False
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         if exc_info[0] is not None and not issubclass(exc_info[0], Exception):
-            return result  # interrupted: busy stays set, the pool discards the connection
+            slot.busy = INTERRUPTED  # busy stays set, the pool discards the connection
+            return result
         slot.busy = False
         return result
 

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -71,6 +72,11 @@ _SWEEP_TIME = 2.0  # the reaper's pings of suspect idle connections, all togethe
 # fixed time: acquire_timeout bounds a caller's wait, and may be far below what a rollback needs.
 _ORPHAN_RETURN_TIME = 5.0
 _MIN_TICK = 0.005  # the reaper's shortest sleep between two runs
+# How long the close of a connection given back while another thread is still inside a call
+# on it waits for that call to end, where the driver cannot be closed under a call (sqlite3's
+# busy timeout is 5 s by default, and no interrupt cuts a lock wait short).  Past it the
+# connection is left for the garbage collector to close.
+_CALL_END_WAIT = 10.0
 # check() and the sweep start no ping with less than this many times their slowest ping so far
 # left: cut short, it would discard a live connection on a slow link.
 _PING_HEADROOM = 2.0
@@ -151,7 +157,9 @@ class _Slot:
         self.leased_at = 0.0  # monotonic time of the checkout, for the hold time
         self.generation = generation
         self.dirty = False  # a statement ran since the last commit or rollback
-        self.busy = False  # a driver call is running, or was interrupted half-way
+        # True while a driver call runs, and after one was interrupted half-way (then
+        # transaction.INTERRUPTED, once the interrupt came out of the call)
+        self.busy: object = False
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
         self.transaction: Any = None  # the Transaction whose block is running on it
         self.owner = 0  # threading.get_ident() of the thread that leased it, or is closing it
@@ -2142,13 +2150,44 @@ class Pool(Generic[C]):
         ``POOL_CLOSED``, told to listeners."""
         reason = reason.value if isinstance(reason, DiscardReason) else reason
         logger.debug("pool %r: closing a connection (%s) %s", self._name, reason, detail)
+        # Given back (or discarded, or let go by close()) by one thread while another is inside
+        # a call on it: closed under that call, the driver may crash the interpreter.  (An
+        # interrupted call leaves transaction.INTERRUPTED instead: nobody is inside.)
+        closes = slot.busy is not True or slot.dialect.closes_under_a_call
         try:
             if reason != POOL_CLOSED and self._listeners.discard:
                 emit(self._listeners.discard, Event.DISCARD, self._name, slot.raw, reason)
         finally:  # whatever a listener raises, the connection is closed
-            _close_quietly(slot.dialect, slot.raw)
-        if self._listeners.close:
+            if not closes:
+                closes = self._await_call_end(slot)
+            if closes:
+                _close_quietly(slot.dialect, slot.raw)
+        if closes and self._listeners.close:
             emit(self._listeners.close, Event.CLOSE, self._name, slot.raw, reason)
+
+    def _await_call_end(self, slot: _Slot) -> bool:
+        """Cut off the call another thread runs on ``slot``'s connection, no longer counted, and
+        wait until it has ended (it clears ``busy``); False if it still runs after
+        ``_CALL_END_WAIT``: the connection is then left to the garbage collector."""
+        try:
+            slot.dialect.sever(slot.raw)
+        except Exception as exc:
+            logger.debug("cutting off a connection failed: %s", self._describe(exc))
+        deadline = monotonic() + _CALL_END_WAIT
+        pause = 0.001
+        while slot.busy is True:
+            if monotonic() >= deadline:
+                logger.warning(
+                    "pool %r: a connection was given back while another thread was inside a "
+                    "call on it, still running after %g s: left open, for the garbage collector "
+                    "to close (use a lease from one thread at a time)",
+                    self._name,
+                    _CALL_END_WAIT,
+                )
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        return True
 
     def _close_counted(self, slot: _Slot, reason: str, detail: str = "") -> None:
         """_close_raw a connection in ``_closing``, then say it is closed: drain() and close()

@@ -51,6 +51,11 @@ T = TypeVar("T")
 _CANCEL_AGAIN = 0.05  # seconds between cancels while a statement still runs past the deadline
 _SEVER_GRACE = 1.0  # seconds past the deadline before a call still running is cut off
 _NOT_LIMITED = object()  # limit_time() was not called, or did not get through
+#: ``slot.busy`` once an interrupt (KeyboardInterrupt, SystemExit) came out of a driver call:
+#: truthy, as the call may have stopped half-way, but no thread is inside it any more.  Left
+#: ``True``, the pool must assume a call still runs, maybe in another thread (see
+#: Pool._close_raw).
+INTERRUPTED: Any = "interrupted"
 # How far past the deadline a lock wait may last where the dialect narrows its limit (SQLite):
 # the limit is resized to the time left before a statement when it was sized longer ago.
 _NARROW_SLACK = 0.01
@@ -231,6 +236,7 @@ class Transaction(Generic[C]):
             if not isinstance(exc, Exception):
                 # Interrupted mid-call: busy stays set, the pool discards the connection; the
                 # lease may still run statements, which this block's deadline must not cut off.
+                slot.busy = INTERRUPTED
                 self._unguard()
                 raise
             slot.busy = False
@@ -251,6 +257,9 @@ class Transaction(Generic[C]):
             state = slot.dialect.fresh_transaction_state(slot.raw)
         except Exception:
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
         if state is IDLE or (state is UNKNOWN and not slot.dirty):
@@ -383,6 +392,9 @@ class Transaction(Generic[C]):
                     if slot.doomed:  # cut off past the deadline; COMMIT was never sent
                         raise self._timeout_error() from exc
                     raise
+                except BaseException:
+                    slot.busy = INTERRUPTED
+                    raise
                 slot.busy = False
             self._commit(slot)
         except CommitOutcomeUnknown:
@@ -455,6 +467,9 @@ class Transaction(Generic[C]):
                     "or may not have been committed; check before doing the work again"
                 ) from exc
             raise  # a definite failure: rolled back, or left open and rolled back by the caller
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         slot.dirty = False
 
@@ -482,6 +497,9 @@ class Transaction(Generic[C]):
                 self._describe(exc),
             )
             slot.doomed = True
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
 
     def _timeout_error(self) -> TransactionTimeout:
@@ -585,6 +603,9 @@ class Transaction(Generic[C]):
         except Exception as exc:
             _call_failed(slot, exc)
             slot.busy = False
+            raise
+        except BaseException:
+            slot.busy = INTERRUPTED
             raise
         slot.busy = False
 
@@ -698,6 +719,9 @@ class Savepoint(Generic[C]):
             slot.busy = False
             self._tx._savepoint_failed = "creating a savepoint", failed
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
         return self
 
@@ -730,6 +754,9 @@ class Savepoint(Generic[C]):
                 slot.busy = False
                 tx._savepoint_failed = "releasing a savepoint", failed
                 raise
+            except BaseException:
+                slot.busy = INTERRUPTED
+                raise
             slot.busy = False
             return
         try:
@@ -745,6 +772,9 @@ class Savepoint(Generic[C]):
                 tx._describe(undo),
             )
             tx._savepoint_failed = "rolling back to a savepoint", undo
+        except BaseException:
+            slot.busy = INTERRUPTED
+            raise
         slot.busy = False
 
 

@@ -1,7 +1,7 @@
 """Where several features meet: psycopg's prepared statements across session resets after
 leases that committed, a lost connection at START TRANSACTION with an isolation level,
 close() past its timeout with a borrower inside a call (sqlite3, pymssql) or inside a
-transaction block."""
+transaction block, and a lease given back by one thread while another is inside a call on it."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 import dbpool
+from dbpool.dialects.pymssql import PymssqlDialect
 from tests import fakedb
-from tests.conftest import Connector
+from tests.conftest import Caller, Connector, in_child, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -170,3 +171,113 @@ def test_close_past_its_timeout_leaves_a_pymssql_connection_in_a_call_to_its_bor
     assert fake_server.closed_under_a_call == []
     assert not [exc for exc in failures if not isinstance(exc, dbpool.PoolError)]
     assert pool.stats().size == pool.stats().in_use == 0
+
+
+# -- a lease given back by one thread while another is inside a call on it ---------------------
+
+
+class WatchedPymssql(PymssqlDialect):
+    """pymssql's dialect, telling when the pool cuts a connection off (FreeTDS has no socket
+    to shut down: nothing else happens)."""
+
+    def __init__(self) -> None:
+        self.severed = threading.Event()
+
+    def sever(self, conn: Any) -> None:
+        self.severed.set()
+
+
+@pytest.mark.parametrize("ending", ["close", "release", "discard", "pool closed first"])
+def test_a_lease_ended_by_another_thread_during_a_pymssql_call_is_closed_once_the_call_ends(
+    fake_server: fakedb.Server, ending: str
+) -> None:
+    # One thread runs a statement on a lease that another thread gives back (or discards): the
+    # pool must not close the connection under the call (pymssql frees what the call still
+    # uses), but once the call is over, and then the call's thread gets LeaseReleased.
+    dialect = WatchedPymssql()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    try:
+        conn = pool.connection()
+        cur = conn.cursor()
+        gate = fake_server.block("execute")
+        runner = Caller(lambda: (cur.execute("SELECT 2"), cur.fetchall()), name="runner")
+        assert gate.entered.wait(10)
+        [raw] = fake_server.connections
+        if ending == "pool closed first":
+            pool.close(timeout=0)  # leaves it open for whoever gives it back
+        ends = {"discard": pool.discard, "release": pool.release}
+        end = ends.get(ending, dbpool.Connection.close)
+        ender = Caller(lambda: end(conn), name="ender")
+        wait_until(lambda: dialect.severed.is_set() or ender.done.is_set())
+        assert fake_server.closed_under_a_call == []
+        assert not raw.closed
+        gate.release()
+        assert ender.outcome() is None
+        assert isinstance(runner.outcome(), dbpool.LeaseReleased), runner.error
+        assert raw.closed
+        assert fake_server.closed_under_a_call == []
+        s = pool.stats()
+        assert (s.size, s.in_use, s.idle) == (0, 0, 0), s
+    finally:
+        fake_server.release_all()
+        pool.close()
+
+
+def test_a_lease_given_back_by_another_thread_during_a_sqlite_call_does_not_crash(
+    tmp_path: Any,
+) -> None:
+    # sqlite3 closed while another thread is inside a call on the connection crashes the
+    # interpreter (SIGSEGV): run where a crash fails the test instead of ending the run.
+    path = str(tmp_path / "db.sqlite3")
+
+    def body() -> list[str]:
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, check_same_thread=False)
+            conn.create_function("hold", 0, hold)
+            return conn
+
+        def hold() -> int:  # inside the statement until the lease went back
+            inside.set()
+            wait_until(lambda: pool.stats().in_use == 0)
+            return 1
+
+        inside = threading.Event()
+        with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+            conn = pool.connection()
+            cur = conn.cursor()
+            runner = Caller(lambda: (cur.execute("SELECT hold()"), cur.fetchall()))
+            assert inside.wait(10)
+            conn.close()  # another thread's, while the runner is inside the statement
+            outcome = runner.outcome()
+            s = pool.stats()
+            assert (s.size, s.in_use, s.closed) == (0, 0, 1), s
+        return [type(outcome).__name__]
+
+    assert in_child(body) == {"result": ["LeaseReleased"]}
+
+
+@pytest.mark.parametrize("where", ["execute", "commit", "execute in a block"])
+def test_a_pymssql_connection_whose_call_was_interrupted_is_closed_at_once(
+    fake_server: fakedb.Server, where: str
+) -> None:
+    # A call left by KeyboardInterrupt: nobody is inside it any more, so its connection is
+    # closed as the lease comes back, with no wait for a call to end.
+    dialect = WatchedPymssql()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    try:
+        fake_server.fail_next(where.split()[0], KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                if where == "execute in a block":
+                    with conn.transaction() as tx:
+                        tx.execute("SELECT 2")
+                else:
+                    conn.cursor().execute("SELECT 2")
+                    conn.commit()
+        [raw] = fake_server.connections
+        assert raw.closed
+        assert not dialect.severed.is_set()
+        s = pool.stats()
+        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+    finally:
+        pool.close()

@@ -6,6 +6,8 @@ that fails on its own past the deadline."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import pickle
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
+from tests import fakedb
 
 
 def _name(prefix: str) -> str:
@@ -237,3 +240,27 @@ def test_a_block_left_by_an_interrupt_after_its_lease_went_back_lets_it_through(
                 tx.execute("select 1").fetchall()
                 conn.close()
         assert pool.stats().in_use == 0
+
+
+# -- copies -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [copy.copy, copy.deepcopy, pickle.dumps])
+@pytest.mark.parametrize("what", ["lease", "cursor", "pool cursor"])
+def test_a_lease_or_cursor_refuses_to_be_copied_or_pickled(
+    make: Callable[[Any], Any], what: str
+) -> None:
+    """A copy would be a second lease of the same connection: refused with a TypeError that
+    says so, not an AttributeError on an internal name, and the original goes on."""
+    with _pool(fakedb.Server().connect, max_size=2) as pool:
+        with pool.connection() as conn:
+            pooled = pool.cursor() if what == "pool cursor" else None
+            obj = {"lease": conn, "cursor": conn.cursor(), "pool cursor": pooled}[what]
+            with pytest.raises(TypeError, match="cannot be copied or pickled"):
+                make(obj)
+            conn.cursor().execute("select 2")
+            if pooled is not None:
+                pooled.execute("select 2")
+                pooled.close()
+        s = pool.stats()
+        assert (s.in_use, s.leaked) == (0, 0), s

@@ -168,9 +168,10 @@ class Dialect:
             shutdown_socket(fileno())
 
     #: Whether :meth:`close` may run while another thread is inside a call on the connection,
-    #: as ``pool.close()`` does past its timeout.  Where it may not (sqlite3: the call fails
-    #: with any error, or the interpreter crashes), the connection is only cut off with
-    #: :meth:`sever`, and closed when its borrower returns it.
+    #: as ``pool.close()`` does past its timeout, and a return does for a lease given back by
+    #: one thread while another is inside a call on it.  Where it may not (sqlite3: the call
+    #: fails with any error, or the interpreter crashes), the connection is only cut off with
+    #: :meth:`sever`, and closed when its borrower returns it, or once that call has ended.
     closes_under_a_call = True
 
     #: Whether :meth:`reset_session` exists for this driver; without it, the ``"discard"``
