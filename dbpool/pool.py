@@ -834,18 +834,23 @@ class Pool(Generic[C]):
 
     def health(self, timeout: float = 5.0) -> HealthReport:
         """A small report for readiness probes: whether a pooled connection answers a ping
-        within ``timeout`` seconds, how long the ping took, and the stats.
+        within ``timeout`` seconds, how long the ping took, and the stats.  When every
+        connection stays busy for the whole ``timeout`` while leases keep coming back sound,
+        the report is ok and ``busy``: the database serves, the pool is saturated.
 
         Never raises for a database or pool problem: ``ok`` is false and ``error`` says what
         happened (the exception's type and first line).
         """
         _check_number("timeout", timeout, allow_none=False, positive=False)
-        reachable = False
+        reachable = busy = leased = False
         latency = None
         error = None
         deadline = monotonic() + timeout
+        with self._lock:  # what says, if no connection comes free, whether the pool is busy
+            before = (self._returned, self._discards["broken"], self._connect_errors)
         try:
             with self.connection(timeout=timeout) as conn:
+                leased = True
                 slot = conn._slot
                 assert slot is not None
                 dialect, raw = slot.dialect, slot.raw
@@ -878,11 +883,25 @@ class Pool(Generic[C]):
                 reachable = True
         except Exception as exc:
             error = self._describe(exc)
+            busy = isinstance(exc, PoolTimeout) and not leased  # no connection came free
         stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
+        # Busy, if leases came back meanwhile, none broken, and no connect failed: the database
+        # serves, and every connection is busy doing so.  Reported as ok: a readiness probe
+        # would otherwise take every saturated instance out of rotation at once.
+        returned, broken, connect_errors = before
+        busy = (
+            busy
+            and stats.returned > returned
+            and stats.discards["broken"] == broken
+            and stats.connect_errors == connect_errors
+        )
+        if busy:
+            error = None
         return {
             "pool": self._name,
-            "ok": reachable and not stats.pool_closed,
+            "ok": (reachable or busy) and not stats.pool_closed,
             "reachable": reachable,
+            "busy": busy,
             "latency": latency,
             "error": error,
             "closed": stats.pool_closed,

@@ -106,10 +106,14 @@ class HealthReport(TypedDict):
 
     #: the pool's name
     pool: str
-    #: a pooled connection answered the ping, and the pool is open
+    #: the pool is open, and a pooled connection answered the ping, or every one was busy
+    #: serving callers (``busy``)
     ok: bool
     #: a pooled connection answered the ping within the timeout
     reachable: bool
+    #: no connection came free within the timeout, yet leases came back meanwhile, none
+    #: broken, and no connect failed: the pool is saturated, the database serves
+    busy: bool
     #: seconds the ping took (``None`` when it did not answer)
     latency: float | None
     #: why it is not ok: the exception's type and first line, secrets masked (else ``None``)

@@ -133,7 +133,8 @@ def add_note() -> tuple[Response, int]:
 
 def healthz() -> tuple[Response, int]:
     # For a load balancer or an orchestrator's readiness probe: 503 takes the process out of
-    # rotation while the database cannot be reached. health() reports, it never raises.
+    # rotation while the database cannot be reached; a pool that is only busy (every connection
+    # in use, leases coming back) stays ok. health() reports, it never raises.
     report = get_pool().health(timeout=2.0)
     return jsonify(report), 200 if report["ok"] else 503
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 
 BOUND = 10.0  # seconds: what should happen at once, and has not by then, is a hang
 CLOSED_PORT = 1  # nothing listens on port 1 here: connects to it are refused at once
-HEALTH_KEYS = {"pool", "ok", "reachable", "latency", "error", "closed", "stats"}
+HEALTH_KEYS = {"pool", "ok", "reachable", "busy", "latency", "error", "closed", "stats"}
 SERVERS = [
     pytest.param("postgresql", marks=pytest.mark.postgresql),
     pytest.param("mysql", marks=pytest.mark.mysql),
@@ -323,6 +323,47 @@ def test_health_when_every_idle_connection_died_and_the_server_refuses(make_pool
     assert s.discards["broken"] >= 1, "the connection that failed health()'s ping was kept"
     server.up()
     wait_until(lambda: pool.health(timeout=2)["ok"], timeout=BOUND, message="no recovery")
+
+
+def test_health_of_a_saturated_pool_whose_leases_keep_coming_back_is_ok_and_busy(make_pool, server):
+    """No connection comes free within health()'s timeout, but leases come back sound
+    meanwhile (to callers queued first): the database serves, the pool is busy. A readiness
+    probe must not take every saturated instance out of rotation."""
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait(timeout=BOUND)
+    holder = pool.connection(timeout=BOUND)
+    served = threading.Event()
+    finish = threading.Event()
+
+    def queued_first() -> None:
+        with pool.connection(timeout=BOUND):
+            served.set()
+            finish.wait(BOUND)
+
+    first = Caller(queued_first, name="queued first")
+    wait_until(lambda: pool.stats().waiting == 1, timeout=BOUND)
+    checking = Caller(lambda: pool.health(timeout=0.5), name="health")
+    wait_until(lambda: pool.stats().waiting == 2, timeout=BOUND)
+    holder.close()  # handed to the caller queued first: health() still finds none free
+    assert served.wait(BOUND)
+    assert checking.outcome(BOUND) is None
+    health = checking.value
+    finish.set()
+    assert first.outcome(BOUND) is None
+    assert_health_shape(pool, health)
+    assert health["ok"] is True and health["busy"] is True, health
+    assert health["reachable"] is False and health["error"] is None, health
+    assert health["latency"] is None
+
+
+def test_health_of_a_pool_whose_leases_never_come_back_is_not_ok(make_pool, server):
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait(timeout=BOUND)
+    with pool.connection(timeout=BOUND):
+        health = pool.health(timeout=0.2)
+    assert_health_shape(pool, health)
+    assert health["ok"] is False and health["busy"] is False, health
+    assert health["error"] is not None and "PoolTimeout" in health["error"], health
 
 
 def test_health_never_raises_on_a_connect_callable_error(make_pool, server):
