@@ -46,10 +46,11 @@ class LeaseReleased(PoolError):
 
 
 class ConnectionUnusable(PoolError):
-    """A lease's or a transaction's connection is in an unknown state (a cancel, rollback,
-    rollback to a savepoint or session undo on it failed or could not finish): it refuses
-    further statements.  A lease's is discarded when it is released; a transaction's is
-    rolled back when its block ends, and discarded if that fails too."""
+    """A lease's or a transaction's connection is in an unknown state (a driver call on it was
+    interrupted half-way, or a cancel, rollback, rollback to a savepoint or session undo on it
+    failed or could not finish): it refuses further statements.  A lease's is discarded when it
+    is released; a transaction's is rolled back when its block ends, and discarded if that
+    fails too."""
 
     __module__ = "dbpool"
 

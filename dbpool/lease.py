@@ -101,9 +101,9 @@ def _released(what: str) -> LeaseReleased:
 
 def _doomed() -> ConnectionUnusable:
     return ConnectionUnusable(
-        "this connection's state is unknown (a cancel, rollback or reset on it failed or "
-        "could not finish): it refuses further use, and the pool discards it on release; "
-        "take a new one with pool.connection()"
+        "this connection's state is unknown (a call on it was interrupted half-way, or a "
+        "cancel, rollback or reset on it failed or could not finish): it refuses further use, "
+        "and the pool discards it on release; take a new one with pool.connection()"
     )
 
 
@@ -144,7 +144,13 @@ def _commits_first() -> PoolError:
 def _call_failed(slot: _Slot, exc: Exception) -> None:
     """A driver call on ``slot``'s connection raised ``exc``; called before ``slot.busy`` is
     cleared, so that an interrupt in here leaves it set (the pool then discards the connection).
-    Only this error path pays for it."""
+    Only this error path pays for it.
+
+    A call interrupted half-way (KeyboardInterrupt, a signal handler's exception) dooms the
+    slot instead, in an ``except BaseException`` of its own: the driver may have sent the
+    statement and left its reply unread, and the next call would read that reply as its own
+    (PyMySQL's does: a query returns the rows of the one before), so the lease refuses further
+    use, however the caller handled the interrupt.  No cost to a call that succeeds."""
     slot.dirty = True  # what the call left open is unknown: the return path must look
     slot.dialect.call_failed(slot.raw)  # where the driver's flags are now stale (PyMySQL)
     tx = slot.transaction
@@ -281,6 +287,7 @@ class Connection(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED  # no thread is inside the call any more
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         slot.dirty = False
@@ -302,6 +309,7 @@ class Connection(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         slot.dirty = False
@@ -336,6 +344,10 @@ class Connection(Generic[C]):
                 if name == "executescript" and slot.transaction is not None:
                     raise _commits_first()
                 return _tracked_call(self, value, "connection", kind is _STATEMENT, kind is _HANDLE)
+            if getattr(value, "__self__", None) is slot.raw:
+                # Its other methods may talk to the server too (PyMySQL's ping(), select_db(),
+                # autocommit()): watched, so that one interrupted half-way dooms the connection
+                return _watched_method(self, value)
         elif name in slot.dialect.restored_attributes:  # conn.decoders[...] = ... changes it
             _keep_copies(slot, frozenset((name,)))
         return value
@@ -446,6 +458,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         if slot.transaction is not None:
@@ -470,6 +483,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         if slot.transaction is not None:
@@ -494,6 +508,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         return row
@@ -514,6 +529,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         return rows
@@ -534,6 +550,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         return rows
@@ -559,6 +576,7 @@ class Cursor(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         return row
@@ -597,7 +615,8 @@ class Cursor(Generic[C]):
                 slot.busy = busy
                 raise
             except BaseException:
-                slot.busy = INTERRUPTED
+                slot.busy = True if busy is True else INTERRUPTED  # see _watched_method
+                slot.doomed = True  # interrupted half-way: see _call_failed
                 raise
             slot.busy = busy
             if slot.cursors:  # the return path need not close it again
@@ -741,6 +760,7 @@ def _tracked_call(
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
         if handle or (
@@ -760,6 +780,34 @@ def _tracked_call(
                 pass
         if statement and tx is not None and slot.transaction is tx:
             tx._check_open()  # ended past the deadline, though cancelled (see execute())
+        return result
+
+    return call
+
+
+def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
+    """A method of the driver's connection that runs no statement of the borrower's, busy while
+    it runs (as Cursor.fetchone is) and dooming the connection if interrupted half-way: one
+    that talks to the server may leave its reply unread (see _call_failed)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        slot = _live_slot(lease, "connection")
+        # Put back as it was: another thread may be inside a call on a shared lease (psycopg's
+        # cancel() is made for that)
+        busy = slot.busy
+        slot.busy = True
+        try:
+            result = method(*args, **kwargs)
+        except Exception as exc:
+            _call_failed(slot, exc)
+            slot.busy = busy
+            raise
+        except BaseException:
+            # No longer inside this call; still inside another thread's, if it was (busy)
+            slot.busy = True if busy is True else INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
+            raise
+        slot.busy = busy
         return result
 
     return call
@@ -786,6 +834,7 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 raise
             except BaseException:
                 slot.busy = INTERRUPTED
+                slot.doomed = True  # interrupted half-way: see _call_failed
                 raise
             slot.busy = False
             yield item
@@ -810,6 +859,7 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 raise
             except BaseException:
                 current.busy = INTERRUPTED
+                current.doomed = True  # interrupted half-way: see _call_failed
                 raise
             current.busy = False
 
@@ -848,6 +898,7 @@ class _TrackedBlock:
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
 
     def __exit__(self, *exc_info: Any) -> Any:
@@ -864,9 +915,13 @@ class _TrackedBlock:
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         if exc_info[0] is not None and not issubclass(exc_info[0], Exception):
-            slot.busy = INTERRUPTED  # busy stays set, the pool discards the connection
+            # Interrupted inside the block, with data half sent or read: the pool discards the
+            # connection, and the lease refuses further use (see _call_failed)
+            slot.busy = INTERRUPTED
+            slot.doomed = True
             return result
         slot.busy = False
         return result

@@ -234,9 +234,10 @@ class Transaction(Generic[C]):
                 self._open = False
                 slot.transaction = None
             if not isinstance(exc, Exception):
-                # Interrupted mid-call: busy stays set, the pool discards the connection; the
-                # lease may still run statements, which this block's deadline must not cut off.
+                # Interrupted mid-call: the lease refuses further use (see lease._call_failed)
+                # and the pool discards the connection.
                 slot.busy = INTERRUPTED
+                slot.doomed = True
                 self._unguard()
                 raise
             slot.busy = False
@@ -260,6 +261,7 @@ class Transaction(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
         if state is IDLE or (state is UNKNOWN and not slot.dirty):
@@ -356,7 +358,15 @@ class Transaction(Generic[C]):
             ) from exc
         slot.transaction = None
         if slot.busy:
-            return  # a driver call was interrupted half-way: the pool discards the connection
+            # A driver call was interrupted half-way: nothing more is sent on the connection,
+            # which the pool discards; a block that caught the interrupt and ended normally
+            # must hear that nothing was committed.
+            if exc is None:
+                raise ConnectionUnusable(
+                    "a driver call inside the transaction block was interrupted half-way: the "
+                    "transaction was not committed, and the connection refuses further use"
+                )
+            return
         if exc is None and not expired and self._savepoint_failed is None:
             self._commit_unless_rolled_back(slot)
             return
@@ -394,6 +404,7 @@ class Transaction(Generic[C]):
                     raise
                 except BaseException:
                     slot.busy = INTERRUPTED
+                    slot.doomed = True  # interrupted half-way: see lease._call_failed
                     raise
                 slot.busy = False
             self._commit(slot)
@@ -469,6 +480,9 @@ class Transaction(Generic[C]):
             raise  # a definite failure: rolled back, or left open and rolled back by the caller
         except BaseException:
             slot.busy = INTERRUPTED
+            # Interrupted, its reply perhaps unread: nothing more is sent on it (the end of
+            # the block, _end_quietly, included), see lease._call_failed
+            slot.doomed = True
             raise
         slot.busy = False
         slot.dirty = False
@@ -499,6 +513,7 @@ class Transaction(Generic[C]):
             slot.doomed = True
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
 
@@ -606,6 +621,7 @@ class Transaction(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
 
@@ -699,10 +715,14 @@ class Savepoint(Generic[C]):
         return f"<dbpool.Savepoint {self._name} of {self._tx!r}>"
 
     def _slot(self) -> _Slot:
+        from .lease import _doomed
+
         self._tx._check_open()
         slot = self._tx._slot
         if slot is None or not self._tx._owns_connection():
             raise PoolError("the transaction's connection went back to the pool")
+        if slot.doomed:  # a call was interrupted half-way, say (see lease._call_failed)
+            raise _doomed()
         return slot
 
     def __enter__(self) -> Savepoint[C]:
@@ -721,6 +741,7 @@ class Savepoint(Generic[C]):
             raise
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
         return self
@@ -746,6 +767,14 @@ class Savepoint(Generic[C]):
             if exc is None:
                 raise tx._ended_error()
             return
+        if slot.doomed:
+            # A call inside was interrupted half-way, say (see lease._call_failed): nothing more
+            # is sent; the transaction's block ends without committing.
+            if exc is None:
+                from .lease import _doomed
+
+                raise _doomed()
+            return
         slot.busy = True
         if exc is None:
             try:
@@ -756,6 +785,7 @@ class Savepoint(Generic[C]):
                 raise
             except BaseException:
                 slot.busy = INTERRUPTED
+                slot.doomed = True  # interrupted half-way: see lease._call_failed
                 raise
             slot.busy = False
             return
@@ -774,6 +804,7 @@ class Savepoint(Generic[C]):
             tx._savepoint_failed = "rolling back to a savepoint", undo
         except BaseException:
             slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
 

@@ -1,8 +1,8 @@
 """A transaction block interrupted as it begins leaves nothing of its deadline behind.
 
 KeyboardInterrupt (or SystemExit) raised while BEGIN runs ends the block before it started: the
-lease stays with its borrower, who may go on using it outside any block; the watchdog must not
-later cut off one of those statements for a deadline that belonged to the block.
+lease stays with its borrower, and refuses further use (BEGIN's reply may be left unread); the
+watchdog must not later cut off the connection for a deadline that belonged to the block.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
+import dbpool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,4 +38,5 @@ def test_an_interrupted_begin_leaves_no_cut_off_armed(
         # connection in a call (as the interrupted BEGIN left it marked)
         assert tx._on_overdue() is None
         assert severed == []
-        assert conn._slot.doomed is False
+        with pytest.raises(dbpool.ConnectionUnusable):
+            conn.cursor()

@@ -1,6 +1,7 @@
 """The transaction layer's hard cases: a lease returned inside its own block, interrupts in the
-block's own driver calls, lost connections during COMMIT, savepoints after a server-side
-rollback, the watchdog under hanging cancels, limits at the edge of the servers' ranges.
+block's own driver calls and the lease's, lost connections during COMMIT, savepoints after a
+server-side rollback, the watchdog under hanging cancels, limits at the edge of the servers'
+ranges.
 
 Each test states the interleaving or input it reproduces.  Waits are on gates, events, barriers
 and ``wait_until``; the only sleeps let a transaction deadline pass.  A test that asserts that
@@ -254,7 +255,11 @@ def test_a_savepoint_used_after_its_transaction_ended_sends_nothing(
             other.rollback()
 
 
-# == 4. interruptions (BaseException) in the block's own driver calls ===========================
+# == 4. interruptions (BaseException) in driver calls: the block's own, and the lease's ==========
+#
+# PyMySQL is Python code: an interrupt after it sent a command and before it read the reply
+# leaves that reply in the socket, and the driver's next call reads it as its own.  Every
+# statement below is ``select <n>`` with its own n, whose answer must be n.
 
 
 def _interruptible_connection_class() -> type:
@@ -267,6 +272,20 @@ def _interruptible_connection_class() -> type:
         interrupt_rollback = False  # after sending ROLLBACK, before its reply is read
         interrupt_before: str | None = None  # before sending a statement starting so
         interrupt_after_send: str | None = None  # after sending it, before its reply
+        interrupt_reply = False  # after sending the next command of any kind, before its reply
+
+        def _read_ok_packet(self) -> Any:
+            self._interrupt_reply()
+            return super()._read_ok_packet()
+
+        def _read_query_result(self, unbuffered: bool = False) -> Any:
+            self._interrupt_reply()
+            return super()._read_query_result(unbuffered)
+
+        def _interrupt_reply(self) -> None:
+            if self.interrupt_reply:
+                self.interrupt_reply = False
+                raise KeyboardInterrupt
 
         def rollback(self) -> None:
             if self.interrupt_rollback:
@@ -299,6 +318,7 @@ def interruptible(mysql_params: dict[str, Any]) -> Any:
         made.append(conn)
         return conn
 
+    connect.made = made  # type: ignore[attr-defined]  # to arm one without touching conn.raw
     yield connect
     for conn in made:
         try:
@@ -371,6 +391,100 @@ def test_exit_after_an_interrupted_statement_does_not_wait_for_it(interruptible:
         assert elapsed < 1.5, f"leaving the block after the interrupt took {elapsed:.2f}s"
         s = pool.stats()
         assert s.in_use == 0 and s.discarded == 1, s
+
+
+def answers(pool: dbpool.Pool[Any], *numbers: int) -> list[Any]:
+    """What ``select <n>`` answers for each n, on one lease."""
+    with pool.connection() as conn:
+        cur = conn.cursor()
+        result = []
+        for n in numbers:
+            cur.execute(f"select {n}")
+            result.append(cur.fetchall())
+        return result
+
+
+@pytest.mark.timeout(30)
+def test_interrupted_commit_never_hands_a_desynchronised_connection_on(interruptible: Any) -> None:
+    """Transaction._end_quietly ran after a COMMIT interrupted before its reply was read, and
+    cleared slot.busy: the connection went back as clean, and the next borrower's statements
+    read the replies of the statements before them."""
+    with fake_pool(interruptible) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            with pool.transaction() as tx:
+                tx.execute("select 1").fetchall()
+                interruptible.made[-1].interrupt_reply = True  # at COMMIT, as the block ends
+        assert answers(pool, 42, 43) == [((42,),), ((43,),)]
+        assert pool.stats().discarded == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call", ["execute", "commit", "rollback", "ping", "select_db"])
+def test_a_lease_whose_call_was_interrupted_refuses_further_use(
+    interruptible: Any, call: str
+) -> None:
+    """A borrower that catches the KeyboardInterrupt and goes on with the same lease: the next
+    call cleared slot.busy, and read the interrupted call's reply as its own (``select 2``
+    answered ``1``, or nothing)."""
+    with fake_pool(interruptible) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            cur.execute("select 1")
+            cur.fetchall()
+            interruptible.made[-1].interrupt_reply = True
+            with pytest.raises(KeyboardInterrupt):
+                if call == "execute":
+                    cur.execute("select 1")
+                elif call == "select_db":
+                    conn.select_db(conn.db.decode())
+                else:
+                    getattr(conn, call)()
+            with pytest.raises(dbpool.ConnectionUnusable):
+                cur.execute("select 2")
+            with pytest.raises(dbpool.ConnectionUnusable):
+                conn.commit()
+        assert answers(pool, 42, 43) == [((42,),), ((43,),)]
+        assert pool.stats().discarded == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["ping", "select_db", "autocommit"])
+def test_interrupted_driver_method_never_hands_a_desynchronised_connection_on(
+    interruptible: Any, method: str
+) -> None:
+    """A method of the driver's connection called through the lease (``conn.ping()``) was not
+    watched: interrupted before its reply was read, the connection went back as clean."""
+    arguments = {"ping": (), "select_db": (None,), "autocommit": (True,)}[method]
+    with fake_pool(interruptible) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                if method == "select_db":
+                    arguments = (conn.db.decode(),)
+                interruptible.made[-1].interrupt_reply = True
+                getattr(conn, method)(*arguments)
+        assert answers(pool, 42, 43) == [((42,),), ((43,),)]
+        assert pool.stats().discarded == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call", ["ping", "statement"])
+def test_interrupted_call_on_the_raw_connection_never_hands_a_desynchronised_connection_on(
+    interruptible: Any, call: str
+) -> None:
+    """A call on ``conn.raw`` (or a cursor of its own) interrupted before its reply was read:
+    the return path's ROLLBACK read that reply as its own, and left ROLLBACK's for the next
+    borrower."""
+    with fake_pool(interruptible) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                raw = conn.raw
+                raw.interrupt_reply = True
+                if call == "ping":
+                    raw.ping()
+                else:
+                    raw.cursor().execute("set @dbpool_hard_case = 1")
+        assert answers(pool, 42, 43) == [((42,),), ((43,),)]
+        assert pool.stats().discarded == 1
 
 
 # == 5. run_transaction =========================================================================
@@ -691,6 +805,36 @@ def test_a_failed_savepoint_or_release_stops_the_transaction_from_committing(
 
 
 # == 8. the end of a block, and the Transaction object ==========================================
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("where", ["in the block", "in a savepoint", "before a savepoint"])
+def test_a_block_that_caught_an_interrupted_call_commits_nothing_and_says_so(
+    fake_server: fakedb.Server, where: str
+) -> None:
+    # The caller catches the KeyboardInterrupt of a statement and the block ends normally.  The
+    # block then neither committed nor raised; and a savepoint around the statement, or one
+    # begun after it, cleared the record of the interrupted call, and the block committed.
+    def interrupted(tx: Any) -> None:
+        fake_server.fail_next("execute", KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            tx.execute("insert into t values (2)")
+
+    with fake_pool(fake_server.connect) as pool:
+        with pytest.raises(dbpool.ConnectionUnusable):
+            with pool.transaction() as tx:
+                tx.execute("insert into t values (1)")
+                if where == "in a savepoint":
+                    with tx.savepoint():
+                        interrupted(tx)
+                else:
+                    interrupted(tx)
+                    if where == "before a savepoint":
+                        with tx.savepoint():
+                            tx.execute("insert into t values (3)")
+        assert fake_server.count("commit") == 0
+        s = pool.stats()
+        assert (s.in_use, s.discarded) == (0, 1), s
 
 
 @pytest.mark.timeout(20)

@@ -118,6 +118,27 @@ class _MySQLTransactions:
         (a DictCursor's row would unpack to its column names)."""
         raise NotImplementedError
 
+    def _check_in_step(self, conn: Any) -> None:
+        """Raise if ``conn`` reads the replies of earlier calls as its own: one left unread
+        makes the driver read it as the next call's, without an error, and every later call's
+        answer is then the reply of the call before it.  A statement whose answer is known
+        shows it: its column name, which no cursor class or converter of the connection's
+        changes.  One round trip."""
+        name = f"dbpool_{random.getrandbits(62):x}"
+        cursor = conn.cursor()
+        try:
+            cursor.execute(f"SELECT 1 AS {name}")
+            described = cursor.description
+            cursor.fetchall()
+        finally:
+            cursor.close()
+        if not described or described[0][0] != name:
+            raise RuntimeError(
+                "this connection's replies are out of step with its statements: a reply was "
+                "left unread (a call interrupted half-way, or mysqlclient's send_query() "
+                "without read_query_result())"
+            )
+
     def ended_transaction(self, conn: Any, exc: Exception) -> bool:
         # A lock wait timeout (1205) undoes the statement only, unless the server runs with
         # innodb_rollback_on_timeout; other errors (a DDL statement's, after the implicit
@@ -174,6 +195,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         status = conn.server_status
         if status is not None and type(status) is not _StaleStatus:
             conn.server_status = _StaleStatus(status | _IN_TRANS)
+
+    def after_exposure(self, conn: Any) -> None:
+        # A call on the driver's connection or cursor interrupted half-way (KeyboardInterrupt)
+        # may leave its reply unread, which the return path's ROLLBACK would read as its own,
+        # leaving ROLLBACK's for the next borrower's statement, and so on.
+        self._check_in_step(conn)
 
     def fresh_transaction_state(self, conn: Any) -> TxState:
         state = self.transaction_state(conn)
@@ -465,21 +492,8 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         self.ping(conn)
         # send_query() leaves its reply to read_query_result(); unread, the driver takes the
         # connection for idle all the same, and each later call reads the reply of the call
-        # before it, without an error.  A statement whose answer is known shows it: its column
-        # name, which no cursor class or converter of the connection's changes.
-        name = f"dbpool_{random.getrandbits(62):x}"
-        cursor = conn.cursor()
-        try:
-            cursor.execute(f"SELECT 1 AS {name}")
-            described = cursor.description
-            cursor.fetchall()
-        finally:
-            cursor.close()
-        if not described or described[0][0] != name:
-            raise RuntimeError(
-                "this mysqlclient connection's replies are out of step with its statements: "
-                "a reply was left unread (send_query() without read_query_result())"
-            )
+        # before it, without an error.
+        self._check_in_step(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # First: the deadline may pass during the round trips below, and the cancel needs it.
