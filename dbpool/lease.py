@@ -142,9 +142,14 @@ def _commits_first() -> PoolError:
 
 
 def _call_failed(slot: _Slot, exc: Exception) -> None:
-    """A driver call on ``slot``'s connection raised ``exc``; called before ``slot.busy`` is
-    cleared, so that an interrupt in here leaves it set (the pool then discards the connection).
-    Only this error path pays for it.
+    """A driver call on ``slot``'s connection raised ``exc``; called with ``slot.busy`` set to
+    INTERRUPTED by the caller's handler, first thing (no signal handler runs before that), and
+    cleared after: an interrupt in here leaves it so, and the pool discards the connection,
+    with no wait for a call.  Its entry is where CPython runs the handler of a signal that came
+    during the call, if the call failed (Ctrl-C in SQLite's lock wait, which ends in "database
+    is locked"): left True, the mark said a thread was still inside the call, and the close of
+    a sqlite3 or pymssql connection waited for it (see Pool._close_raw).  Only this error path
+    pays for it.
 
     A call interrupted half-way (KeyboardInterrupt, a signal handler's exception) dooms the
     slot instead, in an ``except BaseException`` of its own: the driver may have sent the
@@ -282,6 +287,7 @@ class Connection(Generic[C]):
         try:
             slot.raw.commit()
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -304,6 +310,7 @@ class Connection(Generic[C]):
         try:
             slot.raw.rollback()
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -324,6 +331,11 @@ class Connection(Generic[C]):
             raise _released("connection")
         slot.used = True  # what it returns may reach the connection: the return path must look
         value = getattr(slot.raw, name)
+        if isinstance(value, type):
+            # PEP 249's conn.Error and the other exception classes: no call on the connection,
+            # and looked up in ``except conn.Error:`` after a call interrupted half-way doomed
+            # the lease, where refusing would put ConnectionUnusable in the interrupt's place.
+            return value
         if callable(value):  # a driver method may run a statement the lease cannot see
             if slot.doomed:
                 raise _doomed()  # reading an attribute (conn.closed, say) is still allowed
@@ -453,6 +465,7 @@ class Cursor(Generic[C]):
         try:
             result = raw.execute(*args, **kwargs)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -478,6 +491,7 @@ class Cursor(Generic[C]):
         try:
             result = raw.executemany(*args, **kwargs)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -503,6 +517,7 @@ class Cursor(Generic[C]):
         try:
             row = self._raw.fetchone()
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -524,6 +539,7 @@ class Cursor(Generic[C]):
         try:
             rows = self._raw.fetchmany(*args, **kwargs)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -545,6 +561,7 @@ class Cursor(Generic[C]):
         try:
             rows = self._raw.fetchall()
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -571,6 +588,7 @@ class Cursor(Generic[C]):
             slot.busy = False
             raise
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -604,21 +622,28 @@ class Cursor(Generic[C]):
                 return
             # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's
             # SSCursor reads the rest of its rows): busy meanwhile, so that inside a block the
-            # deadline cancels or cuts it off as it does a fetch.  Put back as it was: a call
-            # interrupted earlier leaves it set, for the pool to discard the connection.
+            # deadline cancels or cuts it off as it does a fetch; left alone when another
+            # thread is inside a call, and put back as it was (see _watched_method).
             busy = slot.busy
-            slot.busy = True
+            mine = busy is not True
+            if mine:
+                slot.busy = True
             try:
                 self._raw.close()
             except Exception as exc:
+                if mine:
+                    slot.busy = INTERRUPTED  # until _call_failed is done: see there
                 _call_failed(slot, exc)
-                slot.busy = busy
+                if mine:
+                    slot.busy = busy
                 raise
             except BaseException:
-                slot.busy = True if busy is True else INTERRUPTED  # see _watched_method
+                if mine:
+                    slot.busy = INTERRUPTED
                 slot.doomed = True  # interrupted half-way: see _call_failed
                 raise
-            slot.busy = busy
+            if mine:
+                slot.busy = busy
             if slot.cursors:  # the return path need not close it again
                 try:
                     slot.cursors.remove(self._raw)
@@ -755,6 +780,7 @@ def _tracked_call(
         try:
             result = method(*args, **kwargs)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -788,26 +814,36 @@ def _tracked_call(
 def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
     """A method of the driver's connection that runs no statement of the borrower's, busy while
     it runs (as Cursor.fetchone is) and dooming the connection if interrupted half-way: one
-    that talks to the server may leave its reply unread (see _call_failed)."""
+    that talks to the server may leave its reply unread (see _call_failed).
+
+    Another thread may be inside a call on the connection (psycopg's cancel() is made for
+    that): ``busy`` is then True and that call's, which clears it as it ends, maybe before this
+    one ends (a cancelled statement does), and this one must not set it again (the connection
+    would go back as if still in a call, and be discarded).  Otherwise it is put back as it
+    was: a call interrupted earlier leaves it set, for the pool to discard the connection."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         slot = _live_slot(lease, "connection")
-        # Put back as it was: another thread may be inside a call on a shared lease (psycopg's
-        # cancel() is made for that)
         busy = slot.busy
-        slot.busy = True
+        mine = busy is not True
+        if mine:
+            slot.busy = True
         try:
             result = method(*args, **kwargs)
         except Exception as exc:
+            if mine:
+                slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
-            slot.busy = busy
+            if mine:
+                slot.busy = busy
             raise
         except BaseException:
-            # No longer inside this call; still inside another thread's, if it was (busy)
-            slot.busy = True if busy is True else INTERRUPTED
+            if mine:
+                slot.busy = INTERRUPTED
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
-        slot.busy = busy
+        if mine:
+            slot.busy = busy
         return result
 
     return call
@@ -829,6 +865,7 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 slot.busy = False
                 return
             except Exception as exc:
+                slot.busy = INTERRUPTED  # until _call_failed is done: see there
                 _call_failed(slot, exc)
                 slot.busy = False
                 raise
@@ -854,6 +891,7 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
             try:
                 iterator.close()
             except Exception as exc:
+                current.busy = INTERRUPTED  # until _call_failed is done: see there
                 _call_failed(current, exc)
                 current.busy = False
                 raise
@@ -893,6 +931,7 @@ class _TrackedBlock:
         try:
             return self._manager.__enter__()
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -910,6 +949,7 @@ class _TrackedBlock:
         try:
             result = self._manager.__exit__(*exc_info)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise

@@ -54,7 +54,7 @@ _NOT_LIMITED = object()  # limit_time() was not called, or did not get through
 #: ``slot.busy`` once an interrupt (KeyboardInterrupt, SystemExit) came out of a driver call:
 #: truthy, as the call may have stopped half-way, but no thread is inside it any more.  Left
 #: ``True``, the pool must assume a call still runs, maybe in another thread (see
-#: Pool._close_raw).
+#: Pool._close_raw), and a block's deadline cancels it (see Transaction._on_deadline).
 INTERRUPTED: Any = "interrupted"
 # How far past the deadline a lock wait may last where the dialect narrows its limit (SQLite):
 # the limit is resized to the time left before a statement when it was sized longer ago.
@@ -229,6 +229,9 @@ class Transaction(Generic[C]):
                 if dialect.narrows_commit_wait:
                     self._commit_sized_at = now
         except BaseException as exc:
+            # Until the handling below is done (a signal that came during a failed call is
+            # handled as _stop_watching is entered): see lease._call_failed
+            slot.busy = INTERRUPTED
             self._stop_watching()
             if self._open:
                 self._open = False
@@ -236,7 +239,6 @@ class Transaction(Generic[C]):
             if not isinstance(exc, Exception):
                 # Interrupted mid-call: the lease refuses further use (see lease._call_failed)
                 # and the pool discards the connection.
-                slot.busy = INTERRUPTED
                 slot.doomed = True
                 self._unguard()
                 raise
@@ -505,12 +507,13 @@ class Transaction(Generic[C]):
                 dialect.unlimit_time(raw, self._time_token)
             dialect.end(raw, self._begin_token)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until logged: see lease._call_failed
+            slot.doomed = True
             logger.info(
                 "pool %r: ending a transaction failed, the connection will be discarded: %s",
                 self._pool_name(),
                 self._describe(exc),
             )
-            slot.doomed = True
         except BaseException:
             slot.busy = INTERRUPTED
             slot.doomed = True  # interrupted half-way: see lease._call_failed
@@ -532,8 +535,10 @@ class Transaction(Generic[C]):
             self._expired = True
             if not slot.dialect.can_cancel:
                 return None  # it runs on; still running at _on_overdue, its connection is doomed
-            if not slot.busy:
-                return _CANCEL_AGAIN  # nothing running: cancel what starts before the block ends
+            # Nothing running: cancel what starts before the block ends.  INTERRUPTED is no
+            # call either: the one interrupted has ended, and the lease refuses further calls.
+            if slot.busy is not True:
+                return _CANCEL_AGAIN
             try:
                 slot.dialect.cancel(slot.raw, self._side_connect())
             except Exception as exc:
@@ -555,7 +560,7 @@ class Transaction(Generic[C]):
         with self._sever_lock:
             if not self._guarded or slot is None or not self._owns_connection():
                 return None
-            if not slot.busy:
+            if slot.busy is not True:  # (INTERRUPTED: see _on_deadline)
                 return _CANCEL_AGAIN  # cut off the next call that starts this late
             if slot.dialect.can_cancel:
                 logger.warning(
@@ -616,6 +621,7 @@ class Transaction(Generic[C]):
         try:
             slot.dialect.begin_on_server(slot.raw)
         except Exception as exc:
+            slot.busy = INTERRUPTED  # until _call_failed is done: see there
             _call_failed(slot, exc)
             slot.busy = False
             raise
@@ -796,6 +802,7 @@ class Savepoint(Generic[C]):
             # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
             # the block's own exception is the one that tells what happened, and the
             # transaction may not commit what the savepoint should have undone.
+            slot.busy = INTERRUPTED  # until logged: see lease._call_failed
             logger.info(
                 "pool %r: rolling back to a savepoint failed: %s",
                 tx._pool_name(),

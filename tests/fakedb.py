@@ -20,9 +20,11 @@ The server is the test's remote control and its witness:
 * ``server.block(verb)`` returns a :class:`Gate` that holds the next thread making that call
   until ``gate.release()``; ``gate.entered`` is set once a thread is held.
 
-Verbs are ``connect``, ``cursor``, ``execute``, ``ping``, ``commit``, ``rollback``, ``close`` and,
-for the pymssql flavour, ``autocommit``.  ``ping`` is an execute of ``SELECT 1`` (see
-:data:`PING_SQL`); it is logged, scripted and counted under ``ping``, never under ``execute``.
+Verbs are ``connect``, ``cursor``, ``execute``, ``ping``, ``commit``, ``rollback``, ``close``,
+``cancel`` (the generic flavour's ``cancel()``, made to be called from another thread while a
+call runs, as psycopg's is) and, for the pymssql flavour, ``autocommit``.  ``ping`` is an
+execute of ``SELECT 1`` (see :data:`PING_SQL`); it is logged, scripted and counted under
+``ping``, never under ``execute``.
 
 Connections (:class:`FakeConnection`) follow DB-API implicit transactions: any statement opens a
 transaction (``in_transaction`` becomes True) unless ``autocommit`` is True; ``commit()`` and
@@ -65,7 +67,7 @@ PING_SQL = re.compile(r"\s*select\s+1\s*;?\s*\Z", re.IGNORECASE)
 _C = TypeVar("_C", bound="_BaseConnection")
 
 VERBS = frozenset(
-    {"connect", "cursor", "execute", "ping", "commit", "rollback", "close", "autocommit"}
+    {"connect", "cursor", "execute", "ping", "commit", "rollback", "close", "cancel", "autocommit"}
 )
 
 
@@ -504,6 +506,12 @@ def _key(sql: str) -> str:
 class _BaseConnection:
     """What both flavours share: identity, state, and running a call through the server."""
 
+    # PEP 249's optional extension: the module's exceptions, as attributes of the connection
+    # (``except conn.Error``).
+    Error = Error
+    DatabaseError = DatabaseError
+    OperationalError = OperationalError
+
     def __init__(self, server: Server, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
@@ -597,6 +605,11 @@ class FakeConnection(_BaseConnection):
 
     def rollback(self) -> None:
         self._end_transaction("rollback")
+
+    def cancel(self) -> None:
+        """Ask the server to stop the statement running on this connection (from another
+        thread, as psycopg's ``cancel()``); does nothing to the fake's calls."""
+        self._call("cancel")
 
     def close(self) -> None:
         """Close the connection; succeeds on a killed one and when already closed."""

@@ -5,8 +5,10 @@ transaction block, and a lease given back by one thread while another is inside 
 
 from __future__ import annotations
 
+import logging
 import socket
 import sqlite3
+import sys
 import threading
 from typing import Any
 
@@ -279,5 +281,119 @@ def test_a_pymssql_connection_whose_call_was_interrupted_is_closed_at_once(
         assert not dialect.severed.is_set()
         s = pool.stats()
         assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("call", ["cancel", "a cursor's close"])
+def test_a_call_from_another_thread_that_ends_after_the_statement_leaves_no_call_behind(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    # Another thread cancels the statement a lease runs (the driver's cancel() is made for
+    # that), or closes another cursor of the lease, and the statement ends before that call
+    # returns, as it does once the server cancelled it.  That call put back the mark of a call
+    # running that it found as it began: the lease went back as if a call still ran on it,
+    # and the pool discarded the connection (with sqlite3 or pymssql, its close first waited
+    # 10 s for that call).
+    closing = threading.Event()
+    may_close = threading.Event()
+
+    def close(cursor: fakedb.FakeCursor) -> None:  # a close that waits for the server
+        closing.set()
+        assert may_close.wait(10)
+
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    try:
+        conn = pool.connection()
+        cur = conn.cursor()
+        other = conn.cursor()
+        statement = fake_server.block("execute")
+        runner = Caller(lambda: cur.execute("SELECT 2"), name="runner")
+        assert statement.entered.wait(10)
+        if call == "cancel":
+            cancel = fake_server.block("cancel")
+            caller = Caller(conn.cancel, name="canceller")
+            assert cancel.entered.wait(10)
+        else:
+            monkeypatch.setattr(fakedb.FakeCursor, "close", close)
+            caller = Caller(other.close, name="closer")
+            assert closing.wait(10)
+        statement.release()
+        assert runner.outcome() is None
+        if call == "cancel":
+            cancel.release()
+        else:
+            may_close.set()
+        assert caller.outcome() is None
+        monkeypatch.undo()
+        conn.close()
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.discarded) == (1, 0, 0), s
+    finally:
+        fake_server.release_all()
+        may_close.set()
+        pool.close()
+
+
+def _interrupting_at_entry(function: Any) -> Any:
+    """A trace raising KeyboardInterrupt once, as ``function`` is entered: where CPython runs
+    a signal handler for a signal that came during a C call that then failed."""
+    code = function.__code__
+    raised: list[bool] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code and not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+        return None
+
+    return tracer
+
+
+@pytest.mark.parametrize("where", ["execute", "begin", "rollback", "rollback to savepoint"])
+def test_an_interrupt_as_a_failed_call_is_handled_leaves_no_call_to_wait_for(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Ctrl-C during a driver call that then fails (SQLite's lock wait, which ends with
+    # "database is locked"): CPython runs the handler at the entry of the first Python
+    # function the error path calls, before that path said the call was over.  The
+    # connection went back marked as still inside a call: sqlite3's and pymssql's close
+    # waited 10 s for a call that nobody ran, then left the connection open.
+    monkeypatch.setattr(dbpool.pool, "_CALL_END_WAIT", 0.2)  # for the code before the fix
+    dialect = WatchedPymssql()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    verb, entered = {
+        "execute": ("execute", dbpool.lease._call_failed),
+        "begin": ("execute", dbpool.Transaction._stop_watching),
+        "rollback": ("rollback", logging.Logger.info),
+        "rollback to savepoint": ("execute", logging.Logger.info),
+    }[where]
+    try:
+        with pool.connection() as conn:
+            sys.settrace(_interrupting_at_entry(entered))
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    if where == "execute":
+                        fake_server.fail_next(verb, fakedb.OperationalError("locked"))
+                        conn.cursor().execute("UPDATE t SET x = 1")
+                    elif where == "begin":
+                        fake_server.fail_next(verb, fakedb.OperationalError("locked"))
+                        with conn.transaction(isolation="serializable"):
+                            pass
+                    else:
+                        with conn.transaction() as tx:
+                            if where == "rollback":
+                                fake_server.fail_next(verb, fakedb.OperationalError("lost"))
+                                raise ValueError("the block's own error")
+                            with tx.savepoint():
+                                fake_server.fail_next(verb, fakedb.OperationalError("lost"))
+                                raise ValueError("the block's own error")
+            finally:
+                sys.settrace(None)
+        [raw] = fake_server.connections
+        assert not dialect.severed.is_set()
+        assert raw.closed
+        s = pool.stats()
+        assert (s.size, s.in_use, s.discarded) == (0, 0, 1), s
     finally:
         pool.close()

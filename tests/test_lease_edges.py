@@ -264,3 +264,23 @@ def test_a_lease_or_cursor_refuses_to_be_copied_or_pickled(
                 pooled.close()
         s = pool.stats()
         assert (s.in_use, s.leaked) == (0, 0), s
+
+
+def test_except_conn_error_lets_an_interrupt_of_the_call_through(
+    fake_server: fakedb.Server,
+) -> None:
+    # ``except conn.Error:`` (PEP 249's exceptions as attributes of the connection) around a
+    # call that KeyboardInterrupt stopped half-way: the interrupt dooms the lease, and looking
+    # up conn.Error on it raised ConnectionUnusable, an Exception, in place of the
+    # KeyboardInterrupt, which an ``except Exception`` further up then swallowed.
+    with _pool(fake_server.connect) as pool, pool.connection() as conn:
+        cur = conn.cursor()
+        fake_server.fail_next("execute", KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                cur.execute("UPDATE t SET x = 1")
+            except conn.Error:
+                pass
+        assert conn.OperationalError is fakedb.OperationalError
+        with pytest.raises(dbpool.ConnectionUnusable):
+            cur.execute("SELECT 1")

@@ -487,6 +487,34 @@ def test_interrupted_call_on_the_raw_connection_never_hands_a_desynchronised_con
         assert pool.stats().discarded == 1
 
 
+@pytest.mark.timeout(20)
+def test_the_deadline_cancels_nothing_in_a_block_whose_call_was_interrupted(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The block catches the KeyboardInterrupt of a statement and goes on (a prompt, say) past
+    # its deadline.  No call runs on the connection, and none can start (the lease refuses
+    # them), but the watchdog read the mark of the interrupted call as one running: it sent a
+    # cancel every 50 ms (with MySQL, a new connection each time, for a KILL QUERY), then cut
+    # the connection off, warning of a statement still running.
+    with fake_pool(fake_server.connect) as pool:
+        with pool.connection() as conn:
+            dialect = conn._slot.dialect
+        cancels: list[Any] = []
+        monkeypatch.setattr(dialect, "cancel", lambda *args: cancels.append(args))
+        monkeypatch.setattr(dialect, "sever", cancels.append)
+        with pytest.raises(dbpool.ConnectionUnusable):
+            with pool.transaction(timeout=30) as tx:
+                fake_server.fail_next("execute", KeyboardInterrupt)
+                with pytest.raises(KeyboardInterrupt):
+                    tx.execute("insert into t values (1)")
+                # What the watchdog runs at the deadline, and once its grace has passed
+                tx._on_deadline()
+                tx._on_overdue()
+                assert cancels == []
+        assert fake_server.count("commit") == 0
+        assert pool.stats().discarded == 1
+
+
 # == 5. run_transaction =========================================================================
 
 
