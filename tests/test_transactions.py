@@ -10,6 +10,7 @@ that let a deadline pass.  The commit-outcome tests, which need the fault proxy,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -1071,6 +1072,22 @@ def test_row_lock_held_elsewhere_times_out_the_same_way(server: Backend) -> None
         holder.close()
 
 
+@contextlib.contextmanager
+def deferred_key_held(pg: Backend, name: str) -> Iterator[tuple[str, Any]]:
+    """A fresh table whose key is checked at COMMIT (a deferred unique constraint), and a
+    session holding key 1 in an open transaction: a COMMIT inserting that key waits for it."""
+    table = pg.fresh_table(unique(name))
+    direct(pg, f"alter table {table} drop constraint {table}_pkey")
+    direct(pg, f"alter table {table} add unique (id) deferrable initially deferred")
+    holder = pg.connect()  # not in autocommit: its insert keeps the key locked
+    try:
+        rows(holder, f"insert into {table} (id, v) values (1, 'holder')")
+        yield table, holder
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_postgresql_commit_stopped_waiting_for_a_lock_at_the_deadline_times_out(
     request: pytest.FixtureRequest, pg: Backend, driver: str
@@ -1079,27 +1096,18 @@ def test_postgresql_commit_stopped_waiting_for_a_lock_at_the_deadline_times_out(
     uncommitted row with the same key.  The lock_timeout sized to the deadline stops that wait:
     the block ends with TransactionTimeout, chained to the driver's error (as a lock wait of a
     statement inside the block does), the transaction rolled back, the connection kept."""
-    table = pg.fresh_table(unique("txn_commit_lock"))
-    direct(pg, f"alter table {table} drop constraint {table}_pkey")
-    direct(pg, f"alter table {table} add unique (id) deferrable initially deferred")
     connect = pg.connect if driver == "psycopg" else request.getfixturevalue("psycopg2_connect")
-    holder = pg.connect()  # not in autocommit: its insert keeps the key locked
-    try:
-        rows(holder, f"insert into {table} (id, v) values (1, 'holder')")
-        with new_pool(connect) as pool:
-            with pytest.raises(TransactionTimeout) as info:
-                with pool.transaction(timeout=0.5) as tx:
-                    tx.execute(f"insert into {table} (id, v) values (1, 'tx')")  # checked at COMMIT
-            cause = info.value.__cause__
-            code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
-            assert code == "55P03", repr(cause)  # lock_not_available
-            holder.rollback()
-            assert ids(pg, table) == []
-            s = assert_balanced(pool)
-            assert (s.created, s.discarded) == (1, 0)
-    finally:
+    with deferred_key_held(pg, "txn_commit_lock") as (table, holder), new_pool(connect) as pool:
+        with pytest.raises(TransactionTimeout) as info:
+            with pool.transaction(timeout=0.5) as tx:
+                tx.execute(f"insert into {table} (id, v) values (1, 'tx')")  # checked at COMMIT
+        cause = info.value.__cause__
+        code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        assert code == "55P03", repr(cause)  # lock_not_available
         holder.rollback()
-        holder.close()
+        assert ids(pg, table) == []
+        s = assert_balanced(pool)
+        assert (s.created, s.discarded) == (1, 0)
 
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
@@ -1111,27 +1119,21 @@ def test_postgresql_commit_that_starts_late_and_waits_for_a_lock_ends_by_the_dea
     by more than the grace before the socket is cut off, and the block would end with
     CommitOutcomeUnknown and a discarded connection, though nothing was committed and the
     server answers.  The lock wait is bounded by the deadline instead: TransactionTimeout."""
-    table = pg.fresh_table(unique("txn_late_commit_lock"))
-    direct(pg, f"alter table {table} drop constraint {table}_pkey")
-    direct(pg, f"alter table {table} add unique (id) deferrable initially deferred")
     connect = pg.connect if driver == "psycopg" else request.getfixturevalue("psycopg2_connect")
-    holder = pg.connect()  # not in autocommit: its insert keeps the key locked
-    try:
-        rows(holder, f"insert into {table} (id, v) values (1, 'holder')")
-        with new_pool(connect) as pool:
-            with pytest.raises(TransactionTimeout):
-                with pool.transaction(timeout=2.0) as tx:
-                    tx.execute("select pg_sleep(1.5)")  # COMMIT starts 1.5 s after BEGIN
-                    tx.execute(f"insert into {table} (id, v) values (1, 'tx')")
-            holder.rollback()
-            assert ids(pg, table) == []
-            s = assert_balanced(pool)
-            assert (s.created, s.discarded) == (1, 0)
-            with pool.connection() as conn:  # the deadline's limits went with the transaction
-                assert scalar(conn, "show lock_timeout") == "0"
-    finally:
+    with (
+        deferred_key_held(pg, "txn_late_commit_lock") as (table, holder),
+        new_pool(connect) as pool,
+    ):
+        with pytest.raises(TransactionTimeout):
+            with pool.transaction(timeout=2.0) as tx:
+                tx.execute("select pg_sleep(1.5)")  # COMMIT starts 1.5 s after BEGIN
+                tx.execute(f"insert into {table} (id, v) values (1, 'tx')")
         holder.rollback()
-        holder.close()
+        assert ids(pg, table) == []
+        s = assert_balanced(pool)
+        assert (s.created, s.discarded) == (1, 0)
+        with pool.connection() as conn:  # the deadline's limits went with the transaction
+            assert scalar(conn, "show lock_timeout") == "0"
 
 
 # A statement with an effect another session can see, and how to see it.
