@@ -940,11 +940,13 @@ class Pool(Generic[C]):
             for slot in surplus:  # drain() and close() wait for their close too
                 slot.owner = me
                 self._closing.add(slot)
-        logger.info("pool %r resized: min_size=%d max_size=%d", self._name, new_min, new_max)
-        self._reaper_wakeup.set()  # refill up to the new min_size
-        interrupted = self._close_all(
-            surplus, DiscardReason.RESIZED, "resize() lowered max_size", counted=True
-        )
+        try:
+            logger.info("pool %r resized: min_size=%d max_size=%d", self._name, new_min, new_max)
+            self._reaper_wakeup.set()  # refill up to the new min_size
+        finally:  # closed even if a signal handler raised: drain() and close() wait for them
+            interrupted = self._close_all(
+                surplus, DiscardReason.RESIZED, "resize() lowered max_size", counted=True
+            )
         if interrupted is not None:
             raise interrupted
 

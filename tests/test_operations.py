@@ -708,6 +708,30 @@ def test_resize_fires_discard_events_with_the_resized_reason(make_pool, server):
     assert pool.stats().size == 1
 
 
+def test_resize_interrupted_after_letting_connections_go_still_closes_them(
+    make_pool, server, monkeypatch
+):
+    """A signal handler raising in resize() once the idle connections above the new cap are let
+    go (here, as it logs the new sizes): they are closed all the same, and drain() does not wait
+    for them."""
+    pool = make_pool(min_size=0, max_size=3)
+    leases = [pool.connection() for _ in range(3)]
+    for lease in leases:
+        lease.close()
+    assert len(server.open_connections) == 3
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("a signal handler raised")
+
+    monkeypatch.setattr(logging.getLogger("dbpool"), "info", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pool.resize(max_size=1)
+    monkeypatch.undo()
+    assert len(server.open_connections) == 1, "the connections let go were left open"
+    pool.drain(timeout=BOUND)  # PoolTimeout if their close still counted as under way
+    assert not server.open_connections
+
+
 def test_resize_while_in_use_keeps_the_accounting(make_pool, server):
     pool = make_pool(min_size=0, max_size=4, validate_after=None)
     stop = threading.Event()
