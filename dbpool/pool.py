@@ -798,7 +798,9 @@ class Pool(Generic[C]):
 
         Listeners run in the thread doing the work, outside the pool's lock; one that raises is
         logged and skipped.  They are for logging, tracing and metrics: a listener that uses
-        the connection it is told about races with the connection's borrower.
+        the connection it is told about races with the connection's borrower.  A connect,
+        checkout or checkin listener that calls :meth:`drain` or :meth:`close` of this pool
+        gets :class:`PoolError` (they would wait for that connection).
         """
         self._listeners.add(event, listener)
 
@@ -839,7 +841,7 @@ class Pool(Generic[C]):
         the report is ok and ``busy``: the database serves, the pool is saturated.
 
         Never raises for a database or pool problem: ``ok`` is false and ``error`` says what
-        happened (the exception's type and first line).
+        happened (the exception's type and first line), unless the pool is only busy.
         """
         _check_number("timeout", timeout, allow_none=False, positive=False)
         reachable = busy = leased = False
@@ -2620,8 +2622,8 @@ class Pool(Generic[C]):
             running = self._hook_running()
             if running is not None:
                 message += (
-                    f"; this thread is running {running} on one of them, which the pool counts "
-                    "as in use until it returns"
+                    f"; this thread is running {running} on one of them, which no caller gets "
+                    "before it returns"
                 )
         return PoolTimeout(message)
 
