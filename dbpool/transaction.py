@@ -114,6 +114,8 @@ class Transaction(Generic[C]):
     ) -> None:
         self._isolation = check_options(isolation, timeout, readonly)
         self._timeout = timeout
+        # The timeout the error quotes: run_transaction's whole one, not an attempt's remainder
+        self._quoted_timeout = timeout
         self._readonly = readonly
         self._source = source
         self._entered = False  # one block per object: a second run would inherit this one's state
@@ -522,7 +524,7 @@ class Transaction(Generic[C]):
 
     def _timeout_error(self) -> TransactionTimeout:
         return TransactionTimeout(
-            f"transaction ran past its {self._timeout:g} s deadline and was rolled back"
+            f"transaction ran past its {self._quoted_timeout:g} s deadline and was rolled back"
         )
 
     # -- the deadline (runs in a watchdog worker thread) --------------------------------------
@@ -857,12 +859,14 @@ def run_transaction(
             ) from exc
         try:
             with lease:
-                with Transaction(
+                attempt_tx = Transaction(
                     lease,
                     isolation=isolation,
                     timeout=deadline_left(deadline, timeout),
                     readonly=readonly,
-                ) as tx:
+                )
+                attempt_tx._quoted_timeout = timeout
+                with attempt_tx as tx:
                     result = fn(tx)
                     if inspect.isawaitable(result):  # raised in the block: nothing is committed
                         if inspect.iscoroutine(result):

@@ -684,9 +684,10 @@ def _refuse_unshared_sqlite_uri(database: str) -> None:
     params: dict[str, str] = {}
     for pair in query.split("&"):
         name, _, value = pair.partition("=")
-        params.setdefault(unquote(name), unquote(value))
+        params[unquote(name)] = unquote(value)  # SQLite takes a repeated parameter's last value
     path = unquote(path)
-    in_memory = path == ":memory:" or params.get("mode") == "memory"
+    # The memdb VFS keeps the database in memory too, under the name, as mode=memory does
+    in_memory = path == ":memory:" or params.get("mode") == "memory" or params.get("vfs") == "memdb"
     if in_memory:
         raise ValueError(
             "this sqlite URI names an in-memory database, which lasts only while a connection "

@@ -324,6 +324,32 @@ def test_sqlite_lock_wait_that_starts_inside_the_block_ends_in_transaction_timeo
         holder.close()
 
 
+def test_sqlite_lock_wait_in_run_transaction_times_out_quoting_the_callers_timeout(
+    tmp_path: Any,
+) -> None:
+    """A COMMIT waiting for readers to let go of the file (rollback journal) waits until the
+    deadline: the TransactionTimeout quotes the timeout given to run_transaction, not the
+    little less that was left when the attempt began (0.299871 s)."""
+    path = str(tmp_path / "read.sqlite3")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("create table t (id int)")
+    reader.execute("BEGIN")
+    reader.execute("select * from t").fetchall()  # a shared lock: COMMIT cannot write
+    try:
+        with dbpool.Pool(
+            lambda: sqlite3.connect(path, check_same_thread=False), min_size=0, max_size=1
+        ) as pool:
+            with pytest.raises(TransactionTimeout) as info:
+                pool.run_transaction(lambda tx: tx.execute("insert into t values (1)"), timeout=0.3)
+            assert "ran past its 0.3 s deadline" in str(info.value)
+            assert_database_locked(info.value.__cause__)
+            with pool.connection() as conn:
+                assert rows(conn, "select count(*) from t") == [(0,)]
+    finally:
+        reader.rollback()
+        reader.close()
+
+
 def test_sqlite_lock_wait_that_starts_late_in_the_block_ends_by_the_deadline(
     tmp_path: Any,
 ) -> None:

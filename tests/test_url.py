@@ -281,6 +281,8 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         # shared, but only while a connection to it is open: the pool replaces its connections
         ("sqlite:///file::memory:%3Fcache%3Dshared?uri=true", "in-memory database"),
         ("sqlite:///file:db%3Fmode%3Dmemory%26cache%3Dshared?uri=true", "in-memory database"),
+        ("sqlite:///file:/db%3Fvfs%3Dmemdb?uri=true", "in-memory database"),
+        ("sqlite:///file:db%3Fmode%3Drwc%26mode%3Dmemory?uri=true", "in-memory database"),
         ("sqlite:///file:?uri=true", "names no file"),
         ("sqlite:///file::memory:", "in-memory database"),  # a URI even so, on some builds
         ("sqlite:///file://localhost?uri=true", "names no file"),
@@ -1070,6 +1072,8 @@ def test_postgresql_query_parameters_reach_the_server(postgresql_dsn: str) -> No
     [
         "sqlite:///file:{dir}/app.sqlite3?uri=true",
         "sqlite:///file://localhost{dir}/app.sqlite3%3Fmode%3Drwc?uri=true",
+        # SQLite reads a repeated parameter's last value: a file, not memory
+        "sqlite:///file:{dir}/app.sqlite3%3Fmode%3Dmemory%26mode%3Drwc?uri=true",
     ],
 )
 def test_sqlite_uris_that_one_database_stands_behind_are_accepted(
