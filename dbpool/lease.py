@@ -142,14 +142,15 @@ def _commits_first() -> PoolError:
 
 
 def _call_failed(slot: _Slot, exc: Exception) -> None:
-    """A driver call on ``slot``'s connection raised ``exc``; called with ``slot.busy`` set to
-    INTERRUPTED by the caller's handler, first thing (no signal handler runs before that), and
-    cleared after: an interrupt in here leaves it so, and the pool discards the connection,
-    with no wait for a call.  Its entry is where CPython runs the handler of a signal that came
-    during the call, if the call failed (Ctrl-C in SQLite's lock wait, which ends in "database
-    is locked"): left True, the mark said a thread was still inside the call, and the close of
-    a sqlite3 or pymssql connection waited for it (see Pool._close_raw).  Only this error path
-    pays for it.
+    """A driver call on ``slot``'s connection raised ``exc``; called before ``slot.busy`` is
+    cleared.  Its entry is where CPython runs the handler of a signal that came during the
+    call, if the call failed (Ctrl-C in SQLite's lock wait, which ends in "database is
+    locked").  So it is called inside the call's own ``try``, where an interrupt in here is
+    handled as one in the call (the lease refuses further use; the pool discards the
+    connection); or, where the wrapper's shape does not allow that, with ``busy`` set to
+    INTERRUPTED first: left True, it would say a thread is still inside the call, and the
+    close of a sqlite3 or pymssql connection would wait for it (see Pool._close_raw).  Only
+    this error path pays for it.
 
     A call interrupted half-way (KeyboardInterrupt, a signal handler's exception) dooms the
     slot instead, in an ``except BaseException`` of its own: the driver may have sent the
@@ -285,10 +286,12 @@ class Connection(Generic[C]):
             raise _ends_the_block("commit")
         slot.used = slot.busy = True
         try:
-            slot.raw.commit()
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                slot.raw.commit()
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -308,10 +311,12 @@ class Connection(Generic[C]):
             raise _ends_the_block("rollback")
         slot.used = slot.busy = True
         try:
-            slot.raw.rollback()
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                slot.raw.rollback()
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -463,10 +468,12 @@ class Cursor(Generic[C]):
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
-            result = raw.execute(*args, **kwargs)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                result = raw.execute(*args, **kwargs)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -489,10 +496,12 @@ class Cursor(Generic[C]):
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
-            result = raw.executemany(*args, **kwargs)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                result = raw.executemany(*args, **kwargs)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -515,10 +524,12 @@ class Cursor(Generic[C]):
             tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
-            row = self._raw.fetchone()
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                row = self._raw.fetchone()
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -537,10 +548,12 @@ class Cursor(Generic[C]):
             tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
-            rows = self._raw.fetchmany(*args, **kwargs)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                rows = self._raw.fetchmany(*args, **kwargs)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -559,10 +572,12 @@ class Cursor(Generic[C]):
             tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
-            rows = self._raw.fetchall()
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                rows = self._raw.fetchall()
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -778,10 +793,12 @@ def _tracked_call(
                 tx._check_deadline()  # as in Cursor.fetchone()
         slot.dirty = slot.busy = True
         try:
-            result = method(*args, **kwargs)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                result = method(*args, **kwargs)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -889,10 +906,12 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
         ):
             current.busy = True
             try:
-                iterator.close()
-            except Exception as exc:
-                current.busy = INTERRUPTED  # until _call_failed is done: see there
-                _call_failed(current, exc)
+                try:
+                    iterator.close()
+                except Exception as exc:
+                    _call_failed(current, exc)  # an interrupt in here is one in the call
+                    raise
+            except Exception:
                 current.busy = False
                 raise
             except BaseException:
@@ -929,10 +948,12 @@ class _TrackedBlock:
             slot.transaction._check_open()
         slot.dirty = slot.busy = True
         try:
-            return self._manager.__enter__()
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                return self._manager.__enter__()
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:
@@ -947,10 +968,12 @@ class _TrackedBlock:
         if slot is None or slot.generation < 0:  # released inside the block: not ours now
             return self._manager.__exit__(*exc_info)
         try:
-            result = self._manager.__exit__(*exc_info)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                result = self._manager.__exit__(*exc_info)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:

@@ -621,10 +621,12 @@ class Transaction(Generic[C]):
             return
         slot.busy = True
         try:
-            slot.dialect.begin_on_server(slot.raw)
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                slot.dialect.begin_on_server(slot.raw)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             slot.busy = False
             raise
         except BaseException:

@@ -397,3 +397,100 @@ def test_an_interrupt_as_a_failed_call_is_handled_leaves_no_call_to_wait_for(
         assert (s.size, s.in_use, s.discarded) == (0, 0, 1), s
     finally:
         pool.close()
+
+
+class InterruptedWhileHandlingFailure(WatchedPymssql):
+    """pymssql's dialect, with a KeyboardInterrupt raised (as a signal handler raises it) while
+    the pool handles the error of a failed call."""
+
+    def call_failed(self, conn: Any) -> None:
+        raise KeyboardInterrupt
+
+    def begin_on_server(self, conn: Any) -> None:
+        raise fakedb.OperationalError("BEGIN failed")
+
+
+class InterruptWhenLogged(logging.Handler):
+    """Raises KeyboardInterrupt (as a signal handler would, there) when the pool logs a record
+    whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["execute", "commit", "execute in a block", "raw in a block"])
+def test_a_connection_interrupted_while_its_failed_call_is_handled_is_closed_at_once(
+    fake_server: fakedb.Server, where: str
+) -> None:
+    # The call is over (it raised), and the interrupt came after it: nobody is inside a call,
+    # so the connection is closed as the lease comes back, not waited for as if one were, then
+    # left open; and the lease refuses further use, as after an interrupted call.
+    dialect = InterruptedWhileHandlingFailure()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    try:
+        if where != "raw in a block":
+            fake_server.fail_next(where.split()[0], fakedb.OperationalError)
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                if where == "execute in a block":
+                    with conn.transaction() as tx:
+                        tx.execute("SELECT 2")
+                if where == "raw in a block":
+                    with conn.transaction() as tx:
+                        assert tx.connection.raw is not None  # hands out the driver's connection
+                try:
+                    conn.cursor().execute("SELECT 2")
+                    conn.commit()
+                except KeyboardInterrupt:
+                    with pytest.raises(dbpool.ConnectionUnusable):
+                        conn.cursor().execute("SELECT 3")
+                    raise
+        [raw] = fake_server.connections
+        assert raw.closed
+        assert not dialect.severed.is_set()
+        s = pool.stats()
+        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("where", ["rollback", "rollback to a savepoint"])
+def test_a_connection_interrupted_while_a_failed_rollback_is_logged_is_closed_at_once(
+    fake_server: fakedb.Server, where: str
+) -> None:
+    # The failed rollback is over, and the interrupt came as the pool logged it: nobody is
+    # inside a call, and the connection is not waited for as if one were, then left open: it
+    # is closed at once, as after any interrupted call.
+    dialect = WatchedPymssql()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    prefix = f"pool 'test': {'ending a transaction' if where == 'rollback' else 'rolling back'}"
+    handler = InterruptWhenLogged(prefix.replace("'test'", repr(pool.name)))
+    logger = logging.getLogger("dbpool")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                with conn.transaction() as tx:
+                    tx.execute("SELECT 2")
+                    if where == "rollback":
+                        fake_server.fail_next("rollback", fakedb.OperationalError)
+                        raise ValueError("the block fails")
+                    with tx.savepoint():
+                        fake_server.fail_next("execute", fakedb.OperationalError)
+                        raise ValueError("the savepoint's block fails")
+        [raw] = fake_server.connections
+        assert not dialect.severed.is_set()
+        s = pool.stats()
+        assert raw.closed
+        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        pool.close()
