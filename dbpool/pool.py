@@ -849,7 +849,9 @@ class Pool(Generic[C]):
         error = None
         deadline = monotonic() + timeout
         with self._lock:  # what says, if no connection comes free, whether the pool is busy
-            before = (self._returned, self._discards["broken"], self._connect_errors)
+            discards = self._discards
+            unfit = discards["reset_failed"] + discards["interrupted"]
+            before = (self._returned, discards["broken"], unfit, self._connect_errors)
         try:
             with self.connection(timeout=timeout) as conn:
                 leased = True
@@ -887,13 +889,16 @@ class Pool(Generic[C]):
             error = self._describe(exc)
             busy = isinstance(exc, PoolTimeout) and not leased  # no connection came free
         stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
-        # Busy, if leases came back meanwhile, none broken, and no connect failed: the database
-        # serves, and every connection is busy doing so.  Reported as ok: a readiness probe
-        # would otherwise take every saturated instance out of rotation at once.
-        returned, broken, connect_errors = before
+        # Busy, if a lease came back sound meanwhile, none broken, and no connect failed: the
+        # database serves, and every connection is busy doing so.  Reported as ok: a readiness
+        # probe would otherwise take every saturated instance out of rotation at once.  One
+        # discarded as it came back (its rollback failed, its call was interrupted: the server
+        # gone, a hung statement cut short) is no sign that the database serves.
+        returned, broken, unfit, connect_errors = before
+        now_unfit = stats.discards["reset_failed"] + stats.discards["interrupted"]
         busy = (
             busy
-            and stats.returned > returned
+            and stats.returned - returned > now_unfit - unfit  # some came back sound
             and stats.discards["broken"] == broken
             and stats.connect_errors == connect_errors
         )

@@ -111,8 +111,9 @@ class HealthReport(TypedDict):
     ok: bool
     #: a pooled connection answered the ping within the timeout
     reachable: bool
-    #: no connection came free within the timeout, yet leases came back meanwhile, none
-    #: broken, and no connect failed: the pool is saturated, the database serves
+    #: no connection came free within the timeout, yet a lease came back sound meanwhile
+    #: (not discarded as it came back), none broken, and no connect failed: the pool is
+    #: saturated, the database serves
     busy: bool
     #: seconds the ping took (``None`` when it did not answer)
     latency: float | None

@@ -356,6 +356,45 @@ def test_health_of_a_saturated_pool_whose_leases_keep_coming_back_is_ok_and_busy
     assert health["latency"] is None
 
 
+@pytest.mark.parametrize("ending", ["server gone", "interrupted"])
+def test_health_of_a_saturated_pool_whose_leases_come_back_unfit_is_not_ok(
+    make_pool, server, ending
+):
+    """No connection comes free within health()'s timeout, and the leases that come back
+    meanwhile are discarded as unfit (the server went away under them; a time limit
+    interrupted their hung statements) while connecting hangs: the database does not serve,
+    and the pool is not reported ok as merely busy."""
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait(timeout=BOUND)
+    may_end = threading.Event()
+
+    def borrower() -> None:
+        with pool.connection(timeout=BOUND) as conn:
+            conn.cursor().execute("SELECT 2")  # opens a transaction
+            assert may_end.wait(BOUND)
+            if ending == "server gone":
+                server.kill_all()  # its rollback on return fails
+            else:
+                server.fail_next("execute", KeyboardInterrupt)
+                conn.cursor().execute("SELECT 3")
+
+    holder = Caller(borrower, name="borrower")
+    wait_until(lambda: pool.stats().in_use == 1, timeout=BOUND)
+    server.block("connect", times=None)  # a blackholed network: connecting hangs
+    checking = Caller(lambda: pool.health(timeout=0.5), name="health")
+    wait_until(lambda: pool.stats().waiting == 1, timeout=BOUND)
+    may_end.set()
+    holder.outcome(BOUND)
+    assert checking.outcome(BOUND) is None
+    health = checking.value
+    assert_health_shape(pool, health)
+    assert health["ok"] is False and health["busy"] is False, health
+    assert health["error"] is not None, health
+    s = pool.stats()
+    assert s.discards["reset_failed"] + s.discards["interrupted"] == 1, s
+    server.release_all()
+
+
 def test_health_of_a_pool_whose_leases_never_come_back_is_not_ok(make_pool, server):
     pool = make_pool(min_size=1, max_size=1)
     pool.wait(timeout=BOUND)
