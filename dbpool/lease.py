@@ -10,6 +10,7 @@ when there is something to roll back.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -159,6 +160,11 @@ def _call_failed(slot: _Slot, exc: Exception) -> None:
     use, however the caller handled the interrupt.  No cost to a call that succeeds."""
     slot.dirty = True  # what the call left open is unknown: the return path must look
     slot.dialect.call_failed(slot.raw)  # where the driver's flags are now stale (PyMySQL)
+    if slot.dialect.is_disconnect(exc):
+        # Lost, though the driver's state says nothing (a SQLite file replaced under it): past
+        # its lifetime, the return path discards it at no cost to the returns of the others.
+        slot.lost = True
+        slot.expires_at = -math.inf
     tx = slot.transaction
     if tx is not None:  # checked before each statement and before COMMIT
         if tx._failed is None:

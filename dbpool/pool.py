@@ -136,8 +136,10 @@ class _Slot:
         "restore",
         "settings",
         "session",
+        "database",
         "claim",
         "doomed",
+        "lost",
         "transaction",
         "owner",
         "used",
@@ -161,6 +163,9 @@ class _Slot:
         # transaction.INTERRUPTED, once the interrupt came out of the call)
         self.busy: object = False
         self.doomed = False  # a cancel, rollback or reset failed: never reuse it
+        # A call failed with an error that says the connection is lost where the driver's
+        # state does not (Dialect.is_disconnect): expired at once, discarded as broken on return
+        self.lost = False
         self.transaction: Any = None  # the Transaction whose block is running on it
         self.owner = 0  # threading.get_ident() of the thread that leased it, or is closing it
         self.used = False  # the lease touched the connection: the return path must clean it
@@ -181,6 +186,9 @@ class _Slot:
         # The server session configure set up (Dialect.server_session): a driver that connects
         # again by itself, on the same connection object, opens one configure never saw.
         self.session: object = None
+        # The database file it opened (Dialect.database_file): validation fails once the file
+        # at its path is another (a SQLite file replaced under the pool by a deploy or restore).
+        self.database: object = None
         # The claim of the lease that has it last (see lease.Connection._claim): empty while
         # no lease may return the slot.
         self.claim: list[_Slot] = []
@@ -245,6 +253,10 @@ _CHECK_RECONNECTED = (
     "the check connected it again (ping() with reconnect), to a server session that "
     "configure never set up"
 )
+
+# Why a connection whose database file was replaced (or removed) is not handed out: it still
+# reads the old file, and writes to it fail (SQLite: "attempt to write a readonly database").
+_FILE_REPLACED = "the file at its database's path is no longer the one it opened"
 
 # A bound on times given as ints: a larger one has no float, nor a deadline, to stand for it.
 _LARGEST_SECONDS = 1e300
@@ -1489,6 +1501,8 @@ class Pool(Generic[C]):
                     state = dialect.transaction_state(raw)
                     if state is IN_TRANSACTION or state is UNKNOWN:
                         dialect.rollback(raw)
+                if dialect.database_file(raw) != slot.database:
+                    raise RuntimeError(_FILE_REPLACED)
             fit = not guard.fired and dialect.transaction_state(raw) in (
                 IDLE,
                 UNKNOWN,
@@ -1634,6 +1648,7 @@ class Pool(Generic[C]):
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
             dialect.check_new(raw)
+            database = dialect.database_file(raw)  # first: the file may be replaced any time
             # What the callable ran is checked as configure's is, where the driver can tell
             # with no round trip: a transaction it left open would be rolled back at the
             # first borrower's return, with its SET, or committed by that borrower.
@@ -1649,6 +1664,7 @@ class Pool(Generic[C]):
             slot.dialect = dialect
             slot.settings = dialect.client_settings(raw)
             slot.session = dialect.server_session(raw)
+            slot.database = database
             slot.used_at = slot.alive_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             if self._listeners.connect:
@@ -1860,7 +1876,10 @@ class Pool(Generic[C]):
                 cleaning = False
                 now = monotonic()
             if problem is None and now >= slot.expires_at:
-                problem = DiscardReason.EXPIRED, "it reached max_lifetime"
+                if slot.lost:  # expired by _call_failed
+                    problem = DiscardReason.BROKEN, "a call's error said it was lost"
+                else:
+                    problem = DiscardReason.EXPIRED, "it reached max_lifetime"
             broken = problem is not None and _is_broken(slot)
         except BaseException:
             # KeyboardInterrupt in a listener or in the reset, or a signal handler raising as a
@@ -2728,7 +2747,7 @@ def _dialect_of(pool: Pool[Any], raw: Any) -> Dialect:
 def _is_broken(slot: _Slot) -> bool:
     """Whether a discarded connection suggests the server went away (the others are then
     suspect): its driver says so, or a cancel, rollback or reset on it failed."""
-    return slot.doomed or _driver_says_broken(slot)
+    return slot.doomed or slot.lost or _driver_says_broken(slot)
 
 
 def _driver_says_broken(slot: _Slot) -> bool:

@@ -7,7 +7,9 @@ deadline pass.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -505,6 +507,78 @@ def test_sqlite_timed_out_block_with_a_part_read_cursor_keeps_its_connection(
             # The timed-out transaction was rolled back: the lease goes on.
             assert rows(conn, "select count(*) from t") == [(3,)]
         assert pool.stats().discards["reset_failed"] == 0
+    finally:
+        pool.close()
+
+
+def _file_with(path: str, value: str) -> None:
+    """A SQLite file at ``path`` with one table ``t`` holding ``value``."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("create table t (v text)")
+        conn.execute("insert into t values (?)", (value,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("validation", ["check", "checkout", "check-hook"])
+def test_sqlite_connection_to_a_file_replaced_under_the_pool_fails_validation(
+    sqlite_connect: Connector, tmp_path: Any, validation: str
+) -> None:
+    """A deploy or restore puts a new file in place of the database (``os.replace(new,
+    path)``): connections opened before keep the old file open, read its data as if nothing
+    happened, and fail every write with "attempt to write a readonly database".  Only the
+    device and inode of the file at the path tell them apart: validation compares them."""
+    path = str(tmp_path / "db.sqlite3")
+    _file_with(path, "old")
+    _file_with(str(tmp_path / "new.sqlite3"), "new")
+    options: dict[str, Any] = {"validate_after": 0 if validation == "checkout" else None}
+    if validation == "check-hook":
+        options["check"] = lambda raw: raw.execute("select 1").fetchall()
+    pool = new_pool(sqlite_connect, **options)
+    try:
+        with pool.connection() as conn:
+            assert rows(conn, "select v from t") == [("old",)]
+        assert pool.check() == 0  # the same file: no false alarm
+        os.replace(tmp_path / "new.sqlite3", path)
+        if validation == "check":
+            assert pool.check() == 1
+        with pool.connection() as conn:
+            assert rows(conn, "select v from t") == [("new",)]
+            rows(conn, "insert into t values ('written')")
+            conn.commit()
+        reason = "check_failed" if validation == "check-hook" else "broken"
+        assert pool.stats().discards[reason] == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite_errorcode is new in Python 3.11")
+def test_sqlite_write_to_a_replaced_file_discards_its_connection_and_the_others(
+    sqlite_connect: Connector, tmp_path: Any
+) -> None:
+    """SQLite tells a write through a connection whose file was replaced with its own code,
+    SQLITE_READONLY_DBMOVED, while the connection looks as sound as ever: the pool kept
+    handing it out, and the others opened before the swap, until max_lifetime.  The error
+    counts as a lost connection: discarded on return as broken, and the idle ones are
+    validated before their next use, even with no validation by age."""
+    path = str(tmp_path / "db.sqlite3")
+    _file_with(path, "old")
+    _file_with(str(tmp_path / "new.sqlite3"), "new")
+    pool = new_pool(sqlite_connect, max_size=2, validate_after=None)
+    try:
+        with pool.connection() as first, pool.connection() as second:
+            assert rows(first, "select v from t") == rows(second, "select v from t")
+        os.replace(tmp_path / "new.sqlite3", path)
+        with pool.connection() as conn:
+            with pytest.raises(sqlite3.OperationalError, match="readonly") as failed:
+                rows(conn, "insert into t values ('lost')")
+            assert failed.value.sqlite_errorcode == 1032
+        assert pool.stats().discards["broken"] == 1
+        with pool.connection() as conn:
+            assert rows(conn, "select v from t") == [("new",)]
+        assert pool.stats().discards["broken"] == 2  # the other one, at its checkout
     finally:
         pool.close()
 

@@ -343,6 +343,9 @@ def test_hot_checkout_and_clean_return_cost_no_round_trip(
     assert (s.created, s.acquired, s.discarded, s.idle) == (1, 3, 0, 1)
 
 
+SQLITE_FILE_QUERY = "SELECT CAST(file AS BLOB) FROM pragma_database_list WHERE name = 'main'"
+
+
 def test_checkout_validation_pings_once_when_always_asked(
     db: Backend, counting_connect: CountingConnect, make_pool: Any
 ) -> None:
@@ -355,6 +358,9 @@ def test_checkout_validation_pings_once_when_always_asked(
         run_select_1_and_commit(pool)
         calls = raw.log[mark:]
         assert calls[-2:] == [("sql", "SELECT 1"), ("commit",)]
+        if db.name == "sqlite":  # and a read of the path its file has, to compare files
+            assert calls[1:-2] == [("sql", SQLITE_FILE_QUERY), ("sql", "-- PRAGMA database_list")]
+            del calls[1:-2]
         [ping] = calls[:-2]  # exactly one call before the borrower's statement
         assert ping[0] in ("ping", "sql")
     assert pool.stats().discarded == 0

@@ -148,6 +148,15 @@ class Dialect:
         ``configure`` set up.  ``None`` where the driver never does."""
         return None
 
+    def database_file(self, conn: Any) -> object:
+        """Which file the path ``conn`` opened its database at names now, for drivers whose
+        database is a local file that another can be put in place of while the connection
+        keeps the old one open (SQLite: the file's device and inode).  Read as the connection
+        is made and again as it is validated: one whose file is no longer the one at its path
+        fails validation.  Local I/O only, never on a checkout that does not validate.
+        ``None`` where there is no such file."""
+        return None
+
     def restore_attribute(self, conn: Any, name: str, value: Any) -> None:
         """Put back an attribute a lease set through the lease, before
         :meth:`restore_client_settings`; called with no transaction open."""
@@ -211,7 +220,8 @@ class Dialect:
         conn.commit()
 
     def is_disconnect(self, exc: BaseException) -> bool:
-        """Whether ``exc`` says the connection was lost, for drivers whose state does not."""
+        """Whether ``exc`` says the connection was lost, for drivers whose state does not
+        (or, for SQLite, that its database file was replaced under it).  No I/O."""
         return False
 
     def end(self, conn: Any, token: Any) -> None:

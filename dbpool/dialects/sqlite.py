@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from typing import Any, Callable
@@ -19,6 +20,13 @@ _LOCKED_BY_ITSELF = 6
 # apart the same way (a shared-cache lock names its table or schema; the plain one does not).
 _BUSY_MESSAGE = "database is locked"
 _LOCKED_BY_OTHERS_PREFIXES = ("database table is locked: ", "database schema is locked: ")
+# SQLITE_READONLY_DBMOVED: a write through a connection whose file was renamed over or removed
+# (os.replace(new, path)).  It keeps the old file open and would go on reading it; only the
+# extended code tells it from a read-only database (before Python 3.11, validation does).
+_DATABASE_MOVED = 1032
+_MAIN_FILE = "SELECT CAST(file AS BLOB) FROM pragma_database_list WHERE name = 'main'"
+# What database_file() reads for a file no longer at its path.
+_REMOVED = "removed"
 
 
 def _pragma(conn: Any, name: str) -> Any:
@@ -107,6 +115,30 @@ class SQLiteDialect(Dialect):
     def ping(self, conn: Any) -> None:
         # The database is in-process: a usable handle is all there is to check.
         _ = conn.total_changes  # raises ProgrammingError once closed
+
+    def database_file(self, conn: Any) -> object:
+        # The path as SQLite opened it, as bytes whatever the text_factory.  The table-valued
+        # pragma needs SQLite 3.16; where it fails, nothing is compared.
+        cursor = conn.cursor()
+        cursor.row_factory = None  # the connection's, copied as the cursor was made
+        try:
+            cursor.execute(_MAIN_FILE)
+            found = cursor.fetchone()
+        except sqlite3.Error:
+            return None
+        finally:
+            cursor.close()
+        path = found[0] if found else None
+        if not path:  # in memory: no file
+            return None
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return _REMOVED
+        return info.st_dev, info.st_ino
+
+    def is_disconnect(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlite_errorcode", None) == _DATABASE_MOVED
 
     def check_begin(self, isolation: Isolation | None, readonly: bool) -> None:
         # SQLite transactions are serializable; weaker levels do not exist here (READ
