@@ -258,6 +258,16 @@ def test_a_lease_given_back_by_another_thread_during_a_sqlite_call_does_not_cras
     assert in_child(body) == {"result": ["LeaseReleased"]}
 
 
+def assert_closed_at_once(server: fakedb.Server, dialect: Any, pool: dbpool.Pool[Any]) -> None:
+    """The pool's one connection was discarded and closed as its lease came back: not cut off
+    (``dialect.severed``) as if a call still ran on it, then left open."""
+    [raw] = server.connections
+    assert raw.closed
+    assert not dialect.severed.is_set()
+    s = pool.stats()
+    assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+
+
 @pytest.mark.parametrize("where", ["execute", "commit", "execute in a block"])
 def test_a_pymssql_connection_whose_call_was_interrupted_is_closed_at_once(
     fake_server: fakedb.Server, where: str
@@ -276,11 +286,7 @@ def test_a_pymssql_connection_whose_call_was_interrupted_is_closed_at_once(
                 else:
                     conn.cursor().execute("SELECT 2")
                     conn.commit()
-        [raw] = fake_server.connections
-        assert raw.closed
-        assert not dialect.severed.is_set()
-        s = pool.stats()
-        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+        assert_closed_at_once(fake_server, dialect, pool)
     finally:
         pool.close()
 
@@ -450,11 +456,7 @@ def test_a_connection_interrupted_while_its_failed_call_is_handled_is_closed_at_
                     with pytest.raises(dbpool.ConnectionUnusable):
                         conn.cursor().execute("SELECT 3")
                     raise
-        [raw] = fake_server.connections
-        assert raw.closed
-        assert not dialect.severed.is_set()
-        s = pool.stats()
-        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+        assert_closed_at_once(fake_server, dialect, pool)
     finally:
         pool.close()
 
@@ -485,11 +487,7 @@ def test_a_connection_interrupted_while_a_failed_rollback_is_logged_is_closed_at
                     with tx.savepoint():
                         fake_server.fail_next("execute", fakedb.OperationalError)
                         raise ValueError("the savepoint's block fails")
-        [raw] = fake_server.connections
-        assert not dialect.severed.is_set()
-        s = pool.stats()
-        assert raw.closed
-        assert (s.size, s.in_use, s.discards["reset_failed"]) == (0, 0, 1), s
+        assert_closed_at_once(fake_server, dialect, pool)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
