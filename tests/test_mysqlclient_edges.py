@@ -127,3 +127,30 @@ def test_change_user_is_refused_inside_a_transaction_block(
             assert rows(admin, f"SELECT x FROM {table}") == []
     finally:
         rows(admin, f"DROP TABLE IF EXISTS {table}")
+
+
+# -- outside a transaction block -----------------------------------------------------------------
+
+
+def test_change_user_outside_a_block_does_not_reach_the_next_borrower(
+    mysqlclient_connect: Callable[[], Any], mysql_params: dict[str, Any]
+) -> None:
+    """change_user() starts the server session afresh (as another user, maybe): what configure
+    set in it is gone, and the next borrower would run without it, with the other user's
+    privileges.  The connection is discarded instead, as for psycopg2's reset()."""
+
+    def configure(raw: Any) -> None:
+        rows(raw, "SET @dbpool_configured = 7")
+
+    pool = dbpool.Pool(
+        mysqlclient_connect, min_size=0, max_size=1, acquire_timeout=5, configure=configure
+    )
+    with pool:
+        with pool.connection() as conn:
+            params = mysql_params
+            conn.change_user(params["user"], params["password"], params.get("database", ""))
+            assert scalar(conn, "SELECT @dbpool_configured") is None  # the session is new
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT @dbpool_configured") == 7
+        s = pool.stats()
+        assert (s.created, s.discards["reset_failed"]) == (2, 1), s

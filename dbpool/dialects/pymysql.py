@@ -411,6 +411,10 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
     name = "mysqlclient"
+    # change_user() starts the server session afresh, maybe as another user: what configure
+    # set in it is gone, and the next borrowers would run without it, with that user's
+    # privileges.  Only a new connection has it again (as psycopg2's reset()).
+    irreversible_methods = frozenset({"change_user"})
 
     def __init__(self) -> None:
         self._sessions = _Sessions()
