@@ -148,8 +148,7 @@ def _call_failed(slot: _Slot, exc: Exception) -> None:
     call, if the call failed (Ctrl-C in SQLite's lock wait, which ends in "database is
     locked").  So it is called inside the call's own ``try``, where an interrupt in here is
     handled as one in the call (the lease refuses further use; the pool discards the
-    connection); or, where the wrapper's shape does not allow that, with ``busy`` set to
-    INTERRUPTED first: left True, it would say a thread is still inside the call, and the
+    connection): left True, ``busy`` would say a thread is still inside the call, and the
     close of a sqlite3 or pymssql connection would wait for it (see Pool._close_raw).  Only
     this error path pays for it.
 
@@ -604,13 +603,14 @@ class Cursor(Generic[C]):
             tx._check_deadline()  # past the block's deadline: raise without reading on
         slot.busy = True
         try:
-            row = next(self._raw)
-        except StopIteration:
-            slot.busy = False
-            raise
-        except Exception as exc:
-            slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                row = next(self._raw)
+            except StopIteration:
+                raise
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:  # StopIteration included
             slot.busy = False
             raise
         except BaseException:
@@ -650,11 +650,12 @@ class Cursor(Generic[C]):
             if mine:
                 slot.busy = True
             try:
-                self._raw.close()
-            except Exception as exc:
-                if mine:
-                    slot.busy = INTERRUPTED  # until _call_failed is done: see there
-                _call_failed(slot, exc)
+                try:
+                    self._raw.close()
+                except Exception as exc:
+                    _call_failed(slot, exc)  # an interrupt in here is one in the call
+                    raise
+            except Exception:
                 if mine:
                     slot.busy = busy
                 raise
@@ -852,11 +853,12 @@ def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Calla
         if mine:
             slot.busy = True
         try:
-            result = method(*args, **kwargs)
-        except Exception as exc:
-            if mine:
-                slot.busy = INTERRUPTED  # until _call_failed is done: see there
-            _call_failed(slot, exc)
+            try:
+                result = method(*args, **kwargs)
+            except Exception as exc:
+                _call_failed(slot, exc)  # an interrupt in here is one in the call
+                raise
+        except Exception:
             if mine:
                 slot.busy = busy
             raise
@@ -883,13 +885,17 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 tx._check_deadline()  # as in Cursor.fetchone()
             slot.busy = True
             try:
-                item = next(iterator)
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    raise
+                except Exception as exc:
+                    _call_failed(slot, exc)  # an interrupt in here is one in the call
+                    raise
             except StopIteration:
                 slot.busy = False
                 return
-            except Exception as exc:
-                slot.busy = INTERRUPTED  # until _call_failed is done: see there
-                _call_failed(slot, exc)
+            except Exception:
                 slot.busy = False
                 raise
             except BaseException:

@@ -492,3 +492,39 @@ def test_a_connection_interrupted_while_a_failed_rollback_is_logged_is_closed_at
         logger.removeHandler(handler)
         logger.setLevel(level)
         pool.close()
+
+
+@pytest.mark.parametrize("where", ["next(cursor)", "cursor.close()", "a driver method"])
+def test_an_interrupt_as_a_failed_fetch_close_or_driver_method_is_handled_dooms_the_lease(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # As for execute() and commit(): the call is over (it raised), the interrupt came as its
+    # error was handled, and the lease refuses further use; the connection is closed at once.
+    dialect = InterruptedWhileHandlingFailure()
+    pool = dbpool.Pool(fake_server.connect_mssql, min_size=0, max_size=1, dialect=dialect)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT 2")
+                try:
+                    if where == "next(cursor)":
+                        cur._raw.close()  # the driver's cursor: its next fetch raises
+                        next(cur)
+                    elif where == "cursor.close()":
+
+                        def failing_close() -> None:
+                            raise fakedb.OperationalError("fakedb: close failed")
+
+                        monkeypatch.setattr(cur._raw, "close", failing_close)
+                        cur.close()
+                    else:
+                        fake_server.fail_next("autocommit", fakedb.OperationalError)
+                        conn.autocommit(True)
+                except KeyboardInterrupt:
+                    with pytest.raises(dbpool.ConnectionUnusable):
+                        conn.cursor()
+                    raise
+        assert_closed_at_once(fake_server, dialect, pool)
+    finally:
+        pool.close()
