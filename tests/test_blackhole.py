@@ -72,6 +72,20 @@ def test_hung_connect_is_bounded_by_the_acquire_deadline(link: Link) -> None:
         assert s.size == s.idle + s.in_use + s.opening <= 2, s
 
 
+def assert_cut_off_at_the_deadline(pool: dbpool.Pool[Any], link: Link, block: Any) -> None:
+    """``block``, a 0.5 s transaction whose network goes silent, ends by its deadline (give or
+    take SLACK: a hang has no end) with TransactionTimeout; its connection is discarded, and
+    the pool works again once the network does."""
+    elapsed, error = timed(block)
+    assert isinstance(error, dbpool.TransactionTimeout), error
+    assert elapsed < 0.5 + SLACK, f"a 0.5 s transaction ran {elapsed:.1f} s"
+    s = pool.stats()
+    assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
+    heal(link)
+    with pool.transaction(timeout=5) as tx:
+        tx.execute("SELECT 1")
+
+
 def test_transaction_deadline_holds_when_the_cancel_cannot_reach_the_server(link: Link) -> None:
     with dbpool.Pool(link.connect, min_size=0, max_size=1) as pool:
 
@@ -80,14 +94,7 @@ def test_transaction_deadline_holds_when_the_cancel_cannot_reach_the_server(link
                 link.proxy.set_mode(Mode.BLACKHOLE)
                 tx.execute("SELECT 1")
 
-        elapsed, error = timed(block)
-        assert isinstance(error, dbpool.TransactionTimeout), error
-        assert elapsed < 0.5 + SLACK, f"a 0.5 s transaction ran {elapsed:.1f} s"
-        s = pool.stats()
-        assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
-        heal(link)
-        with pool.transaction(timeout=5) as tx:
-            tx.execute("SELECT 1")
+        assert_cut_off_at_the_deadline(pool, link, block)
 
 
 @pytest.mark.parametrize("link", ["postgresql"], indirect=True)
@@ -102,14 +109,7 @@ def test_transaction_deadline_holds_when_the_network_stalls_as_the_block_ends(li
                 tx.execute("SELECT pg_sleep(0.05)")  # COMMIT starts later than BEGIN's limit
                 link.proxy.set_mode(Mode.BLACKHOLE)
 
-        elapsed, error = timed(block)
-        assert isinstance(error, dbpool.TransactionTimeout), error
-        assert elapsed < 0.5 + SLACK, f"a 0.5 s transaction ran {elapsed:.1f} s"
-        s = pool.stats()
-        assert (s.in_use, s.discarded) == (0, 1), f"the cut-off connection was kept: {s}"
-        heal(link)
-        with pool.transaction(timeout=5) as tx:
-            tx.execute("SELECT 1")
+        assert_cut_off_at_the_deadline(pool, link, block)
 
 
 def test_close_returns_while_a_borrower_is_stuck_in_a_query(link: Link) -> None:

@@ -164,6 +164,22 @@ def test_a_program_started_by_the_parent_does_not_hold_its_sessions_open_once_it
     )
 
 
+# The start of a script that forks a child which exits as a program ends (sys.exit(), not
+# os._exit(): the interpreter's exit clears every global), and waits for it.
+FORK_AND_EXIT = textwrap.dedent(
+    f"""
+    import os, signal, sys
+    import dbpool
+    def fork_and_exit():
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm({SCRIPT_TIMEOUT})
+            sys.exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+    """
+)
+
+
 def test_a_child_exiting_normally_leaves_the_parents_sqlite_transaction_alone(
     tmp_path: Path,
 ) -> None:
@@ -173,15 +189,10 @@ def test_a_child_exiting_normally_leaves_the_parents_sqlite_transaction_alone(
     # I/O error".
     database = str(tmp_path / "fork.db")
     done = run(
-        f"""
-        import os, signal, sqlite3, sys
-        import dbpool
-        def fork_and_exit():  # as a program ends, not with os._exit(): all globals go
-            pid = os.fork()
-            if pid == 0:
-                signal.alarm({SCRIPT_TIMEOUT})
-                sys.exit(0)
-            assert os.waitpid(pid, 0)[1] == 0
+        FORK_AND_EXIT
+        + textwrap.dedent(
+            f"""
+        import sqlite3
         setup = sqlite3.connect({database!r})
         setup.execute("CREATE TABLE t (n integer)")
         setup.commit()
@@ -196,6 +207,7 @@ def test_a_child_exiting_normally_leaves_the_parents_sqlite_transaction_alone(
         print(pool.execute("SELECT n FROM t"), flush=True)
         pool.close()
         """
+        )
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[(1,)]\n", (done.stdout, done.stderr)
@@ -205,15 +217,9 @@ def test_a_child_exiting_normally_never_finalizes_an_inherited_connection() -> N
     # A driver with no socket dbpool can reach (pymssql's FreeTDS): finalized in the child as
     # its interpreter exited, it would say goodbye on the parent's session.
     done = run(
-        f"""
-        import os, signal, sys
-        import dbpool
-        def fork_and_exit():  # as a program ends, not with os._exit(): all globals go
-            pid = os.fork()
-            if pid == 0:
-                signal.alarm({SCRIPT_TIMEOUT})
-                sys.exit(0)
-            assert os.waitpid(pid, 0)[1] == 0
+        FORK_AND_EXIT
+        + textwrap.dedent(
+            """
         PARENT = os.getpid()
 
         class Connection:  # a driver connection whose finalizer talks to the server
@@ -231,6 +237,7 @@ def test_a_child_exiting_normally_never_finalizes_an_inherited_connection() -> N
         print("parent done", flush=True)
         pool.close()
         """
+        )
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "parent done\n", (done.stdout, done.stderr)
