@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import rows, scalar, wait_until
+from tests.conftest import Caller, rows, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -154,3 +154,45 @@ def test_change_user_outside_a_block_does_not_reach_the_next_borrower(
             assert scalar(conn, "SELECT @dbpool_configured") == 7
         s = pool.stats()
         assert (s.created, s.discards["reset_failed"]) == (2, 1), s
+
+
+# -- closed while another thread is inside a call on it ------------------------------------------
+
+
+def _wait_inside(admin: Any, session: int) -> None:
+    """Wait until the server runs the SLEEP() that ``session`` sent."""
+    running = (
+        "SELECT id FROM information_schema.processlist WHERE id = %s AND info LIKE 'SELECT SLEEP%%'"
+    )
+    wait_until(lambda: bool(rows(admin, running, (session,))))
+
+
+@pytest.mark.parametrize("ending", ["given back by another thread", "pool closed"])
+def test_a_connection_ended_while_another_thread_is_inside_a_call_is_closed(
+    mysqlclient_connect: Callable[[], Any], admin: Any, ending: str
+) -> None:
+    """mysqlclient refuses close() while another thread is inside a call on the connection
+    ("already in use from another thread"): closed under the call, the connection stayed open
+    until garbage-collected (given back by another thread: with its server session, idle).  It
+    is cut off instead, and closed once the call has ended."""
+    pool = _pool(mysqlclient_connect)
+    try:
+        conn = pool.connection()
+        raw = conn.raw
+        session = scalar(conn, "SELECT connection_id()")
+        cursor = conn.cursor()
+        runner = Caller(lambda: cursor.execute("SELECT SLEEP(10)"), name="runner")
+        _wait_inside(admin, session)
+        if ending == "pool closed":
+            pool.close(timeout=0)
+        else:
+            conn.close()
+        assert runner.outcome() is not None  # cut off
+        if ending == "pool closed":
+            assert raw.open  # left to the borrower, who gives it back
+            conn.close()
+        assert not raw.open
+        s = pool.stats()
+        assert (s.size, s.in_use, s.closed) == (0, 0, 1), s
+    finally:
+        pool.close()

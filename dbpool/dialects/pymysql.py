@@ -415,6 +415,10 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     # set in it is gone, and the next borrowers would run without it, with that user's
     # privileges.  Only a new connection has it again (as psycopg2's reset()).
     irreversible_methods = frozenset({"change_user"})
+    # close() refuses, as every call does, while another thread is inside a call on the
+    # connection ("already in use from another thread"), and leaves it open, with its server
+    # session: such a connection is cut off, and closed once that call has ended.
+    closes_under_a_call = False
 
     def __init__(self) -> None:
         self._sessions = _Sessions()
