@@ -201,6 +201,36 @@ def test_psycopg2_named_cursor_works_in_a_block_on_an_autocommit_connection(
 
 
 @pytest.mark.postgresql
+def test_psycopg2_asynchronous_connection_is_refused(postgresql_dsn: str) -> None:
+    """psycopg2's asynchronous connections (``async_=True``) refuse ``commit()``,
+    ``rollback()`` and autocommit changes, and their statements return before they have run:
+    pooled, every lease that ran a statement came back busy and was discarded, and every
+    transaction block failed with "set_session cannot be used in asynchronous mode".  The
+    pool refuses one as it is made, as it refuses a sqlite3 connection it cannot share."""
+    import psycopg2
+    import psycopg2.extras
+
+    made: list[Any] = []
+
+    def connect() -> Any:
+        conn = psycopg2.connect(postgresql_dsn, async_=True, connect_timeout=10)
+        made.append(conn)
+        psycopg2.extras.wait_select(conn)
+        return conn
+
+    pool = new_pool(connect)
+    try:
+        with pytest.raises(TypeError, match="async_=True"):
+            pool.connection()
+        assert pool.stats().size == 0
+        assert made and all(conn.closed for conn in made)
+    finally:
+        pool.close()
+        for conn in made:
+            conn.close()
+
+
+@pytest.mark.postgresql
 def test_psycopg2_client_encoding_a_lease_set_is_undone_on_return(
     psycopg2_connect: Connector,
 ) -> None:
@@ -635,6 +665,59 @@ def test_psycopg2_ping_of_a_connection_with_session_characteristics_is_one_state
             proxy, lambda conn: conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
         )
     assert configured == plain, f"the ping sent {configured} bytes instead of {plain}"
+
+
+@pytest.mark.postgresql
+def test_psycopg2_discard_reset_of_a_connection_with_session_characteristics_is_one_statement(
+    postgresql_dsn: str,
+) -> None:
+    """``session_reset="discard"`` costs one ``DISCARD ALL`` per return.  It runs with
+    autocommit switched on and off around it, and psycopg2, leaving autocommit with a
+    non-default isolation level, read-only or deferrable setting, sends a ``SET
+    default_transaction_... TO default`` for each (two round trips more for a pool configured
+    with ``set_session(isolation_level=..., readonly=True)``) unless they are put aside,
+    locally, first.  Measured as the bytes the client sends for one return; the next
+    transaction still has the configured characteristics."""
+    import psycopg2
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.faultproxy import FaultProxy
+
+    params = conninfo_to_dict(postgresql_dsn)
+    if params.get("host", "127.0.0.1") != "127.0.0.1":
+        pytest.skip("the fault proxy relays to 127.0.0.1 only")
+    upstream = ("127.0.0.1", int(params.pop("port", 5432)))
+    params.update(host="127.0.0.1", sslmode="disable", connect_timeout=10)
+    check = (
+        "select current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+    )
+
+    def reset_bytes(proxy: FaultProxy, configure: Any) -> tuple[int, Any]:
+        def connect() -> Any:
+            conn = psycopg2.connect(**{**params, "port": proxy.port})
+            configure(conn)
+            return conn
+
+        pool = new_pool(connect, session_reset="discard")
+        try:
+            with pool.connection():
+                pass  # one idle connection
+            before = proxy.stats().bytes_to_server
+            with pool.connection() as conn:
+                conn.cursor().close()  # used, with nothing to roll back: the reset alone
+            sent = proxy.stats().bytes_to_server - before
+            with pool.connection() as conn:
+                return sent, rows(conn, check)[0]
+        finally:
+            pool.close()
+
+    with FaultProxy(upstream=upstream) as proxy:
+        plain, _ = reset_bytes(proxy, lambda conn: None)
+        configured, in_force = reset_bytes(
+            proxy, lambda conn: conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        )
+    assert configured == plain, f"the reset sent {configured} bytes instead of {plain}"
+    assert in_force == ("repeatable read", "on")
 
 
 @pytest.mark.postgresql

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import importlib
 import os
 import weakref
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -58,6 +60,15 @@ class Psycopg2Dialect(Dialect):
             raise prepared_two_phase_left()
 
     def check_new(self, conn: Any) -> None:
+        # An asynchronous connection refuses commit(), rollback() and autocommit changes, and
+        # its statements return before they have run: every return would find it busy or
+        # fail to restore it, and discard it.  (Green threads, with a wait callback, make
+        # connections that are synchronous to their caller: those are fine.)
+        if getattr(conn, "async_", False):
+            raise TypeError(
+                "a pooled psycopg2 connection must be synchronous: the pool waits for each "
+                "call and ends transactions itself; connect without async_=True"
+            )
         # The cancel key is copied out of the connection now, while no other thread has it:
         # psycopg2's close() frees what it is copied from with the GIL let go, so a cancel
         # copying it from another thread could read freed memory.  (psycopg2's own cancel()
@@ -162,28 +173,15 @@ class Psycopg2Dialect(Dialect):
                 raise
 
     def ping(self, conn: Any) -> None:
-        # psycopg2 sends BEGIN before the first statement unless in autocommit mode;
-        # the autocommit switch itself is local, once the session characteristics are at
-        # their defaults (else leaving autocommit sends a SET ... TO default for each).
-        autocommit = conn.autocommit
-        saved = (conn.isolation_level, conn.readonly, conn.deferrable)
-        if not autocommit and saved != (None, None, None):
-            conn.isolation_level = conn.readonly = conn.deferrable = None  # local: no I/O
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        finally:
-            conn.autocommit = autocommit
-            if not autocommit and saved != (None, None, None):
-                conn.isolation_level, conn.readonly, conn.deferrable = saved
+        # psycopg2 sends BEGIN before the first statement unless in autocommit mode
+        with _in_autocommit(conn), conn.cursor() as cursor:
+            cursor.execute("SELECT 1")
 
     can_reset_session = True
 
     def reset_session(self, conn: Any) -> None:
         autocommit = conn.autocommit  # DISCARD ALL refuses to run inside a transaction block
-        conn.autocommit = True
-        try:
+        with _in_autocommit(conn):
             with conn.cursor() as cursor:
                 cursor.execute("DISCARD ALL")
                 # It also set client_encoding and DateStyle back to what the session started
@@ -201,8 +199,6 @@ class Psycopg2Dialect(Dialect):
                     # default_transaction_...), which DISCARD ALL just reset: set them again.
                     for name, value in _session_characteristics(conn):
                         cursor.execute("SELECT set_config(%s, %s, false)", (name, value))
-        finally:
-            conn.autocommit = autocommit
         # What the server said to the previous borrower, kept by psycopg2 on the connection
         for messages in (conn.notices, conn.notifies):
             try:
@@ -291,6 +287,27 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
     if conn.deferrable is not None:
         settings.append(("default_transaction_deferrable", "on" if conn.deferrable else "off"))
     return settings
+
+
+@contextlib.contextmanager
+def _in_autocommit(conn: Any) -> Iterator[None]:
+    """Autocommit on for the pool's own statements (psycopg2 then sends no ``BEGIN``), and
+    back as it was, with no I/O of its own: the switch is local once the session
+    characteristics are at their defaults, but leaving autocommit with any of them set,
+    psycopg2 sends a ``SET default_transaction_... TO default`` for each.  Outside autocommit
+    they are psycopg2's alone (each ``BEGIN`` carries them): put aside locally meanwhile."""
+    autocommit = conn.autocommit
+    saved = (conn.isolation_level, conn.readonly, conn.deferrable)
+    aside = not autocommit and saved != (None, None, None)
+    if aside:
+        conn.isolation_level = conn.readonly = conn.deferrable = None  # local: no I/O
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        conn.autocommit = autocommit
+        if aside:
+            conn.isolation_level, conn.readonly, conn.deferrable = saved
 
 
 def _autocommit_on(conn: Any) -> None:
