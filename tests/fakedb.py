@@ -37,7 +37,10 @@ pymssql exposes to a pool: ``conn._conn.connected``, ``conn.autocommit(bool)``,
 ``conn.autocommit_state``, no local transaction flag, and pymssql's behaviour on a dead
 connection: ``_conn.connected`` stays True until a call notices the dead socket, and rollback
 then raises ``_mssql`` exceptions that are not DB-API errors.  Cursors made with ``as_dict``
-refuse a result with an unnamed column (``SELECT 1`` has one), as pymssql does.  Closing such a
+refuse a result with an unnamed column (``SELECT 1`` has one), as pymssql does.  The server's
+``@@TRANCOUNT`` is kept (``server.trancount(conn)``): ``BEGIN TRAN``, ``COMMIT`` and ``ROLLBACK``
+run as statements open and end transactions with autocommit on too, where pymssql's
+``commit()`` and ``rollback()`` send nothing.  Closing such a
 connection while another thread is held inside a call on it is recorded in
 ``server.closed_under_a_call``: pymssql's ``close()`` frees the FreeTDS structures that call is
 still using (the real driver may crash).
@@ -436,6 +439,14 @@ class Server:
         with self._lock:
             return raw._dirty
 
+    def trancount(self, conn: Any) -> int:
+        """SQL Server's ``@@TRANCOUNT`` on a pymssql-flavour connection."""
+        raw = _unwrap(conn)
+        if not isinstance(raw, FakeMSSQLConnection):
+            raise TypeError(f"not a pymssql-flavour connection: {conn!r}")
+        with self._lock:
+            return raw._trancount
+
     def _open_count(self) -> int:
         return sum(1 for c in self._conns if not c._closed)
 
@@ -554,11 +565,20 @@ class _BaseConnection:
 
     def _run(self, sql: str) -> tuple[list[tuple[Any, ...]], Sequence[str] | None]:
         ping = PING_SQL.match(sql) is not None
-        self._call("ping" if ping else "execute", sql)
+        call = self._call("ping" if ping else "execute", sql)
         with self.server._lock:
-            if not self._autocommit:
-                self._dirty = True
+            error = self._ran(sql)
+        if error is not None:
+            call.error = error
+            raise error
         return self.server._result(sql, self._ping_columns if ping else ("col",))
+
+    def _ran(self, sql: str) -> BaseException | None:
+        """What running ``sql`` does to the server's transaction (under the server lock); the
+        error the statement fails with, if any."""
+        if not self._autocommit:
+            self._dirty = True
+        return None
 
     def _end_transaction(self, verb: str) -> None:
         self._call(verb)
@@ -703,6 +723,26 @@ class FakeDictCursor(FakeCursor):
 #: FreeTDS's message for a call on a connection whose socket died.
 _DEAD_MESSAGE = b"DB-Lib error message 20047, severity 9:\nDBPROCESS is dead or not enabled\n"
 
+# Statements that change SQL Server's @@TRANCOUNT.  A named ROLLBACK TRANSACTION goes back to a
+# savepoint and changes nothing; COMMIT and ROLLBACK with none open fail (3902, 3903).
+_BEGIN_TRAN = re.compile(r"\s*begin\s+tran(saction)?\b", re.IGNORECASE)
+_COMMIT_TRAN = re.compile(
+    r"\s*commit(\s+(tran|transaction)(\s+\w+)?|\s+work)?\s*;?\s*\Z", re.IGNORECASE
+)
+_ROLLBACK_TRAN = re.compile(r"\s*rollback(\s+(tran|transaction|work))?\s*;?\s*\Z", re.IGNORECASE)
+_ROLLBACK_IF_OPEN = re.compile(
+    r"\s*if\s+@@trancount\s*>\s*0\s+rollback(\s+(tran|transaction|work))?\s*;?\s*\Z",
+    re.IGNORECASE,
+)
+_NO_BEGIN_FOR_COMMIT = (
+    b"The COMMIT TRANSACTION request has no corresponding BEGIN TRANSACTION.DB-Lib error "
+    b"message 20018, severity 16:\nGeneral SQL Server error: Check messages from the SQL Server\n"
+)
+_NO_BEGIN_FOR_ROLLBACK = (
+    b"The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION.DB-Lib error "
+    b"message 20018, severity 16:\nGeneral SQL Server error: Check messages from the SQL Server\n"
+)
+
 
 class FakeMSSQLSocket:
     """Mirrors ``pymssql._mssql.MSSQLConnection``, reached as ``conn._conn``."""
@@ -722,7 +762,11 @@ class FakeMSSQLConnection(_BaseConnection):
     """Mirrors ``pymssql.Connection`` with autocommit off.
 
     pymssql keeps a server-side transaction open at all times (``BEGIN TRAN`` after connect,
-    commit and rollback) and has no local flag saying whether work is pending.
+    commit and rollback) and has no local flag saying whether work is pending.  The server's
+    ``@@TRANCOUNT`` is kept (``server.trancount(conn)``): ``BEGIN TRAN``, ``COMMIT`` and
+    ``ROLLBACK`` run as statements change it as SQL Server does, with autocommit on too, where
+    pymssql's ``commit()`` and ``rollback()`` send nothing; ``autocommit(True)`` sends
+    ``ROLLBACK TRAN``, which fails, as a low-level ``_mssql`` error, with none open.
     """
 
     __module__ = "pymssql._pymssql"
@@ -732,6 +776,28 @@ class FakeMSSQLConnection(_BaseConnection):
     def __init__(self, server: Server, conn_id: int) -> None:
         super().__init__(server, conn_id)
         self._socket: FakeMSSQLSocket | None = FakeMSSQLSocket()
+        self._trancount = 1  # pymssql.connect() sends BEGIN TRAN
+
+    def _ran(self, sql: str) -> BaseException | None:
+        if _ROLLBACK_IF_OPEN.match(sql):
+            self._trancount = 0
+            self._dirty = False
+        elif _ROLLBACK_TRAN.match(sql):
+            if self._trancount == 0:
+                return OperationalError(3903, _NO_BEGIN_FOR_ROLLBACK)
+            self._trancount = 0
+            self._dirty = False
+        elif _COMMIT_TRAN.match(sql):
+            if self._trancount == 0:
+                return OperationalError(3902, _NO_BEGIN_FOR_COMMIT)
+            self._trancount -= 1  # only the outermost COMMIT commits
+            self._dirty = self._dirty and self._trancount > 0
+        elif _BEGIN_TRAN.match(sql):
+            self._trancount += 1
+            self._dirty = True
+        elif self._trancount > 0:
+            self._dirty = True
+        return None
 
     @property
     def _conn(self) -> FakeMSSQLSocket:
@@ -746,10 +812,22 @@ class FakeMSSQLConnection(_BaseConnection):
     def autocommit(self, status: bool) -> None:
         if bool(status) == self._autocommit:
             return  # no round trip, like pymssql
-        self._call("autocommit")
+        call = self._call("autocommit")
         with self.server._lock:
-            self._autocommit = bool(status)
-            self._dirty = False  # turning it on rolls back, turning it off begins afresh
+            if status and self._trancount == 0:
+                # ROLLBACK TRAN with none open: pymssql lets the low-level error through
+                error = MSSQLDatabaseException((3903, _NO_BEGIN_FOR_ROLLBACK))
+            else:
+                error = None
+                self._autocommit = bool(status)
+                if status:  # ROLLBACK TRAN
+                    self._trancount = 0
+                    self._dirty = False
+                else:  # BEGIN TRAN
+                    self._trancount += 1
+        if error is not None:
+            call.error = error
+            raise error
 
     #: pymssql.connect(as_dict=True): cursors make dicts, keyed by column name
     as_dict = False
@@ -762,13 +840,30 @@ class FakeMSSQLConnection(_BaseConnection):
 
     def commit(self) -> None:
         if self._autocommit:
-            return
-        self._end_transaction("commit")
+            return  # sends nothing, whatever a BEGIN TRAN statement opened
+        call = self._call("commit")
+        with self.server._lock:
+            if self._trancount == 0:  # COMMIT TRAN fails, and no BEGIN TRAN follows
+                error: BaseException | None = OperationalError(
+                    f"Cannot commit transaction: {(3902, _NO_BEGIN_FOR_COMMIT)}"
+                )
+            else:
+                error = None
+                self._trancount -= 1  # COMMIT TRAN: only the outermost commits
+                self._dirty = self._dirty and self._trancount > 0
+                self._trancount += 1  # BEGIN TRAN
+        if error is not None:
+            call.error = error
+            raise error
 
     def rollback(self) -> None:
         if self._autocommit:
-            return
-        self._end_transaction("rollback")
+            return  # sends nothing, whatever a BEGIN TRAN statement opened
+        self._call("rollback")
+        with self.server._lock:
+            # ROLLBACK TRAN (its error with none open ignored), then BEGIN TRAN
+            self._trancount = 1
+            self._dirty = False
 
     def close(self) -> None:
         with self.server._lock:

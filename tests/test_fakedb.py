@@ -297,3 +297,42 @@ def test_mssql_flavour_records_a_close_under_a_call(fake_server: fakedb.Server) 
     other = fake_server.connect_mssql()
     other.close()  # nothing running on it
     assert fake_server.closed_under_a_call == [conn.id]
+
+
+def test_mssql_flavour_keeps_sql_servers_trancount(fake_server: fakedb.Server) -> None:
+    """As pymssql over SQL Server: statements that begin and end transactions count as they do
+    on the server, with autocommit on too; ROLLBACK TRAN with none open fails."""
+    conn = fake_server.connect_mssql()
+    assert fake_server.trancount(conn) == 1  # pymssql.connect() sends BEGIN TRAN
+    cur = conn.cursor()
+    cur.execute("BEGIN TRAN")
+    cur.execute("update t set v = 1")
+    conn.commit()  # COMMIT TRAN ends the inner one only, then BEGIN TRAN
+    assert fake_server.trancount(conn) == 2 and fake_server.in_transaction(conn)
+    cur.execute("SAVE TRANSACTION sp")
+    cur.execute("ROLLBACK TRANSACTION sp")  # to the savepoint: nothing ends
+    assert fake_server.trancount(conn) == 2
+    conn.rollback()  # ROLLBACK TRAN ends every level, then BEGIN TRAN
+    assert fake_server.trancount(conn) == 1 and not fake_server.in_transaction(conn)
+
+    cur.execute("ROLLBACK")  # as SQL Server does after a deadlock: none open any more
+    with pytest.raises(fakedb.OperationalError) as commit:
+        conn.commit()
+    assert str(commit.value).startswith("Cannot commit transaction: (3902, ")
+    with pytest.raises(fakedb.MSSQLDatabaseException) as on:
+        conn.autocommit(True)  # ROLLBACK TRAN: the low-level error, not a DB-API one
+    assert on.value.number == 3903 and conn.autocommit_state is False
+    conn.rollback()  # its error ignored, then BEGIN TRAN
+    conn.autocommit(True)
+    assert fake_server.trancount(conn) == 0
+
+    cur.execute("BEGIN TRANSACTION")
+    cur.execute("update t set v = 2")
+    conn.rollback()  # autocommit on: sends nothing
+    assert fake_server.trancount(conn) == 1 and fake_server.in_transaction(conn)
+    cur.execute("IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION")
+    assert fake_server.trancount(conn) == 0 and not fake_server.in_transaction(conn)
+    cur.execute("IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION")  # none open: nothing to do
+    with pytest.raises(fakedb.OperationalError) as rollback:
+        cur.execute("ROLLBACK TRAN")
+    assert rollback.value.args[0] == 3903

@@ -158,3 +158,27 @@ def test_pymssql_block_puts_back_the_sessions_level_and_lock_timeout(
         with pool.connection() as conn:
             assert rows(conn, "SELECT @@LOCK_TIMEOUT") == [(5000,)]
             assert rows(conn, level) == [(3,)]  # REPEATABLE READ
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_pymssql_transaction_a_borrower_began_with_a_statement_is_not_passed_on(
+    mssql_connect: Callable[[], Any], autocommit: bool
+) -> None:
+    """A BEGIN TRAN run as a statement, with autocommit on (the pool's own setting, or one the
+    borrower made): the next borrower finds no transaction of its own open."""
+
+    def connect() -> Any:
+        conn = mssql_connect()
+        conn.autocommit(autocommit)
+        return conn
+
+    with dbpool.Pool(connect, min_size=0, max_size=1, acquire_timeout=5) as pool:
+        with pool.connection() as conn:
+            conn.autocommit(True)
+            rows(conn, "BEGIN TRAN")
+            rows(conn, "SELECT 1 AS one")
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first
+            expected = 0 if autocommit else 1  # pymssql's own BEGIN TRAN with autocommit off
+            assert rows(conn, "SELECT @@TRANCOUNT") == [(expected,)]

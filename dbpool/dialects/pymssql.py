@@ -50,6 +50,7 @@ _LEVELS = {
     5: "SNAPSHOT",
 }  # 0, unspecified: the server's default, READ COMMITTED
 _CURRENT_LOCK_TIMEOUT = "SELECT @@LOCK_TIMEOUT"
+_ROLLBACK_IF_OPEN = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION"
 
 
 class PymssqlDialect(Dialect):
@@ -70,6 +71,15 @@ class PymssqlDialect(Dialect):
         # refuse a result with an unnamed column (ColumnsWithoutNamesError), as SELECT 1's is.
         _run(conn.cursor(as_dict=False), "SELECT 1")
         conn.rollback()
+
+    def rollback(self, conn: Any) -> None:
+        if conn.autocommit_state:
+            # pymssql's rollback() sends nothing with autocommit on; a BEGIN TRAN run as a
+            # statement, or left open by a procedure that failed before its COMMIT, would keep
+            # its work and locks for the next borrower, whose statements would run inside it.
+            _execute(conn, _ROLLBACK_IF_OPEN)
+        else:
+            conn.rollback()  # ROLLBACK TRAN (every nested level), then BEGIN TRAN
 
     def client_settings(self, conn: Any) -> object:
         return conn.autocommit_state
