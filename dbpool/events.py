@@ -26,7 +26,8 @@ class Event(str, enum.Enum):
     CONNECT = "connect"
     #: a lease was handed to a caller, in the caller's thread
     CHECKOUT = "checkout"
-    #: a lease came back, before the pool cleans the connection
+    #: a lease came back, before the pool cleans the connection; or ``close()`` ended it past
+    #: its timeout, before closing its connection: once for each CHECKOUT
     CHECKIN = "checkin"
     #: the pool dropped a connection rather than keep it (even while the pool closes);
     #: ``reason`` says why

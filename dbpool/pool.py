@@ -532,6 +532,9 @@ class Pool(Generic[C]):
         self._leak_warnings = self._leaked = 0
         self._wait_time = self._held_time = self._connect_time = 0.0
         self._returned = 0
+        # Of those, the leases whose connection was not put back: discarded or closed as it
+        # came back, or ended by close() (health() wants returns that prove the database serves)
+        self._not_kept = 0
         # Checkouts are counted as they are served, never taken back, so that the counters
         # only grow: those served at once from the idle stack (_served_at_once, above), and
         # the others with their wait, by bucket (under _wait_lock).  stats() adds the first
@@ -861,9 +864,9 @@ class Pool(Generic[C]):
         error = None
         deadline = monotonic() + timeout
         with self._lock:  # what says, if no connection comes free, whether the pool is busy
-            discards = self._discards
-            unfit = discards["reset_failed"] + discards["interrupted"]
-            before = (self._returned, discards["broken"], unfit, self._connect_errors)
+            kept_before = self._returned - self._not_kept
+            broken = self._discards["broken"]
+            connect_errors = self._connect_errors
         try:
             with self.connection(timeout=timeout) as conn:
                 leased = True
@@ -879,18 +882,21 @@ class Pool(Generic[C]):
                     if guard.fired:  # answered, but its socket was shut down meanwhile
                         raise PoolTimeout(f"the ping took longer than {timeout:g} s")
                 except BaseException as exc:  # failed its ping: never hand it out again
-                    if detach(conn) is not None:
-                        held = monotonic() - slot.leased_at
-                        if self._listeners.checkin:  # it came back, as every lease does
-                            self._emit_handling(
-                                _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, raw, held
-                            )
+                    if detach(conn) is None:
+                        raise
+                    if slot.generation != self._generation:
+                        self._give_back([slot])  # ended by close() meanwhile: as discard()
+                        raise
+                    # As for check(): cut short by a budget under _SWEEP_TIME, the ping proves
+                    # nothing about the server (the link may be slow), and starts no sweep,
+                    # which would ping every idle connection again.
+                    cut_short = guard is not None and guard.fired
+                    evidence = not (cut_short and limit - started < _SWEEP_TIME)
+                    held = monotonic() - slot.leased_at
+                    try:
+                        self._tell_checkin(slot, held)  # it came back, as every lease does
+                    finally:  # whatever a listener raised, the connection is not reused
                         if isinstance(exc, Exception):
-                            # As for check(): cut short by a budget under _SWEEP_TIME, the
-                            # ping proves nothing about the server (the link may be slow), and
-                            # starts no sweep, which would ping every idle connection again.
-                            cut_short = guard is not None and guard.fired
-                            evidence = not (cut_short and limit - started < _SWEEP_TIME)
                             self._discard(slot, DiscardReason.BROKEN, broken=evidence, held=held)
                         else:
                             self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
@@ -901,16 +907,18 @@ class Pool(Generic[C]):
             error = self._describe(exc)
             busy = isinstance(exc, PoolTimeout) and not leased  # no connection came free
         stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
+        with self._lock:  # read after: a lease not kept since then only lowers the count kept
+            kept = stats.returned - self._not_kept
         # Busy, if a lease came back sound meanwhile, none broken, and no connect failed: the
         # database serves, and every connection is busy doing so.  Reported as ok: a readiness
         # probe would otherwise take every saturated instance out of rotation at once.  One
-        # discarded as it came back (its rollback failed, its call was interrupted: the server
-        # gone, a hung statement cut short) is no sign that the database serves.
-        returned, broken, unfit, connect_errors = before
-        now_unfit = stats.discards["reset_failed"] + stats.discards["interrupted"]
+        # discarded or closed as it came back is no sign that the database serves: its
+        # rollback failed, its call was interrupted (the server gone, a hung statement cut
+        # short), or it was retired (max_lifetime, session_reset, resize(), pool.discard())
+        # and the connect that replaces it may hang as well.
         busy = (
             busy
-            and stats.returned - returned > now_unfit - unfit  # some came back sound
+            and kept > kept_before  # some came back sound, and were put back
             and stats.discards["broken"] == broken
             and stats.connect_errors == connect_errors
         )
@@ -1055,6 +1063,7 @@ class Pool(Generic[C]):
         deadline = _NEVER if timeout is None else monotonic() + timeout
         interrupted = self._close_stopped(idle, deadline)
         leased = []
+        ended: list[tuple[Any, float]] = []  # (connection, time held) of the leases ended here
         if not self._await_returns(deadline):
             with self._lock:
                 # Everything still counted is leased (or being returned or validated).
@@ -1074,8 +1083,12 @@ class Pool(Generic[C]):
                 now = monotonic()
                 for slot in leased:
                     if slot.owner:
+                        held = now - slot.leased_at
                         self._returned += 1
-                        self._held_time += now - slot.leased_at
+                        self._not_kept += 1
+                        self._held_time += held
+                        if self._end_lease_locked(slot):
+                            ended.append((slot.raw, held))
                 left_open = [slot for slot in leased if not slot.dialect.closes_under_a_call]
                 for slot in left_open:
                     self._leave_open_locked(slot)
@@ -1086,6 +1099,16 @@ class Pool(Generic[C]):
                     self._name,
                     _connections(len(left_open)),
                 )
+        if self._listeners.checkin:
+            # Told here, as the leases end, before their connections are closed: a borrower
+            # that lets go later, or never, tells nothing more.
+            for raw, held in ended:
+                try:
+                    self._emit_handling(
+                        _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, raw, held
+                    )
+                except BaseException as exc:  # the connections are closed all the same
+                    interrupted = interrupted or exc
         if leased:
             logger.warning(
                 "pool %r closed: closing %s still leased", self._name, _connections(len(leased))
@@ -1177,6 +1200,23 @@ class Pool(Generic[C]):
             self._reaper_wakeup = threading.Event()
         self._start_reaper()
         logger.info("pool %r reopened", self._name)
+
+    def _end_lease_locked(self, slot: _Slot) -> bool:
+        """For close(), ending a lease past its timeout: whether its CHECKIN is told there.
+
+        So it is when the borrower still holds the lease: the claim is taken from it, as a
+        return takes it (of the two, one finds it), then handed back with no owner, for
+        ``release()`` and ``discard()`` to do nothing as before, and for the return to close a
+        connection left open.  Otherwise a return is under way, or the lease not made yet, and
+        _give_back tells it, as the lease comes back with its owner still set."""
+        claim = slot.claim
+        try:
+            del claim[0]
+        except IndexError:
+            return False
+        slot.owner = 0  # before the claim is back: the lease's return tells nothing
+        claim.append(slot)
+        return True
 
     def _stop_checkouts_locked(self) -> list[_Slot]:
         """Close the pool to callers: turn waiters away; return the idle connections, no
@@ -1843,18 +1883,16 @@ class Pool(Generic[C]):
             # reopen()); close it.
             held: float | None = None
             try:
-                if slot.generation >= 0:
+                generation = slot.generation
+                if generation >= 0:
                     if slot.borrowed is not None:  # the reaper reports it no more
                         self._note_return_of_borrowed(slot)
                     held = monotonic() - slot.leased_at
-                    if self._listeners.checkin:
-                        self._emit_handling(
-                            _CHECKIN_LISTENER,
-                            self._listeners.checkin,
-                            Event.CHECKIN,
-                            slot.raw,
-                            held,
-                        )
+                    self._tell_checkin(slot, held)
+                elif generation != _INHERITED and slot.owner:
+                    # Ended by close() as its return began, or before its lease was made:
+                    # close() counted it, and left its CHECKIN to this return.
+                    self._tell_checkin(slot, monotonic() - slot.leased_at)
             finally:
                 self._close_if_retired(slot, held)
             return
@@ -1901,6 +1939,12 @@ class Pool(Generic[C]):
                 self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
             raise
 
+    def _tell_checkin(self, slot: _Slot, held: float) -> None:
+        if self._listeners.checkin:
+            self._emit_handling(
+                _CHECKIN_LISTENER, self._listeners.checkin, Event.CHECKIN, slot.raw, held
+            )
+
     def _put_back(self, box: list[_Slot], held: float | None = None) -> None:
         """Return a clean connection the caller holds (in ``box``, as for _give_back) to the
         pool: to the oldest waiter, the idle stack, or closed if the pool closed or shrank
@@ -1941,6 +1985,8 @@ class Pool(Generic[C]):
                             self._idle.append(slot)
                         return
                     reason = POOL_CLOSED if self._closed else DiscardReason.RESIZED
+                    if held is not None:
+                        self._not_kept += 1
                     self._forget_locked([slot], None if self._closed else DiscardReason.RESIZED)
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
@@ -1994,6 +2040,7 @@ class Pool(Generic[C]):
                         # Counted with the claim of its close: a close() that ends it first
                         # counts it there instead, once.
                         self._returned += 1
+                        self._not_kept += 1
                         self._held_time += held
         finally:  # even if a signal handler raised as the lock was let go: nobody else closes it
             if generation == _LEFT_OPEN:
@@ -2119,6 +2166,7 @@ class Pool(Generic[C]):
                     self._discards[key] += 1
                     if held is not None:
                         self._returned += 1
+                        self._not_kept += 1
                         self._held_time += held
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)

@@ -112,8 +112,8 @@ class HealthReport(TypedDict):
     #: a pooled connection answered the ping within the timeout
     reachable: bool
     #: no connection came free within the timeout, yet a lease came back sound meanwhile
-    #: (not discarded as it came back), none broken, and no connect failed: the pool is
-    #: saturated, the database serves
+    #: (put back for reuse: not discarded or closed as it came back, for any reason), none
+    #: broken, and no connect failed: the pool is saturated, the database serves
     busy: bool
     #: seconds the ping took (``None`` when it did not answer)
     latency: float | None

@@ -9,13 +9,14 @@ Interleavings are forced with fakedb gates, Events and wait_until, never with sl
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
 
 import dbpool
 from tests import fakedb
-from tests.conftest import Caller, Recorder, wait_until
+from tests.conftest import Caller, FakeClock, Recorder, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,6 +104,90 @@ def test_leases_close_ends_past_its_timeout_are_counted_as_returned(
     after_reopen.close()
     s = pool.stats()
     assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
+
+
+@pytest.mark.parametrize("driver", ["fake", "sqlite"])  # closed under the borrower, or left open
+@pytest.mark.parametrize("leased", ["now", "before reopen"])
+def test_leases_close_ends_past_its_timeout_fire_one_checkin_each(
+    make_pool: Any, server: fakedb.Server, sqlite_connect: Any, driver: str, leased: str
+) -> None:
+    pool = make_pool(max_size=2, connect=server.connect if driver == "fake" else sqlite_connect)
+    rec = Recorder().listen_to_all(pool)
+    lease = pool.connection()
+    raw = lease.raw
+    if leased == "before reopen":
+        with pytest.raises(dbpool.PoolTimeout):
+            pool.drain(timeout=0)
+        pool.reopen()
+
+    pool.close(timeout=0)  # the lease ends here, counted in returned
+
+    assert lease.released
+    # Every CHECKOUT has its CHECKIN, told as the lease ends, before its connection's CLOSE:
+    # a tracing span or an in-flight gauge that pairs them is not left open for good.
+    kinds = rec.kinds()
+    assert kinds.count("checkout") == kinds.count("checkin") == pool.stats().returned == 1, kinds
+    (checkin,) = rec.of("checkin")
+    assert checkin.connection is raw
+    assert checkin.duration is not None and checkin.duration >= 0
+    if driver == "fake":  # sqlite3's is left open for its borrower to close
+        assert kinds.index("checkin") < kinds.index("close"), kinds
+    pool.release(lease)  # the borrower lets go: nothing to refuse, nothing more to tell
+    lease.close()
+    assert rec.kinds().count("checkin") == 1, rec.kinds()
+    assert rec.kinds().count("close") == 1, rec.kinds()
+    assert pool.stats().returned == 1
+
+
+def test_a_health_ping_close_cuts_off_fires_one_checkin(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    # close() ends the lease health() pings (and tells its CHECKIN), shutting its socket
+    # down: the ping fails, and health() gives back a lease already ended.
+    pool = make_pool(max_size=1, validate_after=None)
+    with pool.connection():
+        pass
+    rec = Recorder().listen_to_all(pool)
+    gate = server.block("ping")
+    checking = Caller(lambda: pool.health(timeout=5))
+    assert gate.entered.wait(5)
+    closing = Caller(lambda: pool.close(timeout=0))
+    wait_until(lambda: rec.kinds().count("checkin") == 1)
+    gate.release(fakedb.OperationalError("fakedb: connection shut down"))
+    assert checking.outcome() is None and closing.outcome() is None
+    assert checking.value["ok"] is False
+
+    kinds = rec.kinds()
+    assert kinds.count("checkout") == kinds.count("checkin") == 1, kinds
+    s = pool.stats()
+    assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
+
+
+@pytest.mark.parametrize("served", ["at once", "after a ping"])
+def test_a_checkout_close_ends_before_its_lease_is_made_fires_checkin_after_checkout(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, served: str
+) -> None:
+    # close() lands between the checkout's count and the lease it makes: the caller is lent an
+    # ended lease, and its CHECKIN is told as that lease comes back, after its CHECKOUT.
+    pool = make_pool(max_size=2, validate_after=None if served == "at once" else 0)
+    with pool.connection():
+        pass
+    rec = Recorder().listen_to_all(pool)
+    make_lease = dbpool.pool.lease
+
+    def close_first(*args: Any) -> Any:
+        monkeypatch.undo()
+        pool.close(timeout=0)
+        return make_lease(*args)
+
+    monkeypatch.setattr(dbpool.pool, "lease", close_first)
+    lease = pool.connection()
+    assert lease.released
+    assert rec.kinds().count("checkin") == 0, rec.kinds()
+    lease.close()
+    lease.close()
+    kinds = [k for k in rec.kinds() if k in ("checkout", "checkin")]
+    assert kinds == ["checkout", "checkin"], rec.kinds()
 
 
 @pytest.mark.parametrize("served", ["at once", "after a ping"])
@@ -250,3 +335,43 @@ def test_a_failed_transaction_rollback_log_line_names_its_pool(
     # configuration.rst, name: "The name appears in repr(pool), in log lines, ...": with two
     # pools, this line cannot be told apart.
     assert "'billing'" in line, line
+
+
+# == health(): busy only if a lease came back and was put back ==================================
+
+
+@pytest.mark.parametrize("retired", ["session_reset", "expired", "requested"])
+def test_health_of_a_saturated_pool_whose_leases_are_retired_as_they_come_back_is_not_ok(
+    make_pool: Any, server: fakedb.Server, clock: FakeClock, retired: str
+) -> None:
+    # No connection comes free within health()'s timeout; the one lease that comes back
+    # meanwhile is closed rather than put back, and the connect that would replace it hangs:
+    # nothing says the database serves, so the pool is not "busy".
+    session_reset = "reconnect" if retired == "session_reset" else None
+    pool = make_pool(max_size=1, session_reset=session_reset, max_lifetime=3600)
+    may_end = threading.Event()
+
+    def borrower() -> None:
+        conn = pool.connection()
+        conn.cursor().execute("SELECT 1")
+        assert may_end.wait(5)
+        if retired == "requested":
+            pool.discard(conn)
+            return
+        if retired == "expired":
+            clock.advance(3600)
+        conn.close()
+
+    holder = Caller(borrower, name="borrower")
+    wait_until(lambda: pool.stats().in_use == 1)
+    server.block("connect", times=None)  # connecting hangs
+    checking = Caller(lambda: pool.health(timeout=0.5), name="health")
+    wait_until(lambda: pool.stats().waiting == 1)
+    may_end.set()
+    assert holder.outcome() is None
+    assert checking.outcome() is None
+    health = checking.value
+    s = pool.stats()
+    assert s.returned == 1 and s.discards[retired] == 1, s
+    assert health["ok"] is False and health["busy"] is False, health
+    server.release_all()
