@@ -4,7 +4,8 @@ Fork: a child process drops the connections it inherited, without closing them. 
 inherited connection would send a goodbye on a socket the parent still uses and end the
 parent's session.  The child keeps the inherited driver objects referenced for the rest of its
 life, its interpreter's exit included, so that their finalizers never run, after each dialect
-has made them harmless.
+has made them harmless.  Each pool's maintenance thread starts again at the child's first use
+of the pool, not here: a child about to exec() a program gets no thread, and no connect.
 
 Exit: the connects still under way in the pools' threads are waited for, a second at most, and
 no more are started.  Those are daemon threads, which the interpreter does not wait for; one

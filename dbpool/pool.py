@@ -23,7 +23,7 @@ from collections import deque
 from functools import partial
 from threading import get_ident
 from time import monotonic
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, NoReturn, SupportsIndex, TypeVar
 
 from . import _fork, reaper
 from ._callables import callable_name, check_callable
@@ -550,11 +550,26 @@ class Pool(Generic[C]):
         # --- end of guarded state ---------------------------------------------------------
         self._reaper_wakeup = threading.Event()
         self._reaper_thread: threading.Thread | None = None
+        # A forked child's pool: its reaper starts with the child's first use of the pool
+        # (_wake_after_fork), not at the fork.  Set only then; cleared under the lock.
+        self._asleep = False
 
     def _start_reaper(self) -> None:
         if self._closed:
             return
         self._reaper_thread = reaper.start(self, self._reaper_wakeup)
+
+    def _wake_after_fork(self) -> None:
+        """Start the maintenance of a pool inherited across fork(), at the child's first use
+        of it (checkout, stats(), wait(), check(), resize()).  A child that never uses the
+        pool, as one that is about to exec() a program, gets no thread of it, and so no
+        connect.  The first checkout always comes here: the child's idle stack is empty."""
+        with self._lock:
+            if not self._asleep:
+                return
+            if not self._closed:  # (a thread that fails to start is tried again next time)
+                self._reaper_thread = reaper.start(self, self._reaper_wakeup)
+            self._asleep = False
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -780,6 +795,8 @@ class Pool(Generic[C]):
         failing, or :class:`PoolClosed`.
         """
         _check_number("timeout", timeout, allow_none=False, positive=False)
+        if self._asleep:
+            self._wake_after_fork()
         deadline = monotonic() + timeout
         with self._lock:
             if self._closed:
@@ -802,6 +819,8 @@ class Pool(Generic[C]):
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of the pool's gauges and counters."""
+        if self._asleep:
+            self._wake_after_fork()
         with self._lock:
             return self._stats_locked()
 
@@ -835,6 +854,8 @@ class Pool(Generic[C]):
         far is left (it would likely be cut short, which discards a live connection on a slow
         link), and those not pinged stay as they were."""
         _check_number("timeout", timeout, allow_none=False, positive=False)
+        if self._asleep:
+            self._wake_after_fork()
         deadline = monotonic() + timeout
         with self._lock:
             if self._closed:
@@ -946,6 +967,8 @@ class Pool(Generic[C]):
             _check_count("min_size", min_size, minimum=0)
         if max_size is not None:
             _check_count("max_size", max_size, minimum=1)
+        if self._asleep:
+            self._wake_after_fork()
         with self._lock:
             new_min = self._min_size if min_size is None else min_size
             new_max = self._max_size if max_size is None else max_size
@@ -1198,6 +1221,7 @@ class Pool(Generic[C]):
             self._generation += 1
             # A reaper of the closed pool still running sees its wakeup replaced, and stops.
             self._reaper_wakeup = threading.Event()
+            self._asleep = False  # started here
         self._start_reaper()
         logger.info("pool %r reopened", self._name)
 
@@ -1283,6 +1307,18 @@ class Pool(Generic[C]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # A shallow copy would share the idle connections, and close them as it is collected
+        # (__del__); a pickled one (for a child started with spawn or forkserver) would fail
+        # on a lock, or on the connect callable, with no word of why.
+        name = self.__dict__.get("_name")
+        raise TypeError(
+            f"a dbpool.Pool cannot be copied or pickled (pool {name!r}): it owns open "
+            "connections and the threads that look after them; make a pool in each process "
+            "that needs one (a child process forked from this one drops the connections it "
+            "inherits, and its pool opens its own)"
+        )
+
     def __repr__(self) -> str:
         if "_lock" not in self.__dict__:
             return "<Pool not initialised: its constructor raised>"
@@ -1317,6 +1353,8 @@ class Pool(Generic[C]):
     def _acquire(self, timeout: float | None, deadline: float | None) -> _Slot:
         """The general checkout: queue, connect, validate.  ``timeout`` was checked;
         ``deadline`` is set when a validation already used part of the time."""
+        if self._asleep:
+            self._wake_after_fork()
         if timeout is None:
             timeout = self._acquire_timeout
         if deadline is None:
@@ -2583,7 +2621,7 @@ class Pool(Generic[C]):
             slot.generation = _INHERITED
             if slot.raw is not None:
                 _fork.keep_forever(slot.dialect, slot.raw)
-        self._start_reaper()
+        self._asleep = not self._closed  # the child's first use starts the reaper
 
     # -- reporting ----------------------------------------------------------------------------
 

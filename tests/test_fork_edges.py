@@ -4,6 +4,9 @@ A child process shares the parent's sockets.  A lease taken before the fork refu
 child, and releasing it there does nothing; leaving the blocks the forking thread was inside
 (``sys.exit()`` in the child unwinds them) must likewise send nothing on the parent's session.
 
+A child's pool starts its maintenance thread at the child's first use of it, never at the
+fork (a child about to exec() gets none).
+
 Each child reports through a pipe and always ends with ``os._exit()``; the parent waits for it
 with a timeout.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -268,3 +273,78 @@ def test_a_block_inherited_while_its_cut_off_lock_was_held_ends_in_the_child(
         finally:
             tx._sever_lock.release()
     assert "error" not in report, report
+
+
+# -- 4. The child's pools wake up at its first use of them ---------------------------------------
+
+
+def _pool_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("dbpool-"))
+
+
+def test_a_child_that_never_uses_the_pool_starts_no_thread_and_opens_nothing(
+    make_pool: Any, server: Any
+) -> None:
+    """The pool's maintenance starts with the child's first use of the pool, not at the fork:
+    a child that only runs code of its own (or is about to exec) gets no thread of the pool's,
+    and so no refill to ``min_size``."""
+    pool = make_pool(min_size=2, max_size=2, name="fork-unused")
+    pool.wait(timeout=5)
+    connects = server.connect_attempts
+
+    def child() -> list[Any]:
+        return [_pool_threads(), server.connect_attempts - connects]
+
+    assert in_child(child) == {"result": [[], 0]}
+    assert pool.stats().size == 2
+
+
+def test_a_program_started_with_preexec_fn_gets_no_pool_thread_before_its_exec(
+    make_pool: Any,
+) -> None:
+    """subprocess runs ``preexec_fn`` in the forked child, after the at-fork handlers: no
+    thread of the pool's may be there, connecting as the program is about to start."""
+    make_pool(min_size=1, max_size=1, name="fork-exec").wait(timeout=5)
+
+    def no_pool_thread() -> None:
+        threads = _pool_threads()
+        if threads:
+            raise RuntimeError(f"threads in the child: {threads}")
+
+    done = subprocess.run(
+        [sys.executable, "-c", "pass"], preexec_fn=no_pool_thread, timeout=20, check=False
+    )
+    assert done.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "first_use",
+    [
+        lambda pool: pool.connection().close(),
+        lambda pool: pool.execute("SELECT 1"),
+        lambda pool: pool.stats(),
+        lambda pool: pool.health(timeout=5),
+        lambda pool: pool.check(),
+        lambda pool: pool.resize(min_size=2),
+    ],
+    ids=["connection", "execute", "stats", "health", "check", "resize"],
+)
+def test_the_childs_first_use_of_the_pool_starts_its_maintenance(
+    make_pool: Any, first_use: Callable[[Any], Any]
+) -> None:
+    """Once the child uses the pool, it works as the parent's does: refilled to ``min_size``
+    in the background, by a maintenance thread of its own."""
+    pool = make_pool(min_size=2, max_size=2, name="fork-used")
+    pool.wait(timeout=5)
+
+    def child() -> list[Any]:
+        first_use(pool)
+        reapers = [name for name in _pool_threads() if name.startswith("dbpool-reaper-")]
+        pool.wait(timeout=5)
+        with pool.connection() as lease:
+            lease.cursor().execute("SELECT 1")
+        s = pool.stats()
+        pool.close()
+        return [reapers, s.size, s.created]
+
+    assert in_child(child) == {"result": [["dbpool-reaper-fork-used"], 2, 2]}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import pickle
 import time
 import uuid
@@ -264,6 +265,23 @@ def test_a_lease_or_cursor_refuses_to_be_copied_or_pickled(
                 pooled.close()
         s = pool.stats()
         assert (s.in_use, s.leaked) == (0, 0), s
+
+
+@pytest.mark.parametrize("make", [copy.copy, copy.deepcopy, pickle.dumps])
+def test_a_pool_refuses_to_be_copied_or_pickled(make: Callable[[Any], Any]) -> None:
+    """A shallow copy shared the pool's idle connections, and closed them when it was
+    garbage-collected (an open pool's finalizer closes its idle ones): the next checkout of the
+    original got a closed connection.  Pickling it (a multiprocessing child started with
+    spawn or forkserver) failed on a lock or on the connect callable."""
+    server = fakedb.Server()
+    with _pool(server.connect, min_size=1) as pool:
+        pool.wait(timeout=5)
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            make(pool)
+        gc.collect()  # a copy made anyway is gone
+        assert pool.execute("select 1") == [(1,)]
+        s = pool.stats()
+        assert (s.size, s.discarded, s.created) == (1, 0, 1), s
 
 
 def test_except_conn_error_lets_an_interrupt_of_the_call_through(
