@@ -232,8 +232,9 @@ class Dialect:
     limit_time_inside_transaction = False
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        """Have the server itself stop the transaction's statements after ``seconds``.
-        Returns what :meth:`unlimit_time` needs."""
+        """Have the server itself stop the transaction's statements after ``seconds``, or
+        sooner where the session's own limit is tighter: that one stays in force.  Returns
+        what :meth:`unlimit_time` needs."""
         return None
 
     #: Whether the limit :meth:`limit_time` sets is a length each wait starts afresh, and no
@@ -248,8 +249,9 @@ class Dialect:
     narrows_commit_wait = False
 
     def narrow_time(self, conn: Any, seconds: float) -> None:
-        """Shorten the limit :meth:`limit_time` set on lock waits to ``seconds``, the time
-        left before the deadline; :meth:`unlimit_time` undoes both."""
+        """Shorten the limit on lock waits in force now (the one :meth:`limit_time` set, or a
+        tighter one the block set since) to ``seconds``, the time left before the deadline,
+        never lengthening it; :meth:`unlimit_time` undoes both."""
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         """Undo :meth:`limit_time`; called after COMMIT or ROLLBACK."""

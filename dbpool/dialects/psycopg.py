@@ -8,15 +8,27 @@ from ..isolation import Isolation
 from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, milliseconds
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
-# Before a late COMMIT: its deferred constraint checks may wait for another session's lock.
-_NARROW_TIME_SQL = "SELECT set_config('lock_timeout', %s, true)"
 # query_canceled (statement_timeout), lock_not_available (lock_timeout): a deadline's limits
 _STOPPED_BY_LIMIT_SQLSTATES = frozenset({"57014", "55P03"})
 _INVALID_CURSOR_NAME = "34000"
-_LIMIT_TIME_SQL = (
-    "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
-    "set_config('idle_in_transaction_session_timeout', %s, true)"
+
+
+def _set_tighter(setting: str) -> str:
+    """SQL that sets ``setting`` (a time in milliseconds) for the rest of the transaction to
+    the tighter of its value now and the milliseconds of a ``%s`` parameter: '0' is no limit.
+    The value is read on the server, in the same statement: a limit the session or the block
+    set stays in force when the deadline is looser.  SHOW writes it with a unit ('750ms',
+    '2s', '1d'), which an interval reads."""
+    now_ms = f"(extract(epoch FROM current_setting('{setting}')::interval) * 1000)::bigint"
+    return f"set_config('{setting}', least(nullif({now_ms}, 0), %s::bigint)::text, true)"
+
+
+_LIMIT_TIME_SQL = "SELECT " + ", ".join(
+    _set_tighter(setting)
+    for setting in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
 )
+# Before a late COMMIT: its deferred constraint checks may wait for another session's lock.
+_NARROW_TIME_SQL = "SELECT " + _set_tighter("lock_timeout")
 
 
 def _begin_sql(isolation: Isolation | None, readonly: bool) -> str:

@@ -127,7 +127,11 @@ class PymssqlDialect(Dialect):
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         [(previous,)] = _run(conn.cursor(as_dict=False), _CURRENT_LOCK_TIMEOUT)
-        _execute(conn, f"SET LOCK_TIMEOUT {milliseconds(seconds)}")
+        # A tighter one of the session's stays: 0 is no wait at all, -1 no limit.
+        limit = milliseconds(seconds)
+        if 0 <= previous < limit:
+            limit = previous
+        _execute(conn, f"SET LOCK_TIMEOUT {int(limit)}")
         return int(previous)
 
     def unlimit_time(self, conn: Any, token: Any) -> None:

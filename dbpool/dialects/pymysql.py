@@ -87,10 +87,14 @@ class _MySQLTransactions:
             self._tuple_cursor(conn),
             f"SELECT @@session.innodb_lock_wait_timeout, @@session.{variable}",
         )
+        # A tighter limit of the session's stays: a lock wait timeout of 0 is no wait at all,
+        # a statement limit of 0 none.
+        lock_wait, statement = previous
+        value = statement if 0 < statement < value else value
         _execute(
             conn,
             f"SET SESSION innodb_lock_wait_timeout = %s, {variable} = %s",
-            (max(1, math.ceil(seconds)), value),
+            (min(lock_wait, max(1, math.ceil(seconds))), value),
         )
         return variable, previous
 

@@ -174,16 +174,20 @@ class SQLiteDialect(Dialect):
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         # interrupt() cannot stop a wait for another connection's lock: bound that wait
-        previous = _pragma(conn, "busy_timeout")
-        conn.execute(f"PRAGMA busy_timeout = {milliseconds(seconds)}")
-        return int(previous)
+        previous = int(_pragma(conn, "busy_timeout"))
+        conn.execute(f"PRAGMA busy_timeout = {min(previous, milliseconds(seconds))}")
+        return previous
 
     # A wait for the lock that starts inside the block would otherwise last the whole timeout
     narrows_time = True
     narrows_commit_wait = True
 
     def narrow_time(self, conn: Any, seconds: float) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {milliseconds(seconds)}")
+        # Read first: a tighter one of the connection's, or of the block's own PRAGMA, stays.
+        now = int(_pragma(conn, "busy_timeout"))
+        ms = milliseconds(seconds)
+        if ms < now:
+            conn.execute(f"PRAGMA busy_timeout = {ms}")
 
     def unlimit_time(self, conn: Any, token: Any) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(token)}")
