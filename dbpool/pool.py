@@ -21,7 +21,6 @@ import warnings
 import weakref
 from collections import deque
 from functools import partial
-from threading import get_ident
 from time import monotonic
 from typing import Any, Callable, Generic, NoReturn, SupportsIndex, TypeVar
 
@@ -98,10 +97,6 @@ _ROTATION = 4
 _WIDEN_AFTER = 8
 _RESET_FAILED = DiscardReason.RESET_FAILED  # a global: the return path names it often
 
-# Per thread, the hooks and listeners it is running on a connection of a pool, as (pool, what)
-# pairs, innermost last: drain() and close() called from one of them would wait for that very
-# connection, which the pool gets back only once the call returns, and refuse at once instead.
-_handling = threading.local()
 _CONFIGURE_HOOK = "the configure hook"
 _CHECK_HOOK = "the check hook"
 _RESET_HOOK = "the reset hook"
@@ -476,6 +471,13 @@ class Pool(Generic[C]):
         # any thread at any moment and so must not take the lock; the reaper returns them
         # (the next acquire wakes it), and so do drain() and close().
         self._orphans: deque[_Slot] = deque()
+        # Per thread, the hooks and listeners it is running on one of this pool's connections,
+        # innermost last: drain() and close() called from one of them would wait for that very
+        # connection, which the pool gets back only once the call returns, and refuse at once
+        # instead.  Made here, not as dbpool is imported: under gevent's monkey-patching,
+        # threads are greenlets, and a threading.local made before the patching is shared by
+        # all the greenlets of a thread.
+        self._handling = threading.local()
         self._setup_state()
         _fork.register(self)
         self._start_reaper()
@@ -622,7 +624,7 @@ class Pool(Generic[C]):
                             self._served_at_once += 1
                             # Leased from now on: a close() past its timeout that ends it
                             # before the lease is made counts it as returned
-                            slot.owner = get_ident()
+                            slot.owner = threading.get_ident()
                             slot.leased_at = now
                 finally:
                     self._lock.release()
@@ -659,7 +661,7 @@ class Pool(Generic[C]):
                 raise PoolClosed(
                     f"pool {self._name!r} was closed while this caller waited for a connection"
                 )
-            slot.owner = get_ident()
+            slot.owner = threading.get_ident()
             slot.leased_at = now = monotonic()
             conn = lease(self, slot)
             slot.claim.append(slot)
@@ -2676,11 +2678,8 @@ class Pool(Generic[C]):
     def _hook_running(self) -> str | None:
         """The innermost hook or listener this thread runs on one of this pool's connections,
         if any (see _handling)."""
-        running: list[tuple[object, str]] = getattr(_handling, "running", [])
-        for pool, what in reversed(running):
-            if pool is self:
-                return what
-        return None
+        running: list[str] = getattr(self._handling, "running", [])
+        return running[-1] if running else None
 
     def _refuse_inside_a_hook(self, call: str) -> None:
         """Raise if this thread is running a hook or a listener on one of this pool's
@@ -2792,16 +2791,15 @@ def _while_handling(pool: Pool[Any], what: str, call: Callable[..., object], *ar
     """``call(*args)``, a hook or listener (``what``) run on a connection this thread handles
     for ``pool``, recorded meanwhile in ``_handling``."""
     try:
-        running = _handling.running
+        running = pool._handling.running
     except AttributeError:
-        running = _handling.running = []
-    entry = (pool, what)
+        running = pool._handling.running = []
+    depth = len(running)
     try:
-        running.append(entry)  # inside the try: a signal handler may raise as it returns
+        running.append(what)  # inside the try: a signal handler may raise as it returns
         call(*args)
     finally:
-        if running and running[-1] is entry:
-            del running[-1]
+        del running[depth:]
 
 
 def _start_thread(target: Callable[[], object], name: str, not_started: Callable[[], None]) -> None:

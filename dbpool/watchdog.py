@@ -61,21 +61,39 @@ class Watchdog:
 
     def watch(self, when: float, callback: Callback) -> _Entry:
         """Call ``callback`` in the watchdog thread at monotonic time ``when``."""
-        with self._lock:
-            if self._thread is None:
-                # First: if this raises, nothing was queued (an entry left behind would fire
-                # once a later watch() starts the thread), and the next watch() tries again.
-                self._start_locked()
-            entry = _Entry(when, next(self._order), callback)
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
-                self._wakeup.notify()
+        entry = thread = None
+        try:
+            with self._lock:
+                entry = _Entry(when, next(self._order), callback)
+                heapq.heappush(self._heap, entry)
+                if self._heap[0] is entry:
+                    self._wakeup.notify()
+                if self._thread is not None:
+                    return entry
+                thread = self._thread = self._new_thread()
+            thread.start()
+        except BaseException:
+            # Nothing of this call stays queued (an entry left behind would fire once a later
+            # watch() starts the thread), and the next watch() tries again.
+            if thread is not None:
+                self._forget_thread(thread)
+            if entry is not None:
+                self.unwatch(entry)
+            raise
         return entry
 
-    def _start_locked(self) -> None:
-        thread = threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
-        thread.start()
-        self._thread = thread
+    def _new_thread(self) -> threading.Thread:
+        # Started by the caller once it let go of the lock, which the new thread takes first
+        # thing: Thread.start() waits for the new thread to begin.  Under gevent's monkey-
+        # patching threads are greenlets, and the lock an OS lock if dbpool was imported
+        # before the patching: held across start(), it would block the new thread forever,
+        # and the process with it.  (Calls meanwhile find the thread recorded, and queue.)
+        return threading.Thread(target=self._run, name="dbpool-watchdog", daemon=True)
+
+    def _forget_thread(self, thread: threading.Thread) -> None:
+        with self._lock:
+            if self._thread is thread:
+                self._thread = None
 
     def unwatch(self, entry: _Entry) -> None:
         """Forget ``entry``; its callback is not called again (it may be running now)."""
@@ -95,14 +113,18 @@ class Watchdog:
             self._loop()
         finally:
             # Not expected (the loop handles its own failures): let a new thread take over.
+            thread = None
             with self._lock:
                 if self._thread is threading.current_thread():
                     self._thread = None
                     if self._heap:
-                        try:
-                            self._start_locked()
-                        except Exception as exc:
-                            logger.error("the deadline watchdog thread could not restart: %s", exc)
+                        thread = self._thread = self._new_thread()
+            if thread is not None:
+                try:
+                    thread.start()
+                except Exception as exc:
+                    self._forget_thread(thread)
+                    logger.error("the deadline watchdog thread could not restart: %s", exc)
 
     def _loop(self) -> None:
         while True:
