@@ -2,6 +2,7 @@
 
 Listeners are for logging, tracing and metrics.  They run in the thread doing the work, outside
 the pool's lock; one that raises is logged and skipped, so an observer can never break the pool.
+What is no Exception (KeyboardInterrupt, SystemExit) goes through, once every listener was told.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class Event(str, enum.Enum):
     #: a lease was handed to a caller, in the caller's thread
     CHECKOUT = "checkout"
     #: a lease came back, before the pool cleans the connection; or ``close()`` ended it past
-    #: its timeout, before closing its connection: once for each CHECKOUT
+    #: its timeout, before closing its connection; or an exception (a CHECKOUT listener raising
+    #: KeyboardInterrupt) undid its checkout: once for each CHECKOUT
     CHECKIN = "checkin"
     #: the pool dropped a connection rather than keep it (even while the pool closes);
     #: ``reason`` says why
@@ -138,8 +140,12 @@ def emit(
     reason: str | None = None,
     duration: float | None = None,
 ) -> None:
-    """Tell each listener; log and skip one that raises."""
+    """Tell each listener; log and skip one that raises.  What is no Exception
+    (KeyboardInterrupt, SystemExit) goes through to the caller, the first of them once every
+    listener was told: a listener told of a CHECKOUT is then told of its CHECKIN whatever
+    another one raised."""
     record = PoolEvent(event, pool, connection, reason, duration)
+    stopped: BaseException | None = None
     for listener in listeners:
         try:
             listener(record)
@@ -147,3 +153,11 @@ def emit(
             logger.exception(
                 "pool %r: a listener of %r events raised; it is skipped", pool, event.value
             )
+        except BaseException as exc:
+            if stopped is None:
+                stopped = exc
+    if stopped is not None:
+        try:
+            raise stopped
+        finally:
+            stopped = None  # no cycle through this frame

@@ -238,12 +238,16 @@ class _Families:
         )
         self.hold = CounterMetricFamily(
             "dbpool_hold_seconds",
-            "Seconds leases held their connection, counted at return.",
+            "Seconds leases held their connection, counted as each ends: at its return, or "
+            "when close() ends it past its timeout.",
             labels=pool,
             unit="seconds",
         )
         self.returns = CounterMetricFamily(
-            "dbpool_returns", "Leases returned to the pool.", labels=pool
+            "dbpool_returns",
+            "Leases that ended: returned to the pool, or ended by close() past its timeout "
+            "(acquires - returns: the leases out).",
+            labels=pool,
         )
         self.created = CounterMetricFamily(
             "dbpool_connections_created", "Connections opened.", labels=pool

@@ -488,7 +488,6 @@ class Pool(Generic[C]):
         # (a signal handler runs as soon as acquire() returns) can be recovered from: see
         # _drop_lock_if_held().  Nothing takes it twice on purpose.
         self._lock = threading.RLock()
-        self._wait_lock = threading.Lock()  # guards the wait statistics (_note_wait)
         self._cond = threading.Condition(self._lock)  # wait() and close() wait on it
         # --- guarded by self._lock --------------------------------------------------------
         # Invariants, true whenever the lock is free:
@@ -539,8 +538,8 @@ class Pool(Generic[C]):
         self._not_kept = 0
         # Checkouts are counted as they are served, never taken back, so that the counters
         # only grow: those served at once from the idle stack (_served_at_once, above), and
-        # the others with their wait, by bucket (under _wait_lock).  stats() adds the first
-        # to the first bucket, and both make ``acquired``.
+        # the others with their wait, by bucket.  stats() adds the first to the first bucket,
+        # and both make ``acquired``.
         self._wait_counts = [0] * len(WAIT_BUCKETS)
         self._waits_recorded = 0
         self._discards = no_discards()
@@ -603,6 +602,7 @@ class Pool(Generic[C]):
         slot = None  # a connection this call holds (counted in acquired), to give back on error
         started = None  # set when this checkout could not be served at once: its wait counts
         conn = None
+        told = False  # checkout listeners were told of the lease: an undo tells its checkin
         try:
             # The common case, inline: an idle connection that needs no round trip.
             now = monotonic()
@@ -647,45 +647,70 @@ class Pool(Generic[C]):
                 conn = lease(self, slot)
                 slot.claim.append(slot)  # the lease is stored: its first close() returns it
                 if self._listeners.checkout:
+                    told = True
                     self._emit_handling(
                         _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, 0.0
                     )
                 return conn
-            if slot.generation < 0:
-                # close() past its timeout ended it as this caller validated it or woke up with
-                # it, and counted no return of it (not lent yet): told so, rather than lent it.
-                # (Read without the lock, which a waiter served by hand-off does not take: a
-                # close() landing right after this look ends the lease instead, counted then.)
+            me = threading.get_ident()
+            now = monotonic()
+            waited = now - started
+            bucket = wait_bucket(waited)
+            # Under the lock, as close() past its timeout ends leases under it: either it ended
+            # this one first, as this caller validated it or woke up with it, and counted no
+            # return of it (no owner yet), or it finds the owner and the count of the checkout
+            # set, and counts the lease it ends as returned.  Owner and counts are set with no
+            # call among them (see _pop_idle_locked).
+            self._lock.acquire()
+            try:
+                if slot.generation >= 0:
+                    slot.owner = me
+                    slot.leased_at = now
+                    self._wait_time += waited
+                    self._wait_counts[bucket] += 1
+                    self._waits_recorded += 1
+                    fresh = True  # counted in acquired, as one served at once is
+            finally:
+                self._lock.release()
+            if not fresh:
+                # Ended by close(): told so, rather than lent it.
                 ended, slot = slot, None
                 self._close_if_retired(ended)  # closes it if close() left it open (sqlite3)
                 raise PoolClosed(
                     f"pool {self._name!r} was closed while this caller waited for a connection"
                 )
-            slot.owner = threading.get_ident()
-            slot.leased_at = now = monotonic()
             conn = lease(self, slot)
             slot.claim.append(slot)
-            self._note_wait(now - started)
-            fresh = True  # counted in acquired, as one served at once is
             if self._listeners.checkout:
+                told = True
                 self._emit_handling(
                     _CHECKOUT_LISTENER,
                     self._listeners.checkout,
                     Event.CHECKOUT,
                     slot.raw,
-                    now - started,
+                    waited,
                 )
             return conn
         except BaseException:
             self._drop_lock_if_held()
             if slot is not None:
                 # A lease made meanwhile must never return it: it may be referenced (from the
-                # traceback) long after the connection went to someone else.  Nobody else has
-                # the lease yet, so emptying its claim (armed or not) keeps the slot here.
-                slot.claim.clear()
+                # traceback) long after the connection went to someone else.  Taking its claim
+                # (armed or not) keeps the slot here: the borrower never had the lease.  Taken
+                # as a return takes it, with an index and a del: either close() ended the lease
+                # first and told its checkin (its owner then 0), or it finds no claim and
+                # leaves that to this undo.
+                try:
+                    del slot.claim[0]
+                except IndexError:  # not stored yet, or close() is ending the lease now
+                    told = False
                 if conn is not None:
                     revoke(conn)
-                self._untake(slot, counted=fresh)
+                try:
+                    if told and slot.owner:  # a lease told of ends: once for each checkout
+                        self._tell_checkin(slot, monotonic() - slot.leased_at)
+                finally:
+                    self._untake(slot, counted=fresh)
             raise
 
     def connect(self, *, timeout: float | None = None) -> Connection[C]:
@@ -2628,10 +2653,9 @@ class Pool(Generic[C]):
     # -- reporting ----------------------------------------------------------------------------
 
     def _stats_locked(self) -> PoolStats:
-        with self._wait_lock:  # the pool lock, held, guards _served_at_once
-            waited = self._waits_recorded
-            wait_time = self._wait_time
-            wait_histogram = list(self._wait_counts)
+        waited = self._waits_recorded
+        wait_time = self._wait_time
+        wait_histogram = list(self._wait_counts)
         wait_histogram[0] += self._served_at_once  # no wait
         return PoolStats(
             name=self._name,
@@ -2658,15 +2682,6 @@ class Pool(Generic[C]):
             discards=dict(self._discards),
             pool_closed=self._closed,
         )
-
-    def _note_wait(self, seconds: float) -> None:
-        """Count a checkout that was not served at once from the idle stack, with its wait,
-        as the last step before it returns.  Under a lock of its own: a caller just handed a
-        connection need not queue for the pool lock again."""
-        with self._wait_lock:
-            self._wait_time += seconds
-            self._wait_counts[wait_bucket(seconds)] += 1
-            self._waits_recorded += 1
 
     def _emit_handling(
         self, what: str, listeners: tuple[Listener, ...], event: Event, raw: Any, duration: float

@@ -85,6 +85,26 @@ def test_a_snapshot_says_whether_the_pool_was_closed(make_pool: Any) -> None:
     assert closed.as_dict()["pool_closed"] is True
 
 
+def test_the_help_of_returns_and_hold_seconds_counts_leases_close_ends(make_pool: Any) -> None:
+    # close() past its timeout ends a lease: returned and held_time count it (stats docs);
+    # the help texts a dashboard shows for them say so too.
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dbpool.metrics import PoolCollector
+
+    pool = make_pool(max_size=1)
+    lease = pool.connection()
+    pool.close(timeout=0)
+    assert lease.released and pool.stats().returned == 1
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(pool))
+    text = generate_latest(registry).decode("utf-8")
+    helps = {family.name: family.documentation for family in text_string_to_metric_families(text)}
+    for name in ("dbpool_returns", "dbpool_hold_seconds"):
+        assert "close()" in helps[name], (name, helps[name])
+
+
 # == pool names that UTF-8 cannot carry ==========================================================
 
 

@@ -215,6 +215,56 @@ def test_a_checkout_close_ends_before_its_lease_is_made_is_counted_as_returned(
     assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
 
 
+@pytest.mark.parametrize("served", ["after a ping", "by a connect", "by a hand-over"])
+def test_a_checkout_close_ends_as_its_wait_ends_is_counted_once(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, served: str
+) -> None:
+    # close() past its timeout, in another thread, lands as a caller that was not served at
+    # once takes the connection it was given as its own (forced here by running it as the
+    # caller asks for its thread's ident): the caller is told the pool closed, or is lent a
+    # lease close() ended and counted, never a lease close() did not count.
+    pool = make_pool(max_size=1, validate_after=0 if served == "after a ping" else None)
+    if served == "after a ping":
+        with pool.connection():
+            pass
+    rec = Recorder().listen_to_all(pool)
+    holder = pool.connection() if served == "by a hand-over" else None
+
+    class CloseFirst:
+        """dbpool.pool's view of the threading module, whose get_ident() closes the pool."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(threading, name)
+
+        def get_ident(self) -> int:
+            monkeypatch.undo()
+            pool.close(timeout=0)
+            return threading.get_ident()
+
+    def checkout() -> None:
+        try:
+            lease = pool.connection(timeout=5)
+        except dbpool.PoolClosed:
+            return
+        assert lease.released, "lent as if close() had not ended it"
+        lease.close()
+
+    if holder is None:
+        monkeypatch.setattr(dbpool.pool, "threading", CloseFirst())
+        checkout()
+    else:
+        waiter = Caller(checkout, name="waiter")
+        wait_until(lambda: pool.stats().waiting == 1)
+        monkeypatch.setattr(dbpool.pool, "threading", CloseFirst())
+        holder.close()  # handed to the caller queued
+        assert waiter.outcome() is None
+    assert dbpool.pool.threading is threading, "close() never ran"
+    s = pool.stats()
+    assert s.acquired - s.returned == s.in_use == 0, s
+    kinds = rec.kinds()
+    assert kinds.count("checkout") == kinds.count("checkin"), kinds
+
+
 # == A checkout undone after it was counted is counted as returned too ==========================
 
 
@@ -237,6 +287,64 @@ def test_a_checkout_undone_by_a_listener_raising_keyboardinterrupt_is_counted_as
     assert (s.acquired, s.in_use, s.idle) == (2, 0, 1), s
     assert s.returned == s.acquired, s
     assert sum(s.wait_histogram) == s.acquired, s
+
+
+@pytest.mark.parametrize("served", ["by a connect", "at once"])
+def test_a_checkout_undone_by_a_listener_raising_keyboardinterrupt_fires_checkin_once(
+    make_pool: Any, server: fakedb.Server, served: str
+) -> None:
+    # The listeners before the one that raised were told of the checkout, and those after it
+    # too: each is told of its end once, as of any other lease, and checkin events stay as
+    # many as ``returned``.
+    pool = make_pool(max_size=2)
+    if served == "at once":
+        with pool.connection():
+            pass
+    before = Recorder().listen_to_all(pool)
+
+    def interrupt(event: Any) -> None:
+        raise KeyboardInterrupt  # not an Exception: it goes through to the caller
+
+    pool.add_listener("checkout", interrupt)
+    after = Recorder().listen_to_all(pool)
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.connection()
+
+    s = pool.stats()
+    assert s.acquired - s.returned == s.in_use == 0, s
+    for rec in (before, after):
+        kinds = [k for k in rec.kinds() if k in ("checkout", "checkin")]
+        assert kinds == ["checkout", "checkin"], rec.kinds()
+        (checkout,), (checkin,) = rec.of("checkout"), rec.of("checkin")
+        assert checkin.connection is checkout.connection
+        assert checkin.duration is not None and checkin.duration >= 0
+    pool.remove_listener("checkout", interrupt)
+    with pool.connection():  # the connection went back, as the stats say
+        pass
+    assert pool.stats().in_use == 0
+
+
+def test_a_checkout_undone_after_close_ended_it_fires_checkin_once(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    # close() past its timeout ends the lease while its checkout is being told (and tells its
+    # checkin then); the checkout is then undone by a listener raising: no second checkin.
+    pool = make_pool(max_size=1)
+    rec = Recorder().listen_to_all(pool)
+
+    def close_then_interrupt(event: Any) -> None:
+        Caller(lambda: pool.close(timeout=0), name="closer").outcome()
+        raise KeyboardInterrupt
+
+    pool.add_listener("checkout", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pool.connection()
+
+    kinds = [k for k in rec.kinds() if k in ("checkout", "checkin")]
+    assert kinds == ["checkout", "checkin"], rec.kinds()
+    s = pool.stats()
+    assert (s.acquired, s.returned, s.in_use) == (1, 1, 0), s
 
 
 # == A connection discarded while the pool drains is counted by its reason =====================
