@@ -362,13 +362,20 @@ class Transaction(Generic[C]):
             ) from exc
         slot.transaction = None
         if slot.busy:
-            # A driver call was interrupted half-way: nothing more is sent on the connection,
-            # which the pool discards; a block that caught the interrupt and ended normally
-            # must hear that nothing was committed.
+            # A driver call was interrupted half-way, or is still under way (psycopg's
+            # cursor.copy() block entered and not left, which holds the connection until it
+            # is; a call in another thread): nothing more is sent on the connection, which the
+            # lease refuses from here on and the pool discards; a block that caught the
+            # interrupt and ended normally must hear that nothing was committed.
+            slot.doomed = True
             if exc is None:
+                if slot.busy is INTERRUPTED:
+                    what = "was interrupted half-way"
+                else:
+                    what = "was still under way as the block ended (a copy() block not left?)"
                 raise ConnectionUnusable(
-                    "a driver call inside the transaction block was interrupted half-way: the "
-                    "transaction was not committed, and the connection refuses further use"
+                    f"a driver call inside the transaction block {what}: the transaction was "
+                    "not committed, and the connection refuses further use"
                 )
             return
         if exc is None and not expired and self._savepoint_failed is None:

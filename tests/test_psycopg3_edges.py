@@ -380,3 +380,134 @@ def test_lease_returned_with_a_notifies_generator_suspended(pg_connect: Connecto
             next(kept[0])
     finally:
         pool.close()
+
+
+# -- the connection's cursor factory ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["RawCursor", "ClientCursor"])
+def test_timed_block_on_a_connection_whose_cursors_take_other_placeholders(
+    pg_connect: Connector, table: Any, factory: str
+) -> None:
+    """A connection made with ``cursor_factory=psycopg.RawCursor`` runs its statements with
+    PostgreSQL's own ``$1`` placeholders, which it does not translate from ``%s``: the
+    statement that sets a block's server-side limits must not take its values through the
+    connection's cursors (nor the one that narrows its lock wait limit before COMMIT), or every
+    block with a timeout fails.  Its limits still hold."""
+    import psycopg
+
+    cursor_factory = getattr(psycopg, factory)
+    marker = "$1" if factory == "RawCursor" else "%s"
+    pool = new_pool(connect_with(pg_connect, cursor_factory=cursor_factory))
+    try:
+        with pool.transaction(timeout=30) as tx:
+            tx.execute(f"INSERT INTO {TABLE} VALUES ({marker})", (1,))
+            (limit,) = tx.execute("SHOW statement_timeout").fetchone()
+            # COMMIT then comes long enough after BEGIN for its lock wait limit to be narrowed
+            tx.execute("SELECT pg_sleep(0.02)")
+        assert count(table) == 1
+        assert limit.endswith("s") and limit != "0", limit  # set for the block alone
+        with pool.connection() as conn:
+            assert conn.raw.cursor_factory is cursor_factory
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("named_cursor", [False, True])
+def test_lease_returned_with_a_notifies_generator_of_the_driver_connection_suspended(
+    pg_connect: Connector, named_cursor: bool
+) -> None:
+    """A ``conn.raw.notifies()`` generator, taken from the driver's connection where the
+    return path cannot close it, holds the connection's lock while it is suspended: the
+    connection comes back idle, but every call on it waits for that lock, the return path's
+    own (a server-side cursor's CLOSE) and the next borrower's included.  It is discarded
+    as busy, with nothing sent."""
+    pool = new_pool(connect_with(pg_connect, autocommit=True))
+    kept: list[Any] = []
+    try:
+
+        def borrow() -> None:
+            with pool.connection() as conn:
+                if named_cursor:
+                    cursor = conn.cursor(name="dbpool_pg3_notifies", withhold=True)
+                    cursor.execute(ROWS)
+                    assert cursor.fetchone() == (1,)
+                raw = conn.raw
+                raw.execute("LISTEN dbpool_pg3_edges_chan")
+                raw.execute("NOTIFY dbpool_pg3_edges_chan, 'one'")
+                notifications = raw.notifies(timeout=5)
+                assert next(notifications).payload == "one"
+                kept.append(notifications)  # still referenced as the lease goes back
+
+        assert Caller(borrow).outcome(timeout=10) is None
+
+        def next_borrower() -> None:
+            works(pool)
+
+        assert Caller(next_borrower).outcome(timeout=10) is None
+        assert pool.stats().discards["reset_failed"] == 1
+    finally:
+        pool.close(timeout=1)
+
+
+def test_block_on_a_lease_whose_driver_connection_has_a_notifies_generator_suspended(
+    pg_connect: Connector,
+) -> None:
+    """A transaction block started on a lease while a ``conn.raw.notifies()`` generator is
+    suspended would wait for the connection's lock at its first statement, forever: it is
+    refused at once, as on a connection with a result still being read."""
+    pool = new_pool(connect_with(pg_connect, autocommit=True))
+    kept: list[Any] = []
+    try:
+
+        def block() -> None:
+            with pool.connection() as conn:
+                raw = conn.raw
+                raw.execute("LISTEN dbpool_pg3_edges_chan")
+                raw.execute("NOTIFY dbpool_pg3_edges_chan, 'one'")
+                notifications = raw.notifies(timeout=5)
+                assert next(notifications).payload == "one"
+                kept.append(notifications)
+                with conn.transaction() as tx:
+                    tx.execute("SELECT 1")
+
+        outcome = Caller(block).outcome(timeout=10)
+        assert isinstance(outcome, dbpool.PoolError), outcome
+        assert "statement running" in str(outcome)
+        works(pool)
+    finally:
+        pool.close(timeout=1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_block_ends_with_a_copy_not_left(table: Any, pool: dbpool.Pool[Any], fails: bool) -> None:
+    """A ``cursor.copy()`` block entered and not left holds psycopg's connection lock: a
+    transaction block on the lease that ends meanwhile commits nothing, says that the copy
+    was still under way, and the lease refuses further use (its next statement would wait
+    for the lock forever); the connection is discarded on return."""
+    kept: list[Any] = []
+    seen: list[BaseException] = []
+
+    def block() -> None:
+        with pool.connection() as conn:
+            try:
+                with conn.transaction() as tx:
+                    manager = tx.cursor().copy(f"COPY {TABLE} FROM STDIN")
+                    manager.__enter__().write_row((1,))
+                    kept.append(manager)
+                    if fails:
+                        raise LookupError("the block fails")
+            except (dbpool.ConnectionUnusable, LookupError) as exc:
+                seen.append(exc)
+            with pytest.raises(dbpool.ConnectionUnusable):
+                conn.execute("SELECT 1")
+
+    assert Caller(block).outcome() is None
+    if fails:
+        assert isinstance(seen[0], LookupError)
+    else:
+        assert "still under way" in str(seen[0]), seen
+    assert count(table) == 0
+    assert pool.stats().discards["reset_failed"] == 1
+    works(pool)

@@ -113,6 +113,16 @@ def drop_received(messages: Any, held: tuple[int, Any]) -> None:
         messages.pop()
 
 
+def _execute_with_values(conn: Any, sql: str, values: tuple[str, ...]) -> None:
+    """Run ``sql``, with ``%s`` placeholders for ``values``, on a cursor of psycopg's default
+    class: the connection's ``cursor_factory`` may be one that takes other placeholders
+    (``RawCursor`` takes PostgreSQL's own ``$1``)."""
+    from psycopg import Cursor
+
+    with Cursor(conn) as cursor:
+        cursor.execute(sql, values)
+
+
 def prepared_two_phase_left() -> RuntimeError:
     return RuntimeError(
         "returned with a prepared two-phase transaction that neither tpc_commit() nor "
@@ -140,15 +150,21 @@ class PsycopgDialect(Dialect):
         # connection that is closed or broken.  A pipeline left open says IDLE once nothing is
         # pending, but only the borrower's Pipeline object can take the connection out of
         # pipeline mode: busy.  A connection lost in a pipeline stays in that mode: broken.
+        # Busy too while something holds the connection's lock: a conn.notifies() generator
+        # suspended at a notification, taken from the driver's connection itself, or a call in
+        # another thread.  Every later call on it would wait for that lock.
         pgconn = conn.pgconn
         state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
-        if pgconn.pipeline_status and state is not BROKEN:
+        if state is not BROKEN and (pgconn.pipeline_status or conn.lock.locked()):
             return BUSY
         return state
 
     def fresh_transaction_state(self, conn: Any) -> TxState:
         # Before BEGIN: a block may run inside the caller's own conn.pipeline() block.
-        return LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
+        state = LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
+        if state is not BROKEN and conn.lock.locked():
+            return BUSY  # BEGIN would wait for the lock (see transaction_state)
+        return state
 
     def transaction_aborted(self, conn: Any) -> bool:
         return bool(conn.pgconn.transaction_status == _PQ_INERROR)
@@ -194,10 +210,13 @@ class PsycopgDialect(Dialect):
             drop_received(backlog, settings[10])  # those received since it was opened
 
     def close_cursor(self, cursor: Any) -> None:
-        # A server-side cursor's close sends CLOSE: not while a result is being read (the
-        # connection then goes back busy and is discarded, which ends the cursor with it).
-        if hasattr(cursor, "name") and _reading(cursor.connection):
-            return
+        # A server-side cursor's close sends CLOSE: not while a result is being read, nor while
+        # something else holds the connection's lock (the connection then goes back busy and
+        # is discarded, which ends the cursor with it).
+        if hasattr(cursor, "name"):
+            conn = cursor.connection
+            if _reading(conn) or conn.lock.locked():
+                return
         try:
             cursor.close()
         except Exception as exc:
@@ -289,14 +308,14 @@ class PsycopgDialect(Dialect):
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
         ms = str(milliseconds(seconds))
-        conn.execute(_LIMIT_TIME_SQL, (ms, ms, ms))  # SET LOCAL: ends with the transaction
+        _execute_with_values(conn, _LIMIT_TIME_SQL, (ms, ms, ms))  # ends with the transaction
         return None
 
     narrows_commit_wait = True
 
     def narrow_time(self, conn: Any, seconds: float) -> None:
         _refuse_while_reading(conn)  # before COMMIT, which refuses it too
-        conn.execute(_NARROW_TIME_SQL, (str(milliseconds(seconds)),))
+        _execute_with_values(conn, _NARROW_TIME_SQL, (str(milliseconds(seconds)),))
 
     def cancel(self, conn: Any, side_connect: Callable[[], Any]) -> None:
         cancel = getattr(conn, "cancel_safe", None) or conn.cancel
