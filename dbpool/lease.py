@@ -22,7 +22,7 @@ from weakref import WeakSet
 from ._types import C
 from .errors import ConnectionUnusable, LeaseReleased, PoolError
 from .isolation import Isolation
-from .transaction import INTERRUPTED, Transaction
+from .transaction import INTERRUPTED, Transaction, in_call
 
 if TYPE_CHECKING:
     from .pool import Pool, _Slot
@@ -102,9 +102,10 @@ def _released(what: str) -> LeaseReleased:
 
 def _doomed() -> ConnectionUnusable:
     return ConnectionUnusable(
-        "this connection's state is unknown (a call on it was interrupted half-way, or a "
-        "cancel, rollback or reset on it failed or could not finish): it refuses further use, "
-        "and the pool discards it on release; take a new one with pool.connection()"
+        "this connection's state is unknown (a call on it, or the end of a transaction block "
+        "on it, was interrupted half-way, or a cancel, rollback or reset on it failed or could "
+        "not finish): it refuses further use, and the pool discards it on release; take a new "
+        "one with pool.connection()"
     )
 
 
@@ -644,11 +645,11 @@ class Cursor(Generic[C]):
             # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's
             # SSCursor reads the rest of its rows): busy meanwhile, so that inside a block the
             # deadline cancels or cuts it off as it does a fetch; left alone when another
-            # thread is inside a call, and put back as it was (see _watched_method).
+            # thread is inside a call, and put back as it was unless a call began meanwhile
+            # (see _watched_method).  The mark is this cursor.
             busy = slot.busy
-            mine = busy is not True
-            if mine:
-                slot.busy = True
+            if not in_call(busy):
+                slot.busy = self
             try:
                 try:
                     self._raw.close()
@@ -656,15 +657,15 @@ class Cursor(Generic[C]):
                     _call_failed(slot, exc)  # an interrupt in here is one in the call
                     raise
             except Exception:
-                if mine:
+                if slot.busy is self:
                     slot.busy = busy
                 raise
             except BaseException:
-                if mine:
+                if slot.busy is self:
                     slot.busy = INTERRUPTED
                 slot.doomed = True  # interrupted half-way: see _call_failed
                 raise
-            if mine:
+            if slot.busy is self:
                 slot.busy = busy
             if slot.cursors:  # the return path need not close it again
                 try:
@@ -841,17 +842,25 @@ def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Calla
     that talks to the server may leave its reply unread (see _call_failed).
 
     Another thread may be inside a call on the connection (psycopg's cancel() is made for
-    that): ``busy`` is then True and that call's, which clears it as it ends, maybe before this
-    one ends (a cancelled statement does), and this one must not set it again (the connection
-    would go back as if still in a call, and be discarded).  Otherwise it is put back as it
-    was: a call interrupted earlier leaves it set, for the pool to discard the connection."""
+    that): ``busy`` is then that call's, which clears it as it ends, maybe before this one ends
+    (a cancelled statement does), and this one must not set it again (the connection would go
+    back as if still in a call, and be discarded).  Or this one runs in another thread while
+    nothing runs, and the lease's statement starts before it ends: ``busy`` is then the
+    statement's, and putting back the "no call" found at the start would leave the statement
+    unmarked (given back, its connection would go to the next borrower under it; the watchdog
+    would not cancel it; a sqlite3 connection would be closed under it).  So this call marks
+    ``busy`` with an object of its own, and puts it back only where its mark is still there
+    (no call between the check and the write: on CPython 3.11 and later, no thread switch
+    comes between them).
+    Otherwise it stays as it was: a call interrupted earlier leaves it set, for the pool to
+    discard the connection."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         slot = _live_slot(lease, "connection")
         busy = slot.busy
-        mine = busy is not True
-        if mine:
-            slot.busy = True
+        mark = object()
+        if not in_call(busy):
+            slot.busy = mark
         try:
             try:
                 result = method(*args, **kwargs)
@@ -859,15 +868,15 @@ def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Calla
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:
-            if mine:
+            if slot.busy is mark:
                 slot.busy = busy
             raise
         except BaseException:
-            if mine:
+            if slot.busy is mark:
                 slot.busy = INTERRUPTED
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
-        if mine:
+        if slot.busy is mark:
             slot.busy = busy
         return result
 

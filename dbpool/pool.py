@@ -47,7 +47,7 @@ from .lease import (
 )
 from .redact import describe, mask_credentials, scrub_exception, scrub_text, secrets_in
 from .stats import WAIT_BUCKETS, HealthReport, PoolStats, no_discards, wait_bucket
-from .transaction import Transaction, run_transaction
+from .transaction import Transaction, in_call, run_transaction
 from .watchdog import Overdue
 
 T = TypeVar("T")
@@ -2313,7 +2313,7 @@ class Pool(Generic[C]):
         # Given back (or discarded, or let go by close()) by one thread while another is inside
         # a call on it: closed under that call, the driver may crash the interpreter.  (An
         # interrupted call leaves transaction.INTERRUPTED instead: nobody is inside.)
-        closes = slot.busy is not True or slot.dialect.closes_under_a_call
+        closes = not in_call(slot.busy) or slot.dialect.closes_under_a_call
         try:
             if reason != POOL_CLOSED and self._listeners.discard:
                 emit(self._listeners.discard, Event.DISCARD, self._name, slot.raw, reason)
@@ -2335,7 +2335,7 @@ class Pool(Generic[C]):
             logger.debug("cutting off a connection failed: %s", self._describe(exc))
         deadline = monotonic() + _CALL_END_WAIT
         pause = 0.001
-        while slot.busy is True:
+        while in_call(slot.busy):
             if monotonic() >= deadline:
                 logger.warning(
                     "pool %r: a connection was given back while another thread was inside a "

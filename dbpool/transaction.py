@@ -56,6 +56,15 @@ _NOT_LIMITED = object()  # limit_time() was not called, or did not get through
 #: ``True``, the pool must assume a call still runs, maybe in another thread (see
 #: Pool._close_raw), and a block's deadline cancels it (see Transaction._on_deadline).
 INTERRUPTED: Any = "interrupted"
+
+
+def in_call(busy: object) -> bool:
+    """Whether ``slot.busy`` says a thread is inside a driver call on the connection: True
+    (the lease's own calls), or the mark of a call that another thread may make at any time
+    (lease._watched_method, Cursor.close), which puts back only its own mark."""
+    return busy is not False and busy is not INTERRUPTED
+
+
 # How far past the deadline a lock wait may last where the dialect narrows its limit (SQLite):
 # the limit is resized to the time left before a statement when it was sized longer ago.
 _NARROW_SLACK = 0.01
@@ -130,6 +139,9 @@ class Transaction(Generic[C]):
         self._cancel_lock = threading.Lock()
         self._active = False
         self._open = False
+        # _ended: nothing of the block's end is left to do (committed or rolled back, and the
+        # session put back; or the connection doomed).  See _left_half_way.
+        self._ended = True
         self._begin_token: Any = None
         self._session: object = None  # the server session BEGIN went to (Dialect.server_session)
         self._time_token: Any = _NOT_LIMITED
@@ -223,7 +235,7 @@ class Transaction(Generic[C]):
                     self._commit_sized_at = now
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
             self._session = dialect.server_session(raw)
-            self._open = True
+            self._open, self._ended = True, False
             slot.transaction = self
             if self._timeout is not None and limit_inside:
                 now = monotonic()
@@ -323,6 +335,9 @@ class Transaction(Generic[C]):
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         try:
             self._finish(exc)
+        except BaseException:
+            self._left_half_way()
+            raise
         finally:
             if self._owns_lease and self._lease is not None:
                 self._lease.close()
@@ -336,6 +351,26 @@ class Transaction(Generic[C]):
         finally:
             self._failed = self._ended_by = None  # their tracebacks hold the block's frames
             self._unguard()
+
+    def _left_half_way(self) -> None:
+        """The block's end raised.  Its own errors come once it is over; anything else (an
+        interrupt, or a signal handler's exception, at any point CPython runs one) may have
+        stopped it anywhere: before COMMIT or ROLLBACK, or before the session was put back.
+        Then nothing more is sent on the connection (the lease refuses further use, and the
+        pool discards it): a caller who catches the interrupt and goes on must not commit the
+        block's work with its own, nor run statements inside a block that is over.  Either
+        way the watchdog lets go of the block.  No I/O, no wait: a cancel or cut-off under way
+        reaches a connection nobody uses any more."""
+        self._open = self._active = self._guarded = False
+        for watch in (self._watch, self._sever_watch):
+            if watch is not None:
+                watchdog.unwatch(watch)
+        slot = self._slot
+        if not self._ended and slot is not None and self._owns_connection():
+            slot.doomed = True
+            if slot.transaction is self:
+                slot.transaction = None
+        self._ended = True
 
     def _commit_or_roll_back(self, exc: BaseException | None) -> None:
         slot = self._slot
@@ -431,6 +466,12 @@ class Transaction(Generic[C]):
             if slot.dialect.stopped_by_limit(exc) and monotonic() >= self._deadline:
                 raise self._timeout_error() from exc
             raise
+        except BaseException:
+            # Interrupted, maybe before COMMIT went out: the transaction may still be open, and
+            # the lease's own next commit would commit it.  Nothing more is sent (see
+            # _left_half_way); a COMMIT interrupted in flight doomed the connection already.
+            slot.doomed = True
+            raise
         finally:
             self._end_quietly(slot, rollback=rollback)
 
@@ -503,6 +544,7 @@ class Transaction(Generic[C]):
         dooms the connection instead of raising; an interrupt leaves it busy, so either way
         the pool will not reuse it."""
         if slot.doomed:
+            self._ended = True  # nothing more is sent on it
             return
         dialect, raw = slot.dialect, slot.raw
         slot.busy = True
@@ -528,6 +570,7 @@ class Transaction(Generic[C]):
             slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
+        self._ended = True
 
     def _timeout_error(self) -> TransactionTimeout:
         return TransactionTimeout(
@@ -546,7 +589,7 @@ class Transaction(Generic[C]):
                 return None  # it runs on; still running at _on_overdue, its connection is doomed
             # Nothing running: cancel what starts before the block ends.  INTERRUPTED is no
             # call either: the one interrupted has ended, and the lease refuses further calls.
-            if slot.busy is not True:
+            if not in_call(slot.busy):
                 return _CANCEL_AGAIN
             try:
                 slot.dialect.cancel(slot.raw, self._side_connect())
@@ -569,7 +612,7 @@ class Transaction(Generic[C]):
         with self._sever_lock:
             if not self._guarded or slot is None or not self._owns_connection():
                 return None
-            if slot.busy is not True:  # (INTERRUPTED: see _on_deadline)
+            if not in_call(slot.busy):  # (INTERRUPTED: see _on_deadline)
                 return _CANCEL_AGAIN  # cut off the next call that starts this late
             if slot.dialect.can_cancel:
                 logger.warning(

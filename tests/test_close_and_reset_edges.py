@@ -341,6 +341,56 @@ def test_a_call_from_another_thread_that_ends_after_the_statement_leaves_no_call
         pool.close()
 
 
+@pytest.mark.parametrize("call", ["cancel", "a cursor's close"])
+def test_a_call_from_another_thread_that_a_statement_outlasts_leaves_that_statement_marked(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    # Another thread cancels (or closes another cursor) while nothing runs, and the lease's
+    # statement starts before that call returns.  That call put back the "no call" it found as
+    # it began, under the statement: given back meanwhile, the connection went back to the
+    # idle stack with the statement still running on it (for the next borrower), the
+    # deadline's watchdog cancelled nothing, and the pool's close of a sqlite3 or pymssql
+    # connection did not wait for the call.
+    closing = threading.Event()
+    may_close = threading.Event()
+
+    def close(cursor: fakedb.FakeCursor) -> None:  # a close that waits for the server
+        closing.set()
+        assert may_close.wait(10)
+
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    try:
+        conn = pool.connection()
+        cur = conn.cursor()
+        other = conn.cursor()
+        if call == "cancel":
+            cancel = fake_server.block("cancel")
+            caller = Caller(conn.cancel, name="canceller")
+            assert cancel.entered.wait(10)
+        else:
+            monkeypatch.setattr(fakedb.FakeCursor, "close", close)
+            caller = Caller(other.close, name="closer")
+            assert closing.wait(10)
+        statement = fake_server.block("execute")
+        runner = Caller(lambda: cur.execute("SELECT 2"), name="runner")
+        assert statement.entered.wait(10)
+        if call == "cancel":
+            cancel.release()
+        else:
+            may_close.set()
+        assert caller.outcome() is None
+        monkeypatch.undo()
+        conn.close()  # given back while the runner is inside its statement
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.discarded) == (0, 0, 1), s
+        statement.release()
+        runner.outcome()
+    finally:
+        fake_server.release_all()
+        may_close.set()
+        pool.close()
+
+
 def _interrupting_at_entry(function: Any) -> Any:
     """A trace raising KeyboardInterrupt once, as ``function`` is entered: where CPython runs
     a signal handler for a signal that came during a C call that then failed."""

@@ -21,11 +21,14 @@ open windows (docs/behaviour.rst, "Exact counts"), and the tests leave them out.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import gc
+import sqlite3
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +36,7 @@ import pytest
 
 import dbpool
 from dbpool.lease import Connection, lease
+from dbpool.transaction import Transaction
 from tests.conftest import wait_until
 
 pytestmark = [
@@ -428,3 +432,107 @@ def test_return_to_a_waiting_caller(make_pool: Any) -> None:
         _finish,
         entries=(Connection.close, dbpool.Pool._give_back, dbpool.Pool._put_back),
     )
+
+
+# -- the end of a transaction block ------------------------------------------------------------
+
+# Every signal point of a block's end but the entry of Transaction.__exit__ itself (the with
+# statement calls it, and CPython runs a pending handler as it is entered, before any of its
+# code: no pure-Python context manager can guard that).
+BLOCK_END = [
+    Transaction.__exit__,
+    Transaction._finish,
+    Transaction._commit_or_roll_back,
+    Transaction._stop_watching,
+    Transaction._owns_connection,
+    Transaction._commit_unless_rolled_back,
+    Transaction._rolled_back_error,
+    Transaction._commit,
+    Transaction._end_quietly,
+    Transaction._unguard,
+]
+
+
+def _has_row(path: str, value: str) -> bool:
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        return bool(reader.execute("SELECT 1 FROM signals_t WHERE v = ?", (value,)).fetchall())
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+def test_an_interrupt_in_a_blocks_end_leaves_the_lease_out_of_it_or_refusing(
+    tmp_path: Any, ending: str
+) -> None:
+    # Interrupted anywhere in its end, a block leaves its lease either out of the block, its
+    # outcome settled (committed, or not), or refusing further use: the caller who catches the
+    # interrupt and goes on never commits the block's work, or runs a statement inside a block
+    # that is over, or meets a watchdog still looking after it.
+    path = str(tmp_path / "signals.sqlite3")
+    with contextlib.closing(sqlite3.connect(path)) as setup:
+        setup.execute("CREATE TABLE signals_t (v TEXT)")
+        setup.commit()
+
+    def block(conn: Connection[Any], tx: Transaction[Any]) -> None:
+        with tx:
+            tx.execute("INSERT INTO signals_t VALUES ('block')")
+            if ending == "rollback":
+                raise ValueError("the block fails")
+
+    def run(conn: Connection[Any], tx: Transaction[Any]) -> None:
+        try:
+            block(conn, tx)
+        except ValueError:
+            pass
+
+    pool = dbpool.Pool(lambda: sqlite3.connect(path, check_same_thread=False), max_size=1)
+    try:
+        with pool.connection() as conn:
+            points = signal_points(
+                lambda: run(conn, conn.transaction(timeout=60)),
+                BLOCK_END,
+                entries=tuple(BLOCK_END[1:]),
+            )
+            conn.execute("DELETE FROM signals_t")
+            conn.commit()
+        assert points
+        failures = []
+        for point in points:
+            conn = pool.connection()
+            tx = conn.transaction(timeout=60)
+            raised: list[Point] = []
+            sys.settrace(_raising_at(point, raised))
+            try:
+                run(conn, tx)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            if not raised:
+                failures.append(f"{point}: not reached")
+            committed = _has_row(path, "block")
+            problem = ""
+            if ending == "rollback" and committed:
+                problem = "the failed block's work was committed"
+            try:
+                conn.execute("INSERT INTO signals_t VALUES ('after')")
+                conn.commit()
+            except dbpool.ConnectionUnusable:
+                pass  # refuses further use
+            except Exception as exc:
+                problem = problem or f"the lease's next statement: {type(exc).__name__}: {exc}"
+            else:
+                if _has_row(path, "block") != committed:
+                    problem = problem or "the lease's next commit committed the block's work"
+            ref = weakref.ref(tx)
+            del tx
+            gc.collect()
+            if ref() is not None:
+                problem = problem or "the transaction is still referenced (by the watchdog?)"
+            conn.close()
+            if problem:
+                failures.append(f"{point}: {problem}")
+            with pool.connection() as conn:
+                conn.execute("DELETE FROM signals_t")
+                conn.commit()
+        assert not failures, "\n".join(failures)
+    finally:
+        pool.close()
