@@ -182,10 +182,13 @@ class Connection(Generic[C]):
     lacks raises :exc:`AttributeError`: set it on :attr:`raw`).
     """
 
-    __slots__ = ("_pool", "_slot", "_claim", "__weakref__")
+    __slots__ = ("_pool", "_slot", "_claim", "_streams", "__weakref__")
 
     _pool: Pool[C]
     _slot: _Slot | None
+    # The iterators of the lease's cursor.stream() calls, for finish_reading; unset (at no
+    # cost to a checkout) until the lease makes one.
+    _streams: WeakSet[Iterator[Any]]
     # Holds the slot while this lease may return it: the first to pop it returns it, and
     # list.pop is atomic, so of two threads closing one lease only one gives the slot back,
     # and a released lease can never return the connection of a later one.
@@ -290,7 +293,10 @@ class Connection(Generic[C]):
         if tx is not None:
             tx._check_open()  # past its deadline: TransactionTimeout, as for a statement
             raise _ends_the_block("commit")
-        slot.used = slot.busy = True
+        slot.used = True
+        if slot.cursors:  # a stream too has its cursor there, unless closed under it
+            finish_reading(self, slot, commit=True)
+        slot.busy = True
         try:
             try:
                 slot.raw.commit()
@@ -315,7 +321,10 @@ class Connection(Generic[C]):
         if tx is not None:
             tx._check_open()
             raise _ends_the_block("rollback")
-        slot.used = slot.busy = True
+        slot.used = True
+        if slot.cursors:
+            finish_reading(self, slot, commit=False)
+        slot.busy = True
         try:
             try:
                 slot.raw.rollback()
@@ -642,36 +651,7 @@ class Cursor(Generic[C]):
                 # it, or it was inherited across fork(): closing the driver's cursor would
                 # talk to a session that is not this lease's (a named cursor's CLOSE).
                 return
-            # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's
-            # SSCursor reads the rest of its rows): busy meanwhile, so that inside a block the
-            # deadline cancels or cuts it off as it does a fetch; left alone when another
-            # thread is inside a call, and put back as it was unless a call began meanwhile
-            # (see _watched_method).  The mark is this cursor.
-            busy = slot.busy
-            if not in_call(busy):
-                slot.busy = self
-            try:
-                try:
-                    self._raw.close()
-                except Exception as exc:
-                    _call_failed(slot, exc)  # an interrupt in here is one in the call
-                    raise
-            except Exception:
-                if slot.busy is self:
-                    slot.busy = busy
-                raise
-            except BaseException:
-                if slot.busy is self:
-                    slot.busy = INTERRUPTED
-                slot.doomed = True  # interrupted half-way: see _call_failed
-                raise
-            if slot.busy is self:
-                slot.busy = busy
-            if slot.cursors:  # the return path need not close it again
-                try:
-                    slot.cursors.remove(self._raw)
-                except ValueError:
-                    pass
+            _close_cursor(slot, self._raw)
 
     def __enter__(self) -> Cursor[C]:
         return self
@@ -778,6 +758,63 @@ def _live_slot(lease: Connection[Any], what: str) -> _Slot:
     if slot is None or slot.generation < 0 or slot.doomed:
         raise _refusal(slot, what)
     return slot
+
+
+def _close_cursor(slot: _Slot, raw: Any) -> None:
+    """Close ``raw``, a driver cursor of the lease that holds ``slot``."""
+    # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's SSCursor
+    # reads the rest of its rows): busy meanwhile, so that inside a block the deadline
+    # cancels or cuts it off as it does a fetch; left alone when another thread is inside a
+    # call, and put back as it was unless a call began meanwhile (see _watched_method).
+    busy = slot.busy
+    mark = object()
+    if busy is False or busy is INTERRUPTED:  # not in_call(busy), written out: every close
+        slot.busy = mark
+    try:
+        try:
+            raw.close()
+        except Exception as exc:
+            _call_failed(slot, exc)  # an interrupt in here is one in the call
+            raise
+    except Exception:
+        if slot.busy is mark:
+            slot.busy = busy
+        raise
+    except BaseException:
+        if slot.busy is mark:
+            slot.busy = INTERRUPTED
+        slot.doomed = True  # interrupted half-way: see _call_failed
+        raise
+    if slot.busy is mark:
+        slot.busy = busy
+    if slot.cursors:  # the return path need not close it again
+        try:
+            slot.cursors.remove(raw)
+        except ValueError:
+            pass
+
+
+def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None:
+    """Before COMMIT (``commit``) or ROLLBACK on ``lease``'s connection: close the lease's
+    cursors whose result the server is still sending (Dialect.holds_unread_result), their
+    driver reading the rest of it (the MySQL drivers have no other way), and end the lease's
+    streams left part-read (psycopg's cursor.stream(), which holds the connection until it
+    ends: COMMIT would wait for it forever).  Before COMMIT a stream is read to its end, as
+    those cursors are, for its cancel would abort the transaction; before ROLLBACK it is
+    closed, and its statement cancelled.  A cursor or stream read on afterwards finds its
+    result ended, as if read to the end or closed."""
+    cursors = slot.cursors
+    if cursors:
+        unread = slot.dialect.holds_unread_result
+        for raw in [cursor for cursor in cursors if unread(cursor)]:
+            _close_cursor(slot, raw)
+    streams = getattr(lease, "_streams", None)  # unset: the lease made none
+    for stream in list(streams or ()):
+        if commit:
+            for _row in stream:
+                pass
+        else:
+            stream.close()
 
 
 def _tracked_call(
@@ -948,7 +985,16 @@ def _tracked_stream(lease: Connection[Any], method: Callable[..., Any]) -> Calla
         if slot.transaction is not None:
             slot.transaction._check_open()
         slot.dirty = True
-        return _tracked_iteration(lease, iter(method(*args, **kwargs)))
+        iterator = _tracked_iteration(lease, iter(method(*args, **kwargs)))
+        # For a COMMIT or ROLLBACK through the lease to end first (finish_reading); weakly, as
+        # one ended, or dropped, concerns nobody.
+        try:
+            streams = lease._streams
+        except AttributeError:
+            streams = WeakSet()
+            _set_streams(lease, streams)
+        streams.add(iterator)
+        return iterator
 
     return stream
 
@@ -1030,6 +1076,7 @@ _new = object.__new__
 _set_pool = _slot_setter(Connection, "_pool")
 _set_slot = _slot_setter(Connection, "_slot")
 _set_claim = _slot_setter(Connection, "_claim")
+_set_streams = _slot_setter(Connection, "_streams")
 _set_cursor_lease = _slot_setter(Cursor, "_lease")
 _set_cursor_raw = _slot_setter(Cursor, "_raw")
 _set_cursor_open = _slot_setter(Cursor, "_open")

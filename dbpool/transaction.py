@@ -426,6 +426,8 @@ class Transaction(Generic[C]):
             raise self._timeout_error() from exc
 
     def _commit_unless_rolled_back(self, slot: _Slot) -> None:
+        if slot.cursors:
+            self._finish_reading(slot)
         try:
             rolled_back = self._rolled_back_error(slot)
         except Exception:  # a dialect's look at the state failed: end it, or doom it
@@ -474,6 +476,24 @@ class Transaction(Generic[C]):
             raise
         finally:
             self._end_quietly(slot, rollback=rollback)
+
+    def _finish_reading(self, slot: _Slot) -> None:
+        """Before COMMIT: end what the block left being read (lease.finish_reading), which
+        COMMIT would fail on or wait for.  A failure, or the deadline passed meanwhile, rolls
+        the transaction back."""
+        from .lease import finish_reading
+
+        assert self._lease is not None
+        try:
+            finish_reading(self._lease, slot, commit=True)
+        except Exception as exc:
+            self._end_quietly(slot)
+            if monotonic() >= self._deadline:  # cut off (sever) past it
+                raise self._timeout_error() from exc
+            raise
+        if monotonic() >= self._deadline:
+            self._end_quietly(slot)
+            raise self._timeout_error()
 
     def _rolled_back_error(self, slot: _Slot) -> TransactionRolledBack | None:
         """Before COMMIT: the error to raise instead, chained to its cause, if the server
@@ -547,6 +567,13 @@ class Transaction(Generic[C]):
             self._ended = True  # nothing more is sent on it
             return
         dialect, raw = slot.dialect, slot.raw
+        if rollback and slot.cursors and self._lease is not None:
+            from .lease import finish_reading
+
+            try:  # else ROLLBACK fails (mysqlclient) or is refused (psycopg's stream)
+                finish_reading(self._lease, slot, commit=False)
+            except Exception:
+                pass  # the connection is lost, say: the rollback below fails too, and says so
         slot.busy = True
         try:
             if rollback:

@@ -107,6 +107,14 @@ class Dialect:
         where :attr:`flags_go_stale`, outside one.  No I/O.  When in doubt, True."""
         return True
 
+    def holds_unread_result(self, cursor: Any) -> bool:
+        """Whether the driver's ``cursor`` has a result the server is still sending, that
+        COMMIT or ROLLBACK would find in its way (an unbuffered result left part-read): the
+        lease closes such a cursor of its own before either,
+        its driver reading the rest and dropping it.  Not a server-side cursor, which the
+        transaction's end closes (or keeps, WITH HOLD).  No I/O."""
+        return False
+
     def ping(self, conn: Any) -> None:
         """One round trip that proves the connection works; raise if it does not.
 

@@ -264,6 +264,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         # SSCursor and its subclasses; the others read the whole result at execute()
         return derives_from(cursor, "pymysql.cursors", "SSCursor")
 
+    def holds_unread_result(self, cursor: Any) -> bool:
+        # An SSCursor still reading: the driver would read the rest itself before the next
+        # statement, with a warning.  Private, so looked up.
+        result = getattr(cursor, "_result", None)
+        return bool(getattr(result, "unbuffered_active", False))
+
     def drops_cursor_cleanly(self, cursor: Any) -> bool:
         # Not an SSCursor, whose collection reads the rest of its rows, nor one with results of
         # a multi-statement string still to read: the next statement would read them, and
@@ -491,6 +497,15 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
+
+    def holds_unread_result(self, cursor: Any) -> bool:
+        # An SSCursor's result: every other statement fails with "Commands out of sync" (2014)
+        # until the cursor is closed.  The driver cannot tell one read to the end, whose close
+        # costs no I/O.  (A buffered cursor's result sets of a CALL still to come stay: the
+        # driver keeps no local flag of them.)  Private, so looked up.
+        if getattr(cursor, "_result", None) is None or cursor.connection is None:
+            return False  # no result, or closed
+        return self.fetches_as_it_goes(cursor)
 
     def ping(self, conn: Any) -> None:
         conn.ping()

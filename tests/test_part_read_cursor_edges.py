@@ -1,0 +1,220 @@
+"""A cursor left part-read when its transaction ends, against MariaDB and PostgreSQL: an
+unbuffered result (MySQL's SSCursor, psycopg's cursor.stream()) is ended before COMMIT or
+ROLLBACK, so that a block, ``conn.commit()`` and ``conn.rollback()`` do what they say on every
+driver, and the connection stays in the pool; a server-side cursor is left to the server
+(closed by COMMIT, or kept WITH HOLD)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import pytest
+
+import dbpool
+from tests.conftest import Caller, assert_accounting, scalar
+
+pytestmark = pytest.mark.timeout(30)
+
+TABLE = "sscursor_rows"
+MYSQL_SERIES = "SELECT seq FROM seq_1_to_100000"
+PG_SERIES = "SELECT generate_series(1, 100000)"
+
+
+def _discards(pool: dbpool.Pool[Any]) -> int:
+    return sum(pool.stats().discards.values())
+
+
+def _table(pool: dbpool.Pool[Any]) -> None:
+    with pool.connection() as conn:
+        cur = conn.cursor()
+        cur.execute(f"DROP TABLE IF EXISTS {TABLE}")
+        cur.execute(f"CREATE TABLE {TABLE} (i int)")
+        cur.close()
+        conn.commit()
+
+
+def _count(pool: dbpool.Pool[Any]) -> int:
+    with pool.connection() as conn:
+        return int(scalar(conn, f"SELECT count(*) FROM {TABLE}"))
+
+
+@pytest.fixture
+def mysql_pool(request: pytest.FixtureRequest) -> Iterator[tuple[dbpool.Pool[Any], Any]]:
+    """A pool of one on PyMySQL or mysqlclient, and the driver's SSCursor class."""
+    if request.param == "pymysql":
+        import pymysql.cursors
+
+        connect, sscursor = request.getfixturevalue("mysql_connect"), pymysql.cursors.SSCursor
+    else:
+        import MySQLdb.cursors
+
+        connect, sscursor = request.getfixturevalue("mysqlclient_connect"), MySQLdb.cursors.SSCursor
+    pool = dbpool.Pool(connect, min_size=0, max_size=1)
+    try:
+        _table(pool)
+        yield pool, sscursor
+        with pool.connection() as conn:
+            conn.cursor().execute(f"DROP TABLE IF EXISTS {TABLE}")
+    finally:
+        pool.close(timeout=1)
+
+
+@pytest.fixture
+def pg_pool(pg_connect: Any) -> Iterator[dbpool.Pool[Any]]:
+    pool = dbpool.Pool(pg_connect, min_size=0, max_size=1)
+    try:
+        _table(pool)
+        yield pool
+        with pool.connection() as conn:
+            conn.cursor().execute(f"DROP TABLE IF EXISTS {TABLE}")
+            conn.commit()
+    finally:
+        pool.close(timeout=1)
+
+
+MYSQL_DRIVERS = pytest.mark.parametrize(
+    "mysql_pool", ["pymysql", "mysqlclient"], indirect=True, ids=["pymysql", "mysqlclient"]
+)
+
+
+# -- MySQL's SSCursor ----------------------------------------------------------------------------
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_a_block_commits_with_an_sscursor_left_part_read(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyMySQL warns as it reads the rest itself
+        with pool.transaction() as conn:
+            conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+            cur = conn.cursor(sscursor)
+            cur.execute(MYSQL_SERIES)
+            assert cur.fetchone() == (1,)
+    assert _count(pool) == 1, "the block's work was lost"
+    assert _discards(pool) == 0
+    assert_accounting(pool)
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_commit_through_a_lease_with_an_sscursor_left_part_read(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+        cur = conn.cursor(sscursor)
+        cur.execute(MYSQL_SERIES)
+        cur.fetchmany(10)
+        conn.commit()
+        assert scalar(conn, "SELECT 42") == 42  # the connection is in step
+    assert _count(pool) == 1
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_rollback_through_a_lease_with_an_sscursor_left_part_read(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+        cur = conn.cursor(sscursor)
+        cur.execute(MYSQL_SERIES)
+        cur.fetchone()
+        conn.rollback()
+    assert _count(pool) == 0
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_a_failing_block_with_an_sscursor_left_part_read_keeps_its_connection(
+    mysql_pool: Any,
+) -> None:
+    pool, sscursor = mysql_pool
+    with pytest.raises(LookupError):
+        with pool.transaction() as conn:
+            conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+            cur = conn.cursor(sscursor)
+            cur.execute(MYSQL_SERIES)
+            cur.fetchone()
+            raise LookupError
+    assert _count(pool) == 0
+    assert _discards(pool) == 0, "the rollback failed on the unread result"
+
+
+# -- psycopg's cursor.stream() -------------------------------------------------------------------
+
+
+@pytest.mark.postgresql
+def test_a_block_commits_with_a_stream_left_part_read(pg_pool: dbpool.Pool[Any]) -> None:
+    with pg_pool.transaction() as conn:
+        conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+        stream = conn.cursor().stream(PG_SERIES)
+        assert next(stream) == (1,)
+    assert list(stream) == []  # read to its end before COMMIT
+    assert _count(pg_pool) == 1
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_ending_a_transaction_through_a_lease_with_a_stream_left_part_read(
+    pg_pool: dbpool.Pool[Any], end: str
+) -> None:
+    conn = pg_pool.connection()
+    try:
+        conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+        stream = conn.cursor().stream(PG_SERIES)
+        next(stream)
+        # psycopg's connection lock, held by the suspended stream, would make it wait forever
+        ending = Caller(getattr(conn, end), name=end)
+        assert ending.outcome(timeout=5) is None
+        assert scalar(conn, "SELECT 42") == 42
+    finally:
+        conn.close()
+    assert _count(pg_pool) == (1 if end == "commit" else 0)
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+def test_a_failing_block_with_a_stream_left_part_read_keeps_its_connection(
+    pg_pool: dbpool.Pool[Any],
+) -> None:
+    with pytest.raises(LookupError):
+        with pg_pool.transaction() as conn:
+            conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+            next(conn.cursor().stream(PG_SERIES))
+            raise LookupError
+    assert _count(pg_pool) == 0
+    assert _discards(pg_pool) == 0
+
+
+# -- server-side cursors: the transaction's end is the server's business --------------------------
+
+
+def _named(driver: str, request: pytest.FixtureRequest) -> Callable[..., Any]:
+    return request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("withhold", [False, True], ids=["without-hold", "with-hold"])
+def test_a_block_commits_with_a_named_cursor_left_part_read(
+    request: pytest.FixtureRequest, driver: str, withhold: bool
+) -> None:
+    with dbpool.Pool(_named(driver, request), min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            with conn.transaction():
+                cur = conn.cursor(name="sscursor_named", withhold=withhold)
+                cur.execute(PG_SERIES)
+                assert cur.fetchone() == (1,)
+            if withhold:  # kept by the server past COMMIT, as WITH HOLD asks
+                assert cur.fetchone() == (2,)
+                cur.close()
+            else:  # closed by COMMIT: the driver says so (the return path closes it)
+                with pytest.raises(conn.Error):
+                    cur.fetchone()
+                conn.rollback()  # psycopg's FETCH began a transaction, which failed
+        assert _discards(pool) == 0
