@@ -377,6 +377,8 @@ class Connection(Generic[C]):
                     raise _commits_first()
                 return _tracked_call(self, value, "connection", kind is _STATEMENT, kind is _HANDLE)
             if getattr(value, "__self__", None) is slot.raw:
+                if name in slot.dialect.connection_arguments:
+                    value = _passing_driver_connections(value)
                 # Its other methods may talk to the server too (PyMySQL's ping(), select_db(),
                 # autocommit()): watched, so that one interrupted half-way dooms the connection
                 return _watched_method(self, value)
@@ -916,6 +918,20 @@ def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Calla
         if slot.busy is mark:
             slot.busy = busy
         return result
+
+    return call
+
+
+def _passing_driver_connections(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, called with each lease among its arguments replaced by the lease's driver
+    connection (handed out, as ``raw`` hands it out)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(arg.raw if isinstance(arg, Connection) else arg for arg in args)
+        for key, arg in kwargs.items():
+            if isinstance(arg, Connection):
+                kwargs[key] = arg.raw
+        return method(*args, **kwargs)
 
     return call
 

@@ -622,6 +622,159 @@ def test_sqlite_shared_memory_database_is_refused_as_memory_is() -> None:
         dbpool.create_pool(url, min_size=1, max_size=1)
 
 
+@pytest.mark.parametrize(
+    ("database", "uri"),
+    [
+        pytest.param(":memory:", False, id="memory"),
+        pytest.param("", False, id="temporary"),
+        pytest.param("file::memory:", True, id="memory-uri"),
+        pytest.param("file:sqlite2_edges?mode=memory", True, id="mode-memory"),
+        pytest.param("file:sqlite2_edges?mode=memory&cache=shared", True, id="shared-cache"),
+    ],
+)
+@pytest.mark.parametrize("max_size", [1, 2])
+def test_sqlite_connect_callable_to_a_database_with_no_file_is_refused(
+    database: str, uri: bool, max_size: int
+) -> None:
+    """A connect callable is not a URL, and was not checked: each pooled connection to
+    ':memory:' was an empty database of its own (borrowers saw different data), and even a
+    pool of one lost its data as it replaced its connection.  With cache=shared the database
+    lasts only while a connection to it is open, and nothing on a connection tells it from a
+    private one: refused too, pointing at the memdb VFS."""
+
+    def connect() -> Any:
+        return sqlite3.connect(database, uri=uri, check_same_thread=False)
+
+    pool = new_pool(connect, max_size=max_size)
+    try:
+        with pytest.raises(TypeError, match=r"':memory:'.*use a file.*vfs=memdb"):
+            pool.connection()
+        assert pool.stats().size == 0
+    finally:
+        pool.close()
+
+
+def test_sqlite_memdb_database_is_shared_by_the_pool_connections() -> None:
+    """What the refusal of in-memory databases suggests instead: the memdb VFS under a name
+    that starts with '/', which every connection of the process shares while one is open."""
+    uri = "file:/sqlite2_edges_memdb?vfs=memdb"
+    keeper = sqlite3.connect(uri, uri=True)
+
+    def connect() -> Any:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    pool = new_pool(connect, max_size=2)
+    try:
+        with pool.connection() as first, pool.connection() as second:
+            rows(first, "create table t (x int)")
+            rows(first, "insert into t values (1)")
+            first.commit()
+            assert rows(second, "select x from t") == [(1,)]
+        assert pool.check() == 0  # validation finds the connections sound
+        assert pool.stats().size == 2
+    finally:
+        pool.close()
+        keeper.close()
+
+
+def test_sqlite_interrupt_with_a_driver_cursor_left_running_does_not_reach_the_next_borrower(
+    sqlite_connect: Connector,
+) -> None:
+    """SQLite keeps an interrupt() in force while any statement of the connection is active.
+    A cursor made on conn.raw and read in part is one the return path never sees: the next
+    borrower's statements failed with "interrupted" until that cursor was dropped.  The
+    connection is discarded instead."""
+    pool = new_pool(sqlite_connect)
+    try:
+        pool.execute("create table t (x int)")
+        pool.execute("insert into t values (1), (2), (3)")
+        with pool.connection() as conn:
+            kept = conn.raw.execute("select x from t")
+            assert kept.fetchone() == (1,)
+            conn.raw.interrupt()
+        with pool.connection() as conn:
+            assert rows(conn, "select count(*) from t") == [(3,)]
+        assert pool.stats().discards["reset_failed"] == 1
+        del kept
+    finally:
+        pool.close()
+
+
+def test_sqlite_driver_cursor_left_running_does_not_pin_the_next_borrower_to_old_data(
+    sqlite_connect: Connector, tmp_path: Any
+) -> None:
+    """In WAL mode, a statement still active keeps its connection's read snapshot open: the
+    next borrower read the data as it was when the previous one's conn.raw cursor started,
+    and missed every commit made since through other connections."""
+    path = str(tmp_path / "db.sqlite3")
+    setup = sqlite3.connect(path)
+    setup.execute("pragma journal_mode = wal")
+    setup.execute("create table t (x int)")
+    setup.execute("insert into t values (1), (2)")
+    setup.commit()
+    pool = new_pool(sqlite_connect)
+    try:
+        with pool.connection() as conn:
+            kept = conn.raw.execute("select x from t")
+            assert kept.fetchone() == (1,)
+        setup.execute("insert into t values (3)")
+        setup.commit()
+        with pool.connection() as conn:
+            assert rows(conn, "select count(*) from t") == [(3,)]
+        del kept
+    finally:
+        pool.close()
+        setup.close()
+
+
+def test_sqlite_driver_cursors_read_to_the_end_keep_their_connection(
+    sqlite_connect: Connector,
+) -> None:
+    """The return path's check for a statement still active finds none where every cursor of
+    conn.raw was read to its end or closed, interrupts nothing and keeps the connection."""
+    pool = new_pool(sqlite_connect)
+    try:
+        pool.execute("create table t (x int)")
+        pool.execute("insert into t values (1), (2)")
+        with pool.connection() as conn:
+            done = conn.raw.execute("select x from t")
+            assert done.fetchall() == [(1,), (2,)]
+            closed = conn.raw.execute("select x from t")
+            assert closed.fetchone() == (1,)
+            closed.close()
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first
+            assert rows(conn, "select count(*) from t") == [(2,)]
+        assert pool.stats().discards["reset_failed"] == 0
+    finally:
+        pool.close()
+
+
+def test_sqlite_backup_takes_a_lease_as_its_target(
+    sqlite_connect: Connector, tmp_path: Any
+) -> None:
+    """sqlite3's backup() checks that its target is a sqlite3 Connection: a lease, passed
+    through a lease, was refused with a TypeError; it is now passed as its driver connection."""
+    source = new_pool(sqlite_connect)
+
+    def connect_copy() -> Any:
+        return sqlite3.connect(str(tmp_path / "copy.sqlite3"), check_same_thread=False)
+
+    copy = new_pool(connect_copy)
+    try:
+        source.execute("create table t (x int)")
+        source.execute("insert into t values (7)")
+        with source.connection() as conn, copy.connection() as target:
+            conn.backup(target)
+        with copy.connection() as target, source.connection() as conn:
+            conn.backup(target=target, pages=1)
+            assert rows(target, "select x from t") == [(7,)]
+    finally:
+        copy.close()
+        source.close()
+
+
 @pytest.mark.postgresql
 def test_psycopg2_ping_of_a_connection_with_session_characteristics_is_one_statement(
     postgresql_dsn: str,

@@ -382,9 +382,11 @@ pool.close()
 
 
 _SQLITE_POOL = """
-import sqlite3
+import os, sqlite3, tempfile
+_files = tempfile.TemporaryDirectory()  # removed as the script exits
+_path = os.path.join(_files.name, "pool.sqlite3")
 pool = dbpool.Pool(
-    lambda: sqlite3.connect(":memory:", check_same_thread=False), min_size=0, max_size=2
+    lambda: sqlite3.connect(_path, check_same_thread=False), min_size=0, max_size=2
 )
 """
 

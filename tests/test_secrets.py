@@ -814,7 +814,7 @@ def test_a_connect_callable_dbpool_cannot_read_leaves_the_pool_working() -> None
         assert pool.name == "proxied"
 
 
-def test_an_error_dbpool_cannot_scrub_still_gives_the_place_back() -> None:
+def test_an_error_dbpool_cannot_scrub_still_gives_the_place_back(tmp_path: Path) -> None:
     looped: list[Any] = ["password=loop-Secret-9"]
     looped.append(looped)  # endless nesting
     calls = []
@@ -823,7 +823,7 @@ def test_an_error_dbpool_cannot_scrub_still_gives_the_place_back() -> None:
         calls.append(password)
         if len(calls) == 1:
             raise ValueError("refused", looped)
-        return sqlite3.connect(":memory:", check_same_thread=False)
+        return sqlite3.connect(tmp_path / "db.sqlite3", check_same_thread=False)
 
     # min_size=0: the only connects are the caller's, the first of which fails
     with dbpool.Pool(

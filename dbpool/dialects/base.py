@@ -71,6 +71,11 @@ class Dialect:
     #: path puts the copies back.  Leases that touch none of them pay nothing.
     restored_attributes: frozenset[str] = frozenset()
 
+    #: Driver methods that take another driver connection, which the driver checks the type
+    #: of (sqlite3's ``backup(target)``): a lease passed to one, called through a lease, is
+    #: replaced by its driver connection.
+    connection_arguments: frozenset[str] = frozenset()
+
     def after_exposure(self, conn: Any) -> None:
         """On the return of a lease that handed out the driver's connection or cursor, or
         called one of :attr:`exposing_methods`: undo what the pool cannot read; no transaction

@@ -24,9 +24,27 @@ _LOCKED_BY_OTHERS_PREFIXES = ("database table is locked: ", "database schema is 
 # (os.replace(new, path)).  It keeps the old file open and would go on reading it; only the
 # extended code tells it from a read-only database (before Python 3.11, validation does).
 _DATABASE_MOVED = 1032
+# The message of SQLITE_INTERRUPT (no extended code before Python 3.11).
+_INTERRUPTED = "interrupted"
 _MAIN_FILE = "SELECT CAST(file AS BLOB) FROM pragma_database_list WHERE name = 'main'"
 # What database_file() reads for a file no longer at its path.
 _REMOVED = "removed"
+
+
+def _main_file(conn: Any) -> bytes | None:
+    """The path SQLite opened the main database at, as bytes whatever the text_factory:
+    empty for one in memory or temporary.  The table-valued pragma needs SQLite 3.16; where it
+    fails, None."""
+    cursor = conn.cursor()
+    cursor.row_factory = None  # the connection's, copied as the cursor was made
+    try:
+        cursor.execute(_MAIN_FILE)
+        found = cursor.fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        cursor.close()
+    return found[0] if found else None
 
 
 def _pragma(conn: Any, name: str) -> Any:
@@ -65,6 +83,9 @@ class SQLiteDialect(Dialect):
     # connection, so that only such leases pay for it (client_settings runs on every return).
     restored_attributes = frozenset({"autocommit"})
 
+    # backup(target): sqlite3 takes only its own Connection there, not a lease.
+    connection_arguments = frozenset({"backup"})
+
     def check_new(self, conn: Any) -> None:
         # sqlite3 has no public flag for check_same_thread: use the connection from another
         # thread once, as every pooled connection will be.
@@ -92,6 +113,46 @@ class SQLiteDialect(Dialect):
                 "open, and the pool begins and ends transactions itself: leave autocommit at "
                 "its default (sqlite3.LEGACY_TRANSACTION_CONTROL), or set it to True"
             )
+        # A database with no file name: ':memory:', '' (a temporary file), 'file::memory:'
+        # and the other URIs of mode=memory.  Each connection to one is a database of its own,
+        # or, with cache=shared (which nothing on a connection tells apart), one that lasts
+        # only while a connection to it is open; the pool closes and replaces its connections
+        # even at max_size=1 (max_lifetime, idle_timeout, discards).
+        if _main_file(conn) == b"":
+            raise TypeError(
+                "each sqlite3 connection to ':memory:' (or to another database with no file "
+                "name: '', 'file::memory:', mode=memory, cache=shared too) is a separate, "
+                "empty database, or one that lasts only while a connection to it is open, so "
+                "a pool of them would lose data, even of one connection, which the pool "
+                "replaces (max_lifetime, idle_timeout, discards): use a file; or, for a "
+                "database in memory all the pool's connections share, connect to "
+                "'file:/NAME?vfs=memdb' with uri=True, and keep one connection to it open "
+                "outside the pool for as long as the data must last"
+            )
+
+    def after_exposure(self, conn: Any) -> None:
+        # A statement still active on the connection (a cursor made on conn.raw and read in
+        # part, which the return path never saw) keeps its read transaction, and its lock on
+        # the file, open while in_transaction says False: the next borrower would read that
+        # old snapshot and miss later commits (WAL), and an interrupt() would stop its
+        # statements too (SQLite keeps the flag set while any statement is active).  sqlite3
+        # cannot say whether one is active; interrupt() then a statement can: with none
+        # active, SQLite clears the flag as the statement starts.
+        conn.interrupt()
+        cursor = conn.cursor()
+        try:
+            cursor.execute("SELECT 1")
+        except sqlite3.OperationalError as exc:
+            if str(exc) != _INTERRUPTED:
+                raise
+            raise RuntimeError(
+                "returned with a statement still active on the driver's connection (a cursor "
+                "of conn.raw read in part, still referenced): it holds a read lock, and its "
+                "snapshot would be the next borrower's; close such cursors before the lease "
+                "ends"
+            ) from exc
+        finally:
+            cursor.close()
 
     def transaction_state(self, conn: Any) -> TxState:
         try:
@@ -117,19 +178,8 @@ class SQLiteDialect(Dialect):
         _ = conn.total_changes  # raises ProgrammingError once closed
 
     def database_file(self, conn: Any) -> object:
-        # The path as SQLite opened it, as bytes whatever the text_factory.  The table-valued
-        # pragma needs SQLite 3.16; where it fails, nothing is compared.
-        cursor = conn.cursor()
-        cursor.row_factory = None  # the connection's, copied as the cursor was made
-        try:
-            cursor.execute(_MAIN_FILE)
-            found = cursor.fetchone()
-        except sqlite3.Error:
-            return None
-        finally:
-            cursor.close()
-        path = found[0] if found else None
-        if not path:  # in memory: no file
+        path = _main_file(conn)
+        if not path:  # in memory, or SQLite too old to say: nothing is compared
             return None
         try:
             info = os.stat(path)
