@@ -65,8 +65,9 @@ class TransactionTimeout(PoolError, TimeoutError):
 class TransactionRolledBack(PoolError):
     """A transaction block ended normally, but the server had already ended its transaction
     after an error inside it (PostgreSQL aborts the transaction, SQLite and MySQL may roll it
-    back), or its connection was closed or lost before COMMIT: it was rolled back, not
-    committed.  Chained to the first driver error raised in the block."""
+    back), or its connection was closed or lost before COMMIT, or a savepoint's block inside
+    it did not end (interrupted as it ended): it was rolled back, not committed.  Chained to
+    the first driver error raised in the block, if any."""
 
     __module__ = "dbpool"
 

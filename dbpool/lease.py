@@ -294,7 +294,9 @@ class Connection(Generic[C]):
             tx._check_open()  # past its deadline: TransactionTimeout, as for a statement
             raise _ends_the_block("commit")
         slot.used = True
-        if slot.cursors:  # a stream too has its cursor there, unless closed under it
+        # A stream has its cursor there too, unless the borrower closed the cursor under it,
+        # which leaves the stream suspended, holding the connection (psycopg's lock)
+        if slot.cursors or getattr(self, "_streams", None):
             finish_reading(self, slot, commit=True)
         slot.busy = True
         try:
@@ -322,7 +324,7 @@ class Connection(Generic[C]):
             tx._check_open()
             raise _ends_the_block("rollback")
         slot.used = True
-        if slot.cursors:
+        if slot.cursors or getattr(self, "_streams", None):  # (as in commit())
             finish_reading(self, slot, commit=False)
         slot.busy = True
         try:

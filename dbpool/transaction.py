@@ -158,6 +158,11 @@ class Transaction(Generic[C]):
         self._guarded = False
         self._sever_watch: Any = None
         self._savepoints = itertools.count(1)
+        # How many savepoint blocks are open: entered, and not yet ended by their RELEASE or
+        # ROLLBACK TO.  A block ending normally with one still open commits nothing: the end of
+        # that savepoint's block was interrupted (a signal handler can raise as its __exit__
+        # is entered, before any of its code runs), and what it should undo may still be there.
+        self._savepoints_open = 0
         # A savepoint statement that failed (its SAVEPOINT, RELEASE or ROLLBACK TO), and the
         # driver's error: the server may have aborted or rolled back the transaction, or kept
         # work a savepoint should have undone, so nothing more runs and nothing is committed.
@@ -426,7 +431,12 @@ class Transaction(Generic[C]):
             raise self._timeout_error() from exc
 
     def _commit_unless_rolled_back(self, slot: _Slot) -> None:
-        if slot.cursors:
+        if slot.doomed:
+            # No call of the block's own was interrupted, but one that another thread made
+            # through the lease was (a cancel()): nothing more is sent on the connection.
+            self._end_quietly(slot)
+            raise _doomed_before_commit()
+        if slot.cursors or getattr(self._lease, "_streams", None):  # (see Connection.commit)
             self._finish_reading(slot)
         try:
             rolled_back = self._rolled_back_error(slot)
@@ -436,6 +446,13 @@ class Transaction(Generic[C]):
         if rolled_back is not None:
             self._end_quietly(slot)
             raise rolled_back from rolled_back.__cause__
+        if self._savepoints_open:
+            self._end_quietly(slot)
+            raise TransactionRolledBack(
+                "a savepoint's block inside the transaction block did not end (interrupted as "
+                "it ended?), and what it was to undo may still be there: the transaction was "
+                "rolled back and nothing was committed"
+            )
         rollback = False
         try:
             now = monotonic()
@@ -537,6 +554,8 @@ class Transaction(Generic[C]):
 
     def _commit(self, slot: _Slot) -> None:
         dialect, raw = slot.dialect, slot.raw
+        if slot.doomed:  # by another thread since the block's end began (see above)
+            raise _doomed_before_commit()
         slot.busy = True
         try:
             dialect.commit(raw)
@@ -567,11 +586,12 @@ class Transaction(Generic[C]):
             self._ended = True  # nothing more is sent on it
             return
         dialect, raw = slot.dialect, slot.raw
-        if rollback and slot.cursors and self._lease is not None:
+        lease = self._lease
+        if rollback and lease is not None and (slot.cursors or getattr(lease, "_streams", None)):
             from .lease import finish_reading
 
             try:  # else ROLLBACK fails (mysqlclient) or is refused (psycopg's stream)
-                finish_reading(self._lease, slot, commit=False)
+                finish_reading(lease, slot, commit=False)
             except Exception:
                 pass  # the connection is lost, say: the rollback below fails too, and says so
         slot.busy = True
@@ -789,6 +809,14 @@ class Transaction(Generic[C]):
         return f"<dbpool.Transaction {state}, {level}>"
 
 
+def _doomed_before_commit() -> ConnectionUnusable:
+    return ConnectionUnusable(
+        "a driver call on the transaction's connection was interrupted half-way (in another "
+        "thread), or a cancel on it failed: the transaction was not committed, and the "
+        "connection refuses further use"
+    )
+
+
 class Savepoint(Generic[C]):
     """A savepoint inside a transaction block, made by :meth:`Transaction.savepoint`; use it
     as a context manager.  The object runs one block: make another for the next."""
@@ -797,6 +825,7 @@ class Savepoint(Generic[C]):
         self._tx = tx
         self._name = name  # generated: never caller input, and one per object
         self._entered = False  # a second block would reuse the name, shadowing the first
+        self._depth = 0  # the savepoint blocks of the transaction open around this one
 
     def __repr__(self) -> str:
         return f"<dbpool.Savepoint {self._name} of {self._tx!r}>"
@@ -831,6 +860,8 @@ class Savepoint(Generic[C]):
             slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
+        self._depth = self._tx._savepoints_open
+        self._tx._savepoints_open = self._depth + 1
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -875,10 +906,15 @@ class Savepoint(Generic[C]):
                 slot.doomed = True  # interrupted half-way: see lease._call_failed
                 raise
             slot.busy = False
+            if tx._savepoints_open == self._depth + 1:
+                # Ended, with every one inside it: else one inside was left open, and this
+                # RELEASE kept what that one was to undo
+                tx._savepoints_open = self._depth
             return
         try:
             slot.dialect.rollback_to_savepoint(slot.raw, self._name)
             tx._failed = None  # undone: a later abort is another error's doing
+            tx._savepoints_open = self._depth  # every one inside it undone too
         except Exception as undo:
             # e.g. MySQL rolled the whole transaction back on a deadlock, savepoints included:
             # the block's own exception is the one that tells what happened, and the

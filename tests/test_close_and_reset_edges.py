@@ -391,6 +391,38 @@ def test_a_call_from_another_thread_that_a_statement_outlasts_leaves_that_statem
         pool.close()
 
 
+def test_a_block_whose_connection_a_call_from_another_thread_left_unusable_commits_nothing(
+    fake_server: fakedb.Server,
+) -> None:
+    # The block's statement runs in one thread while a cancel() of the lease's, from another
+    # thread, is interrupted half-way: the connection's state is unknown from then on, and the
+    # lease refuses further use, though no call of the block's own was interrupted (it ends
+    # normally, and leaves no call marked).  The block's end sent COMMIT all the same.
+    pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    try:
+        conn = pool.connection()
+
+        def block() -> None:
+            with conn.transaction() as tx:
+                tx.execute("INSERT INTO t VALUES (1)")
+
+        statement = fake_server.block("execute")
+        runner = Caller(block, name="runner")
+        assert statement.entered.wait(10)
+        fake_server.fail_next("cancel", KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            conn.cancel()
+        statement.release()
+        assert isinstance(runner.outcome(), dbpool.ConnectionUnusable)
+        assert fake_server.count("commit") == 0
+        conn.close()
+        s = pool.stats()
+        assert (s.idle, s.in_use, s.discarded) == (0, 0, 1), s
+    finally:
+        fake_server.release_all()
+        pool.close()
+
+
 def _interrupting_at_entry(function: Any) -> Any:
     """A trace raising KeyboardInterrupt once, as ``function`` is entered: where CPython runs
     a signal handler for a signal that came during a C call that then failed."""

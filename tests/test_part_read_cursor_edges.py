@@ -179,6 +179,41 @@ def test_ending_a_transaction_through_a_lease_with_a_stream_left_part_read(
 
 
 @pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "rollback", "a block"])
+def test_ending_a_transaction_with_a_stream_left_part_read_after_its_cursor_was_closed(
+    pg_pool: dbpool.Pool[Any], end: str
+) -> None:
+    # cur.close() leaves psycopg's stream suspended, holding the connection's lock: the lease
+    # no longer keeps the closed cursor, but must still end the stream first.
+    streams = []
+
+    def run(conn: dbpool.Connection[Any]) -> None:
+        with conn.cursor() as cur:
+            cur.execute(f"INSERT INTO {TABLE} VALUES (1)")
+        cur = conn.cursor()
+        streams.append(cur.stream(PG_SERIES))  # referenced: else collected, and closed
+        assert next(streams[0]) == (1,)
+        cur.close()
+        if end != "a block":
+            getattr(conn, end)()
+
+    def block() -> None:
+        with conn.transaction():
+            run(conn)
+
+    conn = pg_pool.connection()
+    try:
+        ending = Caller(block if end == "a block" else lambda: run(conn), name=end)
+        assert ending.outcome(timeout=5) is None  # not waiting on the lock forever
+        assert list(streams[0]) == []  # read to its end, or closed
+        assert scalar(conn, "SELECT 42") == 42
+    finally:
+        conn.close()
+    assert _count(pg_pool) == (0 if end == "rollback" else 1)
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
 def test_a_failing_block_with_a_stream_left_part_read_keeps_its_connection(
     pg_pool: dbpool.Pool[Any],
 ) -> None:

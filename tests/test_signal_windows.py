@@ -35,8 +35,9 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
+from dbpool.dialects.base import Dialect
 from dbpool.lease import Connection, lease
-from dbpool.transaction import Transaction
+from dbpool.transaction import Savepoint, Transaction
 from tests.conftest import wait_until
 
 pytestmark = [
@@ -530,6 +531,86 @@ def test_an_interrupt_in_a_blocks_end_leaves_the_lease_out_of_it_or_refusing(
             conn.close()
             if problem:
                 failures.append(f"{point}: {problem}")
+            with pool.connection() as conn:
+                conn.execute("DELETE FROM signals_t")
+                conn.commit()
+        assert not failures, "\n".join(failures)
+    finally:
+        pool.close()
+
+
+# Every signal point of a savepoint block's end, the entry of Savepoint.__exit__ included: the
+# transaction around it keeps its own record of the savepoint blocks still open.
+SAVEPOINT_END = [
+    Savepoint.__exit__,
+    Transaction._owns_connection,
+    Dialect.release_savepoint,
+    Dialect.rollback_to_savepoint,
+]
+
+
+@pytest.mark.parametrize("ending", ["release", "rollback"])
+def test_an_interrupt_in_a_savepoints_end_never_commits_what_it_should_undo(
+    tmp_path: Any, ending: str
+) -> None:
+    # Interrupted anywhere in a savepoint block's end, and the interrupt caught inside the
+    # transaction block, which then ends normally: either that end commits nothing, or the
+    # savepoint's end went through (its work committed if released, undone if rolled back
+    # to), or the lease refuses further use.
+    path = str(tmp_path / "signals.sqlite3")
+    with contextlib.closing(sqlite3.connect(path)) as setup:
+        setup.execute("CREATE TABLE signals_t (v TEXT)")
+        setup.commit()
+
+    def run(tx: Transaction[Any]) -> None:
+        try:
+            with tx:
+                tx.execute("INSERT INTO signals_t VALUES ('outer')")
+                try:
+                    with tx.savepoint():
+                        tx.execute("INSERT INTO signals_t VALUES ('inner')")
+                        if ending == "rollback":
+                            raise ValueError("the savepoint's block fails")
+                except (ValueError, KeyboardInterrupt):
+                    pass
+        except dbpool.PoolError:
+            pass  # the block's end says that nothing was committed
+
+    pool = dbpool.Pool(lambda: sqlite3.connect(path, check_same_thread=False), max_size=1)
+    try:
+        with pool.connection() as conn:
+            points = signal_points(
+                lambda: run(conn.transaction()), SAVEPOINT_END, entries=tuple(SAVEPOINT_END)
+            )
+            conn.execute("DELETE FROM signals_t")
+            conn.commit()
+        assert points
+        failures = []
+        for point in points:
+            with pool.connection() as conn:
+                tx = conn.transaction()
+                raised: list[Point] = []
+                sys.settrace(_raising_at(point, raised))
+                try:
+                    run(tx)
+                finally:
+                    sys.settrace(None)
+                problem = "" if raised else "not reached"
+                outer, inner = _has_row(path, "outer"), _has_row(path, "inner")
+                if inner and not outer:
+                    problem = problem or "the savepoint's work was committed without the block's"
+                if ending == "rollback" and inner:
+                    problem = problem or "the work the savepoint rolled back to was committed"
+                try:
+                    conn.execute("INSERT INTO signals_t VALUES ('after')")
+                    conn.commit()
+                except dbpool.ConnectionUnusable:
+                    pass  # refuses further use
+                else:
+                    if _has_row(path, "inner") != inner:
+                        problem = problem or "the lease's next commit committed the savepoint"
+                if problem:
+                    failures.append(f"{point}: {problem}")
             with pool.connection() as conn:
                 conn.execute("DELETE FROM signals_t")
                 conn.commit()

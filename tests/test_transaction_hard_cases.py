@@ -832,6 +832,45 @@ def test_a_failed_savepoint_or_release_stops_the_transaction_from_committing(
         assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("outer_end", ["release", "rollback"])
+def test_a_savepoint_block_left_open_inside_another_stops_the_commit_unless_undone(
+    fake_server: fakedb.Server, outer_end: str
+) -> None:
+    # The inner savepoint's block never ends (its __exit__ interrupted as it was entered, or a
+    # generator holding it left suspended): what it was to undo may be there.  Rolling back to
+    # the savepoint around it undoes it all, and the transaction commits; releasing that one
+    # keeps it, and the transaction must not commit.
+    class AppError(Exception):
+        pass
+
+    def run(tx: Any) -> None:
+        with tx:
+            tx.execute("insert into t values (1)")
+            try:
+                with tx.savepoint():
+                    tx.savepoint().__enter__()  # left open
+                    tx.execute("insert into t values (2)")
+                    if outer_end == "rollback":
+                        raise AppError
+            except AppError:
+                pass
+
+    with fake_pool(fake_server.connect) as pool:
+        with pool.connection() as conn:
+            if outer_end == "release":
+                with pytest.raises(dbpool.TransactionRolledBack, match="did not end"):
+                    run(conn.transaction())
+                assert (fake_server.count("commit"), fake_server.count("rollback")) == (0, 1)
+            else:
+                run(conn.transaction())
+                assert (fake_server.count("commit"), fake_server.count("rollback")) == (1, 0)
+            conn.cursor().execute("insert into t values (3)")
+            conn.commit()  # the lease goes on
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
+
+
 # == 8. the end of a block, and the Transaction object ==========================================
 
 
