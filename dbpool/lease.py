@@ -13,7 +13,8 @@ import copy
 import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from inspect import GEN_SUSPENDED, getgeneratorstate
 from time import monotonic
 from types import GeneratorType
 from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, SupportsIndex
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Connection", "Cursor", "PoolCursor"]
 
+
+# What _tracked_iteration returns: finish_reading may send it True or False.
+_Tracked = Generator[Any, "bool | None", None]
 
 # The pool's generation of a connection inherited across fork() (pool._INHERITED): no call
 # may reach its driver objects, which talk to the parent's session.
@@ -182,13 +186,16 @@ class Connection(Generic[C]):
     lacks raises :exc:`AttributeError`: set it on :attr:`raw`).
     """
 
-    __slots__ = ("_pool", "_slot", "_claim", "_streams", "__weakref__")
+    __slots__ = ("_pool", "_slot", "_claim", "_streams", "_cut_short", "__weakref__")
 
     _pool: Pool[C]
     _slot: _Slot | None
     # The iterators of the lease's cursor.stream() calls, for finish_reading; unset (at no
     # cost to a checkout) until the lease makes one.
-    _streams: WeakSet[Iterator[Any]]
+    _streams: WeakSet[_Tracked]
+    # The driver cursors whose result finish_reading ended, each with whether it was for
+    # COMMIT, for a read on to say so; unset until it ends one.
+    _cut_short: list[tuple[Any, bool]]
     # Holds the slot while this lease may return it: the first to pop it returns it, and
     # list.pop is atomic, so of two threads closing one lease only one gives the slot back,
     # and a released lease can never return the connection of a later one.
@@ -296,7 +303,7 @@ class Connection(Generic[C]):
         slot.used = True
         # A stream has its cursor there too, unless the borrower closed the cursor under it,
         # which leaves the stream suspended, holding the connection (psycopg's lock)
-        if slot.cursors or getattr(self, "_streams", None):
+        if slot.dialect.part_read_results and (slot.cursors or getattr(self, "_streams", None)):
             finish_reading(self, slot, commit=True)
         slot.busy = True
         try:
@@ -324,8 +331,11 @@ class Connection(Generic[C]):
             tx._check_open()
             raise _ends_the_block("rollback")
         slot.used = True
-        if slot.cursors or getattr(self, "_streams", None):  # (as in commit())
-            finish_reading(self, slot, commit=False)
+        if slot.dialect.part_read_results and (slot.cursors or getattr(self, "_streams", None)):
+            try:  # (as in commit())
+                finish_reading(self, slot, commit=False)
+            except Exception:
+                pass  # the connection is lost, say: the rollback below fails too, and says so
         slot.busy = True
         try:
             try:
@@ -546,6 +556,7 @@ class Cursor(Generic[C]):
             try:
                 row = self._raw.fetchone()
             except Exception as exc:
+                _check_not_cut_short(self._lease, self._raw, exc)  # "cursor closed" (mysqlclient)
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:
@@ -556,6 +567,8 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
+        if row is None:  # the result's end: not one cut short (finish_reading)?
+            _check_not_cut_short(self._lease, self._raw)
         return row
 
     def fetchmany(self, *args: Any, **kwargs: Any) -> Any:
@@ -570,6 +583,7 @@ class Cursor(Generic[C]):
             try:
                 rows = self._raw.fetchmany(*args, **kwargs)
             except Exception as exc:
+                _check_not_cut_short(self._lease, self._raw, exc)  # "cursor closed" (mysqlclient)
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:
@@ -580,6 +594,8 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
+        if not rows:  # the result's end: not one cut short (finish_reading)?
+            _check_not_cut_short(self._lease, self._raw)
         return rows
 
     def fetchall(self) -> Any:
@@ -594,6 +610,7 @@ class Cursor(Generic[C]):
             try:
                 rows = self._raw.fetchall()
             except Exception as exc:
+                _check_not_cut_short(self._lease, self._raw, exc)  # "cursor closed" (mysqlclient)
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:
@@ -604,6 +621,8 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
+        if not rows:  # the result's end: not one cut short (finish_reading)?
+            _check_not_cut_short(self._lease, self._raw)
         return rows
 
     def __next__(self) -> Any:
@@ -620,8 +639,10 @@ class Cursor(Generic[C]):
             try:
                 row = next(self._raw)
             except StopIteration:
+                _check_not_cut_short(self._lease, self._raw)
                 raise
             except Exception as exc:
+                _check_not_cut_short(self._lease, self._raw, exc)
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:  # StopIteration included
@@ -639,12 +660,14 @@ class Cursor(Generic[C]):
         raw = self._raw
         dialect = slot.dialect
         # Outside a block only for a driver whose cached flags a failed fetch leaves stale
-        # (PyMySQL): a sqlite3 cursor would iterate ~50% slower for nothing.
+        # (PyMySQL): a sqlite3 cursor would iterate ~50% slower for nothing.  (mysqlclient's
+        # SSCursor, ~25% slower, would say why finish_reading cut it short: it says "cursor
+        # closed" as it is.)
         watched = slot.transaction is not None or dialect.flags_go_stale
         if not watched or not dialect.fetches_as_it_goes(raw):
             return iter(raw)
         # A cursor that fetches as it goes: each step is watched, as fetchone() is.
-        return _tracked_iteration(self._lease, iter(raw))
+        return _tracked_iteration(self._lease, iter(raw), raw)
 
     def close(self) -> None:
         if self._open:
@@ -806,19 +829,57 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
     ends: COMMIT would wait for it forever).  Before COMMIT a stream is read to its end, as
     those cursors are, for its cancel would abort the transaction; before ROLLBACK it is
     closed, and its statement cancelled.  A cursor or stream read on afterwards finds its
-    result ended, as if read to the end or closed."""
+    result ended, and raises PoolError on the lease's read paths, which say so: a loop that
+    commits every so many rows as it reads would otherwise end as if the result were read.
+    A stream not yet begun holds nothing, and is left to run its statement when first read.
+    Called only where the dialect says a result can be left part-read
+    (Dialect.part_read_results)."""
     cursors = slot.cursors
-    if cursors:
+    if cursors and slot.dialect.unbuffered_cursors:
         unread = slot.dialect.holds_unread_result
         for raw in [cursor for cursor in cursors if unread(cursor)]:
+            _cut_short_by(lease, raw, commit)
             _close_cursor(slot, raw)
     streams = getattr(lease, "_streams", None)  # unset: the lease made none
     for stream in list(streams or ()):
-        if commit:
-            for _row in stream:
-                pass
-        else:
-            stream.close()
+        if getgeneratorstate(stream) == GEN_SUSPENDED:  # part-read (see _tracked_iteration)
+            stream.send(commit)
+
+
+def _cut_short_by(lease: Connection[Any], raw: Any, commit: bool) -> None:
+    """Record that finish_reading ends the result of ``raw``, a driver cursor of ``lease``,
+    before COMMIT (``commit``) or ROLLBACK."""
+    try:
+        cut = lease._cut_short
+    except AttributeError:  # the first
+        cut = []
+        _set_cut_short(lease, cut)
+    cut.append((raw, commit))
+
+
+def _check_not_cut_short(
+    lease: Connection[Any], raw: Any, cause: BaseException | None = None
+) -> None:
+    """At what looks like the end of ``raw``'s result (no more rows, or the driver's "cursor
+    closed", ``cause``): raise if finish_reading cut it short instead."""
+    cut = getattr(lease, "_cut_short", None)  # unset: it cut none short
+    if cut:
+        for cursor, commit in cut:
+            if cursor is raw:
+                raise _cut_short(commit) from cause
+
+
+def _cut_short(commit: bool) -> PoolError:
+    if commit:
+        how = "COMMIT: the lease read the rest of its rows and dropped them first"
+    else:
+        how = "ROLLBACK: the lease closed it first, dropping the rest of its rows"
+    return PoolError(
+        f"this result was cut short by {how} (a connection takes no other command while a "
+        "result is still being read from it): read a result to its end before conn.commit(), "
+        "conn.rollback() or the end of its transaction block, or read it with a buffered "
+        "cursor, or on a connection of its own"
+    )
 
 
 def _tracked_call(
@@ -938,9 +999,18 @@ def _passing_driver_connections(method: Callable[..., Any]) -> Callable[..., Any
     return call
 
 
-def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Iterator[Any]:
+def _tracked_iteration(
+    lease: Connection[Any], iterator: Iterator[Any], raw: Any = None
+) -> _Tracked:
     """``iterator``'s items, the lease's connection marked busy while each is fetched, and
-    while the iterator is closed early (psycopg then cancels and drains the rest)."""
+    while the iterator is closed early (psycopg then cancels and drains the rest).  ``raw``:
+    the driver cursor it reads, whose end is checked as Cursor.fetchone checks it.
+
+    finish_reading ends a stream part-read by sending, at its ``yield``, True (before COMMIT:
+    the rest is read and dropped) or False (before ROLLBACK: closed); the step after raises
+    PoolError, which says so, where the loop reading it would otherwise end as if the result
+    were read."""
+    ended: bool | None = None  # what finish_reading sent
     try:
         while True:
             slot = _live_slot(lease, "cursor")
@@ -954,10 +1024,16 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 except StopIteration:
                     raise
                 except Exception as exc:
+                    if raw is not None:
+                        _check_not_cut_short(lease, raw, exc)  # "cursor closed" (mysqlclient)
                     _call_failed(slot, exc)  # an interrupt in here is one in the call
                     raise
             except StopIteration:
                 slot.busy = False
+                if ended is not None:
+                    break  # read to its end for COMMIT
+                if raw is not None:
+                    _check_not_cut_short(lease, raw)
                 return
             except Exception:
                 slot.busy = False
@@ -967,34 +1043,45 @@ def _tracked_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> Itera
                 slot.doomed = True  # interrupted half-way: see _call_failed
                 raise
             slot.busy = False
-            yield item
+            if ended is None:
+                ended = yield item
+                if ended is False:
+                    break  # closed below, for ROLLBACK
+        _end_iteration(lease, iterator)
+        yield None  # back to finish_reading
+        raise _cut_short(bool(ended))
     finally:
-        # A generator stopped early (psycopg's) may still talk to the server as it closes; a
-        # cursor that is its own iterator (sqlite3's, psycopg2's) must stay open for reuse.
-        # Not when busy: a fetch was interrupted (the pool discards the connection), or this
-        # runs in a thread collecting the abandoned iterator while the owner is in a call.
-        current = lease._slot
-        if (
-            type(iterator) is GeneratorType
-            and current is not None
-            and current.generation >= 0
-            and not current.busy
-        ):
-            current.busy = True
+        _end_iteration(lease, iterator)
+
+
+def _end_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> None:
+    """Close ``iterator``, read by _tracked_iteration for ``lease``, if a generator."""
+    # A generator stopped early (psycopg's) may still talk to the server as it closes; a
+    # cursor that is its own iterator (sqlite3's, psycopg2's) must stay open for reuse.
+    # Not when busy: a fetch was interrupted (the pool discards the connection), or this
+    # runs in a thread collecting the abandoned iterator while the owner is in a call.
+    current = lease._slot
+    if (
+        type(iterator) is GeneratorType
+        and current is not None
+        and current.generation >= 0
+        and not current.busy
+    ):
+        current.busy = True
+        try:
             try:
-                try:
-                    iterator.close()
-                except Exception as exc:
-                    _call_failed(current, exc)  # an interrupt in here is one in the call
-                    raise
-            except Exception:
-                current.busy = False
+                iterator.close()
+            except Exception as exc:
+                _call_failed(current, exc)  # an interrupt in here is one in the call
                 raise
-            except BaseException:
-                current.busy = INTERRUPTED
-                current.doomed = True  # interrupted half-way: see _call_failed
-                raise
+        except Exception:
             current.busy = False
+            raise
+        except BaseException:
+            current.busy = INTERRUPTED
+            current.doomed = True  # interrupted half-way: see _call_failed
+            raise
+        current.busy = False
 
 
 def _tracked_stream(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
@@ -1095,6 +1182,7 @@ _set_pool = _slot_setter(Connection, "_pool")
 _set_slot = _slot_setter(Connection, "_slot")
 _set_claim = _slot_setter(Connection, "_claim")
 _set_streams = _slot_setter(Connection, "_streams")
+_set_cut_short = _slot_setter(Connection, "_cut_short")
 _set_cursor_lease = _slot_setter(Cursor, "_lease")
 _set_cursor_raw = _slot_setter(Cursor, "_raw")
 _set_cursor_open = _slot_setter(Cursor, "_open")

@@ -568,9 +568,22 @@ class Pool(Generic[C]):
         with self._lock:
             if not self._asleep:
                 return
-            if not self._closed:  # (a thread that fails to start is tried again next time)
-                self._reaper_thread = reaper.start(self, self._reaper_wakeup)
-            self._asleep = False
+            self._asleep = False  # the thread is this caller's to start: the others go on
+            if self._closed:
+                return
+            wakeup = self._reaper_wakeup
+        # Started once the lock is let go, which the new thread takes first thing (as the
+        # watchdog's: under gevent, a lock made before the monkey-patching, as at fork, held
+        # across start() would block the process).
+        try:
+            thread = reaper.start(self, wakeup)
+        except BaseException:
+            with self._lock:
+                self._asleep = not self._closed  # tried again at the next use
+            raise
+        with self._lock:
+            if self._reaper_wakeup is wakeup:  # else reopen() started one of its own
+                self._reaper_thread = thread
 
     # -- public API ---------------------------------------------------------------------------
 

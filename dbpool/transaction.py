@@ -436,7 +436,9 @@ class Transaction(Generic[C]):
             # through the lease was (a cancel()): nothing more is sent on the connection.
             self._end_quietly(slot)
             raise _doomed_before_commit()
-        if slot.cursors or getattr(self._lease, "_streams", None):  # (see Connection.commit)
+        if slot.dialect.part_read_results and (
+            slot.cursors or getattr(self._lease, "_streams", None)  # (see Connection.commit)
+        ):
             self._finish_reading(slot)
         try:
             rolled_back = self._rolled_back_error(slot)
@@ -587,7 +589,12 @@ class Transaction(Generic[C]):
             return
         dialect, raw = slot.dialect, slot.raw
         lease = self._lease
-        if rollback and lease is not None and (slot.cursors or getattr(lease, "_streams", None)):
+        if (
+            rollback
+            and dialect.part_read_results
+            and lease is not None
+            and (slot.cursors or getattr(lease, "_streams", None))
+        ):
             from .lease import finish_reading
 
             try:  # else ROLLBACK fails (mysqlclient) or is refused (psycopg's stream)

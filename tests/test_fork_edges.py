@@ -348,3 +348,45 @@ def test_the_childs_first_use_of_the_pool_starts_its_maintenance(
         return [reapers, s.size, s.created]
 
     assert in_child(child) == {"result": [["dbpool-reaper-fork-used"], 2, 2]}
+
+
+def test_the_childs_maintenance_thread_starts_outside_the_pool_lock(make_pool: Any) -> None:
+    """As the watchdog's: the new thread takes the lock first thing, and under gevent a lock
+    made at the fork (before the child's monkey-patching) held across start() would block the
+    process.  Two first uses at once start one thread."""
+    pool = make_pool(min_size=1, max_size=2, name="fork-lock")
+    pool.wait(timeout=5)
+
+    def child() -> list[Any]:
+        from dbpool import reaper
+
+        start = reaper.start
+        lock_free: list[bool] = []
+
+        def probe() -> None:  # another thread's try: fails while this one holds the lock
+            if pool._lock.acquire(blocking=False):
+                pool._lock.release()
+                lock_free.append(True)
+            else:
+                lock_free.append(False)
+
+        def watched_start(*args: Any) -> Any:
+            prober = threading.Thread(target=probe)
+            prober.start()
+            prober.join()
+            return start(*args)
+
+        reaper.start = watched_start  # type: ignore[assignment]
+        try:
+            users = [threading.Thread(target=pool.stats) for _ in range(4)]
+            for user in users:
+                user.start()
+            for user in users:
+                user.join()
+        finally:
+            reaper.start = start  # type: ignore[assignment]
+        reapers = [name for name in _pool_threads() if name.startswith("dbpool-reaper-")]
+        pool.close()
+        return [lock_free, reapers]
+
+    assert in_child(child) == {"result": [[True], ["dbpool-reaper-fork-lock"]]}

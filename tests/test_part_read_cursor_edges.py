@@ -144,6 +144,123 @@ def test_a_failing_block_with_an_sscursor_left_part_read_keeps_its_connection(
     assert _discards(pool) == 0, "the rollback failed on the unread result"
 
 
+def _fails_to_close(sscursor: Any) -> Any:
+    """``sscursor``'s subclass whose close() reads the rest as the driver does, then raises."""
+
+    class FailsToClose(sscursor):  # type: ignore[misc, valid-type]
+        def close(self) -> None:
+            super().close()
+            raise RuntimeError("close failed")
+
+    return FailsToClose
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_loop_that_ends_the_transaction_as_it_reads_an_sscursor_is_told(
+    mysql_pool: Any, end: str
+) -> None:
+    """A loop that commits every so many rows on the connection it reads from: the rest of
+    the result goes before COMMIT (or ROLLBACK), and the loop hears it, instead of ending as
+    if all was read."""
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        cur = conn.cursor(sscursor)
+        cur.execute(MYSQL_SERIES)
+        read = 0
+        if sscursor.__module__.startswith("MySQLdb"):  # iterated as it is, for speed
+            error, match = conn.ProgrammingError, "cursor closed"
+        else:
+            error, match = dbpool.PoolError, f"cut short by {end.upper()}"
+        with pytest.raises(error, match=match):
+            for _row in cur:
+                read += 1
+                if read % 100 == 0:
+                    getattr(conn, end)()
+        assert read == 100
+        assert scalar(conn, "SELECT 42") == 42  # the connection is in step
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("read", ["fetchone", "fetchmany", "fetchall", "next"])
+def test_each_read_of_an_sscursor_cut_short_by_commit_says_so(mysql_pool: Any, read: str) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        cur = conn.cursor(sscursor)
+        cur.execute(MYSQL_SERIES)
+        assert cur.fetchone() == (1,)
+        conn.commit()
+        with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+            next(cur) if read == "next" else getattr(cur, read)()
+        # A result read to its end is no concern of it, nor another cursor's
+        other = conn.cursor(sscursor)
+        other.execute("SELECT seq FROM seq_1_to_3")
+        assert list(other.fetchall()) == [(1,), (2,), (3,)]
+        assert other.fetchone() is None
+        conn.commit()
+        assert other.fetchone() is None
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_an_sscursor_kept_past_its_block_says_the_block_cut_it_short(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        with conn.transaction():
+            cur = conn.cursor(sscursor)
+            cur.execute(MYSQL_SERIES)
+            cur.fetchmany(10)
+        with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+            cur.fetchmany(10)
+        with pytest.raises(LookupError):
+            with conn.transaction():
+                cur = conn.cursor(sscursor)
+                cur.execute(MYSQL_SERIES)
+                cur.fetchone()
+                raise LookupError
+        with pytest.raises(dbpool.PoolError, match="cut short by ROLLBACK"):
+            cur.fetchone()
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_rollback_through_a_lease_goes_out_when_ending_a_read_fails(mysql_pool: Any) -> None:
+    """As at the end of a block: ROLLBACK is sent all the same, and undoes the work."""
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+        cur = conn.cursor(_fails_to_close(sscursor))
+        cur.execute(MYSQL_SERIES)
+        cur.fetchone()
+        conn.rollback()
+        assert scalar(conn, f"SELECT count(*) FROM {TABLE}") == 0, "ROLLBACK was not sent"
+    assert _count(pool) == 0
+
+
+@pytest.mark.mysql
+def test_a_stream_of_an_sscursor_cut_short_by_commit_says_so(
+    mysql_connect: Any,
+) -> None:
+    import pymysql.cursors
+
+    with dbpool.Pool(mysql_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor(pymysql.cursors.SSCursor)
+            cur.execute(MYSQL_SERIES)
+            rows = cur.fetchall_unbuffered()
+            assert next(rows) == (1,)
+            conn.commit()
+            with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+                next(rows)
+            assert scalar(conn, "SELECT 42") == 42
+        assert _discards(pool) == 0
+
+
 # -- psycopg's cursor.stream() -------------------------------------------------------------------
 
 
@@ -153,7 +270,9 @@ def test_a_block_commits_with_a_stream_left_part_read(pg_pool: dbpool.Pool[Any])
         conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
         stream = conn.cursor().stream(PG_SERIES)
         assert next(stream) == (1,)
-    assert list(stream) == []  # read to its end before COMMIT
+    # read to its end before COMMIT: reading on says so, rather than end as if read
+    with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+        next(stream)
     assert _count(pg_pool) == 1
     assert _discards(pg_pool) == 0
 
@@ -205,12 +324,45 @@ def test_ending_a_transaction_with_a_stream_left_part_read_after_its_cursor_was_
     try:
         ending = Caller(block if end == "a block" else lambda: run(conn), name=end)
         assert ending.outcome(timeout=5) is None  # not waiting on the lock forever
-        assert list(streams[0]) == []  # read to its end, or closed
+        with pytest.raises(dbpool.PoolError, match="cut short"):
+            list(streams[0])  # read to its end, or closed, and says so
         assert scalar(conn, "SELECT 42") == 42
     finally:
         conn.close()
     assert _count(pg_pool) == (0 if end == "rollback" else 1)
     assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_loop_that_ends_the_transaction_as_it_reads_a_stream_is_told(
+    pg_pool: dbpool.Pool[Any], end: str
+) -> None:
+    with pg_pool.connection() as conn:
+        read = 0
+        with pytest.raises(dbpool.PoolError, match=f"cut short by {end.upper()}"):
+            for _row in conn.cursor().stream(PG_SERIES):
+                read += 1
+                if read % 100 == 0:
+                    getattr(conn, end)()
+        assert read == 100
+        assert scalar(conn, "SELECT 42") == 42
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_stream_not_yet_read_runs_after_the_transaction_ends(
+    pg_pool: dbpool.Pool[Any], end: str
+) -> None:
+    """It holds nothing yet: its statement runs as it is first read, as psycopg's would."""
+    with pg_pool.connection() as conn:
+        stream = conn.cursor().stream(f"INSERT INTO {TABLE} VALUES (7) RETURNING i")
+        getattr(conn, end)()
+        assert scalar(conn, f"SELECT count(*) FROM {TABLE}") == 0, "it ran before the end"
+        assert list(stream) == [(7,)]
+        conn.commit()
+    assert _count(pg_pool) == 1
 
 
 @pytest.mark.postgresql

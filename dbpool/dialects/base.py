@@ -112,12 +112,22 @@ class Dialect:
         where :attr:`flags_go_stale`, outside one.  No I/O.  When in doubt, True."""
         return True
 
+    #: Whether a result can be left part-read on a connection of the driver, in COMMIT's and
+    #: ROLLBACK's way: a cursor of :attr:`unbuffered_cursors`, or a ``stream()`` that holds
+    #: the connection (psycopg's).  A lease ends such results first (see
+    #: :meth:`holds_unread_result`); the other drivers' commits spare themselves the look.
+    part_read_results = False
+    #: Whether :meth:`holds_unread_result` can be True (MySQL's ``SSCursor``).
+    unbuffered_cursors = False
+
     def holds_unread_result(self, cursor: Any) -> bool:
         """Whether the driver's ``cursor`` has a result the server is still sending, that
         COMMIT or ROLLBACK would find in its way (an unbuffered result left part-read): the
         lease closes such a cursor of its own before either,
         its driver reading the rest and dropping it.  Not a server-side cursor, which the
-        transaction's end closes (or keeps, WITH HOLD).  No I/O."""
+        transaction's end closes (or keeps, WITH HOLD), nor one read to its end.  No I/O, but
+        for reading one row of a result about to be dropped where the driver keeps no mark
+        of its end (mysqlclient)."""
         return False
 
     def ping(self, conn: Any) -> None:

@@ -134,6 +134,7 @@ def prepared_two_phase_left() -> RuntimeError:
 class PsycopgDialect(Dialect):
     name = "psycopg"
     limit_time_inside_transaction = True
+    part_read_results = True  # cursor.stream(): its cursors read what execute() fetched
 
     # tpc_prepare() ends the session's transaction (libpq says idle) but leaves the driver in
     # two-phase mode until tpc_commit() or tpc_rollback().  The prepared transaction is its

@@ -172,6 +172,7 @@ class _StaleStatus(int):
 class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
     flags_go_stale = True
+    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_result)
 
     def _tuple_cursor(self, conn: Any) -> Any:
         # The driver's base cursor class (imported by now: a PyMySQL connection exists).
@@ -421,6 +422,7 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
     name = "mysqlclient"
+    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_result)
     # change_user() starts the server session afresh, maybe as another user: what configure
     # set in it is gone, and the next borrowers would run without it, with that user's
     # privileges.  Only a new connection has it again (as psycopg2's reset()).
@@ -500,12 +502,13 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def holds_unread_result(self, cursor: Any) -> bool:
         # An SSCursor's result: every other statement fails with "Commands out of sync" (2014)
-        # until the cursor is closed.  The driver cannot tell one read to the end, whose close
-        # costs no I/O.  (A buffered cursor's result sets of a CALL still to come stay: the
+        # until the cursor is closed.  The driver keeps no mark of one read to its end: one
+        # more row read tells, with no I/O at the end (and elsewhere the row goes, as the rest
+        # is about to).  (A buffered cursor's result sets of a CALL still to come stay: the
         # driver keeps no local flag of them.)  Private, so looked up.
         if getattr(cursor, "_result", None) is None or cursor.connection is None:
             return False  # no result, or closed
-        return self.fetches_as_it_goes(cursor)
+        return self.fetches_as_it_goes(cursor) and cursor.fetchone() is not None
 
     def ping(self, conn: Any) -> None:
         conn.ping()
