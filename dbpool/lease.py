@@ -300,12 +300,12 @@ class Connection(Generic[C]):
         if tx is not None:
             tx._check_open()  # past its deadline: TransactionTimeout, as for a statement
             raise _ends_the_block("commit")
-        slot.used = True
-        # A stream has its cursor there too, unless the borrower closed the cursor under it,
+        # Results still being read end first (a lease with either has been used already).  A
+        # stream has its cursor there too, unless the borrower closed the cursor under it,
         # which leaves the stream suspended, holding the connection (psycopg's lock)
-        if slot.dialect.part_read_results and (slot.cursors or getattr(self, "_streams", None)):
+        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
             finish_reading(self, slot, commit=True)
-        slot.busy = True
+        slot.used = slot.busy = True
         try:
             try:
                 slot.raw.commit()
@@ -330,13 +330,12 @@ class Connection(Generic[C]):
         if tx is not None:
             tx._check_open()
             raise _ends_the_block("rollback")
-        slot.used = True
-        if slot.dialect.part_read_results and (slot.cursors or getattr(self, "_streams", None)):
+        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
             try:  # (as in commit())
                 finish_reading(self, slot, commit=False)
             except Exception:
                 pass  # the connection is lost, say: the rollback below fails too, and says so
-        slot.busy = True
+        slot.used = slot.busy = True
         try:
             try:
                 slot.raw.rollback()
@@ -567,7 +566,7 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
-        if row is None:  # the result's end: not one cut short (finish_reading)?
+        if row is None and slot.tracks_reads:  # the result's end, or one cut short?
             _check_not_cut_short(self._lease, self._raw)
         return row
 
@@ -594,7 +593,7 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
-        if not rows:  # the result's end: not one cut short (finish_reading)?
+        if not rows and slot.tracks_reads:  # the result's end, or one cut short?
             _check_not_cut_short(self._lease, self._raw)
         return rows
 
@@ -621,7 +620,7 @@ class Cursor(Generic[C]):
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
-        if not rows:  # the result's end: not one cut short (finish_reading)?
+        if not rows and slot.tracks_reads:  # the result's end, or one cut short?
             _check_not_cut_short(self._lease, self._raw)
         return rows
 
@@ -639,7 +638,8 @@ class Cursor(Generic[C]):
             try:
                 row = next(self._raw)
             except StopIteration:
-                _check_not_cut_short(self._lease, self._raw)
+                if slot.tracks_reads:
+                    _check_not_cut_short(self._lease, self._raw)
                 raise
             except Exception as exc:
                 _check_not_cut_short(self._lease, self._raw, exc)
@@ -838,7 +838,7 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
     if cursors and slot.dialect.unbuffered_cursors:
         unread = slot.dialect.holds_unread_result
         for raw in [cursor for cursor in cursors if unread(cursor)]:
-            _cut_short_by(lease, raw, commit)
+            _cut_short_by(lease, slot, raw, commit)
             _close_cursor(slot, raw)
     streams = getattr(lease, "_streams", None)  # unset: the lease made none
     for stream in list(streams or ()):
@@ -846,7 +846,7 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
             stream.send(commit)
 
 
-def _cut_short_by(lease: Connection[Any], raw: Any, commit: bool) -> None:
+def _cut_short_by(lease: Connection[Any], slot: _Slot, raw: Any, commit: bool) -> None:
     """Record that finish_reading ends the result of ``raw``, a driver cursor of ``lease``,
     before COMMIT (``commit``) or ROLLBACK."""
     try:
@@ -854,6 +854,7 @@ def _cut_short_by(lease: Connection[Any], raw: Any, commit: bool) -> None:
     except AttributeError:  # the first
         cut = []
         _set_cut_short(lease, cut)
+        slot.tracks_reads = True
     cut.append((raw, commit))
 
 
@@ -1032,7 +1033,7 @@ def _tracked_iteration(
                 slot.busy = False
                 if ended is not None:
                     break  # read to its end for COMMIT
-                if raw is not None:
+                if raw is not None and slot.tracks_reads:
                     _check_not_cut_short(lease, raw)
                 return
             except Exception:
@@ -1098,6 +1099,7 @@ def _tracked_stream(lease: Connection[Any], method: Callable[..., Any]) -> Calla
         except AttributeError:
             streams = WeakSet()
             _set_streams(lease, streams)
+            slot.tracks_reads = True
         streams.add(iterator)
         return iterator
 

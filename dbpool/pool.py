@@ -126,6 +126,7 @@ class _Slot:
         "dirty",
         "busy",
         "cursors",
+        "tracks_reads",
         "cursors_checked_at",
         "loose_cursors",
         "restore",
@@ -171,6 +172,9 @@ class _Slot:
         # the lease was reported as held too long.
         self.borrowed: _Borrowed | None = None
         self.cursors: list[Any] | None = None  # driver cursors the lease made
+        # The lease made a stream, or finish_reading cut a result of it short: its _streams or
+        # _cut_short is set, for a COMMIT, ROLLBACK or the end of a result to look at
+        self.tracks_reads = False
         # How many there are when the lease next lets go of those dropped unclosed (lease.py)
         self.cursors_checked_at = _FIRST_CURSOR_CHECK
         # Cursors the driver's conn.execute() returned still running their statement (sqlite3's,
@@ -2211,7 +2215,7 @@ class Pool(Generic[C]):
         except Exception as exc:
             slot.doomed = True
             return _RESET_FAILED, f"reset failed: {self._describe(exc)}"
-        slot.used = slot.dirty = slot.exposed = False
+        slot.used = slot.dirty = slot.exposed = slot.tracks_reads = False
         return None
 
     def _discard(

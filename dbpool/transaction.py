@@ -436,9 +436,7 @@ class Transaction(Generic[C]):
             # through the lease was (a cancel()): nothing more is sent on the connection.
             self._end_quietly(slot)
             raise _doomed_before_commit()
-        if slot.dialect.part_read_results and (
-            slot.cursors or getattr(self._lease, "_streams", None)  # (see Connection.commit)
-        ):
+        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
             self._finish_reading(slot)
         try:
             rolled_back = self._rolled_back_error(slot)
@@ -593,7 +591,7 @@ class Transaction(Generic[C]):
             rollback
             and dialect.part_read_results
             and lease is not None
-            and (slot.cursors or getattr(lease, "_streams", None))
+            and (slot.cursors or slot.tracks_reads)
         ):
             from .lease import finish_reading
 
