@@ -703,7 +703,7 @@ class Cursor(Generic[C]):
                 raise _commits_first()
             if kind is not None:  # watched as execute() is, inside a block or not
                 if kind is _STREAM:
-                    return _tracked_stream(self._lease, value)
+                    return _tracked_stream(self._lease, value, self._raw)
                 if kind is _BLOCK:
                     return _tracked_block(self._lease, value)
                 return _tracked_call(self._lease, value, "cursor", kind is _STATEMENT)
@@ -841,9 +841,13 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
             _cut_short_by(lease, slot, raw, commit)
             _close_cursor(slot, raw)
     streams = getattr(lease, "_streams", None)  # unset: the lease made none
-    for stream in list(streams or ()):
-        if getgeneratorstate(stream) == GEN_SUSPENDED:  # part-read (see _tracked_iteration)
-            stream.send(commit)
+    if streams:
+        for stream in list(streams):
+            if getgeneratorstate(stream) == GEN_SUSPENDED:  # part-read (see _tracked_iteration)
+                # Ended once and for all: a later COMMIT must not resume it where it waits
+                # to say so
+                streams.discard(stream)
+                stream.send(commit)
 
 
 def _cut_short_by(lease: Connection[Any], slot: _Slot, raw: Any, commit: bool) -> None:
@@ -1010,8 +1014,10 @@ def _tracked_iteration(
     finish_reading ends a stream part-read by sending, at its ``yield``, True (before COMMIT:
     the rest is read and dropped) or False (before ROLLBACK: closed); the step after raises
     PoolError, which says so, where the loop reading it would otherwise end as if the result
-    were read."""
+    were read.  Not when COMMIT's read found the result's end at once (its last row was
+    read, and only the end was still to come): the step after ends the iteration."""
     ended: bool | None = None  # what finish_reading sent
+    dropped = False  # a row read and dropped since
     try:
         while True:
             slot = _live_slot(lease, "cursor")
@@ -1048,9 +1054,14 @@ def _tracked_iteration(
                 ended = yield item
                 if ended is False:
                     break  # closed below, for ROLLBACK
+            else:
+                dropped = True
         _end_iteration(lease, iterator)
         yield None  # back to finish_reading
-        raise _cut_short(bool(ended))
+        if dropped or not ended:
+            raise _cut_short(bool(ended))
+        if raw is not None:  # its cursor's result cut short before (PyMySQL's SSCursor)?
+            _check_not_cut_short(lease, raw)
     finally:
         _end_iteration(lease, iterator)
 
@@ -1085,13 +1096,17 @@ def _end_iteration(lease: Connection[Any], iterator: Iterator[Any]) -> None:
         current.busy = False
 
 
-def _tracked_stream(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
+def _tracked_stream(
+    lease: Connection[Any], method: Callable[..., Any], raw: Any
+) -> Callable[..., Any]:
+    """``method``, a stream of ``raw``, a driver cursor of ``lease`` (see _tracked_iteration)."""
+
     def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
         slot = _live_slot(lease, "cursor")
         if slot.transaction is not None:
             slot.transaction._check_open()
         slot.dirty = True
-        iterator = _tracked_iteration(lease, iter(method(*args, **kwargs)))
+        iterator = _tracked_iteration(lease, iter(method(*args, **kwargs)), raw)
         # For a COMMIT or ROLLBACK through the lease to end first (finish_reading); weakly, as
         # one ended, or dropped, concerns nobody.
         try:

@@ -405,3 +405,106 @@ def test_a_block_commits_with_a_named_cursor_left_part_read(
                     cur.fetchone()
                 conn.rollback()  # psycopg's FETCH began a transaction, which failed
         assert _discards(pool) == 0
+
+
+# -- what the end of a transaction did not cut short ----------------------------------------------
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "rollback", "a block"])
+def test_a_stream_cut_short_once_leaves_later_commits_alone(pg_connect: Any, end: str) -> None:
+    """A stream the end of one transaction cut short, still referenced: the ends of the
+    transactions after it go through, and reading it still says what happened."""
+    with dbpool.Pool(pg_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            if end == "a block":
+                with conn.transaction():
+                    stream = conn.cursor().stream(PG_SERIES)
+                    assert next(stream) == (1,)
+            else:
+                stream = conn.cursor().stream(PG_SERIES)
+                assert next(stream) == (1,)
+                getattr(conn, end)()
+            assert scalar(conn, "SELECT 42") == 42
+            conn.commit()
+            with conn.transaction():
+                assert scalar(conn, "SELECT 43") == 43
+            conn.rollback()
+            with pytest.raises(dbpool.PoolError, match="cut short"):
+                next(stream)
+        assert _discards(pool) == 0
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("end", ["commit", "a block"])
+def test_a_stream_whose_rows_were_all_read_is_not_cut_short_by_commit(
+    pg_connect: Any, end: str
+) -> None:
+    """Its last row read, but not yet its end: COMMIT drops no row, and the stream ends as
+    it would have; one with a row still to read is cut short, and says so."""
+    query = "SELECT generate_series(1, 3)"
+    with dbpool.Pool(pg_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            for rows, outcome in ((3, StopIteration), (2, dbpool.PoolError)):
+                if end == "a block":
+                    with conn.transaction():
+                        stream = conn.cursor().stream(query)
+                        read = [next(stream) for _ in range(rows)]
+                else:
+                    stream = conn.cursor().stream(query)
+                    read = [next(stream) for _ in range(rows)]
+                    conn.commit()
+                assert read == [(1,), (2,), (3,)][:rows]
+                with pytest.raises(outcome):
+                    next(stream)
+            read = []
+            for row in conn.cursor().stream(query):
+                read.append(row)
+                if row == (3,):
+                    conn.commit()
+            assert read == [(1,), (2,), (3,)]
+        assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_an_sscursor_whose_rows_were_all_read_is_not_cut_short(mysql_pool: Any, end: str) -> None:
+    """Its last row read, but not yet the server's end of it: the end of the transaction
+    drops no row, a read on finds the result's end, and the cursor runs the next statement."""
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        cur = conn.cursor(sscursor)
+        cur.execute("SELECT seq FROM seq_1_to_3")
+        assert [cur.fetchone() for _ in range(3)] == [(1,), (2,), (3,)]
+        getattr(conn, end)()
+        assert cur.fetchone() is None
+        cur.execute("SELECT seq FROM seq_1_to_2")
+        assert cur.fetchall() in ([(1,), (2,)], ((1,), (2,)))
+        read = []
+        cur.execute("SELECT seq FROM seq_1_to_3")
+        for row in cur:
+            read.append(row)
+            if row == (3,):
+                getattr(conn, end)()
+        assert read == [(1,), (2,), (3,)]
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+def test_a_stream_not_yet_read_of_an_sscursor_cut_short_says_so(mysql_connect: Any) -> None:
+    """fetchall_unbuffered() taken from a cursor part-read, read only after COMMIT cut the
+    cursor's result short: it says so, rather than end as if the result were read."""
+    import pymysql.cursors
+
+    with dbpool.Pool(mysql_connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor(pymysql.cursors.SSCursor)
+            cur.execute(MYSQL_SERIES)
+            assert cur.fetchone() == (1,)
+            rows = cur.fetchall_unbuffered()
+            conn.commit()
+            with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+                next(rows)
+            assert scalar(conn, "SELECT 42") == 42
+        assert _discards(pool) == 0

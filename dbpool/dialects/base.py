@@ -125,9 +125,9 @@ class Dialect:
         COMMIT or ROLLBACK would find in its way (an unbuffered result left part-read): the
         lease closes such a cursor of its own before either,
         its driver reading the rest and dropping it.  Not a server-side cursor, which the
-        transaction's end closes (or keeps, WITH HOLD), nor one read to its end.  No I/O, but
-        for reading one row of a result about to be dropped where the driver keeps no mark
-        of its end (mysqlclient)."""
+        transaction's end closes (or keeps, WITH HOLD), nor one read to its end, its last row
+        included.  No I/O, but for reading one row of a result about to be dropped where the
+        driver cannot tell its last row read from one with more to come (the MySQL drivers)."""
         return False
 
     def ping(self, conn: Any) -> None:

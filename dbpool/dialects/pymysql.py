@@ -267,9 +267,13 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
 
     def holds_unread_result(self, cursor: Any) -> bool:
         # An SSCursor still reading: the driver would read the rest itself before the next
-        # statement, with a warning.  Private, so looked up.
+        # statement, with a warning.  Its last row read, it still waits for the end of the
+        # result: one more row read tells (as mysqlclient's below), the I/O closing it would
+        # do.  Private, so looked up.
         result = getattr(cursor, "_result", None)
-        return bool(getattr(result, "unbuffered_active", False))
+        if not getattr(result, "unbuffered_active", False):
+            return False
+        return cursor.fetchone() is not None
 
     def drops_cursor_cleanly(self, cursor: Any) -> bool:
         # Not an SSCursor, whose collection reads the rest of its rows, nor one with results of
