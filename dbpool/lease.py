@@ -493,6 +493,8 @@ class Cursor(Generic[C]):
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
+        if slot.tracks_reads:  # a stream left part-read may hold the connection
+            slot.dialect.check_not_reading(slot.raw)
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
@@ -521,6 +523,8 @@ class Cursor(Generic[C]):
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
+        if slot.tracks_reads:  # a stream left part-read may hold the connection
+            slot.dialect.check_not_reading(slot.raw)
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
@@ -906,6 +910,8 @@ def _tracked_call(
                 tx._check_open()
             else:
                 tx._check_deadline()  # as in Cursor.fetchone()
+        if slot.tracks_reads:  # a stream left part-read may hold the connection
+            slot.dialect.check_not_reading(slot.raw)
         slot.dirty = slot.busy = True
         try:
             try:

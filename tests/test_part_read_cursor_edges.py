@@ -365,6 +365,62 @@ def test_a_stream_not_yet_read_runs_after_the_transaction_ends(
     assert _count(pg_pool) == 1
 
 
+def _statement(conn: Any, how: str) -> None:
+    if how == "cursor.execute":
+        conn.cursor().execute("SELECT 1")
+    elif how == "cursor.executemany":
+        conn.cursor().executemany("SELECT %s", [(1,), (2,)])
+    else:
+        conn.execute("SELECT 1")  # psycopg's own shortcut
+
+
+STATEMENTS = pytest.mark.parametrize(
+    "how", ["cursor.execute", "cursor.executemany", "conn.execute"]
+)
+
+
+@pytest.mark.postgresql
+@STATEMENTS
+def test_a_statement_on_a_lease_with_a_stream_left_part_read_is_refused(
+    pg_pool: dbpool.Pool[Any], how: str
+) -> None:
+    # The suspended stream holds psycopg's connection lock: the statement would wait for it
+    # forever in this thread.
+    conn = pg_pool.connection()
+    try:
+        stream = conn.cursor().stream(PG_SERIES)
+        assert next(stream) == (1,)
+        statement = Caller(lambda: _statement(conn, how), name=how)
+        error = statement.outcome(timeout=5)
+        assert isinstance(error, conn.OperationalError)
+        assert "cursor.stream() left part-read" in str(error)
+        assert next(stream) == (2,)  # untouched: read to its end, then run the statement
+        assert len(list(stream)) == 99_998
+        _statement(conn, how)
+        assert scalar(conn, "SELECT 42") == 42
+    finally:
+        conn.close()
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+@STATEMENTS
+def test_a_statement_in_a_block_with_a_stream_left_part_read_is_refused(
+    pg_pool: dbpool.Pool[Any], how: str
+) -> None:
+    def block() -> None:
+        with pg_pool.transaction() as conn:
+            conn.cursor().execute(f"INSERT INTO {TABLE} VALUES (1)")
+            stream = conn.cursor().stream(PG_SERIES)  # referenced: else collected, and closed
+            next(stream)
+            _statement(conn, how)
+
+    error = Caller(block, name=how).outcome(timeout=5)
+    assert error is not None and "cursor.stream() left part-read" in str(error)
+    assert _count(pg_pool) == 0  # the block rolled back
+    assert _discards(pg_pool) == 0
+
+
 @pytest.mark.postgresql
 def test_a_failing_block_with_a_stream_left_part_read_keeps_its_connection(
     pg_pool: dbpool.Pool[Any],

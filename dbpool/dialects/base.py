@@ -130,6 +130,13 @@ class Dialect:
         driver cannot tell its last row read from one with more to come (the MySQL drivers)."""
         return False
 
+    def check_not_reading(self, conn: Any) -> None:
+        """Raise the driver's error if a statement sent on ``conn`` now would wait forever for
+        a result still being read in the calling thread (psycopg's ``cursor.stream()`` left
+        part-read holds the connection's lock, which is not reentrant).  A lease asks before
+        its statements only once it has made a stream or had a result cut short (the slot's
+        ``tracks_reads``), so that the others pay one attribute read.  No I/O."""
+
     def ping(self, conn: Any) -> None:
         """One round trip that proves the connection works; raise if it does not.
 

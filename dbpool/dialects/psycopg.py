@@ -234,6 +234,9 @@ class PsycopgDialect(Dialect):
             if close_locally is not None:
                 close_locally()
 
+    def check_not_reading(self, conn: Any) -> None:
+        _refuse_while_reading(conn)
+
     def commit(self, conn: Any) -> None:
         _refuse_while_reading(conn)
         conn.commit()
