@@ -23,7 +23,7 @@ from weakref import WeakSet
 from ._types import C
 from .errors import ConnectionUnusable, LeaseReleased, PoolError
 from .isolation import Isolation
-from .transaction import INTERRUPTED, Transaction, in_call
+from .transaction import INTERRUPTED, Transaction
 
 if TYPE_CHECKING:
     from .pool import Pool, _Slot
@@ -795,29 +795,8 @@ def _close_cursor(slot: _Slot, raw: Any) -> None:
     """Close ``raw``, a driver cursor of the lease that holds ``slot``."""
     # Closing may wait for the server (psycopg's named cursor sends CLOSE, PyMySQL's SSCursor
     # reads the rest of its rows): busy meanwhile, so that inside a block the deadline
-    # cancels or cuts it off as it does a fetch; left alone when another thread is inside a
-    # call, and put back as it was unless a call began meanwhile (see _watched_method).
-    busy = slot.busy
-    mark = object()
-    if busy is False or busy is INTERRUPTED:  # not in_call(busy), written out: every close
-        slot.busy = mark
-    try:
-        try:
-            raw.close()
-        except Exception as exc:
-            _call_failed(slot, exc)  # an interrupt in here is one in the call
-            raise
-    except Exception:
-        if slot.busy is mark:
-            slot.busy = busy
-        raise
-    except BaseException:
-        if slot.busy is mark:
-            slot.busy = INTERRUPTED
-        slot.doomed = True  # interrupted half-way: see _call_failed
-        raise
-    if slot.busy is mark:
-        slot.busy = busy
+    # cancels or cuts it off as it does a fetch.
+    _marked_call(slot, raw.close)
     if slot.cursors:  # the return path need not close it again
         try:
             slot.cursors.remove(raw)
@@ -952,48 +931,53 @@ def _tracked_call(
 def _watched_method(lease: Connection[Any], method: Callable[..., Any]) -> Callable[..., Any]:
     """A method of the driver's connection that runs no statement of the borrower's, busy while
     it runs (as Cursor.fetchone is) and dooming the connection if interrupted half-way: one
-    that talks to the server may leave its reply unread (see _call_failed).
-
-    Another thread may be inside a call on the connection (psycopg's cancel() is made for
-    that): ``busy`` is then that call's, which clears it as it ends, maybe before this one ends
-    (a cancelled statement does), and this one must not set it again (the connection would go
-    back as if still in a call, and be discarded).  Or this one runs in another thread while
-    nothing runs, and the lease's statement starts before it ends: ``busy`` is then the
-    statement's, and putting back the "no call" found at the start would leave the statement
-    unmarked (given back, its connection would go to the next borrower under it; the watchdog
-    would not cancel it; a sqlite3 connection would be closed under it).  So this call marks
-    ``busy`` with an object of its own, and puts it back only where its mark is still there
-    (no call between the check and the write: on CPython 3.11 and later, no thread switch
-    comes between them).
-    Otherwise it stays as it was: a call interrupted earlier leaves it set, for the pool to
-    discard the connection."""
+    that talks to the server may leave its reply unread (see _call_failed)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        slot = _live_slot(lease, "connection")
-        busy = slot.busy
-        mark = object()
-        if not in_call(busy):
-            slot.busy = mark
-        try:
-            try:
-                result = method(*args, **kwargs)
-            except Exception as exc:
-                _call_failed(slot, exc)  # an interrupt in here is one in the call
-                raise
-        except Exception:
-            if slot.busy is mark:
-                slot.busy = busy
-            raise
-        except BaseException:
-            if slot.busy is mark:
-                slot.busy = INTERRUPTED
-            slot.doomed = True  # interrupted half-way: see _call_failed
-            raise
-        if slot.busy is mark:
-            slot.busy = busy
-        return result
+        return _marked_call(_live_slot(lease, "connection"), method, *args, **kwargs)
 
     return call
+
+
+def _marked_call(slot: _Slot, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``method(*args, **kwargs)``, a driver call that may run in another thread than the
+    lease's statements (psycopg's cancel() is made for that; a cursor's close), with ``busy``
+    marked meanwhile, and the connection doomed if it is interrupted half-way.
+
+    Another thread may be inside a call on the connection: ``busy`` is then that call's, which
+    clears it as it ends, maybe before this one ends (a cancelled statement does), and this one
+    must not set it again (the connection would go back as if still in a call, and be
+    discarded).  Or this one runs in another thread while nothing runs, and the lease's
+    statement starts before it ends: ``busy`` is then the statement's, and putting back the
+    "no call" found at the start would leave the statement unmarked (given back, its
+    connection would go to the next borrower under it; the watchdog would not cancel it; a
+    sqlite3 connection would be closed under it).  So this call marks ``busy`` with an object
+    of its own, and puts it back only where its mark is still there (no call between the check
+    and the write: on CPython 3.11 and later, no thread switch comes between them).  Otherwise
+    it stays as it was: a call interrupted earlier leaves it set, for the pool to discard the
+    connection."""
+    busy = slot.busy
+    mark = object()
+    if busy is False or busy is INTERRUPTED:  # not in_call(busy), written out: cursors close here
+        slot.busy = mark
+    try:
+        try:
+            result = method(*args, **kwargs)
+        except Exception as exc:
+            _call_failed(slot, exc)  # an interrupt in here is one in the call
+            raise
+    except Exception:
+        if slot.busy is mark:
+            slot.busy = busy
+        raise
+    except BaseException:
+        if slot.busy is mark:
+            slot.busy = INTERRUPTED
+        slot.doomed = True  # interrupted half-way: see _call_failed
+        raise
+    if slot.busy is mark:
+        slot.busy = busy
+    return result
 
 
 def _passing_driver_connections(method: Callable[..., Any]) -> Callable[..., Any]:
