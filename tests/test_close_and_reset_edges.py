@@ -291,6 +291,49 @@ def test_a_pymssql_connection_whose_call_was_interrupted_is_closed_at_once(
         pool.close()
 
 
+class _BlockedCallFromAnotherThread:
+    """A call on a lease from another thread that waits until released: the driver's cancel()
+    (blocked in the fake server), or the close of another cursor of the lease (a close that
+    waits for the server)."""
+
+    def __init__(
+        self,
+        fake_server: fakedb.Server,
+        monkeypatch: pytest.MonkeyPatch,
+        conn: dbpool.Connection[Any],
+        call: str,
+    ) -> None:
+        self._may_close = threading.Event()
+        self._monkeypatch = monkeypatch
+        if call == "cancel":
+            self._cancel: Any = fake_server.block("cancel")
+            self.caller = Caller(conn.cancel, name="canceller")
+            assert self._cancel.entered.wait(10)
+        else:
+            self._cancel = None
+            closing = threading.Event()
+
+            def close(cursor: fakedb.FakeCursor) -> None:
+                closing.set()
+                assert self._may_close.wait(10)
+
+            other = conn.cursor()
+            monkeypatch.setattr(fakedb.FakeCursor, "close", close)
+            self.caller = Caller(other.close, name="closer")
+            assert closing.wait(10)
+
+    def finish(self) -> None:
+        """Let the call return, and check it returned normally."""
+        if self._cancel is not None:
+            self._cancel.release()
+        self._may_close.set()
+        assert self.caller.outcome() is None
+        self._monkeypatch.undo()
+
+    def release(self) -> None:  # for a test's finally
+        self._may_close.set()
+
+
 @pytest.mark.parametrize("call", ["cancel", "a cursor's close"])
 def test_a_call_from_another_thread_that_ends_after_the_statement_leaves_no_call_behind(
     fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, call: str
@@ -301,43 +344,25 @@ def test_a_call_from_another_thread_that_ends_after_the_statement_leaves_no_call
     # running that it found as it began: the lease went back as if a call still ran on it,
     # and the pool discarded the connection (with sqlite3 or pymssql, its close first waited
     # 10 s for that call).
-    closing = threading.Event()
-    may_close = threading.Event()
-
-    def close(cursor: fakedb.FakeCursor) -> None:  # a close that waits for the server
-        closing.set()
-        assert may_close.wait(10)
-
     pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    other: _BlockedCallFromAnotherThread | None = None
     try:
         conn = pool.connection()
         cur = conn.cursor()
-        other = conn.cursor()
         statement = fake_server.block("execute")
         runner = Caller(lambda: cur.execute("SELECT 2"), name="runner")
         assert statement.entered.wait(10)
-        if call == "cancel":
-            cancel = fake_server.block("cancel")
-            caller = Caller(conn.cancel, name="canceller")
-            assert cancel.entered.wait(10)
-        else:
-            monkeypatch.setattr(fakedb.FakeCursor, "close", close)
-            caller = Caller(other.close, name="closer")
-            assert closing.wait(10)
+        other = _BlockedCallFromAnotherThread(fake_server, monkeypatch, conn, call)
         statement.release()
         assert runner.outcome() is None
-        if call == "cancel":
-            cancel.release()
-        else:
-            may_close.set()
-        assert caller.outcome() is None
-        monkeypatch.undo()
+        other.finish()
         conn.close()
         s = pool.stats()
         assert (s.idle, s.in_use, s.discarded) == (1, 0, 0), s
     finally:
         fake_server.release_all()
-        may_close.set()
+        if other is not None:
+            other.release()
         pool.close()
 
 
@@ -351,35 +376,16 @@ def test_a_call_from_another_thread_that_a_statement_outlasts_leaves_that_statem
     # idle stack with the statement still running on it (for the next borrower), the
     # deadline's watchdog cancelled nothing, and the pool's close of a sqlite3 or pymssql
     # connection did not wait for the call.
-    closing = threading.Event()
-    may_close = threading.Event()
-
-    def close(cursor: fakedb.FakeCursor) -> None:  # a close that waits for the server
-        closing.set()
-        assert may_close.wait(10)
-
     pool = dbpool.Pool(fake_server.connect, min_size=0, max_size=1)
+    other: _BlockedCallFromAnotherThread | None = None
     try:
         conn = pool.connection()
         cur = conn.cursor()
-        other = conn.cursor()
-        if call == "cancel":
-            cancel = fake_server.block("cancel")
-            caller = Caller(conn.cancel, name="canceller")
-            assert cancel.entered.wait(10)
-        else:
-            monkeypatch.setattr(fakedb.FakeCursor, "close", close)
-            caller = Caller(other.close, name="closer")
-            assert closing.wait(10)
+        other = _BlockedCallFromAnotherThread(fake_server, monkeypatch, conn, call)
         statement = fake_server.block("execute")
         runner = Caller(lambda: cur.execute("SELECT 2"), name="runner")
         assert statement.entered.wait(10)
-        if call == "cancel":
-            cancel.release()
-        else:
-            may_close.set()
-        assert caller.outcome() is None
-        monkeypatch.undo()
+        other.finish()
         conn.close()  # given back while the runner is inside its statement
         s = pool.stats()
         assert (s.idle, s.in_use, s.discarded) == (0, 0, 1), s
@@ -387,7 +393,8 @@ def test_a_call_from_another_thread_that_a_statement_outlasts_leaves_that_statem
         runner.outcome()
     finally:
         fake_server.release_all()
-        may_close.set()
+        if other is not None:
+            other.release()
         pool.close()
 
 
