@@ -494,7 +494,7 @@ class Cursor(Generic[C]):
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
         if slot.tracks_reads:  # a stream left part-read may hold the connection
-            slot.dialect.check_not_reading(slot.raw)
+            _check_not_reading(self._lease, slot)
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
@@ -524,7 +524,7 @@ class Cursor(Generic[C]):
         if slot.transaction is not None:
             slot.transaction._check_open()  # past its deadline: raise without running it
         if slot.tracks_reads:  # a stream left part-read may hold the connection
-            slot.dialect.check_not_reading(slot.raw)
+            _check_not_reading(self._lease, slot)
         raw = self._raw
         slot.dirty = slot.busy = True
         try:
@@ -833,6 +833,20 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
                 stream.send(commit)
 
 
+def _check_not_reading(lease: Connection[Any], slot: _Slot) -> None:
+    """Before a statement through ``lease``, whose slot ``tracks_reads``: raise the driver's
+    error (Dialect.check_not_reading) if a stream of the lease is suspended part-read, holding
+    the connection (psycopg's lock, not reentrant): the statement would wait for it forever.
+    Not for a stream read to its end, nor while another thread's call alone holds the
+    connection: the statement waits for that call, as it would on the driver's connection."""
+    streams = getattr(lease, "_streams", None)  # unset: only a result cut short
+    if streams:
+        for stream in list(streams):
+            if getgeneratorstate(stream) == GEN_SUSPENDED:
+                slot.dialect.check_not_reading(slot.raw)
+                return
+
+
 def _cut_short_by(lease: Connection[Any], slot: _Slot, raw: Any, commit: bool) -> None:
     """Record that finish_reading ends the result of ``raw``, a driver cursor of ``lease``,
     before COMMIT (``commit``) or ROLLBACK."""
@@ -890,7 +904,7 @@ def _tracked_call(
             else:
                 tx._check_deadline()  # as in Cursor.fetchone()
         if slot.tracks_reads:  # a stream left part-read may hold the connection
-            slot.dialect.check_not_reading(slot.raw)
+            _check_not_reading(lease, slot)
         slot.dirty = slot.busy = True
         try:
             try:
@@ -1009,6 +1023,11 @@ def _tracked_iteration(
     ended: bool | None = None  # what finish_reading sent
     dropped = False  # a row read and dropped since
     try:
+        # Its first step sends the statement: not while another stream of the lease holds the
+        # connection (this one, running, is not suspended)
+        slot = _live_slot(lease, "cursor")
+        if slot.tracks_reads:
+            _check_not_reading(lease, slot)
         while True:
             slot = _live_slot(lease, "cursor")
             tx = slot.transaction

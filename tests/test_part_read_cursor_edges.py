@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Caller, assert_accounting, scalar
+from tests.conftest import Caller, assert_accounting, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -564,3 +564,75 @@ def test_a_stream_not_yet_read_of_an_sscursor_cut_short_says_so(mysql_connect: A
                 next(rows)
             assert scalar(conn, "SELECT 42") == 42
         assert _discards(pool) == 0
+
+
+@pytest.mark.postgresql
+def test_a_stream_first_read_while_another_stream_is_left_part_read_is_refused(
+    pg_pool: dbpool.Pool[Any],
+) -> None:
+    # Its first read sends its statement, for which it would wait forever on the connection
+    # lock the first stream holds.
+    with pg_pool.connection() as conn:
+        first = conn.cursor().stream(PG_SERIES)
+        assert next(first) == (1,)
+        second = conn.cursor().stream("SELECT 7")
+        error = Caller(lambda: next(second), name="second stream").outcome(timeout=5)
+        assert isinstance(error, conn.OperationalError)
+        assert "cursor.stream() left part-read" in str(error)
+        assert next(first) == (2,)  # untouched
+        assert len(list(first)) == 99_998
+        assert list(conn.cursor().stream("SELECT 7")) == [(7,)]
+    assert _discards(pg_pool) == 0
+
+
+@pytest.mark.postgresql
+def test_a_statement_waits_for_another_threads_call_once_the_lease_made_a_stream(
+    pg_pool: dbpool.Pool[Any], postgresql_dsn: str
+) -> None:
+    # A stream read to its end holds nothing: a statement while another thread's call holds
+    # the connection waits for that call, as on a lease that made no stream.
+    import psycopg
+
+    key = 947_113
+    admin = psycopg.connect(postgresql_dsn, autocommit=True, application_name="lock_holder")
+    released = False
+    try:
+        admin.execute("SELECT pg_advisory_lock(%s)", (key,))
+
+        class Releasing(psycopg.Cursor[Any]):
+            # Lets the other thread's call end once this statement is past the lease's checks
+            def execute(self, *args: Any, **kwargs: Any) -> Any:
+                nonlocal released
+                admin.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                released = True
+                return super().execute(*args, **kwargs)
+
+        with pg_pool.connection() as conn:
+            assert list(conn.cursor().stream("SELECT 1")) == [(1,)]
+            pid = conn.info.backend_pid
+            other = conn.cursor()
+            waiting = Caller(
+                lambda: other.execute(
+                    "SELECT pg_advisory_lock(%s), pg_advisory_unlock(%s)", (key, key)
+                ),
+                name="waiting on the lock",
+            )
+            wait_until(
+                lambda: (
+                    scalar(
+                        admin, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    )
+                    == "Lock"
+                )
+            )
+            conn.cursor_factory = Releasing
+            cur = conn.cursor()
+            cur.execute("SELECT 42")
+            assert cur.fetchone() == (42,)
+            assert waiting.outcome() is None
+            assert released
+    finally:
+        if not released:
+            admin.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        admin.close()
+    assert _discards(pg_pool) == 0

@@ -134,8 +134,10 @@ class Dialect:
         """Raise the driver's error if a statement sent on ``conn`` now would wait forever for
         a result still being read in the calling thread (psycopg's ``cursor.stream()`` left
         part-read holds the connection's lock, which is not reentrant).  A lease asks before
-        its statements only once it has made a stream or had a result cut short (the slot's
-        ``tracks_reads``), so that the others pay one attribute read.  No I/O."""
+        its statements, and before a stream's first read, only while a stream of its own is
+        suspended part-read (looked for once it has made one: the slot's ``tracks_reads``, so
+        that the others pay one attribute read); not while another thread's call alone holds
+        the connection, which the statement waits for.  No I/O."""
 
     def ping(self, conn: Any) -> None:
         """One round trip that proves the connection works; raise if it does not.
