@@ -155,6 +155,14 @@ def _fails_to_close(sscursor: Any) -> Any:
     return FailsToClose
 
 
+def _says_cursor_closed() -> bool:
+    """Whether mysqlclient's SSCursor, closed under a loop iterating it, raises "cursor closed"
+    (2.3 and later; before, it yields nothing more, and the pool watches such loops)."""
+    import MySQLdb
+
+    return bool(MySQLdb.version_info >= (2, 3))
+
+
 @pytest.mark.mysql
 @MYSQL_DRIVERS
 @pytest.mark.parametrize("end", ["commit", "rollback"])
@@ -169,8 +177,8 @@ def test_a_loop_that_ends_the_transaction_as_it_reads_an_sscursor_is_told(
         cur = conn.cursor(sscursor)
         cur.execute(MYSQL_SERIES)
         read = 0
-        if sscursor.__module__.startswith("MySQLdb"):  # iterated as it is, for speed
-            error, match = conn.ProgrammingError, "cursor closed"
+        if sscursor.__module__.startswith("MySQLdb") and _says_cursor_closed():
+            error, match = conn.ProgrammingError, "cursor closed"  # iterated as it is, for speed
         else:
             error, match = dbpool.PoolError, f"cut short by {end.upper()}"
         with pytest.raises(error, match=match):

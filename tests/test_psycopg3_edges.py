@@ -16,6 +16,32 @@ from tests.conftest import Caller, Connector, rows
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.timeout(30)]
 
+try:
+    import psycopg
+except ImportError:  # the tests are skipped without a server anyway
+    psycopg = None
+
+
+def _since(version: str, feature: str, present: bool) -> pytest.MarkDecorator:
+    """Skip on a psycopg without ``feature``, which came with ``version``."""
+    return pytest.mark.skipif(
+        psycopg is not None and not present, reason=f"psycopg before {version} has no {feature}"
+    )
+
+
+def _psycopg_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in psycopg.__version__.split(".")[:3] if part.isdigit())
+
+
+# The notifications received while no notifies() runs, queued for the next one: without the
+# queue they are dropped, and a notifies() generator has none to stop at.  (Its generator
+# holds the connection's lock while suspended from 3.2, its timeout= too.)
+NOTIFIES_QUEUED = _since(
+    "3.2.4",
+    "queue of notifications for notifies()",
+    psycopg is not None and _psycopg_version() >= (3, 2, 4),
+)
+
 TABLE = "dbpool_pg3_edges"
 
 
@@ -80,6 +106,11 @@ def test_psycopg_transaction_inside_a_block_nests_and_rolls_back_with_it(
         pool.close()
 
 
+@_since(
+    "3.2",
+    "set_autocommit()",
+    hasattr(psycopg, "Connection") and hasattr(psycopg.Connection, "set_autocommit"),
+)
 def test_psycopg_set_autocommit_inside_a_block_is_refused(
     pg_connect: Connector, table: Any
 ) -> None:
@@ -133,6 +164,7 @@ def test_block_runs_with_the_connection_transaction_characteristics(
 # -- what the next borrower gets ---------------------------------------------------------------
 
 
+@NOTIFIES_QUEUED
 def test_discard_reset_hides_queued_notifications_from_the_next_borrower(
     pg_connect: Connector,
 ) -> None:
@@ -355,6 +387,7 @@ def test_savepoint_ends_with_a_stream_part_read(table: Any, pool: dbpool.Pool[An
     works(pool)
 
 
+@NOTIFIES_QUEUED
 def test_lease_returned_with_a_notifies_generator_suspended(pg_connect: Connector) -> None:
     """psycopg's ``conn.notifies()`` generator holds the connection's lock (not reentrant)
     while it is suspended at a notification: left so as the lease goes back, every later call
@@ -386,7 +419,13 @@ def test_lease_returned_with_a_notifies_generator_suspended(pg_connect: Connecto
 # -- the connection's cursor factory ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory", ["RawCursor", "ClientCursor"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        pytest.param("RawCursor", marks=_since("3.2", "RawCursor", hasattr(psycopg, "RawCursor"))),
+        "ClientCursor",
+    ],
+)
 def test_timed_block_on_a_connection_whose_cursors_take_other_placeholders(
     pg_connect: Connector, table: Any, factory: str
 ) -> None:
@@ -395,8 +434,6 @@ def test_timed_block_on_a_connection_whose_cursors_take_other_placeholders(
     statement that sets a block's server-side limits must not take its values through the
     connection's cursors (nor the one that narrows its lock wait limit before COMMIT), or every
     block with a timeout fails.  Its limits still hold."""
-    import psycopg
-
     cursor_factory = getattr(psycopg, factory)
     marker = "$1" if factory == "RawCursor" else "%s"
     pool = new_pool(connect_with(pg_connect, cursor_factory=cursor_factory))
@@ -415,6 +452,7 @@ def test_timed_block_on_a_connection_whose_cursors_take_other_placeholders(
         pool.close()
 
 
+@NOTIFIES_QUEUED
 @pytest.mark.parametrize("named_cursor", [False, True])
 def test_lease_returned_with_a_notifies_generator_of_the_driver_connection_suspended(
     pg_connect: Connector, named_cursor: bool
@@ -452,6 +490,7 @@ def test_lease_returned_with_a_notifies_generator_of_the_driver_connection_suspe
         pool.close(timeout=1)
 
 
+@NOTIFIES_QUEUED
 def test_block_on_a_lease_whose_driver_connection_has_a_notifies_generator_suspended(
     pg_connect: Connector,
 ) -> None:
@@ -512,3 +551,8 @@ def test_block_ends_with_a_copy_not_left(table: Any, pool: dbpool.Pool[Any], fai
     assert count(table) == 0
     assert pool.stats().discards["reset_failed"] == 1
     works(pool)
+    for manager in kept:  # ended here: collected, psycopg 3.1 reports its closed connection
+        try:
+            manager.__exit__(None, None, None)
+        except psycopg.OperationalError:
+            pass

@@ -56,6 +56,11 @@ class Dialect:
     #: Whether :meth:`call_failed` does anything: a failed call leaves the driver's cached
     #: transaction flags stale (PyMySQL), so calls that may fail unseen are watched.
     flags_go_stale = False
+    #: Whether the driver's own iteration of a cursor of :meth:`fetches_as_it_goes` ends as if
+    #: every row were read once COMMIT or ROLLBACK cut its result short (mysqlclient before
+    #: 2.3, whose closed ``SSCursor`` then yields nothing more): such iteration is watched
+    #: outside a transaction block too, and says it was cut short.
+    quiet_when_cut_short = False
     #: Driver methods that can change what the pool cannot read back, like mysqlclient's
     #: ping(True), which turns its automatic reconnect on for good: a lease that called one
     #: counts as having handed out the driver's connection (see :meth:`after_exposure`).
@@ -109,7 +114,8 @@ class Dialect:
         """Whether iterating the driver's ``cursor`` may wait for the server (a server-side
         cursor, an unbuffered result; SQLite runs its statement step by step): such iteration
         is watched one step at a time, inside a transaction block (for the deadline) and,
-        where :attr:`flags_go_stale`, outside one.  No I/O.  When in doubt, True."""
+        where :attr:`flags_go_stale` or :attr:`quiet_when_cut_short`, outside one.  No I/O.
+        When in doubt, True."""
         return True
 
     #: Whether a result can be left part-read on a connection of the driver, in COMMIT's and

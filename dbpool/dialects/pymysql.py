@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -404,6 +405,15 @@ class _Sessions:
         return session
 
 
+@functools.cache
+def _sscursor_ends_quietly() -> bool:
+    """Whether mysqlclient's ``SSCursor``, closed under a loop iterating it, ends the loop as
+    if every row were read: before 2.3, which raises "cursor closed" there, it returns no more
+    rows."""
+    version = getattr(importlib.import_module("MySQLdb"), "version_info", None)
+    return not isinstance(version, tuple) or version < (2, 3)
+
+
 class _MySQLdbSettings(NamedTuple):
     """What a mysqlclient borrower can change on the connection object, read locally."""
 
@@ -444,6 +454,8 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
 
     def check_new(self, conn: Any) -> None:
         self._sessions.record(conn)  # no other thread has the connection yet
+        # The driver's, imported by now: the same for every connection.
+        self.quiet_when_cut_short = _sscursor_ends_quietly()
         if os.name == "posix":  # (on Windows, fileno() is a socket handle, not a descriptor)
             # libmariadb leaves its socket inheritable: a program this process starts with
             # its descriptors open (os.system(), close_fds=False) would hold the session, and
