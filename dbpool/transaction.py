@@ -61,7 +61,8 @@ INTERRUPTED: Any = "interrupted"
 def in_call(busy: object) -> bool:
     """Whether ``slot.busy`` says a thread is inside a driver call on the connection: True
     (the lease's own calls), or the mark of a call that another thread may make at any time
-    (lease._watched_method, Cursor.close), which puts back only its own mark."""
+    (lease._marked_call: a cursor's close, a driver method through the lease), which puts back
+    only its own mark."""
     return busy is not False and busy is not INTERRUPTED
 
 
