@@ -8,6 +8,7 @@ import ctypes
 import functools
 import importlib
 import os
+import re
 import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -104,7 +105,11 @@ class Psycopg2Dialect(Dialect):
         # decoded in it.  And which objects receive those messages (psycopg2 takes any with an
         # append() in their place): one a borrower put there would get the next borrowers'.
         # By identity, as a new empty list equals the one it replaced; the objects themselves
-        # too, to put back.
+        # too, to put back.  psycopg2 before 2.9.10 leaves the notifications that come with
+        # commit(), rollback() and set_session() with libpq until its next statement, the next
+        # borrower's: poll() takes them in now (no round trip: it reads what has arrived).
+        if _notifications_taken_in_late():
+            conn.poll()
         notices, notifies = conn.notices, conn.notifies
         return (
             conn.autocommit,
@@ -321,6 +326,18 @@ def _autocommit_on(conn: Any) -> None:
         value = getattr(conn, name)
         if value is not None:
             setattr(conn, name, value)
+
+
+@functools.cache
+def _notifications_taken_in_late() -> bool:
+    """Whether psycopg2 (before 2.9.10) moves the notifications libpq received into
+    ``conn.notifies`` only after a statement or a ``poll()``, not after ``commit()``,
+    ``rollback()`` or ``set_session()``."""
+    psycopg2 = importlib.import_module("psycopg2")
+    numbers = re.match(r"(\d+)\.(\d+)\.(\d+)", psycopg2.__version__)
+    if numbers is None:
+        return True  # unreadable: poll(), which any release takes
+    return tuple(int(number) for number in numbers.groups()) < (2, 9, 10)
 
 
 def _held(messages: Any) -> tuple[int, Any] | None:
