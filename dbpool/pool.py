@@ -2210,11 +2210,14 @@ class Pool(Generic[C]):
                     why = self._describe(exc)
                     return _RESET_FAILED, f"the rollback after the reset hook failed: {why}"
         try:
+            # May read the socket (psycopg2 before 2.9.10 takes in notifications), where a
+            # session the server ended is first noticed
             if dialect.client_settings(raw) != slot.settings:
                 dialect.restore_client_settings(raw, slot.settings)
         except Exception as exc:
             slot.doomed = True
-            return _RESET_FAILED, f"reset failed: {self._describe(exc)}"
+            reason = DiscardReason.BROKEN if _driver_says_broken(slot) else _RESET_FAILED
+            return reason, f"reset failed: {self._describe(exc)}"
         slot.used = slot.dirty = slot.exposed = slot.tracks_reads = False
         return None
 

@@ -74,6 +74,30 @@ def test_a_notification_that_came_with_a_leases_last_call_does_not_reach_the_nex
         assert pool.stats().discarded == 0
 
 
+def test_a_connection_the_server_dropped_while_leased_is_counted_broken_where_poll_finds_it(
+    psycopg2_connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On psycopg2 before 2.9.10 the return takes in the notifications received (poll()),
+    which is where a session the server ended unseen is first noticed: the connection is
+    discarded as broken (idle ones opened before it are validated at checkout), not as one
+    whose reset failed."""
+    from dbpool.dialects import psycopg2 as dialect_module
+
+    monkeypatch.setattr(dialect_module, "_notifications_taken_in_late", lambda: True)
+    admin = psycopg2_connect()
+    admin.autocommit = True
+    with dbpool.Pool(psycopg2_connect, min_size=0, max_size=1, validate_after=60) as pool:
+        with pool.connection() as conn:
+            pid = conn.raw.get_backend_pid()
+            with admin.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        # The first poll() reads the server's farewell, the next one finds the socket closed
+        with pool.connection() as conn:
+            conn.cursor()  # no statement, but used: its return looks
+        stats = pool.stats()
+        assert (stats.discards["broken"], stats.discards["reset_failed"]) == (1, 0), stats
+
+
 def test_messages_from_before_the_first_lease_stay(psycopg2_connect: Any) -> None:
     """A configure hook's own (in a deque of its choosing, as psycopg2's docs suggest)."""
 
