@@ -713,7 +713,9 @@ class Cursor(Generic[C]):
                     return _tracked_stream(self._lease, value, self._raw)
                 if kind is _BLOCK:
                     return _tracked_block(self._lease, value)
-                return _tracked_call(self._lease, value, "cursor", kind is _STATEMENT)
+                return _tracked_call(
+                    self._lease, value, "cursor", kind is _STATEMENT, raw=self._raw
+                )
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -809,8 +811,9 @@ def _close_cursor(slot: _Slot, raw: Any) -> None:
 
 def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None:
     """Before COMMIT (``commit``) or ROLLBACK on ``lease``'s connection: close the lease's
-    cursors whose result the server is still sending (Dialect.holds_unread_result), their
-    driver reading the rest of it (the MySQL drivers have no other way), and end the lease's
+    cursors whose result the server is still sending (Dialect.holds_unread_result: rows, or
+    result sets of further statements), their driver reading the rest of it (the MySQL
+    drivers have no other way), and end the lease's
     streams left part-read (psycopg's cursor.stream(), which holds the connection until it
     ends: COMMIT would wait for it forever).  Before COMMIT a stream is read to its end, as
     those cursors are, for its cancel would abort the transaction; before ROLLBACK it is
@@ -821,11 +824,15 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
     Called only where the dialect says a result can be left part-read
     (Dialect.part_read_results)."""
     cursors = slot.cursors
-    if cursors and slot.dialect.unbuffered_cursors:
-        unread = slot.dialect.holds_unread_result
-        for raw in [cursor for cursor in cursors if unread(cursor)]:
-            _cut_short_by(lease, slot, raw, commit)
-            _close_cursor(slot, raw)
+    dialect = slot.dialect
+    if cursors and dialect.unbuffered_cursors:
+        maybe = dialect.may_hold_unread_result
+        for raw in [cursor for cursor in cursors if maybe(cursor)]:
+            # The look may read from the server: marked as any call is, for the deadline to
+            # cut it off, and so that an interrupt or a lost connection during it is recorded
+            if _marked_call(slot, dialect.holds_unread_result, raw):
+                _cut_short_by(lease, slot, raw, commit)
+                _close_cursor(slot, raw)
     streams = getattr(lease, "_streams", None)  # unset: the lease made none
     if streams:
         for stream in list(streams):
@@ -893,10 +900,12 @@ def _tracked_call(
     what: str,
     statement: bool,
     handle: bool = False,
+    raw: Any = None,
 ) -> Callable[..., Any]:
     """``method`` of the driver, run as Cursor.execute runs a statement (``statement``) or as
     Cursor.fetchone reads one: busy while it runs, so the watchdog can cancel it.  What a
-    ``handle`` method returns is closed as the lease comes back."""
+    ``handle`` method returns is closed as the lease comes back.  ``raw``: the driver cursor
+    of a read (nextset()), whose end is checked as Cursor.fetchone checks it."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         slot = _live_slot(lease, what)
@@ -913,6 +922,8 @@ def _tracked_call(
             try:
                 result = method(*args, **kwargs)
             except Exception as exc:
+                if raw is not None and not statement:
+                    _check_not_cut_short(lease, raw, exc)  # "cursor closed"
                 _call_failed(slot, exc)  # an interrupt in here is one in the call
                 raise
         except Exception:
@@ -923,6 +934,8 @@ def _tracked_call(
             slot.doomed = True  # interrupted half-way: see _call_failed
             raise
         slot.busy = False
+        if not result and raw is not None and not statement and slot.tracks_reads:
+            _check_not_cut_short(lease, raw)  # no more sets, or cut short?
         if handle or (
             what == "connection"
             and callable(getattr(result, "fetchone", None))

@@ -6,6 +6,7 @@ driver, and the connection stays in the pool; a server-side cursor is left to th
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -267,6 +268,181 @@ def test_a_stream_of_an_sscursor_cut_short_by_commit_says_so(
                 next(rows)
             assert scalar(conn, "SELECT 42") == 42
         assert _discards(pool) == 0
+
+
+TWO_SETS = "sscursor_two_sets"  # a procedure whose CALL returns two result sets
+ONE_SET = "sscursor_one_set"  # and one with one (its CALL's own status follows it)
+
+
+@pytest.fixture
+def procedures(mysql_pool: Any) -> Iterator[None]:
+    pool, _ = mysql_pool
+    with pool.connection() as conn:
+        cur = conn.cursor()
+        for name, body in [
+            (TWO_SETS, "BEGIN SELECT seq FROM seq_1_to_3; SELECT 42; END"),
+            (ONE_SET, "SELECT seq FROM seq_1_to_3"),
+        ]:
+            cur.execute(f"DROP PROCEDURE IF EXISTS {name}")
+            cur.execute(f"CREATE PROCEDURE {name}() {body}")
+    yield
+    with pool.connection() as conn:
+        for name in (TWO_SETS, ONE_SET):
+            conn.cursor().execute(f"DROP PROCEDURE IF EXISTS {name}")
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback", "a block"])
+@pytest.mark.parametrize("read", ["nextset", "fetchone"])
+def test_an_sscursor_with_result_sets_still_to_come_is_cut_short(
+    mysql_pool: Any, procedures: None, end: str, read: str
+) -> None:
+    """A CALL's first result set read to its end, a second still to come: the end of the
+    transaction drops the second, and a read on says so (PyMySQL's nextset() said there was
+    none; mysqlclient's COMMIT failed, out of sync)."""
+    pool, sscursor = mysql_pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyMySQL warns as it reads the rest itself
+        with pool.connection() as conn:
+            if end == "a block":
+                with conn.transaction():
+                    cur = conn.cursor(sscursor)
+                    cur.execute(f"CALL {TWO_SETS}()")
+                    assert list(cur.fetchall()) == [(1,), (2,), (3,)]
+                how = "COMMIT"
+            else:
+                cur = conn.cursor(sscursor)
+                cur.execute(f"CALL {TWO_SETS}()")
+                assert list(cur.fetchall()) == [(1,), (2,), (3,)]
+                getattr(conn, end)()
+                how = end.upper()
+            with pytest.raises(dbpool.PoolError, match=f"cut short by {how}"):
+                getattr(cur, read)()
+            assert scalar(conn, "SELECT 42") == 42  # the connection is in step
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_an_sscursor_whose_call_returned_one_result_set_is_not_cut_short(
+    mysql_pool: Any, procedures: None, end: str
+) -> None:
+    """Only the CALL's own status follows its one result set: nothing is dropped, and the
+    cursor runs the next statement."""
+    pool, sscursor = mysql_pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pool.connection() as conn:
+            cur = conn.cursor(sscursor)
+            cur.execute(f"CALL {ONE_SET}()")
+            assert list(cur.fetchall()) == [(1,), (2,), (3,)]
+            getattr(conn, end)()
+            assert cur.fetchone() is None
+            assert not cur.nextset()
+            cur.execute("SELECT seq FROM seq_1_to_2")
+            assert list(cur.fetchall()) == [(1,), (2,)]
+    assert _discards(pool) == 0
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("driver", ["pymysql", "mysqlclient"])
+def test_an_sscursor_with_statements_of_a_string_still_to_come_is_cut_short(
+    mysql_params: dict[str, Any], driver: str
+) -> None:
+    """A multi-statement string: a result set after the first one read, or not."""
+    if driver == "pymysql":
+        import pymysql
+        from pymysql.constants import CLIENT
+
+        sscursor: Any = pymysql.cursors.SSCursor
+        connect: Any = functools.partial(
+            pymysql.connect, **mysql_params, client_flag=CLIENT.MULTI_STATEMENTS
+        )
+    else:
+        import MySQLdb
+        import MySQLdb.cursors
+
+        sscursor = MySQLdb.cursors.SSCursor
+        connect = functools.partial(
+            MySQLdb.connect, **mysql_params, client_flag=MySQLdb.constants.CLIENT.MULTI_STATEMENTS
+        )
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor(sscursor)
+            cur.execute("SELECT 1; DO 2; SELECT 3")
+            assert list(cur.fetchall()) == [(1,)]
+            conn.commit()
+            with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+                cur.nextset()
+            cur = conn.cursor(sscursor)
+            cur.execute("SELECT 1; DO 2")
+            assert list(cur.fetchall()) == [(1,)]
+            conn.commit()
+            assert cur.fetchone() is None
+            assert scalar(conn, "SELECT 42") == 42
+        assert _discards(pool) == 0
+
+
+def _fails_to_look(sscursor: Any, error: Callable[[], BaseException]) -> Any:
+    """``sscursor``'s subclass whose fetchone() raises ``error()`` once armed."""
+
+    class FailsToLook(sscursor):  # type: ignore[misc, valid-type]
+        armed = False
+
+        def fetchone(self) -> Any:
+            if self.armed:
+                raise error()
+            return super().fetchone()
+
+    return FailsToLook
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback", "a block"])
+def test_an_interrupt_in_the_look_at_an_sscursor_dooms_the_connection(
+    mysql_pool: Any, end: str
+) -> None:
+    """The read that tells a result read to its end from one with more to come is a driver
+    call like any other: interrupted, it may leave a reply unread."""
+    pool, sscursor = mysql_pool
+    failing = _fails_to_look(sscursor, KeyboardInterrupt)
+    with pool.connection() as conn:
+        with pytest.raises(KeyboardInterrupt):
+            if end == "a block":
+                with conn.transaction():
+                    cur = conn.cursor(failing)
+                    cur.execute(MYSQL_SERIES)
+                    assert cur.fetchone() == (1,)
+                    cur.raw.armed = True
+            else:
+                cur = conn.cursor(failing)
+                cur.execute(MYSQL_SERIES)
+                assert cur.fetchone() == (1,)
+                cur.raw.armed = True
+                getattr(conn, end)()
+        with pytest.raises(dbpool.ConnectionUnusable):
+            conn.cursor()
+    assert _discards(pool) == 1
+    assert_accounting(pool)
+
+
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+def test_a_connection_lost_in_the_look_at_an_sscursor_is_discarded(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        lost = functools.partial(conn.OperationalError, 2013, "Lost connection to server")
+        cur = conn.cursor(_fails_to_look(sscursor, lost))
+        cur.execute(MYSQL_SERIES)
+        assert cur.fetchone() == (1,)
+        cur.raw.armed = True
+        with pytest.raises(conn.OperationalError, match="Lost connection"):
+            conn.commit()
+    assert _discards(pool) == 1
+    assert_accounting(pool)
 
 
 # -- psycopg's cursor.stream() -------------------------------------------------------------------

@@ -126,14 +126,22 @@ class Dialect:
     #: Whether :meth:`holds_unread_result` can be True (MySQL's ``SSCursor``).
     unbuffered_cursors = False
 
+    def may_hold_unread_result(self, cursor: Any) -> bool:
+        """Whether the driver's ``cursor`` may have a result the server is still sending (see
+        :meth:`holds_unread_result`, which the lease then asks).  No I/O: asked of every cursor
+        of a lease at each COMMIT and ROLLBACK through it."""
+        return False
+
     def holds_unread_result(self, cursor: Any) -> bool:
-        """Whether the driver's ``cursor`` has a result the server is still sending, that
-        COMMIT or ROLLBACK would find in its way (an unbuffered result left part-read): the
-        lease closes such a cursor of its own before either,
-        its driver reading the rest and dropping it.  Not a server-side cursor, which the
-        transaction's end closes (or keeps, WITH HOLD), nor one read to its end, its last row
-        included.  No I/O, but for reading one row of a result about to be dropped where the
-        driver cannot tell its last row read from one with more to come (the MySQL drivers)."""
+        """Whether the driver's ``cursor``, for which :meth:`may_hold_unread_result` is True,
+        has a result the server is still sending, that COMMIT or ROLLBACK would find in its
+        way (an unbuffered result left part-read, or result sets of further statements still
+        to come): the lease closes such a cursor of its own before either, its driver reading
+        the rest and dropping it.  Not a server-side cursor, which the transaction's end
+        closes (or keeps, WITH HOLD), nor one read to its end, its last row included.  May
+        read from the server where the driver cannot tell otherwise (the MySQL drivers: one
+        row of a result about to be dropped, the results that follow it), so the lease calls
+        it as it calls the driver: busy meanwhile, and the connection doomed if interrupted."""
         return False
 
     def check_not_reading(self, conn: Any) -> None:

@@ -57,6 +57,17 @@ def _replied_with_error(exc: BaseException) -> bool:
     return isinstance(code, int) and code >= 1000 and not 2000 <= code < 3000
 
 
+def _result_set_follows(cursor: Any) -> bool:
+    """Whether the results still to come after the one ``cursor`` read to its end (of a
+    multi-statement string's further statements, or a CALL's) include a result set.  Those
+    before it, of statements that return no rows (a CALL's own final status, last), are read
+    and passed: the reads COMMIT would make to drop them.  No I/O where none are to come."""
+    while cursor.nextset():
+        if cursor.description is not None:
+            return True
+    return False
+
+
 class _MySQLTransactions:
     """Transaction verbs shared by the MySQL drivers (PyMySQL and mysqlclient)."""
 
@@ -266,15 +277,23 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
         # SSCursor and its subclasses; the others read the whole result at execute()
         return derives_from(cursor, "pymysql.cursors", "SSCursor")
 
-    def holds_unread_result(self, cursor: Any) -> bool:
+    def may_hold_unread_result(self, cursor: Any) -> bool:
         # An SSCursor still reading: the driver would read the rest itself before the next
-        # statement, with a warning.  Its last row read, it still waits for the end of the
-        # result: one more row read tells (as mysqlclient's below), the I/O closing it would
-        # do.  Private, so looked up.
+        # statement, with a warning.  Or one read to its end with the results of further
+        # statements to come (a multi-statement string's, a CALL's), which the driver would
+        # read and drop: a buffered cursor's current rows are read already, and its later
+        # sets stay to come (no look without replacing them).  Private, so looked up.
         result = getattr(cursor, "_result", None)
-        if not getattr(result, "unbuffered_active", False):
-            return False
-        return cursor.fetchone() is not None
+        if getattr(result, "unbuffered_active", False):
+            return True
+        return getattr(result, "has_next", False) and self.fetches_as_it_goes(cursor)
+
+    def holds_unread_result(self, cursor: Any) -> bool:
+        # Its last row read, it still waits for the end of the result: one more row read
+        # tells (as mysqlclient's below), the I/O closing it would do.
+        if cursor._result.unbuffered_active and cursor.fetchone() is not None:
+            return True
+        return _result_set_follows(cursor)
 
     def drops_cursor_cleanly(self, cursor: Any) -> bool:
         # Not an SSCursor, whose collection reads the rest of its rows, nor one with results of
@@ -516,15 +535,19 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
 
-    def holds_unread_result(self, cursor: Any) -> bool:
+    def may_hold_unread_result(self, cursor: Any) -> bool:
         # An SSCursor's result: every other statement fails with "Commands out of sync" (2014)
-        # until the cursor is closed.  The driver keeps no mark of one read to its end: one
-        # more row read tells, with no I/O at the end (and elsewhere the row goes, as the rest
-        # is about to).  (A buffered cursor's result sets of a CALL still to come stay: the
-        # driver keeps no local flag of them.)  Private, so looked up.
+        # until it is read to its end, and the results of further statements (a CALL's, a
+        # multi-statement string's) after it.  (A buffered cursor's result sets of a CALL
+        # still to come stay: its current rows would go with a look.)  Private, so looked up.
         if getattr(cursor, "_result", None) is None or cursor.connection is None:
             return False  # no result, or closed
-        return self.fetches_as_it_goes(cursor) and cursor.fetchone() is not None
+        return self.fetches_as_it_goes(cursor)
+
+    def holds_unread_result(self, cursor: Any) -> bool:
+        # The driver keeps no mark of one read to its end: one more row read tells, with no
+        # I/O at the end (and elsewhere the row goes, as the rest is about to).
+        return cursor.fetchone() is not None or _result_set_follows(cursor)
 
     def ping(self, conn: Any) -> None:
         conn.ping()
