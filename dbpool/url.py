@@ -653,6 +653,13 @@ def _sqlite_url(authority: str, path: str, query: list[tuple[str, str]]) -> Data
                 "is sqlite3's autocommit mode)"
             )
         _check_value(scheme, key, value)
+        if key == "autocommit" and not _to_bool(value):
+            # Refused here rather than at the first connect (the sqlite3 dialect's check).
+            raise ValueError(
+                "the sqlite URL parameter autocommit=false keeps a transaction open at all "
+                "times, and the pool begins and ends transactions itself: remove it, or set "
+                "autocommit=true"
+            )
     return DatabaseURL(scheme="sqlite", database=database, query=tuple(query))
 
 

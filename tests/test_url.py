@@ -500,11 +500,14 @@ def test_parsed_url_is_frozen_and_picklable() -> None:
 
 
 def test_sqlite_autocommit_only_where_sqlite3_connect_takes_it(tmp_path: Any) -> None:
-    url = f"sqlite:///{tmp_path}/ac.sqlite3?autocommit=false"
+    url = f"sqlite:///{tmp_path}/ac.sqlite3?autocommit=true"
     if sys.version_info >= (3, 12):
         with create_pool(url, min_size=0, max_size=1) as pool:
             with pool.connection() as conn:
-                assert conn.raw.autocommit is False
+                assert conn.raw.autocommit is True
+        # autocommit=False always has a transaction open: the pool could never begin one
+        with pytest.raises(ValueError, match=r"autocommit=false keeps a transaction open"):
+            create_pool(url.replace("=true", "=false"), min_size=0)
     else:  # sqlite3.connect() would refuse it at every connect
         with pytest.raises(ValueError, match=r"'autocommit' needs Python 3\.12") as info:
             create_pool(url, min_size=0)
