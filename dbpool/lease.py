@@ -811,10 +811,10 @@ def _close_cursor(slot: _Slot, raw: Any) -> None:
 
 def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None:
     """Before COMMIT (``commit``) or ROLLBACK on ``lease``'s connection: close the lease's
-    cursors whose result the server is still sending (Dialect.holds_unread_result: rows, or
-    result sets of further statements), their driver reading the rest of it (the MySQL
-    drivers have no other way), and end the lease's
-    streams left part-read (psycopg's cursor.stream(), which holds the connection until it
+    cursors whose result the server is still sending (Dialect.holds_unread_rows, and
+    Dialect.result_sets_follow: result sets of further statements), their driver reading the
+    rest of it (the MySQL drivers have no other way), and end the lease's streams left
+    part-read (psycopg's cursor.stream(), which holds the connection until it
     ends: COMMIT would wait for it forever).  Before COMMIT a stream is read to its end, as
     those cursors are, for its cancel would abort the transaction; before ROLLBACK it is
     closed, and its statement cancelled.  A cursor or stream read on afterwards finds its
@@ -827,13 +827,12 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
     dialect = slot.dialect
     if cursors and dialect.unbuffered_cursors:
         maybe = dialect.may_hold_unread_result
-        for raw in [cursor for cursor in cursors if maybe(cursor)]:
-            # The look may read from the server: marked as any call is, for the deadline to
-            # cut it off, and so that an interrupt or a lost connection during it is recorded
-            if _marked_call(slot, dialect.holds_unread_result, raw):
-                _cut_short_by(lease, slot, raw, commit)
-                _close_cursor(slot, raw)
-    streams = getattr(lease, "_streams", None)  # unset: the lease made none
+        unread = [cursor for cursor in cursors if maybe(cursor)]
+        if unread:
+            _end_unread_results(lease, slot, unread, commit)
+    # Unset until the lease makes a stream: looked up only once it has (an unset attribute
+    # raises AttributeError, which would cost every commit with a cursor open ~1 us)
+    streams = getattr(lease, "_streams", None) if slot.tracks_reads else None
     if streams:
         for stream in list(streams):
             if getgeneratorstate(stream) == GEN_SUSPENDED:  # part-read (see _tracked_iteration)
@@ -841,6 +840,26 @@ def finish_reading(lease: Connection[Any], slot: _Slot, *, commit: bool) -> None
                 # to say so
                 streams.discard(stream)
                 stream.send(commit)
+
+
+def _end_unread_results(
+    lease: Connection[Any], slot: _Slot, unread: list[Any], commit: bool
+) -> None:
+    """Close those of ``unread``, driver cursors of ``lease`` that may hold a result, whose
+    result the server is still sending (see finish_reading).  Those with rows to come first:
+    the server sends one statement's results at a time, and such a cursor ran the latest, so
+    a look at another's further result sets before it is closed would ask for them out of
+    turn (mysqlclient's nextset() reads the connection's next result, whoever's it is, and
+    fails with "Commands out of sync" while rows are still to come)."""
+    dialect = slot.dialect
+    for look in (dialect.holds_unread_rows, dialect.result_sets_follow):
+        for raw in list(unread):
+            # The look may read from the server: marked as any call is, for the deadline to
+            # cut it off, and so that an interrupt or a lost connection during it is recorded
+            if _marked_call(slot, look, raw):
+                _cut_short_by(lease, slot, raw, commit)
+                _close_cursor(slot, raw)
+                unread.remove(raw)
 
 
 def _check_not_reading(lease: Connection[Any], slot: _Slot) -> None:

@@ -121,27 +121,36 @@ class Dialect:
     #: Whether a result can be left part-read on a connection of the driver, in COMMIT's and
     #: ROLLBACK's way: a cursor of :attr:`unbuffered_cursors`, or a ``stream()`` that holds
     #: the connection (psycopg's).  A lease ends such results first (see
-    #: :meth:`holds_unread_result`); the other drivers' commits spare themselves the look.
+    #: :meth:`holds_unread_rows`); the other drivers' commits spare themselves the look.
     part_read_results = False
-    #: Whether :meth:`holds_unread_result` can be True (MySQL's ``SSCursor``).
+    #: Whether :meth:`holds_unread_rows` can be True (MySQL's ``SSCursor``).
     unbuffered_cursors = False
 
     def may_hold_unread_result(self, cursor: Any) -> bool:
         """Whether the driver's ``cursor`` may have a result the server is still sending (see
-        :meth:`holds_unread_result`, which the lease then asks).  No I/O: asked of every cursor
-        of a lease at each COMMIT and ROLLBACK through it."""
+        :meth:`holds_unread_rows` and :meth:`result_sets_follow`, which the lease then asks).
+        No I/O: asked of every cursor of a lease at each COMMIT and ROLLBACK through it."""
         return False
 
-    def holds_unread_result(self, cursor: Any) -> bool:
+    def holds_unread_rows(self, cursor: Any) -> bool:
         """Whether the driver's ``cursor``, for which :meth:`may_hold_unread_result` is True,
-        has a result the server is still sending, that COMMIT or ROLLBACK would find in its
-        way (an unbuffered result left part-read, or result sets of further statements still
-        to come): the lease closes such a cursor of its own before either, its driver reading
-        the rest and dropping it.  Not a server-side cursor, which the transaction's end
-        closes (or keeps, WITH HOLD), nor one read to its end, its last row included.  May
-        read from the server where the driver cannot tell otherwise (the MySQL drivers: one
-        row of a result about to be dropped, the results that follow it), so the lease calls
-        it as it calls the driver: busy meanwhile, and the connection doomed if interrupted."""
+        has rows of its result still to come, that COMMIT or ROLLBACK would find in its way
+        (an unbuffered result left part-read): the lease closes such a cursor of its own
+        before either, its driver reading the rest and dropping it.  Not a server-side
+        cursor, which the transaction's end closes (or keeps, WITH HOLD), nor one read to its
+        end, its last row included.  May read from the server where the driver cannot tell
+        otherwise (the MySQL drivers read one row of a result about to be dropped), so the
+        lease calls it as it calls the driver: busy meanwhile, and the connection doomed if
+        interrupted.  Asked of each cursor before :meth:`result_sets_follow` is of any: the
+        server sends one statement's results at a time, and a cursor with rows to come ran
+        the latest statement."""
+        return False
+
+    def result_sets_follow(self, cursor: Any) -> bool:
+        """Whether the driver's ``cursor``, for which :meth:`may_hold_unread_result` is True
+        and :meth:`holds_unread_rows` was not, has result sets of further statements still to
+        come (a ``CALL``'s, a multi-statement string's), closed before COMMIT or ROLLBACK as
+        one with rows to come is.  May read from the server, as :meth:`holds_unread_rows`."""
         return False
 
     def check_not_reading(self, conn: Any) -> None:

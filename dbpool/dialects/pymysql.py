@@ -184,7 +184,7 @@ class _StaleStatus(int):
 class PyMySQLDialect(_MySQLTransactions, Dialect):
     name = "pymysql"
     flags_go_stale = True
-    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_result)
+    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_rows)
 
     def _tuple_cursor(self, conn: Any) -> Any:
         # The driver's base cursor class (imported by now: a PyMySQL connection exists).
@@ -288,11 +288,12 @@ class PyMySQLDialect(_MySQLTransactions, Dialect):
             return True
         return getattr(result, "has_next", False) and self.fetches_as_it_goes(cursor)
 
-    def holds_unread_result(self, cursor: Any) -> bool:
+    def holds_unread_rows(self, cursor: Any) -> bool:
         # Its last row read, it still waits for the end of the result: one more row read
         # tells (as mysqlclient's below), the I/O closing it would do.
-        if cursor._result.unbuffered_active and cursor.fetchone() is not None:
-            return True
+        return bool(cursor._result.unbuffered_active) and cursor.fetchone() is not None
+
+    def result_sets_follow(self, cursor: Any) -> bool:
         return _result_set_follows(cursor)
 
     def drops_cursor_cleanly(self, cursor: Any) -> bool:
@@ -455,7 +456,7 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
     """mysqlclient: no local transaction flag, so the lease's record decides."""
 
     name = "mysqlclient"
-    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_result)
+    part_read_results = unbuffered_cursors = True  # SSCursor (holds_unread_rows)
     # change_user() starts the server session afresh, maybe as another user: what configure
     # set in it is gone, and the next borrowers would run without it, with that user's
     # privileges.  Only a new connection has it again (as psycopg2's reset()).
@@ -544,10 +545,15 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
             return False  # no result, or closed
         return self.fetches_as_it_goes(cursor)
 
-    def holds_unread_result(self, cursor: Any) -> bool:
+    def holds_unread_rows(self, cursor: Any) -> bool:
         # The driver keeps no mark of one read to its end: one more row read tells, with no
         # I/O at the end (and elsewhere the row goes, as the rest is about to).
-        return cursor.fetchone() is not None or _result_set_follows(cursor)
+        return cursor.fetchone() is not None
+
+    def result_sets_follow(self, cursor: Any) -> bool:
+        # nextset() reads the connection's next result, whoever's it is: asked only once no
+        # cursor has rows to come, when those to come are the latest statement's.
+        return _result_set_follows(cursor)
 
     def ping(self, conn: Any) -> None:
         conn.ping()
