@@ -385,6 +385,15 @@ class Pool(Generic[C]):
         dialect: Dialect | str | None = None,
         name: str | None = None,
     ) -> None:
+        if not isinstance(connect, type) and _detect_dialect(connect).name != "generic":
+            # A driver's connection given for the function that makes them, told first: sqlite3's
+            # is callable (it makes statements), its signature readable from Python 3.13 on.
+            driver = type(connect).__module__.partition(".")[0]
+            raise TypeError(
+                f"connect must be a callable that returns a new DB-API connection, got a "
+                f"{driver} connection: pass the function that makes one (for example "
+                f"lambda: {driver}.connect(...))"
+            )
         check_callable(
             "connect",
             connect,
@@ -392,15 +401,6 @@ class Pool(Generic[C]):
             "a callable taking no arguments that returns a DB-API connection "
             "(for example lambda: psycopg.connect(dsn))",
         )
-        if not isinstance(connect, type) and _detect_dialect(connect).name != "generic":
-            # A driver's connection given for the function that makes them: sqlite3's is
-            # callable (it makes statements), and would fail only at the first connect.
-            driver = type(connect).__module__.partition(".")[0]
-            raise TypeError(
-                f"connect must be a callable that returns a new DB-API connection, got a "
-                f"{driver} connection: pass the function that makes one (for example "
-                f"lambda: {driver}.connect(...))"
-            )
         _check_count("min_size", min_size, minimum=0)
         _check_count("max_size", max_size, minimum=1)
         if min_size > max_size:
