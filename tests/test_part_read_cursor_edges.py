@@ -7,6 +7,7 @@ driver, and the connection stays in the pool; a server-side cursor is left to th
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -18,7 +19,9 @@ from tests.conftest import Caller, assert_accounting, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-TABLE = "sscursor_rows"
+# One per process: runs of this file side by side (other checkouts, other Python versions)
+# must not drop each other's table.
+TABLE = f"sscursor_rows_{os.getpid()}"
 MYSQL_SERIES = "SELECT seq FROM seq_1_to_100000"
 PG_SERIES = "SELECT generate_series(1, 100000)"
 
