@@ -197,8 +197,20 @@ class _Slot:
         still running their statement)."""
         if self.cursors:
             cursors, self.cursors = self.cursors, None
+            dialect = self.dialect
+            if dialect.unbuffered_cursors and len(cursors) > 1:
+                # The one with rows still to come first: it ran the latest statement, and a
+                # MySQL driver closing another asks for the connection's next result, out of
+                # turn while those rows come (mysqlclient: "Commands out of sync").  The look
+                # reads a row of a result about to be dropped.
+                def rows_to_come(cursor: Any) -> bool:
+                    return dialect.may_hold_unread_result(cursor) and dialect.holds_unread_rows(
+                        cursor
+                    )
+
+                cursors.sort(key=rows_to_come, reverse=True)  # stable: the rest in order
             for cursor in cursors:
-                self.dialect.close_cursor(cursor)
+                dialect.close_cursor(cursor)
         if self.loose_cursors is not None:
             loose, self.loose_cursors = self.loose_cursors, None
             for cursor in list(loose):

@@ -69,3 +69,23 @@ def test_a_block_ends_with_a_cursor_read_to_its_end_and_one_part_read(mysql_pool
         assert read.fetchone() is None
         assert scalar(conn, "SELECT 42") == 42
     assert sum(pool.stats().discards.values()) == 0
+
+
+@pytest.mark.parametrize("reading_made", ["first", "last"])
+def test_a_lease_returned_with_a_cursor_read_to_its_end_and_one_part_read(
+    mysql_pool: Any, reading_made: str
+) -> None:
+    # No COMMIT or ROLLBACK through the lease: the return closes both cursors itself
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        made = [conn.cursor(sscursor), conn.cursor(sscursor)]
+        reading, read = made if reading_made == "first" else made[::-1]
+        read.execute("SELECT seq FROM seq_1_to_3")
+        read.fetchall()
+        reading.execute("SELECT seq FROM seq_1_to_100000")
+        reading.fetchone()
+        first = conn.raw
+    with pool.connection() as conn:
+        assert conn.raw is first  # kept, not discarded
+        assert scalar(conn, "SELECT 42") == 42
+    assert sum(pool.stats().discards.values()) == 0
