@@ -26,6 +26,13 @@ SQLITE_SLOW_SQL = (
 )
 
 
+def _needs_connection_method(name: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not hasattr(sqlite3.Connection, name),
+        reason=f"sqlite3's Connection.{name}() is new in Python 3.11",
+    )
+
+
 def new_pool(connect: Any, **options: Any) -> dbpool.Pool[Any]:
     settings: dict[str, Any] = {"min_size": 0, "max_size": 1, "acquire_timeout": 5}
     settings.update(options)
@@ -405,7 +412,11 @@ def test_psycopg2_transaction_ended_by_a_statement_leaves_the_next_borrower_tran
             lambda conn, seen: conn.set_progress_handler(lambda: seen.append("step") or 1, 1),
             id="progress-handler",
         ),
-        pytest.param(lambda conn, seen: conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 8), id="limit"),
+        pytest.param(
+            lambda conn, seen: conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 8),
+            id="limit",
+            marks=_needs_connection_method("setlimit"),
+        ),
     ],
 )
 def test_sqlite_callbacks_and_limits_a_lease_set_do_not_reach_the_next_borrower(
@@ -434,6 +445,7 @@ def test_sqlite_callbacks_and_limits_a_lease_set_do_not_reach_the_next_borrower(
         pool.close()
 
 
+@_needs_connection_method("deserialize")
 def test_sqlite_database_a_lease_deserialized_into_memory_does_not_reach_the_next_borrower(
     sqlite_connect: Connector, tmp_path: Any
 ) -> None:
@@ -481,7 +493,11 @@ def _refuses_use(handle: Any) -> None:
     "open_handle",
     [
         pytest.param(lambda conn: conn.execute("select b from t"), id="execute-cursor"),
-        pytest.param(lambda conn: conn.blobopen("t", "b", 1), id="blob"),
+        pytest.param(
+            lambda conn: conn.blobopen("t", "b", 1),
+            id="blob",
+            marks=_needs_connection_method("blobopen"),
+        ),
         pytest.param(lambda conn: conn.iterdump(), id="iterdump"),
     ],
 )

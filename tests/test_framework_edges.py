@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -333,8 +334,13 @@ def test_pandas_to_sql_on_a_lease_fails_outside_sqlite(pg_connect: Connector) ->
     with dbpool.Pool(pg_connect, min_size=0, max_size=1) as pool:
         with pool.connection() as conn, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the one every such call gets
-            with pytest.raises(psycopg.ProgrammingError, match="0 placeholders"):
+            # pandas before 3 wraps every driver's error in its own; pandas 3 sqlite3's only.
+            wrapped = int(pd.__version__.split(".")[0]) < 3
+            raised = pd.errors.DatabaseError if wrapped else psycopg.ProgrammingError
+            with pytest.raises(raised, match="0 placeholders") as info:
                 pd.DataFrame({"n": [1]}).to_sql(unique("frame"), conn, index=False)
+            if wrapped:
+                assert isinstance(info.value.__cause__, psycopg.ProgrammingError)
         assert no_lease_out(pool)
 
 
@@ -360,7 +366,10 @@ def test_pandas_chunks_stopped_early_on_sqlite_keep_the_read_lock_until_closed(
             chunks = pd.read_sql("SELECT n FROM numbers", conn.raw, chunksize=10)
             assert len(next(chunks)) == 10
         assert no_lease_out(pool)
-        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        if sys.version_info >= (3, 11):
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                write(100)
+        else:  # sqlite3's close() ends the connection's statements, the discard's included
             write(100)
         chunks.close()
         write(101)
@@ -403,12 +412,16 @@ def test_a_lease_cursor_is_an_iterator_as_the_drivers_are(db: Backend) -> None:
     with dbpool.Pool(db.connect, min_size=0, max_size=1) as pool:
         with pool.connection() as conn:
             cur = conn.cursor()
-            assert isinstance(cur.raw, collections.abc.Iterator)
             assert isinstance(cur, collections.abc.Iterator)
             cur.execute("SELECT 1 UNION ALL SELECT 2")
-            assert tuple(next(cur)) == (1,)
-            assert [tuple(row) for row in cur] == [(2,)]
-            assert next(cur, None) is None
+            if isinstance(cur.raw, collections.abc.Iterator):
+                assert tuple(next(cur)) == (1,)
+                assert [tuple(row) for row in cur] == [(2,)]
+                assert next(cur, None) is None
+            else:  # psycopg before 3.3: refused as the driver's cursor refuses it, no harm done
+                with pytest.raises(TypeError, match="not an iterator"):
+                    next(cur)
+                assert [tuple(row) for row in cur] == [(1,), (2,)]
             cur.execute("SELECT 3")
         with pytest.raises(dbpool.LeaseReleased):
             next(cur)
