@@ -6,9 +6,12 @@
 #   make docs    install the docs extra and build the HTML docs (warnings are errors)
 #   make bench   install the bench extra, compare dbpool with its peers, profile its
 #                checkout line by line and count instructions with valgrind (docs/benchmarks/)
+#   make test-pythons  run the cross-version tests under the oldest and newest Python dbpool
+#                supports, through tox, each where its interpreter is found (PATH or pyenv)
 #   make clean   remove build output, caches and the demo's SQLite files
 #
 # Extra arguments: make test PYTEST_ARGS="-x -k fifo"
+#                  make test-pythons TOX_ENVS=py310,py312 CROSS_TESTS="tests/test_pool.py"
 #                  make demo DEMO_ARGS="--threads 8 --seconds 3"
 #                  make bench BENCH_ARGS="--quick --scenarios cycle,storm" PROFILE_ARGS="--quick"
 #                  make bench INSTRUCTIONS_ARGS="--quick"
@@ -21,6 +24,19 @@ BENCH_ARGS ?=
 PROFILE_ARGS ?=
 INSTRUCTIONS_ARGS ?=
 SPHINXOPTS ?= -W --keep-going
+# The interpreters `make test-pythons` runs (tox environment names), and what it runs there:
+# the suite's files that exercise the standard library and the drivers where they differ
+# between Python versions (URL and error handling, sqlite3, signals, the DB-API surface).
+# The whole suite runs on any of them with: .venv/bin/tox run -e py39
+TOX_ENVS ?= py39,py313
+CROSS_TESTS ?= tests/test_url.py tests/test_bad_input.py tests/test_pool.py tests/test_dialects.py \
+	tests/test_dialect_edges.py tests/test_transactions.py tests/test_interrupts.py \
+	tests/test_framework_edges.py tests/test_secrets.py tests/test_integration.py
+# pyenv's interpreters, for tox to find as python3.X (only for tox: each bin also has a python3)
+PYENV_ROOT ?= $(HOME)/.pyenv
+empty :=
+space := $(empty) $(empty)
+TOX_PATH := $(subst $(space),:,$(strip $(wildcard $(PYENV_ROOT)/versions/3.*/bin) $(PATH)))
 
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check --no-input
@@ -33,9 +49,10 @@ TEST_STAMP := $(VENV)/.installed-test
 DOCS_STAMP := $(VENV)/.installed-docs
 BENCH_STAMP := $(VENV)/.installed-bench
 LINT_STAMP := $(VENV)/.installed-lint
+TOX_STAMP := $(VENV)/.installed-tox
 
 .DELETE_ON_ERROR:
-.PHONY: help venv demo test lint docs bench clean distclean
+.PHONY: help venv demo test test-pythons lint docs bench clean distclean
 
 help:
 	@echo "make demo       run 'python -m dbpool bench' on a SQLite file in this directory"
@@ -44,6 +61,8 @@ help:
 	@echo "make docs       build the HTML documentation into docs/_build/html"
 	@echo "make bench      compare dbpool with its peers, profile its checkout, count instructions,"
 	@echo "                into docs/benchmarks (BENCH_ARGS=, PROFILE_ARGS=, INSTRUCTIONS_ARGS=)"
+	@echo "make test-pythons  the cross-version tests on Python 3.9 and 3.13 (TOX_ENVS=,"
+	@echo "                CROSS_TESTS=), through tox, each where its interpreter is found"
 	@echo "make venv       create $(VENV) and install dbpool with its test extras"
 	@echo "make clean      remove build output, caches and the demo's SQLite files"
 	@echo "make distclean  clean, and remove $(VENV) too"
@@ -67,6 +86,10 @@ $(DOCS_STAMP): pyproject.toml | $(VPY)
 	$(PIP_INSTALL) -e '.[docs]'
 	touch $@
 
+$(TOX_STAMP): pyproject.toml | $(VPY)
+	$(PIP_INSTALL) -e '.[tox]'
+	touch $@
+
 $(BENCH_STAMP): pyproject.toml | $(VPY)
 	$(PIP_INSTALL) -e '.[bench]'
 	touch $@
@@ -82,6 +105,12 @@ demo: $(DEMO_STAMP)
 
 test: venv
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# tox builds each environment afresh when pyproject.toml changes; a missing interpreter is
+# reported as skipped, not failed (this machine may have no Python 3.9).
+test-pythons: $(TOX_STAMP)
+	PATH="$(TOX_PATH)" $(VENV)/bin/tox run -e $(TOX_ENVS) --skip-missing-interpreters true \
+		-- -p no:cacheprovider $(CROSS_TESTS) $(PYTEST_ARGS)
 
 lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check .
