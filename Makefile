@@ -36,7 +36,8 @@ CROSS_TESTS ?= tests/test_url.py tests/test_bad_input.py tests/test_pool.py test
 PYENV_ROOT ?= $(HOME)/.pyenv
 empty :=
 space := $(empty) $(empty)
-TOX_PATH := $(subst $(space),:,$(strip $(wildcard $(PYENV_ROOT)/versions/3.*/bin) $(PATH)))
+PYENV_BINS := $(wildcard $(PYENV_ROOT)/versions/3.*/bin)
+TOX_PATH := $(if $(PYENV_BINS),$(subst $(space),:,$(strip $(PYENV_BINS))):)$(PATH)
 
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip --disable-pip-version-check --no-input
