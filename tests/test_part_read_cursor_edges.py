@@ -448,6 +448,69 @@ def test_a_connection_lost_in_the_look_at_an_sscursor_is_discarded(mysql_pool: A
     assert_accounting(pool)
 
 
+# -- several SSCursors, one part-read: the server sends one statement's results at a time, so
+# the cursor still reading is ended first, whatever order the cursors were made in, and one
+# read to its end is neither cut short nor made to read another's results
+
+
+def _one_read_one_reading(conn: Any, sscursor: Any, reading_made: str) -> tuple[Any, Any]:
+    """Two SSCursors of ``conn``: one read to its end, then one (made ``reading_made``) left
+    part-read on the latest statement.  Returns (reading, read)."""
+    made = [conn.cursor(sscursor), conn.cursor(sscursor)]
+    reading, read = made if reading_made == "first" else made[::-1]
+    read.execute("SELECT seq FROM seq_1_to_3")
+    assert list(read.fetchall()) == [(1,), (2,), (3,)]
+    reading.execute(MYSQL_SERIES)
+    assert reading.fetchone() == (1,)
+    return reading, read
+
+
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+@pytest.mark.parametrize("reading_made", ["first", "last"])
+def test_a_cursor_read_to_its_end_and_one_part_read(
+    mysql_pool: Any, end: str, reading_made: str
+) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        reading, read = _one_read_one_reading(conn, sscursor, reading_made)
+        getattr(conn, end)()
+        with pytest.raises(dbpool.PoolError, match=f"cut short by {end.upper()}"):
+            reading.fetchone()
+        assert read.fetchone() is None  # read to its end: nothing was cut short
+        assert scalar(conn, "SELECT 42") == 42  # the connection is in step
+    assert _discards(pool) == 0
+
+
+@MYSQL_DRIVERS
+def test_a_block_ends_with_a_cursor_read_to_its_end_and_one_part_read(mysql_pool: Any) -> None:
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        with conn.transaction():
+            reading, read = _one_read_one_reading(conn, sscursor, "last")
+        with pytest.raises(dbpool.PoolError, match="cut short by COMMIT"):
+            reading.fetchmany(10)
+        assert read.fetchone() is None
+        assert scalar(conn, "SELECT 42") == 42
+    assert _discards(pool) == 0
+
+
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("reading_made", ["first", "last"])
+def test_a_lease_returned_with_a_cursor_read_to_its_end_and_one_part_read(
+    mysql_pool: Any, reading_made: str
+) -> None:
+    # No COMMIT or ROLLBACK through the lease: the return closes both cursors itself
+    pool, sscursor = mysql_pool
+    with pool.connection() as conn:
+        _one_read_one_reading(conn, sscursor, reading_made)
+        first = conn.raw
+    with pool.connection() as conn:
+        assert conn.raw is first  # kept, not discarded
+        assert scalar(conn, "SELECT 42") == 42
+    assert _discards(pool) == 0
+
+
 # -- psycopg's cursor.stream() -------------------------------------------------------------------
 
 
