@@ -406,6 +406,12 @@ class Pool(Generic[C]):
                 f"{driver} connection: pass the function that makes one (for example "
                 f"lambda: {driver}.connect(...))"
             )
+        if isinstance(connect, str):  # psycopg_pool takes one: not quoted, it may hold a password
+            raise TypeError(
+                "connect must be a callable that returns a new DB-API connection, got a str: "
+                "for a URL use dbpool.create_pool(url); for a driver's connection string pass "
+                "a function that connects with it (for example lambda: psycopg.connect(dsn))"
+            )
         check_callable(
             "connect",
             connect,

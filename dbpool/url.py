@@ -30,6 +30,7 @@ driver raises while connecting.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import re
@@ -266,6 +267,28 @@ _ALIASES = {"postgres": "postgresql"}
 
 _SUPPORTED = "postgresql://, postgres://, mysql://, mssql:// or sqlite:///"
 
+# Schemes that other libraries give these databases
+_SAME_DATABASE = {"mariadb": "mysql", "sqlite3": "sqlite"}
+
+
+def _unsupported_scheme(scheme_text: str) -> str:
+    """What to write instead of an unknown scheme.  A URL never picks the driver (as
+    SQLAlchemy's ``postgresql+psycopg2://`` does): another driver takes a connect function."""
+    message = f"unsupported URL scheme {scheme_text + '://'!r}"
+    database, plus, driver = scheme_text.lower().partition("+")
+    database = _SAME_DATABASE.get(database, _ALIASES.get(database, database))
+    scheme = _SCHEMES.get(database)
+    if scheme is None:
+        return f"{message}: use {_SUPPORTED}"
+    written = "sqlite:///" if database == "sqlite" else f"{database}://"
+    instead = f"{message}: write {written}"
+    if not plus or driver == scheme.module:
+        return f"{instead} (it uses {scheme.module})"
+    return (
+        f"{instead}, which always uses {scheme.module}; a URL cannot pick the driver: for "
+        "another, give dbpool.Pool a function that calls that driver's connect()"
+    )
+
 
 # --- the parsed URL ----------------------------------------------------------------------------
 
@@ -420,7 +443,7 @@ def parse_url(url: str) -> DatabaseURL:
     name = _ALIASES.get(scheme_text.lower(), scheme_text.lower())
     scheme = _SCHEMES.get(name)
     if scheme is None:
-        raise ValueError(f"unsupported URL scheme {scheme_text + '://'!r}: use {_SUPPORTED}")
+        raise ValueError(_unsupported_scheme(scheme_text))
     if "#" in rest:
         raise ValueError(
             "a database URL has no #fragment: if '#' is part of the password or another value, "
@@ -785,8 +808,16 @@ def _check_driver_keys(url: DatabaseURL, driver: ModuleType) -> None:
     if unknown:
         raise ValueError(
             f"the {url.driver} driver takes no connection parameter "
-            f"{', '.join(repr(key) for key in unknown)}: remove it from the URL's query"
+            f"{', '.join(_with_spelling(key, allowed) for key in unknown)}: "
+            "correct it or remove it from the URL's query"
         )
+
+
+def _with_spelling(key: str, allowed: Iterable[str]) -> str:
+    """``key`` quoted, with the name it most likely misspells: ``'connect_timout' (did you
+    mean 'connect_timeout'?)``."""
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
 def _check_mysql_charset(url: DatabaseURL, driver: ModuleType) -> None:

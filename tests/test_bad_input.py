@@ -220,6 +220,12 @@ def test_bad_option_is_refused_before_anything_starts(
         pytest.param(
             "host=db dbname=app", ("connect must be a callable", "lambda"), id="dsn-string"
         ),
+        # psycopg_pool's pools take a URL or connection string where dbpool takes a function
+        pytest.param(
+            "postgresql://app@db/app",
+            ("got a str", "dbpool.create_pool(url)", "lambda: psycopg.connect(dsn)"),
+            id="url-string",
+        ),
         pytest.param(None, ("connect must be a callable",), id="None"),
         pytest.param(fakedb.Server().connect(), ("connect must be a callable",), id="a-connection"),
     ],

@@ -222,6 +222,14 @@ def test_query_values_that_name_url_parts_fill_them() -> None:
         ("db.example:5432/x", "must start with"),
         (f"postgresql:/me:{CANARY}@db/x", "must start with"),
         (f"oracle://me:{CANARY}@db/x", "unsupported URL scheme 'oracle://'"),
+        # other libraries' schemes: the driver is chosen by a connect function, not the URL
+        (f"postgresql+psycopg2://me:{CANARY}@db/x", "write postgresql://, which always uses"),
+        (f"postgresql+psycopg2://me:{CANARY}@db/x", "a function that calls that driver's"),
+        (f"postgres+psycopg://me:{CANARY}@db/x", "write postgresql:// (it uses psycopg)"),
+        (f"mysql+mysqldb://me:{CANARY}@db/x", "write mysql://, which always uses pymysql"),
+        (f"mysql+pymysql://me:{CANARY}@db/x", "write mysql:// (it uses pymysql)"),
+        (f"mariadb://me:{CANARY}@db/x", "write mysql:// (it uses pymysql)"),
+        ("sqlite3:///x.sqlite3", "write sqlite:/// (it uses sqlite3)"),
         (f"postgresql://me:{CANARY}", "port must be a number"),
         (f"postgresql://me:{CANARY}/x", "port must be a number"),
         (f"postgresql://me:{CANARY}/x@db/x", "percent-encode"),
@@ -343,6 +351,30 @@ def test_the_rest_of_a_query_password_cut_at_an_ampersand_is_not_quoted(
     with pytest.raises(ValueError, match=says) as info:
         parse_url(url)
     assert_no_secret(text_of(info.value), "Zq9", "Xk7Wv")
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (
+            "postgresql://app@db/app?connect_timout=5",
+            "'connect_timout' (did you mean 'connect_timeout'?)",
+        ),
+        ("postgresql://app@db/app?ssl_mode=require", "'ssl_mode' (did you mean 'sslmode'?)"),
+        (
+            "mysql://app@db/app?conect_timeout=5",
+            "'conect_timeout' (did you mean 'connect_timeout'?)",
+        ),
+        ("mysql://app@db/app?zzzz=1", "parameter 'zzzz': correct it or remove it"),
+    ],
+)
+def test_a_misspelt_driver_parameter_is_told_with_the_name_it_misspells(
+    url: str, says: str
+) -> None:
+    pytest.importorskip("psycopg" if url.startswith("postgresql") else "pymysql")
+    with pytest.raises(ValueError) as info:
+        create_pool(url)
+    assert says in str(info.value)
 
 
 def test_parameters_after_a_query_password_that_the_driver_takes_are_read() -> None:
