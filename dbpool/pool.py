@@ -787,7 +787,8 @@ class Pool(Generic[C]):
         """Return ``fn(tx)`` run in a transaction, re-run on a fresh transaction, after a
         jittered exponential backoff, when the database reports a serialization failure or a
         deadlock (PostgreSQL 40001 / 40P01, MySQL 1213 / 1205 and MariaDB's 1020, SQLite busy,
-        SQL Server 1205 / 3960 / 41302), at most ``retries`` times, all within ``timeout``
+        SQL Server 1205 / 3960 and its memory-optimized tables' 41301 / 41302 / 41305 / 41325 /
+        41823 / 41839 / 41840), at COMMIT too, at most ``retries`` times, all within ``timeout``
         seconds.  Such an error that ``fn`` caught counts too (the block then raises
         :class:`dbpool.TransactionRolledBack`).  Never re-run after
         :class:`dbpool.CommitOutcomeUnknown`; when the time runs out, even between attempts,

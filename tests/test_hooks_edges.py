@@ -13,6 +13,7 @@ import pytest
 import dbpool
 from tests import fakedb
 from tests.conftest import assert_accounting
+from tests.test_pymssql_edges import TRANSACTION_ENDING
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -141,20 +142,6 @@ def test_a_listener_that_cannot_take_the_event_is_refused(make_pool: Any) -> Non
 
 
 # == pymssql: SQL Server's errors that end the transaction =========================================
-
-#: SQL Server errors (as pymssql raises them: the number first) that roll the whole
-#: transaction back, and that running it again may get past.
-TRANSACTION_ENDING = {
-    1205: b"Transaction (Process ID 57) was deadlocked on lock resources with another process "
-    b"and has been chosen as the deadlock victim. Rerun the transaction.",
-    3960: b"Snapshot isolation transaction aborted due to update conflict. You cannot use "
-    b"snapshot isolation to access table 'dbo.t' directly or indirectly in database 'app' to "
-    b"update, delete, or insert the row that has been modified or deleted by another "
-    b"transaction. Retry the transaction or change the isolation level for the update/delete "
-    b"statement.",
-    41302: b"The current transaction attempted to update a record that has been updated since "
-    b"this transaction started. The transaction was aborted.",
-}
 
 
 @pytest.mark.parametrize("number", sorted(TRANSACTION_ENDING))

@@ -1,17 +1,23 @@
 """Edge cases of the pymssql dialect, as used through the pool, against the fake driver's
 pymssql flavour (there is no SQL Server here): what the return path must leave for the next
-borrower.  Each docstring says what pymssql or SQL Server does that makes the case hard.
+borrower, and how a failed COMMIT is read.  Each docstring says what pymssql or SQL Server does
+that makes the case hard.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import dbpool
+from dbpool.dialects import PymssqlDialect
 from tests import fakedb
 from tests.conftest import assert_accounting
 
 pytestmark = pytest.mark.timeout(30)
+
+BOUND = 10.0
 
 
 def test_pymssql_autocommit_pool_rolls_back_a_transaction_a_borrower_left_open(
@@ -67,3 +73,141 @@ def test_pymssql_lease_that_turned_autocommit_on_and_began_a_transaction_is_roll
             assert conn.raw is first
         assert pool.stats().discarded == 0
         assert_accounting(pool)
+
+
+# == a COMMIT that SQL Server refuses =============================================================
+
+#: FreeTDS's addition to the message of an error SQL Server sent.
+_DB_LIB = (
+    b"DB-Lib error message 20018, severity 16:\n"
+    b"General SQL Server error: Check messages from the SQL Server\n"
+)
+
+#: SQL Server errors (the number, and the message as pymssql has it) that roll the whole
+#: transaction back, and that running it again may get past: from a statement, or from COMMIT
+#: (memory-optimized tables' validation).  3960's message has quotes in it: Python shows those
+#: bytes between double quotes.
+TRANSACTION_ENDING = {
+    1205: b"Transaction (Process ID 57) was deadlocked on lock resources with another process "
+    b"and has been chosen as the deadlock victim. Rerun the transaction.",
+    3960: b"Snapshot isolation transaction aborted due to update conflict. You cannot use "
+    b"snapshot isolation to access table 'dbo.t' directly or indirectly in database 'app' to "
+    b"update, delete, or insert the row that has been modified or deleted by another "
+    b"transaction. Retry the transaction or change the isolation level for the update/delete "
+    b"statement.",
+    41301: b"A previous transaction that the current transaction took a dependency on has "
+    b"aborted, and the current transaction can no longer commit.",
+    41302: b"The current transaction attempted to update a record that has been updated since "
+    b"this transaction started. The transaction was aborted.",
+    41305: b"The current transaction failed to commit due to a repeatable read validation failure.",
+    41325: b"The current transaction failed to commit due to a serializable validation failure.",
+    41823: b"Could not perform the operation because the database has reached its quota for "
+    b"in-memory tables. This error may be transient. Please retry the operation.",
+    41839: b"Transaction exceeded the maximum number of commit dependencies and the last "
+    b"statement was aborted. Retry the statement.",
+    41840: b"Could not perform the operation because the elastic pool or managed instance has "
+    b"reached its quota for in-memory tables. This error may be transient. Please retry the "
+    b"operation.",
+}
+
+#: A COMMIT failure that running the transaction again does not get past.
+LOG_FULL = (9002, b"The transaction log for database 'app' is full due to 'LOG_BACKUP'.")
+
+
+def commit_error(number: int, message: bytes) -> fakedb.OperationalError:
+    """As pymssql's commit() raises it: COMMIT TRAN's _mssql.MSSQLDatabaseException, whose
+    args[0] is the pair (number, message), wrapped in an OperationalError of one argument,
+    ``'Cannot commit transaction: ' + str(e.args[0])``."""
+    return fakedb.OperationalError(f"Cannot commit transaction: {(number, message + _DB_LIB)}")
+
+
+@pytest.mark.parametrize("number", sorted(TRANSACTION_ENDING))
+def test_pymssql_run_transaction_retries_a_transaction_sql_server_rolled_back_at_commit(
+    server: fakedb.Server, number: int
+) -> None:
+    """Memory-optimized tables validate a transaction at COMMIT: a conflict found there comes
+    through pymssql's commit(), whose error has no number of its own, only a message with the
+    number inside.  SQL Server rolled the transaction back: run_transaction() runs it again."""
+    error = commit_error(number, TRANSACTION_ENDING[number])
+    attempts: list[int] = []
+
+    def work(tx: Any) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            server.fail_next("commit", error)
+        tx.execute("UPDATE t SET v = v + 1 WHERE id = 1")
+        return len(attempts)
+
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        assert pool.run_transaction(work, timeout=BOUND) == 2
+        assert server.count("commit") == 2
+        assert pool.stats().discarded == 0
+        assert_accounting(pool)
+
+
+@pytest.mark.parametrize("number", sorted(TRANSACTION_ENDING))
+def test_pymssql_block_whose_commit_sql_server_rolled_back_raises_its_error(
+    server: fakedb.Server, number: int
+) -> None:
+    """The outcome of such a COMMIT is known: the block raises the driver's error (not
+    CommitOutcomeUnknown), and the connection, still sound, goes back to the pool with
+    nothing of the block left open on it."""
+    error = commit_error(number, TRANSACTION_ENDING[number])
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        with pytest.raises(fakedb.OperationalError) as info:
+            with pool.transaction() as tx:
+                tx.execute("UPDATE t SET v = v + 1 WHERE id = 1")
+                server.fail_next("commit", error)
+                first = tx.connection.raw
+        assert info.value is error
+        assert PymssqlDialect().is_retryable(info.value)
+        with pool.connection() as conn:
+            assert conn.raw is first
+            assert server.trancount(first) == 1  # pymssql's own, with nothing in it
+            assert not server.in_transaction(first)
+        assert pool.stats().discarded == 0
+        assert_accounting(pool)
+
+
+def test_pymssql_run_transaction_does_not_retry_another_commit_failure(
+    server: fakedb.Server,
+) -> None:
+    error = commit_error(*LOG_FULL)
+    attempts: list[int] = []
+
+    def work(tx: Any) -> None:
+        attempts.append(1)
+        server.fail_next("commit", error)
+        tx.execute("UPDATE t SET v = v + 1 WHERE id = 1")
+
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        with pytest.raises(fakedb.OperationalError) as info:
+            pool.run_transaction(work, retries=3, timeout=BOUND)
+        assert info.value is error
+        assert len(attempts) == 1
+        assert pool.stats().discarded == 0
+        assert_accounting(pool)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        commit_error(*LOG_FULL),
+        # commit() on a connection pymssql knows is gone: no SQL Server error at all
+        fakedb.OperationalError("Cannot commit transaction: Not connected to any MS SQL server"),
+        # a number, but not in the shape pymssql builds
+        fakedb.OperationalError("Cannot commit transaction: 41305"),
+        fakedb.OperationalError("Cannot commit transaction: (41305, 'not bytes')"),
+        fakedb.OperationalError(f"COMMIT failed: {(41305, b'validation failure')}"),
+        fakedb.OperationalError(f"x Cannot commit transaction: {(41305, b'validation')}"),
+        fakedb.OperationalError("deadlock: process 1205 was chosen as the deadlock victim"),
+        fakedb.OperationalError(f"Cannot commit transaction: {(41305, b'x')}", "more"),
+        # not a DB-API error: an application's own exception with the same text
+        RuntimeError(f"Cannot commit transaction: {(41305, b'validation failure')}"),
+    ],
+    ids=repr,
+)
+def test_pymssql_reads_no_number_from_another_message(error: Exception) -> None:
+    dialect = PymssqlDialect()
+    assert not dialect.is_retryable(error)
+    assert not dialect.ended_transaction(None, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..isolation import Isolation
@@ -18,22 +19,50 @@ from .base import (
 )
 
 # Errors with which SQL Server rolls the whole transaction back, and that running it again may
-# get past: the deadlock victim, a snapshot isolation update conflict, and its counterpart on
-# memory-optimized tables.  (Conflicts found at COMMIT come through pymssql's commit(), whose
-# OperationalError has one argument, a message with the number only inside its text.)
-_TRANSACTION_ABORTED = (1205, 3960, 41302)  # a tuple: compared by ==, whatever args[0] is
+# get past: the deadlock victim, a snapshot isolation update conflict, and memory-optimized
+# tables' own (Microsoft's list for In-Memory OLTP, "Conflict Detection and Retry Logic"): their
+# update conflict, the failures of their validation at COMMIT (repeatable read, serializable), a
+# commit dependency failed or one too many, and their memory quota reached (at times transient).
+_TRANSACTION_ABORTED = (
+    1205,  # deadlock victim
+    3960,  # snapshot isolation update conflict
+    41301,  # a transaction this one took a commit dependency on failed to commit
+    41302,  # memory-optimized update conflict
+    41305,  # repeatable read validation failure, at COMMIT
+    41325,  # serializable validation failure, at COMMIT
+    41823,  # quota for memory-optimized tables reached
+    41839,  # too many commit dependencies
+    41840,  # quota for memory-optimized tables reached, in an elastic pool
+)  # a tuple: compared by ==, whatever args[0] is
+
+# pymssql's commit() sends COMMIT TRAN, then BEGIN TRAN, and wraps whatever either raised in an
+# OperationalError of one argument, "Cannot commit transaction: " + str(args[0]) of that error
+# (alike in pymssql 2.2.0 to 2.3.13).  For SQL Server's own error, an
+# _mssql.MSSQLDatabaseException, args[0] is the pair (number, message as bytes).  None of the
+# numbers above comes from BEGIN TRAN: with one of them, COMMIT failed and rolled back.
+_COMMIT_FAILED = re.compile(r"Cannot commit transaction: \((\d+), b['\"].*\)", re.DOTALL)
 
 
 def _error_number(exc: BaseException) -> object:
     """SQL Server's error number in ``exc``, or None.  pymssql's DB-API errors carry it as
-    args[0] (cursor.execute() raises them with the number and the message as two arguments);
-    its low-level _mssql.MSSQLDatabaseException, which cursor.executemany() with a batch_size
-    above 1 lets through unwrapped, as ``number`` (its args[0] is the (number, message) pair)."""
+    args[0] (cursor.execute() raises them with the number and the message as two arguments),
+    except commit()'s, whose one argument is a message with the number inside (see
+    _COMMIT_FAILED); its low-level _mssql.MSSQLDatabaseException, which cursor.executemany()
+    with a batch_size above 1 lets through unwrapped, as ``number`` (its args[0] is the
+    (number, message) pair)."""
     if is_database_error(exc):
+        if len(exc.args) == 1 and isinstance(exc.args[0], str):
+            return _number_in_commit_error(exc.args[0])
         return exc.args[0] if exc.args else None
     if derives_from(exc, "pymssql._mssql", "MSSQLDatabaseException"):
         return getattr(exc, "number", None)
     return None
+
+
+def _number_in_commit_error(message: str) -> int | None:
+    """The number of the SQL Server error that made pymssql's commit() fail, or None."""
+    match = _COMMIT_FAILED.fullmatch(message)
+    return int(match.group(1)) if match else None
 
 
 # The session's isolation level and lock timeout, which SET changes for the whole session: read
