@@ -108,7 +108,8 @@ test: venv
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # tox builds each environment afresh when pyproject.toml changes; a missing interpreter is
-# reported as skipped, not failed (this machine may have no Python 3.9).
+# reported as skipped, not failed (this machine may have no Python 3.9); with none of them
+# found, tox fails, having run nothing.
 test-pythons: $(TOX_STAMP)
 	PATH="$(TOX_PATH)" $(VENV)/bin/tox run -e $(TOX_ENVS) --skip-missing-interpreters true \
 		-- -p no:cacheprovider $(CROSS_TESTS) $(PYTEST_ARGS)

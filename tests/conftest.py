@@ -69,11 +69,14 @@ def _trace_instructions_once() -> None:
     def traced() -> int:
         return 1
 
+    # A tracer already set (coverage's, a debugger's) is put back: unset, it would trace
+    # nothing more in this thread
+    previous = sys.gettrace()
     sys.settrace(lambda frame, event, arg: local if frame.f_code is traced.__code__ else None)
     try:
         traced()
     finally:
-        sys.settrace(None)
+        sys.settrace(previous)
 
 
 _trace_instructions_once()
