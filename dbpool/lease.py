@@ -1060,11 +1060,13 @@ def _tracked_iteration(
     try:
         # Its first step sends the statement: not while another stream of the lease holds the
         # connection (this one, running, is not suspended)
-        slot = _live_slot(lease, "cursor")
-        if slot.tracks_reads:
-            _check_not_reading(lease, slot)
+        first = _live_slot(lease, "cursor")
+        if first.tracks_reads:
+            _check_not_reading(lease, first)
         while True:
-            slot = _live_slot(lease, "cursor")
+            slot = lease._slot  # checked as _live_slot() does, written out: one call fewer a row
+            if slot is None or slot.generation < 0 or slot.doomed:
+                raise _refusal(slot, "cursor")
             tx = slot.transaction
             if tx is not None and (tx._expired or monotonic() >= tx._deadline):
                 tx._check_deadline()  # as in Cursor.fetchone()

@@ -37,6 +37,30 @@ def test_a_lease_the_pool_closed_past_its_timeout_is_released(sqlite_connect: An
         pool.close()
 
 
+def test_iterating_in_a_block_stops_once_the_pool_closed_the_connection(
+    sqlite_connect: Any,
+) -> None:
+    # Inside a block a SQLite cursor is iterated one watched step at a time: each step checks
+    # the lease, as fetchone() does, rather than reading from a connection no longer its own.
+    pool = dbpool.Pool(sqlite_connect, min_size=0, max_size=1)
+    try:
+        kept = pool.connection()
+        step_error: list[Exception] = []
+        with pytest.raises(dbpool.LeaseReleased):  # the block's end says so whatever the step did
+            with kept.transaction():
+                rows = iter(kept.cursor().execute("SELECT 1 UNION ALL SELECT 2"))
+                assert next(rows) == (1,)
+                pool.close(timeout=0)  # closes the connection under the lease
+                try:
+                    next(rows)
+                except Exception as exc:
+                    step_error.append(exc)
+                    raise
+        assert isinstance(step_error[0], dbpool.LeaseReleased), repr(step_error)
+    finally:
+        pool.close()
+
+
 class NoWarning:
     """Fails if a warning is issued in the block, a finaliser's (unraisable) included."""
 
