@@ -784,7 +784,11 @@ def test_bad_configuration_is_refused_before_connecting(server, options, error, 
 
 def test_connect_must_be_callable():
     with pytest.raises(TypeError, match="callable taking no arguments"):
-        dbpool.Pool("host=db dbname=app")
+        dbpool.Pool(42)
+    # A DSN given as psycopg_pool takes it: told how to connect with it, and not quoted
+    with pytest.raises(TypeError, match="pass a function that connects with it") as info:
+        dbpool.Pool("host=db dbname=app password=secret")
+    assert "secret" not in str(info.value)
 
 
 @pytest.mark.parametrize("timeout", [-1, "1", float("nan")])
