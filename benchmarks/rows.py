@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compare import DEFAULT_MYSQL_URL, DEFAULT_PG_DSN, mysql_params
+
 import dbpool
 
-PG_DEFAULT = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-MYSQL_DEFAULT = "mysql://root@127.0.0.1:3306/test"
 TABLE = "dbpool_bench_rows"
 Timing = tuple[float, float]  # median seconds: the driver's cursor, the lease's
 
@@ -51,19 +50,9 @@ class Driver:
     create: str = f"CREATE TEMPORARY TABLE {TABLE} (n int)"
 
 
-def _mysql_kwargs() -> dict[str, Any]:
-    url = urlsplit(os.environ.get("DBPOOL_TEST_MYSQL_DSN", MYSQL_DEFAULT))
-    return {
-        "host": url.hostname or "127.0.0.1",
-        "port": url.port or 3306,
-        "user": unquote(url.username or "root"),
-        "password": unquote(url.password or ""),
-        "database": url.path.lstrip("/") or "test",
-    }
-
-
 def drivers() -> list[Driver]:
-    pg_dsn = os.environ.get("DBPOOL_TEST_POSTGRESQL_DSN", PG_DEFAULT)
+    pg_dsn = os.environ.get("DBPOOL_TEST_POSTGRESQL_DSN", DEFAULT_PG_DSN)
+    mysql = mysql_params(os.environ.get("DBPOOL_TEST_MYSQL_DSN", DEFAULT_MYSQL_URL))
     pg_series = "SELECT generate_series(1, {n})"
     my_series = "SELECT seq FROM seq_1_to_{n}"
     insert = f"INSERT INTO {TABLE} VALUES (%s)"
@@ -83,12 +72,12 @@ def drivers() -> list[Driver]:
     def pymysql_connect() -> Any:
         import pymysql
 
-        return pymysql.connect(**_mysql_kwargs())
+        return pymysql.connect(**mysql)
 
     def mysqlclient_connect() -> Any:
         import MySQLdb
 
-        kwargs = _mysql_kwargs()
+        kwargs = dict(mysql)
         kwargs["passwd"] = kwargs.pop("password")
         kwargs["db"] = kwargs.pop("database")
         return MySQLdb.connect(**kwargs)
