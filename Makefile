@@ -31,7 +31,8 @@ SPHINXOPTS ?= -W --keep-going
 TOX_ENVS ?= py39,py313
 CROSS_TESTS ?= tests/test_url.py tests/test_bad_input.py tests/test_pool.py tests/test_dialects.py \
 	tests/test_dialect_edges.py tests/test_transactions.py tests/test_interrupts.py \
-	tests/test_framework_edges.py tests/test_secrets.py tests/test_integration.py
+	tests/test_framework_edges.py tests/test_secrets.py tests/test_integration.py \
+	tests/test_mysqlclient_edges.py
 # pyenv's interpreters, for tox to find as python3.X (only for tox: each bin also has a python3)
 PYENV_ROOT ?= $(HOME)/.pyenv
 empty :=

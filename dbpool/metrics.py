@@ -164,9 +164,19 @@ def register(pool: Pool[Any], registry: CollectorRegistry | None = None) -> Pool
     The first call for a registry makes a :class:`PoolCollector` and registers it there; later
     calls add their pool to that same collector, which is returned, so that
     ``register(pool).remove(pool)`` undoes a call.  The rules of :meth:`PoolCollector.add`
-    apply: pools are held weakly and their names must be unique.
+    apply: pools are held weakly and their names must be unique.  ``TypeError`` if ``pool``
+    is not a :class:`dbpool.Pool` or ``registry`` not a registry; nothing is registered then.
     """
+    # Both checked before any collector is made and registered: a call that fails changes
+    # nothing (and a wrong registry would fail as a weak reference, saying nothing useful).
+    if not isinstance(pool, Pool):
+        raise TypeError(f"register() takes a dbpool.Pool, got {type(pool)!r}")
     target = REGISTRY if registry is None else registry
+    if not callable(getattr(target, "register", None)):
+        raise TypeError(
+            "register()'s registry must be a prometheus_client CollectorRegistry (or None for "
+            f"the default one, prometheus_client.REGISTRY), got {type(registry)!r}"
+        )
     with _defaults_lock:
         collector = _defaults.get(target)
         if collector is None or not _registered(target, collector):

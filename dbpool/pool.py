@@ -26,6 +26,7 @@ from typing import Any, Callable, Generic, NoReturn, SupportsIndex, TypeVar
 
 from . import _fork, reaper
 from ._callables import callable_name, check_callable
+from ._options import unknown_options
 from ._types import C
 from .dialects import Dialect
 from .dialects import for_connection as _detect_dialect
@@ -376,6 +377,21 @@ class Pool(Generic[C]):
     :param name: shown in logs, errors and ``repr``; default ``pool-1``, ``pool-2``, ...
     """
 
+    def __new__(cls, *args: Any, **options: Any) -> Pool[Any]:
+        # Before __init__, whose bare error would name the argument only: an option another
+        # pool takes, a misspelt one or one passed by position is told what to write instead.
+        # Pool's own options only: a subclass's __init__ may take more.
+        if cls.__init__ is Pool.__init__:
+            unknown = options.keys() - POOL_OPTIONS - {"connect"}  # (connect=... is fine)
+            if unknown:
+                raise TypeError(unknown_options(unknown, POOL_OPTIONS))
+            if len(args) > 1:
+                raise TypeError(
+                    "Pool() takes the connect callable as its only positional argument, and "
+                    "its options by name: Pool(connect, max_size=10)"
+                )
+        return super().__new__(cls)
+
     def __init__(
         self,
         connect: Callable[[], C],
@@ -534,6 +550,7 @@ class Pool(Generic[C]):
         self._closed_off: deque[_Slot] = deque()  # appended to without the lock
         # Leased before reopen(), no longer counted: each is closed as it comes back (and
         # taken out then, without the lock: one borrower holds it); a forked child drops them.
+        # Still open and lent out: stats() adds them to size and in_use.
         self._retired: set[_Slot] = set()
         # Left open by close() for their borrowers to close (_LEFT_OPEN): a forked child drops
         # them.  Weakly: a lease dropped unreleased takes its connection along.
@@ -646,8 +663,26 @@ class Pool(Generic[C]):
                 # acquire() and release() rather than "with": half the cost on CPython 3.11
                 self._lock.acquire()
                 try:
-                    if self._idle:  # then nobody is waiting, and the pool is open
-                        slot = self._pop_idle_locked(now)
+                    idle = self._idle
+                    if idle:  # then nobody is waiting, and the pool is open
+                        # _pop_idle_locked's body, written out (a call fewer on every
+                        # checkout): change both
+                        depth = len(idle)
+                        if depth > _ROTATION:
+                            depth = _ROTATION
+                        if now - idle[-1].used_at < _BACK_TO_BACK:
+                            self._back_to_back += 1
+                        else:
+                            self._back_to_back = 0
+                        if depth > 1 and self._back_to_back < _WIDEN_AFTER:
+                            while depth > 1 and now - idle[-depth].alive_at > self._validate_after:
+                                depth -= 1
+                            if depth == 1 and self._back_to_back:
+                                depth = 2
+                        # An index and a del, not pop(), and no call until it is counted (see
+                        # _pop_idle_locked)
+                        slot = idle[-depth]
+                        del idle[-depth]
                         self._in_use += 1
                         alive_at = slot.alive_at
                         fresh = (
@@ -1095,6 +1130,12 @@ class Pool(Generic[C]):
                 f"fn must use the connection before it goes back, but {callable_name(fn)} is "
                 "an async function: dbpool is synchronous; use a plain function"
             )
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"fn must use the connection before it goes back, but {callable_name(fn)} is "
+                "a generator function (it uses yield), whose body would run only as its result "
+                "is iterated, the connection back in the pool: return the rows (a list) instead"
+            )
         with self.connection(timeout=timeout) as conn:
             return fn(conn)
 
@@ -1160,6 +1201,7 @@ class Pool(Generic[C]):
                 # is closing yet (it sets their generation under the lock too).
                 retired = [slot for slot in self._retired if slot.generation >= 0]
                 self._retired.difference_update(retired)
+                self._closed_count += len(retired)  # as _forget_locked counts the others
                 for slot in retired:
                     slot.generation = _FORGOTTEN
                 leased += retired
@@ -1262,8 +1304,9 @@ class Pool(Generic[C]):
     def reopen(self) -> None:
         """Open a pool closed by :meth:`drain` or :meth:`close` again: connections are made
         afresh (``min_size`` of them in the background), with the same options and counters.
-        Leases still out from before count against ``max_size`` until they come back, and
-        :meth:`drain` and :meth:`close` treat them as any lease."""
+        Leases still out from before count against ``max_size`` (and in the ``size`` and
+        ``in_use`` of :meth:`stats`) until they come back, and :meth:`drain` and :meth:`close`
+        treat them as any lease."""
         with self._lock:
             if not self._closed:
                 raise PoolError(f"pool {self._name!r} is open: reopen() follows drain() or close()")
@@ -1274,13 +1317,13 @@ class Pool(Generic[C]):
                 )
             self._closed = self._drained = False
             # Leases still out after a drain() that timed out are no longer counted: the next
-            # generation starts empty, and each of them is closed as it comes back.
+            # generation starts empty, and each of them is closed as it comes back (stats()
+            # still reports them, as open and in use: see _stats_locked).
             leased = list(self._everyone)  # the idle stack is empty while closed
             self._everyone.clear()
             self._retired.update(leased)
             self._in_use -= len(leased)
             self._size -= len(leased)
-            self._closed_count += len(leased)
             self._generation += 1
             # A reaper of the closed pool still running sees its wakeup replaced, and stops.
             self._reaper_wakeup = threading.Event()
@@ -1386,9 +1429,10 @@ class Pool(Generic[C]):
         if "_lock" not in self.__dict__:
             return "<Pool not initialised: its constructor raised>"
         state = "closed" if self._closed else "open"
+        retired = len(self._retired)  # counted as stats() counts them
         return (
-            f"<Pool {self._name!r} {state} size={self._size} idle={len(self._idle)} "
-            f"in_use={self._in_use} waiting={len(self._waiters)}>"
+            f"<Pool {self._name!r} {state} size={self._size + retired} idle={len(self._idle)} "
+            f"in_use={self._in_use + retired} waiting={len(self._waiters)}>"
         )
 
     def __del__(self) -> None:
@@ -1522,6 +1566,8 @@ class Pool(Generic[C]):
         taken costs a ping, after which it is fresh for validate_after: a short burst after a
         pause pings at most one more connection than it uses, a sustained one at most
         ``_ROTATION - 1``.
+
+        Written out in connection()'s common case: change both.
         """
         idle = self._idle
         depth = len(idle)
@@ -2030,6 +2076,37 @@ class Pool(Generic[C]):
             self._discard(slot, reason, broken=broken, held=held, detail=detail)
             return
         slot.used_at = slot.alive_at = now
+        # _put_back's common case, written out (a call fewer on every return): change both.
+        # Its slot.borrowed = None is done above.  Anything else (a waiter, a pool closed,
+        # shrunk or reopened meanwhile) goes to _put_back itself, after the lock is let go.
+        kept = False
+        try:
+            self._lock.acquire()
+            try:
+                if (
+                    slot.generation == self._generation
+                    and not self._closed
+                    and not self._waiters
+                    and not self._retired
+                    and self._size <= self._max_size
+                ):
+                    self._in_use -= 1
+                    self._returned += 1
+                    self._held_time += held
+                    slot.owner = 0
+                    kept = True  # before the call: a signal handler may raise as it returns
+                    self._idle.append(slot)
+            finally:
+                self._lock.release()
+        except BaseException:
+            # A signal handler raised as the lock was taken or let go: as in _put_back, the
+            # connection is discarded unless it was put back (counted) already.
+            self._drop_lock_if_held()
+            if not kept:
+                self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
+            raise
+        if kept:
+            return
         # A box of its own: the lease's claim stays empty, so that a second close() racing this
         # one finds nothing to return (it would emit CHECKIN and clean the connection again).
         back = [slot]
@@ -2077,6 +2154,8 @@ class Pool(Generic[C]):
                         self._returned += 1
                         self._held_time += held
                     if not self._closed and not over:  # the common case
+                        # (With no waiter, nothing retired: written out in _give_back, change
+                        # both.)
                         # No borrower's until its next lease: the thread that returned it no
                         # longer holds it while another validates it or wakes up with it.
                         slot.owner = 0
@@ -2134,6 +2213,7 @@ class Pool(Generic[C]):
                     # and drain() and close() wait for its close, except in this thread (a
                     # close listener may call them).
                     self._retired.discard(slot)
+                    self._closed_count += 1  # no longer in stats()' size: closed from now on
                     slot.owner = threading.get_ident()  # now the thread closing it
                     self._closing.add(slot)
                     self._grant_room_locked()
@@ -2692,6 +2772,11 @@ class Pool(Generic[C]):
     # -- reporting ----------------------------------------------------------------------------
 
     def _stats_locked(self) -> PoolStats:
+        # Leases from before reopen() still out are no longer the pool's own (each is closed as
+        # it comes back), but they are open, lent out and count against max_size: shown with
+        # the others, so that size == idle + in_use + opening <= max_size holds for what is
+        # reported too, and ``closed`` counts their connections once they are being closed.
+        retired = len(self._retired)
         waited = self._waits_recorded
         wait_time = self._wait_time
         wait_histogram = list(self._wait_counts)
@@ -2700,9 +2785,9 @@ class Pool(Generic[C]):
             name=self._name,
             min_size=self._min_size,
             max_size=self._max_size,
-            size=self._size,
+            size=self._size + retired,
             idle=len(self._idle),
-            in_use=self._in_use,
+            in_use=self._in_use + retired,
             opening=self._opening,
             waiting=len(self._waiters),
             created=self._created,
@@ -2839,6 +2924,13 @@ class Pool(Generic[C]):
         except BaseException as exc:
             self._scrub(exc)
             raise
+
+
+# The options Pool() takes: its keyword-only parameters, each with a default
+POOL_OPTIONS = frozenset(Pool.__init__.__kwdefaults__ or ())
+# help(), inspect.signature() and the docs read a class's signature from its __new__ first:
+# Pool's is __init__'s (a subclass's own __init__ comes first for them all the same).
+Pool.__new__.__signature__ = inspect.signature(Pool.__init__)  # type: ignore[attr-defined]
 
 
 def _while_handling(pool: Pool[Any], what: str, call: Callable[..., object], *args: Any) -> None:

@@ -6,51 +6,66 @@ overrides applied::
     pool = dbpool.Pool(connect, **dbpool.presets.production(max_size=20))
 
 A fresh dict is returned on every call; options not named keep ``Pool``'s defaults, and a size
-given moves the preset's other size where the two would clash.
+(or reconnect delay) given moves the preset's other one where the two would clash.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from typing import Any, Callable
+
+from ._options import unknown_options
 
 __all__ = ["production", "development", "test"]
 
-# Which arguments a preset may override: every keyword of Pool.__init__.
-_OPTIONS: frozenset[str] | None = None
-
 
 def _pool_options() -> frozenset[str]:
-    global _OPTIONS
-    if _OPTIONS is None:
-        from .pool import Pool
+    """Which arguments a preset may override: every option of ``Pool()``."""
+    from .pool import POOL_OPTIONS  # (dbpool imports this module before .pool)
 
-        parameters = inspect.signature(Pool.__init__).parameters.values()
-        _OPTIONS = frozenset(p.name for p in parameters if p.kind is p.KEYWORD_ONLY)
-    return _OPTIONS
+    return POOL_OPTIONS
 
 
 def _preset(name: str, values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(overrides) - _pool_options())
+    unknown = set(overrides) - _pool_options()
     if unknown:
-        valid = ", ".join(sorted(_pool_options()))
-        raise TypeError(
-            f"presets.{name}() got unknown Pool options {', '.join(unknown)}; valid: {valid}"
-        )
+        raise TypeError(unknown_options(unknown, _pool_options(), f"presets.{name}()"))
     options = {**values, **overrides}
-    # A size given overrides the preset's other size where the two would clash: with
-    # production(max_size=1), Pool() refused the preset's min_size=2, which the caller never gave.
-    low, high = options["min_size"], options["max_size"]
-    if _is_int(low) and _is_int(high) and low > high:
-        if "max_size" in overrides and "min_size" not in overrides:
-            options["min_size"] = high
-        elif "min_size" in overrides and "max_size" not in overrides:
-            options["max_size"] = low
+    # A bound given overrides the preset's other bound where the two would clash: with
+    # production(max_size=1), Pool() refused the preset's min_size=2, and with
+    # test(reconnect_delay=1) the preset's reconnect_max_delay=0.5, which the caller never gave.
+    _move_other_bound(options, overrides, "min_size", "max_size", _is_int)
+    _move_other_bound(options, overrides, "reconnect_delay", "reconnect_max_delay", _is_number)
     return options
+
+
+def _move_other_bound(
+    options: dict[str, Any],
+    overrides: dict[str, Any],
+    low_name: str,
+    high_name: str,
+    valid: Callable[[object], bool],
+) -> None:
+    """Where ``options[low_name]`` exceeds ``options[high_name]`` and only one of them was
+    given, set the preset's one to the given one.  Both given, or one the preset does not set
+    (``Pool``'s default then), are left for ``Pool()`` to check, as the caller wrote them."""
+    if low_name not in options or high_name not in options:
+        return
+    low, high = options[low_name], options[high_name]
+    if not (valid(low) and valid(high) and low > high):
+        return
+    if high_name in overrides and low_name not in overrides:
+        options[low_name] = high
+    elif low_name in overrides and high_name not in overrides:
+        options[high_name] = low
 
 
 def _is_int(value: object) -> bool:
     return type(value) is int  # a bool or a float is Pool()'s to refuse, as given
+
+
+def _is_number(value: object) -> bool:
+    # A bool, a str or NaN is Pool()'s to refuse, as given (NaN compares false anyway).
+    return type(value) in (int, float)
 
 
 def production(**overrides: Any) -> dict[str, Any]:

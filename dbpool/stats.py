@@ -44,6 +44,7 @@ class PoolStats:
     idle: int
     in_use: int
     opening: int
+    #: callers queued for a connection (one waiting for a connect made for it: in ``opening``)
     waiting: int
     #: connections opened since the pool was made
     created: int

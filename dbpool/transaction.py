@@ -422,6 +422,7 @@ class Transaction(Generic[C]):
         if exc is None and not expired and self._savepoint_failed is None:
             self._commit_unless_rolled_back(slot)
             return
+        aborted_by = self._retryable_abort(slot, exc)
         self._end_quietly(slot)
         if exc is None and self._savepoint_failed is not None:
             raise self._savepoint_failed_error()
@@ -430,6 +431,26 @@ class Transaction(Generic[C]):
         timed_out = expired and (exc is None or isinstance(exc, Exception))
         if timed_out and not isinstance(exc, TransactionTimeout):
             raise self._timeout_error() from exc
+        if aborted_by is not None:
+            error = TransactionRolledBack(
+                "a serialization failure or deadlock inside the transaction block (chained) "
+                "aborted the transaction, and the database refused the block's later "
+                "statements: it was rolled back and nothing was committed"
+            )
+            raise error from aborted_by
+
+    def _retryable_abort(self, slot: _Slot, exc: BaseException | None) -> Exception | None:
+        """The serialization failure or deadlock the block caught, when the error ending it is
+        only the server refusing a later statement in the transaction that one aborted
+        (PostgreSQL's "current transaction is aborted"): that refusal tells nothing of the
+        cause, and run_transaction would not retry it.  No I/O."""
+        failed = self._failed
+        if failed is None or failed is exc or not isinstance(exc, Exception):
+            return None
+        dialect = slot.dialect
+        if dialect.refused_as_aborted(exc) and dialect.is_retryable(failed):
+            return failed
+        return None
 
     def _commit_unless_rolled_back(self, slot: _Slot) -> None:
         if slot.doomed:
@@ -955,6 +976,10 @@ def run_transaction(
         raise TypeError(f"fn must be a callable taking the transaction, got {type(fn)!r}")
     if inspect.iscoroutinefunction(fn):
         raise TypeError(_ASYNC_FN.format(fn=callable_name(fn)))
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # Its body runs only as the generator is iterated, after the (empty) transaction has
+        # committed: the work would be lost unless iterated, and fail there if it were.
+        raise TypeError(_GENERATOR_FN.format(fn=callable_name(fn)))
     check_dialect_allows(pool, check_options(isolation, timeout, readonly), readonly)
     if isinstance(retries, bool) or not isinstance(retries, int):
         raise TypeError(f"retries must be an int, got {retries!r}")
@@ -1018,6 +1043,11 @@ def run_transaction(
 _ASYNC_FN = (
     "fn must run the transaction and return its result, but {fn} returns an awaitable "
     "(an async function?): dbpool is synchronous; use a plain function"
+)
+_GENERATOR_FN = (
+    "fn must run the transaction and return its result, but {fn} is a generator function "
+    "(it uses yield), whose body would run only as its result is iterated, after the "
+    "transaction ended: return the rows (a list) instead of yielding them"
 )
 
 

@@ -266,9 +266,89 @@ def test_connect_that_returns_none_fails_the_connect_and_holds_no_place() -> Non
 
 
 def test_misspelled_or_positional_option_is_refused(fake_server: fakedb.Server) -> None:
-    refused(lambda: dbpool.Pool(fake_server.connect, max_sise=3), TypeError, ("max_sise",))
-    refused(lambda: dbpool.Pool(fake_server.connect, 3), TypeError, ("positional",))
+    threads = dbpool_threads()
+    refused(
+        lambda: dbpool.Pool(fake_server.connect, max_sise=3),
+        TypeError,
+        ("'max_sise'", "did you mean 'max_size'?", "acquire_timeout, check"),
+    )
+    refused(
+        lambda: dbpool.Pool(fake_server.connect, 3),
+        TypeError,
+        ("only positional argument", "by name", "Pool(connect, max_size=10)"),
+    )
+    refused(lambda: dbpool.Pool(fake_server.connect, frobnicate=1), TypeError, ("'frobnicate'",))
     assert fake_server.connect_attempts == 0
+    assert dbpool_threads() <= threads
+    with dbpool.Pool(connect=fake_server.connect, min_size=0) as pool:  # by name, as written
+        assert pool.stats().max_size == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        # SQLAlchemy's create_engine() and pools
+        ("pool_size", ("max_size", "min_size")),
+        ("max_overflow", ("max_size", "no overflow")),
+        ("pool_recycle", ("max_lifetime",)),
+        ("pool_pre_ping", ("validate_after=0",)),
+        ("reset_on_return", ("rolled back on return",)),
+        ("creator", ("first argument",)),
+        # psycopg_pool
+        ("timeout", ("acquire_timeout",)),
+        ("max_idle", ("idle_timeout",)),
+        ("kwargs", ("functools.partial",)),
+        # DBUtils' PooledDB
+        ("maxconnections", ("max_size",)),
+        ("mincached", ("min_size",)),
+        ("setsession", ("configure",)),
+    ],
+)
+def test_another_pools_option_is_told_what_to_write_instead(
+    fake_server: fakedb.Server, name: str, words: tuple[str, ...]
+) -> None:
+    """Python's own error named the option only; one from the pools users move from says
+    which of dbpool's options does its job, through create_pool() and the presets too."""
+    threads = dbpool_threads()
+    expected = (f"takes no option {name!r} (in dbpool: ", *words)
+    refused(lambda: dbpool.Pool(fake_server.connect, **{name: 1}), TypeError, expected)
+    refused(lambda: dbpool.create_pool("sqlite:///app.db", **{name: 1}), TypeError, expected)
+    refused(lambda: dbpool.presets.production(**{name: 1}), TypeError, (*expected[1:], name))
+    assert fake_server.connect_attempts == 0
+    assert dbpool_threads() <= threads
+
+
+def test_a_subclass_takes_options_of_its_own(fake_server: fakedb.Server) -> None:
+    """The check of Pool()'s options is Pool's: a subclass whose __init__ takes more still
+    gets them."""
+
+    class Tagged(dbpool.Pool[Any]):
+        def __init__(self, connect: Callable[[], Any], *, tag: str, **options: Any) -> None:
+            super().__init__(connect, **options)
+            self.tag = tag
+
+    with Tagged(fake_server.connect, tag="reports", min_size=0) as pool:
+        assert pool.tag == "reports" and pool.stats().max_size == 10
+    with pytest.raises(TypeError, match="max_sise"):
+        Tagged(fake_server.connect, tag="reports", max_sise=3)
+
+
+def test_pools_signature_is_its_options() -> None:
+    """help(), IDEs that introspect, and the API docs read a class's signature from __new__
+    first: Pool's (the options check) shows Pool's options all the same, and a subclass's own
+    __init__ shows its own."""
+    import inspect
+
+    parameters = inspect.signature(dbpool.Pool).parameters
+    first, *options = parameters
+    assert first == "connect" and set(options) == dbpool.pool.POOL_OPTIONS
+    assert parameters["max_size"].default == 10
+
+    class Tagged(dbpool.Pool[Any]):
+        def __init__(self, connect: Callable[[], Any], *, tag: str) -> None:
+            super().__init__(connect)
+
+    assert list(inspect.signature(Tagged).parameters) == ["connect", "tag"]
 
 
 @pytest.mark.parametrize(

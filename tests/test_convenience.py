@@ -458,6 +458,34 @@ def test_a_size_override_moves_the_presets_other_size_it_would_clash_with(
         assert (pool.min_size, pool.max_size) == sizes
 
 
+@pytest.mark.parametrize(
+    ("override", "delays"),
+    [
+        (dict(reconnect_delay=1.0), (1.0, 1.0)),
+        (dict(reconnect_max_delay=0.01), (0.01, 0.01)),
+        (dict(reconnect_delay=0.2), (0.2, 0.5)),  # no clash: the preset's maximum stays
+    ],
+)
+def test_a_reconnect_delay_override_moves_the_presets_other_delay_it_would_clash_with(
+    override, delays, server
+):
+    # test(reconnect_delay=1.0) kept the preset's reconnect_max_delay=0.5, which Pool() refused:
+    # "reconnect_max_delay (0.5) must not be below reconnect_delay (1.0)", though the caller
+    # gave no reconnect_max_delay
+    options = presets().test(**override)
+    assert (options["reconnect_delay"], options["reconnect_max_delay"]) == delays
+    with dbpool.Pool(server.connect, **options) as pool:
+        with pool.connection(timeout=BOUND):
+            pass
+
+
+def test_reconnect_delays_both_given_to_a_preset_are_left_for_pool_to_check(server):
+    options = presets().test(reconnect_delay=2.0, reconnect_max_delay=1.0)
+    assert (options["reconnect_delay"], options["reconnect_max_delay"]) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="reconnect_max_delay"):
+        dbpool.Pool(server.connect, **options)
+
+
 def test_sizes_both_given_to_a_preset_are_left_for_pool_to_check(server):
     options = presets().production(min_size=3, max_size=1)
     assert (options["min_size"], options["max_size"]) == (3, 1)

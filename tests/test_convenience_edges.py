@@ -5,6 +5,7 @@ refuses what it cannot run before taking a connection."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -135,3 +136,23 @@ def test_with_connection_refuses_an_async_fn(sqlite_connect: Any) -> None:
         with pytest.raises(TypeError, match="async function"):
             pool.with_connection(fn)
         assert pool.stats().acquired == 0
+
+
+def test_with_connection_refuses_a_generator_fn(sqlite_connect: Any) -> None:
+    """A generator function's body runs only as its result is iterated, the lease back in the
+    pool by then: its statements would fail there, or, never iterated, not run at all."""
+
+    def rows_of(conn: Any) -> Any:
+        yield from conn.cursor().execute("SELECT 1").fetchall()
+
+    async def async_rows_of(conn: Any) -> Any:
+        yield conn
+
+    with dbpool.Pool(sqlite_connect, min_size=0, max_size=1) as pool:
+        for fn in (rows_of, async_rows_of, functools.partial(rows_of)):
+            with pytest.raises(TypeError, match="generator function"):
+                pool.with_connection(fn)
+        assert pool.stats().acquired == 0
+        # a plain function returning a generator over rows it already read is fine
+        read = pool.with_connection(lambda conn: iter(conn.cursor().execute("SELECT 1").fetchall()))
+        assert [tuple(row) for row in read] == [(1,)]

@@ -216,6 +216,54 @@ def test_mariadb_deadline_keeps_the_sessions_tighter_limits(
         assert pool.stats().discarded == 0
 
 
+@pytest.mark.parametrize("driver", MARIADB_DRIVERS)
+def test_mariadb_behind_a_proxy_that_reports_a_mysql_version_gets_its_limits(
+    mysql_params: dict[str, Any], driver: str
+) -> None:
+    """A proxy between client and server can report a version string of its own (ProxySQL's
+    default is "5.5.30"), which does not say MariaDB: the deadline's limits are still set,
+    with MariaDB's variable, the server's refusal of MySQL's telling which, and from the
+    second block on without that refusal."""
+    server = mariadb_connector(mysql_params, driver)
+    reported = f"5.5.30-proxy-{driver}-{id(server):x}"  # a string no other test has taught
+    refused: list[str] = []
+
+    def connect() -> Any:
+        raw = server()
+        raw.get_server_info = lambda: reported
+        raw.query = counting_refusals(raw.query, refused)
+        return raw
+
+    with new_pool(connect) as pool:
+        with pool.connection() as conn:
+            before = mariadb_limits(conn)
+        assert before[0] > 2 and not 0 < before[1] <= 2  # looser than the deadline's
+        for _ in range(2):
+            with pool.transaction(timeout=2) as tx:
+                lock_wait, statement = mariadb_limits(tx)
+                assert lock_wait == 2 and 0 < statement <= 2
+        with pool.connection() as conn:
+            assert mariadb_limits(conn) == before
+        assert pool.stats().discarded == 0
+    assert refused == ["max_execution_time"]  # asked once: the answer is kept
+
+
+def counting_refusals(query: Callable[..., Any], refused: list[str]) -> Callable[..., Any]:
+    """``query`` (both drivers send every statement through their connection's query()),
+    noting each statement the server refused as naming an unknown variable."""
+
+    def counted(sql: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return query(sql, *args, **kwargs)
+        except Exception as exc:
+            if exc.args and exc.args[0] == 1193:  # ER_UNKNOWN_SYSTEM_VARIABLE
+                text = sql.decode() if isinstance(sql, bytes) else sql
+                refused.append(text.rsplit("@@session.", 1)[-1])
+            raise
+
+    return counted
+
+
 # -- pymssql (the fake driver) -----------------------------------------------------------------
 
 

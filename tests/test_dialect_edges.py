@@ -7,6 +7,7 @@ deadline pass.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sqlite3
 import sys
@@ -257,6 +258,62 @@ def test_psycopg2_client_encoding_a_lease_set_is_undone_on_return(
             assert rows(conn, "SELECT '\u20ac', current_setting('client_encoding')") == [
                 ("\u20ac", connected_with)
             ]
+    finally:
+        pool.close()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("session_reset", [None, "discard"])
+@pytest.mark.parametrize(
+    ("statement", "query", "params", "expected"),
+    [
+        pytest.param(
+            # The accented letter is sent in UTF8, read by the server as two LATIN1
+            # characters, and would be stored so
+            "SET client_encoding TO 'LATIN1'",
+            "SELECT length(%s)",
+            ("\u00e9",),
+            1,
+            id="client_encoding",
+        ),
+        pytest.param(
+            # psycopg2 reads sql_standard's '1 2:03:00' as 12 hours 3 minutes
+            "SET IntervalStyle TO 'sql_standard'",
+            "SELECT '1 day 2 hours 3 minutes'::interval",
+            None,
+            datetime.timedelta(days=1, hours=2, minutes=3),
+            id="IntervalStyle",
+        ),
+        pytest.param(
+            "SET DateStyle TO 'SQL, DMY'",  # psycopg2: "unable to parse date"
+            "SELECT '2024-03-04'::date",
+            None,
+            datetime.date(2024, 3, 4),
+            id="DateStyle",
+        ),
+    ],
+)
+def test_psycopg2_session_parameter_a_set_statement_changed_is_undone_on_return(
+    psycopg2_connect: Connector,
+    session_reset: str | None,
+    statement: str,
+    query: str,
+    params: tuple[Any, ...] | None,
+    expected: Any,
+) -> None:
+    """A SET statement changes a session parameter psycopg2 sends or reads values by, which
+    psycopg2 does not follow (it read them at connect; libpq, which reads the server's report,
+    knows the new value).  Left as it is, the next borrower's values are sent or read wrong,
+    for the first two with no error.  (The session reset's DISCARD ALL puts them back too.)"""
+    pool = new_pool(psycopg2_connect, session_reset=session_reset)
+    try:
+        with pool.connection() as conn:
+            conn.autocommit = True  # else the rollback on return undoes the SET
+            rows(conn, statement)
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first  # reused, not discarded
+            assert rows(conn, query, params) == [(expected,)]
     finally:
         pool.close()
 

@@ -148,8 +148,9 @@ def test_dropped_lease_with_a_cursor_is_collected_and_returned(make_pool: Any) -
 
 
 def test_interrupt_while_returning_keeps_accounting(make_pool: Any) -> None:
-    # Pool._put_back (after _give_back cleaned): the lock acquire blocks (contended) and a signal
-    # handler raises there: the lease is already marked released, in_use is never decremented.
+    # Pool._give_back, once it cleaned (_put_back's common case, written out there): the lock
+    # acquire blocks (contended) and a signal handler raises there: the lease is already marked
+    # released, in_use is never decremented.
     pool = make_pool(max_size=1)
     lease = pool.connect()
     lock = pool._lock  # private: the only way to make that acquire block at a known point
@@ -162,7 +163,7 @@ def test_interrupt_while_returning_keeps_accounting(make_pool: Any) -> None:
             lock.acquire()
             held.set()
             try:
-                interrupt_main_at_pool_lock(send, {"_put_back"})
+                interrupt_main_at_pool_lock(send, {"_give_back"})
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -532,7 +533,8 @@ def test_a_close_racing_the_return_of_its_lease_emits_no_second_checkin(
     pool.add_listener(dbpool.Event.CHECKIN, checkins.append)
     lease = pool.connect()
     lease.cursor().execute("select 1")  # so that the return cleans it
-    first = StalledEnd(lease, ending, "self._put_back(", within=dbpool.Pool._give_back)
+    # About to put it back: the first lock taken in _give_back (_put_back's common case)
+    first = StalledEnd(lease, ending, "self._lock.acquire()", within=dbpool.Pool._give_back)
     lease.close()  # second closer, in this thread
     first.resume()
     assert len(checkins) == 1, checkins

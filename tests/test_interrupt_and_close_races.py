@@ -77,18 +77,24 @@ class _InterruptAfterAcquire:
         self.release()
 
 
-@pytest.mark.parametrize("function", ["_connect_for_caller", "_put_back"])
+@pytest.mark.parametrize("function", ["_connect_for_caller", "_give_back", "_put_back"])
 def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     make_pool: Any, function: str
 ) -> None:
-    # _connect_for_caller, _take and _put_back take the pool lock inside a try whose
+    # _connect_for_caller, _take, _give_back and _put_back take the pool lock inside a try whose
     # `except BaseException` handler (_abandon / _discard) takes the same non-reentrant lock
     # again.  An exception raised after the acquire succeeded, still on that line, leaves the
     # thread blocked on a lock it holds itself: that thread hangs, and with it every caller.
-    pool = make_pool(max_size=1)
-    if function == "_put_back":
+    pool = make_pool(max_size=2 if function == "_put_back" else 1)
+    others = []
+    if function == "_give_back":  # a plain return: _put_back's common case, written out there
         lease = pool.connect()
         call: Callable[[], Any] = lease.close
+    elif function == "_put_back":  # a return to a pool that shrank meanwhile: _put_back's case
+        lease = pool.connect()
+        others.append(pool.connect())
+        pool.resize(max_size=1)
+        call = lease.close
     else:
         call = lambda: pool.connection(timeout=5)  # noqa: E731 - the pool is empty: it connects
     proxy = _InterruptAfterAcquire(pool._lock, function)
@@ -105,6 +111,9 @@ def test_interrupt_just_after_taking_the_lock_does_not_deadlock(
     assert finished, f"{function}: the interrupted thread deadlocked on the pool lock it held"
     assert isinstance(outcome.error, KeyboardInterrupt)
     wait_until(lambda: pool.stats().opening == 0)
+    assert not accounting(pool), accounting(pool)
+    for other in others:
+        other.close()
     assert not accounting(pool), accounting(pool)
 
 

@@ -11,6 +11,7 @@ import gc
 import pickle
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -265,6 +266,68 @@ def test_a_lease_or_cursor_refuses_to_be_copied_or_pickled(
                 pooled.close()
         s = pool.stats()
         assert (s.in_use, s.leaked) == (0, 0), s
+
+
+def test_a_lease_is_a_connection_with_its_fields_only(fake_server: fakedb.Server) -> None:
+    """lease() sets a lease's fields on a plain object and then makes it a Connection: the
+    lease is one all the same, with no attribute of its own but those fields (the ones unset
+    raise AttributeError without reaching the driver), weakly referenceable, and the class is
+    still not made directly."""
+    with pytest.raises(TypeError, match="not made directly"):
+        dbpool.Connection()
+    with _pool(fake_server.connect, max_size=2) as pool:
+        conn = pool.connection()
+        assert type(conn) is dbpool.Connection
+        assert isinstance(conn, dbpool.Connection)
+        with pytest.raises(AttributeError):
+            object.__getattribute__(conn, "__dict__")  # its slots only
+        assert conn.pool is pool
+        slot = conn._slot
+        assert slot is not None and conn._claim == [slot] and slot.claim is conn._claim
+        fake_server.connections[-1]._streams = "the driver's"  # never read through the lease
+        for name in ("_streams", "_cut_short"):
+            with pytest.raises(AttributeError, match=name):
+                getattr(conn, name)
+        assert not slot.used, "an unset field was looked up on the driver's connection"
+        ref = weakref.ref(conn)
+        finalized: list[bool] = []
+        weakref.finalize(conn, finalized.append, True)
+        assert ref() is conn
+        conn.cursor().execute("select 1")
+        conn.close()
+        assert conn.released
+        del conn
+        gc.collect()
+        assert ref() is None and finalized == [True]
+        s = pool.stats()
+        assert (s.in_use, s.idle, s.returned, s.leaked) == (0, 1, 1, 0), s
+
+
+def test_cursors_are_cursors_with_their_fields_only(fake_server: fakedb.Server) -> None:
+    """A lease's cursor, and pool.cursor()'s, are made as leases are (fields set on a plain
+    object, then the class swapped): each is one all the same, with no attribute of its own
+    but its fields, an unset one never looked up on the driver's cursor, and neither class is
+    made directly."""
+    with pytest.raises(TypeError, match="not made directly"):
+        dbpool.Cursor()
+    with _pool(fake_server.connect, max_size=2) as pool:
+        with pool.connection() as conn:
+            cursor = conn.cursor()
+            assert type(cursor) is dbpool.Cursor and cursor.connection is not None
+            with pytest.raises(AttributeError):
+                object.__getattribute__(cursor, "__dict__")
+            assert cursor._lease is conn and cursor._open
+            cursor.execute("select 1")
+        assert cursor._raw._closed  # the driver's cursor, closed as the lease went back
+        with pool.cursor() as owner:
+            assert type(owner) is dbpool.PoolCursor and isinstance(owner, dbpool.Cursor)
+            with pytest.raises(AttributeError):
+                object.__getattribute__(owner, "__dict__")
+            assert owner.connection.pool is pool and owner._open
+            owner.execute("select 1")
+        assert not owner._open and owner.connection.released
+        s = pool.stats()
+        assert (s.in_use, s.returned, s.leaked) == (0, 2, 0), s
 
 
 @pytest.mark.parametrize("make", [copy.copy, copy.deepcopy, pickle.dumps])

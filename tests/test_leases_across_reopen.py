@@ -4,8 +4,8 @@ resize() treat them as every lease.
 docs: drain() "returns once every lease is back and closed"; close() closes leased connections
 "as they come back; those still out after timeout seconds are closed under their borrowers", and
 after a drain() that timed out, "the leases still out are closed as they come back (or by
-close())".  A lease from before reopen() is no longer counted by the reopened pool, but it is
-still a lease of this pool.
+close())".  A lease from before reopen() is no longer one of the reopened pool's own connections
+(stats() still counts it, as open and in use), but it is still a lease of this pool.
 """
 
 from __future__ import annotations
@@ -71,6 +71,35 @@ def test_drain_after_reopen_waits_for_a_lease_from_before(make_pool: Any) -> Non
     old.close()
     pool.drain(timeout=5)
     assert_accounting(pool)
+
+
+def test_stats_count_a_lease_from_before_reopen_until_its_connection_is_closed(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    """It counts against max_size (docs), so the numbers operators read count it too: stats(),
+    repr() and the PoolTimeout message said size=1/2 in_use=1 with no room left ("raise
+    max_size", "this thread itself holds 2 of them"), and ``closed`` counted its connection
+    at reopen(), while it was still open and in use."""
+    pool = make_pool(max_size=2)
+    old = _left_out_by_reopen(pool)
+    s = assert_accounting(pool)
+    assert (s.size, s.in_use, s.created, s.closed) == (1, 1, 1, 0), s
+    assert s.acquired - s.returned == s.in_use, s
+    new = pool.connection()
+    try:
+        s = assert_accounting(pool)
+        assert (s.size, s.in_use, s.created, s.closed) == (2, 2, 2, 0), s
+        assert s.created - s.closed == len(server.open_connections) == 2
+        assert "size=2 idle=0 in_use=2" in repr(pool)
+        with pytest.raises(dbpool.PoolTimeout, match=r"size=2/2 in_use=2 "):
+            pool.connection(timeout=0)
+        old.close()  # closed as it comes back: counted then
+        s = assert_accounting(pool)
+        assert (s.size, s.in_use, s.created, s.closed) == (1, 1, 2, 1), s
+        assert s.created - s.closed == len(server.open_connections) == 1
+    finally:
+        new.close()
+        old.close()
 
 
 def test_close_past_its_timeout_cuts_off_a_sqlite_lease_from_before_reopen(

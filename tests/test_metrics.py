@@ -341,6 +341,21 @@ def test_register_once_per_registry(sqlite_pools: Any) -> None:
     assert pool_names(scrape(other)[1]) == {"one"}
 
 
+def test_register_refuses_what_is_no_pool_or_no_registry_and_registers_nothing(
+    sqlite_pools: Any,
+) -> None:
+    pool = sqlite_pools(name="misplaced")
+    # A name where the registry goes: told what the argument is for, not about weak references.
+    with pytest.raises(TypeError, match=r"registry must be a prometheus_client CollectorRegistry"):
+        register(pool, registry="misplaced")  # type: ignore[arg-type]
+    # What is no pool is refused before a collector is made: the registry stays empty.
+    registry = CollectorRegistry()
+    with pytest.raises(TypeError, match=r"register\(\) takes a dbpool\.Pool"):
+        register("misplaced", registry=registry)  # type: ignore[arg-type]
+    assert generate_latest(registry) == b""
+    assert register(pool, registry=registry).pools == (pool,)
+
+
 def test_register_on_the_default_registry(sqlite_pools: Any) -> None:
     pool = sqlite_pools(name="default-registry")
     collector = register(pool)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 import dbpool
-from tests.conftest import Caller, rows, scalar, wait_until
+from tests.conftest import Caller, Connector, rows, scalar, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -196,3 +196,100 @@ def test_a_connection_ended_while_another_thread_is_inside_a_call_is_closed(
         assert (s.size, s.in_use, s.closed) == (0, 0, 1), s
     finally:
         pool.close()
+
+
+# -- results of further statements still to come at COMMIT ----------------------------------------
+
+
+@pytest.fixture
+def procedure_table(admin: Any) -> Iterator[str]:
+    """A table of two rows, and a procedure that updates the first and returns both."""
+    rows(admin, "DROP TABLE IF EXISTS mysql_more_results")
+    rows(admin, "CREATE TABLE mysql_more_results (id INT PRIMARY KEY, v INT) ENGINE=InnoDB")
+    rows(admin, "INSERT INTO mysql_more_results VALUES (1, 0), (2, 0)")
+    rows(admin, "DROP PROCEDURE IF EXISTS mysql_more_results_bump")
+    rows(
+        admin,
+        "CREATE PROCEDURE mysql_more_results_bump() BEGIN "
+        "UPDATE mysql_more_results SET v = v + 1 WHERE id = 1; "
+        "SELECT id, v FROM mysql_more_results ORDER BY id; END",
+    )
+    yield "mysql_more_results"
+    rows(admin, "DROP PROCEDURE IF EXISTS mysql_more_results_bump")
+    rows(admin, "DROP TABLE IF EXISTS mysql_more_results")
+
+
+_STILL_TO_COME: dict[str, Callable[[Any], Any]] = {
+    # a CALL's final status follows its result set
+    "CALL": lambda cursor: cursor.execute("CALL mysql_more_results_bump()"),
+    "callproc": lambda cursor: cursor.callproc("mysql_more_results_bump"),
+    # the second statement's reply follows the first's result set
+    "statements": lambda cursor: cursor.execute(
+        "SELECT id, v + 1 FROM mysql_more_results WHERE id = 1 FOR UPDATE; "
+        "UPDATE mysql_more_results SET v = v + 1 WHERE id = 1"
+    ),
+}
+
+
+@pytest.fixture(params=["2.3", "2.2"])
+def flagged_connect(
+    request: pytest.FixtureRequest, mysqlclient_connect: Connector, mysql_params: dict[str, Any]
+) -> Iterator[Callable[[], Any]]:
+    """mysqlclient's connections as they are ("2.3"), and as before 2.3 ("2.2"), where the
+    connection has no more_results() to tell whether further results are to come."""
+    if request.param == "2.3":
+        yield mysqlclient_connect
+        return
+    import MySQLdb.connections
+
+    class Before23(MySQLdb.connections.Connection):  # type: ignore[misc]
+        @property
+        def more_results(self) -> Any:
+            raise AttributeError("more_results")
+
+    connector = Connector(lambda: Before23(**mysql_params))
+    yield connector
+    connector.close_all()
+
+
+@pytest.mark.parametrize("run", list(_STILL_TO_COME))
+def test_a_block_commits_with_results_of_further_statements_still_to_come(
+    flagged_connect: Callable[[], Any], admin: Any, procedure_table: str, run: str
+) -> None:
+    """A buffered cursor reads its rows at execute(), and the replies after them (a CALL's
+    final status, a multi-statement string's next statement) wait on the connection, where
+    COMMIT failed with "Commands out of sync" (2014) and the rollback after it too, which
+    discarded the connection.  They are read before COMMIT; the cursor's rows stay."""
+    with _pool(flagged_connect) as pool:
+        with pool.connection() as conn:
+            with conn.transaction() as tx:
+                cursor = tx.cursor()
+                _STILL_TO_COME[run](cursor)
+            assert tuple(cursor.fetchone()) == (1, 1)
+            assert rows(admin, f"SELECT v FROM {procedure_table} WHERE id = 1") == [(1,)]
+            assert scalar(conn, "SELECT 'next'") == "next"  # in step
+        s = pool.stats()
+        assert (s.created, s.discarded) == (1, 0), s
+
+
+def test_a_failed_further_statement_is_the_error_the_block_ends_with(
+    flagged_connect: Callable[[], Any], admin: Any, procedure_table: str
+) -> None:
+    """A statement of a multi-statement string that failed after the first is reported by the
+    driver as its reply is read: before COMMIT, which then never goes out.  The block ends
+    with that error, rather than "Commands out of sync", and keeps its connection."""
+    import MySQLdb
+
+    with _pool(flagged_connect) as pool:
+        with pytest.raises(MySQLdb.IntegrityError) as caught:
+            with pool.transaction() as tx:
+                tx.execute(
+                    f"UPDATE {procedure_table} SET v = 5 WHERE id = 2; "
+                    f"INSERT INTO {procedure_table} VALUES (1, 0)"
+                )
+        assert caught.value.args[0] == 1062  # ER_DUP_ENTRY
+        assert rows(admin, f"SELECT v FROM {procedure_table} WHERE id = 2") == [(0,)]
+        with pool.connection() as conn:
+            assert scalar(conn, "SELECT 'next'") == "next"
+        s = pool.stats()
+        assert (s.created, s.discarded) == (1, 0), s

@@ -215,20 +215,24 @@ def test_sqlite_locked_by_the_same_connection_is_not_retried(sqlite_connect: Any
 # == a retryable error that fn swallowed =======================================================
 
 
-def test_postgresql_serialization_failure_swallowed_by_fn_is_retried(pg_connect: Any) -> None:
-    """fn catches a serialization failure (a best-effort step) and returns.  PostgreSQL aborted
-    the transaction, so it cannot commit; the cause is exactly what run_transaction exists to
-    retry, and retries are left: it re-runs fn on a fresh transaction rather than raising
-    TransactionRolledBack."""
-    import psycopg
-
-    table = f"retry_swallow_pg_{os.getpid()}"
-    admin = pg_connect()
+@pytest.mark.parametrize("then", ["return", "statement", "savepoint"])
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_postgresql_serialization_failure_swallowed_by_fn_is_retried(
+    request: pytest.FixtureRequest, driver: str, then: str
+) -> None:
+    """fn catches a serialization failure (a best-effort step) and returns, or goes on: its
+    next statement (or savepoint) is refused with "current transaction is aborted" (25P02),
+    which says nothing of the cause.  PostgreSQL aborted the transaction, so it cannot commit;
+    the block raises TransactionRolledBack chained to the serialization failure, which
+    run_transaction retries with retries left, rather than the attempt ending there."""
+    connect = request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
+    table = f"tx_retry_aborted_{driver}_{then}_{os.getpid()}"
+    admin = connect()
     admin.autocommit = True
-    admin.execute(f"drop table if exists {table}")
-    admin.execute(f"create table {table} (id int primary key, v int)")
-    admin.execute(f"insert into {table} values (1, 0)")
-    other = pg_connect()
+    rows(admin, f"drop table if exists {table}")
+    rows(admin, f"create table {table} (id int primary key, v int)")
+    rows(admin, f"insert into {table} values (1, 0), (2, 0)")
+    other = connect()
     other.autocommit = True
     attempts: list[int] = []
 
@@ -236,22 +240,35 @@ def test_postgresql_serialization_failure_swallowed_by_fn_is_retried(pg_connect:
         attempts.append(1)
         tx.execute(f"select v from {table} where id = 1").fetchall()  # the snapshot
         if len(attempts) == 1:
-            other.execute(f"update {table} set v = v + 100 where id = 1")  # committed
+            rows(other, f"update {table} set v = v + 100 where id = 1")  # committed
         try:
             tx.execute(f"update {table} set v = v + 1 where id = 1")
-        except psycopg.errors.SerializationFailure:
-            pass  # best effort
+        except Exception as exc:  # the driver's SerializationFailure: best effort
+            assert getattr(exc, "sqlstate", getattr(exc, "pgcode", None)) == "40001", exc
+        if then == "statement":
+            tx.execute(f"update {table} set v = v + 1 where id = 2")
+        elif then == "savepoint":
+            with tx.savepoint():
+                tx.execute(f"update {table} set v = v + 1 where id = 2")
         return "done"
 
     try:
-        with _pool(pg_connect) as pool:
+        with _pool(connect) as pool:
             result = pool.run_transaction(fn, isolation="REPEATABLE READ", retries=3, timeout=10)
             assert result == "done"
             assert len(attempts) == 2
-            assert admin.execute(f"select v from {table}").fetchall() == [(101,)]
+            second = 0 if then == "return" else 1
+            assert rows(admin, f"select v from {table} order by id") == [(101,), (second,)]
+            attempts.clear()  # a plain block too says what aborted its transaction
+            with pytest.raises(dbpool.TransactionRolledBack) as caught:
+                with pool.transaction(isolation="REPEATABLE READ") as tx:
+                    fn(tx)
+            cause = caught.value.__cause__
+            assert getattr(cause, "sqlstate", getattr(cause, "pgcode", None)) == "40001", cause
+            assert rows(admin, f"select v from {table} order by id") == [(201,), (second,)]
             _balanced(pool)
     finally:
-        admin.execute(f"drop table if exists {table}")
+        rows(admin, f"drop table if exists {table}")
 
 
 @pytest.mark.parametrize("where", ["block", "savepoint"])
@@ -424,4 +441,35 @@ def test_an_async_fn_is_refused_and_commits_nothing(fake_server: fakedb.Server) 
         with pytest.raises(TypeError, match="async function"):
             pool.run_transaction(returns_a_coroutine)
         assert fake_server.count("commit") == 0
+        _balanced(pool)
+
+
+def test_a_generator_fn_is_refused_and_commits_nothing(sqlite_connect: Any) -> None:
+    """A generator function's body runs only as its result is iterated: run_transaction would
+    commit an empty transaction and return the generator, whose work is then lost, or fails
+    as it is iterated, the transaction over."""
+
+    def yields_rows(tx: dbpool.Transaction[Any]) -> Any:
+        tx.execute("insert into tx_gen values (1)")
+        yield from tx.execute("select n from tx_gen").fetchall()
+
+    async def yields_later(tx: dbpool.Transaction[Any]) -> Any:
+        tx.execute("insert into tx_gen values (2)")
+        yield 2
+
+    def ready(tx: dbpool.Transaction[Any]) -> Any:  # a generator of rows already read is fine
+        return (n for (n,) in tx.execute("select n from tx_gen").fetchall())
+
+    with _pool(sqlite_connect) as pool:
+        with pool.connection() as conn:
+            conn.execute("create table tx_gen (n integer)")
+            conn.commit()
+        acquired = pool.stats().acquired
+        for fn in (yields_rows, yields_later):
+            with pytest.raises(TypeError, match="is a generator function"):
+                pool.run_transaction(fn)
+        assert pool.stats().acquired == acquired, "refused only after taking a connection"
+        assert list(pool.run_transaction(ready)) == []
+        with pool.connection() as conn:
+            assert rows(conn, "select n from tx_gen") == []
         _balanced(pool)

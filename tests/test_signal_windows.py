@@ -454,6 +454,7 @@ BLOCK_END = [
     Transaction.__exit__,
     Transaction._finish,
     Transaction._commit_or_roll_back,
+    Transaction._retryable_abort,
     Transaction._stop_watching,
     Transaction._owns_connection,
     Transaction._commit_unless_rolled_back,

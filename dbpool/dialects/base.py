@@ -150,7 +150,9 @@ class Dialect:
         """Whether the driver's ``cursor``, for which :meth:`may_hold_unread_result` is True
         and :meth:`holds_unread_rows` was not, has result sets of further statements still to
         come (a ``CALL``'s, a multi-statement string's), closed before COMMIT or ROLLBACK as
-        one with rows to come is.  May read from the server, as :meth:`holds_unread_rows`."""
+        one with rows to come is; or False once it read and dropped them itself, where closing
+        would take the cursor's own rows from its borrower (mysqlclient's buffered cursors).
+        May read from the server, as :meth:`holds_unread_rows`."""
         return False
 
     def check_not_reading(self, conn: Any) -> None:
@@ -331,6 +333,12 @@ class Dialect:
     def is_retryable(self, exc: BaseException) -> bool:
         """Whether ``exc`` reports a serialization failure or deadlock: the transaction was
         rolled back and may succeed if run again."""
+        return False
+
+    def refused_as_aborted(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the server refusing a statement only because an earlier error
+        aborted the transaction (PostgreSQL's 25P02, "current transaction is aborted"), not
+        an error of the statement's own.  No I/O."""
         return False
 
     def stopped_by_limit(self, exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, d
 # query_canceled (statement_timeout), lock_not_available (lock_timeout): a deadline's limits
 _STOPPED_BY_LIMIT_SQLSTATES = frozenset({"57014", "55P03"})
 _INVALID_CURSOR_NAME = "34000"
+_IN_FAILED_TRANSACTION = "25P02"  # a statement after an error, before ROLLBACK (TO SAVEPOINT)
 
 
 def _set_tighter(setting: str) -> str:
@@ -356,6 +357,9 @@ class PsycopgDialect(Dialect):
 
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
+
+    def refused_as_aborted(self, exc: BaseException) -> bool:
+        return getattr(exc, "sqlstate", None) == _IN_FAILED_TRANSACTION
 
     def stopped_by_limit(self, exc: BaseException) -> bool:
         # COMMIT runs the deferred constraint checks, which may wait for another session's lock

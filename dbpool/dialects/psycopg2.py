@@ -16,6 +16,7 @@ from typing import Any, Callable
 from ..isolation import Isolation
 from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, milliseconds
 from .psycopg import (
+    _IN_FAILED_TRANSACTION,
     _INVALID_CURSOR_NAME,
     _LIMIT_TIME_SQL,
     _NARROW_TIME_SQL,
@@ -108,6 +109,8 @@ class Psycopg2Dialect(Dialect):
         # too, to put back.  psycopg2 before 2.9.10 leaves the notifications that come with
         # commit(), rollback() and set_session() with libpq until its next statement, the next
         # borrower's: poll() takes them in now (no round trip: it reads what has arrived).
+        # Last, the session parameters psycopg2 sends and reads values by, as the server last
+        # reported them (libpq keeps them; see _READ_BY).
         if _notifications_taken_in_late():
             conn.poll()
         notices, notifies = conn.notices, conn.notifies
@@ -124,6 +127,7 @@ class Psycopg2Dialect(Dialect):
             notifies,
             _held(notices),
             _held(notifies),
+            _read_by(conn),
         )
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
@@ -139,6 +143,13 @@ class Psycopg2Dialect(Dialect):
                 setattr(conn, name, value)
         if conn.encoding != settings[5]:
             conn.set_client_encoding(settings[5])
+        reported = settings[12]
+        if _read_by(conn) != reported:
+            # Changed by a statement (set_client_encoding() would have changed conn.encoding
+            # too, and was undone above; it sends nothing for the encoding psycopg2 already
+            # has): set back with SQL, outside a transaction block, where a rollback would
+            # undo it.
+            _set_parameters(conn, reported)
         if conn.notices is not settings[8]:
             conn.notices = settings[8]
         if conn.notifies is not settings[9]:
@@ -275,6 +286,9 @@ class Psycopg2Dialect(Dialect):
     def is_retryable(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _RETRYABLE_SQLSTATES
 
+    def refused_as_aborted(self, exc: BaseException) -> bool:
+        return getattr(exc, "pgcode", None) == _IN_FAILED_TRANSACTION
+
     def stopped_by_limit(self, exc: BaseException) -> bool:
         return getattr(exc, "pgcode", None) in _STOPPED_BY_LIMIT_SQLSTATES
 
@@ -292,6 +306,35 @@ def _session_characteristics(conn: Any) -> list[tuple[str, str]]:
     if conn.deferrable is not None:
         settings.append(("default_transaction_deferrable", "on" if conn.deferrable else "off"))
     return settings
+
+
+# Session parameters psycopg2 reads at connect and never again, though it sends and reads
+# values by them: a borrower's SET statement changes them on the server only.  The server's
+# client_encoding would read the next borrower's text in another encoding than psycopg2's,
+# and store it so; its IntervalStyle (sql_standard, postgres_verbose) would have intervals
+# parsed wrong; a DateStyle other than ISO fails to parse dates.  No error says so for the
+# first two.  The server reports each change (ParameterStatus): comparing costs no round trip.
+_READ_BY = ("client_encoding", "DateStyle", "IntervalStyle")
+
+
+def _read_by(conn: Any) -> tuple[str | None, ...]:
+    """The _READ_BY parameters, as the server last reported them."""
+    status = conn.get_parameter_status
+    return status("client_encoding"), status("DateStyle"), status("IntervalStyle")
+
+
+def _set_parameters(conn: Any, values: tuple[str | None, ...]) -> None:
+    """Set the _READ_BY parameters back to ``values`` where they changed: one round trip."""
+    changed = [
+        (name, value)
+        for name, value, now in zip(_READ_BY, values, _read_by(conn))
+        if value is not None and value != now
+    ]
+    if not changed:  # one libpq did not report at connect (a server before IntervalStyle)
+        return
+    calls = ", ".join("set_config(%s, %s, false)" for _ in changed)
+    with _in_autocommit(conn), conn.cursor() as cursor:
+        cursor.execute(f"SELECT {calls}", [part for pair in changed for part in pair])
 
 
 @contextlib.contextmanager

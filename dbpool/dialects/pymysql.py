@@ -39,6 +39,10 @@ _ENDED_TRANSACTION = frozenset({1213, 1020})
 _RETRYABLE_ERRORS = _ENDED_TRANSACTION | {1205}  # and ER_LOCK_WAIT_TIMEOUT
 # CR_SERVER_GONE_ERROR, CR_SERVER_LOST, CR_SERVER_LOST_EXTENDED
 _DISCONNECT_ERRORS = frozenset({2006, 2013, 2055})
+_UNKNOWN_VARIABLE = 1193  # ER_UNKNOWN_SYSTEM_VARIABLE
+# Version strings that misled (see limit_time): whether the server behind one is MariaDB
+# after all, or MySQL, as the server itself showed.  A few entries, one per string seen.
+_MARIADB_BEHIND: dict[str, bool] = {}
 # Why a connection whose driver connected again by itself (PyMySQL's ping(reconnect=True),
 # mysqlclient's reconnect once ping(True) turned it on) is not handed on: a connect of the
 # pool's own would have run configure on the new session.
@@ -89,9 +93,23 @@ class _MySQLTransactions:
         return None
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
+        # The version string tells MariaDB from MySQL, unless a proxy in between reports its
+        # own (ProxySQL's default says "5.5.30"): the variable the server then did not know
+        # tells instead, and the other is used from then on for that version string.
+        reported = conn.get_server_info()
+        mariadb = _MARIADB_BEHIND.get(reported, "MariaDB" in reported)
+        try:
+            return self._limit_time(conn, seconds, mariadb)
+        except Exception as exc:
+            if not (is_database_error(exc) and exc.args and exc.args[0] == _UNKNOWN_VARIABLE):
+                raise
+        _MARIADB_BEHIND[reported] = not mariadb
+        return self._limit_time(conn, seconds, not mariadb)
+
+    def _limit_time(self, conn: Any, seconds: float, mariadb: bool) -> Any:
         # MariaDB bounds every statement (max_statement_time, seconds); MySQL only SELECTs
         # (max_execution_time, milliseconds).  Lock waits: whole seconds, at least 1.
-        if "MariaDB" in conn.get_server_info():
+        if mariadb:
             variable, value = "max_statement_time", max(seconds, 0.001)
         else:
             variable, value = "max_execution_time", milliseconds(seconds)
@@ -537,23 +555,41 @@ class MySQLdbDialect(_MySQLTransactions, Dialect):
         return derives_from(cursor, "MySQLdb.cursors", "CursorUseResultMixIn")  # SSCursor...
 
     def may_hold_unread_result(self, cursor: Any) -> bool:
-        # An SSCursor's result: every other statement fails with "Commands out of sync" (2014)
-        # until it is read to its end, and the results of further statements (a CALL's, a
-        # multi-statement string's) after it.  (A buffered cursor's result sets of a CALL
-        # still to come stay: its current rows would go with a look.)  Private, so looked up.
-        if getattr(cursor, "_result", None) is None or cursor.connection is None:
-            return False  # no result, or closed
-        return self.fetches_as_it_goes(cursor)
+        # Every other statement fails with "Commands out of sync" (2014) until the results of
+        # the latest statement are read: an SSCursor's rows, and the results of further
+        # statements after them (a CALL's final status, a multi-statement string's).  A
+        # buffered cursor read its rows at execute(): only those further results may be to
+        # come, which the connection's flags tell (no I/O).  Before mysqlclient 2.3 it has no
+        # more_results(): maybe, and result_sets_follow's next_result() tells (no I/O either
+        # when none are to come).  Private, so looked up.
+        conn = cursor.connection
+        if conn is None:
+            return False  # closed
+        if self.fetches_as_it_goes(cursor):
+            return getattr(cursor, "_result", None) is not None
+        more_results = getattr(conn, "more_results", None)
+        return more_results is None or bool(more_results())
 
     def holds_unread_rows(self, cursor: Any) -> bool:
         # The driver keeps no mark of one read to its end: one more row read tells, with no
-        # I/O at the end (and elsewhere the row goes, as the rest is about to).
-        return cursor.fetchone() is not None
+        # I/O at the end (and elsewhere the row goes, as the rest is about to).  A buffered
+        # cursor has all its rows already: a row taken here would be the borrower's.
+        return self.fetches_as_it_goes(cursor) and cursor.fetchone() is not None
 
     def result_sets_follow(self, cursor: Any) -> bool:
         # nextset() reads the connection's next result, whoever's it is: asked only once no
         # cursor has rows to come, when those to come are the latest statement's.
-        return _result_set_follows(cursor)
+        if self.fetches_as_it_goes(cursor):
+            return _result_set_follows(cursor)
+        # A buffered cursor's own rows stay readable (nextset() would replace them): the
+        # results still to come are read on the connection and dropped, a failed statement's
+        # error raised, as PyMySQL drops them before its next command (those of statements
+        # that return no rows, as a CALL's final status, lose nothing).  The connection's,
+        # not this cursor's: another buffered cursor of the lease may have run the statement.
+        conn = cursor.connection
+        while conn.next_result() == 0:
+            conn.discard_result()
+        return False
 
     def ping(self, conn: Any) -> None:
         conn.ping()
