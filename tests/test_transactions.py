@@ -1468,25 +1468,66 @@ class Attempts:
             return self.calls.count(who)
 
 
+class RetryTurns:
+    """Lets a retried attempt begin only once the other worker's transaction has ended: a
+    retry overlapping the other's transaction, still committing (its WAL flush can take tens
+    of milliseconds on a busy disk), is a pivot again and fails again, and a handful of such
+    retries, backing off for milliseconds, can all fail.  When both are retrying, the lower
+    key goes first."""
+
+    def __init__(self, keys: tuple[int, ...]) -> None:
+        self._cond = threading.Condition()
+        self._state = dict.fromkeys(keys, "running")  # or "waiting" (to retry), or "done"
+
+    def _my_turn(self, key: int) -> bool:
+        return all(
+            state == "done" or (state == "waiting" and key < other)
+            for other, state in self._state.items()
+            if other != key
+        )
+
+    def wait(self, key: int) -> None:
+        with self._cond:
+            self._state[key] = "waiting"
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self._my_turn(key), timeout=JOIN):
+                raise AssertionError(f"retry of {key} never got its turn: {self._state}")
+            self._state[key] = "running"
+
+    def done(self, key: int) -> None:
+        with self._cond:
+            self._state[key] = "done"
+            self._cond.notify_all()
+
+
 def _write_skew(
     pool: dbpool.Pool[Any], table: str, retries: int, attempts: Attempts
 ) -> list[Worker]:
     """Two SERIALIZABLE transactions that both count the rows, wait for each other, then each
     insert a row holding the count it saw: serially, the counts are 0 and 1."""
     barrier = threading.Barrier(2, timeout=10)
+    turns = RetryTurns((1, 2))
 
     def work(key: int) -> Callable[[], Any]:
         def fn(tx: dbpool.Transaction[Any]) -> int:
             attempt = attempts.record(str(key))
+            if attempt > 1:
+                turns.wait(key)  # before the first statement, which takes the snapshot
             seen = int(tx_scalar(tx, f"select count(*) from {table}"))
             if attempt == 1:
                 barrier.wait()  # both have read before either writes
             tx.execute(f"insert into {table} (id, v) values (%s, %s)", (key, str(seen)))
             return seen
 
-        return lambda: pool.run_transaction(
-            fn, isolation="SERIALIZABLE", retries=retries, timeout=20
-        )
+        def run() -> int:
+            try:
+                return pool.run_transaction(
+                    fn, isolation="SERIALIZABLE", retries=retries, timeout=20
+                )
+            finally:
+                turns.done(key)
+
+        return run
 
     return [Worker(work(key), f"skew-{key}") for key in (1, 2)]
 
@@ -1496,7 +1537,7 @@ def test_postgresql_serialization_failure_is_retried(pg: Backend) -> None:
     attempts = Attempts()
     with new_pool(pg.connect, max_size=2) as pool:
         workers = [w.join() for w in _write_skew(pool, table, 5, attempts)]
-        assert [w.error for w in workers] == [None, None]
+        assert [w.error for w in workers] == [None, None], attempts.calls
         assert len(attempts.calls) > 2, "no serialization failure happened"
         assert sorted(v for (v,) in direct(pg, f"select v from {table}")) == ["0", "1"]
         s = assert_balanced(pool)
