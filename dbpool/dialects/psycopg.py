@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from ..isolation import Isolation
@@ -24,10 +25,36 @@ def _set_tighter(setting: str) -> str:
     return f"set_config('{setting}', least(nullif({now_ms}, 0), %s::bigint)::text, true)"
 
 
-_LIMIT_TIME_SQL = "SELECT " + ", ".join(
-    _set_tighter(setting)
-    for setting in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
-)
+# The limits a block's deadline sets for the rest of its transaction (SET LOCAL).
+TIME_LIMITS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+# SHOW and SET take no snapshot, where any SELECT does: as a transaction's first statement, a
+# SELECT would fix a REPEATABLE READ or SERIALIZABLE snapshot before the block's own first
+# statement, which then could not be SET TRANSACTION (refused "before any query") or a LOCK
+# TABLE meant to come before the snapshot (its reads would miss what the lock waited for).
+_SHOW_LIMITS_SQL = "; ".join(f"SHOW {name}" for name in TIME_LIMITS)
+_MS_PER_UNIT = {"": 1, "ms": 1, "s": 1_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def shown_ms(shown: str) -> int:
+    """A time limit as SHOW and current_setting() write it ('0', '750ms', '2s', '1min',
+    '1d'), in milliseconds; 0 is no limit."""
+    match = re.fullmatch(r"(\d+)(ms|s|min|h|d|)", shown.strip())
+    if match is None:
+        raise ValueError(f"not a time limit in milliseconds as PostgreSQL shows one: {shown!r}")
+    return int(match[1]) * _MS_PER_UNIT[match[2]]
+
+
+def set_local_sql(limits: dict[str, int]) -> str:
+    """SET LOCAL statements, one per ``name: milliseconds``; one query when run unbound."""
+    return "; ".join(f"SET LOCAL {name} = {int(ms)}" for name, ms in limits.items())
+
+
+def tighter_limits(shown: list[str], ms: int) -> dict[str, int]:
+    """The TIME_LIMITS the deadline's ``ms`` must leave at their ``shown`` values: those a
+    session or block set tighter (a limit of 0 is none)."""
+    return {name: now for name, now in zip(TIME_LIMITS, map(shown_ms, shown)) if 0 < now < ms}
+
+
 # Before a late COMMIT: its deferred constraint checks may wait for another session's lock.
 _NARROW_TIME_SQL = "SELECT " + _set_tighter("lock_timeout")
 
@@ -312,8 +339,32 @@ class PsycopgDialect(Dialect):
         _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        ms = str(milliseconds(seconds))
-        _execute_with_values(conn, _LIMIT_TIME_SQL, (ms, ms, ms))  # ends with the transaction
+        # One round trip: SHOW what is in force now, then SET the deadline's limits; a second
+        # puts back those the session set tighter.  All end with the transaction.
+        from psycopg import Cursor
+        from psycopg.rows import tuple_row
+
+        ms = milliseconds(seconds)
+        cursor: Any
+        with Cursor(conn, row_factory=tuple_row) as cursor:
+            if conn.pgconn.pipeline_status:  # one statement per query in pipeline mode
+                shown = []
+                for name in TIME_LIMITS:
+                    cursor.execute(f"SHOW {name}")
+                    shown.append(cursor.fetchone()[0])
+                limits = dict.fromkeys(TIME_LIMITS, ms)
+                limits.update(tighter_limits(shown, ms))
+                for name, value in limits.items():
+                    cursor.execute(set_local_sql({name: value}))
+                return None
+            cursor.execute(f"{_SHOW_LIMITS_SQL}; {set_local_sql(dict.fromkeys(TIME_LIMITS, ms))}")
+            shown = [cursor.fetchone()[0]]
+            for _ in TIME_LIMITS[1:]:
+                cursor.nextset()
+                shown.append(cursor.fetchone()[0])
+            tighter = tighter_limits(shown, ms)
+            if tighter:
+                cursor.execute(set_local_sql(tighter))
         return None
 
     narrows_commit_wait = True

@@ -18,17 +18,19 @@ from .base import BROKEN, IDLE, IN_TRANSACTION, Dialect, TxState, _execute, mill
 from .psycopg import (
     _IN_FAILED_TRANSACTION,
     _INVALID_CURSOR_NAME,
-    _LIMIT_TIME_SQL,
     _NARROW_TIME_SQL,
     _PQ_IDLE,
     _PQ_INERROR,
     _RETRYABLE_SQLSTATES,
     _STOPPED_BY_LIMIT_SQLSTATES,
     LIBPQ_STATES,
+    TIME_LIMITS,
     _begin_sql,
     _rollback_even_two_phase,
     drop_received,
     prepared_two_phase_left,
+    set_local_sql,
+    tighter_limits,
 )
 
 # psycopg2.extensions.STATUS_READY: psycopg2 has no transaction of its own open, so it sends
@@ -264,8 +266,10 @@ class Psycopg2Dialect(Dialect):
         _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        ms = str(milliseconds(seconds))
-        _execute(conn, _LIMIT_TIME_SQL, (ms, ms, ms))
+        ms = milliseconds(seconds)
+        limits = dict.fromkeys(TIME_LIMITS, ms)
+        limits.update(tighter_limits(_limits_in_force(conn), ms))
+        _execute(conn, set_local_sql(limits))  # one query; ends with the transaction
         return None
 
     narrows_commit_wait = True
@@ -335,6 +339,28 @@ def _set_parameters(conn: Any, values: tuple[str | None, ...]) -> None:
     calls = ", ".join("set_config(%s, %s, false)" for _ in changed)
     with _in_autocommit(conn), conn.cursor() as cursor:
         cursor.execute(f"SELECT {calls}", [part for pair in changed for part in pair])
+
+
+_READ_LIMITS_SQL = "SELECT " + ", ".join(f"current_setting('{name}')" for name in TIME_LIMITS)
+
+
+def _limits_in_force(conn: Any) -> list[str]:
+    """TIME_LIMITS as in force now, read without fixing the snapshot of the transaction (see
+    TIME_LIMITS): before psycopg2 sends its BEGIN, by a SELECT of their own, one round trip;
+    in a transaction open already (begun with SQL on an autocommit connection), by SHOW, a
+    round trip each, as psycopg2 keeps the last result of a query only."""
+    plain_cursor = importlib.import_module("psycopg2.extensions").cursor  # makes tuples
+
+    if conn.status == _STATUS_READY and not conn.autocommit:
+        with _in_autocommit(conn), conn.cursor(cursor_factory=plain_cursor) as cursor:
+            cursor.execute(_READ_LIMITS_SQL)
+            return list(cursor.fetchone())
+    shown = []
+    with conn.cursor(cursor_factory=plain_cursor) as cursor:
+        for name in TIME_LIMITS:
+            cursor.execute(f"SHOW {name}")
+            shown.append(cursor.fetchone()[0])
+    return shown
 
 
 @contextlib.contextmanager
