@@ -1026,7 +1026,10 @@ def run_transaction(
             if attempt >= retries or dialect is None or not _retryable(dialect, exc):
                 raise
             delay = min(_RETRY_MAX_DELAY, _RETRY_FIRST_DELAY * 2.0 ** min(attempt, 30))
-            delay *= random.random()  # full jitter
+            # Half of it at least: the transaction that won the conflict may still be in its
+            # COMMIT (a WAL flush, a synchronous standby), and a retry that starts before it
+            # ends fails the same way; the default 5 retries then span 155 ms at least.
+            delay *= 0.5 + random.random() / 2
             if monotonic() + delay >= deadline:
                 raise _out_of_time(timeout, exc) from exc
             last = exc

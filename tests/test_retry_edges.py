@@ -83,6 +83,32 @@ def test_running_out_of_time_between_attempts_is_a_timeout_chained_to_the_last_e
         _balanced(pool)
 
 
+@pytest.mark.parametrize("draw", [0.0, 0.999999])
+def test_each_backoff_waits_half_its_length_at_least(
+    fake_server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, draw: float
+) -> None:
+    """The backoff doubles from 10 ms, and each wait is between half of it and all of it,
+    whatever the random draw: a retry that starts while the transaction that won the conflict
+    is still committing fails again, so the five default retries must span a commit that
+    takes long (155 ms at least), where full jitter could make them all near-immediate."""
+    slept: list[float] = []
+    fake_random = types.SimpleNamespace(random=lambda: draw)
+    monkeypatch.setattr(dbpool.transaction, "random", fake_random)
+    monkeypatch.setattr(dbpool.transaction, "time", types.SimpleNamespace(sleep=slept.append))
+
+    def fn(tx: dbpool.Transaction[Any]) -> None:
+        tx.execute("update t set v = 1")
+        raise _deadlock_victim()
+
+    with _pool(fake_server.connect_mssql) as pool:
+        with pytest.raises(fakedb.OperationalError):
+            pool.run_transaction(fn)  # the default: 5 retries
+        _balanced(pool)
+    nominal = [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert slept == pytest.approx([n * (0.5 + draw / 2) for n in nominal])
+    assert sum(slept) >= 0.155 - 1e-9
+
+
 def _retry_finds_every_connection_taken(
     pool: dbpool.Pool[Any], timeout: float | None
 ) -> tuple[BaseException, threading.Event, threading.Thread]:
