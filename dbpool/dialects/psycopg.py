@@ -267,6 +267,13 @@ class PsycopgDialect(Dialect):
 
     def commit(self, conn: Any) -> None:
         _refuse_while_reading(conn)
+        if conn.pgconn.pipeline_status:
+            # psycopg's commit() sends COMMIT only if libpq says a transaction is open, which
+            # in pipeline mode it knows as of the last sync: after a fetch, the block's BEGIN
+            # (SQL, in autocommit mode) may not be heard of yet, and the work was left to the
+            # rollback on return.  A nested pipeline block syncs as it ends.
+            with conn.pipeline():
+                pass
         conn.commit()
 
     def savepoint(self, conn: Any, name: str) -> None:
