@@ -55,6 +55,13 @@ def tighter_limits(shown: list[str], ms: int) -> dict[str, int]:
     return {name: now for name, now in zip(TIME_LIMITS, map(shown_ms, shown)) if 0 < now < ms}
 
 
+def limits_to_set(shown: list[str], ms: int) -> dict[str, int]:
+    """Each of TIME_LIMITS at the deadline's ``ms``, or at its ``shown`` value if tighter."""
+    limits = dict.fromkeys(TIME_LIMITS, ms)
+    limits.update(tighter_limits(shown, ms))
+    return limits
+
+
 # Before a late COMMIT: its deferred constraint checks may wait for another session's lock.
 _NARROW_TIME_SQL = "SELECT " + _set_tighter("lock_timeout")
 
@@ -359,9 +366,7 @@ class PsycopgDialect(Dialect):
                 for name in TIME_LIMITS:
                     cursor.execute(f"SHOW {name}")
                     shown.append(cursor.fetchone()[0])
-                limits = dict.fromkeys(TIME_LIMITS, ms)
-                limits.update(tighter_limits(shown, ms))
-                for name, value in limits.items():
+                for name, value in limits_to_set(shown, ms).items():
                     cursor.execute(set_local_sql({name: value}))
                 return None
             cursor.execute(f"{_SHOW_LIMITS_SQL}; {set_local_sql(dict.fromkeys(TIME_LIMITS, ms))}")

@@ -28,9 +28,9 @@ from .psycopg import (
     _begin_sql,
     _rollback_even_two_phase,
     drop_received,
+    limits_to_set,
     prepared_two_phase_left,
     set_local_sql,
-    tighter_limits,
 )
 
 # psycopg2.extensions.STATUS_READY: psycopg2 has no transaction of its own open, so it sends
@@ -266,9 +266,7 @@ class Psycopg2Dialect(Dialect):
         _rollback_even_two_phase(conn)
 
     def limit_time(self, conn: Any, seconds: float) -> Any:
-        ms = milliseconds(seconds)
-        limits = dict.fromkeys(TIME_LIMITS, ms)
-        limits.update(tighter_limits(_limits_in_force(conn), ms))
+        limits = limits_to_set(_limits_in_force(conn), milliseconds(seconds))
         _execute(conn, set_local_sql(limits))  # one query; ends with the transaction
         return None
 
