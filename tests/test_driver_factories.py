@@ -138,3 +138,50 @@ def test_mysql_cursor_class_a_borrower_set_is_put_back(
     with pool.connection() as conn:
         assert first_row(conn) == (1,)
     assert pool.stats().created == 1
+
+
+def test_psycopg_settings_read_from_fields_are_those_the_properties_give(
+    postgresql_dsn: str,
+) -> None:
+    # The return path reads psycopg's private fields behind its properties, for speed: they
+    # must say what the properties say, as a borrower changes each (a psycopg that stored
+    # them otherwise would make this fail, where the pool would miss a change).
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from dbpool.dialects.psycopg import PsycopgDialect, settings_through_properties
+
+    dialect = PsycopgDialect()
+    changes: list[tuple[str, Any]] = [
+        ("autocommit", True),
+        ("isolation_level", psycopg.IsolationLevel.SERIALIZABLE),
+        ("read_only", True),
+        ("deferrable", False),
+        ("row_factory", dict_row),
+        ("cursor_factory", psycopg.ClientCursor),
+        ("server_cursor_factory", psycopg.ServerCursor),
+        ("prepare_threshold", None),
+    ]
+    with psycopg.connect(postgresql_dsn) as conn:
+        seen = [dialect.client_settings(conn)]
+        for name, value in changes:
+            setattr(conn, name, value)
+            conn.add_notice_handler(print)
+            settings = dialect.client_settings(conn)
+            assert settings == settings_through_properties(conn, settings[-1])  # type: ignore[index]
+            assert settings != seen[-1], name
+            seen.append(settings)
+
+
+def test_psycopg_settings_are_read_through_the_properties_where_the_fields_are_missing() -> None:
+    from types import SimpleNamespace
+
+    from dbpool.dialects.psycopg import PsycopgDialect
+
+    names = (
+        "autocommit isolation_level read_only deferrable row_factory cursor_factory "
+        "server_cursor_factory prepare_threshold"
+    ).split()
+    conn = SimpleNamespace(**{name: f"<{name}>" for name in names})
+    expected = (*(f"<{name}>" for name in names), (), (), (0, None))
+    assert PsycopgDialect().client_settings(conn) == expected
