@@ -178,10 +178,16 @@ def test_psycopg_settings_are_read_through_the_properties_where_the_fields_are_m
 
     from dbpool.dialects.psycopg import PsycopgDialect
 
-    names = (
-        "autocommit isolation_level read_only deferrable row_factory cursor_factory "
-        "server_cursor_factory prepare_threshold"
-    ).split()
+    names = [
+        "autocommit",
+        "isolation_level",
+        "read_only",
+        "deferrable",
+        "row_factory",
+        "cursor_factory",
+        "server_cursor_factory",
+        "prepare_threshold",
+    ]
     conn = SimpleNamespace(**{name: f"<{name}>" for name in names})
     expected = (*(f"<{name}>" for name in names), (), (), (0, None))
     assert PsycopgDialect().client_settings(conn) == expected
