@@ -460,11 +460,18 @@ class Transaction(Generic[C]):
             raise _doomed_before_commit()
         if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
             self._finish_reading(slot)
+        slot.busy = True  # psycopg's pipeline mode syncs first: a round trip (see _commit)
         try:
             rolled_back = self._rolled_back_error(slot)
         except Exception:  # a dialect's look at the state failed: end it, or doom it
+            slot.busy = False
             self._end_quietly(slot)
             raise
+        except BaseException:
+            slot.busy = INTERRUPTED
+            slot.doomed = True  # interrupted half-way: see lease._call_failed
+            raise
+        slot.busy = False
         if rolled_back is not None:
             self._end_quietly(slot)
             raise rolled_back from rolled_back.__cause__
@@ -537,7 +544,7 @@ class Transaction(Generic[C]):
     def _rolled_back_error(self, slot: _Slot) -> TransactionRolledBack | None:
         """Before COMMIT: the error to raise instead, chained to its cause, if the server
         already ended or aborted the transaction (COMMIT would then commit nothing, or only
-        roll back, and report success).  No I/O."""
+        roll back, and report success).  No I/O, but for psycopg's sync in pipeline mode."""
         if self._ended_by is not None:
             error = self._ended_error()
         elif slot.dialect.transaction_aborted(slot.raw):

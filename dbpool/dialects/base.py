@@ -107,7 +107,8 @@ class Dialect:
 
     def transaction_aborted(self, conn: Any) -> bool:
         """Whether the open transaction failed, so that the server accepts only ROLLBACK
-        (PostgreSQL after an error: COMMIT would roll it back).  No I/O."""
+        (PostgreSQL after an error: COMMIT would roll it back).  Before COMMIT.  No I/O, unless
+        the driver's local state may be stale (psycopg's pipeline mode: one round trip)."""
         return False
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:

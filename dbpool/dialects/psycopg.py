@@ -6,7 +6,16 @@ import re
 from typing import Any, Callable
 
 from ..isolation import Isolation
-from .base import BROKEN, BUSY, IDLE, IN_TRANSACTION, Dialect, TxState, milliseconds
+from .base import (
+    BROKEN,
+    BUSY,
+    IDLE,
+    IN_TRANSACTION,
+    Dialect,
+    TxState,
+    derives_from,
+    milliseconds,
+)
 
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 # query_canceled (statement_timeout), lock_not_available (lock_timeout): a deadline's limits
@@ -128,6 +137,15 @@ def _reading(conn: Any) -> bool:
     return bool(pgconn.transaction_status == _PQ_ACTIVE and not pgconn.pipeline_status)
 
 
+def _sync_pipeline(conn: Any) -> None:
+    """In pipeline mode, libpq knows the transaction status as of the last sync only (a fetch
+    sends a flush request): sync, so that it is the server's now.  A nested pipeline block
+    syncs as it ends; it raises the error of a statement whose result nobody read yet."""
+    if conn.pgconn.pipeline_status:
+        with conn.pipeline():
+            pass
+
+
 def _refuse_while_reading(conn: Any) -> None:
     if _reading(conn):
         raise conn.OperationalError(
@@ -217,13 +235,27 @@ class PsycopgDialect(Dialect):
         return state
 
     def fresh_transaction_state(self, conn: Any) -> TxState:
-        # Before BEGIN: a block may run inside the caller's own conn.pipeline() block.
-        state = LIBPQ_STATES.get(conn.pgconn.transaction_status, BROKEN)
-        if state is not BROKEN and conn.lock.locked():
+        # Before BEGIN: a block may run inside the caller's own conn.pipeline() block, where
+        # the status is the last sync's (a BEGIN the caller sent as SQL may not be heard of),
+        # and where an autocommit statement not synced yet is in the server's implicit
+        # transaction, which a BEGIN would make the block's (rolled back with it).  A sync
+        # commits that one, and reads the status.
+        pgconn = conn.pgconn
+        state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
+        if state is BROKEN:
+            return state
+        if conn.lock.locked():
             return BUSY  # BEGIN would wait for the lock (see transaction_state)
+        if pgconn.pipeline_status:
+            _sync_pipeline(conn)
+            state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
         return state
 
     def transaction_aborted(self, conn: Any) -> bool:
+        # In pipeline mode, after a sync: an error the borrower caught came with a flush, and
+        # the status still says the transaction is open (or idle, BEGIN being SQL in autocommit
+        # mode), where COMMIT would roll it back and report success.
+        _sync_pipeline(conn)
         return bool(conn.pgconn.transaction_status == _PQ_INERROR)
 
     def client_settings(self, conn: Any) -> object:
@@ -298,13 +330,11 @@ class PsycopgDialect(Dialect):
 
     def commit(self, conn: Any) -> None:
         _refuse_while_reading(conn)
-        if conn.pgconn.pipeline_status:
-            # psycopg's commit() sends COMMIT only if libpq says a transaction is open, which
-            # in pipeline mode it knows as of the last sync: after a fetch, the block's BEGIN
-            # (SQL, in autocommit mode) may not be heard of yet, and the work was left to the
-            # rollback on return.  A nested pipeline block syncs as it ends.
-            with conn.pipeline():
-                pass
+        # psycopg's commit() sends COMMIT only if libpq says a transaction is open, which in
+        # pipeline mode it knows as of the last sync: after a fetch, the block's BEGIN (SQL, in
+        # autocommit mode) may not be heard of yet, and the work was left to the rollback on
+        # return.
+        _sync_pipeline(conn)
         conn.commit()
 
     def savepoint(self, conn: Any, name: str) -> None:
@@ -317,6 +347,9 @@ class PsycopgDialect(Dialect):
 
     def rollback_to_savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
+        # Out of the aborted state an error inside the savepoint's block left a pipeline in,
+        # where the server skips every statement until a sync (as psycopg's rollback() does)
+        _sync_pipeline(conn)
         super().rollback_to_savepoint(conn, name)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
@@ -366,10 +399,17 @@ class PsycopgDialect(Dialect):
     def begin_on_server(self, conn: Any) -> None:
         # psycopg's own conn.transaction() is BEGIN ... COMMIT when it finds no transaction
         # open, a savepoint otherwise: it must find the block's.  An empty query, after which
-        # psycopg sends its BEGIN first; not in pipeline mode, where that waits for a sync.
+        # psycopg sends its BEGIN first (and syncs, in pipeline mode).  In pipeline mode an
+        # idle status may be stale: the block's BEGIN, SQL in autocommit mode, is heard of at
+        # a sync only.  (ACTIVE, results pending: psycopg's transaction() syncs first itself.)
         pgconn = conn.pgconn
-        idle = pgconn.transaction_status == _PQ_IDLE
-        if idle and not conn.autocommit and not pgconn.pipeline_status:
+        if pgconn.transaction_status != _PQ_IDLE:
+            return
+        if pgconn.pipeline_status:
+            _sync_pipeline(conn)
+            if pgconn.transaction_status != _PQ_IDLE:
+                return
+        if not conn.autocommit:
             conn.execute("")
 
     def rollback(self, conn: Any) -> None:
@@ -446,7 +486,11 @@ class PsycopgDialect(Dialect):
         return getattr(exc, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
     def refused_as_aborted(self, exc: BaseException) -> bool:
-        return getattr(exc, "sqlstate", None) == _IN_FAILED_TRANSACTION
+        # In pipeline mode the server skips the statements after the error until a sync, and
+        # psycopg raises PipelineAborted (no SQLSTATE) for each
+        if getattr(exc, "sqlstate", None) == _IN_FAILED_TRANSACTION:
+            return True
+        return derives_from(exc, "psycopg.errors", "PipelineAborted")
 
     def stopped_by_limit(self, exc: BaseException) -> bool:
         # COMMIT runs the deferred constraint checks, which may wait for another session's lock
