@@ -83,7 +83,11 @@ def new_pool(pg_connect: Connector, mode: str) -> dbpool.Pool[Any]:
 
 
 def backend(conn: Any) -> int:
-    return int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+    """The session's backend pid, read in a transaction ended here (a plain connection's):
+    the lease is idle again, ready for a block."""
+    pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+    conn.commit()
+    return pid
 
 
 def assert_kept_clean(pool: dbpool.Pool[Any], pid: int) -> None:
@@ -95,7 +99,6 @@ def assert_kept_clean(pool: dbpool.Pool[Any], pid: int) -> None:
         assert pgconn.pipeline_status == 0
         assert pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert backend(conn) == pid
-        conn.rollback()
 
 
 def lose_a_conflict(tx: Any, admin: Any, *, fetch: bool) -> None:
@@ -148,7 +151,6 @@ def test_a_plain_connections_open_transaction_refuses_the_block(
     with new_pool(pg_connect, "plain") as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            conn.commit()
             with conn.pipeline():
                 cursor = conn.execute(f"INSERT INTO {TABLE} VALUES (2, 0) RETURNING id")
                 if fetched:
@@ -173,8 +175,6 @@ def test_a_caught_error_ends_the_block_with_transaction_rolled_back(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with pytest.raises(dbpool.TransactionRolledBack) as raised:
                     with conn.transaction(timeout=timeout) as tx:
@@ -195,8 +195,6 @@ def test_a_caught_serialization_failure_ends_the_block_with_transaction_rolled_b
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with pytest.raises(dbpool.TransactionRolledBack) as raised:
                     with conn.transaction(isolation="repeatable read") as tx:
@@ -218,8 +216,6 @@ def test_a_serialization_failure_read_at_commit_is_raised(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with pytest.raises(psycopg.errors.SerializationFailure):
                     with conn.transaction(isolation="repeatable read", timeout=timeout) as tx:
@@ -255,8 +251,6 @@ def test_psycopgs_own_transaction_inside_the_block_is_a_savepoint_of_it(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with pytest.raises(Boom), conn.transaction(timeout=timeout) as tx:
                     if read_first:
@@ -283,8 +277,6 @@ def test_a_savepoint_undoes_a_caught_error_and_the_block_commits(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with conn.transaction(timeout=timeout) as tx:
                     tx.execute(f"INSERT INTO {TABLE} VALUES (2, 0)")
@@ -306,8 +298,6 @@ def test_nested_savepoints_release_and_roll_back(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with conn.transaction(timeout=timeout) as tx:
                     with tx.savepoint():
@@ -381,8 +371,6 @@ def test_a_statement_past_the_deadline_ends_the_block_with_the_timeout(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with pytest.raises(dbpool.TransactionTimeout):
                     with conn.transaction(timeout=0.3) as tx:
@@ -415,8 +403,6 @@ def test_a_late_commit_narrows_its_lock_wait_inside_the_pipeline(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with conn.transaction(timeout=5) as tx:
                     tx.execute(f"INSERT INTO {TABLE} VALUES (2, 0)")
@@ -463,8 +449,6 @@ def test_a_lease_returned_just_after_its_pipeline_is_kept_clean(
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
-            if mode == "plain":
-                conn.commit()
             with conn.pipeline():
                 with contextlib.suppress(Boom), conn.transaction() as tx:
                     tx.execute(f"INSERT INTO {TABLE} VALUES (2, 0)")

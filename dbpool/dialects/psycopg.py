@@ -241,15 +241,12 @@ class PsycopgDialect(Dialect):
         # transaction, which a BEGIN would make the block's (rolled back with it).  A sync
         # commits that one, and reads the status.
         pgconn = conn.pgconn
-        state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
-        if state is BROKEN:
-            return state
+        if LIBPQ_STATES.get(pgconn.transaction_status, BROKEN) is BROKEN:
+            return BROKEN
         if conn.lock.locked():
             return BUSY  # BEGIN would wait for the lock (see transaction_state)
-        if pgconn.pipeline_status:
-            _sync_pipeline(conn)
-            state = LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
-        return state
+        _sync_pipeline(conn)
+        return LIBPQ_STATES.get(pgconn.transaction_status, BROKEN)
 
     def transaction_aborted(self, conn: Any) -> bool:
         # In pipeline mode, after a sync: an error the borrower caught came with a flush, and
@@ -405,11 +402,8 @@ class PsycopgDialect(Dialect):
         pgconn = conn.pgconn
         if pgconn.transaction_status != _PQ_IDLE:
             return
-        if pgconn.pipeline_status:
-            _sync_pipeline(conn)
-            if pgconn.transaction_status != _PQ_IDLE:
-                return
-        if not conn.autocommit:
+        _sync_pipeline(conn)
+        if pgconn.transaction_status == _PQ_IDLE and not conn.autocommit:
             conn.execute("")
 
     def rollback(self, conn: Any) -> None:
