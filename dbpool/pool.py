@@ -239,21 +239,28 @@ class _Waiter:
     """A caller waiting for a connection: queued for a free one, or for the connect made on its
     behalf.  ``wakeup`` is held until the caller is served."""
 
-    __slots__ = ("wakeup", "grant", "slot", "error", "abandoned")
+    __slots__ = ("wakeup", "grant", "slot", "error", "abandoned", "since", "ident")
 
-    def __init__(self) -> None:
+    def __init__(self, since: float = 0.0, ident: int = 0) -> None:
         self.wakeup = threading.Lock()
         self.wakeup.acquire()
-        self.grant: object = None  # _HANDED, _OPEN, _FAILED or _CLOSED once served
+        # A queued caller's: when it asked for a connection (the start of its wait), and its
+        # thread (the owner of a connection lent to it)
+        self.since = since
+        self.ident = ident
+        self.grant: object = None  # _LENT, _HANDED, _OPEN, _FAILED or _CLOSED once served
         self.slot: _Slot | None = None
-        self.error: BaseException | None = None  # why the connect failed, with _FAILED
+        # Why the connect failed, with _FAILED; the PoolTimeout of a queued caller whose time
+        # ran out, with no grant
+        self.error: BaseException | None = None
         # The caller gave up (timed out or was interrupted): what it waited for goes to the
         # pool instead.  Written and read under the pool lock.
         self.abandoned = False
 
 
 # What a waiter is granted.
-_HANDED = "a live connection"
+_LENT = "a connection returned just now, fit for use: leased to it, and counted, as handed over"
+_HANDED = "a live connection, to validate"
 _OPEN = "a reserved slot to open a connection in"
 _FAILED = "the connect made for it failed"
 _CLOSED = "the pool closed"
@@ -652,6 +659,7 @@ class Pool(Generic[C]):
         if timeout is not None:
             _check_number("timeout", timeout, allow_none=False, positive=False)
         slot = None  # a connection this call holds (counted in acquired), to give back on error
+        waiter = None  # this call's place in the queue, until it is served
         started = None  # set when this checkout could not be served at once: its wait counts
         conn = None
         told = False  # checkout listeners were told of the lease: an undo tells its checkin
@@ -696,10 +704,30 @@ class Pool(Generic[C]):
                             # before the lease is made counts it as returned
                             slot.owner = threading.get_ident()
                             slot.leased_at = now
+                    elif (
+                        self._waiters  # then the pool is open, and full: no room to connect
+                        and not self._connect_failures
+                        and (not self._max_waiting or len(self._waiters) < self._max_waiting)
+                    ):
+                        # The busy pool's common case, inline: in the queue at once (_take's
+                        # own, in short)
+                        waiter = _Waiter(now, threading.get_ident())
+                        self._waiters.append(waiter)
                 finally:
                     self._lock.release()
             deadline = None
-            if slot is not None and not fresh:  # counted once validated, as a wait
+            if waiter is not None:
+                started = now
+                if timeout is None:
+                    timeout = self._acquire_timeout
+                deadline = now + timeout
+                self._await_grant(waiter, deadline, timeout)
+                slot, fresh = self._granted(waiter)  # lent: counted, as one served at once is
+                waiter = None  # served: the slot is what is left to undo
+                if not fresh:
+                    candidate, slot = slot, None  # _ready keeps or gives it back itself
+                    slot = self._ready(candidate, deadline, timeout)
+            elif slot is not None and not fresh:  # counted once validated, as a wait
                 started = now
                 deadline = now + (self._acquire_timeout if timeout is None else timeout)
                 candidate, slot = slot, None  # validation keeps or discards it itself
@@ -710,7 +738,7 @@ class Pool(Generic[C]):
             if slot is None:
                 if started is None:
                     started = now  # taken before the fast path's look at the idle stack
-                slot = self._acquire(timeout, deadline)
+                slot, fresh = self._acquire(timeout, deadline, started)
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
             if started is None:
@@ -720,6 +748,27 @@ class Pool(Generic[C]):
                     told = True
                     self._emit_handling(
                         _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, 0.0
+                    )
+                return conn
+            if fresh:  # lent by a return: leased and counted as it was handed over
+                if slot.generation < 0:
+                    # Ended by close() since (and counted as returned there): told so, as a
+                    # caller woken up with a connection to count is below
+                    ended, slot = slot, None
+                    self._close_if_retired(ended)
+                    raise PoolClosed(
+                        f"pool {self._name!r} was closed while this caller waited for a connection"
+                    )
+                conn = lease(self, slot)
+                slot.claim.append(slot)
+                if self._listeners.checkout:
+                    told = True
+                    self._emit_handling(
+                        _CHECKOUT_LISTENER,
+                        self._listeners.checkout,
+                        Event.CHECKOUT,
+                        slot.raw,
+                        slot.leased_at - started,
                     )
                 return conn
             me = threading.get_ident()
@@ -763,6 +812,8 @@ class Pool(Generic[C]):
             return conn
         except BaseException:
             self._drop_lock_if_held()
+            if waiter is not None:  # whatever it was granted meanwhile goes back
+                self._abandon(waiter)
             if slot is not None:
                 # A lease made meanwhile must never return it: it may be referenced (from the
                 # traceback) long after the connection went to someone else.  Taking its claim
@@ -1457,9 +1508,12 @@ class Pool(Generic[C]):
 
     # -- acquire ------------------------------------------------------------------------------
 
-    def _acquire(self, timeout: float | None, deadline: float | None) -> _Slot:
+    def _acquire(
+        self, timeout: float | None, deadline: float | None, since: float
+    ) -> tuple[_Slot, bool]:
         """The general checkout: queue, connect, validate.  ``timeout`` was checked;
-        ``deadline`` is set when a validation already used part of the time."""
+        ``deadline`` is set when a validation already used part of the time; ``since``: when
+        the caller asked.  Returns the connection, and whether it was lent (see _LENT)."""
         if self._asleep:
             self._wake_after_fork()
         if timeout is None:
@@ -1471,14 +1525,25 @@ class Pool(Generic[C]):
         while True:
             if self._orphans:  # the reaper returns them: a rollback of one may hang, and this
                 self._reaper_wakeup.set()  # caller's deadline must hold
-            slot = self._take(deadline, timeout)
-            if slot.raw is None:
-                return self._connect_for_caller(slot, deadline, timeout)
-            if self._fit_for_use(slot, deadline):
-                return slot
+            slot, lent = self._take(deadline, timeout, since)
+            if lent:
+                return slot, True
+            ready = self._ready(slot, deadline, timeout)
+            if ready is not None:
+                return ready, False
             now = monotonic()
             if now >= deadline and now < slot.expires_at:  # (an expired one cost no ping)
                 raise self._validation_timeout(timeout)
+
+    def _ready(self, slot: _Slot, deadline: float, timeout: float) -> _Slot | None:
+        """What a checkout took or was granted, made ready to lend: a connection opened in a
+        slot reserved empty, or an idle connection validated (``None`` if it failed, and was
+        discarded)."""
+        if slot.raw is None:
+            return self._connect_for_caller(slot, deadline, timeout)
+        if self._fit_for_use(slot, deadline):
+            return slot
+        return None
 
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
         with self._lock:
@@ -1494,8 +1559,9 @@ class Pool(Generic[C]):
         logger.warning("%s", error)
         return error
 
-    def _take(self, deadline: float, timeout: float) -> _Slot:
-        """A connection the caller now owns, or an empty slot reserved for it to open."""
+    def _take(self, deadline: float, timeout: float, since: float) -> tuple[_Slot, bool]:
+        """A connection the caller now owns, or an empty slot reserved for it to open; and
+        whether the connection was lent (see _LENT).  ``since``: when the caller asked."""
         slot = waiter = None  # what this call holds, for the undo
         try:
             with self._lock:
@@ -1504,14 +1570,14 @@ class Pool(Generic[C]):
                 if self._idle:  # then nobody is waiting
                     slot = self._pop_idle_locked(monotonic())
                     self._in_use += 1
-                    return slot
+                    return slot, False
                 if (
                     not self._waiters
                     and self._size + len(self._retired) < self._max_size
                     and self._may_connect_locked(monotonic())
                 ):
                     slot = self._reserve_locked()
-                    return slot
+                    return slot, False
                 if self._max_waiting and len(self._waiters) >= self._max_waiting:
                     waiting = len(self._waiters)
                     raise TooManyWaiters(
@@ -1520,21 +1586,11 @@ class Pool(Generic[C]):
                         f"(max_waiting={self._max_waiting}); raise max_waiting or max_size, or "
                         "shed load"
                     )
-                waiter = _Waiter()
+                waiter = _Waiter(since, threading.get_ident())
                 self._waiters.append(waiter)
                 if self._connect_failures:
                     self._reaper_wakeup.set()  # it serves queued callers when the delay is up
-            served = waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic()))
-            if served:  # the grant was written before wakeup was released
-                grant = waiter.grant
-            else:
-                with self._lock:
-                    grant = waiter.grant
-                    if grant is None:  # timed out, and nothing was handed over in the meantime
-                        if waiter in self._waiters:  # (a signal handler may have cut a hand-off)
-                            self._waiters.remove(waiter)
-                        self._timeouts += 1
-                        error = self._timeout_error_locked(timeout)
+            self._await_grant(waiter, deadline, timeout)
         except BaseException:
             # e.g. KeyboardInterrupt in the wait, or a signal handler raising as the lock was
             # let go: undo whatever this call took, or was granted meanwhile.
@@ -1544,14 +1600,35 @@ class Pool(Generic[C]):
             elif waiter is not None:
                 self._abandon(waiter)
             raise
+        return self._granted(waiter)
+
+    def _await_grant(self, waiter: _Waiter, deadline: float, timeout: float) -> None:
+        """Wait until the queued ``waiter`` is served, or its time runs out: then it leaves
+        the queue with no grant and its PoolTimeout in ``error``.  The caller abandons the
+        waiter if this raises."""
+        if waiter.wakeup.acquire(timeout=_bounded(deadline - monotonic())):
+            return  # served: the grant was written before wakeup was released
+        with self._lock:
+            if waiter.grant is None:  # nothing was handed over in the meantime
+                if waiter in self._waiters:  # (a signal handler may have cut a hand-off)
+                    self._waiters.remove(waiter)
+                self._timeouts += 1
+                waiter.error = self._timeout_error_locked(timeout)
+
+    def _granted(self, waiter: _Waiter) -> tuple[_Slot, bool]:
+        """What a queued caller was served, as _take returns it; raises PoolTimeout for one
+        whose time ran out, PoolClosed for one the pool turned away."""
+        grant = waiter.grant
         if grant is None:
+            error, waiter.error = waiter.error, None
+            assert error is not None
             logger.warning("%s", error)
             raise error from self._last_connect_error
         if grant is _CLOSED:
             how = "drained" if self._drained else "closed"
             raise PoolClosed(f"pool {self._name!r} was {how} while waiting for a connection")
         assert waiter.slot is not None
-        return waiter.slot
+        return waiter.slot, grant is _LENT
 
     def _pop_idle_locked(self, now: float) -> _Slot:
         """Take the idle connection to hand out: the least recently returned of the
@@ -1619,6 +1696,8 @@ class Pool(Generic[C]):
         slot = waiter.slot
         if (grant is _HANDED or grant is _OPEN) and slot is not None:
             self._untake(slot)  # a connection, or room to open one: back as if never taken
+        elif grant is _LENT and slot is not None:
+            self._untake(slot, counted=True)  # its checkout was counted as it was lent
 
     def _fit_for_use(self, slot: _Slot, deadline: float, *, probe: bool = False) -> bool:
         """Check an idle connection taken out of the stack; discard it and say so if it is not
@@ -2032,6 +2111,7 @@ class Pool(Generic[C]):
             try:
                 generation = slot.generation
                 if generation >= 0:
+                    held = 0.0  # a borrower's return, counted even if interrupted before the time
                     if slot.borrowed is not None:  # the reaper reports it no more
                         self._note_return_of_borrowed(slot)
                     held = monotonic() - slot.leased_at
@@ -2077,25 +2157,49 @@ class Pool(Generic[C]):
             return
         slot.used_at = slot.alive_at = now
         # _put_back's common case, written out (a call fewer on every return): change both.
-        # Its slot.borrowed = None is done above.  Anything else (a waiter, a pool closed,
-        # shrunk or reopened meanwhile) goes to _put_back itself, after the lock is let go.
+        # Its slot.borrowed = None is done above.  Anything else (a waiter after a broken
+        # connection was found, a pool closed, shrunk or reopened meanwhile) goes to _put_back
+        # itself, after the lock is let go.
         kept = False
         try:
             self._lock.acquire()
             try:
+                waiters = self._waiters
                 if (
                     slot.generation == self._generation
                     and not self._closed
-                    and not self._waiters
                     and not self._retired
                     and self._size <= self._max_size
                 ):
-                    self._in_use -= 1
-                    self._returned += 1
-                    self._held_time += held
-                    slot.owner = 0
-                    kept = True  # before the call: a signal handler may raise as it returns
-                    self._idle.append(slot)
+                    if not waiters:
+                        self._in_use -= 1
+                        self._returned += 1
+                        self._held_time += held
+                        slot.owner = 0
+                        kept = True  # before the call: a signal handler may raise as it returns
+                        self._idle.append(slot)
+                    elif now > self._broken_at:  # else it is validated first: see _put_back
+                        # Lent to the oldest waiter: as fit for use as one the checkout's fast
+                        # path takes from the idle stack (used just now, not expired, returned
+                        # after the last broken one was found), and leased as that one is,
+                        # owned and counted here, so that the waiter wakes up with nothing to
+                        # do under the lock.  The bucket is found before anything is counted;
+                        # then no call until it is served (see _pop_idle_locked).
+                        waiter = waiters[0]
+                        waited = now - waiter.since
+                        bucket = wait_bucket(waited)
+                        del waiters[0]
+                        self._returned += 1
+                        self._held_time += held
+                        kept = True
+                        slot.owner = waiter.ident
+                        slot.leased_at = now
+                        self._wait_time += waited
+                        self._wait_counts[bucket] += 1
+                        self._waits_recorded += 1
+                        waiter.slot = slot
+                        waiter.grant = _LENT
+                        waiter.wakeup.release()
             finally:
                 self._lock.release()
         except BaseException:
@@ -2209,20 +2313,22 @@ class Pool(Generic[C]):
                 if generation >= 0 or generation == _LEFT_OPEN:
                     slot.generation = _FORGOTTEN  # closed here, and by nobody else
                 if generation >= 0:
-                    # Let go as a discarded connection is: its place under max_size is free,
-                    # and drain() and close() wait for its close, except in this thread (a
-                    # close listener may call them).
-                    self._retired.discard(slot)
+                    # Counted first, with no call among the counts: a signal handler may raise
+                    # as one returns.
                     self._closed_count += 1  # no longer in stats()' size: closed from now on
-                    slot.owner = threading.get_ident()  # now the thread closing it
-                    self._closing.add(slot)
-                    self._grant_room_locked()
                     if held is not None:
                         # Counted with the claim of its close: a close() that ends it first
                         # counts it there instead, once.
                         self._returned += 1
                         self._not_kept += 1
                         self._held_time += held
+                    # Let go as a discarded connection is: its place under max_size is free,
+                    # and drain() and close() wait for its close, except in this thread (a
+                    # close listener may call them).
+                    self._retired.discard(slot)
+                    slot.owner = threading.get_ident()  # now the thread closing it
+                    self._closing.add(slot)
+                    self._grant_room_locked()
         finally:  # even if a signal handler raised as the lock was let go: nobody else closes it
             if generation == _LEFT_OPEN:
                 self._close_raw(slot, POOL_CLOSED, "left open by close() until it came back")

@@ -165,21 +165,21 @@ def test_a_return_whose_time_runs_out_once_the_connection_is_back_leaves_it_alon
     dialect = Severable(error=None)
     pool = make_pool(max_size=1, dialect=dialect)
     time_up = threading.Event()
-    cut_off, put_back = pool._cut_off, pool._put_back
+    cut_off, give_back = pool._cut_off, pool._give_back
 
-    # Private methods, wrapped: the watchdog's call when the time is up, and the last step of
-    # the maintenance thread's return, held until then.
+    # Private methods, wrapped: the watchdog's call when the time is up, and the maintenance
+    # thread's return, held once it has handed the connection over, until then.
     def late_cut_off(*args: Any) -> None:
         cut_off(*args)
         time_up.set()
 
-    def lingering_put_back(*args: Any) -> None:
-        put_back(*args)
+    def lingering_give_back(*args: Any) -> None:
+        give_back(*args)
         if threading.current_thread().name.startswith("dbpool-reaper"):
             time_up.wait(5)
 
     monkeypatch.setattr(pool, "_cut_off", late_cut_off)
-    monkeypatch.setattr(pool, "_put_back", lingering_put_back)
+    monkeypatch.setattr(pool, "_give_back", lingering_give_back)
     lease = [pool.connection()]
     lease[0].cursor().execute("insert into t values (1)")
     dropped = server.connections[-1]

@@ -294,6 +294,7 @@ def assert_sound(scene: Scene) -> None:
     s = pool.stats()
     assert (s.in_use, s.opening, s.waiting) == (0, 0, 0), s
     assert s.size == s.idle == len(server.open_connections), describe(scene)
+    assert s.acquired == s.returned, f"checkouts and returns no longer pair up: {s}"
 
 
 def assert_closed_clean(scene: Scene) -> None:
@@ -378,10 +379,11 @@ def connect_starting_caller_signalled(scene: Scene, exc: Exc) -> None:
 # -- waiting for a connection -----------------------------------------------------------------
 
 
-def park_a_waiter(scene: Scene, timeout: float = 10.0) -> Caller:
-    """With the pool full, start a caller and wait until it is parked in the queue."""
+def park_a_waiter(scene: Scene, timeout: float = 10.0, ahead: int = 0) -> Caller:
+    """With the pool full and ``ahead`` callers queued already, start a caller and wait until
+    it is parked in the queue (behind others, the checkout's fast path queues it)."""
     caller = scene.start(lambda: scene.pool.connection(timeout=timeout))
-    wait_until(lambda: scene.pool.stats().waiting == 1 or caller.done.is_set())
+    wait_until(lambda: scene.pool.stats().waiting == ahead + 1 or caller.done.is_set())
     assert not caller.done.is_set(), f"the caller did not wait: {caller.error!r}"
     wait_parked(caller.thread)
     return caller
@@ -405,6 +407,46 @@ def wait_interrupted_at_hand_over(scene: Scene, exc: Exc) -> None:
     first.close()  # handed to the parked caller, which wakes with the exception pending
     assert isinstance(caller.outcome(), exc)
     second.close()
+
+
+def behind_another_interrupted_at_timeout(scene: Scene, exc: Exc) -> None:
+    pool = scene.make_pool()
+    held = [pool.connection(), pool.connection()]
+    first_in_line = park_a_waiter(scene)
+    caller = park_a_waiter(scene, timeout=1.0, ahead=1)
+    async_raise(caller.thread, exc)  # lands when the wait times out
+    assert isinstance(caller.outcome(), exc), caller.error
+    held[0].close()  # lent to the caller first in line
+    assert first_in_line.outcome() is None, first_in_line.error
+    first_in_line.value.close()
+    held[1].close()
+
+
+def behind_another_interrupted_at_hand_over(scene: Scene, exc: Exc) -> None:
+    pool = scene.make_pool()
+    first, second = pool.connection(), pool.connection()
+    first_in_line = park_a_waiter(scene)
+    caller = park_a_waiter(scene, ahead=1)
+    async_raise(caller.thread, exc)
+    first.close()  # lent to the caller first in line
+    assert first_in_line.outcome() is None, first_in_line.error
+    first_in_line.value.close()  # lent to the caller, which wakes with the exception pending
+    assert isinstance(caller.outcome(), exc)
+    second.close()
+
+
+def behind_another_interrupted_at_pool_close(scene: Scene, exc: Exc) -> None:
+    pool = scene.make_pool()
+    held = [pool.connection(), pool.connection()]
+    first_in_line = park_a_waiter(scene)
+    caller = park_a_waiter(scene, ahead=1)
+    async_raise(caller.thread, exc)
+    closer = scene.start(lambda: pool.close(timeout=10), "closer")
+    assert isinstance(caller.outcome(), exc)
+    assert isinstance(first_in_line.outcome(), dbpool.PoolClosed), first_in_line.error
+    for lease in held:
+        lease.close()
+    assert closer.outcome() is None
 
 
 def wait_interrupted_at_room_grant(scene: Scene, exc: Exc) -> None:
@@ -711,6 +753,17 @@ POINTS: list[tuple[str, Point, tuple[Exc | None, ...]]] = [
     ("wait-interrupted-at-hand-over", wait_interrupted_at_hand_over, INTERRUPTS),
     ("wait-interrupted-at-room-grant", wait_interrupted_at_room_grant, INTERRUPTS),
     ("wait-interrupted-at-pool-close", wait_interrupted_at_pool_close, INTERRUPTS),
+    ("behind-another-interrupted-at-timeout", behind_another_interrupted_at_timeout, INTERRUPTS),
+    (
+        "behind-another-interrupted-at-hand-over",
+        behind_another_interrupted_at_hand_over,
+        INTERRUPTS,
+    ),
+    (
+        "behind-another-interrupted-at-pool-close",
+        behind_another_interrupted_at_pool_close,
+        INTERRUPTS,
+    ),
     ("validation-ping", validation_ping_raises, ALL),
     ("validation-rollback", validation_rollback_raises, ALL),
     ("validation-blocked-caller-signalled", validation_blocked_caller_signalled, INTERRUPTS),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -215,20 +216,24 @@ def test_a_checkout_close_ends_before_its_lease_is_made_is_counted_as_returned(
     assert (s.acquired, s.returned, s.in_use) == (2, 2, 0), s
 
 
-@pytest.mark.parametrize("served", ["after a ping", "by a connect", "by a hand-over"])
+@pytest.mark.parametrize(
+    "served", ["after a ping", "by a connect", "by a hand-over", "by a hand-over to validate"]
+)
 def test_a_checkout_close_ends_as_its_wait_ends_is_counted_once(
     make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, served: str
 ) -> None:
     # close() past its timeout, in another thread, lands as a caller that was not served at
     # once takes the connection it was given as its own (forced here by running it as the
-    # caller asks for its thread's ident): the caller is told the pool closed, or is lent a
-    # lease close() ended and counted, never a lease close() did not count.
+    # caller asks for its thread's ident) or, lent one by a return, as it wakes up with it:
+    # the caller is told the pool closed, never lent a lease close() did not count.
     pool = make_pool(max_size=1, validate_after=0 if served == "after a ping" else None)
     if served == "after a ping":
         with pool.connection():
             pass
     rec = Recorder().listen_to_all(pool)
-    holder = pool.connection() if served == "by a hand-over" else None
+    holder = pool.connection() if served.startswith("by a hand-over") else None
+    if served == "by a hand-over to validate":  # a broken connection was found since
+        pool._broken_at = time.monotonic() + 3600  # private: when the last one was found
 
     class CloseFirst:
         """dbpool.pool's view of the threading module, whose get_ident() closes the pool."""
@@ -242,12 +247,16 @@ def test_a_checkout_close_ends_as_its_wait_ends_is_counted_once(
             return threading.get_ident()
 
     def checkout() -> None:
-        try:
-            lease = pool.connection(timeout=5)
-        except dbpool.PoolClosed:
-            return
-        assert lease.released, "lent as if close() had not ended it"
-        lease.close()
+        with pytest.raises(dbpool.PoolClosed, match="closed while this caller waited"):
+            pool.connection(timeout=5).close()
+
+    granted = pool._granted
+
+    def close_first(*args: Any) -> Any:
+        """The queued caller's first step once woken up (a private method, wrapped)."""
+        monkeypatch.undo()
+        pool.close(timeout=0)
+        return granted(*args)
 
     if holder is None:
         monkeypatch.setattr(dbpool.pool, "threading", CloseFirst())
@@ -255,9 +264,13 @@ def test_a_checkout_close_ends_as_its_wait_ends_is_counted_once(
     else:
         waiter = Caller(checkout, name="waiter")
         wait_until(lambda: pool.stats().waiting == 1)
-        monkeypatch.setattr(dbpool.pool, "threading", CloseFirst())
+        if served == "by a hand-over":
+            monkeypatch.setattr(pool, "_granted", close_first)
+        else:
+            monkeypatch.setattr(dbpool.pool, "threading", CloseFirst())
         holder.close()  # handed to the caller queued
         assert waiter.outcome() is None
+    assert "_granted" not in vars(pool), "close() never ran"
     assert dbpool.pool.threading is threading, "close() never ran"
     s = pool.stats()
     assert s.acquired - s.returned == s.in_use == 0, s

@@ -28,6 +28,7 @@ import gc
 import sqlite3
 import sys
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ import pytest
 import dbpool
 from dbpool.dialects.base import Dialect
 from dbpool.lease import Connection, lease
+from dbpool.stats import wait_bucket
 from dbpool.transaction import Savepoint, Transaction
 from tests.conftest import wait_until
 
@@ -162,6 +164,9 @@ def _problems(pool: dbpool.Pool[Any], max_size: int) -> str:
             conn.close()
     if len(set(raws)) != len(raws):
         return "one connection was handed out twice"
+    s = pool.stats()
+    if s.acquired != s.returned:
+        return f"checkouts and returns no longer pair up: {s}"
     return ""
 
 
@@ -394,6 +399,7 @@ class Busy:
     second: Connection[Any]
     done: threading.Event
     thread: threading.Thread | None = None
+    ahead: threading.Thread | None = None  # a caller queued before this thread's
 
 
 def _both_leased(pool: dbpool.Pool[Any]) -> Busy:
@@ -403,8 +409,9 @@ def _both_leased(pool: dbpool.Pool[Any]) -> Busy:
 def _finish(busy: Busy) -> None:
     busy.done.set()
     busy.first.close()  # if the interrupted close() left it leased: the other thread gets it
-    if busy.thread is not None:
-        busy.thread.join(10)
+    for thread in (busy.thread, busy.ahead):
+        if thread is not None:
+            thread.join(10)
     busy.second.close()
 
 
@@ -420,10 +427,46 @@ def _wait_for_a_connection(pool: dbpool.Pool[Any], busy: Busy) -> None:
     pool.connection(timeout=5).close()
 
 
+WAITING = [
+    *CHECKOUT,
+    dbpool.Pool._take,
+    dbpool.Pool._await_grant,
+    dbpool.Pool._granted,
+    wait_bucket,
+]
+
+
 def test_checkout_that_waits(make_pool: Any) -> None:
-    exact_after_each(
-        make_pool, _both_leased, _wait_for_a_connection, [*CHECKOUT, dbpool.Pool._take], _finish
-    )
+    exact_after_each(make_pool, _both_leased, _wait_for_a_connection, WAITING, _finish)
+
+
+def _first_in_line(pool: dbpool.Pool[Any]) -> Busy:
+    """Both connections leased, and a caller in the queue that returns what it gets."""
+    busy = _both_leased(pool)
+    busy.ahead = threading.Thread(target=lambda: pool.connection(timeout=5).close(), daemon=True)
+    busy.ahead.start()
+    wait_until(lambda: pool.stats().waiting == 1)
+    return busy
+
+
+def _wait_behind_another(pool: dbpool.Pool[Any], busy: Busy) -> None:
+    """A checkout queued behind the caller first in line (by the checkout's fast path); the
+    other thread returns a connection once it is queued, which goes to the first in line, and
+    from its return to this one."""
+
+    def return_one() -> None:
+        wait_until(
+            lambda: busy.done.is_set() or pool.stats().waiting == 2, timeout=10, interval=0.001
+        )
+        busy.first.close()
+
+    busy.thread = threading.Thread(target=return_one, daemon=True)
+    busy.thread.start()
+    pool.connection(timeout=5).close()
+
+
+def test_checkout_queued_behind_another(make_pool: Any) -> None:
+    exact_after_each(make_pool, _first_in_line, _wait_behind_another, WAITING, _finish)
 
 
 def _return_to_a_waiter(pool: dbpool.Pool[Any], busy: Busy) -> None:
@@ -434,14 +477,28 @@ def _return_to_a_waiter(pool: dbpool.Pool[Any], busy: Busy) -> None:
     busy.first.close()
 
 
-def test_return_to_a_waiting_caller(make_pool: Any) -> None:
+@pytest.mark.parametrize("lent", [True, False], ids=["lent", "handed-to-validate"])
+def test_return_to_a_waiting_caller(make_pool: Any, lent: bool) -> None:
+    def prepare(pool: dbpool.Pool[Any]) -> Busy:
+        busy = _both_leased(pool)
+        if not lent:  # a broken connection found since: what comes back is validated first
+            pool._broken_at = time.monotonic() + 3600  # private: when the last one was found
+        return busy
+
+    # A lent connection's wait is counted by the return, which finds its bucket first
     exact_after_each(
         make_pool,
-        _both_leased,
+        prepare,
         _return_to_a_waiter,
-        [Connection.close, dbpool.Pool._give_back, dbpool.Pool._put_back, dbpool.Pool._free_locked],
+        [
+            Connection.close,
+            dbpool.Pool._give_back,
+            wait_bucket,
+            dbpool.Pool._put_back,
+            dbpool.Pool._free_locked,
+        ],
         _finish,
-        entries=(Connection.close, dbpool.Pool._give_back, dbpool.Pool._put_back),
+        entries=(Connection.close, dbpool.Pool._give_back, wait_bucket, dbpool.Pool._put_back),
     )
 
 
