@@ -705,7 +705,8 @@ class Pool(Generic[C]):
                             slot.owner = threading.get_ident()
                             slot.leased_at = now
                     elif (
-                        self._waiters  # then the pool is open, and full: no room to connect
+                        self._waiters  # then the pool is full: no room to connect
+                        and not self._closed  # (a close() cut short may leave some queued)
                         and not self._connect_failures
                         and (not self._max_waiting or len(self._waiters) < self._max_waiting)
                     ):
@@ -751,11 +752,15 @@ class Pool(Generic[C]):
                     )
                 return conn
             if fresh:  # lent by a return: leased and counted as it was handed over
-                if slot.generation < 0:
-                    # Ended by close() since (and counted as returned there): told so, as a
-                    # caller woken up with a connection to count is below
+                if slot.generation < 0 or self._closed:
+                    # Ended by close() since (and counted as returned there), or the pool was
+                    # closed or drained meanwhile: told so, as a caller woken up with a
+                    # connection to count is below, and as _fit_for_use tells one
                     ended, slot = slot, None
-                    self._close_if_retired(ended)
+                    if ended.generation < 0:
+                        self._close_if_retired(ended)
+                    else:  # still counted as leased: back to the pool, which closes it
+                        self._untake(ended, counted=True)
                     raise PoolClosed(
                         f"pool {self._name!r} was closed while this caller waited for a connection"
                     )
@@ -1591,6 +1596,7 @@ class Pool(Generic[C]):
                 if self._connect_failures:
                     self._reaper_wakeup.set()  # it serves queued callers when the delay is up
             self._await_grant(waiter, deadline, timeout)
+            return self._granted(waiter)  # (a signal handler may raise as it is entered)
         except BaseException:
             # e.g. KeyboardInterrupt in the wait, or a signal handler raising as the lock was
             # let go: undo whatever this call took, or was granted meanwhile.
@@ -1600,7 +1606,6 @@ class Pool(Generic[C]):
             elif waiter is not None:
                 self._abandon(waiter)
             raise
-        return self._granted(waiter)
 
     def _await_grant(self, waiter: _Waiter, deadline: float, timeout: float) -> None:
         """Wait until the queued ``waiter`` is served, or its time runs out: then it leaves
@@ -2178,14 +2183,21 @@ class Pool(Generic[C]):
                         slot.owner = 0
                         kept = True  # before the call: a signal handler may raise as it returns
                         self._idle.append(slot)
-                    elif now > self._broken_at:  # else it is validated first: see _put_back
+                    elif (
+                        self._validate_after > 0  # else a ping or the check hook is due
+                        and now > self._broken_at
+                        and now < slot.expires_at  # (cut off by _return_orphans' watchdog)
+                    ):  # else it is validated first: see _put_back
                         # Lent to the oldest waiter: as fit for use as one the checkout's fast
                         # path takes from the idle stack (used just now, not expired, returned
                         # after the last broken one was found), and leased as that one is,
                         # owned and counted here, so that the waiter wakes up with nothing to
-                        # do under the lock.  The bucket is found before anything is counted;
-                        # then no call until it is served (see _pop_idle_locked).
+                        # do under the lock.  The clock is read again (a listener or the lock
+                        # may have taken a while: the wait never comes out negative) and the
+                        # bucket found before anything is counted; then no call until it is
+                        # served (see _pop_idle_locked).
                         waiter = waiters[0]
+                        now = monotonic()
                         waited = now - waiter.since
                         bucket = wait_bucket(waited)
                         del waiters[0]

@@ -437,7 +437,14 @@ WAITING = [
 
 
 def test_checkout_that_waits(make_pool: Any) -> None:
-    exact_after_each(make_pool, _both_leased, _wait_for_a_connection, WAITING, _finish)
+    exact_after_each(
+        make_pool,
+        _both_leased,
+        _wait_for_a_connection,
+        WAITING,
+        _finish,
+        entries=(dbpool.Pool._granted,),  # entered once the caller holds what it was granted
+    )
 
 
 def _first_in_line(pool: dbpool.Pool[Any]) -> Busy:

@@ -1,0 +1,129 @@
+"""A return that hands its connection to the oldest queued caller: what the hand-over keeps.
+
+The return leases a connection it cleaned just now to that caller with no check, but only where
+a checkout from the idle stack would need none: the ``check`` hook and ``validate_after=0``
+still run for a queued caller, a connection cut off or closed meanwhile never reaches it, the
+wait counted is the caller's own, and a pool closed meanwhile is said to be closed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import dbpool
+from tests import fakedb
+from tests.conftest import Caller, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _queue_one(pool: dbpool.Pool[Any]) -> Caller:
+    """A caller queued for the pool's only connection; it closes what it gets."""
+    waiter = Caller(lambda: pool.connection(timeout=5).close(), name="waiter")
+    wait_until(lambda: pool.stats().waiting == 1)
+    return waiter
+
+
+@pytest.mark.parametrize("how", ["check hook", "validate_after=0"])
+def test_a_queued_caller_gets_a_connection_checked_as_at_every_checkout(
+    make_pool: Any, server: fakedb.Server, how: str
+) -> None:
+    checked: list[Any] = []
+    if how == "check hook":
+        pool = make_pool(max_size=1, check=lambda raw: checked.append(raw))
+        done = lambda: len(checked)  # noqa: E731
+    else:
+        pool = make_pool(max_size=1, validate_after=0)
+        done = lambda: server.count("ping")  # noqa: E731
+    holder = pool.connection()
+    before = done()
+    waiter = _queue_one(pool)
+    holder.close()
+    assert waiter.outcome() is None, waiter.error
+    assert done() == before + 1, f"{how}: the queued caller's connection was not checked"
+
+
+def test_the_wait_counted_is_the_queued_callers_own(make_pool: Any) -> None:
+    # The return's listener runs before the connection is handed over; a caller that queued
+    # meanwhile waited less than the return took, never a negative time.
+    pool = make_pool(max_size=1)
+    waited: list[float] = []
+    pool.add_listener("checkout", lambda event: waited.append(event.duration))
+    holder = pool.connection()
+    slow = threading.Event()
+
+    def slow_checkin(event: Any) -> None:
+        if not slow.is_set():
+            slow.set()
+            time.sleep(0.3)
+
+    pool.add_listener("checkin", slow_checkin)
+    closer = Caller(holder.close, name="returner")
+    assert slow.wait(5)
+    waiter = _queue_one(pool)  # queued while the return's listener runs
+    assert closer.outcome() is None and waiter.outcome() is None, waiter.error
+    s = pool.stats()
+    assert waited[-1] >= 0, f"the caller's wait came out negative: {waited}"
+    assert s.wait_time >= 0, s
+    assert abs(s.wait_time - sum(waited)) < 1e-9, (s.wait_time, waited)  # as told, every one
+
+
+@pytest.mark.parametrize("stop", ["drain", "close"])
+def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    # drain(), or close() within its timeout, runs between the hand-over and the caller's first
+    # step once woken up (forced by running it there): the caller is told, not lent a lease.
+    pool = make_pool(max_size=1)
+    holder = pool.connection()
+    granted = pool._granted  # private: the queued caller's first step once woken up
+    stopper: list[Caller] = []
+
+    def stop_first(*args: Any) -> Any:
+        monkeypatch.undo()
+        stopping = getattr(pool, stop)
+        stopper.append(Caller(lambda: stopping(timeout=5), name=stop))
+        wait_until(lambda: pool.closed)
+        return granted(*args)
+
+    outcome: list[BaseException | None] = []
+
+    def checkout() -> None:
+        try:
+            pool.connection(timeout=5).close()
+        except dbpool.PoolClosed as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    waiter = Caller(checkout, name="waiter")
+    wait_until(lambda: pool.stats().waiting == 1)
+    monkeypatch.setattr(pool, "_granted", stop_first)
+    holder.close()
+    assert waiter.outcome() is None, waiter.error
+    assert stopper and stopper[0].outcome() is None, stopper[0].error if stopper else "no stop"
+    assert isinstance(outcome[0], dbpool.PoolClosed), "lent a lease by a closed pool"
+    s = pool.stats()
+    assert (s.in_use, s.acquired - s.returned) == (0, 0), s
+    assert all(raw.closed for raw in server.connections), "a connection left open"
+
+
+def test_a_caller_finding_a_closed_pools_queue_is_told_at_once(make_pool: Any) -> None:
+    # A close() cut short by a signal handler may leave callers queued; one arriving after
+    # that is told the pool is closed, rather than queued behind them until its time runs out.
+    pool = make_pool(max_size=1)
+    holder = pool.connection()
+    queued = _queue_one(pool)
+    with pool._lock:  # private: what an interrupted close() leaves, the pool closed, one queued
+        pool._closed = True
+    started = time.monotonic()
+    with pytest.raises(dbpool.PoolClosed):
+        pool.connection(timeout=5)
+    assert time.monotonic() - started < 4, "queued on a closed pool until the timeout"
+    pool.close(timeout=1)  # turns the queued caller away
+    assert isinstance(queued.outcome(), (type(None), dbpool.PoolClosed))
+    holder.close()
