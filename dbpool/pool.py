@@ -752,54 +752,36 @@ class Pool(Generic[C]):
                     )
                 return conn
             if fresh:  # lent by a return: leased and counted as it was handed over
-                if slot.generation < 0 or self._closed:
-                    # Ended by close() since (and counted as returned there), or the pool was
-                    # closed or drained meanwhile: told so, as a caller woken up with a
-                    # connection to count is below, and as _fit_for_use tells one
-                    ended, slot = slot, None
-                    if ended.generation < 0:
-                        self._close_if_retired(ended)
-                    else:  # still counted as leased: back to the pool, which closes it
-                        self._untake(ended, counted=True)
-                    raise PoolClosed(
-                        f"pool {self._name!r} was closed while this caller waited for a connection"
-                    )
-                conn = lease(self, slot)
-                slot.claim.append(slot)
-                if self._listeners.checkout:
-                    told = True
-                    self._emit_handling(
-                        _CHECKOUT_LISTENER,
-                        self._listeners.checkout,
-                        Event.CHECKOUT,
-                        slot.raw,
-                        slot.leased_at - started,
-                    )
-                return conn
-            me = threading.get_ident()
-            now = monotonic()
-            waited = now - started
-            bucket = wait_bucket(waited)
-            # Under the lock, as close() past its timeout ends leases under it: either it ended
-            # this one first, as this caller validated it or woke up with it, and counted no
-            # return of it (no owner yet), or it finds the owner and the count of the checkout
-            # set, and counts the lease it ends as returned.  Owner and counts are set with no
-            # call among them (see _pop_idle_locked).
-            self._lock.acquire()
-            try:
-                if slot.generation >= 0:
-                    slot.owner = me
-                    slot.leased_at = now
-                    self._wait_time += waited
-                    self._wait_counts[bucket] += 1
-                    self._waits_recorded += 1
-                    fresh = True  # counted in acquired, as one served at once is
-            finally:
-                self._lock.release()
-            if not fresh:
-                # Ended by close(): told so, rather than lent it.
+                waited = slot.leased_at - started
+            else:
+                me = threading.get_ident()
+                now = monotonic()
+                waited = now - started
+                bucket = wait_bucket(waited)
+                # Under the lock, as close() past its timeout ends leases under it: either it
+                # ended this one first, as this caller validated it or woke up with it, and
+                # counted no return of it (no owner yet), or it finds the owner and the count
+                # of the checkout set, and counts the lease it ends as returned.  Owner and
+                # counts are set with no call among them (see _pop_idle_locked).
+                self._lock.acquire()
+                try:
+                    if slot.generation >= 0:
+                        slot.owner = me
+                        slot.leased_at = now
+                        self._wait_time += waited
+                        self._wait_counts[bucket] += 1
+                        self._waits_recorded += 1
+                        fresh = True  # counted in acquired, as one served at once is
+                finally:
+                    self._lock.release()
+            if not fresh or slot.generation < 0 or self._closed:
+                # Ended by close() (and counted as returned there), or the pool was closed or
+                # drained meanwhile: told so, rather than lent it, as _fit_for_use tells one
                 ended, slot = slot, None
-                self._close_if_retired(ended)  # closes it if close() left it open (sqlite3)
+                if ended.generation < 0:
+                    self._close_if_retired(ended)  # closes it if close() left it open (sqlite3)
+                else:  # still counted as leased: back to the pool, which closes it
+                    self._untake(ended, counted=True)
                 raise PoolClosed(
                     f"pool {self._name!r} was closed while this caller waited for a connection"
                 )
@@ -808,11 +790,7 @@ class Pool(Generic[C]):
             if self._listeners.checkout:
                 told = True
                 self._emit_handling(
-                    _CHECKOUT_LISTENER,
-                    self._listeners.checkout,
-                    Event.CHECKOUT,
-                    slot.raw,
-                    waited,
+                    _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, waited
                 )
             return conn
         except BaseException:
