@@ -9,11 +9,15 @@ same warm-up; the difference, divided by the difference in operations, is the co
 operation, with the set-up and the warm-up cancelled out.
 
 Cases: ``cycle`` (checkout and return, no-I/O connection) and ``short_tx`` (checkout, SELECT 1,
-commit, return) on PostgreSQL and MariaDB, each library as ``compare.py`` runs it.  Contention
-is left out: valgrind runs one thread at a time, so what it would count is not what 32 threads
-do.  The no-I/O cycle repeats to within a few instructions; counts of transactions on a server
-move by up to a few per cent between runs (how the replies arrive decides how often the driver
-reads), so compare libraries within one run and a change by more than that.
+commit, return) on PostgreSQL and MariaDB, and ``contention`` (32 threads sharing the
+transactions over 4 PostgreSQL connections), each library as ``compare.py`` runs it.  valgrind
+runs one thread at a time, switching as a thread blocks: each one waiting for the server's
+reply lets the next run, which finds every connection taken and queues, as under real
+contention, so the count includes each pool's queueing and wake-ups (not the kernel's part of
+them, nor what running in parallel costs).  The no-I/O cycle repeats to within a few
+instructions; counts of transactions on a server move by up to a few per cent between runs (how
+the replies arrive decides how often the driver reads, and under contention which thread runs
+next), so compare libraries within one run and a change by more than that.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from array import array
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from _libraries import LEASE_FLOOR, LIBRARIES, NULL_SOURCE, RAW, Library, Source
+from _libraries import FIFO_FLOOR, LEASE_FLOOR, LIBRARIES, NULL_SOURCE, RAW, Library, Source
 from _report import Table, fmt_int, md_table, rst_table, rst_text
 from compare import (
     DEFAULT_MYSQL_URL,
@@ -50,6 +57,7 @@ from compare import (
 
 POOL_SIZE = 4
 WARM_UP = 200
+CONTENTION_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -60,20 +68,22 @@ class Case:
     quick_operations: tuple[int, int]
 
 
-#: The table's rows: the lock floor, the same with a lease object (cycle only), the pools.
-ROWS = (RAW, LEASE_FLOOR, *LIBRARIES[1:])
+#: The table's rows: the lock floor, the same with a lease object (cycle only), the lock floor
+#: with a first-in, first-out hand-off (contention only), the pools.
+ROWS = (RAW, LEASE_FLOOR, FIFO_FLOOR, *LIBRARIES[1:])
 
 CASES = (
     Case("cycle", "cycle, no-I/O", (10_000, 30_000), (2_000, 6_000)),
     Case("short_tx_pg", "short_tx, PostgreSQL", (1_000, 3_000), (200, 600)),
     Case("short_tx_mariadb", "short_tx, MariaDB", (1_000, 3_000), (200, 600)),
+    Case("contention", "contention, PostgreSQL", (500, 1_500), (200, 600)),
 )
 
 
 def source_for(case: str, args: argparse.Namespace) -> Source:
     if case == "cycle":
         return NULL_SOURCE
-    if case == "short_tx_pg":
+    if case in ("short_tx_pg", "contention"):
         return pg_source(args.pg_dsn)
     return mysql_source(mysql_params(args.mysql_url))
 
@@ -86,10 +96,46 @@ def child(case: str, library: str, operations: int, args: argparse.Namespace) ->
     """Run in the process valgrind watches: open the pool, warm up, run ``operations``."""
     lib = library_named(library)
     pool = lib.open(source_for(case, args), POOL_SIZE, True)
-    run = lib.cycle if case == "cycle" else lib.short_tx
+    if case == "contention":
+        run = partial(contend, lib)
+    else:
+        run = lib.cycle if case == "cycle" else lib.short_tx
     run(pool, WARM_UP)
     run(pool, operations)
     lib.close(pool)
+
+
+class _Budget:
+    """Stands for the contention workers' stop event: set once ``operations`` have started,
+    counted over all the threads."""
+
+    def __init__(self, operations: int) -> None:
+        self._tickets = iter(range(operations))  # next() is atomic: one C call under the GIL
+
+    def is_set(self) -> bool:
+        return next(self._tickets, None) is None
+
+
+def contend(lib: Library, pool: object, operations: int) -> None:
+    """``operations`` transactions shared by CONTENTION_THREADS threads, started together."""
+    budget = _Budget(operations)
+    barrier = threading.Barrier(CONTENTION_THREADS)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        barrier.wait()
+        try:
+            lib.contention(pool, budget, array("d"))  # type: ignore[arg-type]  # is_set() only
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body) for _ in range(CONTENTION_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 _COLLECTED = re.compile(r"Collected : (\d+)")
@@ -128,9 +174,11 @@ def per_operation(case: Case, library: str, args: argparse.Namespace) -> float:
 
 def reachable_cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
     cases, skipped = [CASES[0]], []
+    postgresql = probe_postgresql(args.pg_dsn)
     for case, server in (
-        (CASES[1], probe_postgresql(args.pg_dsn)),
+        (CASES[1], postgresql),
         (CASES[2], probe_mariadb(mysql_params(args.mysql_url))),
+        (CASES[3], postgresql),
     ):
         if server.unreachable:
             skipped.append(f"{case.label}: {server.unreachable}")
@@ -141,7 +189,9 @@ def reachable_cases(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
 
 def libraries_for(case: Case) -> list[Library]:
     if case.name == "cycle":
-        return [lib for lib in ROWS if not lib.psycopg_only]
+        return [lib for lib in ROWS if not lib.psycopg_only and lib is not FIFO_FLOOR]
+    if case.name == "contention":
+        return [lib for lib in ROWS if lib is not LEASE_FLOOR]
     return [lib for lib in LIBRARIES if not (lib.psycopg_only and case.name != "short_tx_pg")]
 
 
@@ -187,9 +237,17 @@ def table(cases: Sequence[Case], results: dict[tuple[str, str], float]) -> Table
             "The lease floor (cycle only) is the raw floor behind a function that returns a "
             "lease object for a with block: the least any pool that hands out leases costs. "
             "cycle: checkout + return with a no-I/O connection; short_tx: checkout, SELECT 1, "
-            f"fetch, commit, return. Pools of {POOL_SIZE}, filled, each library's defaults, as "
-            "in compare.py (QueuePool and PooledDB roll back on every return, PooledDB also "
-            "pings PyMySQL connections at checkout: round trips the client pays for too).",
+            "fetch, commit, return; contention: the same transaction, its operations shared by "
+            f"{CONTENTION_THREADS} threads over the pool's connections. The FIFO floor "
+            "(contention only) is the raw floor handing each returned connection to the oldest "
+            "waiter, as dbpool and psycopg_pool do; the raw floor there is a Condition that "
+            "lets a returning thread take its connection straight back. valgrind runs one "
+            "thread at a time, switching as one blocks on the server: callers queue and are "
+            "woken as under contention, but never run in parallel, and the kernel's part of "
+            f"the wake-ups is not counted. Pools of {POOL_SIZE}, filled, each library's "
+            "defaults, as in compare.py (QueuePool and PooledDB roll back on every return, "
+            "PooledDB also pings PyMySQL connections at checkout: round trips the client pays "
+            "for too).",
         ],
     )
 
