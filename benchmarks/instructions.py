@@ -11,13 +11,14 @@ operation, with the set-up and the warm-up cancelled out.
 Cases: ``cycle`` (checkout and return, no-I/O connection) and ``short_tx`` (checkout, SELECT 1,
 commit, return) on PostgreSQL and MariaDB, and ``contention`` (32 threads sharing the
 transactions over 4 PostgreSQL connections), each library as ``compare.py`` runs it.  valgrind
-runs one thread at a time, switching as a thread blocks: each one waiting for the server's
-reply lets the next run, which finds every connection taken and queues, as under real
-contention, so the count includes each pool's queueing and wake-ups (not the kernel's part of
-them, nor what running in parallel costs).  The no-I/O cycle repeats to within a few
-instructions; counts of transactions on a server move by up to a few per cent between runs (how
-the replies arrive decides how often the driver reads, and under contention which thread runs
-next), so compare libraries within one run and a change by more than that.
+runs one thread at a time, switching as a thread blocks (on the server, on a lock) or its time
+slice ends: each one waiting for the server's reply lets the next run, which finds every
+connection taken and queues, as under real contention, so the count includes each pool's
+queueing and wake-ups (not the kernel's part of them, nor what running in parallel costs).  The
+no-I/O cycle repeats to within a few instructions; counts of transactions on a server move by
+up to a few per cent between runs (how the replies arrive decides how often the driver reads,
+and under contention which thread runs next), so compare libraries within one run and a change
+by more than that.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from compare import (
 POOL_SIZE = 4
 WARM_UP = 200
 CONTENTION_THREADS = 32
+CHILD_TIME = 600  # seconds a counted run may take: ten times the longest seen
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class _Budget:
     counted over all the threads."""
 
     def __init__(self, operations: int) -> None:
-        self._tickets = iter(range(operations))  # next() is atomic: one C call under the GIL
+        self._tickets = iter(range(operations))  # next() is one C call: atomic under the GIL
 
     def is_set(self) -> bool:
         return next(self._tickets, None) is None
@@ -119,7 +121,7 @@ class _Budget:
 def contend(lib: Library, pool: object, operations: int) -> None:
     """``operations`` transactions shared by CONTENTION_THREADS threads, started together."""
     budget = _Budget(operations)
-    barrier = threading.Barrier(CONTENTION_THREADS)
+    barrier = threading.Barrier(CONTENTION_THREADS, timeout=CHILD_TIME)  # a failed start ends it
     errors: list[BaseException] = []
 
     def body() -> None:
@@ -158,7 +160,12 @@ def count(case: str, library: str, operations: int, args: argparse.Namespace) ->
         library,
         str(operations),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=CHILD_TIME
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{library}, {case}: the counted run took over {CHILD_TIME} s") from None
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
@@ -242,12 +249,12 @@ def table(cases: Sequence[Case], results: dict[tuple[str, str], float]) -> Table
             "(contention only) is the raw floor handing each returned connection to the oldest "
             "waiter, as dbpool and psycopg_pool do; the raw floor there is a Condition that "
             "lets a returning thread take its connection straight back. valgrind runs one "
-            "thread at a time, switching as one blocks on the server: callers queue and are "
-            "woken as under contention, but never run in parallel, and the kernel's part of "
-            f"the wake-ups is not counted. Pools of {POOL_SIZE}, filled, each library's "
-            "defaults, as in compare.py (QueuePool and PooledDB roll back on every return, "
-            "PooledDB also pings PyMySQL connections at checkout: round trips the client pays "
-            "for too).",
+            "thread at a time, switching as one blocks or its time slice ends: callers queue "
+            "and are woken as under contention, but never run in parallel, and the kernel's "
+            f"part of the wake-ups is not counted. Pools of {POOL_SIZE}, filled, each "
+            "library's defaults, as in compare.py (QueuePool and PooledDB roll back on every "
+            "return, PooledDB also pings PyMySQL connections at checkout: round trips the "
+            "client pays for too).",
         ],
     )
 

@@ -775,15 +775,21 @@ class Pool(Generic[C]):
                 finally:
                     self._lock.release()
             if not fresh or slot.generation < 0 or self._closed:
-                # Ended by close() (and counted as returned there), or the pool was closed or
-                # drained meanwhile: told so, rather than lent it, as _fit_for_use tells one
-                ended, slot = slot, None
-                if ended.generation < 0:
-                    self._close_if_retired(ended)  # closes it if close() left it open (sqlite3)
-                else:  # still counted as leased: back to the pool, which closes it
-                    self._untake(ended, counted=True)
+                # Ended by close() (which counted its return if its checkout was counted), or
+                # the pool was closed or drained meanwhile: told so, rather than lent it, as
+                # _fit_for_use tells one.  _put_back closes it, counting the return of a
+                # counted checkout (or _close_if_retired does, for one close() left open).
+                held = 0.0 if fresh else None
+                back, slot = [slot], None
+                try:
+                    self._put_back(back, held)
+                except BaseException:
+                    if back:  # a signal handler raised as _put_back was entered
+                        self._discard(back[0], DiscardReason.INTERRUPTED, broken=False, held=held)
+                    raise
+                how = "drained" if self._drained else "closed"
                 raise PoolClosed(
-                    f"pool {self._name!r} was closed while this caller waited for a connection"
+                    f"pool {self._name!r} was {how} while this caller waited for a connection"
                 )
             conn = lease(self, slot)
             slot.claim.append(slot)

@@ -72,15 +72,27 @@ def test_the_wait_counted_is_the_queued_callers_own(make_pool: Any) -> None:
     assert abs(s.wait_time - sum(waited)) < 1e-9, (s.wait_time, waited)  # as told, every one
 
 
+@pytest.mark.parametrize("served", ["lent", "validated"])
 @pytest.mark.parametrize("stop", ["drain", "close"])
 def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
-    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch, stop: str
+    make_pool: Any,
+    server: fakedb.Server,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+    served: str,
 ) -> None:
     # drain(), or close() within its timeout, runs between the hand-over and the caller's first
-    # step once woken up (forced by running it there): the caller is told, not lent a lease.
-    pool = make_pool(max_size=1)
+    # step once woken up, or once it validated what it was handed (forced by running it there,
+    # in the first step after the validation, the wait's bucket): the caller is told, not lent
+    # a lease.
+    if served == "lent":
+        pool = make_pool(max_size=1)
+        module, name = pool, "_granted"  # private: the queued caller's first step once woken
+    else:
+        pool = make_pool(max_size=1, validate_after=0)
+        module, name = dbpool.pool, "wait_bucket"
     holder = pool.connection()
-    granted = pool._granted  # private: the queued caller's first step once woken up
+    step = getattr(module, name)
     stopper: list[Caller] = []
 
     def stop_first(*args: Any) -> Any:
@@ -88,7 +100,7 @@ def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
         stopping = getattr(pool, stop)
         stopper.append(Caller(lambda: stopping(timeout=5), name=stop))
         wait_until(lambda: pool.closed)
-        return granted(*args)
+        return step(*args)
 
     outcome: list[BaseException | None] = []
 
@@ -102,11 +114,13 @@ def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
 
     waiter = Caller(checkout, name="waiter")
     wait_until(lambda: pool.stats().waiting == 1)
-    monkeypatch.setattr(pool, "_granted", stop_first)
+    monkeypatch.setattr(module, name, stop_first)
     holder.close()
     assert waiter.outcome() is None, waiter.error
     assert stopper and stopper[0].outcome() is None, stopper[0].error if stopper else "no stop"
     assert isinstance(outcome[0], dbpool.PoolClosed), "lent a lease by a closed pool"
+    said = {"drain": "was drained while", "close": "was closed while"}[stop]
+    assert said in str(outcome[0]), outcome[0]
     s = pool.stats()
     assert (s.in_use, s.acquired - s.returned) == (0, 0), s
     assert all(raw.closed for raw in server.connections), "a connection left open"

@@ -509,6 +509,46 @@ def test_return_to_a_waiting_caller(make_pool: Any, lent: bool) -> None:
     )
 
 
+def test_checkout_that_finds_the_pool_drained_as_it_wakes_up(make_pool: Any) -> None:
+    # The return lends the connection to the queued caller, and the pool is drained before the
+    # caller's first step once woken up: it gives the connection back, to be closed, and is
+    # told PoolClosed.  drain() then waits for the other lease only.
+    def prepare(pool: dbpool.Pool[Any]) -> Busy:
+        busy = _both_leased(pool)
+        granted = pool._granted  # private: the queued caller's first step once woken up
+
+        def drain_first(waiter: Any) -> Any:
+            del pool._granted
+            with pytest.raises(dbpool.PoolTimeout):
+                pool.drain(timeout=0)
+            return granted(waiter)
+
+        pool._granted = drain_first  # type: ignore[method-assign]
+        return busy
+
+    def act(pool: dbpool.Pool[Any], busy: Busy) -> None:
+        with pytest.raises(dbpool.PoolClosed, match="drained"):
+            _wait_for_a_connection(pool, busy)
+
+    def problems(pool: dbpool.Pool[Any], max_size: int) -> str:
+        try:
+            pool.drain(timeout=1)  # waits for the close of every connection
+        except dbpool.PoolTimeout as exc:
+            return f"drain() still waits: {exc}"
+        pool.reopen()
+        return _problems(pool, max_size)
+
+    exact_after_each(
+        make_pool,
+        prepare,
+        act,
+        [dbpool.Pool.connection, dbpool.Pool._put_back],
+        _finish,
+        entries=(dbpool.Pool._put_back,),
+        problems=problems,
+    )
+
+
 # -- the end of a transaction block ------------------------------------------------------------
 
 # Every signal point of a block's end but the entry of Transaction.__exit__ itself (the with
