@@ -994,15 +994,12 @@ def _tracked_call(
         slot.busy = False
         if not result and raw is not None and not statement and slot.tracks_reads:
             _check_not_cut_short(lease, raw)  # no more sets, or cut short?
-        if handle or (
-            what == "connection"
-            and callable(getattr(result, "fetchone", None))
-            and slot.dialect.fetches_as_it_goes(result)
-        ):
-            # A driver cursor still running its statement (sqlite3's conn.execute()), or a
-            # handle: closed on return, as the lease's own cursors are, so that what a lease
-            # left open holds no lock once the lease is back, nor reaches the connection from
-            # the borrower's hands.  Weakly: a lease may run millions of them.
+        if handle or (what == "connection" and callable(getattr(result, "fetchone", None))):
+            # A driver cursor (sqlite3's and psycopg's conn.execute()) or a handle: closed on
+            # return, as the lease's own cursors are, so that what a lease left open holds no
+            # lock once the lease is back, nor reaches the connection from the borrower's
+            # hands (a driver cursor's execute() runs in whatever session its connection has
+            # next).  Weakly: a lease may run millions of them.
             try:
                 if slot.loose_cursors is None:
                     slot.loose_cursors = WeakSet()

@@ -194,8 +194,8 @@ class _Slot:
         self.claim: list[_Slot] = []
 
     def close_cursors(self) -> None:
-        """Close the driver cursors the lease left open (its own, and those of conn.execute()
-        still running their statement)."""
+        """Close the driver cursors the lease left open: its own, those conn.execute() returned
+        (the driver's own), and the handles of blobopen() and the like."""
         if self.cursors:
             cursors, self.cursors = self.cursors, None
             dialect = self.dialect

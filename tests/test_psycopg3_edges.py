@@ -232,6 +232,27 @@ def test_connection_returned_in_pipeline_mode_is_not_handed_out(pg_connect: Conn
         pool.close()
 
 
+def test_cursor_of_conn_execute_does_not_reach_the_next_borrower(pg_connect: Connector) -> None:
+    """``conn.execute()`` through the lease returns psycopg's own cursor, not one of the
+    lease's: kept after the lease, it would run its statements in the next borrower's session
+    (here: into its transaction).  The return closes it; the connection is kept."""
+    pool = new_pool(pg_connect)
+    try:
+        with pool.connection() as conn:
+            stale = conn.execute("SELECT 1")
+            assert stale.fetchall() == [(1,)]
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is first
+            conn.execute("SELECT 1")  # the next borrower's transaction
+            with pytest.raises(psycopg.InterfaceError, match="closed"):
+                stale.execute("SET LOCAL statement_timeout = 1")
+            assert rows(conn, "SELECT current_setting('statement_timeout')") == [("0",)]
+        assert pool.stats().closed == 0
+    finally:
+        pool.close()
+
+
 def test_handlers_a_borrower_adds_do_not_outlive_its_lease(pg_connect: Connector) -> None:
     """psycopg calls every notice and notify handler ever added to a connection: one a
     borrower adds (through the lease or ``conn.raw``) is removed on return, so that the next
