@@ -505,11 +505,20 @@ def parse_url(url: str) -> DatabaseURL:
 
 def _unquote(text: str, part: str) -> str:
     """``text`` percent-decoded; ``ValueError`` naming ``part``, not quoting it, if the bytes
-    are no UTF-8 (unquote() would put U+FFFD in their place: another password, silently)."""
+    are no UTF-8 (unquote() would put U+FFFD in their place: another password, silently) or
+    hold a NUL (libpq reads a connection string only up to one: every setting after it, an
+    sslmode=require say, would be dropped, silently)."""
     try:
-        return unquote(text, errors="strict")
+        decoded = unquote(text, errors="strict")
     except UnicodeDecodeError:
         pass  # raised outside the handler: the codec error, holding the bytes, is not chained
+    else:
+        if "\0" not in decoded:
+            return decoded
+        raise ValueError(
+            f"the URL's {part} holds a NUL character (%00), which a driver's C library reads "
+            "as the end of the value: remove it"
+        )
     raise ValueError(
         f"the URL's {part} is not UTF-8 once percent-decoded: percent-encode the UTF-8 bytes "
         "of each character (for example 'ä' as %C3%A4)"

@@ -951,17 +951,29 @@ def test_a_password_the_driver_cannot_encode_shows_nowhere(
 
 
 def test_a_password_libpq_cuts_at_a_nul_shows_nowhere(caplog: pytest.LogCaptureFixture) -> None:
-    # libpq reads the password as a C string: psycopg's error keeps the part before the NUL
-    pytest.importorskip("psycopg")
+    # libpq reads the password as a C string: psycopg's error keeps the part before the NUL.
+    # A URL holding one is refused (what follows the NUL would be dropped); a connect callable
+    # passes it on.
+    psycopg = pytest.importorskip("psycopg")
     caplog.set_level(logging.DEBUG, logger="dbpool")
     token = uuid.uuid4().hex
     canary = Canary(token, f"Canary-S3cr3t-{token}\x00rest")
     exposure = Exposure(canary)
     url = f"postgresql://app:{canary.in_url}@127.0.0.1:{CLOSED_PORT}/app?connect_timeout=5"
-    with dbpool.create_pool(url, min_size=0, max_size=1) as pool:
+    with pytest.raises(ValueError, match="NUL") as refused:
+        dbpool.create_pool(url, min_size=0, max_size=1)
+    exposure.error("create_pool()", refused.value)
+
+    def connect() -> Any:
+        return psycopg.connect(
+            host="127.0.0.1", port=CLOSED_PORT, user="app", password=canary.password
+        )
+
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
         with pytest.raises(Exception) as info:
             pool.connection(timeout=5)
         exposure.error("connection()", info.value)
+        exposure.show(pool=pool, health=pool.health(timeout=5))
     exposure.logs(dbpool_records(caplog))
     assert_clean(exposure)
     assert not exposure.attribute_leaks()

@@ -502,9 +502,7 @@ def test_a_secret_too_short_to_search_for_leaves_messages_alone(url: str) -> Non
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize(
-    "password", ["o", "pg", "ion", "s3cr", "c@n/ary?#%: 9", "{Tr0ub4dor}", "with\x00nul"]
-)
+@pytest.mark.parametrize("password", ["o", "pg", "ion", "s3cr", "c@n/ary?#%: 9", "{Tr0ub4dor}"])
 def test_a_url_and_a_connect_callable_hide_a_password_alike(password: str) -> None:
     from functools import partial
 
@@ -515,12 +513,33 @@ def test_a_url_and_a_connect_callable_hide_a_password_alike(password: str) -> No
     for text in (
         f"refused: {password} on port 1 for session",
         f"refused: {quote(password, safe='')} at on",
-        f"refused: {password.partition(chr(0))[0]} (libpq stops at a NUL)",
     ):
         expected = scrub_text(text, read)
         if password == "{Tr0ub4dor}":  # a template placeholder only where passwords are guessed
             expected = text.replace(password, "***").replace(quote(password, safe=""), "***")
         assert url.redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "url, part",
+    [
+        ("postgresql://u:Tr0ub%00adour@h/d?sslmode=require", "password"),
+        ("postgresql://u%00x:secret@h/d", "user name"),
+        ("postgresql://u@h/d%00b?sslmode=require", "database name"),
+        ("postgresql://u@h%00x/d", "host"),
+        ("postgresql://u@h/d?application_name=a%00b&sslmode=require", "query parameter"),
+        ("postgresql://u@h/d?a%00b=1", "query parameter name"),
+        ("mysql://u:Tr0ub\x00adour@h/d", "password"),
+        ("sqlite:///tmp/a%00b.db", "file path"),
+    ],
+)
+def test_a_nul_anywhere_in_a_url_is_refused(url: str, part: str) -> None:
+    """libpq reads a connection string only up to a NUL, and the other drivers' C libraries
+    read each value so: what follows would be dropped, an ``sslmode=require`` with it, and the
+    pool would connect in plain text.  Refused, naming the part, never quoting it."""
+    with pytest.raises(ValueError, match=f"URL's {part}.* NUL") as info:
+        parse_url(url)
+    assert "Tr0ub" not in str(info.value) and "secret" not in str(info.value)
 
 
 def test_parsed_url_is_frozen_and_picklable() -> None:
