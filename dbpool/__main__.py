@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import IO, Any, NoReturn
 
 from dbpool.pool import Pool
-from dbpool.redact import mask_credentials, scrub_text
+from dbpool.redact import mask_credentials, scrub_text, secret_forms
 from dbpool.url import DatabaseURL, create_pool, load_driver, parse_url
 
 DEFAULT_BENCH_URL = "sqlite:///dbpool-bench.sqlite3"
@@ -564,14 +564,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _secrets_on(argv: Sequence[str]) -> tuple[str, ...]:
-    """The passwords of the arguments that are database URLs (``--option=URL`` too)."""
+    """The passwords of the arguments that are database URLs (``--option=URL`` too), and of
+    those that look like one but do not parse: from the colon after the user name to the last
+    "@", whatever it holds (an unescaped space, "/", "?" or "#")."""
     found: list[str] = []
     for arg in argv:
         for text in (arg, arg.partition("=")[2]):
             try:
                 found += parse_url(text)._secrets()
             except (TypeError, ValueError):
-                pass
+                scheme_end, at = text.find("://"), text.rfind("@")
+                colon = text.find(":", scheme_end + 3, at)
+                if 0 <= scheme_end < colon:
+                    found += secret_forms([text[colon + 1 : at]], guessed=True)
     return tuple(sorted(set(found), key=len, reverse=True))
 
 

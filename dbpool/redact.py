@@ -158,8 +158,9 @@ def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, 
 
     ``guessed``: the values were read out of code and connection strings, not given as
     passwords.  Each whitespace-separated piece then counts too (a driver that cannot parse a
-    connection string quotes the piece it stopped at), and a template placeholder
-    (``"{}"``, ``"%s"``) is no secret.  A password given as one is never left out for looking
+    connection string quotes the piece it stopped at), and so does each piece between two
+    "@" (libpq ends a URL's password at its first "@" and quotes the rest as the host), and a
+    template placeholder (``"{}"``, ``"%s"``) is no secret.  A password given as one is never left out for looking
     like a placeholder: ``{Tr0ub4dor}`` is a password.
     """
     found: set[str] = set()
@@ -167,7 +168,9 @@ def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, 
         # a C library reads a string up to its first NUL: libpq keeps that much on its errors
         pieces = {value, value.partition("\x00")[0]}
         if guessed:
-            pieces.update(value.split())
+            for word in value.split():
+                pieces.add(word)
+                pieces.update(word.split("@"))
         for piece in pieces:
             if len(piece) < _MIN_SECRET or (guessed and _PLACEHOLDER_RE.fullmatch(piece)):
                 continue

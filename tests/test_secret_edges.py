@@ -69,6 +69,19 @@ def test_a_url_password_libpq_cannot_percent_decode_is_scrubbed(
     assert secret not in shown
 
 
+def test_a_url_password_with_an_unescaped_at_is_scrubbed_where_libpq_splits_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # libpq ends the password at the first "@" and reads the rest as the host: its error
+    # quotes "<second half>@127.0.0.1" as the host it could not resolve.
+    psycopg = pytest.importorskip("psycopg")
+    first, second = f"Sup3r-{token()}", f"Half-{token()}"
+    dsn = f"postgresql://app:{first}@{second}@127.0.0.1:{CLOSED_PORT}/app?connect_timeout=2"
+    shown = fail_through_pool(lambda: psycopg.connect(dsn), caplog)
+    assert "@127.0.0.1" in shown
+    assert first not in shown and second not in shown
+
+
 def test_a_query_string_password_followed_by_more_parameters_is_scrubbed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -141,6 +154,10 @@ def test_an_ipv6_zone_id_is_percent_decoded_as_libpq_does() -> None:
             ["check", "--timeout", "mysql://root:a {s} b@db/app"], id="timeout-value-spaces"
         ),
         pytest.param(["bench", "--threads=mysql://root:{s} x@db/app"], id="option-equals-spaces"),
+        # a space and an unescaped "/", "?" or "#": no longer a URL that parses
+        pytest.param(["postgresql://app:a {s}/b@db/app"], id="url-as-command-space-slash"),
+        pytest.param(["check", "--timeout", "postgresql://app:a {s}?b@db/app"], id="space-query"),
+        pytest.param(["bench", "--threads", "mysql://root:a {s}#b@db/app"], id="space-fragment"),
     ],
 )
 def test_a_usage_error_does_not_echo_a_password(
