@@ -253,6 +253,33 @@ def test_cursor_of_conn_execute_does_not_reach_the_next_borrower(pg_connect: Con
         pool.close()
 
 
+def test_driver_transaction_block_left_suspended_is_not_handed_out(pg_connect: Connector) -> None:
+    """psycopg's own ``conn.raw.transaction()`` block, suspended in a generator the borrower
+    keeps after SQL committed its transaction: libpq says IDLE, nothing to roll back, but
+    psycopg counts the block as open and refuses the next borrower's ``commit()`` until it
+    exits.  The connection is discarded instead."""
+    pool = new_pool(pg_connect)
+    kept = []
+    try:
+        with pool.connection() as conn:
+
+            def work() -> Iterator[None]:
+                with conn.raw.transaction():
+                    conn.raw.execute("COMMIT")
+                    yield
+
+            kept.append(work())
+            next(kept[0])
+            first = conn.raw
+        with pool.connection() as conn:
+            assert conn.raw is not first
+            conn.execute("SELECT 1")
+            conn.commit()
+        assert pool.stats().discards["reset_failed"] == 1
+    finally:
+        pool.close()
+
+
 def test_handlers_a_borrower_adds_do_not_outlive_its_lease(pg_connect: Connector) -> None:
     """psycopg calls every notice and notify handler ever added to a connection: one a
     borrower adds (through the lease or ``conn.raw``) is removed on return, so that the next

@@ -219,6 +219,14 @@ class PsycopgDialect(Dialect):
     def after_exposure(self, conn: Any) -> None:
         if getattr(conn, "_tpc", None) is not None:
             raise prepared_two_phase_left()
+        if getattr(conn, "_num_transactions", 0):
+            # A conn.raw.transaction() block left suspended (in a generator, say) after SQL
+            # ended its transaction: libpq says IDLE, but psycopg refuses commit() and
+            # rollback() until that block exits, which only its holder can make it do.
+            raise RuntimeError(
+                "returned inside a transaction() block of the driver's connection that was "
+                "never left: the driver refuses commit() and rollback() until it is"
+            )
 
     def transaction_state(self, conn: Any) -> TxState:
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
