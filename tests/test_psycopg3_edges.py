@@ -253,6 +253,36 @@ def test_cursor_of_conn_execute_does_not_reach_the_next_borrower(pg_connect: Con
         pool.close()
 
 
+def test_connection_that_prepares_every_statement_takes_the_pools_own(
+    pg_connect: Connector,
+) -> None:
+    """With ``prepare_threshold=0`` psycopg prepares every statement, and PostgreSQL refuses
+    to prepare a query of several statements: the pool's own (a deadline's limits, the
+    BEGIN, the ping, the session reset) are run unprepared, and none is left prepared on the
+    session."""
+
+    def configure(raw: Any) -> None:
+        raw.prepare_threshold = 0
+
+    pool = new_pool(pg_connect, configure=configure, validate_after=0, session_reset="discard")
+    try:
+        with pool.transaction(timeout=5, isolation="SERIALIZABLE") as tx:
+            assert rows(tx, "SELECT current_setting('statement_timeout')") == [("5s",)]
+            with tx.savepoint():
+                rows(tx, "SELECT 1")
+        assert pool.run_transaction(lambda tx: rows(tx, "SELECT 2"), timeout=5) == [(2,)]
+        with pool.connection() as conn:
+            with conn.transaction(timeout=5):
+                rows(conn, "SET LOCAL statement_timeout = 1000")
+                assert rows(conn, "SELECT 3") == [(3,)]
+            conn.raw.prepare_threshold = None  # the check below, unprepared
+            prepared = rows(conn, "SELECT statement FROM pg_prepared_statements")
+            assert {text for (text,) in prepared} <= {"SET LOCAL statement_timeout = 1000", "SELECT 3"}
+        assert pool.stats().closed == 0
+    finally:
+        pool.close()
+
+
 def test_driver_transaction_block_left_suspended_is_not_handed_out(pg_connect: Connector) -> None:
     """psycopg's own ``conn.raw.transaction()`` block, suspended in a generator the borrower
     keeps after SQL committed its transaction: libpq says IDLE, nothing to roll back, but

@@ -173,7 +173,7 @@ def _execute_with_values(conn: Any, sql: str, values: tuple[str, ...]) -> None:
     from psycopg import Cursor
 
     with Cursor(conn) as cursor:
-        cursor.execute(sql, values)
+        cursor.execute(sql, values, prepare=False)
 
 
 def prepared_two_phase_left() -> RuntimeError:
@@ -209,6 +209,9 @@ class PsycopgDialect(Dialect):
     name = "psycopg"
     limit_time_inside_transaction = True
     part_read_results = True  # cursor.stream(): its cursors read what execute() fetched
+    # The pool's own statements go with prepare=False: a connection with prepare_threshold=0
+    # prepares every statement, PostgreSQL refuses to prepare a query of several (a deadline's
+    # SHOW ...; SET LOCAL ...), and each savepoint's name would leave a prepared one behind.
 
     # tpc_prepare() ends the session's transaction (libpq says idle) but leaves the driver in
     # two-phase mode until tpc_commit() or tpc_rollback().  The prepared transaction is its
@@ -344,18 +347,18 @@ class PsycopgDialect(Dialect):
 
     def savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
-        super().savepoint(conn, name)
+        conn.execute(f"SAVEPOINT {name}", prepare=False)
 
     def release_savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
-        super().release_savepoint(conn, name)
+        conn.execute(f"RELEASE SAVEPOINT {name}", prepare=False)
 
     def rollback_to_savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
         # Out of the aborted state an error inside the savepoint's block left a pipeline in,
         # where the server skips every statement until a sync (as psycopg's rollback() does)
         _sync_pipeline(conn)
-        super().rollback_to_savepoint(conn, name)
+        conn.execute(f"ROLLBACK TO SAVEPOINT {name}", prepare=False)
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # A client-side cursor holds its rows, unless the connection is in pipeline mode
@@ -370,11 +373,11 @@ class PsycopgDialect(Dialect):
     def ping(self, conn: Any) -> None:
         # An empty query is one round trip; in autocommit mode it opens no transaction.
         if conn.autocommit:
-            conn.execute("")
+            conn.execute("", prepare=False)
             return
         conn.autocommit = True
         try:
-            conn.execute("")
+            conn.execute("", prepare=False)
         finally:
             conn.autocommit = False
 
@@ -385,7 +388,7 @@ class PsycopgDialect(Dialect):
         if conn.autocommit:
             # With the connection's own characteristics where the block sets none, as
             # psycopg's own conn.transaction() would in autocommit mode.
-            conn.execute(_begin_sql_for(conn, isolation, readonly))
+            conn.execute(_begin_sql_for(conn, isolation, readonly), prepare=False)
             return None
         # psycopg sends BEGIN itself before the next statement, with these settings in it.
         from psycopg import IsolationLevel
@@ -412,7 +415,7 @@ class PsycopgDialect(Dialect):
             return
         _sync_pipeline(conn)
         if pgconn.transaction_status == _PQ_IDLE and not conn.autocommit:
-            conn.execute("")
+            conn.execute("", prepare=False)
 
     def rollback(self, conn: Any) -> None:
         _refuse_while_reading(conn)
@@ -430,19 +433,21 @@ class PsycopgDialect(Dialect):
             if conn.pgconn.pipeline_status:  # one statement per query in pipeline mode
                 shown = []
                 for name in TIME_LIMITS:
-                    cursor.execute(f"SHOW {name}")
+                    cursor.execute(f"SHOW {name}", prepare=False)
                     shown.append(cursor.fetchone()[0])
                 for name, value in limits_to_set(shown, ms).items():
-                    cursor.execute(set_local_sql({name: value}))
+                    cursor.execute(set_local_sql({name: value}), prepare=False)
                 return None
-            cursor.execute(f"{_SHOW_LIMITS_SQL}; {set_local_sql(dict.fromkeys(TIME_LIMITS, ms))}")
+            cursor.execute(
+                f"{_SHOW_LIMITS_SQL}; {set_local_sql(dict.fromkeys(TIME_LIMITS, ms))}", prepare=False
+            )
             shown = [cursor.fetchone()[0]]
             for _ in TIME_LIMITS[1:]:
                 cursor.nextset()
                 shown.append(cursor.fetchone()[0])
             tighter = tighter_limits(shown, ms)
             if tighter:
-                cursor.execute(set_local_sql(tighter))
+                cursor.execute(set_local_sql(tighter), prepare=False)
         return None
 
     narrows_commit_wait = True
@@ -460,11 +465,11 @@ class PsycopgDialect(Dialect):
     def reset_session(self, conn: Any) -> None:
         # DISCARD ALL refuses to run inside a transaction block.
         if conn.autocommit:
-            conn.execute("DISCARD ALL")
+            conn.execute("DISCARD ALL", prepare=False)
         else:
             conn.autocommit = True
             try:
-                conn.execute("DISCARD ALL")
+                conn.execute("DISCARD ALL", prepare=False)
             finally:
                 conn.autocommit = False
         # It drops the session's prepared statements, but psycopg forgets its own only when it
