@@ -941,14 +941,20 @@ def _check_not_cut_short(
 
 def _cut_short(commit: bool) -> PoolError:
     if commit:
-        how = "COMMIT: the lease read the rest of its rows and dropped them first"
+        how = (
+            "COMMIT (or a savepoint's RELEASE): the lease read the rest of its rows and "
+            "dropped them first"
+        )
     else:
-        how = "ROLLBACK: the lease closed it first, dropping the rest of its rows"
+        how = (
+            "ROLLBACK (or a rollback to a savepoint): the lease closed it first, dropping the "
+            "rest of its rows"
+        )
     return PoolError(
         f"this result was cut short by {how} (a connection takes no other command while a "
         "result is still being read from it): read a result to its end before conn.commit(), "
-        "conn.rollback() or the end of its transaction block, or read it with a buffered "
-        "cursor, or on a connection of its own"
+        "conn.rollback() or the end of its transaction block or savepoint, or read it with a "
+        "buffered cursor, or on a connection of its own"
     )
 
 

@@ -927,6 +927,24 @@ class Savepoint(Generic[C]):
 
                 raise _doomed()
             return
+        lease = tx._lease
+        if (
+            (slot.cursors or slot.tracks_reads)
+            and slot.dialect.part_read_results
+            and lease is not None
+        ):
+            # A result the block left part-read, as before COMMIT and ROLLBACK: RELEASE would
+            # fail on it (mysqlclient) or be refused (psycopg's stream), and the transaction
+            # with it.  Read to its end before RELEASE, closed before ROLLBACK TO.
+            from .lease import finish_reading
+
+            try:
+                finish_reading(lease, slot, commit=exc is None)
+            except Exception as failed:
+                if exc is None:
+                    tx._savepoint_failed = "releasing a savepoint", failed
+                    raise
+                # the connection is lost, say: the rollback below fails too, and says so
         slot.busy = True
         if exc is None:
             try:

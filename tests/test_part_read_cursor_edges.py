@@ -148,6 +148,34 @@ def test_a_failing_block_with_an_sscursor_left_part_read_keeps_its_connection(
     assert _discards(pool) == 0, "the rollback failed on the unread result"
 
 
+@pytest.mark.mysql
+@MYSQL_DRIVERS
+@pytest.mark.parametrize("fails", [False, True], ids=["released", "rolled-back-to"])
+def test_a_savepoint_ends_with_an_sscursor_left_part_read(mysql_pool: Any, fails: bool) -> None:
+    """RELEASE SAVEPOINT and ROLLBACK TO cannot be sent while rows are still to come
+    (mysqlclient: "Commands out of sync"): the savepoint's end reads the rest first, as the
+    block's end does, and the transaction goes on and commits."""
+    pool, sscursor = mysql_pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyMySQL warns as it reads the rest itself
+        with pool.transaction() as tx:
+            tx.execute(f"INSERT INTO {TABLE} VALUES (1)")
+            try:
+                with tx.savepoint():
+                    tx.execute(f"INSERT INTO {TABLE} VALUES (2)")
+                    cur = tx.cursor(sscursor)
+                    cur.execute(MYSQL_SERIES)
+                    assert cur.fetchone() == (1,)
+                    if fails:
+                        raise LookupError
+            except LookupError:
+                pass
+            tx.execute(f"INSERT INTO {TABLE} VALUES (3)")
+    assert _count(pool) == (2 if fails else 3), "the transaction's work was lost"
+    assert _discards(pool) == 0
+    assert_accounting(pool)
+
+
 def _fails_to_close(sscursor: Any) -> Any:
     """``sscursor``'s subclass whose close() reads the rest as the driver does, then raises."""
 
