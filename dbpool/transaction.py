@@ -927,6 +927,18 @@ class Savepoint(Generic[C]):
 
                 raise _doomed()
             return
+        failed_late = None  # a statement of the block's, failed as its results arrived
+        if exc is None:
+            slot.busy = True
+            try:
+                slot.dialect.settle(slot.raw)
+            except Exception as failed:  # the block's own error: undone as if raised in it
+                exc = failed_late = failed
+            except BaseException:
+                slot.busy = INTERRUPTED
+                slot.doomed = True  # interrupted half-way: see lease._call_failed
+                raise
+            slot.busy = False
         lease = tx._lease
         if (
             (slot.cursors or slot.tracks_reads)
@@ -983,6 +995,8 @@ class Savepoint(Generic[C]):
             slot.doomed = True  # interrupted half-way: see lease._call_failed
             raise
         slot.busy = False
+        if failed_late is not None:
+            raise failed_late
 
 
 def run_transaction(

@@ -266,14 +266,16 @@ def test_psycopgs_own_transaction_inside_the_block_is_a_savepoint_of_it(
 # == savepoints ==================================================================================
 
 
+@pytest.mark.parametrize("fetched", [True, False], ids=["fetched", "queued"])
 @pytest.mark.parametrize("timeout", TIMEOUTS)
 @pytest.mark.parametrize("mode", MODES)
 def test_a_savepoint_undoes_a_caught_error_and_the_block_commits(
-    pg_connect: Connector, admin: Any, mode: str, timeout: float | None
+    pg_connect: Connector, admin: Any, mode: str, timeout: float | None, fetched: bool
 ) -> None:
-    """``with tx.savepoint():`` around a statement that fails (a duplicate key, fetched):
-    the savepoint rolls back to itself and the rest of the block commits, as outside a
-    pipeline."""
+    """``with tx.savepoint():`` around a statement that fails (a duplicate key): the
+    savepoint rolls back to itself and the rest of the block commits, as outside a pipeline.
+    Its result fetched, the error is raised inside the savepoint's block; left queued, as the
+    savepoint ends, which syncs first (as psycopg's own nested ``transaction()`` does)."""
     with new_pool(pg_connect, mode) as pool:
         with pool.connection() as conn:
             pid = backend(conn)
@@ -281,7 +283,9 @@ def test_a_savepoint_undoes_a_caught_error_and_the_block_commits(
                 with conn.transaction(timeout=timeout) as tx:
                     tx.execute(f"INSERT INTO {TABLE} VALUES (2, 0)")
                     with pytest.raises(psycopg.errors.UniqueViolation), tx.savepoint():
-                        tx.execute(f"INSERT INTO {TABLE} VALUES (1, 0)").fetchall()
+                        cursor = tx.execute(f"INSERT INTO {TABLE} VALUES (1, 0)")
+                        if fetched:
+                            cursor.fetchall()
                     tx.execute(f"INSERT INTO {TABLE} VALUES (3, 0)")
         assert table(admin) == [(1, 0), (2, 0), (3, 0)]
         assert_kept_clean(pool, pid)

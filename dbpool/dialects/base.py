@@ -349,6 +349,12 @@ class Dialect:
         block with :class:`TransactionTimeout`.  No I/O."""
         return False
 
+    def settle(self, conn: Any) -> None:
+        """Have the answers to every statement sent so far arrive, raising the error of one
+        that failed: before a savepoint's RELEASE, where such an error is its block's, undone
+        by rolling back to the savepoint.  Only a driver that queues results (psycopg's
+        pipeline mode) has any to wait for."""
+
     def savepoint(self, conn: Any, name: str) -> None:
         _execute(conn, f"SAVEPOINT {name}")
 

@@ -345,6 +345,9 @@ class PsycopgDialect(Dialect):
         _sync_pipeline(conn)
         conn.commit()
 
+    def settle(self, conn: Any) -> None:
+        _sync_pipeline(conn)  # as psycopg's own nested transaction() does as it ends
+
     def savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
         conn.execute(f"SAVEPOINT {name}", prepare=False)
