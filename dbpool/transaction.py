@@ -495,6 +495,8 @@ class Transaction(Generic[C]):
                     slot.busy = False
                     if slot.doomed:  # cut off past the deadline; COMMIT was never sent
                         raise self._timeout_error() from exc
+                    if slot.dialect.transaction_state(slot.raw) is BROKEN:
+                        raise _lost_before_commit(exc) from exc  # found lost by this call
                     raise
                 except BaseException:
                     slot.busy = INTERRUPTED
@@ -556,11 +558,7 @@ class Transaction(Generic[C]):
         elif slot.dialect.transaction_state(slot.raw) is BROKEN:
             # Closed (conn.raw.close()) or lost before COMMIT: the server rolls back as the
             # session ends, and no COMMIT can go out, so the outcome is known.
-            error = TransactionRolledBack(
-                "the connection was closed or lost inside the transaction block, before "
-                "COMMIT: the transaction was not committed"
-            )
-            error.__cause__ = self._failed
+            error = _lost_before_commit(self._failed)
         elif slot.dialect.server_session(slot.raw) != self._session:
             # The driver reconnected (PyMySQL's ping(reconnect=True)): the transaction went
             # with the old session, and COMMIT would commit what ran since, in the new one.
@@ -997,6 +995,15 @@ class Savepoint(Generic[C]):
         slot.busy = False
         if failed_late is not None:
             raise failed_late
+
+
+def _lost_before_commit(cause: BaseException | None) -> TransactionRolledBack:
+    error = TransactionRolledBack(
+        "the connection was closed or lost inside the transaction block, before COMMIT: the "
+        "transaction was not committed"
+    )
+    error.__cause__ = cause
+    return error
 
 
 def run_transaction(

@@ -81,3 +81,33 @@ def test_a_block_whose_driver_reconnected_is_not_committed(
     finally:
         rows(admin, f"DROP TABLE IF EXISTS {table}")
         admin.close()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_a_timed_block_whose_session_ended_before_commit_was_not_committed(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    """The server ends the block's session while the block is between statements; a block
+    with a timeout first narrows its lock limit to the time left, a round trip that finds the
+    connection lost: COMMIT was never sent, so the block raises TransactionRolledBack, as
+    one without a timeout does, not the driver's bare error from that round trip."""
+    import dbpool.transaction
+
+    monkeypatch.setattr(dbpool.transaction, "_NARROW_SLACK", 0.0)  # always narrowed
+    connect = request.getfixturevalue("pg_connect" if driver == "psycopg" else "psycopg2_connect")
+    admin = connect()
+    admin.autocommit = True
+    try:
+        with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+            with pytest.raises(dbpool.TransactionRolledBack, match="before COMMIT"):
+                with pool.transaction(timeout=30) as tx:
+                    session = scalar(tx, "SELECT pg_backend_pid()")
+                    rows(admin, "SELECT pg_terminate_backend(%s)", (session,))
+                    gone = "SELECT pid FROM pg_stat_activity WHERE pid = %s"
+                    wait_until(lambda: not rows(admin, gone, (session,)))
+            assert assert_accounting(pool).discarded == 1
+            with pool.connection() as conn:  # a new connection
+                assert scalar(conn, "SELECT 1") == 1
+    finally:
+        admin.close()
