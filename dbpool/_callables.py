@@ -46,3 +46,26 @@ def callable_name(fn: Any) -> str:
     if isinstance(fn, functools.partial):
         return f"a functools.partial of {callable_name(fn.func)}"
     return str(getattr(fn, "__qualname__", None) or f"a {type(fn).__qualname__} object")
+
+
+def is_own_generator(result: Any, fn: Any) -> bool:
+    """Whether ``result``, what calling ``fn`` returned, is a generator (or async generator)
+    of ``fn``'s own body: ``fn`` is a generator function behind a decorator that passes its
+    result on (``functools.wraps``) or a partial, or an object whose ``__call__`` is one,
+    which the look at ``fn`` before the call cannot tell.  A generator that ``fn`` made of
+    rows it read (a generator expression, say) runs another body, and is not one."""
+    if inspect.isgenerator(result):
+        code = result.gi_code
+    elif inspect.isasyncgen(result):
+        code = result.ag_code
+    else:
+        return False
+    candidates = [inspect.getattr_static(type(fn), "__call__", None)]
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    candidates.append(fn)
+    try:
+        candidates.append(inspect.unwrap(fn))
+    except ValueError:  # a cycle of __wrapped__
+        pass
+    return any(getattr(c, "__code__", None) is code for c in candidates)

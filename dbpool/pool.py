@@ -25,7 +25,7 @@ from time import monotonic
 from typing import Any, Callable, Generic, NoReturn, SupportsIndex, TypeVar
 
 from . import _fork, reaper
-from ._callables import callable_name, check_callable
+from ._callables import callable_name, check_callable, is_own_generator
 from ._options import unknown_options
 from ._types import C
 from .dialects import Dialect
@@ -276,6 +276,12 @@ _CHECK_RECONNECTED = (
 # Why a connection whose database file was replaced (or removed) is not handed out: it still
 # reads the old file, and writes to it fail (SQLite: "attempt to write a readonly database").
 _FILE_REPLACED = "the file at its database's path is no longer the one it opened"
+
+_GENERATOR_WITH_CONNECTION = (
+    "fn must use the connection before it goes back, but {fn} is a generator function (it "
+    "uses yield), whose body would run only as its result is iterated, the connection back "
+    "in the pool: return the rows (a list) instead"
+)
 
 # A bound on times given as ints: a larger one has no float, nor a deadline, to stand for it.
 _LARGEST_SECONDS = 1e300
@@ -1171,13 +1177,12 @@ class Pool(Generic[C]):
                 "an async function: dbpool is synchronous; use a plain function"
             )
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-            raise TypeError(
-                f"fn must use the connection before it goes back, but {callable_name(fn)} is "
-                "a generator function (it uses yield), whose body would run only as its result "
-                "is iterated, the connection back in the pool: return the rows (a list) instead"
-            )
+            raise TypeError(_GENERATOR_WITH_CONNECTION.format(fn=callable_name(fn)))
         with self.connection(timeout=timeout) as conn:
-            return fn(conn)
+            result = fn(conn)
+            if is_own_generator(result, fn):  # (as above, behind a decorator)
+                raise TypeError(_GENERATOR_WITH_CONNECTION.format(fn=callable_name(fn)))
+            return result
 
     def cursor(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> PoolCursor[C]:
         """A cursor on a connection of its own, leased until the cursor is closed: for

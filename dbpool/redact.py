@@ -159,9 +159,9 @@ def secret_forms(values: Iterable[str], *, guessed: bool = False) -> tuple[str, 
     ``guessed``: the values were read out of code and connection strings, not given as
     passwords.  Each whitespace-separated piece then counts too (a driver that cannot parse a
     connection string quotes the piece it stopped at), and so does each piece between two
-    "@" (libpq ends a URL's password at its first "@" and quotes the rest as the host), and a
-    template placeholder (``"{}"``, ``"%s"``) is no secret.  A password given as one is never left out for looking
-    like a placeholder: ``{Tr0ub4dor}`` is a password.
+    "@" (libpq ends a URL's password at its first "@" and quotes the rest as the host), and
+    a template placeholder (``"{}"``, ``"%s"``) is no secret.  A password given as one is
+    never left out for looking like a placeholder: ``{Tr0ub4dor}`` is a password.
     """
     found: set[str] = set()
     for value in values:

@@ -22,7 +22,7 @@ import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
-from ._callables import callable_name
+from ._callables import callable_name, is_own_generator
 from ._types import C
 from .dialects.base import BROKEN, BUSY, IDLE, UNKNOWN, Dialect
 from .errors import (
@@ -1064,6 +1064,8 @@ def run_transaction(
                         if inspect.iscoroutine(result):
                             result.close()  # never awaited: no "never awaited" warning later
                         raise TypeError(_ASYNC_FN.format(fn=callable_name(fn)))
+                    if is_own_generator(result, fn):  # (as above, behind a decorator)
+                        raise TypeError(_GENERATOR_FN.format(fn=callable_name(fn)))
                     return result
         except (CommitOutcomeUnknown, TransactionTimeout):
             raise  # never retried: the work may have happened, or there is no time left

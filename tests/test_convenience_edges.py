@@ -156,3 +156,38 @@ def test_with_connection_refuses_a_generator_fn(sqlite_connect: Any) -> None:
         # a plain function returning a generator over rows it already read is fine
         read = pool.with_connection(lambda conn: iter(conn.cursor().execute("SELECT 1").fetchall()))
         assert [tuple(row) for row in read] == [(1,)]
+
+
+def test_with_connection_refuses_a_generator_fn_behind_a_decorator(sqlite_connect: Any) -> None:
+    """A generator function behind a decorator (``functools.wraps``), or an object whose
+    ``__call__`` is one, looks like a plain function until called: its generator, returned
+    unstarted, is refused then, before the lease goes back.  A decorator that reads the
+    generator itself returns rows, which are fine."""
+
+    def passes_on(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(conn: Any) -> Any:
+            return fn(conn)
+
+        return wrapper
+
+    def collects(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(conn: Any) -> Any:
+            return list(fn(conn))
+
+        return wrapper
+
+    def rows_of(conn: Any) -> Any:
+        yield from conn.cursor().execute("SELECT 1").fetchall()
+
+    class RowsOf:
+        def __call__(self, conn: Any) -> Any:
+            yield from conn.cursor().execute("SELECT 1").fetchall()
+
+    with dbpool.Pool(sqlite_connect, min_size=0, max_size=1) as pool:
+        for fn in (passes_on(rows_of), RowsOf(), functools.partial(passes_on(rows_of))):
+            with pytest.raises(TypeError, match="generator function"):
+                pool.with_connection(fn)
+        assert [tuple(row) for row in pool.with_connection(collects(rows_of))] == [(1,)]
+        assert_accounting(pool)

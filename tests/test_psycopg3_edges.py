@@ -277,7 +277,8 @@ def test_connection_that_prepares_every_statement_takes_the_pools_own(
                 assert rows(conn, "SELECT 3") == [(3,)]
             conn.raw.prepare_threshold = None  # the check below, unprepared
             prepared = rows(conn, "SELECT statement FROM pg_prepared_statements")
-            assert {text for (text,) in prepared} <= {"SET LOCAL statement_timeout = 1000", "SELECT 3"}
+            borrowers = {"SET LOCAL statement_timeout = 1000", "SELECT 3"}
+            assert {text for (text,) in prepared} <= borrowers
         assert pool.stats().closed == 0
     finally:
         pool.close()

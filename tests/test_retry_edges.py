@@ -7,6 +7,7 @@ waits; nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -496,6 +497,41 @@ def test_a_generator_fn_is_refused_and_commits_nothing(sqlite_connect: Any) -> N
                 pool.run_transaction(fn)
         assert pool.stats().acquired == acquired, "refused only after taking a connection"
         assert list(pool.run_transaction(ready)) == []
+        with pool.connection() as conn:
+            assert rows(conn, "select n from tx_gen") == []
+        _balanced(pool)
+
+
+def test_a_generator_fn_behind_a_decorator_is_refused_and_commits_nothing(
+    sqlite_connect: Any,
+) -> None:
+    """A generator function behind a decorator (``functools.wraps``), or an object whose
+    ``__call__`` is one, passes the look before the call: its generator, returned unstarted,
+    is refused in the block, which then commits nothing."""
+
+    def passes_on(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(tx: Any) -> Any:
+            return fn(tx)
+
+        return wrapper
+
+    def yields_rows(tx: dbpool.Transaction[Any]) -> Any:
+        tx.execute("insert into tx_gen values (1)")
+        yield from tx.execute("select n from tx_gen").fetchall()
+
+    class YieldsRows:
+        def __call__(self, tx: dbpool.Transaction[Any]) -> Any:
+            tx.execute("insert into tx_gen values (2)")
+            yield 2
+
+    with _pool(sqlite_connect) as pool:
+        with pool.connection() as conn:
+            conn.execute("create table tx_gen (n integer)")
+            conn.commit()
+        for fn in (passes_on(yields_rows), YieldsRows()):
+            with pytest.raises(TypeError, match="is a generator function"):
+                pool.run_transaction(fn)
         with pool.connection() as conn:
             assert rows(conn, "select n from tx_gen") == []
         _balanced(pool)

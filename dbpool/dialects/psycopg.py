@@ -441,9 +441,8 @@ class PsycopgDialect(Dialect):
                 for name, value in limits_to_set(shown, ms).items():
                     cursor.execute(set_local_sql({name: value}), prepare=False)
                 return None
-            cursor.execute(
-                f"{_SHOW_LIMITS_SQL}; {set_local_sql(dict.fromkeys(TIME_LIMITS, ms))}", prepare=False
-            )
+            limits = set_local_sql(dict.fromkeys(TIME_LIMITS, ms))
+            cursor.execute(f"{_SHOW_LIMITS_SQL}; {limits}", prepare=False)
             shown = [cursor.fetchone()[0]]
             for _ in TIME_LIMITS[1:]:
                 cursor.nextset()
