@@ -178,9 +178,9 @@ class _Slot:
         self.tracks_reads = False
         # How many there are when the lease next lets go of those dropped unclosed (lease.py)
         self.cursors_checked_at = _FIRST_CURSOR_CHECK
-        # Cursors the driver's conn.execute() returned still running their statement (sqlite3's,
-        # which holds a read lock until closed), weakly held: closed on return
-        self.loose_cursors: weakref.WeakSet[Any] | None = None
+        # The driver's cursors that conn.execute() returned through the lease, and the handles
+        # of blobopen() and the like, weakly held: closed on return (see lease._tracked_call)
+        self.loose_cursors: list[weakref.ref[Any]] | None = None
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
         # The server session configure set up (Dialect.server_session): a driver that connects
@@ -214,8 +214,10 @@ class _Slot:
                 dialect.close_cursor(cursor)
         if self.loose_cursors is not None:
             loose, self.loose_cursors = self.loose_cursors, None
-            for cursor in list(loose):
-                self.dialect.close_cursor(cursor)
+            for held in loose:
+                cursor = held()
+                if cursor is not None:
+                    self.dialect.close_cursor(cursor)
 
 
 class _Borrowed:

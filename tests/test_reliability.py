@@ -449,6 +449,25 @@ def test_a_long_held_lease_lets_go_of_the_cursors_it_dropped_unclosed(
                 assert kept.fetchall() == [(1,), (2,)]  # the one still referenced stays
 
 
+def test_a_long_held_lease_keeps_no_record_of_the_driver_cursors_it_dropped(
+    sqlite_connect: Any, pg_connect: Any
+) -> None:
+    """``conn.execute()`` returns the driver's own cursor, which the return path closes if it
+    is still referenced: the lease holds it weakly, and its record of those collected does not
+    grow with each statement; one kept is still closed."""
+    for connect in (sqlite_connect, pg_connect):
+        with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+            with pool.connection() as conn:
+                kept = conn.execute("SELECT 1")
+                for _ in range(1000):
+                    conn.execute("SELECT 2").fetchall()
+                record = conn._slot.loose_cursors
+                assert record is not None and len(record) < 200
+                assert kept in [held() for held in record]
+            with pytest.raises(Exception, match="closed"):
+                kept.fetchall()
+
+
 def test_a_dropped_server_side_cursor_is_still_closed_on_return(pg_connect: Any) -> None:
     """A cursor whose collection would leave something on the server (a WITH HOLD cursor
     outlives the transaction) stays the lease's to close, however many cursors it drops."""
