@@ -735,12 +735,12 @@ class Pool(Generic[C]):
                 waiter = None  # served: the slot is what is left to undo
                 if not fresh:
                     candidate, slot = slot, None  # _ready keeps or gives it back itself
-                    slot = self._ready(candidate, deadline, timeout)
+                    slot = self._ready(candidate, deadline, timeout, started)
             elif slot is not None and not fresh:  # counted once validated, as a wait
                 started = now
                 deadline = now + (self._acquire_timeout if timeout is None else timeout)
                 candidate, slot = slot, None  # validation keeps or discards it itself
-                if self._fit_for_use(candidate, deadline):
+                if self._fit_for_use(candidate, deadline, since=now):
                     slot = candidate
                 elif now >= candidate.expires_at:
                     deadline = None  # discarded for its age, with no ping: no time spent
@@ -1524,20 +1524,20 @@ class Pool(Generic[C]):
             slot, lent = self._take(deadline, timeout, since)
             if lent:
                 return slot, True
-            ready = self._ready(slot, deadline, timeout)
+            ready = self._ready(slot, deadline, timeout, since)
             if ready is not None:
                 return ready, False
             now = monotonic()
             if now >= deadline and now < slot.expires_at:  # (an expired one cost no ping)
                 raise self._validation_timeout(timeout)
 
-    def _ready(self, slot: _Slot, deadline: float, timeout: float) -> _Slot | None:
-        """What a checkout took or was granted, made ready to lend: a connection opened in a
-        slot reserved empty, or an idle connection validated (``None`` if it failed, and was
-        discarded)."""
+    def _ready(self, slot: _Slot, deadline: float, timeout: float, since: float) -> _Slot | None:
+        """What a checkout that arrived at ``since`` took or was granted, made ready to lend:
+        a connection opened in a slot reserved empty, or an idle connection validated
+        (``None`` if it failed, and was discarded)."""
         if slot.raw is None:
             return self._connect_for_caller(slot, deadline, timeout)
-        if self._fit_for_use(slot, deadline):
+        if self._fit_for_use(slot, deadline, since=since):
             return slot
         return None
 
@@ -1567,8 +1567,11 @@ class Pool(Generic[C]):
                     slot = self._pop_idle_locked(monotonic())
                     self._in_use += 1
                     return slot, False
+                waiters = self._waiters
                 if (
-                    not self._waiters
+                    # ... or all came later: this caller is back after the connection it was
+                    # served failed validation, and the room that made is its own (_discard)
+                    (not waiters or waiters[0].since > since)
                     and self._size + len(self._retired) < self._max_size
                     and self._may_connect_locked(monotonic())
                 ):
@@ -1583,7 +1586,12 @@ class Pool(Generic[C]):
                         "shed load"
                     )
                 waiter = _Waiter(since, threading.get_ident())
-                self._waiters.append(waiter)
+                # In order of arrival: one back after a failed validation keeps its place
+                # ahead of those who came after it (strictly first in, first out)
+                place = len(waiters)
+                while place and waiters[place - 1].since > since:
+                    place -= 1
+                waiters.insert(place, waiter)
                 if self._connect_failures:
                     self._reaper_wakeup.set()  # it serves queued callers when the delay is up
             self._await_grant(waiter, deadline, timeout)
@@ -1695,9 +1703,12 @@ class Pool(Generic[C]):
         elif grant is _LENT and slot is not None:
             self._untake(slot, counted=True)  # its checkout was counted as it was lent
 
-    def _fit_for_use(self, slot: _Slot, deadline: float, *, probe: bool = False) -> bool:
+    def _fit_for_use(
+        self, slot: _Slot, deadline: float, *, probe: bool = False, since: float = math.inf
+    ) -> bool:
         """Check an idle connection taken out of the stack; discard it and say so if it is not
-        fit.  ``probe``: ping it even if it was used just now.
+        fit.  ``probe``: ping it even if it was used just now.  ``since``: the arrival of the
+        checkout it is for, which asks again if it is not fit (see _grant_room_locked).
 
         The ping (or the ``check`` hook) is bounded by the deadline (at least
         ``_MIN_PING_TIME``): past it, the connection's socket is shut down, so a blackholed
@@ -1728,7 +1739,7 @@ class Pool(Generic[C]):
                 )
             return True
         reason, broken = problem
-        self._discard(slot, reason, broken=broken)
+        self._discard(slot, reason, broken=broken, since=since)
         return False
 
     def _problem_of(
@@ -2437,9 +2448,11 @@ class Pool(Generic[C]):
         broken: bool,
         held: float | None = None,
         detail: str = "",
+        since: float = math.inf,
     ) -> None:
         """Drop a connection the caller holds (leased or under validation) and close it.
-        ``held``: how long its borrower had it, when it comes back from a lease."""
+        ``held``: how long its borrower had it, when it comes back from a lease; ``since``:
+        the arrival of a checkout that failed to validate it and will ask again."""
         key = reason._value_  # a plain attribute (.value is a property: a function call)
         counted: bool | None = None  # None until it is decided under the lock
         try:
@@ -2465,7 +2478,7 @@ class Pool(Generic[C]):
                     self._closing.add(slot)
                     if broken:
                         self._broken_at = max(self._broken_at, monotonic())
-                    self._grant_room_locked()
+                    self._grant_room_locked(since)
                     self._everyone.discard(slot)
         finally:  # closed even if a signal handler raised once it was counted off
             if counted:
@@ -2494,13 +2507,16 @@ class Pool(Generic[C]):
         self._in_use += 1
         waiter.wakeup.release()
 
-    def _grant_room_locked(self) -> None:
-        """Room was made under max_size: let waiters open connections in it."""
+    def _grant_room_locked(self, before: float = math.inf) -> None:
+        """Room was made under max_size: let waiters open connections in it.  ``before``: the
+        arrival of a caller that will ask again (its connection failed validation): the room
+        is its own, unless one that came earlier is waiting."""
         if self._closed:
             self._cond.notify_all()
             return
         while (
             self._waiters
+            and self._waiters[0].since < before
             and self._size + len(self._retired) < self._max_size
             and self._may_connect_locked(monotonic())
         ):

@@ -141,3 +141,44 @@ def test_a_caller_finding_a_closed_pools_queue_is_told_at_once(make_pool: Any) -
     pool.close(timeout=1)  # turns the queued caller away
     assert isinstance(queued.outcome(), (type(None), dbpool.PoolClosed))
     holder.close()
+
+
+@pytest.mark.parametrize("how", ["ping", "check hook"])
+def test_a_caller_whose_handed_connection_fails_validation_keeps_its_place(
+    make_pool: Any, server: fakedb.Server, how: str
+) -> None:
+    """The oldest caller is handed the returned connection, which fails validation (after a
+    server restart, say) and is discarded: the room that makes is that caller's to connect
+    in, and if it must wait again, it waits ahead of those who came after it.  It used to
+    join the queue's end, the room going to the next caller: the first to ask was served
+    last, or timed out."""
+    failed = threading.Event()
+
+    def check(raw: Any) -> None:
+        if not failed.is_set():
+            failed.set()
+            raise fakedb.OperationalError("server closed the connection")
+
+    if how == "ping":
+        pool = make_pool(max_size=1, validate_after=0)
+    else:
+        pool = make_pool(max_size=1, check=check)
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        conn = pool.connection(timeout=5)
+        order.append(name)
+        conn.close()
+
+    holder = pool.connection()
+    first = Caller(lambda: take("first"), name="first")
+    wait_until(lambda: pool.stats().waiting == 1)
+    second = Caller(lambda: take("second"), name="second")
+    wait_until(lambda: pool.stats().waiting == 2)
+    if how == "ping":
+        server.fail_next("ping", fakedb.OperationalError("server closed the connection"))
+    holder.close()
+    assert first.outcome() is None, first.error
+    assert second.outcome() is None, second.error
+    assert order == ["first", "second"]
+    assert sum(pool.stats().discards.values()) == 1
