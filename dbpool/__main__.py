@@ -574,8 +574,8 @@ def _secrets_on(argv: Sequence[str]) -> tuple[str, ...]:
                 found += parse_url(text)._secrets()
             except (TypeError, ValueError):
                 scheme_end, at = text.find("://"), text.rfind("@")
-                colon = text.find(":", scheme_end + 3, at)
-                if 0 <= scheme_end < colon:
+                colon = text.find(":", scheme_end + 3, at) if at > scheme_end >= 0 else -1
+                if colon >= 0:
                     found += secret_forms([text[colon + 1 : at]], guessed=True)
     return tuple(sorted(set(found), key=len, reverse=True))
 

@@ -60,12 +60,16 @@ def is_own_generator(result: Any, fn: Any) -> bool:
         code = result.ag_code
     else:
         return False
-    candidates = [inspect.getattr_static(type(fn), "__call__", None)]
     while isinstance(fn, functools.partial):
         fn = fn.func
-    candidates.append(fn)
-    try:
-        candidates.append(inspect.unwrap(fn))
-    except ValueError:  # a cycle of __wrapped__
-        pass
-    return any(getattr(c, "__code__", None) is code for c in candidates)
+    call = inspect.getattr_static(type(fn), "__call__", None)
+    if isinstance(call, (staticmethod, classmethod)):
+        call = call.__func__
+    for candidate in (fn, call):
+        try:
+            candidate = inspect.unwrap(candidate)
+        except ValueError:  # a cycle of __wrapped__
+            pass
+        if getattr(candidate, "__code__", None) is code:
+            return True
+    return False

@@ -1006,8 +1006,9 @@ def _tracked_call(
             # return, as the lease's own cursors are, so that what a lease left open holds no
             # lock once the lease is back, nor reaches the connection from the borrower's
             # hands (a driver cursor's execute() runs in whatever session its connection has
-            # next).  Weakly, in a list (a WeakSet costs ~3 us a lease), rid of the dead as its
-            # length doubles: a lease may run millions of them.
+            # next).  Weakly, in a list (a WeakSet costs ~3 us a lease), rid of the dead as
+            # their number doubles (as _let_go_of_dropped_cursors runs): a lease may run
+            # millions of them.
             try:
                 held = _weak_ref(result)
             except TypeError:  # not weakly referable
@@ -1018,9 +1019,9 @@ def _tracked_call(
                     slot.loose_cursors = [held]
                 else:
                     loose.append(held)
-                    count = len(loose)
-                    if count >= _FIRST_CURSOR_CHECK and not count & (count - 1):
+                    if len(loose) >= slot.loose_checked_at:
                         loose[:] = [one for one in loose if one() is not None]
+                        slot.loose_checked_at = max(_FIRST_CURSOR_CHECK, 2 * len(loose))
         if statement and tx is not None and slot.transaction is tx:
             tx._check_open()  # ended past the deadline, though cancelled (see execute())
         return result

@@ -130,6 +130,7 @@ class _Slot:
         "tracks_reads",
         "cursors_checked_at",
         "loose_cursors",
+        "loose_checked_at",
         "restore",
         "settings",
         "session",
@@ -181,6 +182,7 @@ class _Slot:
         # The driver's cursors that conn.execute() returned through the lease, and the handles
         # of blobopen() and the like, weakly held: closed on return (see lease._tracked_call)
         self.loose_cursors: list[weakref.ref[Any]] | None = None
+        self.loose_checked_at = _FIRST_CURSOR_CHECK  # their number when next rid of the dead
         self.restore: dict[str, Any] | None = None
         self.settings: object = None  # the dialect's client settings as first connected
         # The server session configure set up (Dialect.server_session): a driver that connects
@@ -214,6 +216,7 @@ class _Slot:
                 dialect.close_cursor(cursor)
         if self.loose_cursors is not None:
             loose, self.loose_cursors = self.loose_cursors, None
+            self.loose_checked_at = _FIRST_CURSOR_CHECK
             for held in loose:
                 cursor = held()
                 if cursor is not None:

@@ -330,6 +330,11 @@ class DatabaseURL:
             for pair in self.query
         ):
             raise TypeError("the URL's query must be a tuple of (name, value) pairs of str")
+        for part in ("host", "user", "password", "database"):
+            _refuse_nul(getattr(self, part) or "", _PART_NAMES[part])
+        for key, value in self.query:
+            _refuse_nul(key, "query parameter name")
+            _refuse_nul(value, f"query parameter {key!r}")
         scheme = _SCHEMES[self.scheme]
         for key, value in self.query:
             _check_value(scheme, key, value)
@@ -506,23 +511,38 @@ def parse_url(url: str) -> DatabaseURL:
 def _unquote(text: str, part: str) -> str:
     """``text`` percent-decoded; ``ValueError`` naming ``part``, not quoting it, if the bytes
     are no UTF-8 (unquote() would put U+FFFD in their place: another password, silently) or
-    hold a NUL (libpq reads a connection string only up to one: every setting after it, an
-    sslmode=require say, would be dropped, silently)."""
+    hold a NUL (see _refuse_nul)."""
     try:
         decoded = unquote(text, errors="strict")
     except UnicodeDecodeError:
         pass  # raised outside the handler: the codec error, holding the bytes, is not chained
     else:
-        if "\0" not in decoded:
-            return decoded
-        raise ValueError(
-            f"the URL's {part} holds a NUL character (%00), which a driver's C library reads "
-            "as the end of the value: remove it"
-        )
+        _refuse_nul(decoded, part)
+        return decoded
     raise ValueError(
         f"the URL's {part} is not UTF-8 once percent-decoded: percent-encode the UTF-8 bytes "
         "of each character (for example 'ä' as %C3%A4)"
     )
+
+
+# What the message calls each part of a URL.
+_PART_NAMES = {
+    "host": "host",
+    "user": "user name",
+    "password": "password",
+    "database": "database name",
+}
+
+
+def _refuse_nul(value: str, part: str) -> None:
+    """Libpq reads a connection string only up to a NUL: every setting after it, an
+    sslmode=require say, would be dropped, silently; the other C libraries end a value there.
+    ``part`` is named, never quoted."""
+    if "\0" in value:
+        raise ValueError(
+            f"the URL's {part} holds a NUL character (%00), which a driver's C library reads "
+            "as the end of the value: remove it"
+        )
 
 
 def _refuse_misplaced_userinfo(authority: str, path: str, query_text: str) -> None:

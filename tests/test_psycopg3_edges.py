@@ -284,19 +284,25 @@ def test_connection_that_prepares_every_statement_takes_the_pools_own(
         pool.close()
 
 
-def test_driver_transaction_block_left_suspended_is_not_handed_out(pg_connect: Connector) -> None:
-    """psycopg's own ``conn.raw.transaction()`` block, suspended in a generator the borrower
-    keeps after SQL committed its transaction: libpq says IDLE, nothing to roll back, but
-    psycopg counts the block as open and refuses the next borrower's ``commit()`` until it
-    exits.  The connection is discarded instead."""
+@pytest.mark.parametrize("reached", ["conn.raw", "a cursor's connection"])
+def test_driver_transaction_block_left_suspended_is_not_handed_out(
+    pg_connect: Connector, reached: str
+) -> None:
+    """psycopg's own ``transaction()`` block of the driver's connection (``conn.raw``, or the
+    ``connection`` of the cursor ``conn.execute()`` returns), suspended in a generator the
+    borrower keeps after SQL committed its transaction: libpq says IDLE, nothing to roll
+    back, but psycopg counts the block as open and refuses the next borrower's ``commit()``
+    until it exits.  The connection is discarded instead."""
     pool = new_pool(pg_connect)
     kept = []
     try:
         with pool.connection() as conn:
+            via_cursor = reached != "conn.raw"
+            driver = conn.execute("SELECT 1").connection if via_cursor else conn.raw
 
             def work() -> Iterator[None]:
-                with conn.raw.transaction():
-                    conn.raw.execute("COMMIT")
+                with driver.transaction():
+                    driver.execute("COMMIT")
                     yield
 
             kept.append(work())

@@ -529,7 +529,7 @@ def test_a_generator_fn_behind_a_decorator_is_refused_and_commits_nothing(
         with pool.connection() as conn:
             conn.execute("create table tx_gen (n integer)")
             conn.commit()
-        for fn in (passes_on(yields_rows), YieldsRows()):
+        for fn in (passes_on(yields_rows), YieldsRows(), functools.partial(YieldsRows())):
             with pytest.raises(TypeError, match="is a generator function"):
                 pool.run_transaction(fn)
         with pool.connection() as conn:

@@ -542,6 +542,23 @@ def test_a_nul_anywhere_in_a_url_is_refused(url: str, part: str) -> None:
     assert "Tr0ub" not in str(info.value) and "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "fields, part",
+    [
+        ({"password": "Tr0ub\x00adour"}, "password"),
+        ({"user": "u\x00x"}, "user name"),
+        ({"host": "h\x00x"}, "host"),
+        ({"database": "d\x00b"}, "database name"),
+        ({"query": (("application_name", "a\x00b"),)}, "query parameter"),
+        ({"query": (("a\x00b", "1"),)}, "query parameter name"),
+    ],
+)
+def test_a_nul_in_a_url_built_by_hand_is_refused(fields: dict[str, Any], part: str) -> None:
+    with pytest.raises(ValueError, match=f"URL's {part}.* NUL") as info:
+        DatabaseURL(scheme="postgresql", **fields)
+    assert "Tr0ub" not in str(info.value)
+
+
 def test_parsed_url_is_frozen_and_picklable() -> None:
     parsed = parse_url(f"postgresql://u:{CANARY}@h/d")
     with pytest.raises(AttributeError):

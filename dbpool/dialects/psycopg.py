@@ -202,6 +202,7 @@ def settings_through_properties(conn: Any, received: tuple[int, Any]) -> tuple[A
         conn.prepare_threshold,
         *handlers,
         received,
+        getattr(conn, "_num_transactions", 0),
     )
 
 
@@ -222,14 +223,6 @@ class PsycopgDialect(Dialect):
     def after_exposure(self, conn: Any) -> None:
         if getattr(conn, "_tpc", None) is not None:
             raise prepared_two_phase_left()
-        if getattr(conn, "_num_transactions", 0):
-            # A conn.raw.transaction() block left suspended (in a generator, say) after SQL
-            # ended its transaction: libpq says IDLE, but psycopg refuses commit() and
-            # rollback() until that block exits, which only its holder can make it do.
-            raise RuntimeError(
-                "returned inside a transaction() block of the driver's connection that was "
-                "never left: the driver refuses commit() and rollback() until it is"
-            )
 
     def transaction_state(self, conn: Any) -> TxState:
         # libpq's own status, read without the cost of conn.info: it says UNKNOWN for a
@@ -293,11 +286,22 @@ class PsycopgDialect(Dialect):
                 tuple(conn._notice_handlers),
                 tuple(conn._notify_handlers),
                 received,
+                # psycopg's own transaction() blocks not left: see restore_client_settings
+                conn._num_transactions,
             )
         except AttributeError:  # a psycopg that keeps them elsewhere
             return settings_through_properties(conn, received)
 
     def restore_client_settings(self, conn: Any, settings: Any) -> None:
+        if getattr(conn, "_num_transactions", 0):
+            # A transaction() block of the driver's connection (reached through conn.raw, or
+            # a cursor's connection) left suspended, in a generator say, after SQL ended its
+            # transaction: libpq says IDLE, but psycopg refuses commit() and rollback() until
+            # that block exits, which only its holder can make it do.
+            raise RuntimeError(
+                "returned inside a transaction() block of the driver's connection that was "
+                "never left: the driver refuses commit() and rollback() until it is"
+            )
         conn.autocommit, conn.isolation_level, conn.read_only, conn.deferrable = settings[:4]
         conn.row_factory, conn.cursor_factory, conn.server_cursor_factory = settings[4:7]
         conn.prepare_threshold = settings[7]
@@ -350,6 +354,9 @@ class PsycopgDialect(Dialect):
 
     def savepoint(self, conn: Any, name: str) -> None:
         _refuse_while_reading(conn)
+        # The error of a statement queued before it raises here, outside the savepoint (which
+        # could not undo it), as psycopg's own nested transaction() does as it is entered
+        _sync_pipeline(conn)
         conn.execute(f"SAVEPOINT {name}", prepare=False)
 
     def release_savepoint(self, conn: Any, name: str) -> None:
@@ -362,6 +369,7 @@ class PsycopgDialect(Dialect):
         # where the server skips every statement until a sync (as psycopg's rollback() does)
         _sync_pipeline(conn)
         conn.execute(f"ROLLBACK TO SAVEPOINT {name}", prepare=False)
+        _sync_pipeline(conn)  # its own failure raises here, before the block is told undone
 
     def fetches_as_it_goes(self, cursor: Any) -> bool:
         # A client-side cursor holds its rows, unless the connection is in pipeline mode
