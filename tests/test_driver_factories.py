@@ -189,5 +189,5 @@ def test_psycopg_settings_are_read_through_the_properties_where_the_fields_are_m
         "prepare_threshold",
     ]
     conn = SimpleNamespace(**{name: f"<{name}>" for name in names})
-    expected = (*(f"<{name}>" for name in names), (), (), (0, None))
+    expected = (*(f"<{name}>" for name in names), (), (), 0, (0, None))
     assert PsycopgDialect().client_settings(conn) == expected

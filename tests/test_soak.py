@@ -49,6 +49,7 @@ from dbpool import (
     ConnectionUnusable,
     Isolation,
     PoolTimeout,
+    TransactionRolledBack,
     TransactionTimeout,
 )
 from tests.conftest import CONNECT_TIMEOUT, Connector, rows, wait_until
@@ -399,8 +400,10 @@ class Work:
         self._tally.absent.add(key)
 
     def settle(self, error: BaseException | None) -> None:
-        """Rows still pending were never committed, unless the error came from the commit."""
-        if self._committing and error is not None and not isinstance(error, TransactionTimeout):
+        """Rows still pending were never committed, unless the error came from the commit
+        (and says neither that the deadline passed nor that the session was gone before it)."""
+        known = (TransactionTimeout, TransactionRolledBack)
+        if self._committing and error is not None and not isinstance(error, known):
             self._tally.unknown.update(self._pending)
         else:  # a deadline that passed means a rollback, never a commit
             self._tally.absent.update(self._pending)
@@ -433,6 +436,7 @@ class Soak:
             CommitOutcomeUnknown,
             ConnectionUnusable,
             PoolTimeout,
+            TransactionRolledBack,  # the session killed before COMMIT, found by the narrowing
             AppError,
         )
         self.tallies = [Tally() for _ in range(THREADS)]

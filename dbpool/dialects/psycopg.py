@@ -201,8 +201,8 @@ def settings_through_properties(conn: Any, received: tuple[int, Any]) -> tuple[A
         conn.server_cursor_factory,
         conn.prepare_threshold,
         *handlers,
-        received,
         getattr(conn, "_num_transactions", 0),
+        received,
     )
 
 
@@ -285,9 +285,9 @@ class PsycopgDialect(Dialect):
                 conn._prepared.prepare_threshold,
                 tuple(conn._notice_handlers),
                 tuple(conn._notify_handlers),
-                received,
                 # psycopg's own transaction() blocks not left: see restore_client_settings
                 conn._num_transactions,
+                received,
             )
         except AttributeError:  # a psycopg that keeps them elsewhere
             return settings_through_properties(conn, received)
@@ -311,7 +311,7 @@ class PsycopgDialect(Dialect):
                 handlers[:] = kept  # in place: psycopg reads the list it made
         backlog = getattr(conn, "_notifies_backlog", None)
         if backlog:
-            drop_received(backlog, settings[10])  # those received since it was opened
+            drop_received(backlog, settings[-1])  # those received since it was opened
 
     def close_cursor(self, cursor: Any) -> None:
         # A server-side cursor's close sends CLOSE: not while a result is being read, nor while
