@@ -182,3 +182,35 @@ def test_a_caller_whose_handed_connection_fails_validation_keeps_its_place(
     assert second.outcome() is None, second.error
     assert order == ["first", "second"]
     assert sum(pool.stats().discards.values()) == 1
+
+
+def test_a_caller_asking_again_queues_by_its_arrival(make_pool: Any) -> None:
+    """A checkout that must queue again (its connection failed validation, and the pool may
+    not connect just now) joins the queue in order of arrival, ahead of those who came after
+    it: here one that asked before the queued caller, queued while the pool is full, is
+    served first."""
+    from time import monotonic
+
+    pool = make_pool(max_size=1)
+    holder = pool.connection()
+    asked_first = monotonic()
+    order: list[str] = []
+
+    def take_later() -> None:
+        conn = pool.connection(timeout=5)
+        order.append("later")
+        conn.close()
+
+    def ask_again() -> None:
+        slot, lent = pool._acquire(5.0, None, asked_first)  # as _ready's failure leads to
+        order.append("first")
+        pool._untake(slot, counted=lent)
+
+    later = Caller(take_later, name="later")
+    wait_until(lambda: pool.stats().waiting == 1)
+    again = Caller(ask_again, name="again")
+    wait_until(lambda: pool.stats().waiting == 2)
+    holder.close()
+    assert again.outcome() is None, again.error
+    assert later.outcome() is None, later.error
+    assert order == ["first", "later"]
