@@ -748,9 +748,10 @@ class Pool(Generic[C]):
                 elif now >= candidate.expires_at:
                     deadline = None  # discarded for its age, with no ping: no time spent
             if slot is None:
-                if started is None:
+                again = started is not None  # served, and what it was served failed
+                if not again:
                     started = now  # taken before the fast path's look at the idle stack
-                slot, fresh = self._acquire(timeout, deadline, started)
+                slot, fresh = self._acquire(timeout, deadline, started, again=again)
             if self._leak_timeout is not None:
                 slot.borrowed = _Borrowed()
             if started is None:
@@ -1508,11 +1509,12 @@ class Pool(Generic[C]):
     # -- acquire ------------------------------------------------------------------------------
 
     def _acquire(
-        self, timeout: float | None, deadline: float | None, since: float
+        self, timeout: float | None, deadline: float | None, since: float, *, again: bool = False
     ) -> tuple[_Slot, bool]:
         """The general checkout: queue, connect, validate.  ``timeout`` was checked;
         ``deadline`` is set when a validation already used part of the time; ``since``: when
-        the caller asked.  Returns the connection, and whether it was lent (see _LENT)."""
+        the caller asked; ``again``: it was served, and what it was served failed validation.
+        Returns the connection, and whether it was lent (see _LENT)."""
         if self._asleep:
             self._wake_after_fork()
         if timeout is None:
@@ -1524,12 +1526,13 @@ class Pool(Generic[C]):
         while True:
             if self._orphans:  # the reaper returns them: a rollback of one may hang, and this
                 self._reaper_wakeup.set()  # caller's deadline must hold
-            slot, lent = self._take(deadline, timeout, since)
+            slot, lent = self._take(deadline, timeout, since, again)
             if lent:
                 return slot, True
             ready = self._ready(slot, deadline, timeout, since)
             if ready is not None:
                 return ready, False
+            again = True
             now = monotonic()
             if now >= deadline and now < slot.expires_at:  # (an expired one cost no ping)
                 raise self._validation_timeout(timeout)
@@ -1558,9 +1561,12 @@ class Pool(Generic[C]):
         logger.warning("%s", error)
         return error
 
-    def _take(self, deadline: float, timeout: float, since: float) -> tuple[_Slot, bool]:
+    def _take(
+        self, deadline: float, timeout: float, since: float, again: bool
+    ) -> tuple[_Slot, bool]:
         """A connection the caller now owns, or an empty slot reserved for it to open; and
-        whether the connection was lent (see _LENT).  ``since``: when the caller asked."""
+        whether the connection was lent (see _LENT).  ``since``: when the caller asked;
+        ``again``: it asks again, after what it was served failed validation."""
         slot = waiter = None  # what this call holds, for the undo
         try:
             with self._lock:
@@ -1580,7 +1586,8 @@ class Pool(Generic[C]):
                 ):
                     slot = self._reserve_locked()
                     return slot, False
-                if self._max_waiting and len(self._waiters) >= self._max_waiting:
+                # One asking again was let in when it came: max_waiting turns away arrivals
+                if not again and self._max_waiting and len(waiters) >= self._max_waiting:
                     waiting = len(self._waiters)
                     raise TooManyWaiters(
                         f"pool {self._name!r}: {waiting} caller{'s are' if waiting > 1 else ' is'} "

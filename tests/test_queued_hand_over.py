@@ -214,3 +214,44 @@ def test_a_caller_asking_again_queues_by_its_arrival(make_pool: Any) -> None:
     assert again.outcome() is None, again.error
     assert later.outcome() is None, later.error
     assert order == ["first", "later"]
+
+
+def test_max_waiting_does_not_turn_away_a_caller_asking_again(
+    make_pool: Any, server: fakedb.Server
+) -> None:
+    """``max_waiting`` bounds the callers that arrive: one that was served, and must queue
+    again because its connection failed validation while connects are held back, keeps its
+    admission even when a later caller now fills the queue, and is served first."""
+    pool = make_pool(
+        max_size=2,
+        max_waiting=1,
+        validate_after=0,
+        reconnect_delay=30,
+        reconnect_max_delay=30,
+    )
+    holder = pool.connection()
+    server.fail_next("connect", fakedb.OperationalError("refused"))
+    with pytest.raises(fakedb.OperationalError):
+        pool.connection()  # the room is there, but connects now wait for the delay
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with pool.connection(timeout=5):
+            order.append(name)
+
+    first = Caller(lambda: take("first"), name="first")
+    wait_until(lambda: pool.stats().waiting == 1)
+    ping = server.block("ping")  # the hand-over's validation, as validate_after=0 asks
+    server.fail_next("ping", fakedb.OperationalError("gone"))
+    holder.close()
+    assert ping.entered.wait(5)
+    later = Caller(lambda: take("later"), name="later")
+    wait_until(lambda: pool.stats().waiting == 1)  # the queue is full again
+    ping.release()  # the ping fails: the first caller asks again, and queues
+    wait_until(lambda: pool.stats().waiting == 2)
+    with pool._lock:  # the delay is over: the next connect serves the queue's head
+        pool._next_connect_at = 0.0
+    pool._reaper_wakeup.set()
+    assert first.outcome() is None, first.error
+    assert later.outcome() is None, later.error
+    assert order[0] == "first"
