@@ -313,8 +313,8 @@ class Connection(_LeaseFields[C]):
         # Results still being read end first (a lease with either has been used already).  A
         # stream has its cursor there too, unless the borrower closed the cursor under it,
         # which leaves the stream suspended, holding the connection (psycopg's lock)
-        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
-            finish_reading(self, slot, commit=True)
+        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:  # written
+            finish_reading(self, slot, commit=True)  # out: slot.may_hold_part_read()
         slot.used = slot.busy = True
         try:
             try:

@@ -195,6 +195,12 @@ class _Slot:
         # no lease may return the slot.
         self.claim: list[_Slot] = []
 
+    def may_hold_part_read(self) -> bool:
+        """Whether the lease may have left a result part-read, to be ended before COMMIT,
+        ROLLBACK or a savepoint's end (see lease.finish_reading); written out on the lease's
+        commit and rollback paths."""
+        return bool(self.cursors or self.tracks_reads) and self.dialect.part_read_results
+
     def close_cursors(self) -> None:
         """Close the driver cursors the lease left open: its own, those conn.execute() returned
         (the driver's own), and the handles of blobopen() and the like."""
@@ -749,7 +755,7 @@ class Pool(Generic[C]):
                     deadline = None  # discarded for its age, with no ping: no time spent
             if slot is None:
                 again = started is not None  # served, and what it was served failed
-                if not again:
+                if started is None:
                     started = now  # taken before the fast path's look at the idle stack
                 slot, fresh = self._acquire(timeout, deadline, started, again=again)
             if self._leak_timeout is not None:

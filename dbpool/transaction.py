@@ -458,7 +458,7 @@ class Transaction(Generic[C]):
             # through the lease was (a cancel()): nothing more is sent on the connection.
             self._end_quietly(slot)
             raise _doomed_before_commit()
-        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
+        if slot.may_hold_part_read():
             self._finish_reading(slot)
         slot.busy = True  # psycopg's pipeline mode syncs first: a round trip (see _commit)
         try:
@@ -614,12 +614,7 @@ class Transaction(Generic[C]):
             return
         dialect, raw = slot.dialect, slot.raw
         lease = self._lease
-        if (
-            rollback
-            and dialect.part_read_results
-            and lease is not None
-            and (slot.cursors or slot.tracks_reads)
-        ):
+        if rollback and lease is not None and slot.may_hold_part_read():
             from .lease import finish_reading
 
             try:  # else ROLLBACK fails (mysqlclient) or is refused (psycopg's stream)
@@ -938,11 +933,7 @@ class Savepoint(Generic[C]):
                 raise
             slot.busy = False
         lease = tx._lease
-        if (
-            (slot.cursors or slot.tracks_reads)
-            and slot.dialect.part_read_results
-            and lease is not None
-        ):
+        if lease is not None and slot.may_hold_part_read():
             # A result the block left part-read, as before COMMIT and ROLLBACK: RELEASE would
             # fail on it (mysqlclient) or be refused (psycopg's stream), and the transaction
             # with it.  Read to its end before RELEASE, closed before ROLLBACK TO.
