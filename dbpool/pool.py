@@ -1924,6 +1924,7 @@ class Pool(Generic[C]):
         logged and handed to ``waiter``; nothing is raised here.  Returns whether it connected.
         """
         raw = None
+        told = False  # connect listeners were told of it: its close is told too
         try:
             started = monotonic()
             raw = self._connect()
@@ -1957,6 +1958,7 @@ class Pool(Generic[C]):
             slot.used_at = slot.alive_at = now
             slot.expires_at = now + self._max_lifetime * (1 - _LIFETIME_JITTER * random.random())
             if self._listeners.connect:
+                told = True
                 self._emit_handling(
                     _CONNECT_LISTENER, self._listeners.connect, Event.CONNECT, raw, now - started
                 )
@@ -1976,6 +1978,12 @@ class Pool(Generic[C]):
                 if waiter is not None and not waiter.abandoned:
                     waiter.error = exc
                     self._serve_locked(waiter, _FAILED)
+            if told and self._listeners.close:  # a connect listener raised what is no Exception
+                try:
+                    reason = DiscardReason.INTERRUPTED.value
+                    emit(self._listeners.close, Event.CLOSE, self._name, raw, reason)
+                except BaseException:  # (in a connect thread: the failure is told already)
+                    pass
             logger.warning(
                 "pool %r: connect failed (%d in a row): %s",
                 self._name,

@@ -1292,3 +1292,35 @@ def test_a_listener_raising_a_base_exception_keeps_the_accounting(make_pool, ser
     )
     with pool.connection(timeout=BOUND) as conn:
         use(conn)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_a_connection_told_in_a_connect_event_is_told_closed(make_pool, server, exc):
+    """A connect listener raising what is no Exception stops the connect: the connection is
+    closed, and listeners that were told it opened are told it closed (reason interrupted),
+    so a tracer of open connections by their events keeps no ghost."""
+    armed = threading.Event()
+    armed.set()
+    events: list[Any] = []
+
+    def interrupting(event: Any) -> None:
+        events.append(event)
+        if armed.is_set():
+            armed.clear()
+            raise exc("stopped in a connect listener")
+
+    pool = make_pool(max_size=1, reconnect_delay=0.01, reconnect_max_delay=0.02)
+    pool.add_listener("connect", interrupting)
+    pool.add_listener("close", events.append)
+    with pytest.raises(exc):
+        pool.connection(timeout=BOUND)
+    with pool.connection(timeout=BOUND) as conn:
+        use(conn)
+    pool.close()
+    opened = [e.connection for e in events if e.event is dbpool.Event.CONNECT]
+    closed = [e.connection for e in events if e.event is dbpool.Event.CLOSE]
+    assert len(opened) == 2 and sorted(map(id, opened)) == sorted(map(id, closed)), events
+    first_close = next(e for e in events if e.event is dbpool.Event.CLOSE)
+    assert first_close.connection is opened[0]
+    assert first_close.reason == dbpool.DiscardReason.INTERRUPTED.value
+    assert not server.open_connections
