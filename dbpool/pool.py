@@ -800,6 +800,8 @@ class Pool(Generic[C]):
                 held = 0.0 if fresh else None
                 back, slot = [slot], None
                 try:
+                    if fresh:  # counted as a checkout and as its return: told as both
+                        self._tell_refused_checkout(back[0], waited)
                     self._put_back(back, held)
                 except BaseException:
                     if back:  # a signal handler raised as _put_back was entered
@@ -2258,6 +2260,18 @@ class Pool(Generic[C]):
             if back:  # a signal handler raised as _put_back was entered: nothing was counted
                 self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
             raise
+
+    def _tell_refused_checkout(self, slot: _Slot, waited: float) -> None:
+        """Tell the listeners of a checkout counted as it was handed over (and counted as
+        returned at once) that the caller was then refused, the pool being closed meanwhile:
+        a checkout and its checkin, as ``stats()`` counts them."""
+        try:
+            if self._listeners.checkout:
+                self._emit_handling(
+                    _CHECKOUT_LISTENER, self._listeners.checkout, Event.CHECKOUT, slot.raw, waited
+                )
+        finally:
+            self._tell_checkin(slot, 0.0)
 
     def _tell_checkin(self, slot: _Slot, held: float) -> None:
         if self._listeners.checkin:

@@ -92,6 +92,9 @@ def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
     else:
         pool = make_pool(max_size=1, validate_after=0)
         module, name = dbpool.pool, "wait_bucket"
+    told: list[str] = []
+    for kind in ("checkout", "checkin"):
+        pool.add_listener(kind, lambda event: told.append(event.event.value))
     holder = pool.connection()
     step = getattr(module, name)
     stopper: list[Caller] = []
@@ -124,6 +127,9 @@ def test_a_pool_stopped_as_the_caller_wakes_up_says_so(
     assert said in str(outcome[0]), outcome[0]
     s = pool.stats()
     assert (s.in_use, s.acquired - s.returned) == (0, 0), s
+    # A checkout counted (as it was handed over, or once validated) is told as one, and its
+    # end as a checkin: the events stay as many as the counts
+    assert (told.count("checkout"), told.count("checkin")) == (s.acquired, s.returned), told
     assert all(raw.closed for raw in server.connections), "a connection left open"
 
 
