@@ -611,6 +611,10 @@ class Pool(Generic[C]):
         self._stopping = 0  # close() and drain() calls under way: reopen() must wait for them
         # Callers waiting for a connect made for them (not in the queue); close() tells them.
         self._connecting: set[_Waiter] = set()
+        # Threads checking out for health(), by ident: a probe queues past max_waiting (it
+        # sheds no load), and is marked True once its wait in the queue ran out: only that
+        # says the pool is busy (not a connect or a validation that ran out of time).
+        self._probes: dict[int, bool] = {}
         # --- end of guarded state ---------------------------------------------------------
         self._reaper_wakeup = threading.Event()
         self._reaper_thread: threading.Thread | None = None
@@ -1032,7 +1036,8 @@ class Pool(Generic[C]):
         """A small report for readiness probes: whether a pooled connection answers a ping
         within ``timeout`` seconds, how long the ping took, and the stats.  When every
         connection stays busy for the whole ``timeout`` while leases keep coming back sound,
-        the report is ok and ``busy``: the database serves, the pool is saturated.
+        the report is ok and ``busy``: the database serves, the pool is saturated.  The probe
+        queues past ``max_waiting``, which sheds callers, not probes.
 
         Never raises for a database or pool problem: ``ok`` is false and ``error`` says what
         happened (the exception's type and first line), unless the pool is only busy.
@@ -1042,10 +1047,12 @@ class Pool(Generic[C]):
         latency = None
         error = None
         deadline = monotonic() + timeout
+        me = threading.get_ident()
         with self._lock:  # what says, if no connection comes free, whether the pool is busy
             kept_before = self._returned - self._not_kept
             broken = self._discards["broken"]
             connect_errors = self._connect_errors
+            self._probes[me] = False
         try:
             with self.connection(timeout=timeout) as conn:
                 leased = True
@@ -1084,7 +1091,11 @@ class Pool(Generic[C]):
                 reachable = True
         except Exception as exc:
             error = self._describe(exc)
-            busy = isinstance(exc, PoolTimeout) and not leased  # no connection came free
+            busy = isinstance(exc, PoolTimeout) and not leased
+        finally:
+            with self._lock:
+                queued_out = self._probes.pop(me, False)
+        busy = busy and queued_out  # no connection came free: not a connect that hung
         stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
         with self._lock:  # read after: a lease not kept since then only lowers the count kept
             kept = stats.returned - self._not_kept
@@ -1595,7 +1606,12 @@ class Pool(Generic[C]):
                     slot = self._reserve_locked()
                     return slot, False
                 # One asking again was let in when it came: max_waiting turns away arrivals
-                if not again and self._max_waiting and len(waiters) >= self._max_waiting:
+                if (
+                    not again
+                    and self._max_waiting
+                    and len(waiters) >= self._max_waiting
+                    and threading.get_ident() not in self._probes
+                ):
                     waiting = len(self._waiters)
                     raise TooManyWaiters(
                         f"pool {self._name!r}: {waiting} caller{'s are' if waiting > 1 else ' is'} "
@@ -1636,6 +1652,8 @@ class Pool(Generic[C]):
                     self._waiters.remove(waiter)
                 self._timeouts += 1
                 waiter.error = self._timeout_error_locked(timeout)
+                if waiter.ident in self._probes:
+                    self._probes[waiter.ident] = True
 
     def _granted(self, waiter: _Waiter) -> tuple[_Slot, bool]:
         """What a queued caller was served, as _take returns it; raises PoolTimeout for one

@@ -112,7 +112,8 @@ class HealthReport(TypedDict):
     ok: bool
     #: a pooled connection answered the ping within the timeout
     reachable: bool
-    #: no connection came free within the timeout, yet a lease came back sound meanwhile
+    #: the probe's wait in the queue ran out (no connection came free within the timeout;
+    #: not its own connect or validation), yet a lease came back sound meanwhile
     #: (put back for reuse: not discarded or closed as it came back, for any reason), none
     #: broken, and no connect failed: the pool is saturated, the database serves
     busy: bool

@@ -356,6 +356,56 @@ def test_health_of_a_saturated_pool_whose_leases_keep_coming_back_is_ok_and_busy
     assert health["latency"] is None
 
 
+def test_health_of_a_pool_shedding_load_queues_its_probe_past_max_waiting(make_pool, server):
+    """A saturated pool whose queue is full (max_waiting) turns callers away, as it should; its
+    probe is not turned away with them, or every instance shedding load would fail its
+    readiness probe at once: it queues, and is served in turn."""
+    pool = make_pool(min_size=1, max_size=1, max_waiting=1)
+    pool.wait(timeout=BOUND)
+    holder = pool.connection(timeout=BOUND)
+    first = Caller(lambda: pool.connection(timeout=BOUND).close(), name="queued first")
+    wait_until(lambda: pool.stats().waiting == 1, timeout=BOUND)
+    with pytest.raises(dbpool.TooManyWaiters):
+        pool.connection(timeout=BOUND)
+    checking = Caller(lambda: pool.health(timeout=BOUND), name="health")
+    wait_until(lambda: pool.stats().waiting == 2, timeout=BOUND)
+    holder.close()
+    assert first.outcome(BOUND) is None, first.error
+    assert checking.outcome(BOUND) is None, checking.error
+    health = checking.value
+    assert_health_shape(pool, health)
+    assert health["ok"] is True and health["reachable"] is True, health
+    holder = pool.connection(timeout=BOUND)  # the limit still holds for the others
+    queued = Caller(lambda: pool.connection(timeout=BOUND).close(), name="queued")
+    wait_until(lambda: pool.stats().waiting == 1, timeout=BOUND)
+    with pytest.raises(dbpool.TooManyWaiters):
+        pool.connection(timeout=BOUND)
+    holder.close()
+    assert queued.outcome(BOUND) is None, queued.error
+    assert_accounting(pool)
+
+
+def test_health_whose_own_connect_hangs_is_not_busy(make_pool, server):
+    """Leases come back sound while the probe's own connect hangs, with room in the pool: the
+    database serves those sessions but does not take new ones. That is no saturated pool
+    (busy): the probe's timeout is reported."""
+    pool = make_pool(min_size=0, max_size=2)
+    holder = pool.connection(timeout=BOUND)
+    use(holder)
+    gate = server.block("connect")
+    try:
+        checking = Caller(lambda: pool.health(timeout=0.5), name="health")
+        assert gate.entered.wait(BOUND)
+        holder.close()  # a lease back sound, put back while the probe connects
+        assert checking.outcome(BOUND) is None, checking.error
+    finally:
+        gate.release()
+    health = checking.value
+    assert_health_shape(pool, health)
+    assert health["busy"] is False and health["ok"] is False, health
+    assert "connecting to the database took longer" in health["error"], health
+
+
 @pytest.mark.parametrize("ending", ["server gone", "interrupted"])
 def test_health_of_a_saturated_pool_whose_leases_come_back_unfit_is_not_ok(
     make_pool, server, ending
