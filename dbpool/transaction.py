@@ -463,9 +463,12 @@ class Transaction(Generic[C]):
         slot.busy = True  # psycopg's pipeline mode syncs first: a round trip (see _commit)
         try:
             rolled_back = self._rolled_back_error(slot)
-        except Exception:  # a dialect's look at the state failed: end it, or doom it
+        except Exception as exc:  # a dialect's look at the state failed: end it, or doom it
             slot.busy = False
             self._end_quietly(slot)
+            # psycopg's pipeline mode: the sync read a statement cancelled at the deadline
+            if self._expired or monotonic() >= self._deadline:
+                raise self._timeout_error() from exc
             raise
         except BaseException:
             slot.busy = INTERRUPTED

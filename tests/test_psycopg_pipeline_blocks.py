@@ -416,6 +416,26 @@ def test_a_late_commit_narrows_its_lock_wait_inside_the_pipeline(
         assert_kept_clean(pool, pid)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_deadline_passed_in_the_sync_at_the_blocks_end_is_a_transaction_timeout(
+    pg_connect: Connector, admin: Any, mode: str
+) -> None:
+    """A statement still queued as the block ends runs past the deadline in the sync made
+    before COMMIT: cancelled there, the block ends in TransactionTimeout (the driver's
+    QueryCanceled chained), as outside a pipeline, and nothing is committed."""
+    with new_pool(pg_connect, mode) as pool:
+        with pool.connection() as conn:
+            pid = backend(conn)
+            with pytest.raises(dbpool.TransactionTimeout) as raised:
+                with conn.pipeline():
+                    with conn.transaction(timeout=0.3) as tx:
+                        tx.execute(f"INSERT INTO {TABLE} VALUES (2, 0)")
+                        tx.execute("SELECT pg_sleep(5)")
+            assert isinstance(raised.value.__cause__, psycopg.errors.QueryCanceled)
+        assert table(admin) == [(1, 0)]
+        assert_kept_clean(pool, pid)
+
+
 # == the return path: a lease given back with its pipeline open ==================================
 
 
