@@ -2442,6 +2442,8 @@ class Pool(Generic[C]):
                 state = dialect.transaction_state(raw)
                 if state is not IDLE and state is not UNKNOWN:
                     return _RESET_FAILED, f"still {state.value} after rollback"
+            elif state is UNKNOWN and dialect.commit_may_leave_open:
+                dialect.end_left_open(raw)  # (only a used lease's connection is cleaned)
             elif state is BROKEN:
                 return DiscardReason.BROKEN, "returned broken"
             elif state is not IDLE and state is not UNKNOWN:

@@ -734,6 +734,12 @@ _ROLLBACK_IF_OPEN = re.compile(
     r"\s*if\s+@@trancount\s*>\s*0\s+rollback(\s+(tran|transaction|work))?\s*;?\s*\Z",
     re.IGNORECASE,
 )
+# What dbpool's pymssql dialect sends to put back the one transaction pymssql keeps open.
+_ONE_OPEN = re.compile(
+    r"\s*if\s+@@trancount\s*<>\s*1\s+begin\s+if\s+@@trancount\s*>\s*0\s+rollback\s+"
+    r"transaction\s*;\s*begin\s+transaction\s+end\s*;?\s*\Z",
+    re.IGNORECASE,
+)
 _NO_BEGIN_FOR_COMMIT = (
     b"The COMMIT TRANSACTION request has no corresponding BEGIN TRANSACTION.DB-Lib error "
     b"message 20018, severity 16:\nGeneral SQL Server error: Check messages from the SQL Server\n"
@@ -779,7 +785,11 @@ class FakeMSSQLConnection(_BaseConnection):
         self._trancount = 1  # pymssql.connect() sends BEGIN TRAN
 
     def _ran(self, sql: str) -> BaseException | None:
-        if _ROLLBACK_IF_OPEN.match(sql):
+        if _ONE_OPEN.match(sql):
+            if self._trancount != 1:
+                self._trancount = 1
+                self._dirty = False
+        elif _ROLLBACK_IF_OPEN.match(sql):
             self._trancount = 0
             self._dirty = False
         elif _ROLLBACK_TRAN.match(sql):

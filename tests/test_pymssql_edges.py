@@ -49,6 +49,70 @@ def test_pymssql_autocommit_pool_rolls_back_a_transaction_a_borrower_left_open(
         assert_accounting(pool)
 
 
+@pytest.mark.parametrize(
+    ("autocommit", "ending"),
+    [
+        (False, "commit"),
+        (False, "rollback"),
+        (False, "COMMIT statement"),  # (with autocommit on, none is open for it to end)
+        (True, "commit"),
+        (True, "rollback"),
+    ],
+)
+def test_pymssql_transaction_a_commit_did_not_end_goes_no_further_than_the_lease(
+    server: fakedb.Server, autocommit: bool, ending: str
+) -> None:
+    """A ``BEGIN TRAN`` run as a statement (or by a procedure that failed before its COMMIT)
+    outlives the borrower's ``commit()``: SQL Server's COMMIT only lowers ``@@TRANCOUNT`` by
+    one, and with autocommit on pymssql's ``commit()`` and ``rollback()`` send nothing.  A
+    COMMIT statement, for its part, leaves none of the transaction pymssql keeps open with
+    autocommit off, and its next ``commit()`` fails.  The return path puts the count back
+    even though the lease ended with a commit or a rollback: the next borrower's work is
+    committed, not kept inside the last one's transaction (or refused)."""
+
+    def connect() -> fakedb.FakeMSSQLConnection:
+        conn = server.connect_mssql()
+        conn.autocommit(autocommit)  # as pymssql.connect(autocommit=...)
+        return conn
+
+    clean = 0 if autocommit else 1
+    with dbpool.Pool(connect, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            cur = conn.cursor()
+            if ending == "COMMIT statement":
+                cur.execute("UPDATE t SET v = 1 WHERE id = 1")
+                cur.execute("COMMIT")
+            else:
+                cur.execute("BEGIN TRAN")
+                cur.execute("UPDATE t SET v = 1 WHERE id = 1")
+                getattr(conn, ending)()
+        [first] = server.connections  # (not conn.raw: a lease that used it is rolled back)
+        assert server.trancount(first) == clean
+        with pool.transaction() as tx:  # the next borrower's block commits for real
+            tx.execute("UPDATE t SET v = 2 WHERE id = 2")
+        assert server.connections == [first]
+        assert server.trancount(first) == clean and not server.in_transaction(first)
+        assert pool.stats().discarded == 0
+        assert_accounting(pool)
+
+
+def test_pymssql_lease_that_committed_costs_one_statement_on_return(
+    server: fakedb.Server,
+) -> None:
+    """The count is put back in one statement, sent only for a lease that used the
+    connection: an unused lease sends nothing."""
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        with pool.connection() as conn:
+            conn.cursor().execute("UPDATE t SET v = 1 WHERE id = 1")
+            conn.commit()
+            start = len(server.calls)
+        sent = [c.sql or c.verb for c in server.calls[start:] if c.verb != "cursor"]
+        assert len(sent) == 1 and sent[0].startswith("IF @@TRANCOUNT <> 1"), sent
+        with pool.connection():
+            start = len(server.calls)
+        assert server.calls[start:] == []
+
+
 def test_pymssql_lease_that_turned_autocommit_on_and_began_a_transaction_is_rolled_back(
     server: fakedb.Server,
 ) -> None:

@@ -301,6 +301,11 @@ def test_isolation_names_parse_in_any_case_with_spaces_or_underscores(
 _MSSQL_LEVEL = (
     "SELECT transaction_isolation_level FROM sys.dm_exec_sessions WHERE session_id = @@SPID"
 )
+# What the return sends for a lease that used a pymssql connection: the transaction count put
+# back (a commit may leave a BEGIN TRAN statement's transaction open)
+_MSSQL_ONE_OPEN = (
+    "IF @@TRANCOUNT <> 1 BEGIN IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION; BEGIN TRANSACTION END"
+)
 
 
 @pytest.mark.parametrize("expected, text", SPELLINGS)
@@ -831,11 +836,12 @@ def test_pymssql_sets_the_level_and_puts_back_the_sessions_own(
             "update t set v = 1",
             "commit",
             f"SET TRANSACTION ISOLATION LEVEL {name}",
+            _MSSQL_ONE_OPEN,
         ]
         with pool.connection() as conn:  # a held lease, with a deadline this time
             with conn.transaction(isolation=Isolation.REPEATABLE_READ, timeout=5) as tx:
                 tx.execute("update t set v = 2")
-            seen = _verbs(fake_server)[6:]
+            seen = _verbs(fake_server)[7:]
             assert seen[:3] == [
                 _MSSQL_LEVEL,
                 "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
@@ -871,10 +877,11 @@ def test_pymssql_reads_the_sessions_level_and_lock_timeout_with_dict_cursors(
     with new_pool(connect) as pool:
         with pool.transaction(isolation="serializable", timeout=5) as tx:
             tx.execute("update t set v = 1")
-        assert _verbs(fake_server)[-3:] == [
+        assert _verbs(fake_server)[-4:] == [
             "commit",
             "SET LOCK_TIMEOUT 5000",
             "SET TRANSACTION ISOLATION LEVEL SNAPSHOT",
+            _MSSQL_ONE_OPEN,
         ]
         s = assert_balanced(pool)
         assert (s.created, s.discarded) == (1, 0)
@@ -885,7 +892,12 @@ def test_pymssql_sends_no_level_the_session_has_already(fake_server: fakedb.Serv
     with new_pool(fake_server.connect_mssql) as pool:
         with pool.transaction(isolation="serializable") as tx:
             tx.execute("update t set v = 1")
-        assert _verbs(fake_server)[1:] == [_MSSQL_LEVEL, "update t set v = 1", "commit"]
+        assert _verbs(fake_server)[1:] == [
+            _MSSQL_LEVEL,
+            "update t set v = 1",
+            "commit",
+            _MSSQL_ONE_OPEN,
+        ]
 
 
 def test_pymssql_refuses_read_only_before_sending_anything(fake_server: fakedb.Server) -> None:
@@ -893,7 +905,7 @@ def test_pymssql_refuses_read_only_before_sending_anything(fake_server: fakedb.S
         with pytest.raises(ValueError, match="read-only"):
             with pool.transaction(readonly=True, isolation="SERIALIZABLE"):
                 pytest.fail("the block ran")
-        assert fake_server.statements() == []
+        assert fake_server.statements() == [_MSSQL_ONE_OPEN]  # only the return's
         s = assert_balanced(pool)
         assert (s.acquired, s.discarded) == (1, 0)
 

@@ -223,6 +223,18 @@ class Dialect:
     def rollback(self, conn: Any) -> None:
         conn.rollback()
 
+    #: Whether a transaction may outlive the driver's ``commit()`` and ``rollback()``, where
+    #: the driver has no flag to tell (SQL Server: a COMMIT only lowers ``@@TRANCOUNT`` that a
+    #: ``BEGIN TRAN`` statement raised, and pymssql sends nothing for either with autocommit
+    #: on).  Then a lease that used the connection has :meth:`end_left_open` run on return even
+    #: when it committed or rolled back last.
+    commit_may_leave_open = False
+
+    def end_left_open(self, conn: Any) -> None:
+        """End a transaction left open past the lease's last commit or rollback, in one round
+        trip (see :attr:`commit_may_leave_open`)."""
+        self.rollback(conn)
+
     def close(self, conn: Any) -> None:
         conn.close()
 

@@ -80,6 +80,12 @@ _LEVELS = {
 }  # 0, unspecified: the server's default, READ COMMITTED
 _CURRENT_LOCK_TIMEOUT = "SELECT @@LOCK_TIMEOUT"
 _ROLLBACK_IF_OPEN = "IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION"
+# With autocommit off pymssql keeps one transaction open (@@TRANCOUNT 1) and counts on it: its
+# commit() sends COMMIT TRAN, which fails with none open.  A BEGIN TRAN statement nests one
+# more, which commit() only lowers; a COMMIT statement leaves none.  Back to exactly one:
+_ONE_OPEN = (
+    "IF @@TRANCOUNT <> 1 BEGIN IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION; BEGIN TRANSACTION END"
+)
 
 
 class PymssqlDialect(Dialect):
@@ -109,6 +115,11 @@ class PymssqlDialect(Dialect):
             _execute(conn, _ROLLBACK_IF_OPEN)
         else:
             conn.rollback()  # ROLLBACK TRAN (every nested level), then BEGIN TRAN
+
+    commit_may_leave_open = True
+
+    def end_left_open(self, conn: Any) -> None:
+        _execute(conn, _ROLLBACK_IF_OPEN if conn.autocommit_state else _ONE_OPEN)
 
     def client_settings(self, conn: Any) -> object:
         return conn.autocommit_state
