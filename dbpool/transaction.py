@@ -151,6 +151,7 @@ class Transaction(Generic[C]):
         # the time since.  Infinity: nothing to narrow.  _commit_sized_at: the same, for the
         # limit a lock wait of COMMIT gets (Dialect.narrows_commit_wait).
         self._narrowed_at = math.inf
+        self._narrow_slack = _NARROW_SLACK  # (the dialect's, once it narrows)
         self._commit_sized_at = math.inf
         self._watch: Any = None
         # _guarded: from BEGIN until COMMIT/ROLLBACK and the session undo are over; the
@@ -236,7 +237,7 @@ class Transaction(Generic[C]):
                 now = monotonic()
                 self._time_token = dialect.limit_time(raw, self._deadline - now)
                 if dialect.narrows_time:
-                    self._narrowed_at = now
+                    self._narrowed_at, self._narrow_slack = now, dialect.narrow_slack
                 if dialect.narrows_commit_wait:
                     self._commit_sized_at = now
             self._begin_token = dialect.begin(raw, self._isolation, self._readonly)
@@ -246,6 +247,8 @@ class Transaction(Generic[C]):
             if self._timeout is not None and limit_inside:
                 now = monotonic()
                 self._time_token = dialect.limit_time(raw, self._deadline - now)
+                if dialect.narrows_time:
+                    self._narrowed_at, self._narrow_slack = now, dialect.narrow_slack
                 if dialect.narrows_commit_wait:
                     self._commit_sized_at = now
         except BaseException as exc:
@@ -781,7 +784,7 @@ class Transaction(Generic[C]):
             raise self._savepoint_failed_error()
         if self._ended_by is not None:
             raise self._ended_error()
-        if now - self._narrowed_at > _NARROW_SLACK and self._owns_connection():
+        if now - self._narrowed_at > self._narrow_slack and self._owns_connection():
             self._narrow_time(now)
 
     def _check_deadline(self) -> None:

@@ -275,3 +275,38 @@ def test_pymssql_reads_no_number_from_another_message(error: Exception) -> None:
     dialect = PymssqlDialect()
     assert not dialect.is_retryable(error)
     assert not dialect.ended_transaction(None, error)
+
+
+def test_pymssql_lock_wait_starting_late_in_a_timed_block_gets_the_time_left(
+    server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQL Server starts ``LOCK_TIMEOUT`` afresh for each lock wait and pymssql has no cancel:
+    sized once at BEGIN, a wait starting late in the block would outlast the deadline by up
+    to the whole timeout.  A statement that starts more than a tenth of a second after the
+    limit was sized has it narrowed to the time left first, never lengthened; statements in
+    quick succession pay no round trip for it.  The block's clock is moved on, not waited."""
+    import time
+
+    import dbpool.transaction
+
+    offset = [0.0]
+    monkeypatch.setattr(dbpool.transaction, "monotonic", lambda: time.monotonic() + offset[0])
+    server.set_result("SELECT @@LOCK_TIMEOUT", [(-1,)])  # the session's: no limit
+    with dbpool.Pool(server.connect_mssql, min_size=0, max_size=1) as pool:
+        with pool.transaction(timeout=5) as tx:
+            tx.execute("SELECT 42 AS x")
+            tx.execute("SELECT 43 AS y")  # at once: nothing to narrow
+            start = len(server.calls)
+            offset[0] = 1.5  # work in the client: 3.5 s of the deadline left
+            tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+        sent = [c.sql for c in server.calls if c.sql]
+        narrowed = [c.sql for c in server.calls[start:] if c.sql and "@@LOCK_TIMEOUT" in c.sql]
+    assert len(narrowed) == 1, sent
+    limit = int(narrowed[0].rsplit(" ", 1)[1])
+    assert 3000 <= limit <= 3500, narrowed
+    assert narrowed[0] == (
+        f"IF @@LOCK_TIMEOUT < 0 OR @@LOCK_TIMEOUT > {limit} SET LOCK_TIMEOUT {limit}"
+    )
+    assert sent.index(narrowed[0]) == sent.index("UPDATE accounts SET balance = 0 WHERE id = 1") - 1
+    assert sum("@@LOCK_TIMEOUT <" in s for s in sent) == 1, sent  # none between the first two
+    assert "SET LOCK_TIMEOUT -1" in sent, sent  # the session's own, put back at the end

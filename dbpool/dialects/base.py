@@ -312,6 +312,12 @@ class Dialect:
     #: transaction then shortens it to the time left with :meth:`narrow_time`.
     narrows_time = False
 
+    #: Where :attr:`narrows_time`: how long after the limit was sized a statement may start
+    #: before it is sized again, so the most a lock wait may outlast the deadline.  A local call
+    #: (SQLite's PRAGMA) is cheap before nearly every statement; a round trip is paid at most
+    #: once in this time.
+    narrow_slack = 0.01
+
     #: Whether a lock wait of COMMIT, which the watchdog does not cancel, is bounded by a limit
     #: each wait starts afresh (SQLite's busy timeout, PostgreSQL's lock_timeout at a deferred
     #: constraint): before a COMMIT that starts more than a few milliseconds after the limit
