@@ -484,7 +484,8 @@ class Pool(Generic[C]):
                 "reconnect_delay"
             )
         if session_reset not in _SESSION_RESETS:
-            raise ValueError(
+            error = ValueError if isinstance(session_reset, str) else TypeError
+            raise error(
                 f"session_reset must be None, 'discard' or 'reconnect', got {session_reset!r}"
             )
         _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)

@@ -189,6 +189,12 @@ BAD_OPTIONS = [
     option("leak_timeout", 0, ValueError, "must be greater than 0", "None"),
     option("leak_timeout", NAN, ValueError, "must be greater than 0"),
     option("leak_timeout", INF, ValueError, "must be at most", "(or None to disable it)", "inf"),
+    # session_reset: a str of the two names, or None
+    option("session_reset", 1, TypeError, "must be None, 'discard' or 'reconnect'", "got 1"),
+    option("session_reset", True, TypeError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", ["discard"], TypeError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", "DISCARD", ValueError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", "", ValueError, "must be None, 'discard' or 'reconnect'"),
     # the rest
     option(
         "dialect", "oracle", ValueError, "unknown dialect 'oracle'", "sqlite3", "Dialect instance"
