@@ -308,8 +308,12 @@ def _check_number(
         raise TypeError(f"{name} must be {kind}, got {value!r}")
     hint = " (or None to disable it)" if allow_none else ""
     bound = "greater than 0" if positive else "0 or more"
-    if isinstance(value, int) and abs(value) > _LARGEST_SECONDS:  # not shown: it may be huge
-        raise ValueError(f"{name} must be {bound} and at most {_LARGEST_SECONDS:g} seconds{hint}")
+    # The limit that really holds: a finite time's is the threading primitives', not this
+    # bound of ints; where infinity is accepted, the message says so.
+    limit = threading.TIMEOUT_MAX if finite else _LARGEST_SECONDS
+    if isinstance(value, int) and abs(value) > limit:  # not shown: it may be huge
+        unlimited = "" if finite else ", or float('inf') for no limit"
+        raise ValueError(f"{name} must be {bound} and at most {limit:g} seconds{unlimited}{hint}")
     if not (value > 0 if positive else value >= 0):  # also catches NaN
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
     if finite and not value <= threading.TIMEOUT_MAX:

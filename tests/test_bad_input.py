@@ -36,6 +36,8 @@ pytestmark = pytest.mark.timeout(30)
 
 NAN = math.nan
 INF = math.inf
+# What the message of a time too large adds where infinity is accepted
+UNLIMITED = "or float('inf') for no limit"
 SHORT = 0.2  # seconds: an acquire deadline that is meant to pass
 NO_HANG = 10.0  # seconds: far above SHORT; a call that takes longer was hanging
 
@@ -154,10 +156,16 @@ BAD_OPTIONS = [
     option("acquire_timeout", -1, ValueError, "must be 0 or more", "-1"),
     option("acquire_timeout", NAN, ValueError, "must be 0 or more", "nan"),
     option("acquire_timeout", -INF, ValueError, "must be 0 or more"),
-    option("acquire_timeout", 10**400, ValueError, "0 or more and at most 1e+300 seconds"),
-    option("idle_timeout", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
-    option("max_lifetime", -(10**5000), ValueError, "and at most 1e+300 seconds", "or None"),
-    option("validate_after", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
+    # an int too large for a float is refused with the limit that holds: infinity where the
+    # option takes it, threading.TIMEOUT_MAX where it must be finite
+    option("acquire_timeout", 10**400, ValueError, "0 or more and at most 1e+300", UNLIMITED),
+    option("idle_timeout", 10**400, ValueError, "at most 1e+300 seconds", UNLIMITED, "or None"),
+    option("max_lifetime", -(10**5000), ValueError, "at most 1e+300", UNLIMITED, "or None"),
+    option("validate_after", 10**400, ValueError, "at most 1e+300", UNLIMITED, "or None"),
+    option("leak_timeout", 10**301, ValueError, "at most 9.22337e+09 seconds", "or None"),
+    option("reconnect_delay", 10**301, ValueError, "than 0 and at most 9.22337e+09 seconds"),
+    option("reconnect_max_delay", 10**400, ValueError, "at most 9.22337e+09 seconds"),
+    option("reconnect_max_delay", 10**10, ValueError, "at most 9.22337e+09 seconds"),
     option("idle_timeout", "600", TypeError, "must be a number of seconds or None"),
     option("idle_timeout", True, TypeError, "must be a number of seconds or None"),
     option("idle_timeout", 0, ValueError, "must be greater than 0", "None"),
@@ -422,6 +430,21 @@ BAD_CALLS = [
         lambda p: p.connection(timeout=10**400),
         ValueError,
         "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
+    ),
+    call(
+        "wait-timeout=10**400",
+        lambda p: p.wait(timeout=10**400),
+        ValueError,
+        "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
+    ),
+    call(
+        "health-timeout=10**400",
+        lambda p: p.health(timeout=10**400),
+        ValueError,
+        "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
     ),
     call(
         "connection-timeout=nan",
