@@ -1028,6 +1028,13 @@ def test_transaction_on_a_lease_with_pending_work_says_to_end_it_first(
             ("max_sise",),
             id="misspelled-option",
         ),
+        pytest.param(
+            "sqlite:///app.sqlite3",
+            {"connect": lambda: sqlite3.connect("other.sqlite3")},
+            TypeError,
+            ("create_pool() takes no connect", "the URL makes", "dbpool.Pool(connect, ...)"),
+            id="connect-too",
+        ),
     ],
 )
 def test_create_pool_with_a_bad_url_or_option_makes_nothing(
