@@ -1572,6 +1572,7 @@ class Pool(Generic[C]):
         return None
 
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
+        what = "its ping" if self._check is None else "the check hook"  # which validated it
         with self._lock:
             self._timeouts += 1
             s = self._stats_locked()
@@ -1579,7 +1580,7 @@ class Pool(Generic[C]):
             f"pool {self._name!r}: no connection within {timeout:g} s "
             f"(size={s.size}/{s.max_size} in_use={s.in_use} idle={s.idle} "
             f"opening={s.opening} waiting={s.waiting}): the time ran out while an idle "
-            "connection was being validated, and it failed its ping"
+            f"connection was being validated, and it failed {what}"
         )
         error.__cause__ = self._last_connect_error
         logger.warning("%s", error)
