@@ -507,6 +507,11 @@ class Pool(Generic[C]):
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
+        if name is not None and not name.strip():  # it names threads, log lines, metrics
+            raise ValueError(
+                f"name must not be empty or only spaces, got {name!r}: give a name, or None "
+                "for pool-1, pool-2, ..."
+            )
 
         self._connect = connect
         try:

@@ -212,6 +212,9 @@ BAD_OPTIONS = [
     option("dialect", sqlite3, TypeError, "must be a dbpool.dialects.Dialect"),
     option("name", 7, TypeError, "must be a str or None"),
     option("name", b"orders", TypeError, "must be a str or None"),
+    # an empty name made threads "dbpool-reaper-" and metrics labelled pool=""
+    option("name", "", ValueError, "must not be empty", "None"),
+    option("name", " \t\n", ValueError, "must not be empty", "None"),
 ]
 
 
