@@ -770,6 +770,17 @@ def test_reset_runs_only_when_the_lease_used_the_connection(make_pool, server):
     with pool.connection() as conn:
         conn.commit()  # a driver method
     assert len(reset) == 3
+    # As configuration.rst says: reading a driver attribute through the lease, or making a
+    # cursor, counts though nothing reaches the server; the lease's own properties do not.
+    with pool.connection() as conn:
+        conn.in_transaction  # noqa: B018
+    assert len(reset) == 4
+    with pool.connection() as conn:
+        conn.cursor()
+    assert len(reset) == 5
+    with pool.connection() as conn:
+        assert conn.pool is pool and not conn.released and "leased" in repr(conn)
+    assert len(reset) == 5
     assert all(raw is server.connections[0] for raw in reset)
     assert_accounting(pool)
 
