@@ -44,6 +44,10 @@ EXIT_INTERRUPTED = 130
 MAX_TIMEOUT = 86400.0
 # The most --threads: far beyond what one pool's bench needs; each is an OS thread.
 MAX_THREADS = 10_000
+# The most --max-size: each connection is a server session (PostgreSQL allows 100 by default,
+# MariaDB 151) or an open file, all opened before the run; more ran out of file descriptors
+# and was reported as a database that cannot be connected to.
+MAX_SIZE = 1_000
 # Seconds the bench waits, once stopped, for its threads to finish their last operation.
 JOIN_GRACE = 5.0
 
@@ -528,6 +532,13 @@ def _thread_count(text: str) -> int:
     return value
 
 
+def _pool_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SIZE}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -632,7 +643,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     bench_cmd.add_argument(
         "--threads", type=_thread_count, default=32, help=f"default 32, at most {MAX_THREADS}"
     )
-    bench_cmd.add_argument("--max-size", type=_positive_int, default=8, help="pool size, default 8")
+    bench_cmd.add_argument(
+        "--max-size", type=_pool_size, default=8, help=f"pool size, default 8, at most {MAX_SIZE}"
+    )
     bench_cmd.add_argument("--seconds", type=_positive_float, default=10.0, help="default 10")
     bench_cmd.add_argument(
         "--timeout",

@@ -1,8 +1,9 @@
 """What an option ``Pool()`` does not take is told as: the option dbpool has for it.
 
 Python's own error names the argument only.  Options of the pools users come from
-(psycopg_pool, SQLAlchemy's pools, DBUtils' PooledDB) get what to write instead; a misspelt one
-gets the nearest name; anything else, the list of options.
+(psycopg_pool, SQLAlchemy's pools and create_engine(), DBUtils' PooledDB) get what to write
+instead, or why none is needed: a nearest-name guess would mislead them (maxusage is no
+max_size).  A misspelt one gets the nearest name; anything else, the list of options.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ _ROLLED_BACK = (
     "reset undo more"
 )
 _LIFO = "none needed: checkouts always take from the most recently returned idle connections"
+_LOGGER = "the 'dbpool' logger: set its level with logging.getLogger('dbpool').setLevel()"
+_LISTENERS = "pool.add_listener() to observe; the configure, check and reset hooks to act"
+_CONNECT_ARGS = "a connect callable that passes them: functools.partial(psycopg.connect, ...)"
+_BROKEN_BY_STATE = (
+    "none needed: a connection is told broken by its state when it comes back, not by the "
+    "exception's class"
+)
 
 # Another pool's option, and what to write in dbpool instead.
 PEER_OPTIONS = {
@@ -33,13 +41,30 @@ PEER_OPTIONS = {
     "creator": "the connect callable, as Pool()'s first argument",
     "pool_use_lifo": _LIFO,
     "use_lifo": _LIFO,
+    "echo": _LOGGER,
+    "echo_pool": _LOGGER,
+    "logging_name": "name",
+    "pool_logging_name": "name",
+    "events": _LISTENERS,
+    "pool_events": _LISTENERS,
+    "poolclass": "none: dbpool has one pool; min_size=0, session_reset='reconnect' comes "
+    "closest to NullPool",
+    "connect_args": _CONNECT_ARGS,
+    "isolation_level": "pool.transaction(isolation=...) per transaction, or the connect "
+    "callable or configure setting the driver's level (each return restores it)",
     # psycopg_pool
     "conninfo": "dbpool.create_pool(url), or a connect callable as Pool()'s first argument",
-    "kwargs": "a connect callable that passes them: functools.partial(psycopg.connect, ...)",
+    "kwargs": _CONNECT_ARGS,
     "connection_class": "a connect callable that makes one: functools.partial(Cls.connect, ...)",
     "max_idle": "idle_timeout",
     "reconnect_timeout": "reconnect_delay and reconnect_max_delay: the pool tries again until "
     "a connect succeeds, and each caller waits up to acquire_timeout",
+    "reconnect_failed": "none: the pool never gives up reconnecting; watch "
+    "stats().connect_errors or health()",
+    "open": "none needed: a pool is open once made; wait() blocks until min_size connections "
+    "are open, reopen() opens it again after drain() or close()",
+    "close_returns": "none needed: close() on a lease always returns its connection",
+    "num_workers": "none: connects run in threads of their own, started as needed",
     # DBUtils' PooledDB
     "mincached": "min_size",
     "maxconnections": "max_size",
@@ -47,6 +72,10 @@ PEER_OPTIONS = {
     "blocking": "acquire_timeout: callers wait up to it for a connection",
     "setsession": "configure: a callable given each new connection",
     "ping": "validate_after, the seconds idle before a ping at checkout; or check, a callable",
+    "maxusage": "max_lifetime: connections are retired by age, not by a count of uses",
+    "maxshared": "none: a connection is never lent to two borrowers at once",
+    "failures": _BROKEN_BY_STATE,
+    "isfatal": _BROKEN_BY_STATE,
 }
 
 

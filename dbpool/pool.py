@@ -308,8 +308,12 @@ def _check_number(
         raise TypeError(f"{name} must be {kind}, got {value!r}")
     hint = " (or None to disable it)" if allow_none else ""
     bound = "greater than 0" if positive else "0 or more"
-    if isinstance(value, int) and abs(value) > _LARGEST_SECONDS:  # not shown: it may be huge
-        raise ValueError(f"{name} must be {bound} and at most {_LARGEST_SECONDS:g} seconds{hint}")
+    # The limit that really holds: a finite time's is the threading primitives', not this
+    # bound of ints; where infinity is accepted, the message says so.
+    limit = threading.TIMEOUT_MAX if finite else _LARGEST_SECONDS
+    if isinstance(value, int) and abs(value) > limit:  # not shown: it may be huge
+        unlimited = "" if finite else ", or float('inf') for no limit"
+        raise ValueError(f"{name} must be {bound} and at most {limit:g} seconds{unlimited}{hint}")
     if not (value > 0 if positive else value >= 0):  # also catches NaN
         raise ValueError(f"{name} must be {bound}{hint}, got {value!r}")
     if finite and not value <= threading.TIMEOUT_MAX:
@@ -484,7 +488,8 @@ class Pool(Generic[C]):
                 "reconnect_delay"
             )
         if session_reset not in _SESSION_RESETS:
-            raise ValueError(
+            error = ValueError if isinstance(session_reset, str) else TypeError
+            raise error(
                 f"session_reset must be None, 'discard' or 'reconnect', got {session_reset!r}"
             )
         _check_number("leak_timeout", leak_timeout, allow_none=True, positive=True, finite=True)
@@ -502,6 +507,11 @@ class Pool(Generic[C]):
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
+        if name is not None and not name.strip():  # it names threads, log lines, metrics
+            raise ValueError(
+                f"name must not be empty or only spaces, got {name!r}: give a name, or None "
+                "for pool-1, pool-2, ..."
+            )
 
         self._connect = connect
         try:
@@ -1567,6 +1577,7 @@ class Pool(Generic[C]):
         return None
 
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
+        what = "its ping" if self._check is None else "the check hook"  # which validated it
         with self._lock:
             self._timeouts += 1
             s = self._stats_locked()
@@ -1574,7 +1585,7 @@ class Pool(Generic[C]):
             f"pool {self._name!r}: no connection within {timeout:g} s "
             f"(size={s.size}/{s.max_size} in_use={s.in_use} idle={s.idle} "
             f"opening={s.opening} waiting={s.waiting}): the time ran out while an idle "
-            "connection was being validated, and it failed its ping"
+            f"connection was being validated, and it failed {what}"
         )
         error.__cause__ = self._last_connect_error
         logger.warning("%s", error)

@@ -6,7 +6,9 @@ overrides applied::
     pool = dbpool.Pool(connect, **dbpool.presets.production(max_size=20))
 
 A fresh dict is returned on every call; options not named keep ``Pool``'s defaults, and a size
-(or reconnect delay) given moves the preset's other one where the two would clash.
+(or reconnect delay) given moves the preset's other one where the two would clash: only where
+the preset sets both (the reconnect delays, in ``test()`` only), since ``Pool``'s own default
+is not the preset's to move.
 """
 
 from __future__ import annotations

@@ -821,6 +821,11 @@ def create_pool(url: str | DatabaseURL, **pool_options: Any) -> Pool[Any]:
     ``ValueError`` if the URL is malformed, its scheme unknown, or its driver not installed.
     The pool's name is ``name=`` if given, else the pool's default.
     """
+    if "connect" in pool_options:  # Python's own error would only say it came twice
+        raise TypeError(
+            "create_pool() takes no connect: the URL makes the connections; to pool those of "
+            "a callable of your own, use dbpool.Pool(connect, ...)"
+        )
     parsed = url if isinstance(url, DatabaseURL) else parse_url(url)
     driver = load_driver(parsed)
     _check_driver_keys(parsed, driver)

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.timeout(30)
 
 NAN = math.nan
 INF = math.inf
+# What the message of a time too large adds where infinity is accepted
+UNLIMITED = "or float('inf') for no limit"
 SHORT = 0.2  # seconds: an acquire deadline that is meant to pass
 NO_HANG = 10.0  # seconds: far above SHORT; a call that takes longer was hanging
 
@@ -154,10 +156,16 @@ BAD_OPTIONS = [
     option("acquire_timeout", -1, ValueError, "must be 0 or more", "-1"),
     option("acquire_timeout", NAN, ValueError, "must be 0 or more", "nan"),
     option("acquire_timeout", -INF, ValueError, "must be 0 or more"),
-    option("acquire_timeout", 10**400, ValueError, "0 or more and at most 1e+300 seconds"),
-    option("idle_timeout", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
-    option("max_lifetime", -(10**5000), ValueError, "and at most 1e+300 seconds", "or None"),
-    option("validate_after", 10**400, ValueError, "and at most 1e+300 seconds", "or None"),
+    # an int too large for a float is refused with the limit that holds: infinity where the
+    # option takes it, threading.TIMEOUT_MAX where it must be finite
+    option("acquire_timeout", 10**400, ValueError, "0 or more and at most 1e+300", UNLIMITED),
+    option("idle_timeout", 10**400, ValueError, "at most 1e+300 seconds", UNLIMITED, "or None"),
+    option("max_lifetime", -(10**5000), ValueError, "at most 1e+300", UNLIMITED, "or None"),
+    option("validate_after", 10**400, ValueError, "at most 1e+300", UNLIMITED, "or None"),
+    option("leak_timeout", 10**301, ValueError, "at most 9.22337e+09 seconds", "or None"),
+    option("reconnect_delay", 10**301, ValueError, "than 0 and at most 9.22337e+09 seconds"),
+    option("reconnect_max_delay", 10**400, ValueError, "at most 9.22337e+09 seconds"),
+    option("reconnect_max_delay", 10**10, ValueError, "at most 9.22337e+09 seconds"),
     option("idle_timeout", "600", TypeError, "must be a number of seconds or None"),
     option("idle_timeout", True, TypeError, "must be a number of seconds or None"),
     option("idle_timeout", 0, ValueError, "must be greater than 0", "None"),
@@ -189,6 +197,12 @@ BAD_OPTIONS = [
     option("leak_timeout", 0, ValueError, "must be greater than 0", "None"),
     option("leak_timeout", NAN, ValueError, "must be greater than 0"),
     option("leak_timeout", INF, ValueError, "must be at most", "(or None to disable it)", "inf"),
+    # session_reset: a str of the two names, or None
+    option("session_reset", 1, TypeError, "must be None, 'discard' or 'reconnect'", "got 1"),
+    option("session_reset", True, TypeError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", ["discard"], TypeError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", "DISCARD", ValueError, "must be None, 'discard' or 'reconnect'"),
+    option("session_reset", "", ValueError, "must be None, 'discard' or 'reconnect'"),
     # the rest
     option(
         "dialect", "oracle", ValueError, "unknown dialect 'oracle'", "sqlite3", "Dialect instance"
@@ -198,6 +212,9 @@ BAD_OPTIONS = [
     option("dialect", sqlite3, TypeError, "must be a dbpool.dialects.Dialect"),
     option("name", 7, TypeError, "must be a str or None"),
     option("name", b"orders", TypeError, "must be a str or None"),
+    # an empty name made threads "dbpool-reaper-" and metrics labelled pool=""
+    option("name", "", ValueError, "must not be empty", "None"),
+    option("name", " \t\n", ValueError, "must not be empty", "None"),
 ]
 
 
@@ -294,24 +311,43 @@ def test_misspelled_or_positional_option_is_refused(fake_server: fakedb.Server) 
         ("pool_pre_ping", ("validate_after=0",)),
         ("reset_on_return", ("rolled back on return",)),
         ("creator", ("first argument",)),
+        ("connect_args", ("connect callable", "functools.partial")),
+        ("echo", ("'dbpool' logger",)),
+        ("echo_pool", ("'dbpool' logger",)),
+        ("logging_name", ("(in dbpool: name)",)),
+        ("pool_logging_name", ("(in dbpool: name)",)),
+        ("events", ("add_listener()", "hooks")),
+        ("pool_events", ("add_listener()", "hooks")),
+        ("poolclass", ("one pool", "NullPool")),
+        ("isolation_level", ("pool.transaction(isolation=...)", "configure")),
         # psycopg_pool
         ("timeout", ("acquire_timeout",)),
         ("max_idle", ("idle_timeout",)),
         ("kwargs", ("functools.partial",)),
+        ("reconnect_failed", ("stats().connect_errors", "health()")),
+        ("open", ("open once made", "wait()", "reopen()")),
+        ("close_returns", ("always returns",)),
+        ("num_workers", ("threads of their own",)),
         # DBUtils' PooledDB
         ("maxconnections", ("max_size",)),
         ("mincached", ("min_size",)),
         ("setsession", ("configure",)),
+        ("maxusage", ("max_lifetime", "by age")),
+        ("maxshared", ("never lent to two borrowers",)),
+        ("failures", ("told broken by its state",)),
+        ("isfatal", ("told broken by its state",)),
     ],
 )
 def test_another_pools_option_is_told_what_to_write_instead(
     fake_server: fakedb.Server, name: str, words: tuple[str, ...]
 ) -> None:
     """Python's own error named the option only; one from the pools users move from says
-    which of dbpool's options does its job, through create_pool() and the presets too."""
+    which of dbpool's options does its job (or that none is needed), through create_pool() and
+    the presets too, and never guesses a near name (maxusage is no max_size)."""
     threads = dbpool_threads()
     expected = (f"takes no option {name!r} (in dbpool: ", *words)
-    refused(lambda: dbpool.Pool(fake_server.connect, **{name: 1}), TypeError, expected)
+    exc = refused(lambda: dbpool.Pool(fake_server.connect, **{name: 1}), TypeError, expected)
+    assert "did you mean" not in str(exc)
     refused(lambda: dbpool.create_pool("sqlite:///app.db", **{name: 1}), TypeError, expected)
     refused(lambda: dbpool.presets.production(**{name: 1}), TypeError, (*expected[1:], name))
     assert fake_server.connect_attempts == 0
@@ -397,6 +433,21 @@ BAD_CALLS = [
         lambda p: p.connection(timeout=10**400),
         ValueError,
         "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
+    ),
+    call(
+        "wait-timeout=10**400",
+        lambda p: p.wait(timeout=10**400),
+        ValueError,
+        "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
+    ),
+    call(
+        "health-timeout=10**400",
+        lambda p: p.health(timeout=10**400),
+        ValueError,
+        "timeout must be 0 or more and at most 1e+300 seconds",
+        UNLIMITED,
     ),
     call(
         "connection-timeout=nan",
@@ -979,6 +1030,13 @@ def test_transaction_on_a_lease_with_pending_work_says_to_end_it_first(
             TypeError,
             ("max_sise",),
             id="misspelled-option",
+        ),
+        pytest.param(
+            "sqlite:///app.sqlite3",
+            {"connect": lambda: sqlite3.connect("other.sqlite3")},
+            TypeError,
+            ("create_pool() takes no connect", "the URL makes", "dbpool.Pool(connect, ...)"),
+            id="connect-too",
         ),
     ],
 )

@@ -152,6 +152,23 @@ def test_bench_refuses_more_threads_than_it_can_run_before_making_any(
     assert f"at most {cli.MAX_THREADS}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("max_size", [str(cli.MAX_SIZE + 1), "100000"])
+def test_bench_refuses_a_pool_larger_than_it_can_open_before_connecting(
+    max_size: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--max-size 100000 ran out of file descriptors opening the pool, then said it could not
+    connect; it is a usage error, as too many --threads is."""
+    monkeypatch.setattr(cli, "create_pool", None)  # any pool made would fail the test
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", f"sqlite:///{tmp_path}/b.sqlite3", "--max-size", max_size])
+    assert info.value.code == cli.EXIT_USAGE
+    assert f"--max-size: at most {cli.MAX_SIZE}, got {max_size}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_check_and_bench_read_rows_made_as_dicts(fake_server: fakedb.Server) -> None:
     """``mssql://...?as_dict=true`` makes pymssql's rows dicts: the version and the bench
     table's ids are read from them too (a dict row has no ``[0]``), and the version's column

@@ -532,6 +532,33 @@ def test_any_exception_from_check_discards(make_pool, server):
     assert first.closed
 
 
+@pytest.mark.parametrize("hook", [False, True], ids=["ping", "check"])
+def test_a_checkout_out_of_time_after_a_failed_validation_names_what_failed(
+    make_pool, server, hook
+):
+    """The PoolTimeout said the connection "failed its ping" after a check hook failed it,
+    where no ping ran."""
+
+    def check(raw: Any) -> None:
+        raise ValueError("the application does not like this connection")
+
+    # acquire_timeout=0: the deadline has passed once the idle connection failed validation
+    options = {"check": check} if hook else {"validate_after": 0}
+    pool = make_pool(min_size=1, max_size=1, acquire_timeout=0, **options)
+    pool.wait(timeout=BOUND)
+    if not hook:
+        server.kill(server.connections[0])
+    with pytest.raises(dbpool.PoolTimeout) as raised:
+        pool.connection()
+    message = str(raised.value)
+    assert "while an idle connection was being validated" in message
+    if hook:
+        assert "it failed the check hook" in message and "ping" not in message
+        assert server.count("ping") == 0
+    else:
+        assert "it failed its ping" in message and "check" not in message
+
+
 def test_check_leaving_a_transaction_open_is_rolled_back_and_kept(db: Backend) -> None:
     check = once(lambda raw: open_transaction(db.name, raw))
     with dbpool.Pool(db.connect, min_size=1, max_size=2, check=check) as pool:
@@ -743,6 +770,17 @@ def test_reset_runs_only_when_the_lease_used_the_connection(make_pool, server):
     with pool.connection() as conn:
         conn.commit()  # a driver method
     assert len(reset) == 3
+    # As configuration.rst says: reading a driver attribute through the lease, or making a
+    # cursor, counts though nothing reaches the server; the lease's own properties do not.
+    with pool.connection() as conn:
+        conn.in_transaction  # noqa: B018
+    assert len(reset) == 4
+    with pool.connection() as conn:
+        conn.cursor()
+    assert len(reset) == 5
+    with pool.connection() as conn:
+        assert conn.pool is pool and not conn.released and "leased" in repr(conn)
+    assert len(reset) == 5
     assert all(raw is server.connections[0] for raw in reset)
     assert_accounting(pool)
 
