@@ -383,7 +383,7 @@ class Pool(Generic[C]):
         ``None`` (default) nothing beyond the rollback and the driver settings;
         ``"discard"`` the server's own reset (``DISCARD ALL`` on PostgreSQL, a connection
         reset on MySQL/MariaDB with PyMySQL, then PyMySQL's connect-time setup) after each
-        lease that ran something (one round trip on PostgreSQL, four on MariaDB with
+        lease that used the connection (one round trip on PostgreSQL, four on MariaDB with
         PyMySQL's defaults), or a reconnect where the driver has no reset; ``"reconnect"``
         closes every connection a lease ran something on.
     :param leak_timeout: a lease held longer than this many seconds is logged as a warning
@@ -396,7 +396,8 @@ class Pool(Generic[C]):
         what every return restores.
     :param check: called with the driver connection at every checkout, instead of the idle ping
         (``validate_after`` is then unused); if it raises, the connection is discarded and
-        another one is taken.  Bounded by the caller's deadline like the ping.
+        another one is taken.  Bounded by the caller's deadline like the ping, as far as it
+        waits on the connection's socket.
     :param reset: called with the driver connection on return, after the pool's rollback, when
         the lease used it; if it raises or leaves a transaction open, the connection is
         discarded.  Runs outside the pool's lock.
