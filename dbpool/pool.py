@@ -1578,9 +1578,12 @@ class Pool(Generic[C]):
         return None
 
     def _validation_timeout(self, timeout: float) -> PoolTimeout:
+        """The PoolTimeout of a caller whose connection failed validation as its time ran out;
+        the room that discard kept for it goes to the queue."""
         what = "its ping" if self._check is None else "the check hook"  # which validated it
         with self._lock:
             self._timeouts += 1
+            self._grant_room_locked()
             s = self._stats_locked()
         error = PoolTimeout(
             f"pool {self._name!r}: no connection within {timeout:g} s "

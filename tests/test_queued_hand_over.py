@@ -261,3 +261,30 @@ def test_max_waiting_does_not_turn_away_a_caller_asking_again(
     assert first.outcome() is None, first.error
     assert later.outcome() is None, later.error
     assert order[0] == "first"
+
+
+def test_the_room_a_failed_validation_made_goes_on_when_its_caller_times_out(
+    make_pool: Any, server: fakedb.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued caller handed a connection whose ping fails after its own deadline passed
+    times out; the room the discard made was kept for it, and is passed on to the next
+    queued caller at once rather than left until the background thread's next run."""
+    import time
+
+    offset = [0.0]
+    monkeypatch.setattr(dbpool.pool, "monotonic", lambda: time.monotonic() + offset[0])
+    pool = make_pool(max_size=1, validate_after=0)
+    holder = pool.connection()
+    first = Caller(lambda: pool.connection(timeout=1).close(), name="first")
+    wait_until(lambda: pool.stats().waiting == 1)
+    second = Caller(lambda: pool.connection(timeout=60).close(), name="second")
+    wait_until(lambda: pool.stats().waiting == 2)
+    ping = server.block("ping")
+    holder.close()  # handed to the first caller, which pings it
+    assert ping.entered.wait(5)
+    offset[0] = 2.0  # the first caller's deadline has passed meanwhile
+    ping.release(fakedb.OperationalError("server closed the connection unexpectedly"))
+    assert isinstance(first.outcome(), dbpool.PoolTimeout), first.error
+    s = pool.stats()
+    assert s.waiting == 0 and s.size == 1, s  # the second caller connects in the room
+    assert second.outcome() is None, second.error
