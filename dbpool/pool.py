@@ -2522,10 +2522,12 @@ class Pool(Generic[C]):
         held: float | None = None,
         detail: str = "",
         since: float = math.inf,
+        retired: bool = False,
     ) -> None:
         """Drop a connection the caller holds (leased or under validation) and close it.
         ``held``: how long its borrower had it, when it comes back from a lease; ``since``:
-        the arrival of a checkout that failed to validate it and will ask again."""
+        the arrival of a checkout that failed to validate it and will ask again; ``retired``:
+        an idle one closed for its age, not counted in ``discarded`` (as the reaper's)."""
         key = reason._value_  # a plain attribute (.value is a property: a function call)
         counted: bool | None = None  # None until it is decided under the lock
         try:
@@ -2541,7 +2543,8 @@ class Pool(Generic[C]):
                     # By its reason even while the pool closes: it was found unfit (or the
                     # borrower asked), which ``discarded``, ``discards`` and the DISCARD event
                     # all tell alike.
-                    self._discarded += 1
+                    if not retired:
+                        self._discarded += 1
                     self._discards[key] += 1
                     if held is not None:
                         self._returned += 1
@@ -2878,7 +2881,7 @@ class Pool(Generic[C]):
                     self._in_use += 1  # held by the pool itself meanwhile
                 slot.owner = 0
                 if started >= slot.expires_at:  # closed for its age, unpinged: not a dead one
-                    self._discard(slot, DiscardReason.EXPIRED, broken=False)
+                    self._discard(slot, DiscardReason.EXPIRED, broken=False, retired=True)
                     del box[0]
                     continue
                 if self._fit_for_use(slot, deadline, probe=True):

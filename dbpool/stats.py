@@ -53,8 +53,8 @@ class PoolStats:
     #: of those, the ones thrown away at checkout or on return (broken, interrupted, busy,
     #: failing validation or a reset, or past max_lifetime), found dead by a ping of
     #: ``check()``, ``health()`` or the background sweep, or closed by ``pool.discard()``; not
-    #: the idle ones the background thread retires for age or idleness, nor those ``resize()``
-    #: closes
+    #: the idle ones retired for age or idleness (by the background thread, or ``check()``),
+    #: nor those ``resize()`` closes
     discarded: int
     #: leases handed out
     acquired: int
