@@ -626,7 +626,11 @@ class Pool(Generic[C]):
         # sheds no load), and is marked True once its wait in the queue ran out: only that
         # says the pool is busy (not a connect or a validation that ran out of time).
         self._probes: dict[int, bool] = {}
-        # --- end of guarded state ---------------------------------------------------------
+        # --- end of guarded state ----------------------------------------------------------
+        # Driver connections open in a connect thread, not counted yet (configure and the
+        # connect listeners run first): a forked child detaches them as it does those counted.
+        # By id; each is added and removed by its connect thread, one dict operation each.
+        self._being_opened: dict[int, Any] = {}
         self._reaper_wakeup = threading.Event()
         self._reaper_thread: threading.Thread | None = None
         # A forked child's pool: its reaper starts with the child's first use of the pool
@@ -1963,6 +1967,8 @@ class Pool(Generic[C]):
         try:
             started = monotonic()
             raw = self._connect()
+            if raw is not None:
+                self._being_opened[id(raw)] = raw
             if raw is None:  # None marks a slot still being opened: never a connection
                 raise TypeError(
                     f"pool {self._name!r}: connect returned None instead of a DB-API "
@@ -2002,6 +2008,7 @@ class Pool(Generic[C]):
             self._drop_lock_if_held()
             if raw is not None:
                 _close_quietly(_dialect_of(self, raw), raw)
+                self._being_opened.pop(id(raw), None)
             self._scrub(exc)  # before the caller, health() or a log line can quote it
             kept = _detached(exc)  # outside the lock: it runs the exception's copy code
             with self._lock:
@@ -2070,6 +2077,7 @@ class Pool(Generic[C]):
                     )
                 elif surplus:
                     self._close_counted(slot, DiscardReason.RESIZED, "resize() lowered max_size")
+                self._being_opened.pop(id(raw), None)  # counted (in `everyone`), or closed
         if recovered:
             logger.info("pool %r: connecting works again", self._name)
         logger.debug("pool %r: opened a connection", self._name)
@@ -2960,6 +2968,8 @@ class Pool(Generic[C]):
     def _after_fork_in_child(self) -> None:
         """Drop every inherited connection without closing it and start afresh."""
         inherited = [*self._everyone, *self._orphans, *self._retired, *self._left_open]
+        counted = {id(slot.raw) for slot in inherited}
+        opening = [raw for key, raw in self._being_opened.items() if key not in counted]
         self._orphans.clear()
         self._setup_state()
         # Held by another thread of the parent at fork, it would never be let go here.
@@ -2968,6 +2978,8 @@ class Pool(Generic[C]):
             slot.generation = _INHERITED
             if slot.raw is not None:
                 _fork.keep_forever(slot.dialect, slot.raw)
+        for raw in opening:  # (its connect thread is not in the child: nothing finishes it)
+            _fork.keep_forever(_dialect_of(self, raw), raw)
         self._asleep = not self._closed  # the child's first use starts the reaper
 
     # -- reporting ----------------------------------------------------------------------------

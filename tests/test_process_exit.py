@@ -149,6 +149,57 @@ def test_a_forked_child_does_not_hold_its_parents_sessions_open_once_the_parent_
     )
 
 
+def test_a_child_forked_while_a_connect_is_under_way_does_not_hold_that_session_open(
+    server: tuple[str, Any, Any],
+) -> None:
+    # The fork came as the pool's refill thread ran the configure hook on a new connection,
+    # not counted by the pool yet: the child kept that socket, and the parent's session with
+    # it, until the child ended too.
+    driver, params, own = server
+    code = textwrap.dedent(
+        f"""
+        import json, os, signal, threading
+        import dbpool
+        PARAMS = json.loads({json.dumps(json.dumps(params))})
+        {_CONNECT[driver]}
+        inside, forked = threading.Event(), threading.Event()
+        def configure(raw):
+            cur = raw.cursor()
+            cur.execute({_SESSION_ID[driver]!r})
+            print(cur.fetchone()[0], flush=True)
+            cur.close()
+            raw.commit()
+            inside.set()
+            forked.wait({SCRIPT_TIMEOUT})
+        pool = dbpool.Pool(connect, min_size=1, max_size=1, configure=configure)
+        assert inside.wait({SCRIPT_TIMEOUT})
+        if os.fork() == 0:
+            signal.alarm({SCRIPT_TIMEOUT})  # ends even if the test never closes our stdin
+            os.read(0, 1)  # until the test closes our stdin
+            os._exit(0)
+        os._exit(0)
+        """
+    )
+    parent = python(code, stdin=subprocess.PIPE)
+    assert parent.stdin is not None and parent.stdout is not None
+    try:
+        session = int(parent.stdout.readline())
+        assert parent.wait(SCRIPT_TIMEOUT) == 0
+        wait_until(
+            lambda: not _session_alive(driver, own, session),
+            timeout=10,
+            message=f"the parent is gone, and the session {session} it was opening is still open",
+        )
+    finally:
+        parent.stdin.close()  # the child ends
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        assert parent.stderr is not None
+        parent.stderr.close()
+
+
 def test_a_program_started_by_the_parent_does_not_hold_its_sessions_open_once_it_is_gone(
     server: tuple[str, Any, Any],
 ) -> None:
