@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 import traceback
@@ -22,6 +23,7 @@ import weakref
 from collections import deque
 from functools import partial
 from time import monotonic
+from types import FrameType
 from typing import Any, Callable, Generic, NoReturn, SupportsIndex, TypeVar
 
 from . import _fork, reaper
@@ -236,14 +238,25 @@ class _Borrowed:
 
     def __init__(self) -> None:
         self.at = monotonic()
-        # The borrower's frames only: the pool's own would hide the line that matters.
-        frames = traceback.extract_stack()
-        self.stack = [f for f in frames if not f.filename.startswith(_PACKAGE_DIR)]
+        # The borrower's frames only (the pool's own would hide the line that matters), as
+        # plain tuples: their source lines are read only if a report is written.
+        stack: list[tuple[str, int, str]] = []
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if not code.co_filename.startswith(_PACKAGE_DIR):
+                stack.append((code.co_filename, frame.f_lineno, code.co_name))
+            frame = frame.f_back
+        stack.reverse()  # outermost first, as a traceback reads
+        self.stack = stack
         self.thread = threading.current_thread().name
         self.reported = False
 
     def where(self) -> str:
-        return "".join(traceback.format_list(self.stack)).rstrip()
+        frames = traceback.StackSummary.from_list(
+            [(name, line, function, None) for name, line, function in self.stack]
+        )
+        return "".join(frames.format()).rstrip()
 
 
 class _Waiter:

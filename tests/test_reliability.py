@@ -288,7 +288,8 @@ def test_session_reset_is_checked(policy: Any, fake_server: fakedb.Server) -> No
     if policy in ("discard", "reconnect", None):
         dbpool.Pool(fake_server.connect, min_size=0, session_reset=policy).close()
         return
-    with pytest.raises(ValueError, match="session_reset must be None, 'discard' or 'reconnect'"):
+    error = ValueError if isinstance(policy, str) else TypeError  # a name unknown, or no str
+    with pytest.raises(error, match="session_reset must be None, 'discard' or 'reconnect'"):
         dbpool.Pool(fake_server.connect, session_reset=policy)
 
 
