@@ -313,8 +313,9 @@ class Connection(_LeaseFields[C]):
         # Results still being read end first (a lease with either has been used already).  A
         # stream has its cursor there too, unless the borrower closed the cursor under it,
         # which leaves the stream suspended, holding the connection (psycopg's lock)
-        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:  # written
-            finish_reading(self, slot, commit=True)  # out: slot.may_hold_part_read()
+        # (slot.may_hold_part_read(), written out: a call fewer on every commit)
+        if (slot.cursors or slot.tracks_reads) and slot.dialect.part_read_results:
+            finish_reading(self, slot, commit=True)
         slot.used = slot.busy = True
         try:
             try:
@@ -509,7 +510,7 @@ class Cursor(_CursorFields[C]):
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
-            slot.transaction._check_open()  # past its deadline: raise without running it
+            slot.transaction._before_statement()  # past its deadline: raise without running it
         if slot.tracks_reads:  # a stream left part-read may hold the connection
             _check_not_reading(self._lease, slot)
         raw = self._raw
@@ -539,7 +540,7 @@ class Cursor(_CursorFields[C]):
         if slot is None or slot.generation < 0 or slot.doomed:
             raise _refusal(slot, "cursor")
         if slot.transaction is not None:
-            slot.transaction._check_open()  # past its deadline: raise without running it
+            slot.transaction._before_statement()  # past its deadline: raise without running it
         if slot.tracks_reads:  # a stream left part-read may hold the connection
             _check_not_reading(self._lease, slot)
         raw = self._raw
@@ -977,7 +978,7 @@ def _tracked_call(
         tx = slot.transaction
         if tx is not None:  # past its deadline: raise without running it
             if statement:
-                tx._check_open()
+                tx._before_statement()
             else:
                 tx._check_deadline()  # as in Cursor.fetchone()
         if slot.tracks_reads:  # a stream left part-read may hold the connection
@@ -1202,7 +1203,7 @@ def _tracked_stream(
     def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
         slot = _live_slot(lease, "cursor")
         if slot.transaction is not None:
-            slot.transaction._check_open()
+            slot.transaction._before_statement()
         slot.dirty = True
         iterator = _tracked_iteration(lease, iter(method(*args, **kwargs)), raw)
         # For a COMMIT or ROLLBACK through the lease to end first (finish_reading); weakly, as
@@ -1232,7 +1233,7 @@ class _TrackedBlock:
     def __enter__(self) -> Any:
         slot = _live_slot(self._lease, "cursor")
         if slot.transaction is not None:
-            slot.transaction._check_open()
+            slot.transaction._before_statement()
         slot.dirty = slot.busy = True
         try:
             try:

@@ -1076,12 +1076,14 @@ class Pool(Generic[C]):
         error = None
         deadline = monotonic() + timeout
         me = threading.get_ident()
-        with self._lock:  # what says, if no connection comes free, whether the pool is busy
-            kept_before = self._returned - self._not_kept
-            broken = self._discards["broken"]
-            connect_errors = self._connect_errors
-            self._probes[me] = False
+        outer = None  # the probe of a health() this one runs inside (a listener's, say)
         try:
+            with self._lock:  # what says, if no connection comes free, whether it is busy
+                kept_before = self._returned - self._not_kept
+                broken = self._discards["broken"]
+                connect_errors = self._connect_errors
+                outer = self._probes.get(me)
+                self._probes[me] = False
             with self.connection(timeout=timeout) as conn:
                 leased = True
                 slot = conn._slot
@@ -1121,8 +1123,11 @@ class Pool(Generic[C]):
             error = self._describe(exc)
             busy = isinstance(exc, PoolTimeout) and not leased
         finally:
+            self._drop_lock_if_held()
             with self._lock:
                 queued_out = self._probes.pop(me, False)
+                if outer is not None:
+                    self._probes[me] = outer
         busy = busy and queued_out  # no connection came free: not a connect that hung
         stats = self.stats()  # "closed" from the snapshot: a close() in between would split them
         with self._lock:  # read after: a lease not kept since then only lowers the count kept
@@ -1980,14 +1985,13 @@ class Pool(Generic[C]):
         try:
             started = monotonic()
             raw = self._connect()
-            if raw is not None:
-                self._being_opened[id(raw)] = raw
             if raw is None:  # None marks a slot still being opened: never a connection
                 raise TypeError(
                     f"pool {self._name!r}: connect returned None instead of a DB-API "
                     "connection: the callable must return what it opens (for example "
                     "lambda: psycopg.connect(dsn))"
                 )
+            self._being_opened[id(raw)] = raw
             dialect = self._dialect
             if dialect is None:
                 dialect = self._dialect = _detect_dialect(raw)
@@ -2563,7 +2567,7 @@ class Pool(Generic[C]):
                     slot.generation = _FORGOTTEN  # a lease still holding it returns nothing
                     # By its reason even while the pool closes: it was found unfit (or the
                     # borrower asked), which ``discarded``, ``discards`` and the DISCARD event
-                    # all tell alike.
+                    # all tell alike; one retired for its age only ``discards`` and the event.
                     if not retired:
                         self._discarded += 1
                     self._discards[key] += 1

@@ -770,8 +770,8 @@ class Transaction(Generic[C]):
         """The deadline, as a :func:`time.monotonic` value, or None."""
         return None if self._deadline == math.inf else self._deadline
 
-    def _check_open(self) -> None:
-        """Called before (and after) each statement of the block."""
+    def _check_open(self) -> float:
+        """Called before (and after) each statement of the block; returns the time now."""
         if not self._open:
             if not self._entered:  # pool.transaction().execute(...): the 'with' was left out
                 raise PoolError(_NOT_STARTED)
@@ -784,8 +784,34 @@ class Transaction(Generic[C]):
             raise self._savepoint_failed_error()
         if self._ended_by is not None:
             raise self._ended_error()
+        return now
+
+    def _before_statement(self) -> None:
+        """_check_open(), just before a statement of the block runs: where the dialect narrows
+        its limit on lock waits, it is sized to the time left first.  Only here: the narrowing
+        is a statement too, and sent between another's execute and its fetch, it would end
+        that result (pymssql cancels what is unread as a statement starts)."""
+        now = self._check_open()
         if now - self._narrowed_at > self._narrow_slack and self._owns_connection():
-            self._narrow_time(now)
+            from .lease import _call_failed
+
+            slot = self._slot
+            assert slot is not None
+            slot.busy = True  # a round trip (pymssql): cut off, too, on a network gone silent
+            try:
+                try:
+                    self._narrow_time(now)
+                except Exception as exc:
+                    _call_failed(slot, exc)  # an interrupt in here is one in the call
+                    raise
+            except Exception:
+                slot.busy = False
+                raise
+            except BaseException:
+                slot.busy = INTERRUPTED
+                slot.doomed = True  # interrupted half-way: see lease._call_failed
+                raise
+            slot.busy = False
 
     def _check_deadline(self) -> None:
         """Called before each fetch of the block: past the deadline, a fetch from a server-side
@@ -801,7 +827,9 @@ class Transaction(Generic[C]):
         slot = self._slot
         assert slot is not None
         slot.dialect.narrow_time(slot.raw, self._deadline - now)
-        self._narrowed_at = self._commit_sized_at = now
+        self._narrowed_at = now
+        if slot.dialect.narrows_commit_wait:
+            self._commit_sized_at = now
 
     def _savepoint_failed_error(self) -> ConnectionUnusable:
         # The same case as a lease whose rollback failed: the connection's state is unknown.

@@ -396,9 +396,10 @@ def test_health_whose_own_connect_hangs_is_not_busy(make_pool, server):
     use(holder)
     gate = server.block("connect")
     try:
-        checking = Caller(lambda: pool.health(timeout=0.5), name="health")
+        checking = Caller(lambda: pool.health(timeout=2), name="health")
         assert gate.entered.wait(BOUND)
         holder.close()  # a lease back sound, put back while the probe connects
+        assert not checking.done.is_set(), "the probe's time ran out before the lease came back"
         assert checking.outcome(BOUND) is None, checking.error
     finally:
         gate.release()

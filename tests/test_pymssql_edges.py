@@ -299,14 +299,25 @@ def test_pymssql_lock_wait_starting_late_in_a_timed_block_gets_the_time_left(
             start = len(server.calls)
             offset[0] = 1.5  # work in the client: 3.5 s of the deadline left
             tx.execute("UPDATE accounts SET balance = 0 WHERE id = 1")
+            # Between a statement and the fetch of its rows, nothing: pymssql would cancel
+            # what is unread as the narrowing started (a slow SELECT, or a cursor made)
+            offset[0] = 1.8
+            cursor = tx.execute("SELECT 44 AS z")  # (narrowed before it)
+            offset[0] = 2.1
+            tx.cursor()
+            assert cursor.fetchall() == [(1,)]
+            offset[0] = 2.5  # nor before COMMIT, whose waits pymssql's limit does not need
         sent = [c.sql for c in server.calls if c.sql]
         narrowed = [c.sql for c in server.calls[start:] if c.sql and "@@LOCK_TIMEOUT" in c.sql]
-    assert len(narrowed) == 1, sent
+    assert len(narrowed) == 2, sent
     limit = int(narrowed[0].rsplit(" ", 1)[1])
     assert 3000 <= limit <= 3500, narrowed
     assert narrowed[0] == (
         f"IF @@LOCK_TIMEOUT < 0 OR @@LOCK_TIMEOUT > {limit} SET LOCK_TIMEOUT {limit}"
     )
     assert sent.index(narrowed[0]) == sent.index("UPDATE accounts SET balance = 0 WHERE id = 1") - 1
-    assert sum("@@LOCK_TIMEOUT <" in s for s in sent) == 1, sent  # none between the first two
+    assert sum("@@LOCK_TIMEOUT <" in s for s in sent) == 2, sent  # none between the first two
+    assert "@@LOCK_TIMEOUT <" in sent[sent.index("SELECT 44 AS z") - 1], sent
+    after = sent[sent.index("SELECT 44 AS z") + 1 :]
+    assert not any("@@LOCK_TIMEOUT <" in s for s in after), sent
     assert "SET LOCK_TIMEOUT -1" in sent, sent  # the session's own, put back at the end

@@ -542,9 +542,18 @@ def test_checkout_that_finds_the_pool_drained_as_it_wakes_up(make_pool: Any) -> 
         make_pool,
         prepare,
         act,
-        [dbpool.Pool.connection, dbpool.Pool._put_back],
+        [
+            dbpool.Pool.connection,
+            dbpool.Pool._tell_refused_checkout,
+            dbpool.Pool._tell_checkin,
+            dbpool.Pool._put_back,
+        ],
         _finish,
-        entries=(dbpool.Pool._put_back,),
+        entries=(
+            dbpool.Pool._tell_refused_checkout,
+            dbpool.Pool._tell_checkin,
+            dbpool.Pool._put_back,
+        ),
         problems=problems,
     )
 
@@ -732,3 +741,29 @@ def test_an_interrupt_in_a_savepoints_end_never_commits_what_it_should_undo(
         assert not failures, "\n".join(failures)
     finally:
         pool.close()
+
+
+def test_health_leaves_no_probe_of_its_own_at_any_signal_point(make_pool: Any) -> None:
+    # A probe's mark lets its thread queue past max_waiting: one left behind by a signal
+    # handler raising in health() would let that thread past the limit for good.
+    def filled() -> dbpool.Pool[Any]:
+        pool = make_pool(max_size=1, max_waiting=1)
+        with pool.connection():
+            pass
+        return pool
+
+    sample = filled()
+    points = signal_points(lambda: sample.health(timeout=2), [dbpool.Pool.health])
+    assert points, "no signal point found in health()"
+    for point in points:
+        pool = filled()
+        raised: list[Any] = []
+        sys.settrace(_raising_at(point, raised))
+        try:
+            pool.health(timeout=2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert raised, f"{point}: not reached"
+        assert pool._probes == {}, f"{point}: a probe left behind"  # private: health()'s marks
