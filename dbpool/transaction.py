@@ -103,6 +103,29 @@ def check_dialect_allows(pool: Pool[Any], isolation: Isolation | None, readonly:
         dialect.check_begin(isolation, readonly)
 
 
+def _call_on(slot: _Slot, call: Callable[..., object], *args: Any) -> None:
+    """Make a call of the block's own on ``slot``'s connection as the lease makes the
+    borrower's: busy meanwhile (cut off, too, on a network gone silent); a failure recorded
+    (lease._call_failed), an interrupt half-way dooming the connection."""
+    from .lease import _call_failed
+
+    slot.busy = True
+    try:
+        try:
+            call(*args)
+        except Exception as exc:
+            _call_failed(slot, exc)  # an interrupt in here is one in the call
+            raise
+    except Exception:
+        slot.busy = False
+        raise
+    except BaseException:
+        slot.busy = INTERRUPTED
+        slot.doomed = True  # interrupted half-way: see lease._call_failed
+        raise
+    slot.busy = False
+
+
 class Transaction(Generic[C]):
     """A transaction on one connection; use it as a context manager.
 
@@ -744,26 +767,10 @@ class Transaction(Generic[C]):
 
     def _begin_on_server(self) -> None:
         """The block hands out the driver's connection: see Dialect.begin_on_server."""
-        from .lease import _call_failed
-
         slot = self._slot
         if not self._open or slot is None or not self._owns_connection():
             return
-        slot.busy = True
-        try:
-            try:
-                slot.dialect.begin_on_server(slot.raw)
-            except Exception as exc:
-                _call_failed(slot, exc)  # an interrupt in here is one in the call
-                raise
-        except Exception:
-            slot.busy = False
-            raise
-        except BaseException:
-            slot.busy = INTERRUPTED
-            slot.doomed = True  # interrupted half-way: see lease._call_failed
-            raise
-        slot.busy = False
+        _call_on(slot, slot.dialect.begin_on_server, slot.raw)
 
     @property
     def deadline(self) -> float | None:
@@ -793,25 +800,8 @@ class Transaction(Generic[C]):
         that result (pymssql cancels what is unread as a statement starts)."""
         now = self._check_open()
         if now - self._narrowed_at > self._narrow_slack and self._owns_connection():
-            from .lease import _call_failed
-
-            slot = self._slot
-            assert slot is not None
-            slot.busy = True  # a round trip (pymssql): cut off, too, on a network gone silent
-            try:
-                try:
-                    self._narrow_time(now)
-                except Exception as exc:
-                    _call_failed(slot, exc)  # an interrupt in here is one in the call
-                    raise
-            except Exception:
-                slot.busy = False
-                raise
-            except BaseException:
-                slot.busy = INTERRUPTED
-                slot.doomed = True  # interrupted half-way: see lease._call_failed
-                raise
-            slot.busy = False
+            assert self._slot is not None
+            _call_on(self._slot, self._narrow_time, now)  # a round trip, on pymssql
 
     def _check_deadline(self) -> None:
         """Called before each fetch of the block: past the deadline, a fetch from a server-side
