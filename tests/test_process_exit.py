@@ -113,7 +113,14 @@ def _ends_with_its_parent(server: tuple[str, Any, Any], start_child: str) -> Non
         print(cur.fetchone()[0], flush=True)
         """
     ) + textwrap.dedent(start_child).format(timeout=SCRIPT_TIMEOUT)
-    parent = python(code + "os._exit(0)\n", stdin=subprocess.PIPE)
+    _session_ends_with_the_parent(driver, own, code + "os._exit(0)\n")
+
+
+def _session_ends_with_the_parent(driver: str, own: Any, code: str) -> None:
+    """Run ``code``, a parent that prints its session's id, leaves a child running until the
+    test closes the stdin they share, and ends with os._exit(): that session must end with
+    the parent."""
+    parent = python(code, stdin=subprocess.PIPE)
     assert parent.stdin is not None and parent.stdout is not None
     try:
         session = int(parent.stdout.readline())
@@ -180,24 +187,7 @@ def test_a_child_forked_while_a_connect_is_under_way_does_not_hold_that_session_
         os._exit(0)
         """
     )
-    parent = python(code, stdin=subprocess.PIPE)
-    assert parent.stdin is not None and parent.stdout is not None
-    try:
-        session = int(parent.stdout.readline())
-        assert parent.wait(SCRIPT_TIMEOUT) == 0
-        wait_until(
-            lambda: not _session_alive(driver, own, session),
-            timeout=10,
-            message=f"the parent is gone, and the session {session} it was opening is still open",
-        )
-    finally:
-        parent.stdin.close()  # the child ends
-        if parent.poll() is None:
-            parent.kill()
-        parent.wait()
-        parent.stdout.close()
-        assert parent.stderr is not None
-        parent.stderr.close()
+    _session_ends_with_the_parent(driver, own, code)
 
 
 def test_a_program_started_by_the_parent_does_not_hold_its_sessions_open_once_it_is_gone(
