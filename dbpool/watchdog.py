@@ -29,13 +29,14 @@ Callback = Callable[[], Optional[float]]
 
 
 class _Entry:
-    __slots__ = ("when", "order", "callback", "active")
+    __slots__ = ("when", "order", "callback", "active", "queued")
 
     def __init__(self, when: float, order: int, callback: Callback) -> None:
         self.when = when
         self.order = order
         self.callback: Callback | None = callback
         self.active = True
+        self.queued = True  # in the heap: not while taken out to fire (under the lock)
 
     def __lt__(self, other: _Entry) -> bool:
         return (self.when, self.order) < (other.when, other.order)
@@ -102,6 +103,8 @@ class Watchdog:
                 return
             entry.active = False
             entry.callback = None  # let the transaction go now, not at its deadline
+            if not entry.queued:
+                return  # taken out to fire: not in the heap, which has no dead one more
             self._dead += 1
             if self._dead > 64 and self._dead * 2 > len(self._heap):
                 self._heap = [e for e in self._heap if e.active]
@@ -135,6 +138,7 @@ class Watchdog:
                         self._dead -= 1
                     if self._heap and self._heap[0].when <= monotonic():
                         entry = heapq.heappop(self._heap)
+                        entry.queued = False
                         break
                     wait = self._heap[0].when - monotonic() if self._heap else None
                     self._wakeup.wait(None if wait is None else min(wait, threading.TIMEOUT_MAX))
@@ -159,6 +163,7 @@ class Watchdog:
                     with self._lock:
                         if entry.active:
                             entry.when = monotonic() + _START_AGAIN
+                            entry.queued = True
                             heapq.heappush(self._heap, entry)
 
     def _fire(self, entry: _Entry) -> None:
@@ -174,6 +179,7 @@ class Watchdog:
             if again is None or not entry.active:
                 return
             entry.when = monotonic() + again
+            entry.queued = True
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:
                 self._wakeup.notify()

@@ -1013,6 +1013,27 @@ def test_a_transaction_object_runs_one_block(fake_server: fakedb.Server) -> None
         assert (s.in_use, s.idle, s.discarded) == (0, 1, 0), s
 
 
+def test_an_entry_unwatched_as_it_fires_is_not_counted_dead_in_the_heap() -> None:
+    # Taken out of the heap to fire, then unwatched (a transaction ending as its deadline
+    # came): counted as a dead entry still in the heap, the count drifted up, and the heap was
+    # rebuilt for nothing, sooner and sooner.
+    wd = Watchdog()
+    firing, go_on = threading.Event(), threading.Event()
+
+    def callback() -> None:
+        firing.set()
+        go_on.wait(JOIN)
+
+    entry = wd.watch(monotonic(), callback)
+    assert firing.wait(JOIN)
+    wd.unwatch(entry)
+    go_on.set()
+    assert wd._dead == 0  # private: the count of unwatched entries left in the heap
+    queued = wd.watch(monotonic() + 3600, lambda: None)
+    wd.unwatch(queued)
+    assert wd._dead == 1
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_the_watchdog_survives_a_thread_that_cannot_start(monkeypatch: Any) -> None:
     # One "can't start new thread" for a deadline's worker ended the watchdog thread, and
