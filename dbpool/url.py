@@ -332,6 +332,13 @@ class DatabaseURL:
             raise TypeError("the URL's query must be a tuple of (name, value) pairs of str")
         for part in ("host", "user", "password", "database"):
             _refuse_nul(getattr(self, part) or "", _PART_NAMES[part])
+        if any(char < " " or char == "\x7f" for char in self.host or ""):
+            # No host name holds one; it would reach error messages and log lines as it is
+            # (a newline there forges a line of its own)
+            raise ValueError(
+                "the URL's host holds a control character (a newline or a tab, %0A or %09 "
+                "percent-encoded): remove it"
+            )
         for key, value in self.query:
             _refuse_nul(key, "query parameter name")
             _refuse_nul(value, f"query parameter {key!r}")

@@ -14,7 +14,7 @@ import types
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -557,6 +557,15 @@ def test_a_nul_in_a_url_built_by_hand_is_refused(fields: dict[str, Any], part: s
     with pytest.raises(ValueError, match=f"URL's {part}.* NUL") as info:
         DatabaseURL(scheme="postgresql", **fields)
     assert "Tr0ub" not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["db%0Aevil", "db%09x", "%0D", "db%7F"])
+def test_a_control_character_in_a_host_is_refused(host: str) -> None:
+    """No host name holds one, and it would reach error messages and log lines as it is."""
+    with pytest.raises(ValueError, match="URL's host holds a control character"):
+        parse_url(f"postgresql://u@{host}/d")
+    with pytest.raises(ValueError, match="URL's host holds a control character"):
+        DatabaseURL(scheme="postgresql", host=unquote(host))
 
 
 def test_parsed_url_is_frozen_and_picklable() -> None:
