@@ -1065,13 +1065,14 @@ class Pool(Generic[C]):
         within ``timeout`` seconds, how long the ping took, and the stats.  When every
         connection stays busy for the whole ``timeout`` while leases keep coming back sound,
         the report is ok and ``busy``: the database serves, the pool is saturated.  The probe
-        queues past ``max_waiting``, which sheds callers, not probes.
+        queues past ``max_waiting``, which sheds callers, not probes.  A connection idle
+        since before the probe that fails its ping is discarded, and another one tried.
 
         Never raises for a database or pool problem: ``ok`` is false and ``error`` says what
         happened (the exception's type and first line), unless the pool is only busy.
         """
         _check_number("timeout", timeout, allow_none=False, positive=False)
-        reachable = busy = leased = False
+        reachable = busy = False
         latency = None
         error = None
         deadline = monotonic() + timeout
@@ -1084,44 +1085,13 @@ class Pool(Generic[C]):
                 connect_errors = self._connect_errors
                 outer = self._probes.get(me)
                 self._probes[me] = False
-            with self.connection(timeout=timeout) as conn:
-                leased = True
-                slot = conn._slot
-                assert slot is not None
-                dialect, raw = slot.dialect, slot.raw
-                started = monotonic()
-                limit = max(deadline, started + _MIN_PING_TIME)
-                guard = None
-                try:
-                    with Overdue(limit, lambda: dialect.sever(raw)) as guard:
-                        dialect.ping(raw)
-                    if guard.fired:  # answered, but its socket was shut down meanwhile
-                        raise PoolTimeout(f"the ping took longer than {timeout:g} s")
-                except BaseException as exc:  # failed its ping: never hand it out again
-                    if detach(conn) is None:
-                        raise
-                    if slot.generation != self._generation:
-                        self._give_back([slot])  # ended by close() meanwhile: as discard()
-                        raise
-                    # As for check(): cut short by a budget under _SWEEP_TIME, the ping proves
-                    # nothing about the server (the link may be slow), and starts no sweep,
-                    # which would ping every idle connection again.
-                    cut_short = guard is not None and guard.fired
-                    evidence = not (cut_short and limit - started < _SWEEP_TIME)
-                    held = monotonic() - slot.leased_at
-                    try:
-                        self._tell_checkin(slot, held)  # it came back, as every lease does
-                    finally:  # whatever a listener raised, the connection is not reused
-                        if isinstance(exc, Exception):
-                            self._discard(slot, DiscardReason.BROKEN, broken=evidence, held=held)
-                        else:
-                            self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
-                    raise
-                latency = monotonic() - started
-                reachable = True
+            probed_at = monotonic()
+            while not reachable:  # (a connection dead since before the probe: another)
+                latency = self._ping_one(timeout, deadline, probed_at)
+                reachable = latency is not None
         except Exception as exc:
             error = self._describe(exc)
-            busy = isinstance(exc, PoolTimeout) and not leased
+            busy = isinstance(exc, PoolTimeout)
         finally:
             self._drop_lock_if_held()
             with self._lock:
@@ -1157,6 +1127,49 @@ class Pool(Generic[C]):
             "closed": stats.pool_closed,
             "stats": stats.as_dict(),
         }
+
+    def _ping_one(self, timeout: float, deadline: float, probed_at: float) -> float | None:
+        """health()'s look at one connection: how long its ping took; or, where it failed
+        its ping (and was discarded) though it was older than the probe (``probed_at``) and
+        time is left, ``None``, to try another: after a restart of the server, the connections
+        idle since are dead, which says nothing of the server now (the failure made the
+        others suspect: the next checkout pings them first).  Raises otherwise."""
+        with self.connection(timeout=max(deadline - monotonic(), 0.0)) as conn:
+            slot = conn._slot
+            assert slot is not None
+            dialect, raw = slot.dialect, slot.raw
+            started = monotonic()
+            limit = max(deadline, started + _MIN_PING_TIME)
+            guard = None
+            try:
+                with Overdue(limit, lambda: dialect.sever(raw)) as guard:
+                    dialect.ping(raw)
+                if guard.fired:  # answered, but its socket was shut down meanwhile
+                    raise PoolTimeout(f"the ping took longer than {timeout:g} s")
+            except BaseException as exc:  # failed its ping: never hand it out again
+                if detach(conn) is None:
+                    raise
+                if slot.generation != self._generation:
+                    self._give_back([slot])  # ended by close() meanwhile: as discard()
+                    raise
+                # As for check(): cut short by a budget under _SWEEP_TIME, the ping proves
+                # nothing about the server (the link may be slow), and starts no sweep,
+                # which would ping every idle connection again.
+                cut_short = guard is not None and guard.fired
+                evidence = not (cut_short and limit - started < _SWEEP_TIME)
+                held = monotonic() - slot.leased_at
+                try:
+                    self._tell_checkin(slot, held)  # it came back, as every lease does
+                finally:  # whatever a listener raised, the connection is not reused
+                    if isinstance(exc, Exception):
+                        self._discard(slot, DiscardReason.BROKEN, broken=evidence, held=held)
+                    else:
+                        self._discard(slot, DiscardReason.INTERRUPTED, broken=False, held=held)
+                stale = slot.alive_at < probed_at and not cut_short
+                if isinstance(exc, Exception) and stale and monotonic() < deadline:
+                    return None
+                raise
+            return monotonic() - started
 
     def resize(self, *, min_size: int | None = None, max_size: int | None = None) -> None:
         """Change ``min_size`` and/or ``max_size`` while the pool is in use.

@@ -358,6 +358,27 @@ def test_health_of_a_saturated_pool_whose_leases_keep_coming_back_is_ok_and_busy
     assert health["latency"] is None
 
 
+def test_health_after_the_idle_connections_died_tries_a_fresh_one(make_pool, server):
+    """After a server restart the connections idle since are dead, which says nothing of the
+    server now (validate_after=None: no checkout pings them): the probe discards the one it
+    took and tries another, opened anew once the others were found dead too, and reports
+    the server reachable. A connection opened for the probe that fails its ping is the
+    server's answer: not ok."""
+    pool = make_pool(min_size=2, max_size=2, validate_after=None)
+    pool.wait(timeout=BOUND)
+    server.kill_all()  # a restart: every session idle in the pool is gone
+    health = pool.health(timeout=BOUND)
+    assert_health_shape(pool, health)
+    assert health["ok"] is True and health["reachable"] is True, health
+    s = pool.stats()
+    assert s.discards["broken"] == 2, s  # the one pinged, then the other, pinged at checkout
+    server.fail_on("ping", fakedb.OperationalError("the server is shutting down"))
+    pool.check()  # every idle one found failing, and discarded
+    health = pool.health(timeout=BOUND)
+    assert health["ok"] is False and "shutting down" in health["error"], health
+    assert_accounting(pool)
+
+
 def test_health_of_a_pool_shedding_load_queues_its_probe_past_max_waiting(make_pool, server):
     """A saturated pool whose queue is full (max_waiting) turns callers away, as it should; its
     probe is not turned away with them, or every instance shedding load would fail its
