@@ -1086,9 +1086,11 @@ class Pool(Generic[C]):
                 outer = self._probes.get(me)
                 self._probes[me] = False
             probed_at = monotonic()
+            wait = timeout  # for the first connection; another gets what is left
             while not reachable:  # (a connection dead since before the probe: another)
-                latency = self._ping_one(timeout, deadline, probed_at)
+                latency = self._ping_one(timeout, wait, deadline, probed_at)
                 reachable = latency is not None
+                wait = max(deadline - monotonic(), 0.0)
         except Exception as exc:
             error = self._describe(exc)
             busy = isinstance(exc, PoolTimeout)
@@ -1128,13 +1130,16 @@ class Pool(Generic[C]):
             "stats": stats.as_dict(),
         }
 
-    def _ping_one(self, timeout: float, deadline: float, probed_at: float) -> float | None:
-        """health()'s look at one connection: how long its ping took; or, where it failed
+    def _ping_one(
+        self, timeout: float, wait: float, deadline: float, probed_at: float
+    ) -> float | None:
+        """health()'s look at one connection, waited for up to ``wait`` seconds (the probe's
+        ``timeout``, or what is left of it): how long its ping took; or, where it failed
         its ping (and was discarded) though it was older than the probe (``probed_at``) and
         time is left, ``None``, to try another: after a restart of the server, the connections
         idle since are dead, which says nothing of the server now (the failure made the
         others suspect: the next checkout pings them first).  Raises otherwise."""
-        with self.connection(timeout=max(deadline - monotonic(), 0.0)) as conn:
+        with self.connection(timeout=wait) as conn:
             slot = conn._slot
             assert slot is not None
             dialect, raw = slot.dialect, slot.raw
